@@ -1,0 +1,120 @@
+"""Build facts, thread settings and device selection shared by every module."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+try:
+    from dvmrl import _core
+except ImportError as err:  # pragma: no cover - exercised only on broken installs
+    raise ImportError(
+        "dvmrl._core, the compiled core, failed to import "
+        f"({err}); reinstall with 'pip install .' from the source tree, or for "
+        "development run scripts/dev_build.sh and set PYTHONPATH=python"
+    ) from err
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+def build_info() -> dict[str, Any]:
+    """Report how the compiled core was built and what it can use now.
+
+    Returns:
+        dict: ``version``, ``compiler``, ``thread_backend``, ``num_threads``,
+        ``cpu_isa`` (the SIMD variant the CPU kernels dispatch to),
+        ``cuda_compiled``, ``cuda_architectures`` (comma-separated SM
+        numbers), ``cuda_device_count``, ``gpu_usable`` (a CUDA device
+        usable by both the core and PyTorch), plus the Python, PyTorch and
+        platform versions.
+    """
+    import torch
+
+    info = dict(_core.build_info())
+    info["torch_version"] = torch.__version__
+    info["torch_cuda_available"] = bool(torch.cuda.is_available())
+    info["gpu_usable"] = bool(
+        info["cuda_compiled"]
+        and info["cuda_device_count"] > 0
+        and info["torch_cuda_available"]
+    )
+    if info["gpu_usable"]:
+        info["gpu_name"] = torch.cuda.get_device_name(0)
+    info["python_version"] = platform.python_version()
+    info["platform"] = platform.platform()
+    info["torch_num_threads"] = torch.get_num_threads()
+    return info
+
+
+def get_num_threads() -> int:
+    """Return the thread count of dvmrl's CPU kernels."""
+    return int(_core.get_num_threads())
+
+
+def set_num_threads(n: int | None = None) -> int:
+    """Set the threads used by dvmrl's kernels and by PyTorch on the CPU.
+
+    Both pools get the same count so that they never oversubscribe the cores
+    together; results of dvmrl's kernels do not depend on the count.
+
+    Args:
+        n (int, optional): threads, at least 1. Default: the cores this
+            process may run on.
+
+    Returns:
+        int: the thread count now in force.
+
+    Raises:
+        ValueError: if ``n`` is smaller than 1.
+    """
+    import torch
+
+    if n is None:
+        n = _available_cores()
+    if int(n) != n or n < 1:
+        raise ValueError(f"threads must be an integer >= 1, got {n!r}")
+    n = int(n)
+    _core.set_num_threads(n)
+    torch.set_num_threads(n)
+    return n
+
+
+def resolve_device(device: str | None = "auto"):
+    """Turn a device name into a ``torch.device``, checking it is usable.
+
+    Args:
+        device (str, optional): ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or
+            ``"auto"`` (CUDA when a GPU is usable, else CPU). Default:
+            ``"auto"``.
+
+    Returns:
+        torch.device: the device to compute on.
+
+    Raises:
+        ValueError: for an unknown device name.
+        RuntimeError: when CUDA is requested but no GPU is usable.
+    """
+    import torch
+
+    name = "auto" if device is None else str(device).strip().lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"device {device!r} requested but PyTorch sees no CUDA GPU; "
+                "pass --device cpu or run on a GPU node"
+            )
+        return torch.device(name)
+    raise ValueError(f"unknown device {device!r}; expected cpu, cuda, cuda:N or auto")

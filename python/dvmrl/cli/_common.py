@@ -1,0 +1,67 @@
+"""Options and helpers shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+logger = logging.getLogger("dvmrl")
+
+
+class UsageError(Exception):
+    """Bad command-line input; the CLI prints it and exits with code 2."""
+
+
+def positive_int(text: str) -> int:
+    """Parse an integer >= 1 for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def add_compute_options(parser: argparse.ArgumentParser) -> None:
+    """Add ``--device`` and ``--threads``, which every computing command takes."""
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda, cuda:N or auto (CUDA when a GPU is usable); default: auto",
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads for dvmrl's kernels and PyTorch; default: the cores available",
+    )
+
+
+def setup_compute(args: argparse.Namespace):
+    """Apply ``--threads`` and resolve ``--device``; return the torch.device.
+
+    Raises:
+        UsageError: when the device name is unknown or CUDA is not usable.
+    """
+    from dvmrl._runtime import resolve_device, set_num_threads
+
+    threads = set_num_threads(args.threads)
+    try:
+        device = resolve_device(args.device)
+    except (ValueError, RuntimeError) as err:
+        raise UsageError(str(err)) from err
+    info_cuda = ""
+    if device.type == "cuda":
+        from dvmrl._runtime import build_info
+
+        info = build_info()
+        info_cuda = " (CUDA kernels compiled in)" if info["cuda_compiled"] else (
+            " (core built without CUDA: plain PyTorch path)"
+        )
+    logger.info("device %s%s, %d CPU threads", device, info_cuda, threads)
+    return device
