@@ -1,0 +1,501 @@
+"""Parse, validate and write alloy compositions.
+
+A composition is a mapping of element symbol to atomic fraction (float64,
+summing to 1), ordered by atomic number.
+
+`parse` reads formulas with the grammar and semantics of pymatgen's
+`Composition` (checked against pymatgen 2026.10.24 in the tests): element
+symbols with optional amounts ("Ni3Al", "Al0.3CoCrFeNi", "Fe70Ni30"),
+decimal amounts with an optional exponent ("Fe1e-3"), whitespace between
+tokens, repeated elements merged ("NiAlNi" is Ni2Al), and groups in (), [] or
+{} whose amount multiplies every element inside ("(CoCrFeNi)90Al10" has
+Al = 10/370). It is stricter than pymatgen where pymatgen would silently
+change the composition: pymatgen reads D and T as H, drops elements whose
+amount is 0 (or below 1e-8), and accepts placeholder species such as "X" or
+"A"; here all of those raise `CompositionError`. The amounts are evaluated
+here instead of by pymatgen, so no amount is ever rounded away.
+
+With `alloy_notation=True` a group's amount is its share of the alloy, as
+high-entropy-alloy papers write it: "(CoCrFeNi)90Al10" is 90 at.% CoCrFeNi,
+split equally, and 10 at.% Al. The rules:
+
+- When the formula contains no group, both notations read it the same way,
+  so "Al0.3CoCrFeNi" and "Fe70Ni30" mean the same in either.
+- Otherwise every top-level part (element or group) needs an explicit share,
+  and the shares must sum to 100 (at.%) or to 1 (fractions), each within a
+  relative tolerance of 1e-3 (so rounded shares such as 33.3 + 33.3 + 33.4
+  pass). A missing share or another total raises `CompositionError`; the
+  share of a remainder is never inferred.
+- Inside a group, the amounts of its members are proportions of the group's
+  share (1 where absent): "(Co2Cr)90Al10" has Co = 0.6 and Cr = 0.3. A nested
+  group's amount is its proportion of the enclosing group in the same way, so
+  "((CoCr)50Fe50)80Al20" has Co = Cr = 0.2, Fe = 0.4 and Al = 0.2.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from numbers import Real
+
+import numpy as np
+
+from dvmrl.elements import ELEMENT_INDEX, ELEMENTS, is_metal
+
+MAX_ELEMENTS = 8
+
+# Relative tolerance on the total of the top-level shares in alloy notation.
+ALLOY_TOTAL_RTOL = 1e-3
+
+_NUMBER_RE = re.compile(r"(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?")
+_LETTERS_RE = re.compile(r"[A-Za-z]+")
+_OPENING = {"(": ")", "[": "]", "{": "}"}
+_CLOSING = frozenset(_OPENING.values())
+_ISOTOPES = {"D": "deuterium", "T": "tritium"}
+# Symbols pymatgen knows beyond the vendored table (Z = 104 .. 118).
+_HEAVY = frozenset("Rf Db Sg Bh Hs Mt Ds Rg Cn Nh Fl Mc Lv Ts Og".split())
+
+
+class CompositionError(ValueError):
+    """Invalid composition: a formula or mapping dvmrl cannot read.
+
+    Attributes:
+        formula: the formula text or a repr of the mapping.
+        token: the offending token, or None when the whole input is at fault.
+        reason: what is wrong and how to fix it.
+    """
+
+    def __init__(self, formula: str, reason: str, token: str | None = None):
+        self.formula = formula
+        self.token = token
+        self.reason = reason
+        where = f" at {token!r}" if token is not None else ""
+        super().__init__(f"invalid composition {formula!r}{where}: {reason}")
+
+
+@dataclass
+class _Element:
+    symbol: str
+    amount: float | None
+    text: str
+
+
+@dataclass
+class _Group:
+    items: list
+    amount: float | None
+    text: str
+
+
+def _capitalize_run(run: str) -> str | None:
+    """Spell a run of letters as element symbols, or None if impossible.
+
+    Two-letter symbols are tried before one-letter ones, so "NI" becomes "Ni".
+    """
+    lower = run.lower()
+
+    @functools.cache
+    def split_from(start: int) -> tuple[str, ...] | None:
+        if start == len(lower):
+            return ()
+        for width in (2, 1):
+            candidate = lower[start : start + width].capitalize()
+            if len(candidate) == width and candidate in ELEMENT_INDEX:
+                rest = split_from(start + width)
+                if rest is not None:
+                    return (candidate, *rest)
+        return None
+
+    symbols = split_from(0)
+    return None if symbols is None else "".join(symbols)
+
+
+def _case_suggestion(text: str) -> str | None:
+    """Return the formula with each letter run re-capitalised, when possible."""
+    pieces = []
+    position = 0
+    for match in _LETTERS_RE.finditer(text):
+        fixed = _capitalize_run(match.group())
+        if fixed is None:
+            return None
+        pieces.append(text[position : match.start()])
+        pieces.append(fixed)
+        position = match.end()
+    pieces.append(text[position:])
+    suggestion = "".join(pieces)
+    return suggestion if suggestion != text else None
+
+
+def _has_case_error(run: str) -> bool:
+    """Tell whether a letter run shows a letter-case mistake ("NI", "ni")."""
+    return run[0].islower() or re.search(r"[A-Z]{2}", run) is not None
+
+
+def _case_reason(text: str, token: str) -> str:
+    reason = (
+        "wrong letter case: element symbols are one capital letter followed "
+        "by at most two lowercase letters (Ni, Al)"
+    )
+    suggestion = _case_suggestion(text)
+    if suggestion is not None:
+        reason += f"; did you mean {suggestion!r}?"
+    return reason
+
+
+def _symbol_reason(symbol: str) -> str:
+    """Explain why a capitalised token is not an accepted element symbol."""
+    if symbol in _ISOTOPES:
+        return (
+            f"{symbol!r} is the isotope symbol for {_ISOTOPES[symbol]}, which "
+            "pymatgen would read as H; write H"
+        )
+    if symbol in _HEAVY:
+        return (
+            f"{symbol!r} is beyond the element table, which covers "
+            "H .. Lr (Z 1 .. 103)"
+        )
+    return (
+        f"unknown element symbol {symbol!r} (placeholder species such as X are "
+        "rejected); use element symbols H .. Lr (Z 1 .. 103)"
+    )
+
+
+def _read_amount(text: str, token: str) -> float:
+    value = float(token)
+    if not math.isfinite(value):
+        raise CompositionError(text, "amount is not finite", token)
+    if value == 0.0:
+        raise CompositionError(
+            text, "amount is zero; leave the element out instead", token
+        )
+    return value
+
+
+def _tokenize_tree(text: str) -> list:
+    """Parse formula text into a tree of _Element and _Group items."""
+    stack: list[tuple[list, str, int]] = []
+    items: list = []
+    # The last item that may still take an amount (None after an amount).
+    last: _Element | _Group | None = None
+    position = 0
+    length = len(text)
+    while position < length:
+        char = text[position]
+        if char.isspace():
+            position += 1
+            continue
+        if char in _OPENING:
+            stack.append((items, char, position))
+            items = []
+            last = None
+            position += 1
+            continue
+        if char in _CLOSING:
+            if not stack:
+                raise CompositionError(text, "closing bracket without an opening one", char)
+            parent, opening, start = stack.pop()
+            if _OPENING[opening] != char:
+                raise CompositionError(
+                    text,
+                    f"bracket {opening!r} is closed by {char!r}",
+                    text[start : position + 1],
+                )
+            if not items:
+                raise CompositionError(text, "empty group", text[start : position + 1])
+            group = _Group(items, None, text[start : position + 1])
+            parent.append(group)
+            items = parent
+            last = group
+            position += 1
+            continue
+        if char.isalpha():
+            run_match = _LETTERS_RE.match(text, position)
+            run = run_match.group()
+            if char.islower():
+                raise CompositionError(text, _case_reason(text, run), run)
+            symbol_match = re.compile(r"[A-Z][a-z]*").match(text, position)
+            symbol = symbol_match.group()
+            if symbol not in ELEMENT_INDEX:
+                if _has_case_error(run):
+                    raise CompositionError(text, _case_reason(text, run), run)
+                raise CompositionError(text, _symbol_reason(symbol), symbol)
+            element = _Element(symbol, None, symbol)
+            items.append(element)
+            last = element
+            position = symbol_match.end()
+            continue
+        if char.isdigit() or char == ".":
+            number_match = _NUMBER_RE.match(text, position)
+            if number_match is None:
+                raise CompositionError(text, "invalid amount", char)
+            token = number_match.group()
+            if last is None:
+                raise CompositionError(
+                    text, "amount does not follow an element symbol or a group", token
+                )
+            last.amount = _read_amount(text, token)
+            last.text += token
+            last = None
+            position = number_match.end()
+            continue
+        if char == "-" and _NUMBER_RE.match(text, position + 1):
+            token = "-" + _NUMBER_RE.match(text, position + 1).group()
+            raise CompositionError(text, "amount is negative", token)
+        raise CompositionError(
+            text,
+            "invalid character; formulas contain element symbols, amounts, "
+            "brackets and spaces only",
+            char,
+        )
+    if stack:
+        _, opening, start = stack[-1]
+        raise CompositionError(text, "bracket is never closed", text[start:])
+    return items
+
+
+def _standard_amounts(items: list, factor: float, amounts: dict[str, float]) -> None:
+    for item in items:
+        amount = factor * (1.0 if item.amount is None else item.amount)
+        if isinstance(item, _Group):
+            _standard_amounts(item.items, amount, amounts)
+        else:
+            amounts[item.symbol] = amounts.get(item.symbol, 0.0) + amount
+
+
+def _split_share(items: list, share: float, amounts: dict[str, float]) -> None:
+    weights = [1.0 if item.amount is None else item.amount for item in items]
+    total = math.fsum(weights)
+    for item, weight in zip(items, weights, strict=True):
+        part = share * weight / total
+        if isinstance(item, _Group):
+            _split_share(item.items, part, amounts)
+        else:
+            amounts[item.symbol] = amounts.get(item.symbol, 0.0) + part
+
+
+def _alloy_amounts(text: str, items: list) -> dict[str, float]:
+    amounts: dict[str, float] = {}
+    if not any(isinstance(item, _Group) for item in items):
+        _standard_amounts(items, 1.0, amounts)
+        return amounts
+    for item in items:
+        if item.amount is None:
+            raise CompositionError(
+                text,
+                "in alloy notation every part next to a group needs its share "
+                "in at.% or as a fraction, as in '(CoCrFeNi)90Al10'",
+                item.text,
+            )
+    total = math.fsum(item.amount for item in items)
+    if not any(
+        abs(total - basis) <= ALLOY_TOTAL_RTOL * basis for basis in (100.0, 1.0)
+    ):
+        raise CompositionError(
+            text,
+            f"in alloy notation the shares must sum to 100 (at.%) or 1 "
+            f"(fractions), but they sum to {total:g}",
+        )
+    for item in items:
+        if isinstance(item, _Group):
+            _split_share(item.items, item.amount, amounts)
+        else:
+            amounts[item.symbol] = amounts.get(item.symbol, 0.0) + item.amount
+    return amounts
+
+
+def _check_metals(formula: str, symbols, case_hint: str | None) -> None:
+    non_metals = [symbol for symbol in symbols if not is_metal(symbol)]
+    if not non_metals:
+        return
+    reason = (
+        f"{', '.join(non_metals)} {'is not a metal' if len(non_metals) == 1 else 'are not metals'} "
+        "(pymatgen Element.is_metal) and this input takes metals only"
+    )
+    if case_hint is not None:
+        reason += f"; if the letter case is wrong, did you mean {case_hint!r}?"
+    raise CompositionError(formula, reason, non_metals[0])
+
+
+def _normalize(formula: str, amounts: dict[str, float]) -> dict[str, float]:
+    if len(amounts) > MAX_ELEMENTS:
+        raise CompositionError(
+            formula,
+            f"{len(amounts)} elements ({', '.join(sorted(amounts, key=ELEMENT_INDEX.get))}) "
+            f"exceed the maximum of {MAX_ELEMENTS}",
+        )
+    total = math.fsum(amounts.values())
+    if not math.isfinite(total):
+        raise CompositionError(formula, "the amounts sum to a value that is not finite")
+    ordered = sorted(amounts, key=ELEMENT_INDEX.__getitem__)
+    return {symbol: amounts[symbol] / total for symbol in ordered}
+
+
+@functools.lru_cache(maxsize=65536)
+def _parse_cached(
+    text: str, alloy_notation: bool, metals_only: bool
+) -> tuple[tuple[str, float], ...]:
+    stripped = text.strip()
+    if not stripped:
+        raise CompositionError(text, "empty formula")
+    items = _tokenize_tree(stripped)
+    if alloy_notation:
+        amounts = _alloy_amounts(stripped, items)
+    else:
+        amounts = {}
+        _standard_amounts(items, 1.0, amounts)
+    if metals_only:
+        runs = _LETTERS_RE.findall(stripped)
+        hint = _case_suggestion(stripped) if any(map(_has_case_error, runs)) else None
+        _check_metals(stripped, amounts, hint)
+    return tuple(_normalize(stripped, amounts).items())
+
+
+def parse(
+    text: str, alloy_notation: bool = False, metals_only: bool = False
+) -> dict[str, float]:
+    """Parse a formula into atomic fractions.
+
+    Args:
+        text: formula such as "Ni3Al", "Al0.3CoCrFeNi" or "(CoCrFeNi)90Al10".
+        alloy_notation: read a group's amount as its share of the alloy
+            (module docstring) instead of a multiplier.
+        metals_only: reject elements that pymatgen does not call metals.
+
+    Returns:
+        {symbol: atomic fraction} in atomic-number order, float64 values
+        summing to 1.
+
+    Raises:
+        CompositionError: for an empty formula, an unknown, isotope or
+            placeholder symbol, wrong letter case, a zero, negative or
+            non-finite amount, unbalanced brackets, an inconsistent alloy
+            notation, a non-metal with `metals_only`, or more than
+            MAX_ELEMENTS elements.
+        TypeError: when text is not a string.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"formula must be a str, got {type(text).__name__}")
+    return dict(_parse_cached(text, bool(alloy_notation), bool(metals_only)))
+
+
+def _mapping_symbol(formula: str, key) -> str:
+    # pymatgen Element and Species keys (a Composition is a mapping) carry .symbol.
+    symbol = getattr(key, "symbol", key)
+    if not isinstance(symbol, str):
+        raise TypeError(
+            f"composition keys must be element symbols (str), got {type(key).__name__}"
+        )
+    if symbol in ELEMENT_INDEX:
+        return symbol
+    if symbol and _LETTERS_RE.fullmatch(symbol) and _has_case_error(symbol):
+        fixed = _capitalize_run(symbol)
+        reason = "wrong letter case in an element symbol"
+        if fixed is not None and fixed in ELEMENT_INDEX:
+            reason += f"; did you mean {fixed!r}?"
+        raise CompositionError(formula, reason, symbol)
+    if not symbol.strip():
+        raise CompositionError(formula, "empty element symbol", symbol)
+    raise CompositionError(formula, _symbol_reason(symbol), symbol)
+
+
+def validate(fractions: Mapping, metals_only: bool = False) -> dict[str, float]:
+    """Check a {symbol: amount} mapping and normalise it to atomic fractions.
+
+    Args:
+        fractions: element symbol (or pymatgen Element) to a positive, finite
+            amount in any unit; the amounts are divided by their sum.
+        metals_only: reject elements that pymatgen does not call metals.
+
+    Returns:
+        {symbol: atomic fraction} in atomic-number order, float64 values
+        summing to 1.
+
+    Raises:
+        CompositionError: for an empty mapping, an unknown symbol, wrong letter
+            case, a zero, negative or non-finite amount, a non-metal with
+            `metals_only`, or more than MAX_ELEMENTS elements.
+        TypeError: when fractions is not a mapping or holds a value that is
+            not a real number.
+    """
+    if not isinstance(fractions, Mapping):
+        raise TypeError(
+            f"composition must be a mapping of symbol to amount, got "
+            f"{type(fractions).__name__}"
+        )
+    formula = repr(dict(fractions))
+    if not fractions:
+        raise CompositionError(formula, "empty composition")
+    amounts: dict[str, float] = {}
+    for key, value in fractions.items():
+        symbol = _mapping_symbol(formula, key)
+        if isinstance(value, bool) or not isinstance(value, Real | np.number):
+            raise TypeError(
+                f"amount of {symbol} must be a real number, got {type(value).__name__}"
+            )
+        amount = float(value)
+        if math.isnan(amount) or math.isinf(amount):
+            raise CompositionError(formula, f"amount {amount} is not finite", symbol)
+        if amount < 0.0:
+            raise CompositionError(formula, f"amount {amount} is negative", symbol)
+        if amount == 0.0:
+            raise CompositionError(
+                formula, "amount is zero; leave the element out instead", symbol
+            )
+        amounts[symbol] = amounts.get(symbol, 0.0) + amount
+    if metals_only:
+        _check_metals(formula, amounts, None)
+    return _normalize(formula, amounts)
+
+
+def _as_fractions(composition: Mapping | str) -> dict[str, float]:
+    if isinstance(composition, str):
+        return parse(composition)
+    return validate(composition)
+
+
+def format_formula(fractions: Mapping | str) -> str:
+    """Write a composition as a formula with plain decimal amounts.
+
+    The amounts are the atomic fractions, in atomic-number order, each written
+    as the shortest decimal that reads back as the same float64 and never in
+    exponent notation, so `parse(format_formula(c))` returns the fractions of
+    `c` to within float64 rounding (about 1e-16).
+
+    Args:
+        fractions: {symbol: amount} (normalised first) or a formula string.
+
+    Returns:
+        Formula such as "Al0.25Ni0.75".
+    """
+    normalised = _as_fractions(fractions)
+    return "".join(
+        f"{symbol}{np.format_float_positional(value, unique=True, trim='-')}"
+        for symbol, value in normalised.items()
+    )
+
+
+def chemsys(fractions: Mapping | str) -> str:
+    """Return the chemical system: the element symbols sorted and joined by '-'.
+
+    Args:
+        fractions: {symbol: amount} or a formula string.
+
+    Returns:
+        A string such as "Al-Ni" (alphabetical order, as pymatgen writes it).
+    """
+    return "-".join(sorted(_as_fractions(fractions)))
+
+
+__all__ = [
+    "ALLOY_TOTAL_RTOL",
+    "ELEMENTS",
+    "MAX_ELEMENTS",
+    "CompositionError",
+    "chemsys",
+    "format_formula",
+    "parse",
+    "validate",
+]
