@@ -1,6 +1,6 @@
 """Regenerate python/dvmrl/data/element_descriptors.csv from pymatgen.
 
-The CSV holds the raw (unstandardised, unfilled) element descriptors for
+The CSV contains the raw (unstandardised, unfilled) element descriptors for
 Z = 1 .. 103 so that dvmrl does not import pymatgen's element data at run time
 and its results do not drift with the installed pymatgen version. Missing
 values are written as empty cells; dvmrl.elements fills them when it loads
@@ -72,7 +72,8 @@ def valence_counts(element) -> dict[str, int]:
     The core is the configuration of the largest noble gas with a smaller
     atomic number (none for H and He). Counting from
     `Element.full_electronic_structure` avoids `Element.valence`, which raises
-    for several lanthanides. Fe ([Ar] 3d6 4s2) gives s=2, p=0, d=6, f=0.
+    ValueError for Cr, Nb, Mo, Ru, Rh, Ce, Gd, Pt, Pa, U, Np and Cm in
+    pymatgen 2026.10.24. Fe ([Ar] 3d6 4s2) gives s=2, p=0, d=6, f=0.
     """
     from pymatgen.core import Element
 

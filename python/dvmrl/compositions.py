@@ -10,10 +10,10 @@ decimal amounts with an optional exponent ("Fe1e-3"), whitespace between
 tokens, repeated elements merged ("NiAlNi" is Ni2Al), and groups in (), [] or
 {} whose amount multiplies every element inside ("(CoCrFeNi)90Al10" has
 Al = 10/370). It is stricter than pymatgen where pymatgen would silently
-change the composition: pymatgen reads D and T as H, drops elements whose
+change the composition. pymatgen reads D and T as H, drops elements whose
 amount is 0 (or below 1e-8), and accepts placeholder species such as "X" or
-"A"; here all of those raise `CompositionError`. The amounts are evaluated
-here instead of by pymatgen, so no amount is ever rounded away.
+"A", and all of those raise `CompositionError` here. The amounts are
+evaluated here instead of by pymatgen, so no small amount is dropped.
 
 With `alloy_notation=True` a group's amount is its share of the alloy, as
 high-entropy-alloy papers write it: "(CoCrFeNi)90Al10" is 90 at.% CoCrFeNi,
@@ -52,10 +52,11 @@ ALLOY_TOTAL_RTOL = 1e-3
 
 _NUMBER_RE = re.compile(r"(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?")
 _LETTERS_RE = re.compile(r"[A-Za-z]+")
+_SYMBOL_RE = re.compile(r"[A-Z][a-z]*")
 _OPENING = {"(": ")", "[": "]", "{": "}"}
 _CLOSING = frozenset(_OPENING.values())
 _ISOTOPES = {"D": "deuterium", "T": "tritium"}
-# Symbols pymatgen knows beyond the vendored table (Z = 104 .. 118).
+# Symbols pymatgen accepts beyond the vendored table (Z = 104 .. 118).
 _HEAVY = frozenset("Rf Db Sg Bh Hs Mt Ds Rg Cn Nh Fl Mc Lv Ts Og".split())
 
 
@@ -134,7 +135,7 @@ def _has_case_error(run: str) -> bool:
     return run[0].islower() or re.search(r"[A-Z]{2}", run) is not None
 
 
-def _case_reason(text: str, token: str) -> str:
+def _case_reason(text: str) -> str:
     reason = (
         "wrong letter case: element symbols are one capital letter followed "
         "by at most two lowercase letters (Ni, Al)"
@@ -154,8 +155,7 @@ def _symbol_reason(symbol: str) -> str:
         )
     if symbol in _HEAVY:
         return (
-            f"{symbol!r} is beyond the element table, which covers "
-            "H .. Lr (Z 1 .. 103)"
+            f"{symbol!r} is beyond the element table, which covers H .. Lr (Z 1 .. 103)"
         )
     return (
         f"unknown element symbol {symbol!r} (placeholder species such as X are "
@@ -195,7 +195,9 @@ def _tokenize_tree(text: str) -> list:
             continue
         if char in _CLOSING:
             if not stack:
-                raise CompositionError(text, "closing bracket without an opening one", char)
+                raise CompositionError(
+                    text, "closing bracket without an opening one", char
+                )
             parent, opening, start = stack.pop()
             if _OPENING[opening] != char:
                 raise CompositionError(
@@ -215,12 +217,12 @@ def _tokenize_tree(text: str) -> list:
             run_match = _LETTERS_RE.match(text, position)
             run = run_match.group()
             if char.islower():
-                raise CompositionError(text, _case_reason(text, run), run)
-            symbol_match = re.compile(r"[A-Z][a-z]*").match(text, position)
+                raise CompositionError(text, _case_reason(text), run)
+            symbol_match = _SYMBOL_RE.match(text, position)
             symbol = symbol_match.group()
             if symbol not in ELEMENT_INDEX:
                 if _has_case_error(run):
-                    raise CompositionError(text, _case_reason(text, run), run)
+                    raise CompositionError(text, _case_reason(text), run)
                 raise CompositionError(text, _symbol_reason(symbol), symbol)
             element = _Element(symbol, None, symbol)
             items.append(element)
@@ -310,9 +312,10 @@ def _check_metals(formula: str, symbols, case_hint: str | None) -> None:
     non_metals = [symbol for symbol in symbols if not is_metal(symbol)]
     if not non_metals:
         return
+    verb = "is not a metal" if len(non_metals) == 1 else "are not metals"
     reason = (
-        f"{', '.join(non_metals)} {'is not a metal' if len(non_metals) == 1 else 'are not metals'} "
-        "(pymatgen Element.is_metal) and this input takes metals only"
+        f"{', '.join(non_metals)} {verb} (pymatgen Element.is_metal) and this "
+        "input takes metals only"
     )
     if case_hint is not None:
         reason += f"; if the letter case is wrong, did you mean {case_hint!r}?"
@@ -320,16 +323,16 @@ def _check_metals(formula: str, symbols, case_hint: str | None) -> None:
 
 
 def _normalize(formula: str, amounts: dict[str, float]) -> dict[str, float]:
+    ordered = sorted(amounts, key=ELEMENT_INDEX.__getitem__)
     if len(amounts) > MAX_ELEMENTS:
         raise CompositionError(
             formula,
-            f"{len(amounts)} elements ({', '.join(sorted(amounts, key=ELEMENT_INDEX.get))}) "
-            f"exceed the maximum of {MAX_ELEMENTS}",
+            f"{len(amounts)} elements ({', '.join(ordered)}) exceed the maximum "
+            f"of {MAX_ELEMENTS}",
         )
     total = math.fsum(amounts.values())
     if not math.isfinite(total):
         raise CompositionError(formula, "the amounts sum to a value that is not finite")
-    ordered = sorted(amounts, key=ELEMENT_INDEX.__getitem__)
     return {symbol: amounts[symbol] / total for symbol in ordered}
 
 
@@ -417,7 +420,7 @@ def validate(fractions: Mapping, metals_only: bool = False) -> dict[str, float]:
         CompositionError: for an empty mapping, an unknown symbol, wrong letter
             case, a zero, negative or non-finite amount, a non-metal with
             `metals_only`, or more than MAX_ELEMENTS elements.
-        TypeError: when fractions is not a mapping or holds a value that is
+        TypeError: when fractions is not a mapping or contains a value that is
             not a real number.
     """
     if not isinstance(fractions, Mapping):

@@ -16,8 +16,8 @@ pymatgen. The descriptors, with their raw units:
   `electron_affinity` (eV)
 - `valence_s`, `valence_p`, `valence_d`, `valence_f`, `valence_total`:
   electrons outside the noble-gas core per subshell type, counted from the
-  full electronic structure (Fe [Ar] 3d6 4s2 gives 2, 0, 6, 0 and 8; Lu
-  [Xe] 4f14 5d1 6s2 gives 2, 0, 1, 14 and 17)
+  full electronic structure. Fe ([Ar] 3d6 4s2) gives 2, 0, 6, 0 and 8, and
+  Lu ([Xe] 4f14 5d1 6s2) gives 2, 0, 1, 14 and 17.
 - `is_transition_metal`, `is_rare_earth`: 0/1 flags as pymatgen defines them
   (pymatgen counts Sc, Y, the lanthanides and the actinides as rare earths)
 
@@ -46,7 +46,7 @@ from importlib import resources
 import numpy as np
 import pandas as pd
 
-# Symbols of Z = 1 .. 103; ELEMENTS[z - 1] is the element with atomic number z.
+# Symbols of Z = 1 .. 103, so ELEMENTS[z - 1] has atomic number z.
 ELEMENTS: tuple[str, ...] = tuple(
     """
     H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni
@@ -227,7 +227,7 @@ def descriptor_matrix() -> np.ndarray:
 def descriptor_table() -> pd.DataFrame:
     """Return the standardised descriptors as a DataFrame indexed by symbol.
 
-    Each column has zero mean and unit variance over the metals; the columns
+    Each column has zero mean and unit variance over the metals. The columns
     follow `descriptor_names()`.
     """
     return pd.DataFrame(

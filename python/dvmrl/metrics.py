@@ -27,7 +27,7 @@ def _as_vector(values, name: str) -> np.ndarray:
     try:
         array = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError) as error:
-        raise TypeError(f"{name} must hold real numbers: {error}") from None
+        raise TypeError(f"{name} must contain real numbers: {error}") from None
     if array.ndim == 2 and array.shape[1] == 1:
         array = array[:, 0]
     if array.ndim != 1:
@@ -52,7 +52,8 @@ def _pair(y_true, y_pred, min_n: int = 1) -> tuple[np.ndarray, np.ndarray]:
         )
     if truth.size < min_n:
         raise ValueError(
-            f"this metric needs at least {min_n} values, got {truth.size}"
+            f"this metric needs at least {min_n} "
+            f"{'value' if min_n == 1 else 'values'}, got {truth.size}"
         )
     return truth, prediction
 
@@ -155,8 +156,9 @@ def gcv_score(y_true, y_pred) -> float:
 
     The DVMR-L method reports model quality under this name. It is the
     inverse of a scaled sum of squared errors, in (eV/atom)^-2, and equals
-    (n - 1) / (n^2 * MSE), so for a fixed error level it shrinks like 1/n and
-    is comparable only between sets of the same size. Higher is better. It is
+    (n - 1) / (n^2 * MSE). For a fixed error level it therefore shrinks like
+    1/n, so it compares models only on sets of the same size. Higher is
+    better. It is
     not Wahba's generalised cross-validation criterion, n * RSS / trace(I -
     H)^2 with H the hat matrix of a linear smoother. A
     perfect fit gives infinity (`math.inf`), which `regression_metrics`
