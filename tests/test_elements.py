@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +186,20 @@ def test_vendored_table_regenerates(tmp_path):
     script.write_table(script.build_table(), out)
     assert out.read_text() == VENDORED_CSV.read_text()
     assert json.loads(out.with_suffix(".json").read_text()) == metadata
+
+
+def test_import_skips_pymatgen():
+    code = (
+        "import sys\n"
+        "from dvmrl import compositions, elements\n"
+        "elements.descriptor_table()\n"
+        "compositions.parse('Ni3Al', metals_only=True)\n"
+        "print('pymatgen' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.strip() == "False"

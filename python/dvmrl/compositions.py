@@ -37,20 +37,24 @@ from __future__ import annotations
 import functools
 import math
 import re
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from numbers import Real
 
 import numpy as np
 
-from dvmrl.elements import ELEMENT_INDEX, ELEMENTS, is_metal
+from dvmrl.elements import ELEMENT_INDEX, is_metal
 
 MAX_ELEMENTS = 8
 
 # Relative tolerance on the total of the top-level shares in alloy notation.
 ALLOY_TOTAL_RTOL = 1e-3
 
-_NUMBER_RE = re.compile(r"(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?")
+# pymatgen's amount syntax: decimals with an optional exponent such as 1e-3.
+_NUMBER_RE = re.compile(r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e-?[0-9]+)?")
+_ASCII_LETTERS = frozenset(string.ascii_letters)
+_NUMBER_START = frozenset("0123456789.")
 _LETTERS_RE = re.compile(r"[A-Za-z]+")
 _SYMBOL_RE = re.compile(r"[A-Z][a-z]*")
 _OPENING = {"(": ")", "[": "]", "{": "}"}
@@ -174,88 +178,102 @@ def _read_amount(text: str, token: str) -> float:
     return value
 
 
-def _tokenize_tree(text: str) -> list:
-    """Parse formula text into a tree of _Element and _Group items."""
-    stack: list[tuple[list, str, int]] = []
-    items: list = []
-    # The last item that may still take an amount (None after an amount).
-    last: _Element | _Group | None = None
-    position = 0
-    length = len(text)
-    while position < length:
-        char = text[position]
-        if char.isspace():
-            position += 1
-            continue
-        if char in _OPENING:
-            stack.append((items, char, position))
-            items = []
-            last = None
-            position += 1
-            continue
-        if char in _CLOSING:
-            if not stack:
-                raise CompositionError(
-                    text, "closing bracket without an opening one", char
+class _FormulaReader:
+    """Reader of formula text into a tree of _Element and _Group items.
+
+    Each `_read_*` method consumes one token at `position` and raises
+    CompositionError naming that token when it is invalid.
+    """
+
+    def __init__(self, text: str):
+        self.text = text
+        self.position = 0
+        self.items: list = []
+        # (enclosing items, opening bracket, its position) per open group.
+        self.stack: list[tuple[list, str, int]] = []
+        # The last item that may still take an amount (None after an amount).
+        self.last: _Element | _Group | None = None
+
+    def error(self, reason: str, token: str | None = None) -> CompositionError:
+        return CompositionError(self.text, reason, token)
+
+    def read(self) -> list:
+        text = self.text
+        while self.position < len(text):
+            char = text[self.position]
+            if char.isspace():
+                self.position += 1
+            elif char in _OPENING:
+                self._read_opening(char)
+            elif char in _CLOSING:
+                self._read_closing(char)
+            elif char in _ASCII_LETTERS:
+                self._read_symbol(char)
+            elif char in _NUMBER_START:
+                self._read_amount()
+            elif char == "-" and _NUMBER_RE.match(text, self.position + 1):
+                number = _NUMBER_RE.match(text, self.position + 1).group()
+                raise self.error("amount is negative", "-" + number)
+            else:
+                raise self.error(
+                    "invalid character; formulas contain element symbols, "
+                    "amounts, brackets and spaces only",
+                    char,
                 )
-            parent, opening, start = stack.pop()
-            if _OPENING[opening] != char:
-                raise CompositionError(
-                    text,
-                    f"bracket {opening!r} is closed by {char!r}",
-                    text[start : position + 1],
-                )
-            if not items:
-                raise CompositionError(text, "empty group", text[start : position + 1])
-            group = _Group(items, None, text[start : position + 1])
-            parent.append(group)
-            items = parent
-            last = group
-            position += 1
-            continue
-        if char.isalpha():
-            run_match = _LETTERS_RE.match(text, position)
-            run = run_match.group()
-            if char.islower():
-                raise CompositionError(text, _case_reason(text), run)
-            symbol_match = _SYMBOL_RE.match(text, position)
-            symbol = symbol_match.group()
-            if symbol not in ELEMENT_INDEX:
-                if _has_case_error(run):
-                    raise CompositionError(text, _case_reason(text), run)
-                raise CompositionError(text, _symbol_reason(symbol), symbol)
-            element = _Element(symbol, None, symbol)
-            items.append(element)
-            last = element
-            position = symbol_match.end()
-            continue
-        if char.isdigit() or char == ".":
-            number_match = _NUMBER_RE.match(text, position)
-            if number_match is None:
-                raise CompositionError(text, "invalid amount", char)
-            token = number_match.group()
-            if last is None:
-                raise CompositionError(
-                    text, "amount does not follow an element symbol or a group", token
-                )
-            last.amount = _read_amount(text, token)
-            last.text += token
-            last = None
-            position = number_match.end()
-            continue
-        if char == "-" and _NUMBER_RE.match(text, position + 1):
-            token = "-" + _NUMBER_RE.match(text, position + 1).group()
-            raise CompositionError(text, "amount is negative", token)
-        raise CompositionError(
-            text,
-            "invalid character; formulas contain element symbols, amounts, "
-            "brackets and spaces only",
-            char,
-        )
-    if stack:
-        _, opening, start = stack[-1]
-        raise CompositionError(text, "bracket is never closed", text[start:])
-    return items
+        if self.stack:
+            _, _, start = self.stack[-1]
+            raise self.error("bracket is never closed", text[start:])
+        return self.items
+
+    def _read_opening(self, char: str) -> None:
+        self.stack.append((self.items, char, self.position))
+        self.items = []
+        self.last = None
+        self.position += 1
+
+    def _read_closing(self, char: str) -> None:
+        if not self.stack:
+            raise self.error("closing bracket without an opening one", char)
+        parent, opening, start = self.stack.pop()
+        group_text = self.text[start : self.position + 1]
+        if _OPENING[opening] != char:
+            raise self.error(f"bracket {opening!r} is closed by {char!r}", group_text)
+        if not self.items:
+            raise self.error("empty group", group_text)
+        group = _Group(self.items, None, group_text)
+        parent.append(group)
+        self.items = parent
+        self.last = group
+        self.position += 1
+
+    def _read_symbol(self, char: str) -> None:
+        run = _LETTERS_RE.match(self.text, self.position).group()
+        if char.islower():
+            raise self.error(_case_reason(self.text), run)
+        symbol_match = _SYMBOL_RE.match(self.text, self.position)
+        symbol = symbol_match.group()
+        if symbol not in ELEMENT_INDEX:
+            if _has_case_error(run):
+                raise self.error(_case_reason(self.text), run)
+            raise self.error(_symbol_reason(symbol), symbol)
+        element = _Element(symbol, None, symbol)
+        self.items.append(element)
+        self.last = element
+        self.position = symbol_match.end()
+
+    def _read_amount(self) -> None:
+        number_match = _NUMBER_RE.match(self.text, self.position)
+        if number_match is None:
+            raise self.error("invalid amount", self.text[self.position])
+        token = number_match.group()
+        if self.last is None:
+            raise self.error(
+                "amount does not follow an element symbol or a group", token
+            )
+        self.last.amount = _read_amount(self.text, token)
+        self.last.text += token
+        self.last = None
+        self.position = number_match.end()
 
 
 def _standard_amounts(items: list, factor: float, amounts: dict[str, float]) -> None:
@@ -343,7 +361,7 @@ def _parse_cached(
     stripped = text.strip()
     if not stripped:
         raise CompositionError(text, "empty formula")
-    items = _tokenize_tree(stripped)
+    items = _FormulaReader(stripped).read()
     if alloy_notation:
         amounts = _alloy_amounts(stripped, items)
     else:
@@ -494,7 +512,6 @@ def chemsys(fractions: Mapping | str) -> str:
 
 __all__ = [
     "ALLOY_TOTAL_RTOL",
-    "ELEMENTS",
     "MAX_ELEMENTS",
     "CompositionError",
     "chemsys",
