@@ -22,10 +22,10 @@ split equally, and 10 at.% Al. The rules:
 - When the formula contains no group, both notations read it the same way,
   so "Al0.3CoCrFeNi" and "Fe70Ni30" mean the same in either.
 - Otherwise every top-level part (element or group) needs an explicit share,
-  and the shares must sum to 100 (at.%) or to 1 (fractions), each within a
-  relative tolerance of 1e-3 (so rounded shares such as 33.3 + 33.3 + 33.4
-  pass). A missing share or another total raises `CompositionError`; the
-  share of a remainder is never inferred.
+  and the shares must sum to 100 (at.%) or to 1 (fractions), within a
+  relative tolerance of 1e-3, so rounded shares such as 33.3 + 33.3 + 33.3
+  pass. A missing share or another total raises `CompositionError`, because
+  the share of a remainder is never inferred.
 - Inside a group, the amounts of its members are proportions of the group's
   share (1 where absent): "(Co2Cr)90Al10" has Co = 0.6 and Cr = 0.3. A nested
   group's amount is its proportion of the enclosing group in the same way, so
@@ -276,6 +276,14 @@ class _FormulaReader:
         self.position = number_match.end()
 
 
+def _sum(values) -> float:
+    """Sum floats with math.fsum, returning inf where the sum overflows."""
+    try:
+        return math.fsum(values)
+    except OverflowError:
+        return math.inf
+
+
 def _standard_amounts(items: list, factor: float, amounts: dict[str, float]) -> None:
     for item in items:
         amount = factor * (1.0 if item.amount is None else item.amount)
@@ -287,7 +295,7 @@ def _standard_amounts(items: list, factor: float, amounts: dict[str, float]) -> 
 
 def _split_share(items: list, share: float, amounts: dict[str, float]) -> None:
     weights = [1.0 if item.amount is None else item.amount for item in items]
-    total = math.fsum(weights)
+    total = _sum(weights)
     for item, weight in zip(items, weights, strict=True):
         part = share * weight / total
         if isinstance(item, _Group):
@@ -309,7 +317,7 @@ def _alloy_amounts(text: str, items: list) -> dict[str, float]:
                 "in at.% or as a fraction, as in '(CoCrFeNi)90Al10'",
                 item.text,
             )
-    total = math.fsum(item.amount for item in items)
+    total = _sum(item.amount for item in items)
     if not any(
         abs(total - basis) <= ALLOY_TOTAL_RTOL * basis for basis in (100.0, 1.0)
     ):
@@ -348,10 +356,19 @@ def _normalize(formula: str, amounts: dict[str, float]) -> dict[str, float]:
             f"{len(amounts)} elements ({', '.join(ordered)}) exceed the maximum "
             f"of {MAX_ELEMENTS}",
         )
-    total = math.fsum(amounts.values())
+    total = _sum(amounts.values())
     if not math.isfinite(total):
         raise CompositionError(formula, "the amounts sum to a value that is not finite")
-    return {symbol: amounts[symbol] / total for symbol in ordered}
+    fractions = {symbol: amounts[symbol] / total for symbol in ordered}
+    for symbol, fraction in fractions.items():
+        # Products of tiny group amounts can underflow to 0.0.
+        if not fraction > 0.0:
+            raise CompositionError(
+                formula,
+                "the amount is too small to represent as a float64 fraction",
+                symbol,
+            )
+    return fractions
 
 
 @functools.lru_cache(maxsize=65536)
