@@ -1,0 +1,137 @@
+"""Alloy data sets: the vendored DFT sets, users' CSV files and data filters.
+
+Every data frame here has the columns ``formula``, ``chemsys`` (element
+symbols joined by '-' in alphabetical order), ``n_elements`` and ``target``
+(eV/atom). The vendored sets hold binary and ternary all-metal compositions,
+one row per reduced formula; ``dataset_info(name)`` gives their source,
+licence and attribution.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from dvmrl.datasets._csv import load_csv
+from dvmrl.datasets._vendored import (
+    COLUMNS,
+    DATASETS,
+    DEFAULT_DATASET,
+    dataset_info,
+    list_datasets,
+    load,
+)
+from dvmrl.datasets.filters import (
+    DEFAULT_MAX_ELECTRONEGATIVITY_SPREAD,
+    DEFAULT_MAX_SIZE_MISMATCH,
+    FAMILIES,
+    family_subset,
+    hume_rothery_metrics,
+    hume_rothery_screen,
+)
+
+# target_kind -> stability threshold in eV/atom (stable when target <= it).
+STABILITY_THRESHOLDS = {"formation_energy": 0.0, "energy_above_hull": 0.025}
+
+__all__ = [
+    "COLUMNS",
+    "DATASETS",
+    "DEFAULT_DATASET",
+    "FAMILIES",
+    "STABILITY_THRESHOLDS",
+    "dataset_info",
+    "family_subset",
+    "hume_rothery_metrics",
+    "hume_rothery_screen",
+    "list_datasets",
+    "load",
+    "load_csv",
+    "resolve_data",
+]
+
+
+def _user_file_info(path: Path, frame: pd.DataFrame, target_kind: str) -> dict:
+    return {
+        "name": path.name,
+        "source": f"user file {path}",
+        "path": str(path),
+        "units": "eV/atom",
+        "target_kind": target_kind,
+        "stability_threshold": STABILITY_THRESHOLDS[target_kind],
+        "rows": len(frame),
+        "binaries": int((frame["n_elements"] == 2).sum()),
+        "ternaries": int((frame["n_elements"] == 3).sum()),
+        "attribution": "user-supplied data",
+    }
+
+
+def resolve_data(
+    name_or_path: str | os.PathLike,
+    *,
+    formula_column: str = "formula",
+    target_column: str = "target",
+    target_kind: str = "formation_energy",
+    alloy_notation: bool = False,
+    hume_rothery: bool = False,
+    max_size_mismatch: float = DEFAULT_MAX_SIZE_MISMATCH,
+    max_electronegativity_spread: float = DEFAULT_MAX_ELECTRONEGATIVITY_SPREAD,
+) -> tuple[pd.DataFrame, dict]:
+    """Load a vendored data set by name or a user's CSV file by path.
+
+    This backs the CLI's ``--data`` option. A name in :data:`DATASETS` wins
+    over a file of the same name in the working folder.
+
+    Args:
+        name_or_path: a vendored data set name or a CSV path.
+        formula_column: formula column of a CSV file.
+        target_column: target column of a CSV file (eV/atom).
+        target_kind: ``formation_energy`` or ``energy_above_hull``; sets the
+            stability threshold of a CSV file (vendored sets carry their own).
+        alloy_notation: read a CSV file's group amounts as at.% shares.
+        hume_rothery: apply :func:`hume_rothery_screen` with the two
+            thresholds below (off by default).
+        max_size_mismatch: size-mismatch threshold of the screen (fraction).
+        max_electronegativity_spread: electronegativity-spread threshold.
+
+    Returns:
+        (df, info): the data frame and a metadata dict with at least name,
+        source, units, target_kind, stability_threshold, rows, attribution
+        and ``hume_rothery_screen`` (None when the screen was off, else its
+        thresholds and row counts).
+
+    Raises:
+        ValueError: when the argument is neither a data set name nor an
+            existing file, or the file's content is invalid.
+    """
+    text = os.fspath(name_or_path)
+    if text in DATASETS:
+        frame = load(text)
+        info = dataset_info(text)
+    else:
+        path = Path(text)
+        if not path.is_file():
+            raise ValueError(
+                f"unknown data set {text!r}: expected one of {', '.join(DATASETS)} "
+                "or the path of an existing CSV file"
+            )
+        if target_kind not in STABILITY_THRESHOLDS:
+            raise ValueError(
+                f"unknown target kind {target_kind!r}: expected one of "
+                f"{list(STABILITY_THRESHOLDS)}"
+            )
+        frame = load_csv(
+            path, formula_column, target_column, alloy_notation=alloy_notation
+        )
+        info = _user_file_info(path, frame, target_kind)
+    info["hume_rothery_screen"] = None
+    if hume_rothery:
+        frame = hume_rothery_screen(
+            frame, max_size_mismatch, max_electronegativity_spread
+        )
+        info["hume_rothery_screen"] = dict(frame.attrs["hume_rothery_screen"])
+        info["rows"] = len(frame)
+        info["binaries"] = int((frame["n_elements"] == 2).sum())
+        info["ternaries"] = int((frame["n_elements"] == 3).sum())
+    return frame, info
