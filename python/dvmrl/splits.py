@@ -1,0 +1,334 @@
+"""Train / validation / test splits of a data set.
+
+Kinds:
+
+- ``random``: rows drawn at random.
+- ``chemsys``: whole chemical systems held out. The test and the validation
+  pool each get complete systems, so no system appears in two parts.
+- ``element``: every composition that contains ``holdout_element`` forms the
+  test part; the validation pool is drawn at random from the rest.
+- ``binary-to-ternary``: the ternaries form the test part and the binaries
+  are divided into train and validation pool. Rows with more than three
+  elements are in no part.
+
+The test part is cut with the fixed seed :data:`TEST_SEED` and depends only
+on the data, the kind, ``holdout_element`` and ``test_fraction``. The
+``seed`` of a run changes only the division of the remaining rows into train
+and validation pool. Index arrays are positions (``df.iloc``), sorted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+KINDS = ("random", "chemsys", "element", "binary-to-ternary")
+
+# Seed of the test cut, fixed so that every run on a data set shares one test part.
+TEST_SEED = 20_240_601
+
+
+@dataclass(frozen=True)
+class Split:
+    """Index arrays of one split; positions into the data frame, int64, sorted."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    kind: str
+    seed: int
+    data_fingerprint: str
+    holdout_element: str | None = None
+    params: dict = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        """Return a SHA-256 hex digest of the data fingerprint, kind and indices.
+
+        Checkpoints store it to detect a resumed run on other data or splits.
+        """
+        digest = hashlib.sha256()
+        digest.update(self.data_fingerprint.encode())
+        digest.update(self.kind.encode())
+        for part in (self.train, self.val, self.test):
+            digest.update(np.int64(len(part)).tobytes())
+            digest.update(np.ascontiguousarray(part, dtype="<i8").tobytes())
+        return digest.hexdigest()
+
+    def sizes(self) -> dict[str, int]:
+        """Return the number of rows in each part."""
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+    def to_dict(self) -> dict:
+        """Return a JSON-ready dict of the indices and the split settings."""
+        return {
+            "kind": self.kind,
+            "seed": self.seed,
+            "holdout_element": self.holdout_element,
+            "params": dict(self.params),
+            "test_seed": TEST_SEED,
+            "data_fingerprint": self.data_fingerprint,
+            "fingerprint": self.fingerprint(),
+            "train": self.train.tolist(),
+            "val": self.val.tolist(),
+            "test": self.test.tolist(),
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the split to ``.npz`` (numpy arrays) or ``.json``, atomically.
+
+        Raises:
+            ValueError: when the suffix is neither ``.npz`` nor ``.json``.
+        """
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix not in (".npz", ".json"):
+            raise ValueError(f"split file {str(path)!r} must end in .npz or .json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            if suffix == ".json":
+                tmp.write_text(json.dumps(self.to_dict()) + "\n", encoding="utf-8")
+            else:
+                meta = {
+                    k: v
+                    for k, v in self.to_dict().items()
+                    if k not in ("train", "val", "test")
+                }
+                with open(tmp, "wb") as handle:
+                    np.savez(
+                        handle,
+                        train=self.train,
+                        val=self.val,
+                        test=self.test,
+                        meta=np.array(json.dumps(meta)),
+                    )
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+
+def load_split(path: str | os.PathLike) -> Split:
+    """Read a split written by :meth:`Split.save`.
+
+    Raises:
+        ValueError: when the file is not a split file or its fingerprint
+            does not match its indices.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        record = json.loads(path.read_text(encoding="utf-8"))
+        arrays = {part: record[part] for part in ("train", "val", "test")}
+    elif path.suffix.lower() == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            record = json.loads(str(archive["meta"]))
+            arrays = {part: archive[part] for part in ("train", "val", "test")}
+    else:
+        raise ValueError(f"split file {str(path)!r} must end in .npz or .json")
+    split = Split(
+        **{part: np.asarray(values, dtype=np.int64) for part, values in arrays.items()},
+        kind=record["kind"],
+        seed=int(record["seed"]),
+        data_fingerprint=record["data_fingerprint"],
+        holdout_element=record.get("holdout_element"),
+        params=record.get("params", {}),
+    )
+    if split.fingerprint() != record["fingerprint"]:
+        raise ValueError(
+            f"split file {str(path)!r} is corrupt: its fingerprint does not match "
+            "its indices; write it again with `dvmrl data split`"
+        )
+    return split
+
+
+def data_fingerprint(df: pd.DataFrame) -> str:
+    """Return a SHA-256 hex digest of the formulas and targets, in row order."""
+    digest = hashlib.sha256()
+    digest.update("\n".join(df["formula"].astype(str)).encode("utf-8"))
+    digest.update(np.ascontiguousarray(df["target"].to_numpy(), dtype="<f8").tobytes())
+    return digest.hexdigest()
+
+
+def _check_fractions(test_fraction: float, val_fraction: float) -> None:
+    for name, value in (
+        ("test_fraction", test_fraction),
+        ("val_fraction", val_fraction),
+    ):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    if test_fraction + val_fraction >= 1.0:
+        raise ValueError(
+            f"test_fraction + val_fraction must be below 1 to leave training rows, "
+            f"got {test_fraction} + {val_fraction}"
+        )
+
+
+def _draw_rows(rows: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Draw ``count`` of ``rows`` at random without replacement."""
+    return rng.permutation(rows)[:count]
+
+
+def _draw_groups(
+    rows: np.ndarray, groups: np.ndarray, target: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Take whole groups in random order until at least ``target`` rows are taken.
+
+    The groups are put in sorted order first, so the draw depends only on the
+    group labels and the generator.
+    """
+    if target <= 0 or len(rows) == 0:
+        return rows[:0]
+    labels, inverse = np.unique(groups[rows], return_inverse=True)
+    counts = np.bincount(inverse, minlength=len(labels))
+    order = rng.permutation(len(labels))
+    taken = np.cumsum(counts[order])
+    n_groups = int(np.searchsorted(taken, target)) + 1
+    chosen = np.zeros(len(labels), dtype=bool)
+    chosen[order[: min(n_groups, len(labels))]] = True
+    return rows[chosen[inverse]]
+
+
+def _element_mask(df: pd.DataFrame, element: str) -> np.ndarray:
+    pattern = rf"(?:^|-){re.escape(element)}(?:-|$)"
+    return df["chemsys"].astype(str).str.contains(pattern, regex=True).to_numpy(bool)
+
+
+def _check_holdout_element(df: pd.DataFrame, element: str | None) -> str:
+    if element is None:
+        raise ValueError(
+            "the element split needs holdout_element (--holdout-element), e.g. 'Ni'"
+        )
+    from pymatgen.core import Element
+
+    element = str(element).strip()
+    if not Element.is_valid_symbol(element):
+        raise ValueError(
+            f"unknown element symbol {element!r} for holdout_element: use a symbol "
+            "such as 'Ni' (case matters)"
+        )
+    return element
+
+
+def _test_part(
+    df: pd.DataFrame, kind: str, holdout_element: str | None, test_fraction: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return (test rows, rows left for train and validation)."""
+    n = len(df)
+    rows = np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng(TEST_SEED)
+    if kind == "random":
+        test = _draw_rows(rows, int(round(test_fraction * n)), rng)
+    elif kind == "chemsys":
+        test = _draw_groups(
+            rows, df["chemsys"].to_numpy(dtype=str), test_fraction * n, rng
+        )
+    elif kind == "element":
+        mask = _element_mask(df, holdout_element)
+        if not mask.any():
+            raise ValueError(
+                f"no composition in the data contains {holdout_element!r}: choose an "
+                "element that occurs in it (see `dvmrl data info`)"
+            )
+        if mask.all():
+            raise ValueError(
+                f"every composition contains {holdout_element!r}, so holding it out "
+                "leaves no training data: choose another element"
+            )
+        test = rows[mask]
+    else:
+        n_elements = df["n_elements"].to_numpy()
+        if not (n_elements == 3).any():
+            raise ValueError("binary-to-ternary split: the data contain no ternaries")
+        if not (n_elements == 2).any():
+            raise ValueError("binary-to-ternary split: the data contain no binaries")
+        test = rows[n_elements == 3]
+        rows = rows[n_elements == 2]
+        return np.sort(test), rows
+    rest = np.setdiff1d(rows, test, assume_unique=True)
+    return np.sort(test), rest
+
+
+def make_split(
+    df: pd.DataFrame,
+    kind: str,
+    seed: int = 0,
+    holdout_element: str | None = None,
+    test_fraction: float = 0.1,
+    val_fraction: float = 0.1,
+) -> Split:
+    """Split a data frame into train, validation pool and test rows.
+
+    Args:
+        df: a data set frame (columns formula, chemsys, n_elements, target).
+        kind: one of :data:`KINDS`.
+        seed: seed of the train / validation division; the test part never
+            depends on it.
+        holdout_element: element symbol held out by the ``element`` kind.
+        test_fraction: share of rows in the test part for ``random`` and
+            ``chemsys``, where ``chemsys`` takes whole systems until the share
+            is reached. The other kinds define their test part themselves.
+        val_fraction: share of all rows in the validation pool. The
+            ``chemsys`` kind takes whole systems here too, and
+            ``binary-to-ternary`` takes the share of the binaries.
+
+    Returns:
+        The :class:`Split`; its three parts are disjoint.
+
+    Raises:
+        ValueError: for an unknown kind, a fraction outside [0, 1), a missing
+            or unknown ``holdout_element``, or data that leave a part empty
+            that must not be.
+    """
+    if kind not in KINDS:
+        raise ValueError(
+            f"unknown split kind {kind!r}: expected one of {', '.join(KINDS)}"
+        )
+    missing = {"formula", "chemsys", "n_elements", "target"} - set(df.columns)
+    if missing:
+        raise ValueError(f"data frame lacks the column(s) {sorted(missing)}")
+    if len(df) < 3:
+        raise ValueError(f"cannot split {len(df)} row(s): need at least 3")
+    _check_fractions(test_fraction, val_fraction)
+    if kind == "element":
+        holdout_element = _check_holdout_element(df, holdout_element)
+    elif holdout_element is not None:
+        raise ValueError(
+            f"holdout_element={holdout_element!r} applies only to the element split, "
+            f"not to {kind!r}"
+        )
+    seed = int(seed)
+
+    test, rest = _test_part(df, kind, holdout_element, test_fraction)
+    rng = np.random.default_rng(seed)
+    base = len(rest) if kind == "binary-to-ternary" else len(df)
+    if kind == "chemsys":
+        val = _draw_groups(
+            rest, df["chemsys"].to_numpy(dtype=str), val_fraction * base, rng
+        )
+    else:
+        val = _draw_rows(rest, int(round(val_fraction * base)), rng)
+    val = np.sort(val)
+    train = np.setdiff1d(rest, val, assume_unique=True)
+    if len(train) == 0:
+        raise ValueError(
+            f"the {kind} split of {len(df)} rows leaves no training rows: lower "
+            "test_fraction or val_fraction, or use more data"
+        )
+    params = {"test_fraction": test_fraction, "val_fraction": val_fraction}
+    return Split(
+        train=train.astype(np.int64),
+        val=val.astype(np.int64),
+        test=test.astype(np.int64),
+        kind=kind,
+        seed=seed,
+        data_fingerprint=data_fingerprint(df),
+        holdout_element=holdout_element,
+        params=params,
+    )

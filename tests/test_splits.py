@@ -1,0 +1,308 @@
+"""Splits: disjoint parts, determinism, a test part independent of the run seed."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dvmrl import datasets, splits
+from dvmrl.cli import main
+
+CASES = [
+    ("random", None),
+    ("chemsys", None),
+    ("element", "Ni"),
+    ("binary-to-ternary", None),
+]
+
+
+@pytest.fixture(scope="module")
+def frame() -> pd.DataFrame:
+    return datasets.load("mp-formation-energy")
+
+
+def _split(frame, kind, holdout, seed=0, **kwargs):
+    return splits.make_split(frame, kind, seed=seed, holdout_element=holdout, **kwargs)
+
+
+def _contains(frame, rows, element):
+    return frame["chemsys"].iloc[rows].str.split("-").map(lambda s: element in s)
+
+
+@pytest.mark.parametrize(("kind", "holdout"), CASES)
+def test_parts_disjoint(frame, kind, holdout):
+    split = _split(frame, kind, holdout)
+    assert len(np.intersect1d(split.train, split.val)) == 0
+    assert len(np.intersect1d(split.train, split.test)) == 0
+    assert len(np.intersect1d(split.val, split.test)) == 0
+    union = np.concatenate([split.train, split.val, split.test])
+    assert len(union) == len(frame)
+    assert len(np.unique(union)) == len(frame)
+
+
+@pytest.mark.parametrize(("kind", "holdout"), CASES)
+def test_parts_int64_sorted(frame, kind, holdout):
+    split = _split(frame, kind, holdout)
+    for part in (split.train, split.val, split.test):
+        assert part.dtype == np.int64
+        assert np.all(np.diff(part) > 0)
+    assert len(split.train) > 0
+    assert len(split.val) > 0
+    assert len(split.test) > 0
+
+
+@pytest.mark.parametrize(("kind", "holdout"), CASES)
+def test_split_deterministic(frame, kind, holdout):
+    first = _split(frame, kind, holdout, seed=5)
+    second = _split(frame, kind, holdout, seed=5)
+    np.testing.assert_array_equal(first.train, second.train)
+    np.testing.assert_array_equal(first.val, second.val)
+    np.testing.assert_array_equal(first.test, second.test)
+    assert first.fingerprint() == second.fingerprint()
+
+
+@pytest.mark.parametrize(("kind", "holdout"), CASES)
+def test_test_part_ignores_seed(frame, kind, holdout):
+    base = _split(frame, kind, holdout, seed=0)
+    for seed in (1, 7, 12345):
+        other = _split(frame, kind, holdout, seed=seed)
+        np.testing.assert_array_equal(base.test, other.test)
+        assert not np.array_equal(base.val, other.val)
+        assert base.fingerprint() != other.fingerprint()
+
+
+def test_random_sizes(frame):
+    split = _split(frame, "random", None, test_fraction=0.2, val_fraction=0.15)
+    assert len(split.test) == round(0.2 * len(frame))
+    assert len(split.val) == round(0.15 * len(frame))
+
+
+def test_chemsys_whole_systems(frame):
+    split = _split(frame, "chemsys", None)
+    systems = [
+        set(frame["chemsys"].iloc[part])
+        for part in (split.train, split.val, split.test)
+    ]
+    assert not systems[0] & systems[1]
+    assert not systems[0] & systems[2]
+    assert not systems[1] & systems[2]
+    # Whole systems overshoot the share by less than one system's rows.
+    assert 0.1 * len(frame) <= len(split.test) < 0.1 * len(frame) + 50
+
+
+def test_element_holdout_rows(frame):
+    split = _split(frame, "element", "Ni")
+    assert _contains(frame, split.test, "Ni").all()
+    assert not _contains(frame, split.train, "Ni").any()
+    assert not _contains(frame, split.val, "Ni").any()
+    assert len(split.test) == _contains(frame, np.arange(len(frame)), "Ni").sum()
+    assert split.holdout_element == "Ni"
+
+
+def test_binary_to_ternary_parts(frame):
+    split = _split(frame, "binary-to-ternary", None)
+    n_elements = frame["n_elements"].to_numpy()
+    assert set(n_elements[split.train]) == {2}
+    assert set(n_elements[split.val]) == {2}
+    assert set(n_elements[split.test]) == {3}
+    assert len(split.val) == round(0.1 * (n_elements == 2).sum())
+
+
+def test_binary_to_ternary_skips_quaternaries():
+    small = pd.DataFrame(
+        {
+            "formula": ["AlNi", "CuZn", "FeNi", "AlNiTi", "AlCoCrNi", "MgZn2"],
+            "chemsys": ["Al-Ni", "Cu-Zn", "Fe-Ni", "Al-Ni-Ti", "Al-Co-Cr-Ni", "Mg-Zn"],
+            "n_elements": [2, 2, 2, 3, 4, 2],
+            "target": [0.0] * 6,
+        }
+    )
+    split = splits.make_split(small, "binary-to-ternary", val_fraction=0.25)
+    assert split.test.tolist() == [3]
+    parts = np.concatenate([split.train, split.val, split.test])
+    assert 4 not in parts
+
+
+def test_test_fraction_changes_test(frame):
+    small = _split(frame, "random", None, test_fraction=0.1)
+    large = _split(frame, "random", None, test_fraction=0.2)
+    assert len(large.test) > len(small.test)
+
+
+def test_fingerprint_tracks_data(frame):
+    base = _split(frame, "random", None)
+    changed = frame.copy()
+    changed.loc[0, "target"] += 1e-6
+    other = _split(changed, "random", None)
+    np.testing.assert_array_equal(base.test, other.test)
+    assert base.data_fingerprint != other.data_fingerprint
+    assert base.fingerprint() != other.fingerprint()
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".json"])
+def test_save_load_roundtrip(frame, tmp_path, suffix):
+    split = _split(frame, "element", "Ni", seed=3)
+    path = tmp_path / f"split{suffix}"
+    split.save(path)
+    loaded = splits.load_split(path)
+    np.testing.assert_array_equal(loaded.train, split.train)
+    np.testing.assert_array_equal(loaded.val, split.val)
+    np.testing.assert_array_equal(loaded.test, split.test)
+    assert loaded.kind == "element"
+    assert loaded.seed == 3
+    assert loaded.holdout_element == "Ni"
+    assert loaded.fingerprint() == split.fingerprint()
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_load_tampered_split(frame, tmp_path):
+    path = tmp_path / "split.json"
+    _split(frame, "random", None).save(path)
+    record = json.loads(path.read_text())
+    record["test"] = record["test"][:-1]
+    path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="fingerprint does not match its indices"):
+        splits.load_split(path)
+
+
+def test_save_bad_suffix(frame, tmp_path):
+    with pytest.raises(ValueError, match=r"must end in \.npz or \.json"):
+        _split(frame, "random", None).save(tmp_path / "split.txt")
+
+
+@pytest.mark.parametrize(
+    ("kind", "holdout", "kwargs", "message"),
+    [
+        ("stratified", None, {}, "unknown split kind 'stratified'"),
+        ("element", None, {}, r"needs holdout_element \(--holdout-element\)"),
+        ("element", "Xx", {}, "unknown element symbol 'Xx'"),
+        ("element", "ni", {}, r"unknown element symbol 'ni'.*case matters"),
+        ("element", "O", {}, "no composition in the data contains 'O'"),
+        ("random", "Ni", {}, "applies only to the element split"),
+        ("random", None, {"test_fraction": 1.0}, r"test_fraction must be in \[0, 1\)"),
+        ("random", None, {"val_fraction": -0.1}, r"val_fraction must be in \[0, 1\)"),
+        (
+            "random",
+            None,
+            {"test_fraction": 0.5, "val_fraction": 0.5},
+            "must be below 1 to leave training rows",
+        ),
+    ],
+)
+def test_split_errors(frame, kind, holdout, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        splits.make_split(frame, kind, holdout_element=holdout, **kwargs)
+
+
+def test_binary_to_ternary_needs_ternaries(frame):
+    binaries = frame[frame["n_elements"] == 2].reset_index(drop=True)
+    with pytest.raises(ValueError, match="the data contain no ternaries"):
+        splits.make_split(binaries, "binary-to-ternary")
+
+
+def test_element_in_every_row():
+    small = pd.DataFrame(
+        {
+            "formula": ["AlNi", "FeNi", "Ni3Ti"],
+            "chemsys": ["Al-Ni", "Fe-Ni", "Ni-Ti"],
+            "n_elements": [2, 2, 2],
+            "target": [0.0] * 3,
+        }
+    )
+    with pytest.raises(ValueError, match="every composition contains 'Ni'"):
+        splits.make_split(small, "element", holdout_element="Ni")
+
+
+def test_missing_columns():
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['chemsys'"):
+        splits.make_split(pd.DataFrame({"formula": ["AlNi"] * 4}), "random")
+
+
+# ---------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_split_npz(frame, tmp_path, capsys):
+    out = tmp_path / "split.npz"
+    argv = ["data", "split", "mp-formation-energy", "--split", "chemsys", "--seed", "4"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    expected = splits.make_split(frame, "chemsys", seed=4)
+    with np.load(out, allow_pickle=False) as archive:
+        np.testing.assert_array_equal(archive["test"], expected.test)
+        np.testing.assert_array_equal(archive["train"], expected.train)
+        meta = json.loads(str(archive["meta"]))
+    assert meta["fingerprint"] == expected.fingerprint()
+
+
+def test_cli_split_json(tmp_path):
+    out = tmp_path / "split.json"
+    argv = ["data", "split", "oqmd-formation-energy", "--split", "element"]
+    assert main([*argv, "--holdout-element", "Ni", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["kind"] == "element"
+    assert record["holdout_element"] == "Ni"
+    assert len(record["test"]) > 0
+
+
+def test_cli_split_screen(tmp_path, capsys):
+    out = tmp_path / "split.json"
+    argv = [
+        "data",
+        "split",
+        "mp-energy-above-hull",
+        "--split",
+        "random",
+        "--hume-rothery",
+    ]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "(Hume-Rothery screen on)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--split", "element"], "--split element needs --holdout-element X"),
+        (
+            ["--split", "random", "--holdout-element", "Ni"],
+            "applies only to --split element",
+        ),
+        (
+            ["--split", "element", "--holdout-element", "Og"],
+            "no composition in the data",
+        ),
+        (["--split", "random", "--test-fraction", "1.5"], r"test_fraction must be in"),
+    ],
+)
+def test_cli_split_errors(tmp_path, capsys, extra, message):
+    argv = [
+        "data",
+        "split",
+        "mp-formation-energy",
+        *extra,
+        "--out",
+        str(tmp_path / "s.npz"),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dvmrl data: error:")
+    assert re.search(message, err)
+    assert not (tmp_path / "s.npz").exists()
+
+
+def test_cli_split_bad_out(tmp_path, capsys):
+    argv = ["data", "split", "mp-formation-energy", "--split", "random"]
+    assert main([*argv, "--out", str(tmp_path / "s.csv")]) == 2
+    assert "must end in .npz or .json" in capsys.readouterr().err
+
+
+def test_cli_split_unknown_kind(tmp_path, capsys):
+    argv = ["data", "split", "mp-formation-energy", "--split", "kfold"]
+    with pytest.raises(SystemExit) as caught:
+        main([*argv, "--out", str(tmp_path / "s.npz")])
+    assert caught.value.code == 2
+    assert "invalid choice: 'kfold'" in capsys.readouterr().err
