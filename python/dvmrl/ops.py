@@ -11,13 +11,57 @@ width, D head depth, Hh head width.
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import torch
 
-from dvmrl import reference
+from dvmrl import _core, reference
 from dvmrl.layout import ModelDims, parameter_count
 
+logger = logging.getLogger(__name__)
+
 _FLOAT_DTYPES = (torch.float32, torch.float64)
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
 MAX_SLOTS = 8
+MAX_HEAD_LAYERS = 16
+
+_warned_devices: set[str] = set()
+_cuda_backend: bool | None = None
+
+
+def _core_has_cuda() -> bool:
+    """Return whether the core was compiled with CUDA and sees a device."""
+    global _cuda_backend
+    if _cuda_backend is None:
+        info = _core.build_info()
+        _cuda_backend = bool(info["cuda_compiled"]) and int(info["cuda_device_count"]) > 0
+    return _cuda_backend
+
+
+def fused_backend_available(device: torch.device) -> bool:
+    """Return whether the compiled core has kernels for ``device``."""
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        return _core_has_cuda()
+    return False
+
+
+def _warn_fallback(device: torch.device) -> None:
+    if device.type in _warned_devices:
+        return
+    _warned_devices.add(device.type)
+    if device.type == "cuda":
+        how = "rebuild with CUDA: DVMRL_CUDA=ON pip install ."
+    else:
+        how = "only CPU and CUDA kernels exist"
+    message = (
+        f"dvmrl._core has no fused kernels for device {device.type!r}; running the "
+        f"plain PyTorch reference instead ({how})"
+    )
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    logger.warning(message)
 
 
 def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
@@ -65,6 +109,10 @@ def validate_inputs(
         )
     _check_shape("node_table", node_table, (node_table.shape[0], dims.hidden))
     _check_shape("flat", flat, (parameter_count(dims),))
+    if dims.head_layers > MAX_HEAD_LAYERS:
+        raise ValueError(
+            f"dims.head_layers: expected at most {MAX_HEAD_LAYERS}, got {dims.head_layers}"
+        )
     if element_index.dim() != 2 or not 1 <= element_index.shape[1] <= MAX_SLOTS:
         raise ValueError(
             f"element_index: expected shape [B, K] with 1 <= K <= {MAX_SLOTS}, "
@@ -127,6 +175,123 @@ def model_forward(
         ``frac``.
     """
     validate_inputs(node_table, flat, element_index, frac, mask, dims, dropout_mask)
-    return reference.model_forward(
+    if use_fused and not fused_backend_available(node_table.device):
+        _warn_fallback(node_table.device)
+        use_fused = False
+    if not use_fused:
+        return reference.model_forward(
+            node_table, flat, element_index, frac, mask, dims, dropout_mask
+        )
+    return _FusedModel.apply(
         node_table, flat, element_index, frac, mask, dims, dropout_mask
     )
+
+
+def _dims_list(dims: ModelDims, batch: int, slots: int, rows: int) -> list[int]:
+    return [
+        batch,
+        slots,
+        rows,
+        dims.hidden,
+        dims.gate_hidden,
+        dims.msg_hidden,
+        dims.layers,
+        dims.head_hidden,
+        dims.head_layers,
+        dims.n_out,
+    ]
+
+
+def _device_args(device: torch.device) -> tuple[int, int]:
+    """Return (device index, stream address) for the core; -1 is the CPU."""
+    if device.type == "cpu":
+        return -1, 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return index, torch.cuda.current_stream(device).cuda_stream
+
+
+class _FusedModel(torch.autograd.Function):
+    """Whole model after the embedding in one forward and one backward call.
+
+    The forward saves the activations the backward needs in one workspace
+    tensor (node states and first-layer projections of every layer, the
+    pooling pre-activations and the head pre-activations), so the backward
+    recomputes only the per-edge activations.
+    """
+
+    @staticmethod
+    def forward(ctx, node_table, flat, element_index, frac, mask, dims, dropout_mask):
+        batch, slots = element_index.shape
+        dims_list = _dims_list(dims, batch, slots, node_table.shape[0])
+        out = node_table.new_zeros((batch, dims.n_out))
+        workspace = node_table.new_empty((_core.mp_workspace_size(dims_list),))
+        device, stream = _device_args(node_table.device)
+        dropout_ptr = 0 if dropout_mask is None else dropout_mask.data_ptr()
+        _core.mp_forward(
+            _DTYPE_CODES[node_table.dtype],
+            device,
+            stream,
+            dims_list,
+            node_table.data_ptr(),
+            node_table.numel(),
+            flat.data_ptr(),
+            flat.numel(),
+            element_index.data_ptr(),
+            frac.data_ptr(),
+            mask.data_ptr(),
+            dropout_ptr,
+            out.data_ptr(),
+            workspace.data_ptr(),
+            workspace.numel(),
+        )
+        ctx.dims_list = dims_list
+        ctx.has_dropout = dropout_mask is not None
+        saved = [node_table, flat, element_index, frac, mask, workspace]
+        if dropout_mask is not None:
+            saved.append(dropout_mask)
+        ctx.save_for_backward(*saved)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        node_table, flat, element_index, frac, mask, workspace, *rest = ctx.saved_tensors
+        dropout_mask = rest[0] if ctx.has_dropout else None
+        grad_out = grad_out.contiguous()
+        grad_table = torch.empty_like(node_table)
+        grad_flat = torch.empty_like(flat)
+        grad_frac = torch.empty_like(frac)
+        if element_index.shape[0] == 0:
+            grad_table.zero_()
+            grad_flat.zero_()
+        else:
+            device, stream = _device_args(node_table.device)
+            _core.mp_backward(
+                _DTYPE_CODES[node_table.dtype],
+                device,
+                stream,
+                ctx.dims_list,
+                node_table.data_ptr(),
+                node_table.numel(),
+                flat.data_ptr(),
+                flat.numel(),
+                element_index.data_ptr(),
+                frac.data_ptr(),
+                mask.data_ptr(),
+                0 if dropout_mask is None else dropout_mask.data_ptr(),
+                workspace.data_ptr(),
+                workspace.numel(),
+                grad_out.data_ptr(),
+                grad_table.data_ptr(),
+                grad_flat.data_ptr(),
+                grad_frac.data_ptr(),
+            )
+        needs = ctx.needs_input_grad
+        return (
+            grad_table if needs[0] else None,
+            grad_flat if needs[1] else None,
+            None,
+            grad_frac if needs[3] else None,
+            None,
+            None,
+            None,
+        )
