@@ -1,0 +1,726 @@
+"""Adversarial composition perturbations: search, vulnerability, robustness radius.
+
+For a composition with fractions x (real slots only) and a box radius r in
+fraction units (0.05 = 5 at.%), the feasible perturbations are
+
+    delta with the same elements (padding stays 0), sum_k delta_k = 0,
+    |delta_k| <= r and x_k + delta_k >= min(x_k, floor),
+
+so every perturbed composition is valid, keeps all its elements, and an
+element already below ``floor`` may only grow. In y = x + delta that is the
+box-constrained simplex {sum y = 1, lo <= y <= hi} with
+lo = max(x - r, min(x, floor)) and hi = x + r, onto which
+:func:`dvmrl.projection.project_simplex_box` projects exactly.
+
+The search maximises the objective |f(x + delta) - f(x)|^2 - lambda ||delta||^2
+by projected gradient ascent, batched over compositions, random starts and
+both signs of the change. Gradients with respect to the fractions come from
+the predictor's backward pass (``torch.autograd.grad``). The gradient of the
+squared change vanishes at delta = 0, so each run ascends on a signed
+change s (f(x + delta) - f(x)) with s = +1 or -1 until that change is
+positive, and on the objective from then on.
+
+A predictor is any callable ``f(element_index, frac, mask) -> Tensor [B]`` in
+eV/atom that is differentiable in ``frac``, such as
+:class:`dvmrl.model.CompositionMPNN`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+from dvmrl.compositions import format_formula
+from dvmrl.elements import ELEMENTS
+from dvmrl.projection import project_simplex_box
+
+logger = logging.getLogger(__name__)
+
+Predictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+DEFAULT_FLOOR = 0.01
+DEFAULT_EPSILON = 0.05
+DEFAULT_TAU = 0.05
+DEFAULT_R_MAX = 0.25
+DEFAULT_STEPS = 50
+DEFAULT_STARTS = 4
+# Random candidates screened (forward passes only) for each random start.
+DEFAULT_SCREEN = 16
+# Compositions per chunk of the search; each chunk holds 2 * starts rows per
+# composition, so memory stays bounded for any batch size.
+DEFAULT_CHUNK_SIZE = 2048
+
+
+@dataclass
+class SearchResult:
+    """Best perturbation found per composition (B compositions, K slots).
+
+    Attributes:
+        frac (Tensor): original fractions [B, K], float64.
+        delta (Tensor): best perturbation [B, K], float64; 0 in padding.
+        perturbed (Tensor): ``frac + delta`` [B, K], float64, a valid
+            composition in every row.
+        base (Tensor): f(x) [B] in eV/atom.
+        change (Tensor): f(x + delta) - f(x) [B] in eV/atom.
+        objective (Tensor): |change|^2 - lambda ||delta||^2 [B].
+        radius (Tensor): box radius r used per composition [B], fraction units.
+        formulas (list[str]): original compositions as formulas.
+        perturbed_formulas (list[str]): perturbed compositions as formulas
+            with plain decimal amounts; they parse back to ``perturbed``
+            within float64 rounding.
+    """
+
+    frac: torch.Tensor
+    delta: torch.Tensor
+    perturbed: torch.Tensor
+    base: torch.Tensor
+    change: torch.Tensor
+    objective: torch.Tensor
+    radius: torch.Tensor
+    formulas: list[str]
+    perturbed_formulas: list[str]
+
+    def table(self) -> pd.DataFrame:
+        """Return one row per composition with the perturbation and its effect."""
+        return pd.DataFrame(
+            {
+                "formula": self.formulas,
+                "perturbed_formula": self.perturbed_formulas,
+                "radius": self.radius.numpy(),
+                "prediction": self.base.numpy(),
+                "change": self.change.numpy(),
+                "abs_change": self.change.abs().numpy(),
+                "delta_l2": self.delta.norm(dim=1).numpy(),
+                "delta_max": self.delta.abs().amax(dim=1).numpy(),
+            }
+        )
+
+
+@dataclass
+class VulnerabilityReport:
+    """Vulnerability at radius epsilon: the mean largest |change| in eV/atom.
+
+    Attributes:
+        score (float): mean over compositions of max |f(x + delta) - f(x)|,
+            eV/atom.
+        epsilon (float): box radius, fraction units.
+        table (DataFrame): per composition, the columns of
+            :meth:`SearchResult.table`.
+        search (SearchResult): the underlying search result.
+    """
+
+    score: float
+    epsilon: float
+    table: pd.DataFrame
+    search: SearchResult
+
+
+@dataclass
+class RobustnessReport:
+    """Robustness radius: the smallest r that moves a prediction by tau.
+
+    Attributes:
+        score (float): mean radius over compositions, fraction units.
+        score_l2 (float): mean L2 norm of the perturbation found at that
+            radius, fraction units.
+        tau (float): required |change|, eV/atom.
+        r_max (float): cap of the radius; compositions that no perturbation
+            within r_max moves by tau get r_max and ``reached = False``.
+        table (DataFrame): per composition: ``formula``, ``radius``,
+            ``delta_l2``, ``change`` (eV/atom), ``reached`` and
+            ``perturbed_formula``.
+        n_not_reached (int): compositions capped at r_max.
+    """
+
+    score: float
+    score_l2: float
+    tau: float
+    r_max: float
+    table: pd.DataFrame
+    n_not_reached: int
+
+
+# -- feasible set ----------------------------------------------------------
+
+
+def feasible_bounds(
+    frac: torch.Tensor, mask: torch.Tensor, radius: torch.Tensor | float, floor: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the bounds lo, hi [B, K] of the perturbed fractions y = x + delta.
+
+    lo = max(x - r, min(x, floor)) and hi = x + r on real slots, 0 in
+    padding, so that {sum y = 1, lo <= y <= hi} is the feasible set of the
+    module docstring. x itself is always feasible.
+
+    Args:
+        frac (Tensor): fractions x [B, K], float64.
+        mask (Tensor): bool [B, K].
+        radius (Tensor or float): r per composition [B] or one value.
+        floor (float): minimum fraction, in [0, 1).
+    """
+    r = torch.as_tensor(radius, dtype=frac.dtype, device=frac.device)
+    if r.dim() == 0:
+        r = r.expand(frac.shape[0])
+    r = r[:, None]
+    lower = torch.maximum(frac - r, torch.clamp(frac, max=floor))
+    upper = frac + r
+    zero = torch.zeros((), dtype=frac.dtype, device=frac.device)
+    return torch.where(mask, lower, zero), torch.where(mask, upper, zero)
+
+
+def _check_scalar(name: str, value: float, low: float, high: float, fix: str) -> float:
+    value = float(value)
+    if not (math.isfinite(value) and low < value < high):
+        raise ValueError(f"{name} must lie in ({low:g}, {high:g}), got {value!r}; {fix}")
+    return value
+
+
+def _check_floor(floor: float, mask: torch.Tensor, formulas: list[str] | None) -> float:
+    floor = float(floor)
+    if not (math.isfinite(floor) and 0.0 <= floor < 1.0):
+        raise ValueError(f"floor must lie in [0, 1), got {floor!r}; the default is 0.01")
+    n_real = mask.sum(dim=1)
+    if len(n_real) and float(n_real.max()) * floor > 1.0:
+        row = int(torch.nonzero(n_real * floor > 1.0)[0, 0])
+        name = formulas[row] if formulas else f"row {row}"
+        raise ValueError(
+            f"floor {floor:g} cannot hold for {name} with {int(n_real[row])} elements "
+            f"(K * floor = {int(n_real[row]) * floor:g} > 1); pass floor <= "
+            f"{1.0 / int(n_real.max()):g}"
+        )
+    return floor
+
+
+def _batch_tensors(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    for name in ("element_index", "frac", "mask"):
+        if not isinstance(getattr(batch, name, None), torch.Tensor):
+            raise TypeError(
+                "batch must be a dvmrl.featurize.CompositionBatch (or have tensor "
+                f"attributes element_index, frac and mask); {name} is missing"
+            )
+    element_index, frac, mask = batch.element_index, batch.frac, batch.mask
+    if element_index.dtype != torch.int64:
+        raise TypeError(f"element_index must be int64, got {element_index.dtype}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be bool, got {mask.dtype}")
+    if not frac.is_floating_point():
+        raise TypeError(f"frac must be a floating dtype, got {frac.dtype}")
+    if frac.dim() != 2 or element_index.shape != frac.shape or mask.shape != frac.shape:
+        raise ValueError(
+            "element_index, frac and mask must share one [B, K] shape, got "
+            f"{tuple(element_index.shape)}, {tuple(frac.shape)}, {tuple(mask.shape)}"
+        )
+    return element_index, frac.double(), mask
+
+
+def compositions_to_formulas(
+    element_index: torch.Tensor, frac: torch.Tensor, mask: torch.Tensor
+) -> list[str]:
+    """Write each row as a formula with plain decimal amounts."""
+    index = element_index.cpu().numpy()
+    values = frac.detach().cpu().double().numpy()
+    real = mask.cpu().numpy()
+    formulas = []
+    for row in range(index.shape[0]):
+        mapping = {
+            ELEMENTS[int(e)]: float(v)
+            for e, v, m in zip(index[row], values[row], real[row], strict=True)
+            if m
+        }
+        formulas.append(format_formula(mapping))
+    return formulas
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """A subset of a batch's rows, with the three tensors of a CompositionBatch."""
+
+    element_index: torch.Tensor
+    frac: torch.Tensor
+    mask: torch.Tensor
+
+
+# -- predictor handling ----------------------------------------------------
+
+
+def _predictor_dtype(predictor: Predictor) -> torch.dtype:
+    """Return the floating dtype the predictor expects for ``frac``."""
+    if isinstance(predictor, torch.nn.Module):
+        for parameter in predictor.parameters():
+            if parameter.is_floating_point():
+                return parameter.dtype
+    return torch.float64
+
+
+@contextlib.contextmanager
+def _deterministic(predictor: Predictor):
+    """Put a module in evaluation mode without MC dropout, then restore it."""
+    if not isinstance(predictor, torch.nn.Module):
+        yield
+        return
+    was_training = predictor.training
+    mc = getattr(predictor, "mc_dropout_enabled", False)
+    predictor.eval()
+    if mc:
+        predictor.mc_dropout(False)
+    try:
+        yield
+    finally:
+        predictor.train(was_training)
+        if mc:
+            predictor.mc_dropout(True)
+
+
+def _evaluate(
+    predictor: Predictor,
+    element_index: torch.Tensor,
+    y: torch.Tensor,
+    mask: torch.Tensor,
+    model_dtype: torch.dtype,
+) -> torch.Tensor:
+    out = predictor(element_index, y.to(model_dtype), mask)
+    if not isinstance(out, torch.Tensor) or out.shape != (y.shape[0],):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"the predictor must return a tensor of shape [{y.shape[0]}] (one value "
+            f"in eV/atom per composition), got {shape}"
+        )
+    return out
+
+
+def _value_and_grad(
+    predictor: Predictor,
+    element_index: torch.Tensor,
+    y: torch.Tensor,
+    mask: torch.Tensor,
+    model_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    y = y.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = _evaluate(predictor, element_index, y, mask, model_dtype)
+        if not out.requires_grad:
+            raise ValueError(
+                "the predictor output does not depend differentiably on frac; the "
+                "search needs gradients with respect to the fractions"
+            )
+        (grad,) = torch.autograd.grad(out.sum(), y)
+    return out.detach().double(), grad.double()
+
+
+# -- search ----------------------------------------------------------------
+
+
+def _step_sizes(steps: int, step_size: float) -> list[float]:
+    """Cosine schedule from ``step_size`` down to 1 % of it, in units of r."""
+    if steps == 1:
+        return [step_size]
+    return [
+        step_size * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * t / (steps - 1))))
+        for t in range(steps)
+    ]
+
+
+def _scaled_ascent(
+    ascent: torch.Tensor,
+    y: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """Scale an ascent direction so that its feasible part has largest entry 1.
+
+    The feasible part is the projection onto the tangent cone at y,
+    {sum d = 0, d_k >= 0 where y_k = lo_k, d_k <= 0 where y_k = hi_k}.
+    Scaling by it, not by the raw direction, keeps a large entry that
+    pushes against an active bound from shrinking the step of the entries
+    that can still move; the projection after the step clamps such entries
+    back onto their bounds. Rows with no feasible ascent get 0.
+    """
+    scale = ascent.abs().amax(dim=1, keepdim=True)
+    g = torch.where(mask & (scale > 0), ascent / scale.clamp(min=1e-300), 0.0)
+    # |g| <= 1, so a cone direction never needs entries beyond +-4. The cone
+    # is then a box-constrained plane, solved by the same exact projection
+    # after shifting sum d = 0 to sum = 1.
+    width = 4.0
+    margin = 1e-13
+    lower = torch.where(y <= lo + margin, 0.0, -width)
+    upper = torch.where(y >= hi - margin, 0.0, width)
+    n_real = mask.sum(dim=1, keepdim=True).clamp(min=1).to(g.dtype)
+    shift = torch.where(mask, 1.0 / n_real, 0.0)
+    cone = project_simplex_box(g + shift, lower + shift, upper + shift, mask) - shift
+    size = torch.where(mask, cone, 0.0).abs().amax(dim=1, keepdim=True)
+    return torch.where(size > 1e-12, g / size.clamp(min=1e-300), 0.0)
+
+
+def _search_chunk(
+    predictor: Predictor,
+    element_index: torch.Tensor,
+    frac: torch.Tensor,
+    mask: torch.Tensor,
+    radius: torch.Tensor,
+    floor: float,
+    lam: float,
+    steps: int,
+    starts: int,
+    step_size: float,
+    screen: int,
+    generator: torch.Generator,
+    model_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Search one chunk of C compositions; return delta, base, change, objective."""
+    c, k = frac.shape
+    runs = 2 * starts
+    with torch.no_grad():
+        base = _evaluate(predictor, element_index, frac, mask, model_dtype).double()
+    # Rows are grouped by composition: row c * runs + j is run j of composition c.
+    ei = element_index.repeat_interleave(runs, dim=0)
+    x = frac.repeat_interleave(runs, dim=0)
+    m = mask.repeat_interleave(runs, dim=0)
+    r = radius.repeat_interleave(runs, dim=0)
+    f0 = base.repeat_interleave(runs, dim=0)
+    sign = torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(starts).repeat(c)
+    sign = sign.to(frac.device)
+    lo, hi = feasible_bounds(x, m, r, floor)
+
+    # The first run of each sign starts at delta = 0, where the signed change
+    # has a gradient. Each other run starts at the best of ``screen`` random
+    # points, each pushing every entry by +-r before the projection; such
+    # points lie near different vertices, where a convex change peaks, and
+    # screening them costs forward passes only.
+    random_run = (torch.arange(runs, device=frac.device) >= 2).repeat(c)
+    y = x.clone()
+    if starts > 1:
+        best_start = torch.full((x.shape[0],), -math.inf, dtype=torch.float64)
+        best_start = best_start.to(frac.device)
+        for _ in range(screen):
+            noise = torch.rand(x.shape, generator=generator, dtype=torch.float64)
+            noise = torch.where(noise < 0.5, -1.0, 1.0).to(frac.device) * r[:, None]
+            candidate = project_simplex_box(torch.where(m, x + noise, x), lo, hi, m)
+            with torch.no_grad():
+                value = _evaluate(predictor, ei, candidate, m, model_dtype).double()
+            change = value - f0
+            score = sign * change - lam * ((candidate - x) ** 2).sum(dim=1)
+            better = random_run & (score > best_start)
+            best_start = torch.where(better, score, best_start)
+            y = torch.where(better[:, None], candidate, y)
+
+    best_obj = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=x.device)
+    best_y = x.clone()
+    best_change = torch.zeros_like(best_obj)
+
+    def record(y_now: torch.Tensor, value: torch.Tensor) -> None:
+        nonlocal best_obj, best_y, best_change
+        change = value - f0
+        objective = change**2 - lam * ((y_now - x) ** 2).sum(dim=1)
+        better = objective > best_obj
+        best_obj = torch.where(better, objective, best_obj)
+        best_change = torch.where(better, change, best_change)
+        best_y = torch.where(better[:, None], y_now, best_y)
+
+    for eta in _step_sizes(steps, step_size):
+        value, grad = _value_and_grad(predictor, ei, y, m, model_dtype)
+        record(y, value)
+        signed = sign * (value - f0)
+        ascent = torch.where(
+            (signed > 0)[:, None],
+            2.0 * signed[:, None] * sign[:, None] * grad - 2.0 * lam * (y - x),
+            sign[:, None] * grad,
+        )
+        direction = _scaled_ascent(ascent, y, lo, hi, m)
+        y = project_simplex_box(y + eta * r[:, None] * direction, lo, hi, m)
+    with torch.no_grad():
+        record(y, _evaluate(predictor, ei, y, m, model_dtype).double())
+
+    # Best run per composition.
+    objective = best_obj.view(c, runs)
+    pick = objective.argmax(dim=1)
+    rows = torch.arange(c, device=x.device) * runs + pick
+    delta = torch.where(mask, best_y[rows] - frac, 0.0)
+    return delta, base, best_change[rows], best_obj[rows]
+
+
+def adversarial_search(
+    predictor: Predictor,
+    batch,
+    radius: float | torch.Tensor = DEFAULT_EPSILON,
+    *,
+    floor: float = DEFAULT_FLOOR,
+    lam: float = 0.0,
+    steps: int = DEFAULT_STEPS,
+    starts: int = DEFAULT_STARTS,
+    step_size: float = 1.0,
+    screen: int = DEFAULT_SCREEN,
+    seed: int = 0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> SearchResult:
+    """Find per composition the feasible perturbation that maximises the objective.
+
+    The objective is |f(x + delta) - f(x)|^2 - lam ||delta||_2^2 over the
+    feasible set of the module docstring. Every composition runs ``starts``
+    projected gradient ascents per sign of the change (the first from
+    delta = 0, the rest from the best of ``screen`` random feasible points),
+    ``steps`` steps each,
+    with a cosine schedule of step sizes from ``step_size * r`` per entry;
+    the best iterate of all runs wins.
+
+    Args:
+        predictor (callable): f(element_index, frac, mask) -> [B] in eV/atom,
+            differentiable in ``frac``. Modules run in evaluation mode with
+            MC dropout off during the search.
+        batch (CompositionBatch): B compositions.
+        radius (float or Tensor): box radius r in (0, 1), fraction units;
+            one value or one per composition [B]. Default: 0.05.
+        floor (float): minimum fraction of an element, in [0, 1). Default: 0.01.
+        lam (float): weight lambda >= 0 of the L2 penalty. Default: 0.
+        steps (int): gradient steps per run (>= 1). Default: 50.
+        starts (int): runs per sign (>= 1). Default: 4.
+        step_size (float): first step in units of r (> 0). Default: 1.
+        screen (int): random candidates screened per random start (>= 1);
+            the run starts from the one with the best signed change.
+            Default: 16.
+        seed (int): seed of the random starts.
+        chunk_size (int): compositions searched together.
+
+    Returns:
+        SearchResult: float64 tensors on the CPU and the formulas.
+
+    Raises:
+        ValueError: for a radius outside (0, 1), a floor outside [0, 1) or
+            one that some composition cannot meet (K * floor > 1), lam < 0,
+            steps, starts or chunk_size < 1, or a predictor that returns the
+            wrong shape or no gradient.
+        TypeError: for a batch without the three tensors.
+    """
+    element_index, frac, mask = _batch_tensors(batch)
+    b = frac.shape[0]
+    r = torch.as_tensor(radius, dtype=torch.float64).detach().cpu()
+    if r.dim() == 0:
+        _check_scalar("radius", float(r), 0.0, 1.0, "the default is 0.05 (5 at.%)")
+        r = r.expand(b).clone()
+    elif r.shape != (b,):
+        raise ValueError(f"radius must be a number or a [{b}] tensor, got {tuple(r.shape)}")
+    elif b and not bool(((r > 0) & (r < 1)).all()):
+        raise ValueError(
+            f"every radius must lie in (0, 1), got values from {float(r.min())} to "
+            f"{float(r.max())}"
+        )
+    _check_floor(floor, mask, None)
+    if not (math.isfinite(float(lam)) and lam >= 0):
+        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    counts = (
+        ("steps", steps),
+        ("starts", starts),
+        ("screen", screen),
+        ("chunk_size", chunk_size),
+    )
+    for name, value in counts:
+        if int(value) != value or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not (math.isfinite(float(step_size)) and step_size > 0):
+        raise ValueError(f"step_size must be > 0, got {step_size!r}")
+
+    model_dtype = _predictor_dtype(predictor)
+    generator = torch.Generator().manual_seed(int(seed))
+    deltas, bases, changes, objectives = [], [], [], []
+    with _deterministic(predictor):
+        for begin in range(0, b, int(chunk_size)):
+            end = min(begin + int(chunk_size), b)
+            out = _search_chunk(
+                predictor,
+                element_index[begin:end],
+                frac[begin:end],
+                mask[begin:end],
+                r[begin:end].to(frac.device),
+                float(floor),
+                float(lam),
+                int(steps),
+                int(starts),
+                float(step_size),
+                int(screen),
+                generator,
+                model_dtype,
+            )
+            for store, value in zip((deltas, bases, changes, objectives), out, strict=True):
+                store.append(value.detach().cpu())
+    k = frac.shape[1]
+    empty = torch.zeros((0, k), dtype=torch.float64)
+    delta = torch.cat(deltas) if deltas else empty
+    frac_cpu = frac.detach().cpu()
+    perturbed = torch.where(mask.cpu(), frac_cpu + delta, 0.0)
+    none = torch.zeros(0, dtype=torch.float64)
+    return SearchResult(
+        frac=frac_cpu,
+        delta=delta,
+        perturbed=perturbed,
+        base=torch.cat(bases) if bases else none,
+        change=torch.cat(changes) if changes else none,
+        objective=torch.cat(objectives) if objectives else none,
+        radius=r,
+        formulas=compositions_to_formulas(element_index, frac_cpu, mask),
+        perturbed_formulas=compositions_to_formulas(element_index, perturbed, mask),
+    )
+
+
+# -- scores ----------------------------------------------------------------
+
+
+def vulnerability(
+    predictor: Predictor,
+    batch,
+    epsilon: float = DEFAULT_EPSILON,
+    **search_options,
+) -> VulnerabilityReport:
+    """Score the mean largest |f(x + delta) - f(x)| at box radius epsilon.
+
+    Args:
+        predictor (callable): as :func:`adversarial_search`.
+        batch (CompositionBatch): B >= 1 compositions.
+        epsilon (float): box radius in (0, 1), fraction units. Default: 0.05.
+        **search_options: ``floor``, ``lam``, ``steps``, ``starts``,
+            ``step_size``, ``screen``, ``seed``, ``chunk_size`` of
+            :func:`adversarial_search`.
+
+    Returns:
+        VulnerabilityReport: the score in eV/atom and a per-composition table.
+
+    Raises:
+        ValueError: for an empty batch and as :func:`adversarial_search`.
+    """
+    epsilon = _check_scalar("epsilon", epsilon, 0.0, 1.0, "the default is 0.05")
+    if len(batch.frac) == 0:
+        raise ValueError("vulnerability needs at least one composition, got 0")
+    result = adversarial_search(predictor, batch, epsilon, **search_options)
+    return VulnerabilityReport(
+        score=float(result.change.abs().mean()),
+        epsilon=epsilon,
+        table=result.table(),
+        search=result,
+    )
+
+
+def robustness_radius(
+    predictor: Predictor,
+    batch,
+    tau: float = DEFAULT_TAU,
+    r_max: float = DEFAULT_R_MAX,
+    *,
+    bisection_steps: int = 8,
+    **search_options,
+) -> RobustnessReport:
+    """Find per composition the smallest radius that moves the prediction by tau.
+
+    A first search at ``r_max`` finds the compositions that some perturbation
+    moves by at least ``tau``; those bisect on r in (0, r_max] with the
+    search inside, all compositions at once, and keep the smallest radius at
+    which the search reached ``tau`` (resolution r_max / 2^bisection_steps).
+    The others get ``r_max`` and ``reached = False``. Because the search is a
+    local method, each radius is an upper bound of the true one.
+
+    Args:
+        predictor (callable): as :func:`adversarial_search`.
+        batch (CompositionBatch): B >= 1 compositions.
+        tau (float): required |change| in eV/atom, > 0. Default: 0.05.
+        r_max (float): cap of the radius in (0, 1), fraction units. Default: 0.25.
+        bisection_steps (int): halvings of the radius interval (>= 1).
+        **search_options: as :func:`vulnerability`; ``lam`` defaults to 0.
+
+    Returns:
+        RobustnessReport: the mean radius, the mean L2 norm of the
+        perturbations found, and a per-composition table.
+
+    Raises:
+        ValueError: for tau <= 0, r_max outside (0, 1), an empty batch, and as
+            :func:`adversarial_search`.
+    """
+    tau = float(tau)
+    if not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau must be a positive number of eV/atom, got {tau!r}")
+    r_max = _check_scalar("r_max", r_max, 0.0, 1.0, "the default is 0.25")
+    if int(bisection_steps) != bisection_steps or bisection_steps < 1:
+        raise ValueError(f"bisection_steps must be an integer >= 1, got {bisection_steps!r}")
+    b = len(batch.frac)
+    if b == 0:
+        raise ValueError("robustness_radius needs at least one composition, got 0")
+
+    element_index, frac, mask = _batch_tensors(batch)
+    first = adversarial_search(predictor, batch, r_max, **search_options)
+    reached = first.change.abs() >= tau
+    upper = torch.full((b,), r_max, dtype=torch.float64)
+    best_delta = first.delta.clone()
+    best_change = first.change.clone()
+    # Only compositions that r_max moves by tau take part in the bisection.
+    rows = torch.nonzero(reached).squeeze(1)
+    if rows.numel():
+        on_device = rows.to(frac.device)
+        subset = _Rows(element_index[on_device], frac[on_device], mask[on_device])
+        low = torch.zeros(rows.numel(), dtype=torch.float64)
+        high = upper[rows].clone()
+        for _ in range(int(bisection_steps)):
+            middle = 0.5 * (low + high)
+            result = adversarial_search(predictor, subset, middle, **search_options)
+            hit = result.change.abs() >= tau
+            high = torch.where(hit, middle, high)
+            low = torch.where(hit, low, middle)
+            best_delta[rows] = torch.where(hit[:, None], result.delta, best_delta[rows])
+            best_change[rows] = torch.where(hit, result.change, best_change[rows])
+        upper[rows] = high
+    radius = torch.where(reached, upper, torch.full_like(upper, r_max))
+    delta_l2 = best_delta.norm(dim=1)
+    perturbed = torch.where(mask.cpu(), first.frac + best_delta, 0.0)
+    table = pd.DataFrame(
+        {
+            "formula": first.formulas,
+            "radius": radius.numpy(),
+            "delta_l2": delta_l2.numpy(),
+            "change": best_change.numpy(),
+            "reached": reached.numpy().astype(bool),
+            "perturbed_formula": compositions_to_formulas(element_index, perturbed, mask),
+        }
+    )
+    n_not_reached = int((~reached).sum())
+    if n_not_reached:
+        logger.info(
+            "%d of %d compositions did not move by %g eV/atom within r_max = %g",
+            n_not_reached,
+            b,
+            tau,
+            r_max,
+        )
+    return RobustnessReport(
+        score=float(radius.mean()),
+        score_l2=float(delta_l2.mean()),
+        tau=tau,
+        r_max=r_max,
+        table=table,
+        n_not_reached=n_not_reached,
+    )
+
+
+def most_vulnerable(table: pd.DataFrame, n: int = 10) -> pd.DataFrame:
+    """Return the ``n`` rows of a vulnerability table with the largest |change|."""
+    return table.sort_values("abs_change", ascending=False, kind="stable").head(n)
+
+
+__all__ = [
+    "DEFAULT_EPSILON",
+    "DEFAULT_FLOOR",
+    "DEFAULT_R_MAX",
+    "DEFAULT_STEPS",
+    "DEFAULT_STARTS",
+    "DEFAULT_TAU",
+    "RobustnessReport",
+    "SearchResult",
+    "VulnerabilityReport",
+    "adversarial_search",
+    "compositions_to_formulas",
+    "feasible_bounds",
+    "most_vulnerable",
+    "robustness_radius",
+    "vulnerability",
+]
