@@ -147,8 +147,9 @@ def parity_figure(
 
 
 def save_figure(figure, path: str | os.PathLike) -> Path:
-    """Write a figure to ``path`` atomically (the format follows the suffix, PNG without one).
+    """Write a figure to ``path`` atomically, in the format its suffix names.
 
+    Without a suffix the format is PNG.
     The image goes to a temporary file in the same folder first and then
     replaces ``path``, so a reader never sees a half-written file.
 
@@ -183,7 +184,9 @@ def parity_plot(
 
     Args:
         path: output image, PNG by default.
-        y_true, y_pred, n_elements: as in :func:`parity_figure`.
+        y_true: DFT values [N], as in :func:`parity_figure`.
+        y_pred: predictions [N].
+        n_elements: element count of each composition [N].
         **options: ``title``, ``metrics``, ``unit`` and ``quantity`` of
             :func:`parity_figure`.
 

@@ -1,0 +1,937 @@
+"""``dvmrl train``, ``dvmrl evaluate`` and ``dvmrl predict``.
+
+A training run lives in one output folder:
+
+- ``run.json``: the configuration of the run (data, split, seed, model and
+  training settings). ``--resume`` compares it with the command line.
+- ``last.pt``: the resumable trainer state, rewritten after every epoch and
+  when the run is interrupted with Ctrl-C.
+- ``model.pt``: the best-validation model, written when training ends.
+- ``metrics.json``: test metrics (eV/atom) and provenance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dvmrl.cli._common import (
+    UsageError,
+    add_compute_options,
+    positive_int,
+    setup_compute,
+)
+
+logger = logging.getLogger("dvmrl")
+
+EV_TO_KJ_PER_MOL = 96.485
+DEFAULT_DATA = "mp-formation-energy"
+SPLIT_KINDS = ("random", "chemsys", "element", "binary-to-ternary")
+
+RUN_FILE = "run.json"
+STATE_FILE = "last.pt"
+MODEL_FILE = "model.pt"
+METRICS_FILE = "metrics.json"
+
+# Settings of ``run.json`` that a command-line option can set, with the
+# option that sets each one. ``--resume`` fills options left out from the
+# stored run and rejects options that differ from it.
+_RUN_OPTIONS = {
+    "data": "--data",
+    "split": "--split",
+    "holdout_element": "--holdout-element",
+    "seed": "--seed",
+    "stability_threshold": "--stability-threshold",
+    "alloy_notation": "--alloy-notation",
+    "model.hidden": "--hidden",
+    "model.layers": "--layers",
+    "model.dropout": "--dropout",
+    "model.heteroscedastic": "--heteroscedastic",
+    "train.epochs": "--epochs",
+    "train.lr": "--lr",
+    "train.batch_size": "--batch-size",
+    "train.weight_decay": "--weight-decay",
+}
+
+# Metrics printed by ``dvmrl evaluate`` and their units.
+_TABLE_METRICS = (
+    ("rmse", "eV/atom"),
+    ("mae", "eV/atom"),
+    ("r2", ""),
+    ("max_error", "eV/atom"),
+    ("gcv_score", "(eV/atom)^-2"),
+    ("accuracy", "fraction"),
+    ("precision", "fraction"),
+    ("recall", "fraction"),
+    ("f1", "fraction"),
+)
+
+
+# ----------------------------------------------------------------------------
+# Parsers
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _non_negative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
+def _add_data_options(parser: argparse.ArgumentParser, with_defaults: bool) -> None:
+    note = "" if with_defaults else "; default: the checkpoint's"
+    parser.add_argument(
+        "--data",
+        default=None,
+        metavar="NAME|PATH.csv",
+        help=(
+            "a vendored data set (see 'dvmrl data list') or a CSV with formula and "
+            f"target (eV/atom) columns; default: {DEFAULT_DATA}"
+            if with_defaults
+            else "a vendored data set or a CSV with formula and target (eV/atom) "
+            f"columns{note}"
+        ),
+    )
+    parser.add_argument(
+        "--split",
+        choices=SPLIT_KINDS,
+        default=None,
+        help=(
+            "how the held-out test part is cut; default: random"
+            if with_defaults
+            else "split whose test part is evaluated; default: the checkpoint's "
+            "split for its own data, every row for other data"
+        ),
+    )
+    parser.add_argument(
+        "--holdout-element",
+        default=None,
+        metavar="X",
+        help="element left out with --split element (symbol, such as Ni)",
+    )
+    parser.add_argument(
+        "--stability-threshold",
+        type=_finite_float,
+        default=None,
+        metavar="X",
+        help=(
+            "a composition counts as stable when its target is at most X eV/atom; "
+            "default: the data set's (0 for formation energies, 0.025 for energy "
+            "above hull)"
+        ),
+    )
+    parser.add_argument(
+        "--alloy-notation",
+        action="store_true",
+        default=None,
+        help=(
+            "read the formulas of a CSV in alloy notation, where a group's amount is "
+            "its at.%% share: (CoCrFeNi)90Al10 is 90 at.%% CoCrFeNi and 10 at.%% Al"
+        ),
+    )
+
+
+def add_parser(subparsers) -> None:
+    """Register ``dvmrl train``, ``dvmrl evaluate`` and ``dvmrl predict``."""
+    _add_train_parser(subparsers)
+    _add_evaluate_parser(subparsers)
+    _add_predict_parser(subparsers)
+
+
+def _add_train_parser(subparsers) -> None:
+    from dvmrl import defaults
+
+    parser = subparsers.add_parser(
+        "train",
+        help="train a composition MPNN and write model.pt and metrics.json",
+        description=(
+            "Train the composition MPNN on a data set with early stopping on a "
+            "validation pool, then score the best-validation model on the held-out "
+            "test part. Writes OUT/model.pt, OUT/metrics.json (test metrics in "
+            "eV/atom and provenance), OUT/run.json and the resumable state "
+            "OUT/last.pt. Ctrl-C keeps OUT/last.pt; continue with --resume."
+        ),
+    )
+    _add_data_options(parser, with_defaults=True)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the validation pool, the initialisation and the batches; "
+        f"default: {defaults.TRAIN['seed']}",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=positive_int,
+        default=None,
+        help=(
+            "maximum passes over the training pool; "
+            f"default: {defaults.TRAIN['epochs']}"
+        ),
+    )
+    parser.add_argument(
+        "--hidden",
+        type=positive_int,
+        default=None,
+        help=f"node state width; default: {defaults.MODEL['hidden']}",
+    )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help=f"message-passing layers (>= 0); default: {defaults.MODEL['layers']}",
+    )
+    parser.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=None,
+        help=f"peak learning rate of AdamW; default: {defaults.TRAIN['lr']}",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help=f"compositions per batch; default: {defaults.TRAIN['batch_size']}",
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=_non_negative_float,
+        default=None,
+        help=f"AdamW weight decay; default: {defaults.TRAIN['weight_decay']}",
+    )
+    parser.add_argument(
+        "--dropout",
+        type=_fraction,
+        default=None,
+        help=f"dropout rate of the head; default: {defaults.MODEL['dropout']}",
+    )
+    parser.add_argument(
+        "--heteroscedastic",
+        action="store_true",
+        default=None,
+        help="predict a variance too (Gaussian negative log-likelihood loss)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run in OUT from OUT/last.pt",
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    add_compute_options(parser)
+    parser.set_defaults(func=run_train)
+
+
+def _add_evaluate_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="score a checkpoint: metrics table and parity plot",
+        description=(
+            "Score a trained model on the test part of a split, print the metrics "
+            "table and write OUT/evaluation.json and the parity plot "
+            "OUT/parity.png, coloured by binary and ternary."
+        ),
+    )
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a model.pt file")
+    _add_data_options(parser, with_defaults=False)
+    parser.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help=(
+            "folder for evaluation.json and parity.png; default: the checkpoint's "
+            "folder"
+        ),
+    )
+    add_compute_options(parser)
+    parser.set_defaults(func=run_evaluate)
+
+
+def _add_predict_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "predict",
+        help="predict the target of compositions with a checkpoint",
+        description=(
+            "Predict the target of each composition in eV/atom and kJ/mol "
+            "(1 eV/atom = 96.485 kJ/mol), with the standard deviation when the "
+            "model is heteroscedastic. Compositions with elements absent from the "
+            "training data, or with more elements than any training composition, "
+            "get a warning on stderr."
+        ),
+    )
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a model.pt file")
+    parser.add_argument("formulas", nargs="*", metavar="FORMULA", help="such as Al3Ni")
+    parser.add_argument(
+        "--input", default=None, metavar="FILE.csv", help="CSV with a formula column"
+    )
+    parser.add_argument(
+        "--formula-column",
+        default="formula",
+        help="name of the formula column of --input; default: formula",
+    )
+    parser.add_argument(
+        "--output",
+        default=None,
+        metavar="FILE.csv",
+        help="write the predictions as CSV instead of a table on stdout",
+    )
+    parser.add_argument(
+        "--alloy-notation",
+        action="store_true",
+        help="read the formulas in alloy notation ((CoCrFeNi)90Al10 is 10 at.%% Al)",
+    )
+    add_compute_options(parser)
+    parser.set_defaults(func=run_predict)
+
+
+# ----------------------------------------------------------------------------
+# Files
+
+
+def _write_json_atomic(path: Path, payload: Any) -> None:
+    text = json.dumps(_json_ready(payload), indent=2, sort_keys=True, allow_nan=False)
+    _write_text_atomic(path, text + "\n")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _json_ready(value: Any) -> Any:
+    """Make a value JSON-serialisable: NaN/inf become None, numpy becomes Python."""
+    if isinstance(value, dict):
+        return {str(key): _json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return _json_ready(value.tolist())
+    if isinstance(value, np.generic):
+        return _json_ready(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+# ----------------------------------------------------------------------------
+# Data
+
+
+def _load_data(source: str, alloy_notation: bool):
+    """Return ``(df, info)`` for a vendored name or a CSV path."""
+    from dvmrl.datasets import resolve_data
+
+    return resolve_data(source, alloy_notation=alloy_notation)
+
+
+def _data_reference(source: str) -> str:
+    """Store CSV paths absolute, so a checkpoint finds its data from any folder."""
+    path = Path(source)
+    if path.suffix.lower() in (".csv", ".gz") or path.exists():
+        return str(path.resolve())
+    return source
+
+
+def _parse_formulas(formulas, alloy_notation: bool, where: str) -> list[dict]:
+    """Parse formulas, raising one error that lists every bad row."""
+    from dvmrl.compositions import CompositionError, parse
+
+    parsed, errors = [], []
+    for row, formula in enumerate(formulas):
+        try:
+            parsed.append(parse(str(formula), alloy_notation=alloy_notation))
+        except CompositionError as err:
+            errors.append(f"row {row + 1} ({formula!r}): {err}")
+    if errors:
+        shown = "; ".join(errors[:5])
+        more = f"; and {len(errors) - 5} more" if len(errors) > 5 else ""
+        raise ValueError(f"{where}: {len(errors)} invalid formulas: {shown}{more}")
+    return parsed
+
+
+def _featurize_rows(df, rows: np.ndarray):
+    """Build the batch of some rows of a data frame.
+
+    The formula column of a loaded frame is in standard notation even when
+    the CSV used alloy notation, so the formulas parse without it.
+    """
+    from dvmrl.featurize import featurize
+
+    formulas = df["formula"].to_numpy()[rows]
+    return featurize(_parse_formulas(formulas, False, "data"))
+
+
+def _split_rows(df, kind: str, seed: int, holdout_element: str | None):
+    from dvmrl.splits import make_split
+
+    if kind == "element" and not holdout_element:
+        raise UsageError("--split element needs --holdout-element X (such as Ni)")
+    if kind != "element" and holdout_element:
+        raise UsageError("--holdout-element applies only to --split element")
+    return make_split(df, kind, seed, holdout_element=holdout_element)
+
+
+# ----------------------------------------------------------------------------
+# dvmrl train
+
+
+def _requested_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Map the explicitly given options to ``run.json`` keys."""
+    given = {
+        "data": args.data,
+        "split": args.split,
+        "holdout_element": args.holdout_element,
+        "seed": args.seed,
+        "stability_threshold": args.stability_threshold,
+        "alloy_notation": args.alloy_notation,
+        "model.hidden": args.hidden,
+        "model.layers": args.layers,
+        "model.dropout": args.dropout,
+        "model.heteroscedastic": args.heteroscedastic,
+        "train.epochs": args.epochs,
+        "train.lr": args.lr,
+        "train.batch_size": args.batch_size,
+        "train.weight_decay": args.weight_decay,
+    }
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def _build_run_config(requested: dict[str, Any]) -> dict[str, Any]:
+    """Fill the requested settings with the defaults into a run configuration."""
+    from dvmrl.model import ModelConfig
+    from dvmrl.training import TrainConfig
+
+    if requested.get("model.layers", 0) < 0:
+        raise UsageError(f"--layers must be >= 0, got {requested['model.layers']}")
+    model_fields = {
+        key.split(".", 1)[1]: value
+        for key, value in requested.items()
+        if key.startswith("model.")
+    }
+    train_fields = {
+        key.split(".", 1)[1]: value
+        for key, value in requested.items()
+        if key.startswith("train.")
+    }
+    if "seed" in requested:
+        train_fields["seed"] = requested["seed"]
+    model_config = ModelConfig(**model_fields)
+    train_config = TrainConfig(**train_fields)
+    return {
+        "data": _data_reference(requested.get("data", DEFAULT_DATA)),
+        "split": requested.get("split", "random"),
+        "holdout_element": requested.get("holdout_element"),
+        "seed": int(train_config.seed),
+        "stability_threshold": requested.get("stability_threshold"),
+        "alloy_notation": bool(requested.get("alloy_notation", False)),
+        "model": model_config.to_dict(),
+        "train": train_config.to_dict(),
+    }
+
+
+def _flat_get(config: dict, key: str):
+    value: Any = config
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _resumed_run_config(out: Path, requested: dict[str, Any]) -> dict[str, Any]:
+    """Load ``run.json`` and check that the requested options agree with it."""
+    try:
+        stored = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(
+            f"--resume: {out / RUN_FILE} not found, so {out} holds no resumable run; "
+            "start a new run without --resume"
+        ) from None
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"--resume: {out / RUN_FILE} is not valid JSON ({err})"
+        ) from err
+    conflicts = []
+    for key, value in requested.items():
+        if key == "data":
+            value = _data_reference(value)
+        if _flat_get(stored, key) != value:
+            conflicts.append(
+                f"{_RUN_OPTIONS[key]} {value!r} (the run in {out} used "
+                f"{_flat_get(stored, key)!r})"
+            )
+    if conflicts:
+        raise UsageError(
+            "--resume: the configuration differs from the stored run: "
+            + "; ".join(conflicts)
+            + ". Drop these options to continue it, or pass a new --out"
+        )
+    return stored
+
+
+def _check_fresh_out(out: Path) -> None:
+    existing = [
+        name
+        for name in (RUN_FILE, STATE_FILE, MODEL_FILE, METRICS_FILE)
+        if (out / name).exists()
+    ]
+    if existing:
+        raise FileExistsError(
+            f"{out} already holds a run ({', '.join(existing)}); pass --resume to "
+            "continue it, or choose another --out (nothing was overwritten)"
+        )
+
+
+def _format_optional(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _progress_bar(total: int, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="epoch",
+        file=sys.stderr,
+        disable=not sys.stderr.isatty(),
+        dynamic_ncols=True,
+        leave=True,
+    )
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train a model and write the run folder; return the exit code."""
+    import torch
+
+    from dvmrl import __version__, build_info
+    from dvmrl.metrics import regression_metrics
+    from dvmrl.model import ModelConfig
+    from dvmrl.training import TrainConfig, Trainer
+
+    out = Path(args.out)
+    requested = _requested_settings(args)
+    if args.resume:
+        run_config = _resumed_run_config(out, requested)
+        if (out / METRICS_FILE).exists() and (out / MODEL_FILE).exists():
+            print(f"the run in {out} is complete; see {out / METRICS_FILE}")
+            return 0
+        if not (out / STATE_FILE).exists():
+            raise UsageError(
+                f"--resume: {out / STATE_FILE} not found; nothing to resume"
+            )
+    else:
+        _check_fresh_out(out)
+        run_config = _build_run_config(requested)
+
+    device = setup_compute(args)
+    df, info = _load_data(run_config["data"], run_config["alloy_notation"])
+    split = _split_rows(
+        df, run_config["split"], run_config["seed"], run_config["holdout_element"]
+    )
+    x_train = _featurize_rows(df, split.train)
+    x_val = _featurize_rows(df, split.val)
+    x_test = _featurize_rows(df, split.test)
+    targets = df["target"].to_numpy(dtype=np.float64)
+    y_train, y_val, y_test = (
+        targets[split.train],
+        targets[split.val],
+        targets[split.test],
+    )
+    logger.info(
+        "data %s: %d train, %d validation, %d test compositions (%s split)",
+        info.get("name", run_config["data"]),
+        len(split.train),
+        len(split.val),
+        len(split.test),
+        run_config["split"],
+    )
+
+    threshold = run_config["stability_threshold"]
+    if threshold is None:
+        threshold = float(info.get("stability_threshold", 0.0))
+    # Trainer.save adds the software provenance and the training domain.
+    metadata = _json_ready(
+        {
+            "data": run_config["data"],
+            "data_info": info,
+            "split": run_config["split"],
+            "holdout_element": run_config["holdout_element"],
+            "split_fingerprint": split.fingerprint(),
+            "seed": run_config["seed"],
+            "stability_threshold": threshold,
+            "target_kind": info.get("target_kind"),
+            "alloy_notation": run_config["alloy_notation"],
+            "run": run_config,
+        }
+    )
+
+    if args.resume:
+        trainer = Trainer.from_checkpoint(
+            out / STATE_FILE, x_train, y_train, x_val, y_val, device=device
+        )
+        logger.info("resuming %s after %d epochs", out, trainer.epochs_done)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(out / RUN_FILE, run_config)
+        trainer = Trainer(
+            ModelConfig.from_dict(run_config["model"]),
+            TrainConfig.from_dict(run_config["train"]),
+            x_train,
+            y_train,
+            x_val,
+            y_val,
+            device=device,
+        )
+        # A state before the first epoch lets a run interrupted at once resume.
+        trainer.save(out / STATE_FILE, metadata=metadata)
+
+    started = time.perf_counter()
+    bar = _progress_bar(int(run_config["train"]["epochs"]), int(trainer.epochs_done))
+
+    def on_epoch(record: dict) -> None:
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{record['train_loss']:.4f}",
+            val_rmse=_format_optional(record.get("val_rmse")),
+            val_mae=_format_optional(record.get("val_mae")),
+        )
+        logger.debug("epoch %s: %s", record.get("epoch"), record)
+
+    try:
+        # Trainer.fit rewrites last.pt after every epoch, so after Ctrl-C it
+        # holds the state of the last finished epoch and a resumed run
+        # repeats no partial epoch. Without an epoch count, a fit restored
+        # from a checkpoint continues to its original target.
+        trainer.fit(progress=on_epoch, checkpoint=out / STATE_FILE, metadata=metadata)
+    except KeyboardInterrupt:
+        bar.close()
+        print(
+            f"interrupted after {trainer.epochs_done} epochs; the state is in "
+            f"{out / STATE_FILE}; continue with: dvmrl train --resume --out {out}",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - started
+
+    predictions = trainer.predict(x_test)
+    test_metrics = dict(
+        regression_metrics(y_test, predictions, stability_threshold=threshold)
+    )
+    trainer.save(out / MODEL_FILE, metadata=metadata)
+    trainer.save(out / STATE_FILE, metadata=metadata)
+    provenance = {
+        "dvmrl_version": __version__,
+        "build_info": build_info(),
+        "torch_version": torch.__version__,
+        "command": sys.argv,
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "data": run_config["data"],
+        "data_info": info,
+        "split": run_config["split"],
+        "holdout_element": run_config["holdout_element"],
+        "split_fingerprint": split.fingerprint(),
+        "seed": run_config["seed"],
+    }
+    report = {
+        **test_metrics,
+        "n_train": int(len(split.train)),
+        "n_val": int(len(split.val)),
+        "n_test": int(len(split.test)),
+        "epochs_done": int(trainer.epochs_done),
+        "best_epoch": trainer.best_epoch,
+        "best_val_score": trainer.best_score,
+        "monitor": trainer.train_config.monitor,
+        "train_seconds_this_session": seconds,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "stability_threshold": threshold,
+        "model": run_config["model"],
+        "train": run_config["train"],
+        "provenance": provenance,
+        "history": trainer.history,
+    }
+    _write_json_atomic(out / METRICS_FILE, report)
+    print(
+        _format_metrics(test_metrics, f"test metrics ({len(split.test)} compositions)")
+    )
+    print(f"wrote {out / MODEL_FILE} and {out / METRICS_FILE}")
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# dvmrl evaluate
+
+
+def _format_metrics(metrics: dict, title: str) -> str:
+    lines = [title]
+    for name, unit in _TABLE_METRICS:
+        if name not in metrics:
+            continue
+        value = metrics[name]
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            text = "inf" if name == "gcv_score" and value is None else "n/a"
+        elif name == "gcv_score":
+            text = f"{value:.4g}"
+        else:
+            text = f"{value:.4f}"
+        lines.append(f"  {name:<10} {text:>10}  {unit}")
+    return "\n".join(lines)
+
+
+def _load_model(path: str, device):
+    from dvmrl.training import load_checkpoint
+
+    checkpoint = Path(path)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} not found")
+    model, metadata = load_checkpoint(checkpoint)
+    model = model.to(device)
+    model.eval()
+    return model, metadata
+
+
+def _predict(model, batch, device, with_variance: bool):
+    """Return (mean, std or None) in eV/atom for a CompositionBatch."""
+    import torch
+
+    means, stds = [], []
+    size = 4096
+    with torch.no_grad():
+        for start in range(0, len(batch), size):
+            part = batch[start : start + size].to(device, model.flat.dtype)
+            args = (part.element_index, part.frac, part.mask)
+            if with_variance:
+                mean, variance = model.forward_with_variance(*args)
+                stds.append(variance.clamp_min(0).sqrt().cpu().double().numpy())
+            else:
+                mean = model(*args)
+            means.append(mean.cpu().double().numpy())
+    mean = np.concatenate(means) if means else np.zeros(0)
+    std = (np.concatenate(stds) if stds else np.zeros(0)) if with_variance else None
+    return mean, std
+
+
+def _is_heteroscedastic(model) -> bool:
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "heteroscedastic", False))
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Score a checkpoint, print the table and write the parity plot."""
+    from dvmrl.metrics import regression_metrics
+    from dvmrl.plotting import parity_plot
+
+    device = setup_compute(args)
+    model, metadata = _load_model(args.checkpoint, device)
+    run = metadata.get("run", {})
+    trained_on = metadata.get("data", run.get("data"))
+    data = args.data if args.data is not None else trained_on
+    if data is None:
+        raise UsageError(
+            "the checkpoint records no data set; pass --data NAME|PATH.csv"
+        )
+    alloy = bool(args.alloy_notation or metadata.get("alloy_notation", False))
+    df, info = _load_data(data, alloy)
+
+    same_data = trained_on is not None and _data_reference(data) == trained_on
+    kind = args.split or (metadata.get("split") if same_data else None)
+    if kind is None:
+        rows = np.arange(len(df))
+        part = "all rows"
+    else:
+        holdout = args.holdout_element
+        if holdout is None and kind == metadata.get("split"):
+            holdout = metadata.get("holdout_element")
+        seed = int(metadata.get("seed", 0))
+        rows = _split_rows(df, kind, seed, holdout).test
+        part = f"test part of the {kind} split"
+    if len(rows) == 0:
+        raise ValueError(f"{data}: the {part} is empty; pass another --split")
+
+    batch = _featurize_rows(df, rows)
+    predictions, _ = _predict(model, batch, device, with_variance=False)
+    y_true = df["target"].to_numpy(dtype=np.float64)[rows]
+    threshold = args.stability_threshold
+    if threshold is None:
+        threshold = metadata.get("stability_threshold")
+    if threshold is None:
+        threshold = float(info.get("stability_threshold", 0.0))
+    metrics = dict(
+        regression_metrics(y_true, predictions, stability_threshold=threshold)
+    )
+
+    name = info.get("name", data)
+    print(_format_metrics(metrics, f"{name}, {part} ({len(rows)} compositions)"))
+    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent
+    plot = parity_plot(
+        out / "parity.png",
+        y_true,
+        predictions,
+        df["n_elements"].to_numpy()[rows],
+        title=f"{name}: {part}",
+        metrics=metrics,
+    )
+    _write_json_atomic(
+        out / "evaluation.json",
+        {
+            **metrics,
+            "n": int(len(rows)),
+            "data": data,
+            "part": part,
+            "split": kind,
+            "stability_threshold": threshold,
+            "checkpoint": str(Path(args.checkpoint).resolve()),
+        },
+    )
+    print(f"wrote {plot} and {out / 'evaluation.json'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# dvmrl predict
+
+
+def _read_formula_csv(path: str, column: str) -> list[str]:
+    import pandas as pd
+
+    source = Path(path)
+    if not source.is_file():
+        raise FileNotFoundError(f"input file {source} not found")
+    try:
+        frame = pd.read_csv(source, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise ValueError(
+            f"{source} is empty; expected a CSV with a {column!r} column"
+        ) from None
+    if column not in frame.columns:
+        raise ValueError(
+            f"{source}: missing column {column!r} (columns: {list(frame.columns)}); "
+            "pass --formula-column NAME"
+        )
+    if len(frame) == 0:
+        raise ValueError(f"{source} has a header but no rows")
+    formulas = frame[column].str.strip()
+    blank = np.flatnonzero((formulas == "").to_numpy())
+    if len(blank):
+        rows = ", ".join(str(r + 1) for r in blank[:10])
+        raise ValueError(f"{source}: empty {column!r} in rows {rows}")
+    return formulas.tolist()
+
+
+def _domain_warnings(
+    compositions: list[dict], formulas: list[str], metadata: dict
+) -> list[str]:
+    """List a warning for each composition outside the training domain."""
+    domain = metadata.get("training_domain") or {}
+    elements = domain.get("elements")
+    max_elements = domain.get("max_elements")
+    if elements is None or max_elements is None:
+        return [
+            "the checkpoint records no training domain; compositions are not checked"
+        ]
+    known = set(elements)
+    warnings = []
+    for formula, composition in zip(formulas, compositions, strict=True):
+        unseen = [symbol for symbol in composition if symbol not in known]
+        if unseen:
+            warnings.append(
+                f"{formula}: outside the training domain (elements never seen in "
+                f"training: {', '.join(unseen)})"
+            )
+        if len(composition) > int(max_elements):
+            warnings.append(
+                f"{formula}: outside the training domain ({len(composition)} elements; "
+                f"training compositions have at most {int(max_elements)})"
+            )
+    return warnings
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """Predict compositions given on the command line or in a CSV."""
+    import pandas as pd
+
+    from dvmrl.featurize import featurize
+
+    if bool(args.formulas) == bool(args.input):
+        raise UsageError("pass either FORMULA... or --input FILE.csv (exactly one)")
+    formulas = (
+        _read_formula_csv(args.input, args.formula_column)
+        if args.input
+        else [str(f) for f in args.formulas]
+    )
+    compositions = _parse_formulas(
+        formulas, args.alloy_notation, args.input or "command line"
+    )
+
+    device = setup_compute(args)
+    model, metadata = _load_model(args.checkpoint, device)
+    # Printed, not logged, so that the warnings reach stderr whatever the
+    # logging configuration.
+    for warning in _domain_warnings(compositions, formulas, metadata):
+        print(f"dvmrl predict: warning: {warning}", file=sys.stderr)
+    heteroscedastic = _is_heteroscedastic(model)
+    mean, std = _predict(model, featurize(compositions), device, heteroscedastic)
+
+    table = pd.DataFrame(
+        {
+            "formula": formulas,
+            "prediction_ev_per_atom": mean,
+            "prediction_kj_per_mol": mean * EV_TO_KJ_PER_MOL,
+        }
+    )
+    if std is not None:
+        table["uncertainty_ev_per_atom"] = std
+    if args.output:
+        _write_text_atomic(
+            Path(args.output), table.to_csv(index=False, float_format="%.6f")
+        )
+        print(f"wrote {len(table)} predictions to {args.output}")
+    else:
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return 0

@@ -1,0 +1,298 @@
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from dvmrl.cli import main
+
+METRIC_KEYS = (
+    "rmse",
+    "mae",
+    "r2",
+    "max_error",
+    "gcv_score",
+    "accuracy",
+    "precision",
+    "recall",
+    "f1",
+)
+TINY = ["--hidden", "8", "--layers", "1", "--batch-size", "64", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def data_csv(tmp_path_factory):
+    from dvmrl.datasets import load
+
+    df = load("mp-formation-energy").sample(n=300, random_state=1)
+    path = tmp_path_factory.mktemp("data") / "alloys.csv"
+    df[["formula", "target"]].to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_csv):
+    out = tmp_path_factory.mktemp("run") / "run"
+    code = main(
+        [
+            "train",
+            "--data",
+            str(data_csv),
+            "--epochs",
+            "2",
+            "--device",
+            "cpu",
+            *TINY,
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    return out
+
+
+def _train_elements(path) -> set[str]:
+    frame = pd.read_csv(path)
+    from dvmrl.compositions import parse
+
+    return {symbol for formula in frame["formula"] for symbol in parse(formula)}
+
+
+def test_train_writes_model_and_metrics(trained):
+    assert (trained / "model.pt").is_file()
+    metrics = json.loads((trained / "metrics.json").read_text())
+    for key in METRIC_KEYS:
+        assert key in metrics
+    assert metrics["epochs_done"] == 2
+
+
+def test_train_records_provenance(trained):
+    metrics = json.loads((trained / "metrics.json").read_text())
+    provenance = metrics["provenance"]
+    assert provenance["dvmrl_version"]
+    assert "torch_version" in provenance
+    assert "cpu_isa" in provenance["build_info"]
+    assert len(provenance["split_fingerprint"]) > 8
+
+
+def test_train_rejects_existing_run(trained, data_csv):
+    before = (trained / "model.pt").read_bytes()
+    code = main(
+        [
+            "train",
+            "--data",
+            str(data_csv),
+            "--epochs",
+            "1",
+            *TINY,
+            "--out",
+            str(trained),
+        ]
+    )
+    assert code == 2
+    assert (trained / "model.pt").read_bytes() == before
+
+
+def test_train_existing_run_message(trained, data_csv, capsys):
+    main(["train", "--data", str(data_csv), *TINY, "--out", str(trained)])
+    assert "pass --resume" in capsys.readouterr().err
+
+
+def test_resume_rejects_changed_config(trained, capsys):
+    code = main(["train", "--resume", "--hidden", "16", "--out", str(trained)])
+    assert code == 2
+    assert "--hidden 16" in capsys.readouterr().err
+
+
+def test_resume_of_complete_run(trained, capsys):
+    code = main(["train", "--resume", "--out", str(trained)])
+    assert code == 0
+    assert "complete" in capsys.readouterr().out
+
+
+def test_resume_without_run(tmp_path, capsys):
+    code = main(["train", "--resume", "--out", str(tmp_path / "empty")])
+    assert code == 2
+    assert "no resumable run" in capsys.readouterr().err
+
+
+def test_interrupt_then_resume(tmp_path, data_csv, monkeypatch):
+    from dvmrl.training import Trainer
+
+    original_fit = Trainer.fit
+
+    def interrupted_fit(self, *args, progress=None, **kwargs):
+        def stop_after_first(record):
+            progress(record)
+            raise KeyboardInterrupt
+
+        return original_fit(self, *args, progress=stop_after_first, **kwargs)
+
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data_csv), "--epochs", "3", *TINY, "--out", str(out)]
+    monkeypatch.setattr(Trainer, "fit", interrupted_fit)
+    assert main(args) == 130
+    assert (out / "last.pt").is_file()
+    assert not (out / "model.pt").exists()
+
+    monkeypatch.setattr(Trainer, "fit", original_fit)
+    assert main(["train", "--resume", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs_done"] == 3
+
+
+def test_train_rejects_nan_target(tmp_path, capsys):
+    path = tmp_path / "bad.csv"
+    path.write_text("formula,target\nAl3Ni,-0.4\nCuZn,nan\nFeNi,abc\n")
+    code = main(["train", "--data", str(path), *TINY, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "line 3" in err
+    assert "line 4" in err
+
+
+def test_train_rejects_missing_column(tmp_path, capsys):
+    path = tmp_path / "bad.csv"
+    path.write_text("formula,energy\nAl3Ni,-0.4\n")
+    code = main(["train", "--data", str(path), *TINY, "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "'target'" in capsys.readouterr().err
+
+
+def test_train_element_split_needs_element(tmp_path, data_csv, capsys):
+    code = main(
+        [
+            "train",
+            "--data",
+            str(data_csv),
+            "--split",
+            "element",
+            *TINY,
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 2
+    assert "--holdout-element" in capsys.readouterr().err
+
+
+def test_evaluate_writes_parity_plot(trained, tmp_path, capsys):
+    code = main(["evaluate", str(trained / "model.pt"), "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert (tmp_path / "parity.png").read_bytes()[:4] == b"\x89PNG"
+    assert "rmse" in out
+    assert "test part of the random split" in out
+
+
+def test_evaluate_matches_train_metrics(trained, tmp_path):
+    main(["evaluate", str(trained / "model.pt"), "--out", str(tmp_path)])
+    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert evaluation["rmse"] == pytest.approx(metrics["rmse"], rel=1e-5)
+
+
+def test_evaluate_missing_checkpoint(tmp_path, capsys):
+    code = main(["evaluate", str(tmp_path / "missing.pt")])
+    assert code == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_predict_prints_units(trained, capsys):
+    code = main(["predict", str(trained / "model.pt"), "Al3Ni", "CuZn"])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert "prediction_kj_per_mol" in lines[0]
+    row = lines[1].split()
+    assert row[0] == "Al3Ni"
+    # The table shows 4 decimals, so kJ/mol carries up to 0.00005 * 96.485 of rounding.
+    assert float(row[2]) == pytest.approx(float(row[1]) * 96.485, abs=0.01)
+
+
+def test_predict_warns_unseen_element(trained, data_csv, capsys):
+    seen = _train_elements(data_csv)
+    from dvmrl.elements import ELEMENTS, is_metal
+
+    unseen = next(s for s in ELEMENTS if is_metal(s) and s not in seen)
+    main(["predict", str(trained / "model.pt"), f"Ni{unseen}"])
+    err = capsys.readouterr().err
+    assert "outside the training domain" in err
+    assert unseen in err
+
+
+def test_predict_warns_element_count(trained, capsys):
+    main(["predict", str(trained / "model.pt"), "AlCoCrFeNi"])
+    assert "5 elements" in capsys.readouterr().err
+
+
+def test_predict_csv_round_trip(trained, tmp_path):
+    source = tmp_path / "in.csv"
+    source.write_text("formula,note\nAl3Ni,a\nFe2Ti,b\n")
+    target = tmp_path / "out.csv"
+    code = main(
+        [
+            "predict",
+            str(trained / "model.pt"),
+            "--input",
+            str(source),
+            "--output",
+            str(target),
+        ]
+    )
+    table = pd.read_csv(target)
+    assert code == 0
+    assert table["formula"].tolist() == ["Al3Ni", "Fe2Ti"]
+    assert "uncertainty_ev_per_atom" not in table.columns
+
+
+def test_predict_unknown_element(trained, capsys):
+    code = main(["predict", str(trained / "model.pt"), "Al3Ni", "Xq2Fe"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "row 2" in err
+
+
+def test_predict_empty_file(trained, tmp_path, capsys):
+    path = tmp_path / "empty.csv"
+    path.write_text("")
+    code = main(["predict", str(trained / "model.pt"), "--input", str(path)])
+    assert code == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_predict_missing_column(trained, tmp_path, capsys):
+    path = tmp_path / "in.csv"
+    path.write_text("composition\nAl3Ni\n")
+    code = main(["predict", str(trained / "model.pt"), "--input", str(path)])
+    assert code == 2
+    assert "missing column 'formula'" in capsys.readouterr().err
+
+
+def test_predict_needs_one_source(trained, capsys):
+    code = main(["predict", str(trained / "model.pt")])
+    assert code == 2
+    assert "exactly one" in capsys.readouterr().err
+
+
+def test_heteroscedastic_uncertainty(tmp_path, data_csv, capsys):
+    out = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            "--data",
+            str(data_csv),
+            "--epochs",
+            "1",
+            "--heteroscedastic",
+            *TINY,
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    capsys.readouterr()
+    main(["predict", str(out / "model.pt"), "Al3Ni"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "uncertainty_ev_per_atom" in lines[0]
+    assert float(lines[1].split()[3]) > 0.0
