@@ -19,6 +19,7 @@ from dvmrl.cli._common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError
 # subcommands and sets ``func(args) -> int`` on them.
 _SUBCOMMAND_MODULES = [
     "dvmrl.cli.info",
+    "dvmrl.cli.train",
     "dvmrl.cli.data",
 ]
 
