@@ -21,6 +21,7 @@ _SUBCOMMAND_MODULES = [
     "dvmrl.cli.info",
     "dvmrl.cli.train",
     "dvmrl.cli.data",
+    "dvmrl.cli.agent",
 ]
 
 logger = logging.getLogger("dvmrl")

@@ -1,0 +1,161 @@
+"""``dvmrl agent train`` and ``dvmrl agent evaluate``: meta-train and run the DQN agent."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from dvmrl.cli._common import add_compute_options, positive_int, setup_compute
+
+
+def add_parser(subparsers) -> None:
+    """Register ``dvmrl agent`` with its ``train`` and ``evaluate`` subcommands."""
+    parser = subparsers.add_parser(
+        "agent",
+        help="meta-train the DQN agent or run it on the evaluation data set",
+        description=(
+            "Meta-train the dueling double DQN agent over model-tuning tasks "
+            "(oqmd-formation-energy, mp-energy-above-hull, their chemical "
+            "families, several training-pool sizes), or run a trained agent on "
+            "mp-formation-energy, which meta-training never uses."
+        ),
+    )
+    actions = parser.add_subparsers(dest="agent_command", metavar="ACTION")
+    actions.required = True
+
+    train = actions.add_parser(
+        "train",
+        help="meta-train an agent across tasks",
+        description=(
+            "Train one agent across tasks drawn at random. A task reads "
+            "DATASET[/FAMILY][@SIZE], e.g. oqmd-formation-energy/rare-earth@1000; "
+            "families: transition-metal, rare-earth, alkali-alkaline-earth. The "
+            "agent, its replay buffer (.buffer.npz) and the history "
+            "(.progress.json) are written atomically every --checkpoint-every "
+            "episodes."
+        ),
+    )
+    train.add_argument(
+        "--tasks",
+        nargs="+",
+        default=None,
+        metavar="TASK",
+        help="tasks to train on; default: both data sets x (all, 3 families) x sizes 500, 1000, 1500",
+    )
+    train.add_argument("--episodes", type=positive_int, required=True, help="total episodes")
+    train.add_argument("--out", required=True, help="agent file to write (.pt)")
+    train.add_argument("--resume", action="store_true", help="continue the run saved at --out")
+    train.add_argument(
+        "--checkpoint-every", type=positive_int, default=5, help="episodes between checkpoints; default: 5"
+    )
+    train.add_argument("--seed", type=int, default=0, help="seed of tasks, splits and agent; default: 0")
+    train.add_argument(
+        "--budget-epochs",
+        type=positive_int,
+        default=None,
+        help="training epochs per episode; default: the environment's (24)",
+    )
+    train.add_argument(
+        "--curve", default=None, help="also write the learning curve to this PNG file"
+    )
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_compute_options(train)
+    train.set_defaults(func=run_train)
+
+    evaluate = actions.add_parser(
+        "evaluate",
+        help="run a trained agent on mp-formation-energy and print its trajectory",
+        description=(
+            "Run the agent greedily on mp-formation-energy (never used in "
+            "meta-training) and print each step: action, reward, validation "
+            "RMSE (eV/atom) and vulnerability (eV/atom)."
+        ),
+    )
+    evaluate.add_argument(
+        "--agent", default=None, help="agent file; default: the pretrained agent shipped with dvmrl"
+    )
+    evaluate.add_argument("--episodes", type=positive_int, default=1, help="episodes to run; default: 1")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the first episode; default: 0")
+    evaluate.add_argument(
+        "--train-size",
+        type=positive_int,
+        default=1500,
+        help="training compositions of the task; default: 1500",
+    )
+    evaluate.add_argument(
+        "--budget-epochs",
+        type=positive_int,
+        default=None,
+        help="training epochs per episode; default: the environment's (24)",
+    )
+    add_compute_options(evaluate)
+    evaluate.set_defaults(func=run_evaluate)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Meta-train an agent and print where it was written."""
+    from dvmrl.meta import meta_train, parse_task, plot_learning_curve
+
+    device = setup_compute(args)
+    tasks = None if args.tasks is None else [parse_task(text) for text in args.tasks]
+    env_options = {"device": str(device)}
+    if args.budget_epochs is not None:
+        env_options["budget_epochs"] = args.budget_epochs
+    command = "dvmrl " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
+    result = meta_train(
+        tasks,
+        args.episodes,
+        args.out,
+        resume=args.resume,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        env_options=env_options,
+        progress=not args.no_progress,
+        command=command,
+    )
+    if args.curve:
+        plot_learning_curve(result.history, args.curve)
+    returns = [row["return"] for row in result.history]
+    tail = returns[-10:]
+    print(
+        f"wrote {args.out}: {len(returns)} episodes, {result.agent.env_steps} steps, "
+        f"{result.wall_time_s:.0f} s; mean return of the last {len(tail)} episodes "
+        f"{sum(tail) / len(tail):.4f}"
+    )
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Run the agent on mp-formation-energy and print the trajectories."""
+    from dvmrl.agent import DQNAgent, load_pretrained, run_episode
+    from dvmrl.env import ModelTuningEnv
+    from dvmrl.meta import EVALUATION_DATASET
+
+    device = setup_compute(args)
+    agent = load_pretrained() if args.agent is None else DQNAgent.load(args.agent)
+    options = {"train_size": args.train_size, "device": str(device)}
+    if args.budget_epochs is not None:
+        options["budget_epochs"] = args.budget_epochs
+    env = ModelTuningEnv(EVALUATION_DATASET, **options)
+    if env.observation_space.shape[0] != agent.obs_dim or env.action_space.n != agent.n_actions:
+        raise ValueError(
+            f"the agent expects {agent.obs_dim} observations and {agent.n_actions} actions, "
+            f"the environment has {env.observation_space.shape[0]} and {env.action_space.n}; "
+            "retrain the agent with this dvmrl version"
+        )
+    for episode in range(args.episodes):
+        result = run_episode(agent, env, learn=False, seed=args.seed + episode)
+        print(f"episode {episode + 1} on {EVALUATION_DATASET} (seed {args.seed + episode})")
+        print(f"{'step':>4}  {'action':<26} {'reward':>9} {'val_rmse':>9} {'vulnerability':>13}")
+        for row in result.trajectory:
+            print(
+                f"{row['step']:>4}  {row['action_name']:<26} {row['reward']:>9.4f} "
+                f"{row['val_rmse']:>9.4f} {row['vulnerability']:>13.4f}"
+            )
+        end = "stop" if result.terminated else "budget spent"
+        print(
+            f"return {result.total_return:.4f}, ended by {end}, best validation RMSE "
+            f"{result.best_val_rmse:.4f} eV/atom"
+        )
+    return 0

@@ -1,0 +1,413 @@
+"""Meta-training of the DQN agent over a distribution of model-tuning tasks.
+
+A task is a data set, an optional chemical family subset and a training-pool
+size; each builds one :class:`dvmrl.env.ModelTuningEnv`. The task
+distribution covers ``oqmd-formation-energy`` and ``mp-energy-above-hull``
+only: ``mp-formation-energy`` is the data set the agent is judged on, so
+:func:`parse_task` and :func:`meta_train` reject it.
+
+:func:`meta_train` runs episodes on tasks drawn uniformly at random, with a
+progress bar and periodic atomic checkpoints, and can resume from them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dvmrl.agent import AgentConfig, DQNAgent, _atomic_write, run_episode
+
+logger = logging.getLogger(__name__)
+
+TASK_DATASETS = ("oqmd-formation-energy", "mp-energy-above-hull")
+TASK_FAMILIES = ("transition-metal", "rare-earth", "alkali-alkaline-earth")
+TASK_TRAIN_SIZES = (500, 1000, 1500)
+EVALUATION_DATASET = "mp-formation-energy"
+
+# Agent settings for meta-training: episodes are short (about 24 steps), so
+# exploration decays over a few thousand steps and learning starts early.
+META_AGENT_CONFIG = {
+    "hidden": (128, 128),
+    "stream_hidden": 64,
+    "gamma": 0.9,
+    "lr": 5e-4,
+    "batch_size": 64,
+    "buffer_capacity": 50_000,
+    "learning_starts": 128,
+    "train_every": 1,
+    "gradient_steps": 2,
+    "target_update": "polyak",
+    "tau": 0.01,
+    "epsilon_start": 1.0,
+    "epsilon_end": 0.1,
+    "epsilon_decay_steps": 1000,
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    """One meta-training task: data set, optional chemical family and training-pool size."""
+
+    dataset: str
+    family: str | None = None
+    train_size: int = 1500
+
+    @property
+    def name(self) -> str:
+        """Task name in the ``DATASET[/FAMILY]@SIZE`` form that :func:`parse_task` reads."""
+        family = f"/{self.family}" if self.family else ""
+        return f"{self.dataset}{family}@{self.train_size}"
+
+
+def parse_task(text: str) -> Task:
+    """Read a task name ``DATASET[/FAMILY][@SIZE]``, for instance ``oqmd-formation-energy/rare-earth@1000``.
+
+    Raises:
+        ValueError: for an unknown data set or family, a bad size, or the
+            evaluation data set ``mp-formation-energy``.
+    """
+    body, _, size_text = text.partition("@")
+    dataset, _, family = body.partition("/")
+    if dataset == EVALUATION_DATASET:
+        raise ValueError(
+            f"{EVALUATION_DATASET} is the evaluation data set and is excluded from "
+            f"meta-training; use one of {TASK_DATASETS}"
+        )
+    if dataset not in TASK_DATASETS:
+        raise ValueError(f"unknown task data set {dataset!r} in {text!r}: expected one of {TASK_DATASETS}")
+    if family and family not in TASK_FAMILIES:
+        raise ValueError(f"unknown chemical family {family!r} in {text!r}: expected one of {TASK_FAMILIES}")
+    size = 1500
+    if size_text:
+        try:
+            size = int(size_text)
+        except ValueError:
+            raise ValueError(f"task size in {text!r} must be an integer, got {size_text!r}") from None
+        if size < 50:
+            raise ValueError(f"task size in {text!r} must be >= 50 compositions, got {size}")
+    return Task(dataset, family or None, size)
+
+
+def default_tasks() -> list[Task]:
+    """Return every combination of the task data sets, families (and none) and sizes."""
+    return [
+        Task(dataset, family, size)
+        for dataset in TASK_DATASETS
+        for family in (None, *TASK_FAMILIES)
+        for size in TASK_TRAIN_SIZES
+    ]
+
+
+def make_task_env(task: Task, seed: int = 0, **env_options):
+    """Build the :class:`~dvmrl.env.ModelTuningEnv` of ``task`` on a random split.
+
+    Args:
+        task: the task.
+        seed: seed of the split's train / validation division and of the
+            environment's subsamples.
+        **env_options: further ``ModelTuningEnv`` arguments.
+    """
+    from dvmrl import datasets
+    from dvmrl.env import ModelTuningEnv
+    from dvmrl.splits import make_split
+
+    if task.dataset == EVALUATION_DATASET:
+        raise ValueError(f"{EVALUATION_DATASET} is excluded from meta-training tasks")
+    df = datasets.load(task.dataset)
+    if task.family:
+        df = datasets.family_subset(df, task.family)
+    split = make_split(df, "random", seed)
+    threshold = float(datasets.dataset_info(task.dataset)["stability_threshold"])
+    # Small family subsets have small validation parts: the validation sets
+    # then take three quarters of the pool, and the reward set all of it.
+    pool = len(split.val)
+    options = {
+        "val_size": min(200, max(1, pool * 3 // 4)),
+        "reward_size": min(400, pool),
+        **env_options,
+    }
+    return ModelTuningEnv(
+        df,
+        split,
+        train_size=task.train_size,
+        stability_threshold=threshold,
+        seed=seed,
+        **options,
+    )
+
+
+@dataclass
+class MetaTrainResult:
+    """Outcome of :func:`meta_train`: the agent and one history row per episode."""
+
+    agent: DQNAgent
+    history: list[dict[str, Any]]
+    wall_time_s: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def state_paths(out: str | os.PathLike) -> dict[str, Path]:
+    """Return the files of a meta-training run: agent, replay buffer, progress JSON."""
+    out = Path(out)
+    return {
+        "agent": out,
+        "buffer": out.with_name(out.stem + ".buffer.npz"),
+        "progress": out.with_name(out.stem + ".progress.json"),
+    }
+
+
+def machine_description() -> str:
+    """Describe this machine: CPU model, core count and platform."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        cores = os.cpu_count() or 1
+    return f"{cpu}, {cores} cores, {platform.system()} {platform.release()}"
+
+
+def meta_train(
+    tasks: Sequence[Task] | None,
+    episodes: int,
+    out: str | os.PathLike,
+    *,
+    resume: bool = False,
+    checkpoint_every: int = 5,
+    seed: int = 0,
+    agent_config: dict[str, Any] | None = None,
+    env_options: dict[str, Any] | None = None,
+    progress: bool = True,
+    command: str | None = None,
+    on_episode: Callable[[dict[str, Any]], None] | None = None,
+) -> MetaTrainResult:
+    """Train one agent over episodes of tasks drawn uniformly from ``tasks``.
+
+    The agent, its replay buffer and the per-episode history are written
+    atomically every ``checkpoint_every`` episodes and at the end, to
+    ``out`` and the sibling files of :func:`state_paths`. With ``resume``
+    the run continues from those files up to ``episodes`` episodes in total.
+
+    Args:
+        tasks: the task distribution; None means :func:`default_tasks`.
+        episodes: total number of episodes (including resumed ones).
+        out: agent file to write.
+        resume: continue from the files at ``out``.
+        checkpoint_every: episodes between checkpoints.
+        seed: seed of the task draws, the splits and the agent.
+        agent_config: overrides of :data:`META_AGENT_CONFIG`.
+        env_options: extra ``ModelTuningEnv`` arguments for every task.
+        progress: show a tqdm progress bar on stderr.
+        command: the command line, stored in the agent's metadata.
+        on_episode: called with each history row.
+
+    Raises:
+        ValueError: for an empty task list, a task on the evaluation data
+            set, or ``episodes`` < 1.
+        FileNotFoundError: with ``resume`` when there is nothing to resume.
+        FileExistsError: without ``resume`` when ``out`` already exists.
+        dvmrl.agent.DivergenceError: when the Q-values diverge; the last
+            checkpoint stays on disk.
+    """
+    from tqdm import tqdm
+
+    tasks = list(default_tasks() if tasks is None else tasks)
+    if not tasks:
+        raise ValueError("the task list is empty: pass at least one task, or None for the defaults")
+    for task in tasks:
+        if task.dataset == EVALUATION_DATASET:
+            raise ValueError(f"{EVALUATION_DATASET} is excluded from meta-training tasks")
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    paths = state_paths(out)
+    history: list[dict[str, Any]] = []
+    elapsed_before = 0.0
+    if resume:
+        if not paths["agent"].is_file() or not paths["progress"].is_file():
+            raise FileNotFoundError(
+                f"nothing to resume at {paths['agent']}: the agent file or "
+                f"{paths['progress'].name} is missing; run without --resume"
+            )
+        agent = DQNAgent.load(paths["agent"], buffer_path=paths["buffer"])
+        saved = json.loads(paths["progress"].read_text())
+        history = saved["history"]
+        elapsed_before = float(saved.get("wall_time_s", 0.0))
+        rng = np.random.default_rng(seed)
+        rng.bit_generator.state = saved["rng_state"]
+        logger.info("resuming meta-training at episode %d of %d", len(history), episodes)
+    else:
+        if paths["agent"].exists():
+            raise FileExistsError(
+                f"{paths['agent']} already exists; pass --resume to continue it or "
+                "choose another --out"
+            )
+        rng = np.random.default_rng(seed)
+        agent = None
+
+    envs: dict[Task, Any] = {}
+    options = dict(env_options or {})
+
+    def env_of(task: Task):
+        if task not in envs:
+            envs[task] = make_task_env(task, seed=seed, **options)
+        return envs[task]
+
+    if agent is None:
+        probe = env_of(tasks[0])
+        config = AgentConfig(**{**META_AGENT_CONFIG, **(agent_config or {}), "seed": seed})
+        agent = DQNAgent(probe.observation_space.shape[0], probe.action_space.n, config)
+
+    start = time.perf_counter()
+
+    def metadata() -> dict[str, Any]:
+        return {
+            "episodes": len(history),
+            "env_steps": agent.env_steps,
+            "wall_time_s": round(elapsed_before + time.perf_counter() - start, 1),
+            "machine": machine_description(),
+            "command": command,
+            "tasks": [task.name for task in tasks],
+            "seed": seed,
+            "env_options": options,
+        }
+
+    def checkpoint() -> None:
+        meta = metadata()
+        agent.save(paths["agent"], metadata=meta, buffer_path=paths["buffer"])
+        document = {
+            **meta,
+            "history": history,
+            "rng_state": rng.bit_generator.state,
+        }
+        text = json.dumps(document, indent=1)
+        _atomic_write(paths["progress"], lambda f: f.write(text.encode()))
+
+    bar = tqdm(
+        total=episodes,
+        initial=len(history),
+        disable=not progress,
+        desc="meta-training",
+        unit="episode",
+    )
+    try:
+        while len(history) < episodes:
+            task = tasks[int(rng.integers(len(tasks)))]
+            env = env_of(task)
+            episode_seed = int(rng.integers(2**31 - 1))
+            episode_start = time.perf_counter()
+            result = run_episode(agent, env, learn=True, seed=episode_seed)
+            last = result.trajectory[-1] if result.trajectory else {}
+            row = {
+                "episode": len(history) + 1,
+                "task": task.name,
+                "return": round(result.total_return, 6),
+                "steps": len(result.trajectory),
+                "terminated": result.terminated,
+                "best_val_rmse": result.best_val_rmse,
+                "final_val_rmse": last.get("val_rmse"),
+                "final_vulnerability": last.get("vulnerability"),
+                "epsilon": round(agent.epsilon, 4),
+                "td_loss": None if agent.last_update is None else agent.last_update.td_loss,
+                "mean_q": None if agent.last_update is None else agent.last_update.mean_q,
+                "seconds": round(time.perf_counter() - episode_start, 2),
+            }
+            history.append(row)
+            logger.info(
+                "meta/episode=%d meta/task=%s agent/episode_return=%.4f agent/epsilon=%.3f "
+                "agent/td_loss=%s agent/mean_q=%s",
+                row["episode"],
+                task.name,
+                row["return"],
+                row["epsilon"],
+                row["td_loss"],
+                row["mean_q"],
+            )
+            if on_episode is not None:
+                on_episode(row)
+            bar.update(1)
+            bar.set_postfix(ret=f"{row['return']:.3f}", eps=f"{row['epsilon']:.2f}")
+            if len(history) % checkpoint_every == 0:
+                checkpoint()
+    finally:
+        bar.close()
+    checkpoint()
+    wall = elapsed_before + time.perf_counter() - start
+    return MetaTrainResult(agent=agent, history=history, wall_time_s=wall, metadata=metadata())
+
+
+def plot_learning_curve(history: Sequence[dict[str, Any]], path: str | os.PathLike, window: int = 10) -> None:
+    """Plot episode return and its moving average against the episode, as a PNG (atomic write)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    returns = np.array([row["return"] for row in history], dtype=float)
+    episodes = np.arange(1, len(returns) + 1)
+    figure, axes = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    axes.plot(episodes, returns, ".", alpha=0.4, label="episode return")
+    if len(returns) >= window:
+        average = np.convolve(returns, np.ones(window) / window, mode="valid")
+        axes.plot(episodes[window - 1 :], average, "-", label=f"moving average ({window})")
+    axes.axhline(0.0, color="grey", lw=0.8)
+    axes.set_xlabel("episode")
+    axes.set_ylabel("return (accuracy gain + vulnerability drop)")
+    axes.set_title("Meta-training of the DQN agent")
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    _atomic_write(path, lambda f: figure.savefig(f, format="png"))
+    plt.close(figure)
+
+
+def export_pretrained(out: str | os.PathLike, dest: str | os.PathLike | None = None) -> Path:
+    """Copy a meta-trained agent into the package and write its metadata JSON.
+
+    Writes ``agent.pt`` (the agent without its replay buffer) and
+    ``agent.json`` (episodes, steps, wall time, machine, command, tasks and
+    the per-episode returns) into ``dest``, by default ``dvmrl/pretrained``.
+
+    Returns:
+        The folder written to.
+    """
+    from dvmrl.agent import PRETRAINED_DIR
+
+    dest = Path(PRETRAINED_DIR if dest is None else dest)
+    paths = state_paths(out)
+    agent = DQNAgent.load(paths["agent"])
+    progress = json.loads(paths["progress"].read_text())
+    returns = [row["return"] for row in progress["history"]]
+    tail = returns[-10:]
+    metadata = {
+        **agent.metadata,
+        "obs_dim": agent.obs_dim,
+        "n_actions": agent.n_actions,
+        "agent_config": agent.config.to_dict(),
+        "mean_return_first_10": float(np.mean(returns[:10])),
+        "mean_return_last_10": float(np.mean(tail)),
+        "returns": returns,
+        "tasks_seen": sorted({row["task"] for row in progress["history"]}),
+    }
+    # The replay buffer stays behind. The networks and the optimiser state ship,
+    # so training can continue from the shipped file.
+    agent.save(dest / "agent.pt", metadata=agent.metadata)
+    text = json.dumps(metadata, indent=1)
+    _atomic_write(dest / "agent.json", lambda f: f.write(text.encode()))
+    return dest
