@@ -84,6 +84,9 @@ def add_parser(subparsers) -> None:
 
     fetch = actions.add_parser(
         "fetch",
+        # No prefix matching, so that "--api-key KEY" is never read as
+        # "--api-key-file KEY" and echoed in a file-not-found message.
+        allow_abbrev=False,
         help="download all-metal binaries and ternaries from the Materials Project",
         description=(
             "Download binary and ternary all-metal materials from the Materials "
@@ -106,6 +109,9 @@ def add_parser(subparsers) -> None:
         metavar="FILE",
         help="file that contains only the API key; default: MP_API_KEY or PMG_MAPI_KEY",
     )
+    # Rejected in run_fetch: a key given on the command line would show in the
+    # process list and the shell history.
+    fetch.add_argument("--api-key", dest="api_key_value", help=argparse.SUPPRESS)
     fetch.set_defaults(func=run_fetch)
 
 
@@ -293,6 +299,12 @@ def run_fetch(args: argparse.Namespace) -> int:
         fetch_materials_project,
     )
 
+    if args.api_key_value is not None:
+        raise UsageError(
+            "--api-key is not accepted because a key on the command line shows in "
+            "the process list and the shell history: set MP_API_KEY or pass "
+            "--api-key-file FILE"
+        )
     try:
         metadata = fetch_materials_project(
             args.property, args.out, api_key_file=args.api_key_file

@@ -3,7 +3,7 @@
 Uses the official mp-api client (``from mp_api.client import MPRester``),
 an optional dependency: ``pip install "dvmrl[mp]"``. The API key comes from
 a file named by the caller, else the environment variable ``MP_API_KEY``,
-else ``PMG_MAPI_KEY`` (the environment variable or the ``~/.pmgrc.yaml``
+else ``PMG_MAPI_KEY`` (the environment variable or the .pmgrc.yaml
 setting, as pymatgen reads it). Its format is checked before any network
 call. The key is never printed, logged or written to a file, and error
 messages from the client have it masked.
@@ -126,6 +126,12 @@ def read_api_key(
     if api_key_file is not None:
         path = Path(api_key_file)
         if not path.is_file():
+            if API_KEY_PATTERN.fullmatch(str(api_key_file).strip()):
+                # The caller passed the key itself; keep it out of the message.
+                raise ApiKeyError(
+                    "the API key file argument looks like an API key, not a file "
+                    "path: put the key in a file and pass its path, or set MP_API_KEY"
+                )
             raise FileNotFoundError(
                 f"API key file {str(path)!r} not found: check the path, or set "
                 "MP_API_KEY instead"
