@@ -1,0 +1,268 @@
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linprog, minimize
+
+from dvmrl.adversarial import (
+    adversarial_search,
+    feasible_bounds,
+    robustness_radius,
+    vulnerability,
+)
+from dvmrl.compositions import parse
+from dvmrl.featurize import featurize
+
+SYMBOLS = ["Al", "Co", "Cr", "Fe", "Ni", "Cu", "Ti", "V"]
+
+
+def _compositions(n, seed, k_max=4):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        k = int(rng.integers(2, k_max + 1))
+        symbols = rng.choice(SYMBOLS, k, replace=False)
+        weights = np.maximum(rng.dirichlet(np.ones(k)), 0.003)
+        out.append(dict(zip(symbols.tolist(), (weights / weights.sum()).tolist())))
+    return out
+
+
+def _linear_model(seed):
+    weights = torch.tensor(np.random.default_rng(seed).normal(size=103))
+
+    def predict(element_index, frac, mask):
+        return (weights[element_index] * frac * mask).sum(dim=1)
+
+    return predict, weights
+
+
+def _quadratic_model(seed):
+    rng = np.random.default_rng(seed)
+    factor = rng.normal(size=(103, 5))
+    q = torch.tensor(factor @ factor.T)  # positive semidefinite
+    c = torch.tensor(rng.normal(size=103)) * 3.0
+
+    def predict(element_index, frac, mask):
+        f = frac * mask
+        block = q[element_index[:, :, None], element_index[:, None, :]]
+        return torch.einsum("bk,bkl,bl->b", f, block, f) + (c[element_index] * f).sum(1)
+
+    return predict, q, c
+
+
+def _row_bounds(batch, row, radius, floor=0.01):
+    lo, hi = feasible_bounds(batch.frac, batch.mask, radius, floor)
+    m = batch.mask[row].numpy()
+    x = batch.frac[row].numpy()[m]
+    return m, x, lo[row].numpy()[m] - x, hi[row].numpy()[m] - x
+
+
+def _linear_max_change(batch, weights, row, radius):
+    m, _, low, high = _row_bounds(batch, row, radius)
+    c = weights[batch.element_index[row]].numpy()[m]
+    a_eq, bounds = np.ones((1, m.sum())), list(zip(low, high, strict=True))
+    best_up = -linprog(-c, A_eq=a_eq, b_eq=[0.0], bounds=bounds).fun
+    best_down = linprog(c, A_eq=a_eq, b_eq=[0.0], bounds=bounds).fun
+    return max(best_up, -best_down)
+
+
+def test_search_linear_matches_linprog():
+    batch = featurize(_compositions(150, seed=0))
+    predict, weights = _linear_model(1)
+    result = adversarial_search(predict, batch, 0.05, steps=40, starts=2)
+    ratios = [
+        abs(float(result.change[row])) / _linear_max_change(batch, weights, row, 0.05)
+        for row in range(len(batch))
+    ]
+    assert min(ratios) >= 0.99
+    assert max(ratios) <= 1.0 + 1e-9
+
+
+def _vertices(low, high):
+    n = len(low)
+    for free in range(n):
+        others = [i for i in range(n) if i != free]
+        for combo in itertools.product(*[(low[i], high[i]) for i in others]):
+            d = np.zeros(n)
+            d[others] = combo
+            d[free] = -sum(combo)
+            if low[free] - 1e-12 <= d[free] <= high[free] + 1e-12:
+                yield d
+
+
+def test_search_quadratic_matches_vertices():
+    # f is convex, so max (f(x + d) - f(x)) lies at a vertex and min is a
+    # convex programme; the largest |change| is the larger of the two.
+    batch = featurize(_compositions(120, seed=2))
+    predict, q, c = _quadratic_model(3)
+    result = adversarial_search(predict, batch, 0.1)
+    ratios = []
+    for row in range(len(batch)):
+        m, x, low, high = _row_bounds(batch, row, 0.1)
+        e = batch.element_index[row].numpy()[m]
+        a, b = q.numpy()[np.ix_(e, e)], c.numpy()[e]
+
+        def change(d, x=x, a=a, b=b):
+            return (x + d) @ a @ (x + d) + b @ (x + d) - x @ a @ x - b @ x
+
+        best_up = max(change(d) for d in _vertices(low, high))
+        lowest = minimize(
+            change,
+            np.zeros(len(x)),
+            method="SLSQP",
+            bounds=list(zip(low, high, strict=True)),
+            constraints=[{"type": "eq", "fun": np.sum}],
+        ).fun
+        ratios.append(abs(float(result.change[row])) / max(best_up, -lowest))
+    assert min(ratios) >= 0.99
+    assert max(ratios) <= 1.0 + 1e-6
+
+
+def test_search_result_is_feasible():
+    batch = featurize(_compositions(60, seed=4, k_max=6))
+    predict, _, _ = _quadratic_model(5)
+    result = adversarial_search(predict, batch, 0.07, steps=20, starts=2, floor=0.02)
+    lo, hi = feasible_bounds(batch.frac, batch.mask, 0.07, 0.02)
+    mask = batch.mask
+    assert result.delta.sum(dim=1).abs().max() < 1e-12
+    assert result.delta.abs().max() <= 0.07 + 1e-12
+    assert bool((result.delta[~mask] == 0).all())
+    assert bool(((result.perturbed >= lo - 1e-12) | ~mask).all())
+    assert bool(((result.perturbed > 0) | ~mask).all())
+    assert result.perturbed.shape == hi.shape
+
+
+def test_search_formulas_parse_back():
+    batch = featurize(_compositions(40, seed=6))
+    predict, _ = _linear_model(7)
+    result = adversarial_search(predict, batch, 0.05, steps=10, starts=1)
+    for row, formula in enumerate(result.perturbed_formulas):
+        parsed = parse(formula)
+        m = batch.mask[row]
+        values = result.perturbed[row][m].tolist()
+        assert max(abs(parsed[s] - v) for s, v in zip(parsed, values)) < 1e-9
+        assert "e" not in formula.replace("Fe", "").replace("Ce", "")
+
+
+def test_feasible_bounds_keep_low_fraction():
+    batch = featurize([{"Al": 0.005, "Ni": 0.995}, {"Al": 0.2, "Ni": 0.8}])
+    lo, hi = feasible_bounds(batch.frac, batch.mask, 0.1, 0.01)
+    assert float(lo[0, 0]) == pytest.approx(0.005, abs=1e-15)
+    assert float(lo[1, 0]) == pytest.approx(0.1, abs=1e-15)
+    assert float(hi[1, 0]) == pytest.approx(0.3, abs=1e-15)
+
+
+def test_search_stops_at_floor():
+    batch = featurize([{"Al": 0.05, "Ni": 0.95}])
+
+    def predict(element_index, frac, mask):
+        # Ni is Z = 28. Raising Ni to 0.99 changes f more than lowering it to 0.85.
+        nickel = (frac * (element_index == 27) * mask).sum(dim=1)
+        return torch.exp(20.0 * nickel)
+
+    result = adversarial_search(predict, batch, 0.1, floor=0.01, steps=20, starts=1)
+    assert float(result.perturbed[0, 0]) == pytest.approx(0.01, abs=1e-12)
+
+
+def test_search_is_reproducible():
+    batch = featurize(_compositions(30, seed=8))
+    predict, _, _ = _quadratic_model(9)
+    a = adversarial_search(predict, batch, 0.05, steps=10, seed=3)
+    b = adversarial_search(predict, batch, 0.05, steps=10, seed=3)
+    assert torch.equal(a.delta, b.delta)
+
+
+def test_search_penalty_shrinks_delta():
+    batch = featurize(_compositions(30, seed=10))
+    predict, _ = _linear_model(11)
+    free = adversarial_search(predict, batch, 0.1, steps=30, starts=2)
+    penalised = adversarial_search(predict, batch, 0.1, steps=30, starts=2, lam=50.0)
+    assert float(penalised.delta.norm(dim=1).mean()) < float(free.delta.norm(dim=1).mean())
+
+
+def test_search_rejects_radius():
+    batch = featurize(_compositions(3, seed=12))
+    predict, _ = _linear_model(0)
+    with pytest.raises(ValueError, match="radius must lie in"):
+        adversarial_search(predict, batch, 1.0)
+
+
+def test_search_rejects_floor():
+    batch = featurize([{"Al": 0.25, "Co": 0.25, "Ni": 0.25, "Fe": 0.25}])
+    predict, _ = _linear_model(0)
+    with pytest.raises(ValueError, match="K \\* floor = 1.2 > 1"):
+        adversarial_search(predict, batch, 0.05, floor=0.3)
+
+
+def test_search_rejects_bad_predictor_shape():
+    batch = featurize(_compositions(3, seed=13))
+    with pytest.raises(ValueError, match="must return a tensor of shape"):
+        adversarial_search(lambda e, f, m: f, batch, 0.05)
+
+
+def test_vulnerability_is_mean_abs_change():
+    batch = featurize(_compositions(50, seed=14))
+    predict, _ = _linear_model(15)
+    report = vulnerability(predict, batch, epsilon=0.05, steps=20, starts=1)
+    assert report.score == pytest.approx(float(report.table["abs_change"].mean()))
+    assert len(report.table) == 50
+
+
+def _linear_radius(batch, weights, row, tau):
+    low, high = 0.0, 0.25
+    for _ in range(40):
+        middle = 0.5 * (low + high)
+        if _linear_max_change(batch, weights, row, middle) >= tau:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def test_robustness_radius_linear():
+    batch = featurize(_compositions(12, seed=16))
+    predict, weights = _linear_model(17)
+    report = robustness_radius(
+        predict, batch, tau=0.05, r_max=0.25, bisection_steps=8, steps=20, starts=1
+    )
+    resolution = 0.25 / 2**8
+    for row in range(len(batch)):
+        expected = _linear_radius(batch, weights, row, 0.05)
+        if expected < 0.25 - resolution:
+            assert report.table["radius"][row] == pytest.approx(expected, abs=2 * resolution)
+    assert report.score == pytest.approx(float(report.table["radius"].mean()))
+
+
+def test_robustness_radius_caps_unreached():
+    batch = featurize(_compositions(5, seed=18))
+
+    def flat(element_index, frac, mask):
+        return 1e-3 * (frac * mask).sum(dim=1) + 1e-4 * frac[:, 0]
+
+    report = robustness_radius(flat, batch, tau=0.05, r_max=0.2, steps=5, starts=1)
+    assert report.n_not_reached == 5
+    assert bool((report.table["radius"] == 0.2).all())
+    assert not bool(report.table["reached"].any())
+
+
+def test_robustness_radius_rejects_tau():
+    batch = featurize(_compositions(2, seed=19))
+    predict, _ = _linear_model(0)
+    with pytest.raises(ValueError, match="tau must be a positive"):
+        robustness_radius(predict, batch, tau=0.0)
+
+
+def test_search_on_mpnn():
+    from dvmrl.model import CompositionMPNN, ModelConfig
+
+    torch.manual_seed(0)
+    config = ModelConfig(hidden=16, layers=1, gate_hidden=8, msg_hidden=8, head_hidden=16)
+    model = CompositionMPNN(config).double()
+    batch = featurize(_compositions(20, seed=20))
+    result = adversarial_search(model, batch, 0.05, steps=10, starts=2)
+    with torch.no_grad():
+        again = model(batch.element_index, result.perturbed, batch.mask)
+    change = again - model(batch.element_index, batch.frac, batch.mask)
+    assert (change - result.change).abs().max() < 1e-10
+    assert float(result.change.abs().min()) > 0.0
