@@ -14,7 +14,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dvmrl.layout import ModelDims, unflatten
+from dvmrl.layout import ModelDims, parameter_count, parameter_layout
+
+
+def _split_parameters(flat: torch.Tensor, dims: ModelDims) -> dict[str, torch.Tensor]:
+    """Split the flat buffer into named views with one ``torch.split``.
+
+    Same result as :func:`dvmrl.layout.unflatten`, but the backward pass
+    concatenates the gradients of all views once, where slicing would add a
+    zero-filled gradient of the whole buffer per view.
+    """
+    expected = parameter_count(dims)
+    if flat.dim() != 1 or flat.numel() != expected:
+        raise ValueError(
+            f"flat parameter buffer: expected shape [{expected}] for {dims}, "
+            f"got {list(flat.shape)}"
+        )
+    specs = parameter_layout(dims)
+    parts = torch.split(flat, [spec.numel for spec in specs])
+    return {
+        spec.name: part.view(spec.shape)
+        for spec, part in zip(specs, parts, strict=True)
+    }
 
 
 def _weighted_softmax(
@@ -56,7 +77,9 @@ def message_passing_layer(
     Returns:
         Tensor: updated node states [B, K, H]; padded slots are 0.
     """
-    p = {name[len(prefix) :]: t for name, t in params.items() if name.startswith(prefix)}
+    p = {
+        name[len(prefix) :]: t for name, t in params.items() if name.startswith(prefix)
+    }
     k = h.shape[1]
     not_self = ~torch.eye(k, dtype=torch.bool, device=h.device)
     pair = mask[:, :, None] & mask[:, None, :] & not_self  # [B, i, j]
@@ -76,12 +99,17 @@ def message_passing_layer(
     aggregated = (attention[..., None] * msg_hidden).sum(dim=2)  # [B, K, Hm]
     # The attention of a node with neighbours sums to 1, so the last linear
     # layer applies after aggregation; a node without neighbours gets nothing.
-    update = aggregated @ p["msg_w2"].T + p["msg_b2"] * has_neighbour[..., None].to(h.dtype)
+    update = aggregated @ p["msg_w2"].T + p["msg_b2"] * has_neighbour[..., None].to(
+        h.dtype
+    )
     return (h + update) * mask[..., None].to(h.dtype)
 
 
 def attention_pool(
-    h: torch.Tensor, frac: torch.Tensor, mask: torch.Tensor, params: dict[str, torch.Tensor]
+    h: torch.Tensor,
+    frac: torch.Tensor,
+    mask: torch.Tensor,
+    params: dict[str, torch.Tensor],
 ) -> torch.Tensor:
     """Pool node states into one vector per composition [B, H]."""
     gate_hidden = F.silu(h @ params["pool_gate_w"].T + params["pool_gate_b"])
@@ -135,7 +163,7 @@ def model_forward(
     Returns:
         Tensor: [B, n_out] in the model's standardised target units.
     """
-    params = unflatten(flat, dims)
+    params = _split_parameters(flat, dims)
     h = node_table[element_index] * mask[..., None].to(node_table.dtype)
     for layer in range(dims.layers):
         h = message_passing_layer(h, frac, mask, params, f"layer{layer}.")

@@ -1,0 +1,490 @@
+"""The composition message-passing network (``CompositionMPNN``).
+
+A composition is a complete directed graph over its elements, weighted by
+the atomic fractions. The model embeds each element from its standardised
+descriptors, applies L weighted soft-attention message-passing layers with
+residuals, pools the nodes with a weighted attention and maps the pooled
+vector through an MLP head to the target in eV/atom. docs/architecture.md
+("Model" and "Flat parameter buffer") gives the equations and the layout.
+
+Everything after the embedding runs in one call of ``dvmrl.ops.model_forward``
+(the fused kernels) or ``dvmrl.reference.model_forward`` (plain PyTorch),
+which read the parameters from the single flat buffer ``flat``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dvmrl import defaults, reference
+from dvmrl.layout import ModelDims, parameter_count, parameter_layout
+
+# Standard deviation of the residual branch's last weight (msg_w2) relative
+# to a fan-in initialisation: small, so that each fresh layer starts close to
+# the identity and deep stacks train stably.
+RESIDUAL_INIT_SCALE = 0.1
+
+# Bounds of the log-variance output (standardised units) inside the Gaussian
+# negative log-likelihood: variances between e^-12 and e^12 times the target
+# variance, which keeps the loss finite for any output.
+LOG_VARIANCE_MIN = -12.0
+LOG_VARIANCE_MAX = 12.0
+
+
+@dataclass
+class ModelConfig:
+    """Sizes and regularisation of a ``CompositionMPNN``.
+
+    Defaults come from ``dvmrl.defaults.MODEL``.
+
+    Attributes:
+        hidden (int): node state width H.
+        layers (int): message-passing layers L (>= 0).
+        gate_hidden (int): width Hg of the attention-gate MLPs.
+        msg_hidden (int): width Hm of the message MLPs.
+        head_hidden (int): width Hh of the head's hidden layers.
+        head_layers (int): hidden layers D of the head (>= 0).
+        dropout (float): dropout probability in the head's hidden layers,
+            in [0, 1).
+        heteroscedastic (bool): predict a mean and a log-variance and train
+            with the Gaussian negative log-likelihood.
+    """
+
+    hidden: int = defaults.MODEL["hidden"]
+    layers: int = defaults.MODEL["layers"]
+    gate_hidden: int = defaults.MODEL["gate_hidden"]
+    msg_hidden: int = defaults.MODEL["msg_hidden"]
+    head_hidden: int = defaults.MODEL["head_hidden"]
+    head_layers: int = defaults.MODEL["head_layers"]
+    dropout: float = defaults.MODEL["dropout"]
+    heteroscedastic: bool = defaults.MODEL["heteroscedastic"]
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(
+                f"ModelConfig.dropout must lie in [0, 1), got {self.dropout!r}"
+            )
+        self.dropout = float(self.dropout)
+        self.heteroscedastic = bool(self.heteroscedastic)
+        # ModelDims checks the integer sizes.
+        self.dims  # noqa: B018
+
+    @property
+    def dims(self) -> ModelDims:
+        """Sizes of the flat parameter buffer."""
+        return ModelDims(
+            hidden=self.hidden,
+            gate_hidden=self.gate_hidden,
+            msg_hidden=self.msg_hidden,
+            layers=self.layers,
+            head_hidden=self.head_hidden,
+            head_layers=self.head_layers,
+            n_out=2 if self.heteroscedastic else 1,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the fields as a JSON-serialisable dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        """Build a config from ``to_dict`` output; missing keys take defaults.
+
+        Raises:
+            ValueError: for an unknown key or an invalid value.
+        """
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown ModelConfig keys {unknown}; expected a subset of {sorted(known)}"
+            )
+        return cls(**values)
+
+
+def _fan_in_normal(
+    shape: tuple[int, ...], fan_in: int, scale: float, generator: torch.Generator
+) -> torch.Tensor:
+    std = scale / math.sqrt(fan_in)
+    return torch.randn(shape, generator=generator, dtype=torch.float64) * std
+
+
+def init_parameter(
+    name: str, shape: tuple[int, ...], generator: torch.Generator
+) -> torch.Tensor:
+    """Draw the initial value of one entry of the flat buffer (float64).
+
+    Weights are normal with standard deviation 1 / sqrt(fan-in), counting
+    both halves of a split first layer (``*_i`` and ``*_j`` act on the
+    concatenated [h_i; h_j], so their fan-in is 2H). The residual branch's
+    last weight ``msg_w2`` is scaled by ``RESIDUAL_INIT_SCALE``. Biases and
+    the gate offsets ``*gate_d`` start at 0.
+
+    Args:
+        name (str): parameter name from :func:`dvmrl.layout.parameter_layout`.
+        shape (tuple): its shape.
+        generator (torch.Generator): CPU generator for the draws.
+    """
+    base = name.split(".")[-1]
+    if len(shape) == 1 and base not in ("gate_u", "pool_gate_u"):
+        return torch.zeros(shape, dtype=torch.float64)
+    if base in ("gate_u", "pool_gate_u"):
+        return _fan_in_normal(shape, shape[0], 1.0, generator)
+    fan_in = shape[1]
+    if base in ("gate_w_i", "gate_w_j", "msg_w1_i", "msg_w1_j"):
+        fan_in *= 2
+    scale = RESIDUAL_INIT_SCALE if base == "msg_w2" else 1.0
+    return _fan_in_normal(shape, fan_in, scale, generator)
+
+
+def init_flat(dims: ModelDims, generator: torch.Generator) -> torch.Tensor:
+    """Return a freshly initialised flat buffer (float64) for ``dims``."""
+    parts = [
+        init_parameter(spec.name, spec.shape, generator).reshape(-1)
+        for spec in parameter_layout(dims)
+    ]
+    return torch.cat(parts)
+
+
+def orthogonal_embedding(
+    descriptors: np.ndarray | torch.Tensor, hidden: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Return ``emb_w`` [H, F0] (float64) with orthonormal rows or columns.
+
+    With H >= F0 the columns are orthonormal (a random isometry), so the
+    initial node table keeps every distance between element descriptor
+    vectors. With H < F0 the rows are a random rotation of the H leading
+    principal directions of the descriptor matrix, the orthogonal projection
+    that keeps the most descriptor variance.
+    """
+    table = torch.as_tensor(np.asarray(descriptors), dtype=torch.float64)
+    n_features = table.shape[1]
+    gaussian = torch.randn(
+        (hidden, min(hidden, n_features)), generator=generator, dtype=torch.float64
+    )
+    q, r = torch.linalg.qr(gaussian)
+    # Fixing the signs by diag(R) makes Q uniformly distributed.
+    q = q * torch.sign(torch.diagonal(r))
+    if hidden >= n_features:
+        return q  # [H, F0], q.T @ q = I
+    centred = table - table.mean(dim=0)
+    _, _, v_t = torch.linalg.svd(centred, full_matrices=False)
+    return q @ v_t[:hidden]  # [H, F0], rows orthonormal
+
+
+def _default_descriptors() -> np.ndarray:
+    from dvmrl import elements
+
+    return elements.descriptor_matrix()
+
+
+class CompositionMPNN(nn.Module):
+    """Weighted soft-attention message passing over alloy compositions.
+
+    Parameters: ``emb_w`` [H, F0], ``emb_b`` [H], ``emb_offset`` [E, H] and
+    the flat buffer ``flat`` (layout in :mod:`dvmrl.layout`). Buffers:
+    ``descriptors`` [E, F0] (standardised element descriptors), and
+    ``target_mean``, ``target_std`` (eV/atom), which map the network's
+    standardised output to eV/atom. E = 103 element-table rows.
+
+    Dropout acts only in the head's hidden layers, in training mode or
+    while ``mc_dropout(True)`` is in force; its mask is drawn from
+    ``dropout_generator`` when one is set (a ``torch.Generator`` on the
+    model's device), else from PyTorch's global generator.
+
+    Args:
+        config (ModelConfig, optional): sizes; default ``ModelConfig()``.
+        descriptors (array, optional): [E, F0] standardised descriptors;
+            default ``dvmrl.elements.descriptor_matrix()``.
+        seed (int): seed of the initialisation. Default: 0.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig | None = None,
+        descriptors: np.ndarray | torch.Tensor | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.config = ModelConfig() if config is None else config
+        if descriptors is None:
+            descriptors = _default_descriptors()
+        table = torch.as_tensor(np.asarray(descriptors), dtype=torch.float64)
+        if table.dim() != 2:
+            raise ValueError(
+                f"descriptors must be a 2-D [elements, features] array, got shape "
+                f"{list(table.shape)}"
+            )
+        if not torch.isfinite(table).all():
+            raise ValueError("descriptors contain NaN or infinite values")
+        dims = self.config.dims
+        generator = torch.Generator().manual_seed(int(seed))
+        dtype = torch.get_default_dtype()
+
+        self.register_buffer("descriptors", table.to(dtype))
+        self.register_buffer("target_mean", torch.zeros((), dtype=dtype))
+        self.register_buffer("target_std", torch.ones((), dtype=dtype))
+        emb_w = orthogonal_embedding(table, dims.hidden, generator)
+        self.emb_w = nn.Parameter(emb_w.to(dtype))
+        self.emb_b = nn.Parameter(torch.zeros(dims.hidden, dtype=dtype))
+        self.emb_offset = nn.Parameter(
+            torch.zeros(table.shape[0], dims.hidden, dtype=dtype)
+        )
+        self.flat = nn.Parameter(init_flat(dims, generator).to(dtype))
+
+        self.use_fused = True
+        self.dropout_generator: torch.Generator | None = None
+        self._mc_dropout = False
+
+    # -- configuration ---------------------------------------------------
+
+    @property
+    def dims(self) -> ModelDims:
+        """Sizes of the flat buffer (from ``config``)."""
+        return self.config.dims
+
+    @property
+    def has_uncertainty(self) -> bool:
+        """Whether predictions can carry an uncertainty.
+
+        True with the heteroscedastic head or with head dropout (sampled by
+        MC dropout).
+        """
+        return self.config.heteroscedastic or (
+            self.config.dropout > 0.0 and self.config.head_layers > 0
+        )
+
+    def set_dropout(self, p: float) -> None:
+        """Set the head's dropout probability, in [0, 1)."""
+        self.config = dataclasses.replace(self.config, dropout=p)
+
+    def mc_dropout(self, enabled: bool = True) -> CompositionMPNN:
+        """Keep dropout active in evaluation mode (MC dropout) or stop it.
+
+        Returns:
+            CompositionMPNN: ``self``, for chaining.
+        """
+        self._mc_dropout = bool(enabled)
+        return self
+
+    @property
+    def mc_dropout_enabled(self) -> bool:
+        """Whether MC dropout is on."""
+        return self._mc_dropout
+
+    def set_target_scaling(self, mean: float, std: float) -> None:
+        """Set the eV/atom mean and standard deviation of the targets.
+
+        Raises:
+            ValueError: if ``std`` is not a positive finite number or ``mean``
+                is not finite.
+        """
+        if not (math.isfinite(mean) and math.isfinite(std) and std > 0.0):
+            raise ValueError(
+                f"target scaling needs a finite mean and a positive finite std, "
+                f"got mean={mean!r}, std={std!r}"
+            )
+        self.target_mean.fill_(float(mean))
+        self.target_std.fill_(float(std))
+
+    # -- forward ---------------------------------------------------------
+
+    def node_table(self) -> torch.Tensor:
+        """Return the initial node state of every element [E, H]."""
+        return self.descriptors @ self.emb_w.T + self.emb_b + self.emb_offset
+
+    def _dropout_active(self) -> bool:
+        dims = self.dims
+        return (
+            self.config.dropout > 0.0
+            and dims.head_layers > 0
+            and (self.training or self._mc_dropout)
+        )
+
+    def draw_dropout_mask(self, batch_size: int) -> torch.Tensor | None:
+        """Draw the head's dropout mask [D, B, Hh], or None when inactive.
+
+        Entries are 0 with probability p and 1 / (1 - p) otherwise.
+        """
+        if not self._dropout_active():
+            return None
+        dims = self.dims
+        p = self.config.dropout
+        shape = (dims.head_layers, batch_size, dims.head_hidden)
+        generator = self.dropout_generator
+        device = self.flat.device
+        draw_device = generator.device if generator is not None else device
+        uniform = torch.rand(
+            shape, generator=generator, device=draw_device, dtype=self.flat.dtype
+        )
+        keep = (uniform >= p).to(self.flat.dtype) * (1.0 / (1.0 - p))
+        return keep.to(device)
+
+    def _check_inputs(
+        self, element_index: torch.Tensor, frac: torch.Tensor, mask: torch.Tensor
+    ) -> None:
+        if element_index.dtype != torch.int64:
+            raise TypeError(f"element_index must be int64, got {element_index.dtype}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be bool, got {mask.dtype}")
+        if frac.dtype != self.flat.dtype:
+            raise TypeError(
+                f"frac has dtype {frac.dtype} but the model has {self.flat.dtype}; "
+                f"convert the batch with .to(device, dtype)"
+            )
+        if (
+            element_index.dim() != 2
+            or frac.shape != element_index.shape
+            or (mask.shape != element_index.shape)
+        ):
+            raise ValueError(
+                "element_index, frac and mask must share one [B, K] shape, got "
+                f"{list(element_index.shape)}, {list(frac.shape)}, {list(mask.shape)}"
+            )
+
+    def forward_standardised(
+        self, element_index: torch.Tensor, frac: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Return the raw network output [B, n_out] in standardised units.
+
+        Column 0 is (prediction - target_mean) / target_std; with the
+        heteroscedastic head column 1 is the log-variance in the same units.
+        """
+        self._check_inputs(element_index, frac, mask)
+        dropout_mask = self.draw_dropout_mask(element_index.shape[0])
+        if self.use_fused:
+            from dvmrl import ops
+
+            forward = ops.model_forward
+        else:
+            forward = reference.model_forward
+        return forward(
+            self.node_table(),
+            self.flat,
+            element_index,
+            frac,
+            mask,
+            self.dims,
+            dropout_mask,
+        )
+
+    def forward(
+        self, element_index: torch.Tensor, frac: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Predict the target in eV/atom [B] (the mean for the heteroscedastic head).
+
+        Args:
+            element_index (Tensor): int64 [B, K] element-table rows.
+            frac (Tensor): atomic fractions [B, K], the model's dtype.
+            mask (Tensor): bool [B, K], true for real elements.
+        """
+        out = self.forward_standardised(element_index, frac, mask)
+        return out[:, 0] * self.target_std + self.target_mean
+
+    def forward_with_variance(
+        self, element_index: torch.Tensor, frac: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predict mean [B] in eV/atom and variance [B] in (eV/atom)^2.
+
+        Raises:
+            RuntimeError: if the head is not heteroscedastic.
+        """
+        if not self.config.heteroscedastic:
+            raise RuntimeError(
+                "forward_with_variance needs the heteroscedastic head; build the "
+                "model with ModelConfig(heteroscedastic=True)"
+            )
+        out = self.forward_standardised(element_index, frac, mask)
+        mean = out[:, 0] * self.target_std + self.target_mean
+        log_variance = out[:, 1].clamp(LOG_VARIANCE_MIN, LOG_VARIANCE_MAX)
+        return mean, torch.exp(log_variance) * self.target_std**2
+
+    # -- state -----------------------------------------------------------
+
+    def named_parameter_tensors(self) -> dict[str, torch.Tensor]:
+        """Return every parameter by name: the flat entries and the embedding.
+
+        The flat entries are views of ``flat`` (names from
+        :func:`dvmrl.layout.parameter_layout`); ``emb_w``, ``emb_b`` and
+        ``emb_offset`` are the parameters themselves.
+        """
+        from dvmrl.layout import unflatten
+
+        named = dict(unflatten(self.flat.detach(), self.dims))
+        named["emb_w"] = self.emb_w.detach()
+        named["emb_b"] = self.emb_b.detach()
+        named["emb_offset"] = self.emb_offset.detach()
+        return named
+
+    @torch.no_grad()
+    def load_named_parameters(self, named: dict[str, torch.Tensor]) -> None:
+        """Copy named tensors (as from ``named_parameter_tensors``) into the model.
+
+        Raises:
+            ValueError: when a name is missing or a shape differs.
+        """
+        expected = {spec.name: spec for spec in parameter_layout(self.dims)}
+        missing = sorted(
+            (set(expected) | {"emb_w", "emb_b", "emb_offset"}) - set(named)
+        )
+        if missing:
+            raise ValueError(f"missing parameters {missing} for {self.dims}")
+        parts = []
+        for name, spec in expected.items():
+            value = named[name]
+            if tuple(value.shape) != spec.shape:
+                raise ValueError(
+                    f"parameter {name}: expected shape {list(spec.shape)}, "
+                    f"got {list(value.shape)}"
+                )
+            parts.append(value.reshape(-1).to(self.flat.dtype))
+        flat = torch.cat(parts).to(self.flat.device)
+        if flat.numel() != parameter_count(self.dims):
+            raise ValueError("assembled flat buffer has the wrong length")
+        for name in ("emb_w", "emb_b", "emb_offset"):
+            target = getattr(self, name)
+            if tuple(named[name].shape) != tuple(target.shape):
+                raise ValueError(
+                    f"parameter {name}: expected shape {list(target.shape)}, "
+                    f"got {list(named[name].shape)}"
+                )
+            target.copy_(named[name])
+        self.flat.copy_(flat)
+
+    @torch.no_grad()
+    def rebuild(self, config: ModelConfig, named: dict[str, torch.Tensor]) -> None:
+        """Replace the sizes and all parameters in place (architecture moves).
+
+        The parameters become new ``nn.Parameter`` objects on the same device
+        and dtype, so an optimiser built on the old ones must be rebuilt.
+
+        Args:
+            config (ModelConfig): the new sizes.
+            named (dict): every parameter of the new sizes by name.
+        """
+        device, dtype = self.flat.device, self.flat.dtype
+        dims = config.dims
+        n_elements, n_features = self.descriptors.shape
+        self.config = config
+        self.emb_w = nn.Parameter(
+            torch.empty(dims.hidden, n_features, device=device, dtype=dtype)
+        )
+        self.emb_b = nn.Parameter(torch.empty(dims.hidden, device=device, dtype=dtype))
+        self.emb_offset = nn.Parameter(
+            torch.empty(n_elements, dims.hidden, device=device, dtype=dtype)
+        )
+        self.flat = nn.Parameter(
+            torch.empty(parameter_count(dims), device=device, dtype=dtype)
+        )
+        self.load_named_parameters(named)
+
+    def extra_repr(self) -> str:
+        """Describe the sizes for ``repr``."""
+        return f"{self.dims}, use_fused={self.use_fused}"

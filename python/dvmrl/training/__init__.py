@@ -1,0 +1,30 @@
+"""Training, checkpoints and architecture moves of the composition MPNN.
+
+``Trainer`` fits a ``CompositionMPNN`` with AdamW, a learning-rate schedule,
+early stopping, target standardisation and gradient clipping, and changes
+its hyperparameters and architecture while keeping the optimiser state.
+``load_checkpoint`` reads a saved model for inference.
+"""
+
+from dvmrl.training.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    CheckpointNotFoundError,
+    load_checkpoint,
+    read_checkpoint,
+)
+from dvmrl.training.config import LearningRateSchedule, TrainConfig
+from dvmrl.training.trainer import Trainer, TrainingDivergedError, data_fingerprint
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "LearningRateSchedule",
+    "TrainConfig",
+    "Trainer",
+    "TrainingDivergedError",
+    "data_fingerprint",
+    "load_checkpoint",
+    "read_checkpoint",
+]

@@ -1,0 +1,326 @@
+"""Checkpoint files: data only, written atomically, checked on load.
+
+A checkpoint is a ``torch.save`` file of one dict whose values are tensors,
+dicts of tensors, and JSON strings (config, metadata, provenance, element
+table, history, trainer state), so it loads with
+``torch.load(..., weights_only=True)``. That loader rebuilds only tensors
+and plain containers, so a file that carries any other pickled object is
+rejected before the object is built, and no code from the file runs.
+
+Layout of format version 1 (keys of the top-level dict):
+
+- ``dvmrl_checkpoint``: JSON ``{"format": "dvmrl-checkpoint",
+  "format_version": 1}``.
+- ``model_config``, ``train_config``, ``target_scaling``, ``element_table``,
+  ``data_fingerprint``, ``training_domain``, ``provenance``, ``metadata``,
+  ``history``: JSON strings.
+- ``model_state``: the model's ``state_dict`` (parameters and buffers).
+- ``resume`` (optional): ``trainer`` (JSON of counters and schedule state),
+  ``optimizer`` (per parameter ``step``, ``exp_avg``, ``exp_avg_sq``),
+  ``rng`` (generator states as uint8 tensors), ``best_state`` and
+  ``sample_weights`` (tensors, when present).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sys
+import tempfile
+import zipfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_NAME = "dvmrl-checkpoint"
+FORMAT_VERSION = 1
+HEADER_KEY = "dvmrl_checkpoint"
+
+JSON_KEYS = (
+    "model_config",
+    "train_config",
+    "target_scaling",
+    "element_table",
+    "data_fingerprint",
+    "training_domain",
+    "provenance",
+    "metadata",
+    "history",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message says why."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint path that does not exist or is not a regular file."""
+
+
+def provenance() -> dict[str, Any]:
+    """Describe the software and the command that write a checkpoint now."""
+    import dvmrl
+
+    return {
+        "dvmrl_version": dvmrl.__version__,
+        "build_info": dvmrl.build_info(),
+        "torch_version": torch.__version__,
+        "python_version": sys.version.split()[0],
+        "command": list(sys.argv),
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "format_version": FORMAT_VERSION,
+    }
+
+
+def element_table_json(descriptors: torch.Tensor) -> dict[str, Any]:
+    """Describe the element table that a model's ``descriptors`` buffer holds."""
+    from dvmrl import elements
+
+    rows = descriptors.shape[0]
+    symbols = list(elements.ELEMENTS[:rows])
+    names = elements.descriptor_names()
+    if len(names) != descriptors.shape[1]:
+        names = [f"descriptor_{i}" for i in range(descriptors.shape[1])]
+    return {
+        "symbols": symbols,
+        "descriptor_names": names,
+        "standardised": True,
+        "values": descriptors.detach().cpu().to(torch.float64).tolist(),
+    }
+
+
+def write_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """Write a checkpoint dict atomically (temporary file, then ``os.replace``).
+
+    Args:
+        path: destination file; its folder is created when missing.
+        payload: the dict, without the header (added here). Values that
+            belong to ``JSON_KEYS`` are serialised to JSON strings.
+
+    Returns:
+        Path: the written file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document: dict[str, Any] = {
+        HEADER_KEY: json.dumps(
+            {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
+        )
+    }
+    for key, value in payload.items():
+        if key in JSON_KEYS:
+            document[key] = json.dumps(value, default=_json_default, allow_nan=True)
+        else:
+            document[key] = value
+    handle = tempfile.NamedTemporaryFile(
+        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+    )
+    try:
+        with handle:
+            torch.save(document, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load and check a checkpoint file; JSON entries come back parsed.
+
+    Raises:
+        CheckpointNotFoundError: the path does not exist or is not a file.
+        CheckpointError: the file is corrupt or truncated, carries a pickled
+            object other than tensors and plain containers, is not a dvmrl
+            checkpoint, or was written in an incompatible format version.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"checkpoint {path} not found")
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"checkpoint {path} is not a file")
+    try:
+        document = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights_only" in str(err) or "Weights only load failed" in str(err):
+            raise CheckpointError(
+                f"checkpoint {path} was rejected without being loaded: it carries a "
+                "pickled Python object that is not a tensor or plain data, which "
+                "could run code; dvmrl checkpoints never contain one"
+            ) from None
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: it is not a readable PyTorch file ({err})"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated: {type(err).__name__}: {err}"
+        ) from None
+
+    if not isinstance(document, dict) or HEADER_KEY not in document:
+        raise CheckpointError(
+            f"{path} is not a dvmrl checkpoint: it lacks the {HEADER_KEY!r} header; "
+            "pass a model.pt written by dvmrl train"
+        )
+    try:
+        header = json.loads(document[HEADER_KEY])
+    except (TypeError, json.JSONDecodeError) as err:
+        raise CheckpointError(
+            f"checkpoint {path} has a corrupt header: {err}"
+        ) from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path} is not a dvmrl checkpoint (header {header!r})")
+    version = header.get("format_version")
+    if version != FORMAT_VERSION:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        hint = (
+            "upgrade dvmrl to read it"
+            if newer
+            else "retrain the model with this dvmrl version"
+        )
+        raise CheckpointError(
+            f"checkpoint {path} was written in format version {version!r}, which "
+            f"this dvmrl (format version {FORMAT_VERSION}) cannot read; {hint}"
+        )
+
+    parsed: dict[str, Any] = {"format_version": version}
+    for key, value in document.items():
+        if key == HEADER_KEY:
+            continue
+        if key in JSON_KEYS:
+            try:
+                parsed[key] = json.loads(value)
+            except (TypeError, json.JSONDecodeError) as err:
+                raise CheckpointError(
+                    f"checkpoint {path} is corrupt: entry {key!r} is not valid JSON ({err})"
+                ) from None
+        else:
+            parsed[key] = value
+    missing = [key for key in ("model_config", "model_state") if key not in parsed]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: missing entries {missing}"
+        )
+    if not isinstance(parsed["model_state"], dict) or not all(
+        isinstance(value, torch.Tensor) for value in parsed["model_state"].values()
+    ):
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: 'model_state' is not a dict of tensors"
+        )
+    return parsed
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+):
+    """Load a model for inference, with its metadata.
+
+    Args:
+        path: a file written by ``Trainer.save``.
+        device: where to put the model. Default: CPU.
+        dtype: float dtype of the model; default: the stored one.
+
+    Returns:
+        (CompositionMPNN, dict): the model in evaluation mode, and the
+        metadata. The dict holds the keys given to ``Trainer.save(...,
+        metadata=...)`` plus ``model_config``, ``train_config``,
+        ``target_scaling`` (``mean``, ``std`` in eV/atom), ``element_table``,
+        ``data_fingerprint``, ``training_domain`` (``elements``: symbols seen
+        in training, ``max_elements``), ``provenance``, ``history``,
+        ``epochs_done`` and ``format_version``.
+
+    Raises:
+        CheckpointError: as :func:`read_checkpoint`, or when the weights do not
+            fit the stored config.
+    """
+    document = read_checkpoint(path)
+    model = model_from_document(document, path)
+    if dtype is not None:
+        model = model.to(dtype=dtype)
+    model = model.to(device)
+    model.eval()
+    return model, metadata_from_document(document)
+
+
+def model_from_document(document: dict[str, Any], path: str | os.PathLike):
+    """Build the model that a parsed checkpoint describes (on the CPU)."""
+    from dvmrl.model import CompositionMPNN, ModelConfig
+
+    try:
+        config = ModelConfig.from_dict(document["model_config"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"checkpoint {path} holds an invalid model config: {err}"
+        ) from None
+    state = document["model_state"]
+    if "descriptors" not in state:
+        raise CheckpointError(f"checkpoint {path} is corrupt: no 'descriptors' buffer")
+    dtype = state["flat"].dtype if "flat" in state else torch.float32
+    model = CompositionMPNN(config, descriptors=state["descriptors"].to(torch.float64))
+    model = model.to(dtype=dtype)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: its weights do not fit its config ({err})"
+        ) from None
+    return model
+
+
+def metadata_from_document(document: dict[str, Any]) -> dict[str, Any]:
+    """Collect the metadata dict that :func:`load_checkpoint` returns."""
+    metadata = dict(document.get("metadata") or {})
+    for key in (
+        "model_config",
+        "train_config",
+        "target_scaling",
+        "element_table",
+        "data_fingerprint",
+        "training_domain",
+        "provenance",
+        "history",
+    ):
+        metadata[key] = document.get(key)
+    trainer_state = (document.get("resume") or {}).get("trainer")
+    history = document.get("history") or []
+    metadata["epochs_done"] = len(history)
+    if trainer_state:
+        metadata["epochs_done"] = json.loads(trainer_state).get(
+            "epochs_done", len(history)
+        )
+    metadata["format_version"] = document["format_version"]
+    return metadata
+
+
+RESERVED_METADATA_KEYS = frozenset(
+    {
+        "model_config",
+        "train_config",
+        "target_scaling",
+        "element_table",
+        "data_fingerprint",
+        "training_domain",
+        "provenance",
+        "history",
+        "epochs_done",
+        "format_version",
+    }
+)

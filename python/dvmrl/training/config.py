@@ -1,0 +1,214 @@
+"""Training settings (``TrainConfig``) and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from dvmrl import defaults
+
+SCHEDULES = ("cosine", "plateau", "constant")
+MONITORS = ("val_rmse", "val_mae")
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, schedule and stopping settings of a ``Trainer``.
+
+    Defaults come from ``dvmrl.defaults.TRAIN``; settings it does not name
+    use the values below.
+
+    Attributes:
+        lr (float): base learning rate of AdamW.
+        batch_size (int): compositions per optimisation step.
+        weight_decay (float): decoupled (AdamW) weight decay, applied to the
+            weight matrices, the gate vectors ``*gate_u``, ``emb_w`` and
+            ``emb_offset`` but not to biases.
+        epochs (int): total epochs of a ``fit()`` without an explicit count;
+            also the horizon of the cosine schedule.
+        patience (int): epochs without a better validation score before
+            early stopping.
+        grad_clip (float or None): maximum global gradient norm; None or 0
+            disables clipping.
+        seed (int): seed of the initialisation, shuffling and dropout.
+        schedule (str): ``"cosine"`` (linear warm-up, then cosine decay to
+            ``min_lr_ratio * lr`` at epoch ``epochs``, constant after),
+            ``"plateau"`` (warm-up, then multiply by ``plateau_factor`` after
+            ``plateau_patience`` epochs without a better validation score,
+            down to ``min_lr_ratio * lr``) or ``"constant"`` (warm-up only).
+        warmup_epochs (float): length of the linear warm-up in epochs; 0
+            disables it.
+        min_lr_ratio (float): floor of the schedule, relative to ``lr``.
+        plateau_factor (float): factor of each plateau reduction, in (0, 1).
+        plateau_patience (int): epochs without improvement per reduction.
+        monitor (str): validation score for early stopping, best-weight
+            selection and the plateau schedule: ``"val_rmse"`` or
+            ``"val_mae"`` (eV/atom).
+        eval_batch_size (int): compositions per forward pass in evaluation.
+        adam_betas (tuple): AdamW (beta1, beta2).
+        adam_eps (float): AdamW epsilon.
+    """
+
+    lr: float = defaults.TRAIN["lr"]
+    batch_size: int = defaults.TRAIN["batch_size"]
+    weight_decay: float = defaults.TRAIN["weight_decay"]
+    epochs: int = defaults.TRAIN["epochs"]
+    patience: int = defaults.TRAIN["patience"]
+    grad_clip: float | None = defaults.TRAIN["grad_clip"]
+    seed: int = defaults.TRAIN["seed"]
+    schedule: str = defaults.TRAIN.get("schedule", "cosine")
+    warmup_epochs: float = defaults.TRAIN.get("warmup_epochs", 1.0)
+    min_lr_ratio: float = defaults.TRAIN.get("min_lr_ratio", 0.01)
+    plateau_factor: float = defaults.TRAIN.get("plateau_factor", 0.5)
+    plateau_patience: int = defaults.TRAIN.get("plateau_patience", 5)
+    monitor: str = defaults.TRAIN.get("monitor", "val_rmse")
+    eval_batch_size: int = defaults.TRAIN.get("eval_batch_size", 4096)
+    adam_betas: tuple[float, float] = tuple(
+        defaults.TRAIN.get("adam_betas", (0.9, 0.999))
+    )
+    adam_eps: float = defaults.TRAIN.get("adam_eps", 1e-8)
+
+    def __post_init__(self) -> None:
+        self.adam_betas = (float(self.adam_betas[0]), float(self.adam_betas[1]))
+        checks = [
+            ("lr", self.lr > 0 and math.isfinite(self.lr), "a positive finite number"),
+            (
+                "batch_size",
+                _is_int(self.batch_size) and self.batch_size >= 1,
+                "an integer >= 1",
+            ),
+            (
+                "weight_decay",
+                self.weight_decay >= 0 and math.isfinite(self.weight_decay),
+                ">= 0",
+            ),
+            ("epochs", _is_int(self.epochs) and self.epochs >= 0, "an integer >= 0"),
+            (
+                "patience",
+                _is_int(self.patience) and self.patience >= 1,
+                "an integer >= 1",
+            ),
+            (
+                "grad_clip",
+                self.grad_clip is None or self.grad_clip >= 0,
+                "None or >= 0",
+            ),
+            ("seed", _is_int(self.seed) and self.seed >= 0, "an integer >= 0"),
+            ("schedule", self.schedule in SCHEDULES, f"one of {SCHEDULES}"),
+            ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+            ("plateau_factor", 0 < self.plateau_factor < 1, "in (0, 1)"),
+            (
+                "plateau_patience",
+                _is_int(self.plateau_patience) and self.plateau_patience >= 1,
+                "an integer >= 1",
+            ),
+            ("monitor", self.monitor in MONITORS, f"one of {MONITORS}"),
+            (
+                "eval_batch_size",
+                _is_int(self.eval_batch_size) and self.eval_batch_size >= 1,
+                "an integer >= 1",
+            ),
+            (
+                "adam_betas",
+                all(0 <= b < 1 for b in self.adam_betas),
+                "two values in [0, 1)",
+            ),
+            ("adam_eps", self.adam_eps > 0, "> 0"),
+        ]
+        for name, valid, expected in checks:
+            if not valid:
+                raise ValueError(
+                    f"TrainConfig.{name} must be {expected}, got {getattr(self, name)!r}"
+                )
+        self.batch_size = int(self.batch_size)
+        self.epochs = int(self.epochs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the fields as a JSON-serialisable dict."""
+        values = dataclasses.asdict(self)
+        values["adam_betas"] = list(self.adam_betas)
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build a config from ``to_dict`` output; missing keys take defaults.
+
+        Raises:
+            ValueError: for an unknown key or an invalid value.
+        """
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown TrainConfig keys {unknown}; expected a subset of {sorted(known)}"
+            )
+        return cls(**values)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | float) and int(value) == value
+
+
+class LearningRateSchedule:
+    """Multiplier of the base learning rate, by training progress in epochs.
+
+    The state (plateau counters) is plain JSON, so checkpoints can store it
+    and a resumed training continues with the same learning rates.
+    """
+
+    def __init__(self) -> None:
+        self.reductions = 0
+        self.best = math.inf
+        self.epochs_without_improvement = 0
+
+    def factor(self, config: TrainConfig, progress: float) -> float:
+        """Return the multiplier of ``config.lr`` after ``progress`` epochs."""
+        warmup = 1.0
+        if config.warmup_epochs > 0:
+            warmup = min(1.0, progress / config.warmup_epochs)
+        if config.schedule == "cosine":
+            horizon = max(config.epochs, 1)
+            t = min(progress / horizon, 1.0)
+            decay = config.min_lr_ratio + (1.0 - config.min_lr_ratio) * 0.5 * (
+                1.0 + math.cos(math.pi * t)
+            )
+        elif config.schedule == "plateau":
+            decay = max(config.plateau_factor**self.reductions, config.min_lr_ratio)
+        else:
+            decay = 1.0
+        return warmup * decay
+
+    def end_epoch(self, config: TrainConfig, score: float | None) -> None:
+        """Record the epoch's validation score (plateau bookkeeping)."""
+        if config.schedule != "plateau" or score is None or not math.isfinite(score):
+            return
+        if score < self.best:
+            self.best = score
+            self.epochs_without_improvement = 0
+            return
+        self.epochs_without_improvement += 1
+        if self.epochs_without_improvement >= config.plateau_patience:
+            self.reductions += 1
+            self.epochs_without_improvement = 0
+
+    def reset_plateau(self) -> None:
+        """Forget the best score, as after a change of the validation set."""
+        self.best = math.inf
+        self.epochs_without_improvement = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the state as JSON-ready values."""
+        return {
+            "reductions": self.reductions,
+            "best": None if math.isinf(self.best) else self.best,
+            "epochs_without_improvement": self.epochs_without_improvement,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the state from ``state_dict`` output."""
+        self.reductions = int(state["reductions"])
+        self.best = math.inf if state["best"] is None else float(state["best"])
+        self.epochs_without_improvement = int(state["epochs_without_improvement"])

@@ -1,0 +1,373 @@
+"""Tests of dvmrl.model: config, initialisation, forward paths, dropout."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dvmrl import elements, ops, reference
+from dvmrl.featurize import featurize
+from dvmrl.layout import parameter_count, unflatten
+from dvmrl.model import (
+    RESIDUAL_INIT_SCALE,
+    CompositionMPNN,
+    ModelConfig,
+    orthogonal_embedding,
+)
+
+SMALL = {
+    "hidden": 24,
+    "layers": 2,
+    "gate_hidden": 12,
+    "msg_hidden": 16,
+    "head_hidden": 20,
+    "head_layers": 2,
+}
+FORMULAS = ["FeNi", "Al2Cu", "NiTiZr", "Mg", "Fe3Al", "CuZn", "AuAgPd", "LiMg"]
+
+
+def _model(dtype=torch.float64, **overrides) -> CompositionMPNN:
+    config = ModelConfig(**{**SMALL, **overrides})
+    model = CompositionMPNN(config, seed=3).to(dtype=dtype)
+    # Move the initial state away from zero biases and offsets, so the tests
+    # exercise every parameter.
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(11)
+        model.flat.add_(
+            0.05 * torch.randn(model.flat.shape, generator=generator, dtype=dtype)
+        )
+        model.emb_offset.add_(
+            0.1 * torch.randn(model.emb_offset.shape, generator=generator, dtype=dtype)
+        )
+    return model.eval()
+
+
+def _batch(dtype=torch.float64, formulas=FORMULAS):
+    return featurize(formulas).to(dtype=dtype)
+
+
+def test_config_json_round_trip():
+    config = ModelConfig(hidden=32, layers=1, dropout=0.2, heteroscedastic=True)
+    text = json.dumps(config.to_dict())
+    assert ModelConfig.from_dict(json.loads(text)) == config
+
+
+def test_config_unknown_key():
+    with pytest.raises(ValueError, match="unknown ModelConfig keys"):
+        ModelConfig.from_dict({"hidden": 8, "width": 3})
+
+
+def test_config_bad_dropout():
+    with pytest.raises(ValueError, match="dropout"):
+        ModelConfig(dropout=1.0)
+
+
+def test_config_bad_size():
+    with pytest.raises(ValueError, match="hidden"):
+        ModelConfig(hidden=0)
+
+
+def test_config_n_out():
+    assert ModelConfig(heteroscedastic=False).dims.n_out == 1
+    assert ModelConfig(heteroscedastic=True).dims.n_out == 2
+
+
+def test_parameter_shapes():
+    model = CompositionMPNN(ModelConfig(**SMALL))
+    n_features = elements.descriptor_matrix().shape[1]
+    assert tuple(model.emb_w.shape) == (24, n_features)
+    assert tuple(model.emb_b.shape) == (24,)
+    assert tuple(model.emb_offset.shape) == (103, 24)
+    assert model.flat.numel() == parameter_count(model.dims)
+    assert model.flat.dtype == torch.float32
+
+
+def test_embedding_isometry():
+    descriptors = elements.descriptor_matrix()
+    w = orthogonal_embedding(descriptors, 32, torch.Generator().manual_seed(0))
+    identity = torch.eye(descriptors.shape[1], dtype=torch.float64)
+    torch.testing.assert_close(w.T @ w, identity, atol=1e-12, rtol=0)
+
+
+def test_embedding_projection():
+    descriptors = elements.descriptor_matrix()
+    w = orthogonal_embedding(descriptors, 8, torch.Generator().manual_seed(0))
+    assert tuple(w.shape) == (8, descriptors.shape[1])
+    torch.testing.assert_close(
+        w @ w.T, torch.eye(8, dtype=torch.float64), atol=1e-12, rtol=0
+    )
+
+
+def test_initial_node_table():
+    model = CompositionMPNN(ModelConfig(**SMALL)).double()
+    expected = model.descriptors @ model.emb_w.T
+    torch.testing.assert_close(model.node_table(), expected, atol=0, rtol=0)
+    # An isometry keeps the distances between element descriptor vectors.
+    table = model.node_table().detach()
+    distance = torch.linalg.norm(table[25] - table[27])  # Fe - Ni
+    descriptor_distance = torch.linalg.norm(
+        model.descriptors[25] - model.descriptors[27]
+    )
+    # emb_w was rounded to float32 before .double().
+    assert float(distance) == pytest.approx(float(descriptor_distance), rel=1e-6)
+
+
+def test_initial_biases_zero():
+    model = CompositionMPNN(ModelConfig(**SMALL))
+    params = unflatten(model.flat.detach(), model.dims)
+    for name in (
+        "layer0.gate_b",
+        "layer0.msg_b1",
+        "layer1.msg_b2",
+        "pool_msg_b2",
+        "head_b0",
+    ):
+        assert torch.count_nonzero(params[name]) == 0, name
+
+
+def test_residual_init_small():
+    model = CompositionMPNN(ModelConfig(hidden=64, msg_hidden=64, layers=1))
+    params = unflatten(model.flat.detach(), model.dims)
+    expected = RESIDUAL_INIT_SCALE / 64**0.5
+    assert float(params["layer0.msg_w2"].std()) == pytest.approx(expected, rel=0.1)
+    assert float(params["layer0.msg_w2"].std()) < 0.5 * float(
+        params["layer0.msg_w1_i"].std()
+    )
+
+
+def test_init_seed_reproducible():
+    first = CompositionMPNN(ModelConfig(**SMALL), seed=5)
+    second = CompositionMPNN(ModelConfig(**SMALL), seed=5)
+    other = CompositionMPNN(ModelConfig(**SMALL), seed=6)
+    assert torch.equal(first.flat, second.flat)
+    assert not torch.equal(first.flat, other.flat)
+
+
+def test_forward_matches_reference():
+    model = _model()
+    model.use_fused = False
+    batch = _batch()
+    out = reference.model_forward(
+        model.node_table(),
+        model.flat,
+        batch.element_index,
+        batch.frac,
+        batch.mask,
+        model.dims,
+    )
+    model.set_target_scaling(-0.3, 0.7)
+    prediction = model(batch.element_index, batch.frac, batch.mask)
+    torch.testing.assert_close(prediction, out[:, 0] * 0.7 - 0.3, atol=1e-12, rtol=0)
+
+
+def test_forward_fused_matches_reference():
+    model = _model()
+    batch = _batch()
+    model.use_fused = False
+    expected = model(batch.element_index, batch.frac, batch.mask)
+    model.use_fused = True
+    actual = model(batch.element_index, batch.frac, batch.mask)
+    torch.testing.assert_close(actual, expected, atol=1e-10, rtol=1e-10)
+
+
+def test_fused_switch_calls_ops(monkeypatch):
+    calls = []
+    original = ops.model_forward
+
+    def spy(*args, **kwargs):
+        calls.append(True)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "model_forward", spy)
+    model = _model()
+    batch = _batch()
+    model.use_fused = True
+    model(batch.element_index, batch.frac, batch.mask)
+    assert len(calls) == 1
+    model.use_fused = False
+    model(batch.element_index, batch.frac, batch.mask)
+    assert len(calls) == 1
+
+
+def test_slot_permutation_invariance():
+    model = _model()
+    model.use_fused = False
+    batch = _batch(formulas=["NiTiZr", "AuAgPd"])
+    permutation = torch.tensor([2, 0, 1])
+    expected = model(batch.element_index, batch.frac, batch.mask)
+    permuted = model(
+        batch.element_index[:, permutation],
+        batch.frac[:, permutation],
+        batch.mask[:, permutation],
+    )
+    torch.testing.assert_close(permuted, expected, atol=1e-12, rtol=0)
+
+
+def test_padding_invariance():
+    model = _model()
+    model.use_fused = False
+    narrow = featurize(["FeNi", "Al2Cu"]).to(dtype=torch.float64)
+    padded = featurize(["FeNi", "Al2Cu"], k_max=5).to(dtype=torch.float64)
+    expected = model(narrow.element_index, narrow.frac, narrow.mask)
+    actual = model(padded.element_index, padded.frac, padded.mask)
+    torch.testing.assert_close(actual, expected, atol=1e-12, rtol=0)
+
+
+def test_single_element_finite():
+    model = _model()
+    batch = _batch(formulas=["Fe", "Cu"])
+    prediction = model(batch.element_index, batch.frac, batch.mask)
+    assert bool(torch.isfinite(prediction).all())
+    assert float(prediction[0].detach()) != float(prediction[1].detach())
+
+
+def test_frac_gradient_matches_gradcheck():
+    model = _model()
+    model.use_fused = False
+    batch = _batch(formulas=["NiTiZr", "FeNi", "Al2Cu"])
+    frac = batch.frac.clone().requires_grad_(True)
+
+    def predict(f):
+        return model(batch.element_index, f, batch.mask)
+
+    assert torch.autograd.gradcheck(predict, (frac,), eps=1e-6, atol=1e-7)
+
+
+def test_gradients_reach_every_parameter():
+    model = _model().train()
+    batch = _batch()
+    model(batch.element_index, batch.frac, batch.mask).sum().backward()
+    for name in ("emb_w", "emb_b", "emb_offset", "flat"):
+        gradient = getattr(model, name).grad
+        assert gradient is not None, name
+        assert bool(torch.isfinite(gradient).all()), name
+    assert torch.count_nonzero(model.flat.grad) > 0.9 * model.flat.numel()
+
+
+def test_dropout_mask_values():
+    model = _model(dropout=0.25).train()
+    model.dropout_generator = torch.Generator().manual_seed(0)
+    mask = model.draw_dropout_mask(500)
+    assert tuple(mask.shape) == (2, 500, 20)
+    values = set(torch.unique(mask).tolist())
+    assert values == {0.0, 1.0 / 0.75}
+    kept = float((mask > 0).to(torch.float64).mean())
+    assert kept == pytest.approx(0.75, abs=0.02)
+
+
+def test_dropout_only_in_training():
+    model = _model(dropout=0.3)
+    batch = _batch()
+    model.eval()
+    assert model.draw_dropout_mask(len(batch)) is None
+    first = model(batch.element_index, batch.frac, batch.mask)
+    second = model(batch.element_index, batch.frac, batch.mask)
+    assert torch.equal(first, second)
+    model.train()
+    noisy = model(batch.element_index, batch.frac, batch.mask)
+    assert not torch.equal(noisy, first)
+
+
+def test_mc_dropout_in_eval():
+    model = _model(dropout=0.3).eval()
+    batch = _batch()
+    clean = model(batch.element_index, batch.frac, batch.mask)
+    model.mc_dropout(True)
+    assert model.mc_dropout_enabled
+    sampled = model(batch.element_index, batch.frac, batch.mask)
+    assert not torch.equal(sampled, clean)
+    model.mc_dropout(False)
+    assert torch.equal(model(batch.element_index, batch.frac, batch.mask), clean)
+
+
+def test_dropout_generator_reproducible():
+    model = _model(dropout=0.3).train()
+    batch = _batch()
+    model.dropout_generator = torch.Generator().manual_seed(4)
+    first = model(batch.element_index, batch.frac, batch.mask)
+    model.dropout_generator = torch.Generator().manual_seed(4)
+    second = model(batch.element_index, batch.frac, batch.mask)
+    assert torch.equal(first, second)
+
+
+def test_dropout_reaches_kernel(monkeypatch):
+    seen = []
+    original = ops.model_forward
+
+    def spy(*args, **kwargs):
+        seen.append(args[6] if len(args) > 6 else kwargs.get("dropout_mask"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "model_forward", spy)
+    model = _model(dropout=0.5).train()
+    batch = _batch()
+    model(batch.element_index, batch.frac, batch.mask)
+    assert seen[0] is not None
+    assert tuple(seen[0].shape) == (2, len(batch), 20)
+
+
+def test_variance_units():
+    model = _model(heteroscedastic=True)
+    batch = _batch()
+    model.set_target_scaling(0.0, 1.0)
+    mean_1, variance_1 = model.forward_with_variance(
+        batch.element_index, batch.frac, batch.mask
+    )
+    model.set_target_scaling(0.5, 2.0)
+    mean_2, variance_2 = model.forward_with_variance(
+        batch.element_index, batch.frac, batch.mask
+    )
+    torch.testing.assert_close(mean_2, mean_1 * 2.0 + 0.5, atol=1e-12, rtol=0)
+    torch.testing.assert_close(variance_2, variance_1 * 4.0, atol=1e-12, rtol=1e-12)
+    assert bool((variance_1 > 0).all())
+
+
+def test_variance_needs_head():
+    model = _model()
+    batch = _batch()
+    with pytest.raises(RuntimeError, match="heteroscedastic"):
+        model.forward_with_variance(batch.element_index, batch.frac, batch.mask)
+
+
+def test_has_uncertainty():
+    assert not _model().has_uncertainty
+    assert _model(heteroscedastic=True).has_uncertainty
+    assert _model(dropout=0.1).has_uncertainty
+
+
+def test_frac_dtype_mismatch():
+    model = _model(dtype=torch.float32)
+    batch = _batch(dtype=torch.float64)
+    with pytest.raises(TypeError, match="dtype"):
+        model(batch.element_index, batch.frac, batch.mask)
+
+
+def test_target_scaling_invalid():
+    model = _model()
+    with pytest.raises(ValueError, match="positive finite std"):
+        model.set_target_scaling(0.0, 0.0)
+
+
+def test_float32_close_to_float64():
+    model64 = _model(dtype=torch.float64)
+    model32 = _model(dtype=torch.float64).to(dtype=torch.float32)
+    batch = _batch()
+    expected = model64(batch.element_index, batch.frac, batch.mask)
+    batch32 = batch.to(dtype=torch.float32)
+    actual = model32(batch32.element_index, batch32.frac, batch32.mask)
+    assert actual.dtype == torch.float32
+    np.testing.assert_allclose(actual.double().detach(), expected.detach(), atol=1e-5)
+
+
+def test_device_move(device):
+    model = _model(dtype=torch.float32).to(device)
+    batch = _batch(dtype=torch.float32).to(device)
+    prediction = model(batch.element_index, batch.frac, batch.mask)
+    assert prediction.device.type == device.type
+    cpu_model = _model(dtype=torch.float32)
+    cpu_batch = _batch(dtype=torch.float32)
+    expected = cpu_model(cpu_batch.element_index, cpu_batch.frac, cpu_batch.mask)
+    np.testing.assert_allclose(prediction.cpu().detach(), expected.detach(), atol=1e-5)
