@@ -213,6 +213,13 @@ def test_fetch_gzip_output(tmp_path):
     assert info["rows"] == 3
 
 
+def test_fetch_client_object(tmp_path):
+    client = StandInMPRester(api_key=KEY)
+    metadata = _fetch(tmp_path, rester=client)
+    assert metadata["rows"] == 3
+    assert client.closed
+
+
 def test_fetch_bad_property(tmp_path):
     with pytest.raises(ValueError, match="unknown property 'band_gap'"):
         _fetch(tmp_path, prop="band_gap")

@@ -17,6 +17,7 @@ one row per reduced formula with the lowest value over polymorphs.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import importlib.metadata
@@ -188,6 +189,12 @@ def _database_version(client) -> str | None:
     return None if version is None else str(version)
 
 
+def _as_context(client):
+    if hasattr(client, "__enter__"):
+        return client
+    return contextlib.nullcontext(client)
+
+
 def _query(client, prop: str, chunk_size: int) -> list:
     return client.materials.summary.search(
         num_elements=(2, 3),
@@ -229,9 +236,10 @@ def fetch_materials_project(
         prop: ``formation_energy_per_atom`` or ``energy_above_hull``.
         out: output CSV path.
         api_key_file: file holding the API key; see :func:`read_api_key`.
-        rester: a factory called as ``rester(api_key=key)`` that returns a
-            context manager with ``materials.summary.search(...)`` and
-            ``db_version``, as ``mp_api.client.MPRester`` does (the default).
+        rester: the client class ``mp_api.client.MPRester`` (the default) or
+            a stand-in for it: a factory called as ``rester(api_key=key)``
+            that returns a context manager with ``materials.summary.search``
+            and ``db_version``, or such a client object itself.
         environ: the environment to read the key from; default ``os.environ``.
         chunk_size: documents per request.
 
@@ -255,7 +263,10 @@ def fetch_materials_project(
 
     logger.info("querying the Materials Project summary endpoint for %s", prop)
     try:
-        with factory(api_key=key) as client:
+        # A class or factory gets the checked key. A client object passed in
+        # already carries its own key and is used as it is.
+        client_or_manager = factory(api_key=key) if callable(factory) else factory
+        with _as_context(client_or_manager) as client:
             db_version = _database_version(client)
             documents = list(_query(client, prop, chunk_size))
     except Exception as err:  # noqa: BLE001 - re-raised with the key masked
