@@ -82,6 +82,12 @@ DEFAULT_TRAIN = {
     "warmup_epochs": 0.0,
 }
 
+# Cost limits of the validation strategies: the GP fits at most this many
+# training compositions, and the adversarial strategy perturbs at most this
+# many training compositions with the probe's search settings.
+GP_MAX_TRAIN = 300
+ADVERSARIAL_ANCHORS = 64
+
 # Observation entries are clipped to this range.
 OBS_BOUND = 10.0
 
@@ -90,6 +96,9 @@ OBS_BOUND = 10.0
 class _Task:
     """Featurised pools of one task (no test part)."""
 
+    x_all: Any
+    n_train: int
+    features_all: np.ndarray
     x_train: Any
     y_train: np.ndarray
     f_train: np.ndarray
@@ -133,11 +142,14 @@ class ModelTuningEnv(gym.Env):
       slices: training compositions among the nearest neighbours (in
       descriptor space) of the validation compositions with the largest
       errors are up-weighted, so training concentrates on those regions.
-      Strategies: random (uniform draw), gp-uncertainty (largest predictive
-      standard deviation of a Gaussian process fitted to the model's
-      training residuals), ensemble-variance (largest variance across the
-      predictions of the last checkpoints), adversarial (compositions that
-      a classifier separates best from the training pool).
+      Strategies (:func:`dvmrl.validation.select_validation_set`): random
+      (uniform draw), gp-uncertainty (largest predictive standard deviation
+      of a Gaussian process fitted on at most 300 training compositions),
+      ensemble-variance (largest variance across the pool predictions of
+      the last three measured states, uniform before there are two), and
+      adversarial (pool compositions nearest to adversarial examples of the
+      current model built from at most 64 training compositions, most
+      vulnerable first).
     - ``lr-half`` / ``lr-double``: learning rate x0.5 / x2, optimiser state kept.
     - ``batch-half`` / ``batch-double``: batch size x0.5 / x2.
     - ``weight-decay-down`` / ``weight-decay-up``: weight decay x0.1 / x10.
@@ -526,30 +538,67 @@ class ModelTuningEnv(gym.Env):
 
     def _select_validation(self, strategy: str) -> np.ndarray:
         """Return sorted indices into the validation pool for ``strategy``."""
-        n_pool = len(self.task.y_pool)
-        if strategy == "random" or self.trainer is None:
-            return np.sort(self._rng.choice(n_pool, self.val_size, replace=False))
-        if strategy == "gp-uncertainty":
-            score = self._gp_uncertainty()
-        elif strategy == "ensemble-variance":
-            if len(self._snapshots) < 2:
-                return np.sort(self._rng.choice(n_pool, self.val_size, replace=False))
-            score = np.var(np.stack(self._snapshots[-3:]), axis=0)
-        elif strategy == "adversarial":
-            score = _adversarial_validation_scores(
-                self.task.f_train, self.task.f_pool, self._rng
+        if strategy not in VALIDATION_STRATEGIES:
+            raise ValueError(
+                f"unknown validation strategy {strategy!r}: expected one of "
+                f"{VALIDATION_STRATEGIES}"
             )
+        n_pool = len(self.task.y_pool)
+        seed = int(self._rng.integers(0, 2**31 - 1))
+        if strategy == "random" or self.trainer is None:
+            return np.sort(np.random.default_rng(seed).choice(n_pool, self.val_size, replace=False))
+        if strategy == "ensemble-variance" and len(self._snapshots) < 2:
+            # No ensemble before the second slice: fall back to a uniform draw.
+            return np.sort(np.random.default_rng(seed).choice(n_pool, self.val_size, replace=False))
+        try:
+            from dvmrl.validation import select_validation_set
+        except ImportError:
+            return self._select_validation_private(strategy, seed)
+        n_train = self.task.n_train
+        rows = select_validation_set(
+            strategy,
+            np.arange(n_train, n_train + n_pool),
+            self.val_size,
+            seed,
+            test_indices=np.zeros(0, dtype=np.int64),
+            train_indices=np.arange(n_train),
+            batch=self.task.x_all,
+            # The default composition features: the adversarial strategy
+            # featurises its examples with those and compares them with these.
+            features=self.task.features_all,
+            samples=np.stack(self._snapshots[-3:]),
+            predictor=self.trainer.model,
+            epsilon=self.epsilon,
+            gp_max_train=GP_MAX_TRAIN,
+            adversarial_anchors=ADVERSARIAL_ANCHORS,
+            search_options={"steps": self.probe_steps, "starts": 1},
+        )
+        return np.sort(np.asarray(rows, dtype=np.int64) - n_train)
+
+    def _select_validation_private(self, strategy: str, seed: int) -> np.ndarray:
+        """Select without dvmrl.validation, with simpler scores of the same ideas.
+
+        NOTE: used only where dvmrl.validation is not installed. Its
+        adversarial score is a classifier's probability that a pool
+        composition is not training data, not a search for adversarial
+        examples.
+        """
+        rng = np.random.default_rng(seed)
+        if strategy == "gp-uncertainty":
+            score = self._gp_uncertainty(rng)
+        elif strategy == "ensemble-variance":
+            score = np.var(np.stack(self._snapshots[-3:]), axis=0)
         else:
-            raise ValueError(f"unknown validation strategy {strategy!r}: expected one of {VALIDATION_STRATEGIES}")
+            score = _adversarial_validation_scores(self.task.f_train, self.task.f_pool, rng)
         # Ties are broken at random so that equal scores do not favour low indices.
-        jitter = self._rng.random(n_pool) * 1e-12
+        jitter = rng.random(len(score)) * 1e-12
         return np.sort(np.argsort(-(score + jitter))[: self.val_size])
 
-    def _gp_uncertainty(self, n_fit: int = 300) -> np.ndarray:
+    def _gp_uncertainty(self, rng: np.random.Generator, n_fit: int = 300) -> np.ndarray:
         from sklearn.gaussian_process import GaussianProcessRegressor
         from sklearn.gaussian_process.kernels import RBF, WhiteKernel
 
-        fit = self._rng.choice(len(self.task.y_train), min(n_fit, len(self.task.y_train)), replace=False)
+        fit = rng.choice(len(self.task.y_train), min(n_fit, len(self.task.y_train)), replace=False)
         residual = self.task.y_train[fit] - self._predict(self.task.x_train[fit])
         kernel = RBF(length_scale=3.0) + WhiteKernel(noise_level=0.1)
         gp = GaussianProcessRegressor(kernel=kernel, optimizer=None, normalize_y=True)
@@ -730,9 +779,16 @@ def _featurize_task(df: pd.DataFrame, train_rows: np.ndarray, pool_rows: np.ndar
 
     formulas = df["formula"].to_numpy().astype(str)
     target = df["target"].to_numpy(np.float64)
-    x_train = featurize(list(formulas[train_rows]))
-    x_pool = featurize(list(formulas[pool_rows]))
+    # One batch holds both pools (training rows first), so that the validation
+    # strategies can index every composition by row.
+    x_all = featurize(list(formulas[train_rows]) + list(formulas[pool_rows]))
+    n_train = len(train_rows)
+    x_train = x_all[:n_train]
+    x_pool = x_all[n_train:]
     return _Task(
+        x_all=x_all,
+        n_train=n_train,
+        features_all=composition_features(x_all),
         x_train=x_train,
         y_train=target[train_rows],
         f_train=composition_features(x_train, stats=("mean",), stoichiometry=False),
