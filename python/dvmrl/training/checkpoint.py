@@ -26,8 +26,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import pickletools
 import sys
 import tempfile
+import warnings
 import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -157,16 +159,21 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointNotFoundError(f"checkpoint {path} is not a file")
     try:
-        document = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it did not write; the
+            # rejection below reports the file instead.
+            warnings.simplefilter("ignore", UserWarning)
+            document = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights_only" in str(err) or "Weights only load failed" in str(err):
+        if _builds_objects(path):
             raise CheckpointError(
                 f"checkpoint {path} was rejected without being loaded: it carries a "
                 "pickled Python object that is not a tensor or plain data, which "
                 "could run code; dvmrl checkpoints never contain one"
             ) from None
         raise CheckpointError(
-            f"checkpoint {path} is corrupt: it is not a readable PyTorch file ({err})"
+            f"checkpoint {path} is corrupt: it is not a readable PyTorch file "
+            f"({str(err).strip().splitlines()[-1][:200]})"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         raise CheckpointError(
@@ -224,6 +231,39 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"checkpoint {path} is corrupt: 'model_state' is not a dict of tensors"
         )
     return parsed
+
+
+# Pickle opcodes that import a global or call one to build an object.
+_OBJECT_OPCODES = frozenset(
+    {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "REDUCE", "BUILD"}
+)
+
+
+def _pickle_bytes(path: Path) -> bytes:
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = [name for name in archive.namelist() if name.endswith("data.pkl")]
+            return archive.read(names[0]) if names else b""
+    data = path.read_bytes()
+    # A raw pickle of protocol 2 or later starts with the PROTO opcode; other
+    # bytes (a truncated archive, say) are not scanned as a pickle.
+    return data if data[:1] == b"\x80" else b""
+
+
+def _builds_objects(path: Path) -> bool:
+    """Tell whether a file parses as a pickle that imports or builds objects.
+
+    Only parses the opcodes (``pickletools.genops``), which never executes
+    them. A file that is not a valid pickle returns False.
+    """
+    try:
+        stream = _pickle_bytes(path)
+        return any(
+            opcode.name in _OBJECT_OPCODES
+            for opcode, _, _ in pickletools.genops(stream)
+        )
+    except (ValueError, KeyError, EOFError, OSError, zipfile.BadZipFile, IndexError):
+        return False
 
 
 def load_checkpoint(

@@ -29,11 +29,14 @@ the elementwise SiLU alike. Consumers (input columns of the matrices, and
 sum as before. The factors are random in [0.5, 1.5] before normalisation,
 so the copies receive different gradients and do not stay tied.
 
-AdamW moments follow the same map. A gradient with respect to a consumer
-column is unchanged by the split (d/dW'[:, j] = dL/dy h_j = dL/dy h_g(j)),
-and a gradient with respect to a produced unit is scaled by alpha_j
-(dL/dh'_j = alpha_j dL/dh_g(j)), so ``exp_avg`` of producer entries is
-multiplied by alpha and ``exp_avg_sq`` by alpha^2.
+AdamW moments follow the same index map, unscaled. The moments that
+correspond exactly to the widened model would scale the producer entries by
+alpha (their gradients scale by alpha: dL/dh'_j = alpha_j dL/dh_g(j)), but
+Adam's update m / sqrt(v) is invariant to that scale, so the copies would
+then receive identical updates and stay tied for good. With the source's
+moments copied unscaled, the new gradients enter each copy's averages with
+its own alpha, the updates of the copies drift apart from the first steps,
+and the widened units learn different features.
 """
 
 from __future__ import annotations
@@ -268,15 +271,10 @@ def widen(
     def param_scale(group: str, role: str) -> torch.Tensor | None:
         return alpha[group] if role == "in" else None
 
-    def avg_scale(group: str, role: str) -> torch.Tensor | None:
-        return alpha[group] if role == "out" else None
+    def no_scale(group: str, role: str) -> None:
+        return None
 
-    def avg_sq_scale(group: str, role: str) -> torch.Tensor | None:
-        return alpha[group] ** 2 if role == "out" else None
-
-    return new_config, _apply(
-        config, state, source, param_scale, avg_scale, avg_sq_scale
-    )
+    return new_config, _apply(config, state, source, param_scale, no_scale, no_scale)
 
 
 def unit_importance(

@@ -1,0 +1,303 @@
+"""Tests of checkpoints: round trip, provenance, rejection of bad files, resume."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import dvmrl
+from dvmrl import datasets
+from dvmrl.featurize import featurize
+from dvmrl.model import ModelConfig
+from dvmrl.training import (
+    FORMAT_VERSION,
+    CheckpointError,
+    CheckpointNotFoundError,
+    TrainConfig,
+    Trainer,
+    load_checkpoint,
+    read_checkpoint,
+)
+from dvmrl.training.checkpoint import HEADER_KEY
+
+SMALL = ModelConfig(
+    hidden=16,
+    layers=2,
+    gate_hidden=16,
+    msg_hidden=16,
+    head_hidden=16,
+    head_layers=2,
+    dropout=0.1,
+)
+
+
+@pytest.fixture(scope="module")
+def data():
+    frame = datasets.load("mp-formation-energy")
+    rows = np.random.default_rng(1).choice(len(frame), size=400, replace=False)
+    subset = frame.iloc[rows]
+    x = featurize(subset["formula"].tolist())
+    y = subset["target"].to_numpy()
+    return x[:320], y[:320], x[320:], y[320:]
+
+
+def _trainer(data, **options) -> Trainer:
+    settings = {"epochs": 6, "batch_size": 64, "lr": 3e-3, "seed": 2, **options}
+    return Trainer(SMALL, TrainConfig(**settings), *data)
+
+
+def _weights(trainer: Trainer) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
+
+
+@pytest.fixture(scope="module")
+def saved(data, tmp_path_factory):
+    trainer = _trainer(data, epochs=2)
+    trainer.fit()
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    trainer.save(path, metadata={"split": "random", "split_fingerprint": "abc123"})
+    return trainer, path
+
+
+class _RunsCode:
+    """A pickled object whose unpickling would write a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def test_round_trip_predictions(data, saved):
+    trainer, path = saved
+    model, _ = load_checkpoint(path)
+    batch = data[2]
+    with torch.no_grad():
+        loaded = model(batch.element_index, batch.frac.float(), batch.mask)
+    np.testing.assert_array_equal(loaded.double().numpy(), trainer.predict(batch))
+
+
+def test_loaded_model_eval_mode(saved):
+    model, _ = load_checkpoint(saved[1])
+    assert not model.training
+    assert model.config == SMALL
+
+
+def test_metadata_user_keys(saved):
+    _, metadata = load_checkpoint(saved[1])
+    assert metadata["split"] == "random"
+    assert metadata["split_fingerprint"] == "abc123"
+
+
+def test_metadata_contents(data, saved):
+    trainer, path = saved
+    _, metadata = load_checkpoint(path)
+    assert metadata["model_config"] == SMALL.to_dict()
+    assert metadata["train_config"]["seed"] == 2
+    assert metadata["target_scaling"]["mean"] == pytest.approx(data[1].mean(), rel=1e-6)
+    assert metadata["target_scaling"]["unit"] == "eV/atom"
+    assert metadata["epochs_done"] == 2
+    assert len(metadata["history"]) == 2
+    assert metadata["format_version"] == FORMAT_VERSION
+    assert metadata["data_fingerprint"]["n_train"] == 320
+
+
+def test_provenance(saved):
+    _, metadata = load_checkpoint(saved[1])
+    provenance = metadata["provenance"]
+    assert provenance["dvmrl_version"] == dvmrl.__version__
+    assert provenance["torch_version"] == torch.__version__
+    assert provenance["build_info"]["version"] == dvmrl.build_info()["version"]
+    assert isinstance(provenance["command"], list)
+    assert provenance["format_version"] == FORMAT_VERSION
+
+
+def test_element_table(saved):
+    _, metadata = load_checkpoint(saved[1])
+    table = metadata["element_table"]
+    assert table["symbols"][25] == "Fe"
+    assert len(table["values"]) == 103
+    assert len(table["descriptor_names"]) == len(table["values"][0])
+
+
+def test_training_domain(data, saved):
+    _, metadata = load_checkpoint(saved[1])
+    domain = metadata["training_domain"]
+    x_train = data[0]
+    assert domain["max_elements"] == int(x_train.mask.sum(dim=1).max())
+    rows = torch.unique(x_train.element_index[x_train.mask]).tolist()
+    assert len(domain["elements"]) == len(rows)
+
+
+def test_json_entries_are_strings(saved):
+    document = torch.load(saved[1], weights_only=True)
+    assert isinstance(document["model_config"], str)
+    assert isinstance(document["metadata"], str)
+    assert json.loads(document[HEADER_KEY])["format_version"] == FORMAT_VERSION
+
+
+def test_load_float64(saved):
+    model, _ = load_checkpoint(saved[1], dtype=torch.float64)
+    assert model.flat.dtype == torch.float64
+
+
+def test_reserved_metadata_key(data, tmp_path):
+    trainer = _trainer(data)
+    with pytest.raises(ValueError, match="reserved"):
+        trainer.save(tmp_path / "model.pt", metadata={"provenance": "mine"})
+
+
+def test_atomic_write_leaves_no_temp(data, tmp_path):
+    trainer = _trainer(data)
+    trainer.save(tmp_path / "model.pt")
+    trainer.save(tmp_path / "model.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointNotFoundError, match="not found"):
+        load_checkpoint(tmp_path / "absent.pt")
+
+
+def test_missing_file_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "absent.pt")
+
+
+def test_directory_not_a_file(tmp_path):
+    with pytest.raises(CheckpointError, match="is not a file"):
+        load_checkpoint(tmp_path)
+
+
+def test_truncated_file(saved, tmp_path):
+    data = saved[1].read_bytes()
+    path = tmp_path / "truncated.pt"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path)
+
+
+def test_garbage_file(tmp_path):
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path)
+
+
+def test_foreign_torch_file(tmp_path):
+    path = tmp_path / "foreign.pt"
+    torch.save({"weight": torch.zeros(3)}, path)
+    with pytest.raises(CheckpointError, match="not a dvmrl checkpoint"):
+        load_checkpoint(path)
+
+
+def test_newer_format_version(saved, tmp_path):
+    document = torch.load(saved[1], weights_only=True)
+    document[HEADER_KEY] = json.dumps(
+        {"format": "dvmrl-checkpoint", "format_version": 99}
+    )
+    path = tmp_path / "future.pt"
+    torch.save(document, path)
+    with pytest.raises(CheckpointError, match="format version 99.*upgrade dvmrl"):
+        load_checkpoint(path)
+
+
+def test_weights_do_not_fit_config(saved, tmp_path):
+    document = torch.load(saved[1], weights_only=True)
+    config = json.loads(document["model_config"])
+    config["hidden"] = 8
+    document["model_config"] = json.dumps(config)
+    path = tmp_path / "mismatch.pt"
+    torch.save(document, path)
+    with pytest.raises(CheckpointError, match="do not fit its config"):
+        load_checkpoint(path)
+
+
+def test_pickled_object_in_torch_file(tmp_path):
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pt"
+    torch.save({HEADER_KEY: "x", "payload": _RunsCode(marker)}, path)
+    with pytest.raises(CheckpointError, match="pickled Python object"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_plain_pickle_file(tmp_path):
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pkl"
+    with open(path, "wb") as handle:
+        pickle.dump(_RunsCode(marker), handle)
+    with pytest.raises(CheckpointError, match="pickled Python object"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_marker_payload_runs_when_unpickled(tmp_path):
+    # The payload of the two tests above really runs code when unpickled
+    # without restrictions, so their passing means it was rejected.
+    marker = tmp_path / "marker"
+    pickle.loads(pickle.dumps(_RunsCode(marker)))
+    assert marker.read_text() == "ran"
+
+
+def test_resume_exact(data, tmp_path):
+    uninterrupted = _trainer(data)
+    uninterrupted.set_sample_weights(np.linspace(0.5, 1.5, 320))
+    uninterrupted.fit()
+
+    path = tmp_path / "resume.pt"
+    interrupted = _trainer(data)
+    interrupted.set_sample_weights(np.linspace(0.5, 1.5, 320))
+
+    def stop_after_three(record):
+        if record["epoch"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit(progress=stop_after_three, checkpoint=path)
+    resumed = Trainer.from_checkpoint(path, *data)
+    assert resumed.epochs_done == 3
+    records = resumed.fit()
+    assert [record["epoch"] for record in records] == [4, 5, 6]
+    assert torch.equal(_weights(resumed), _weights(uninterrupted))
+    assert resumed.best_epoch == uninterrupted.best_epoch
+    history = [record["val_rmse"] for record in resumed.history]
+    assert history == [record["val_rmse"] for record in uninterrupted.history]
+
+
+def test_resume_keeps_optimizer(data, tmp_path):
+    trainer = _trainer(data)
+    trainer.train_epochs(1)
+    path = trainer.save(tmp_path / "model.pt")
+    resumed = Trainer.from_checkpoint(path, *data)
+    before = trainer._optimizer.state[trainer.model.flat]
+    after = resumed._optimizer.state[resumed.model.flat]
+    assert torch.equal(before["exp_avg_sq"], after["exp_avg_sq"])
+    assert float(before["step"]) == float(after["step"])
+
+
+def test_resume_other_data(data, tmp_path):
+    trainer = _trainer(data)
+    path = trainer.save(tmp_path / "model.pt")
+    x_train, y_train, x_val, y_val = data
+    with pytest.raises(CheckpointError, match="train data differ"):
+        Trainer.from_checkpoint(path, x_train, y_train + 1.0, x_val, y_val)
+
+
+def test_resume_without_state(data, tmp_path):
+    trainer = _trainer(data)
+    path = trainer.save(tmp_path / "model.pt", resume=False)
+    with pytest.raises(CheckpointError, match="no resume state"):
+        Trainer.from_checkpoint(path, *data)
+
+
+def test_read_checkpoint_has_resume(saved):
+    document = read_checkpoint(saved[1])
+    resume = document["resume"]
+    assert set(resume["optimizer"]) == {"emb_w", "emb_b", "emb_offset", "flat"}
+    assert resume["rng"]["shuffle"].dtype == torch.uint8
