@@ -79,6 +79,7 @@ void run(bool forward, int dtype, int device, uintptr_t stream, const mp::Dims& 
     return;
   }
 #if defined(DVMRL_WITH_CUDA)
+  (void)op;
   py::gil_scoped_release release;
   if (forward) {
     mp::forward_cuda(dtype, d, buf, device, stream);
