@@ -1,0 +1,294 @@
+"""Shift detection: can a classifier tell the training pool from another set?
+
+This is adversarial validation in its classic sense. A gradient-boosting
+classifier (scikit-learn ``HistGradientBoostingClassifier``) learns to
+separate training compositions (label 0) from a validation or test set
+(label 1) in the composition features (``dvmrl.featurize.
+composition_features``). Its cross-validated ROC AUC measures the shift:
+0.5 means no detectable difference, 1.0 a perfect separation. The features
+that drive it are ranked by permutation importance (drop in AUC on the
+first held-out fold when a feature is shuffled).
+
+Both sets are subsampled to at most ``max_samples`` rows each, so the cost
+is bounded for any data size and the RL agent can call :func:`shift_auc`
+every step on small subsamples (see ``ShiftResult.seconds``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_SAMPLES = 1000
+DEFAULT_FOLDS = 5
+
+
+@dataclass
+class ShiftResult:
+    """Cross-validated separability of a reference and another set.
+
+    Attributes:
+        auc (float): mean ROC AUC over the folds (0.5: no detectable shift).
+        auc_std (float): standard deviation of the fold AUCs.
+        n_reference (int): reference rows used (after subsampling).
+        n_other (int): other rows used (after subsampling).
+        top_features (list): (feature name, AUC drop when shuffled),
+            largest first; empty when importance was not computed.
+        seconds (float): wall time of the call.
+    """
+
+    auc: float
+    auc_std: float
+    n_reference: int
+    n_other: int
+    top_features: list[tuple[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        """Return the result as JSON-ready values."""
+        values = asdict(self)
+        values["top_features"] = [[name, float(v)] for name, v in self.top_features]
+        return values
+
+
+def _subsample(x: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
+    if len(x) <= limit:
+        return x
+    return x[np.sort(rng.choice(len(x), size=limit, replace=False))]
+
+
+def shift_auc(
+    reference: np.ndarray,
+    other: np.ndarray,
+    *,
+    feature_names: list[str] | None = None,
+    max_samples: int = DEFAULT_MAX_SAMPLES,
+    folds: int = DEFAULT_FOLDS,
+    seed: int = 0,
+    importance: bool = True,
+    n_top: int = 5,
+    n_threads: int = 1,
+    max_iter: int = 100,
+) -> ShiftResult:
+    """Measure how well a classifier separates two sets of feature rows.
+
+    Args:
+        reference (ndarray): features [N, F] of the training pool.
+        other (ndarray): features [M, F] of the set to compare.
+        feature_names (list, optional): F names for ``top_features``;
+            default ``composition_feature_names()`` when F matches, else
+            "feature_<i>".
+        max_samples (int): rows drawn from each set at most (>= 10).
+        folds (int): stratified cross-validation folds (>= 2).
+        seed (int): seed of the subsamples, folds and classifier.
+        importance (bool): rank the features by permutation importance on
+            the first held-out fold (adds 2 F predictions of that fold).
+        n_top (int): features reported.
+        n_threads (int): OpenMP threads of the classifier; 1 avoids
+            oversubscription when other work shares the cores.
+        max_iter (int): boosting iterations of the classifier.
+
+    Returns:
+        ShiftResult: the AUC, its spread, the top features and the time.
+
+    Raises:
+        ValueError: for sets with fewer than ``folds`` rows, mismatched
+            feature counts, or bad arguments.
+    """
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.inspection import permutation_importance
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold
+    from threadpoolctl import threadpool_limits
+
+    start = time.perf_counter()
+    reference = np.asarray(reference, dtype=np.float64)
+    other = np.asarray(other, dtype=np.float64)
+    if reference.ndim != 2 or other.ndim != 2 or reference.shape[1] != other.shape[1]:
+        raise ValueError(
+            f"reference and other must be 2-D with the same feature count, got "
+            f"shapes {reference.shape} and {other.shape}"
+        )
+    if int(folds) != folds or folds < 2:
+        raise ValueError(f"folds must be an integer >= 2, got {folds!r}")
+    if int(max_samples) != max_samples or max_samples < 10:
+        raise ValueError(f"max_samples must be an integer >= 10, got {max_samples!r}")
+    for name, rows in (("reference", reference), ("other", other)):
+        if len(rows) < folds:
+            raise ValueError(
+                f"the {name} set has {len(rows)} rows; shift detection needs at "
+                f"least folds = {folds}"
+            )
+    n_features = reference.shape[1]
+    if feature_names is None:
+        feature_names = _default_names(n_features)
+    elif len(feature_names) != n_features:
+        raise ValueError(
+            f"feature_names has {len(feature_names)} names for {n_features} features"
+        )
+
+    rng = np.random.default_rng(int(seed))
+    reference = _subsample(reference, int(max_samples), rng)
+    other = _subsample(other, int(max_samples), rng)
+    x = np.concatenate([reference, other])
+    y = np.concatenate([np.zeros(len(reference)), np.ones(len(other))])
+
+    aucs: list[float] = []
+    drops = np.zeros(n_features)
+    splitter = StratifiedKFold(n_splits=int(folds), shuffle=True, random_state=int(seed))
+    with threadpool_limits(limits=int(n_threads), user_api="openmp"):
+        for fold, (fit_rows, test_rows) in enumerate(splitter.split(x, y)):
+            classifier = HistGradientBoostingClassifier(
+                max_iter=int(max_iter),
+                learning_rate=0.1,
+                max_leaf_nodes=15,
+                early_stopping=False,
+                random_state=int(seed) + fold,
+            )
+            classifier.fit(x[fit_rows], y[fit_rows])
+            score = classifier.predict_proba(x[test_rows])[:, 1]
+            aucs.append(float(roc_auc_score(y[test_rows], score)))
+            if importance and fold == 0:
+                result = permutation_importance(
+                    classifier,
+                    x[test_rows],
+                    y[test_rows],
+                    scoring="roc_auc",
+                    n_repeats=2,
+                    random_state=int(seed) + fold,
+                )
+                drops = result.importances_mean
+    top: list[tuple[str, float]] = []
+    if importance:
+        order = np.argsort(-drops, kind="stable")[: int(n_top)]
+        top = [(feature_names[i], float(drops[i])) for i in order]
+    return ShiftResult(
+        auc=float(np.mean(aucs)),
+        auc_std=float(np.std(aucs)),
+        n_reference=len(reference),
+        n_other=len(other),
+        top_features=top,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _default_names(n_features: int) -> list[str]:
+    from dvmrl.featurize import composition_feature_names
+
+    names = composition_feature_names()
+    if len(names) == n_features:
+        return names
+    return [f"feature_{i}" for i in range(n_features)]
+
+
+def default_holdout_element(df: pd.DataFrame) -> str:
+    """Return the element whose compositions make up closest to 10 % of the rows.
+
+    The ``element`` split holds out every composition with that element, so
+    this choice gives a test part of about the usual size.
+    """
+    counts: dict[str, int] = {}
+    for system in df["chemsys"]:
+        for symbol in str(system).split("-"):
+            counts[symbol] = counts.get(symbol, 0) + 1
+    if not counts:
+        raise ValueError("the data frame has no chemical systems to hold an element out")
+    target = 0.1 * len(df)
+    return min(sorted(counts), key=lambda symbol: abs(counts[symbol] - target))
+
+
+def split_shift_table(
+    df: pd.DataFrame,
+    features: np.ndarray,
+    *,
+    seed: int = 0,
+    kinds: tuple[str, ...] | None = None,
+    holdout_element: str | None = None,
+    **options,
+) -> pd.DataFrame:
+    """Measure the shift from training to validation pool and to test, per split kind.
+
+    Args:
+        df (DataFrame): a data set (columns formula, chemsys, n_elements,
+            target).
+        features (ndarray): ``composition_features`` of every row [N, F].
+        seed (int): split and classifier seed.
+        kinds (tuple, optional): split kinds; default every kind in
+            ``dvmrl.splits.KINDS``.
+        holdout_element (str, optional): element of the ``element`` split;
+            default :func:`default_holdout_element`.
+        **options: keyword arguments of :func:`shift_auc`.
+
+    Returns:
+        DataFrame: one row per (split, comparison) with ``auc``, ``auc_std``,
+        ``n_reference``, ``n_other``, ``top_features`` and ``seconds``.
+        Kinds that cannot split these data are logged and left out.
+    """
+    from dvmrl.splits import KINDS, make_split
+
+    rows = []
+    for kind in kinds or KINDS:
+        holdout = None
+        if kind == "element":
+            holdout = holdout_element or default_holdout_element(df)
+        try:
+            split = make_split(df, kind, seed, holdout_element=holdout)
+        except ValueError as err:
+            logger.warning("shift detection skips the %s split: %s", kind, err)
+            continue
+        for comparison, part in (("validation pool", split.val), ("test", split.test)):
+            if min(len(split.train), len(part)) < options.get("folds", DEFAULT_FOLDS):
+                logger.warning(
+                    "shift detection skips train vs %s of the %s split: too few rows",
+                    comparison,
+                    kind,
+                )
+                continue
+            result = shift_auc(features[split.train], features[part], seed=seed, **options)
+            rows.append({"split": kind, "comparison": f"train vs {comparison}", **result.to_dict()})
+    return pd.DataFrame(rows)
+
+
+def strategy_shift_table(
+    features: np.ndarray,
+    train_indices: np.ndarray,
+    selections: dict[str, np.ndarray],
+    *,
+    seed: int = 0,
+    **options,
+) -> pd.DataFrame:
+    """Measure the shift from training to the validation set of each strategy.
+
+    Args:
+        features (ndarray): ``composition_features`` of every row [N, F].
+        train_indices (ndarray): the training rows.
+        selections (dict): strategy name to its chosen rows.
+        seed (int): classifier seed.
+        **options: keyword arguments of :func:`shift_auc`.
+
+    Returns:
+        DataFrame: one row per strategy with the columns of
+        :func:`split_shift_table` (``strategy`` in place of ``split``).
+    """
+    rows = []
+    for strategy, chosen in selections.items():
+        result = shift_auc(features[train_indices], features[chosen], seed=seed, **options)
+        rows.append({"strategy": strategy, "comparison": "train vs validation set", **result.to_dict()})
+    return pd.DataFrame(rows)
+
+
+__all__ = [
+    "DEFAULT_FOLDS",
+    "DEFAULT_MAX_SAMPLES",
+    "ShiftResult",
+    "default_holdout_element",
+    "shift_auc",
+    "split_shift_table",
+    "strategy_shift_table",
+]

@@ -1,0 +1,446 @@
+"""Dynamic validation sets: strategies that pick validation compositions.
+
+A run sets aside one fixed validation pool, disjoint from the training and
+the test rows (``dvmrl.splits.Split.val``). Each strategy chooses ``size``
+compositions from that pool, reproducibly for a given seed:
+
+- ``random``: a uniform draw.
+- ``gp-uncertainty``: a Gaussian process (scikit-learn) fitted on at most
+  ``gp_max_train`` (default 2000) training compositions, in the composition
+  features (``dvmrl.featurize.composition_features``) or in an embedding
+  passed in, picks the pool compositions with the highest predictive
+  standard deviation.
+- ``ensemble-variance``: the compositions on which MC-dropout samples or a
+  small ensemble disagree most (largest variance of the predictions).
+- ``adversarial``: the pool compositions nearest, in standardised
+  composition features, to adversarial examples of the current model
+  (perturbations of training compositions found by
+  :func:`dvmrl.adversarial.adversarial_search`), most vulnerable first.
+
+The test rows are never candidates: every call takes the test indices and
+raises if the pool meets them. No strategy changes the training data.
+All indices are positions in one data set (rows of ``batch``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("random", "gp-uncertainty", "ensemble-variance", "adversarial")
+# Largest training subsample the Gaussian process is fitted on (O(n^3) cost).
+GP_MAX_TRAIN = 2000
+# Subsample on which the GP kernel's hyperparameters are optimised before the
+# fit with fixed hyperparameters on the larger subsample.
+GP_TUNE_SAMPLES = 300
+# Training compositions perturbed by the adversarial strategy, at most.
+ADVERSARIAL_ANCHORS = 512
+
+
+def _index_array(name: str, values) -> np.ndarray:
+    array = np.asarray(values)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array of row indices, got shape {array.shape}")
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"{name} must hold integer row indices, got dtype {array.dtype}")
+    return array.astype(np.int64)
+
+
+def check_pool(
+    pool_indices, test_indices, train_indices=None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Check that the validation pool holds no test or training row.
+
+    Returns:
+        (pool, train): the pool as unique int64 indices in their given order,
+        and the training indices (or None).
+
+    Raises:
+        ValueError: if the pool has duplicates or meets the test or training
+            rows; the message names the first shared rows.
+    """
+    pool = _index_array("pool_indices", pool_indices)
+    test = _index_array("test_indices", test_indices)
+    if len(np.unique(pool)) != len(pool):
+        raise ValueError("pool_indices contains duplicate rows; pass each row once")
+    shared = np.intersect1d(pool, test)
+    if shared.size:
+        raise ValueError(
+            f"the validation pool contains {shared.size} test row(s), such as "
+            f"{shared[:5].tolist()}; the test split must never be a validation "
+            "candidate, so pass Split.val as the pool"
+        )
+    train = None
+    if train_indices is not None:
+        train = _index_array("train_indices", train_indices)
+        shared = np.intersect1d(pool, train)
+        if shared.size:
+            raise ValueError(
+                f"the validation pool contains {shared.size} training row(s), such "
+                f"as {shared[:5].tolist()}; pass a pool disjoint from training"
+            )
+    return pool, train
+
+
+def _features(rows: np.ndarray, features, batch) -> np.ndarray:
+    if features is not None:
+        return np.asarray(features, dtype=np.float64)[rows]
+    if batch is None:
+        raise ValueError("this strategy needs batch (all compositions) or features")
+    from dvmrl.featurize import composition_features
+
+    return composition_features(batch[rows])
+
+
+def _top(scores: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Positions of the ``size`` largest scores; ties broken at random."""
+    tie_break = rng.random(len(scores))
+    order = np.lexsort((tie_break, -scores))
+    return order[:size]
+
+
+# -- strategies --------------------------------------------------------------
+
+
+def _select_random(pool, size, rng, **_) -> np.ndarray:
+    return rng.choice(len(pool), size=size, replace=False)
+
+
+def gp_predictive_std(
+    train_x: np.ndarray,
+    pool_x: np.ndarray,
+    train_y: np.ndarray | None = None,
+    seed: int = 0,
+    max_train: int = GP_MAX_TRAIN,
+) -> np.ndarray:
+    """Fit a Gaussian process on training features and return the pool's std.
+
+    The features are standardised on the training subsample. The kernel is
+    a constant times an RBF plus a white-noise term; its hyperparameters are
+    fitted on at most GP_TUNE_SAMPLES training rows (by marginal
+    likelihood, which needs ``train_y``) and then kept fixed for the fit on
+    at most ``max_train`` rows. Without targets the RBF length scale is the
+    median pairwise distance and the noise is 1 % of the signal variance.
+
+    Args:
+        train_x (ndarray): training features [N, F].
+        pool_x (ndarray): pool features [P, F].
+        train_y (ndarray, optional): training targets [N] in eV/atom.
+        seed (int): seed of the subsamples.
+        max_train (int): largest training subsample for the final fit.
+
+    Returns:
+        ndarray: predictive standard deviation [P], in units of the
+        standardised target (or of the signal for ``train_y=None``).
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from threadpoolctl import threadpool_limits
+
+    # NOTE: with OpenBLAS's default threads a 2000 x 2000 Cholesky took 1.5 s
+    # instead of 0.1 s on a loaded 2-core machine (its threads spin on the
+    # shared cores), so the GP runs its linear algebra on one thread.
+    with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings():
+        # A noise level at its lower bound only means the data are nearly
+        # noise-free in these features; the std is still valid.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return _gp_std(train_x, pool_x, train_y, seed, max_train)
+
+
+def _gp_std(train_x, pool_x, train_y, seed, max_train) -> np.ndarray:
+    from sklearn.gaussian_process import GaussianProcessRegressor
+    from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(seed)
+    n = len(train_x)
+    if n == 0:
+        raise ValueError("gp-uncertainty needs at least one training composition")
+    chosen = rng.choice(n, size=min(n, int(max_train)), replace=False)
+    scaler = StandardScaler().fit(train_x[chosen])
+    x_fit = scaler.transform(train_x[chosen])
+    x_pool = scaler.transform(pool_x)
+
+    if train_y is not None:
+        y = np.asarray(train_y, dtype=np.float64)
+        tune = chosen[: min(len(chosen), GP_TUNE_SAMPLES)]
+        kernel = ConstantKernel(1.0, (1e-3, 1e3)) * RBF(
+            length_scale=math.sqrt(x_fit.shape[1]), length_scale_bounds=(1e-2, 1e3)
+        ) + WhiteKernel(0.1, (1e-5, 1e1))
+        tuner = GaussianProcessRegressor(kernel, normalize_y=True, random_state=seed)
+        tuner.fit(scaler.transform(train_x[tune]), y[tune])
+        kernel = tuner.kernel_
+        fit_y = y[chosen]
+    else:
+        sample = x_fit[: min(len(x_fit), 500)]
+        distances = np.sqrt(((sample[:, None, :] - sample[None, :, :]) ** 2).sum(-1))
+        positive = distances[distances > 0]
+        scale = float(np.median(positive)) if positive.size else 1.0
+        kernel = ConstantKernel(1.0) * RBF(length_scale=scale) + WhiteKernel(0.01)
+        # The predictive std does not depend on the targets when the
+        # hyperparameters are fixed, so zeros stand in for them.
+        fit_y = np.zeros(len(chosen))
+    gp = GaussianProcessRegressor(kernel, optimizer=None, normalize_y=train_y is not None)
+    gp.fit(x_fit, fit_y)
+    _, std = gp.predict(x_pool, return_std=True)
+    return std
+
+
+def _select_gp(
+    pool,
+    size,
+    rng,
+    *,
+    train,
+    batch,
+    features,
+    targets,
+    embed,
+    gp_max_train,
+    seed,
+    **_,
+) -> np.ndarray:
+    if train is None or len(train) == 0:
+        raise ValueError("gp-uncertainty needs train_indices (the training rows)")
+    if embed is not None:
+        if batch is None:
+            raise ValueError("gp-uncertainty with embed needs batch (all compositions)")
+        sub = np.random.default_rng(seed).choice(
+            len(train), size=min(len(train), int(gp_max_train)), replace=False
+        )
+        train = train[np.sort(sub)]
+        train_x = np.asarray(embed(batch[train]), dtype=np.float64)
+        pool_x = np.asarray(embed(batch[pool]), dtype=np.float64)
+    else:
+        train_x = _features(train, features, batch)
+        pool_x = _features(pool, features, batch)
+    train_y = None if targets is None else np.asarray(targets, dtype=np.float64)[train]
+    std = gp_predictive_std(train_x, pool_x, train_y, seed=seed, max_train=gp_max_train)
+    return _top(std, size, rng)
+
+
+def _select_ensemble(
+    pool, size, rng, *, samples, trainer, predictors, batch, n_samples, seed, **_
+) -> np.ndarray:
+    if samples is None:
+        if trainer is not None:
+            if batch is None:
+                raise ValueError("ensemble-variance with a trainer needs batch")
+            samples = trainer.predict_samples(batch[pool], n_samples=n_samples, seed=seed)
+        elif predictors:
+            if batch is None:
+                raise ValueError("ensemble-variance with predictors needs batch")
+            samples = _ensemble_predictions(predictors, batch[pool])
+        else:
+            raise ValueError(
+                "ensemble-variance needs samples [S, pool size], a trainer with MC "
+                "dropout, or a list of predictors"
+            )
+    samples = np.asarray(samples, dtype=np.float64)
+    if samples.ndim != 2 or samples.shape[1] != len(pool) or samples.shape[0] < 2:
+        raise ValueError(
+            f"samples must have shape [S >= 2, {len(pool)}] (predictions per pool "
+            f"composition), got {samples.shape}"
+        )
+    return _top(samples.var(axis=0), size, rng)
+
+
+def _ensemble_predictions(predictors: Sequence[Callable], batch) -> np.ndarray:
+    rows = []
+    with torch.no_grad():
+        for predictor in predictors:
+            dtype = torch.float64
+            if isinstance(predictor, torch.nn.Module):
+                dtype = next(p.dtype for p in predictor.parameters() if p.is_floating_point())
+            out = predictor(batch.element_index, batch.frac.to(dtype), batch.mask)
+            rows.append(out.detach().cpu().double().numpy())
+    return np.stack(rows)
+
+
+def _select_adversarial(
+    pool,
+    size,
+    rng,
+    *,
+    train,
+    batch,
+    features,
+    predictor,
+    epsilon,
+    floor,
+    adversarial_anchors,
+    search_options,
+    seed,
+    **_,
+) -> np.ndarray:
+    from sklearn.neighbors import NearestNeighbors
+    from sklearn.preprocessing import StandardScaler
+
+    from dvmrl.adversarial import adversarial_search
+    from dvmrl.featurize import CompositionBatch, composition_features
+
+    if predictor is None:
+        raise ValueError("the adversarial strategy needs predictor (the current model)")
+    if batch is None:
+        raise ValueError("the adversarial strategy needs batch (all compositions)")
+    if train is None or len(train) == 0:
+        raise ValueError("the adversarial strategy needs train_indices")
+    anchors = np.sort(rng.choice(len(train), size=min(len(train), adversarial_anchors), replace=False))
+    anchor_rows = train[anchors]
+    anchor_batch = batch[anchor_rows]
+    options = {"steps": 20, "starts": 2, **(search_options or {})}
+    result = adversarial_search(
+        predictor, anchor_batch, epsilon, floor=floor, seed=seed, **options
+    )
+    examples = CompositionBatch(
+        anchor_batch.element_index, result.perturbed.to(anchor_batch.frac.dtype), anchor_batch.mask
+    )
+    pool_x = _features(pool, features, batch)
+    example_x = composition_features(examples)
+    scaler = StandardScaler().fit(pool_x)
+    neighbours = NearestNeighbors(n_neighbors=min(len(pool), size)).fit(scaler.transform(pool_x))
+    _, nearest = neighbours.kneighbors(scaler.transform(example_x))
+
+    # Most vulnerable examples first; each takes its nearest pool
+    # composition not yet taken, then the next round takes second-nearest.
+    order = np.argsort(-result.change.abs().numpy(), kind="stable")
+    chosen: list[int] = []
+    taken = np.zeros(len(pool), dtype=bool)
+    for rank in range(nearest.shape[1]):
+        for example in order:
+            candidate = int(nearest[example, rank])
+            if not taken[candidate]:
+                taken[candidate] = True
+                chosen.append(candidate)
+                if len(chosen) == size:
+                    return np.asarray(chosen)
+    rest = rng.permutation(np.flatnonzero(~taken))[: size - len(chosen)]
+    return np.concatenate([np.asarray(chosen, dtype=np.int64), rest])
+
+
+_SELECTORS = {
+    "random": _select_random,
+    "gp-uncertainty": _select_gp,
+    "ensemble-variance": _select_ensemble,
+    "adversarial": _select_adversarial,
+}
+
+
+def select_validation_set(
+    strategy: str,
+    pool_indices,
+    size: int,
+    seed: int,
+    *,
+    test_indices,
+    train_indices=None,
+    batch=None,
+    features: np.ndarray | None = None,
+    targets: np.ndarray | None = None,
+    embed: Callable | None = None,
+    samples: np.ndarray | None = None,
+    trainer=None,
+    predictors: Sequence[Callable] | None = None,
+    n_samples: int = 20,
+    predictor: Callable | None = None,
+    epsilon: float = 0.05,
+    floor: float = 0.01,
+    gp_max_train: int = GP_MAX_TRAIN,
+    adversarial_anchors: int = ADVERSARIAL_ANCHORS,
+    search_options: dict | None = None,
+) -> np.ndarray:
+    """Choose a validation set of ``size`` rows from the validation pool.
+
+    Args:
+        strategy (str): one of :data:`STRATEGIES`.
+        pool_indices (array): rows of the validation pool (int).
+        size (int): rows to choose, 1 <= size <= pool size.
+        seed (int): seed; the same arguments and seed give the same rows.
+        test_indices (array): the test rows; the call raises if the pool
+            contains any of them.
+        train_indices (array, optional): the training rows; needed by
+            ``gp-uncertainty`` and ``adversarial``, and checked to be
+            disjoint from the pool when given.
+        batch (CompositionBatch, optional): every composition of the data
+            set, indexed by row.
+        features (ndarray, optional): ``composition_features`` of every row
+            [N, F], to skip recomputing them.
+        targets (ndarray, optional): every row's target in eV/atom; lets the
+            GP fit its hyperparameters.
+        embed (callable, optional): ``embed(batch) -> [B, H]`` features for
+            the GP instead of the composition features, such as the model's
+            pooled embedding.
+        samples (ndarray, optional): predictions [S, pool size] in eV/atom
+            from MC dropout or an ensemble, for ``ensemble-variance``.
+        trainer (Trainer, optional): draws ``n_samples`` MC-dropout samples
+            when ``samples`` is not given.
+        predictors (list, optional): ensemble members, callables
+            ``f(element_index, frac, mask) -> [B]``.
+        n_samples (int): MC-dropout samples drawn from ``trainer``.
+        predictor (callable, optional): the current model, for ``adversarial``.
+        epsilon (float): box radius of the adversarial search (fraction).
+        floor (float): minimum fraction of the adversarial search.
+        gp_max_train (int): largest training subsample of the GP.
+        adversarial_anchors (int): training compositions perturbed, at most.
+        search_options (dict, optional): more keyword arguments of
+            ``adversarial_search`` (default: 20 steps, 2 starts).
+
+    Returns:
+        ndarray: the chosen rows, int64, sorted, a subset of the pool.
+
+    Raises:
+        ValueError: for an unknown strategy, a bad size, a pool that meets
+            the test or training rows, or missing inputs of the strategy.
+    """
+    if strategy not in _SELECTORS:
+        raise ValueError(
+            f"unknown validation strategy {strategy!r}: expected one of "
+            f"{', '.join(STRATEGIES)}"
+        )
+    pool, train = check_pool(pool_indices, test_indices, train_indices)
+    if int(size) != size or not 1 <= size <= len(pool):
+        raise ValueError(
+            f"size must be an integer in 1 .. {len(pool)} (the pool size), got {size!r}"
+        )
+    size = int(size)
+    rng = np.random.default_rng(int(seed))
+    positions = _SELECTORS[strategy](
+        pool,
+        size,
+        rng,
+        train=train,
+        batch=batch,
+        features=features,
+        targets=targets,
+        embed=embed,
+        samples=samples,
+        trainer=trainer,
+        predictors=predictors,
+        n_samples=int(n_samples),
+        predictor=predictor,
+        epsilon=float(epsilon),
+        floor=float(floor),
+        gp_max_train=int(gp_max_train),
+        adversarial_anchors=int(adversarial_anchors),
+        search_options=search_options,
+        seed=int(seed),
+    )
+    chosen = np.sort(pool[np.asarray(positions, dtype=np.int64)])
+    logger.debug("%s strategy chose %d of %d pool rows", strategy, len(chosen), len(pool))
+    return chosen
+
+
+__all__ = [
+    "ADVERSARIAL_ANCHORS",
+    "GP_MAX_TRAIN",
+    "STRATEGIES",
+    "check_pool",
+    "gp_predictive_std",
+    "select_validation_set",
+]

@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+
+from dvmrl.datasets import load
+from dvmrl.featurize import composition_features, featurize
+from dvmrl.shift import (
+    default_holdout_element,
+    shift_auc,
+    split_shift_table,
+    strategy_shift_table,
+)
+from dvmrl.splits import KINDS, make_split
+
+FAST = {"max_samples": 150, "folds": 3, "max_iter": 30}
+
+
+@pytest.fixture(scope="module")
+def data():
+    df = load("mp-formation-energy").sample(n=1200, random_state=1).reset_index(drop=True)
+    features = composition_features(featurize(df["formula"].tolist()))
+    return df, features
+
+
+def test_same_distribution_near_half():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(400, 6)), rng.normal(size=(400, 6))
+    result = shift_auc(a, b, max_samples=400, importance=False)
+    assert abs(result.auc - 0.5) < 0.1
+
+
+def test_shifted_feature_detected():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(300, 6)), rng.normal(size=(300, 6))
+    b[:, 4] += 3.0
+    names = [f"f{i}" for i in range(6)]
+    result = shift_auc(a, b, feature_names=names, **FAST)
+    assert result.auc > 0.95
+    assert result.top_features[0][0] == "f4"
+
+
+def test_subsample_is_bounded():
+    rng = np.random.default_rng(2)
+    result = shift_auc(rng.normal(size=(900, 3)), rng.normal(size=(50, 3)), **FAST)
+    assert result.n_reference == 150
+    assert result.n_other == 50
+
+
+def test_result_reports_time():
+    rng = np.random.default_rng(3)
+    result = shift_auc(rng.normal(size=(100, 3)), rng.normal(size=(100, 3)), **FAST)
+    assert result.seconds > 0.0
+
+
+def test_mismatched_features_raise():
+    with pytest.raises(ValueError, match="same feature count"):
+        shift_auc(np.zeros((20, 3)), np.zeros((20, 4)))
+
+
+def test_tiny_set_raises():
+    with pytest.raises(ValueError, match="the other set has 2 rows"):
+        shift_auc(np.zeros((20, 3)), np.zeros((2, 3)))
+
+
+def test_split_table_covers_every_kind(data):
+    df, features = data
+    table = split_shift_table(df, features, importance=False, **FAST)
+    assert set(table["split"]) == set(KINDS)
+    assert len(table) == 2 * len(KINDS)
+
+
+def test_binary_to_ternary_test_is_shifted(data):
+    df, features = data
+    table = split_shift_table(df, features, kinds=("binary-to-ternary",), **FAST)
+    test_row = table[table["comparison"] == "train vs test"].iloc[0]
+    assert test_row["auc"] > 0.95
+    assert test_row["top_features"][0][0] == "n_elements"
+
+
+def test_random_split_is_not_shifted(data):
+    df, features = data
+    table = split_shift_table(df, features, kinds=("random",), importance=False, **FAST)
+    assert (table["auc"] < 0.7).all()
+
+
+def test_strategy_table_rows(data):
+    df, features = data
+    split = make_split(df, "random", seed=0)
+    selections = {"random": split.val[:60], "first": split.val[60:120]}
+    table = strategy_shift_table(features, split.train, selections, importance=False, **FAST)
+    assert list(table["strategy"]) == ["random", "first"]
+
+
+def test_default_holdout_element(data):
+    df, _ = data
+    element = default_holdout_element(df)
+    share = df["chemsys"].str.split("-").apply(lambda s: element in s).mean()
+    assert 0.03 < share < 0.3

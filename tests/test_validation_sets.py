@@ -1,0 +1,166 @@
+import numpy as np
+import pytest
+import torch
+
+from dvmrl.datasets import load
+from dvmrl.featurize import composition_features, featurize
+from dvmrl.splits import make_split
+from dvmrl.validation import STRATEGIES, gp_predictive_std, select_validation_set
+
+
+@pytest.fixture(scope="module")
+def data():
+    df = load("mp-formation-energy").sample(n=1500, random_state=0).reset_index(drop=True)
+    split = make_split(df, "random", seed=0)
+    batch = featurize(df["formula"].tolist())
+    features = composition_features(batch)
+    targets = df["target"].to_numpy()
+    return df, split, batch, features, targets
+
+
+def _linear_predictor():
+    weights = torch.tensor(np.random.default_rng(0).normal(size=103))
+
+    def predict(element_index, frac, mask):
+        return (weights[element_index] * frac * mask).sum(dim=1)
+
+    return predict
+
+
+def _options(strategy, data):
+    _, split, batch, features, targets = data
+    options = {
+        "test_indices": split.test,
+        "train_indices": split.train,
+        "batch": batch,
+        "features": features,
+        "targets": targets,
+        "gp_max_train": 300,
+    }
+    if strategy == "ensemble-variance":
+        rng = np.random.default_rng(1)
+        options["samples"] = rng.normal(size=(6, len(split.val))) * np.linspace(0, 1, len(split.val))
+    if strategy == "adversarial":
+        options["predictor"] = _linear_predictor()
+        options["adversarial_anchors"] = 64
+        options["search_options"] = {"steps": 5, "starts": 1}
+    return options
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_selection_is_subset_of_pool(strategy, data):
+    split = data[1]
+    chosen = select_validation_set(strategy, split.val, 40, 0, **_options(strategy, data))
+    assert len(chosen) == 40
+    assert len(np.unique(chosen)) == 40
+    assert np.isin(chosen, split.val).all()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_selection_avoids_test_and_train(strategy, data):
+    split = data[1]
+    chosen = select_validation_set(strategy, split.val, 40, 0, **_options(strategy, data))
+    assert not np.isin(chosen, split.test).any()
+    assert not np.isin(chosen, split.train).any()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_selection_is_reproducible(strategy, data):
+    split = data[1]
+    a = select_validation_set(strategy, split.val, 30, 5, **_options(strategy, data))
+    b = select_validation_set(strategy, split.val, 30, 5, **_options(strategy, data))
+    assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_selection_leaves_training_data(strategy, data):
+    df, split, batch, features, _ = data
+    train_before = split.train.copy()
+    frac_before = batch.frac.clone()
+    features_before = features.copy()
+    select_validation_set(strategy, split.val, 20, 0, **_options(strategy, data))
+    assert np.array_equal(split.train, train_before)
+    assert torch.equal(batch.frac, frac_before)
+    assert np.array_equal(features, features_before)
+
+
+def test_random_seed_changes_selection(data):
+    split = data[1]
+    a = select_validation_set("random", split.val, 30, 0, test_indices=split.test)
+    b = select_validation_set("random", split.val, 30, 1, test_indices=split.test)
+    assert not np.array_equal(a, b)
+
+
+def test_pool_with_test_rows_raises(data):
+    split = data[1]
+    pool = np.concatenate([split.val, split.test[:3]])
+    with pytest.raises(ValueError, match="contains 3 test row"):
+        select_validation_set("random", pool, 10, 0, test_indices=split.test)
+
+
+def test_pool_with_train_rows_raises(data):
+    split = data[1]
+    pool = np.concatenate([split.val, split.train[:2]])
+    with pytest.raises(ValueError, match="contains 2 training row"):
+        select_validation_set(
+            "random", pool, 10, 0, test_indices=split.test, train_indices=split.train
+        )
+
+
+def test_unknown_strategy_raises(data):
+    split = data[1]
+    with pytest.raises(ValueError, match="unknown validation strategy 'newest'"):
+        select_validation_set("newest", split.val, 10, 0, test_indices=split.test)
+
+
+def test_size_above_pool_raises(data):
+    split = data[1]
+    with pytest.raises(ValueError, match="size must be an integer in 1"):
+        select_validation_set("random", split.val, len(split.val) + 1, 0, test_indices=split.test)
+
+
+def test_ensemble_variance_picks_largest_variance(data):
+    split = data[1]
+    n = len(split.val)
+    spread = np.zeros(n)
+    spread[[3, 10, 20]] = 1.0
+    samples = np.random.default_rng(2).normal(size=(8, n)) * (0.01 + spread)
+    chosen = select_validation_set(
+        "ensemble-variance", split.val, 3, 0, test_indices=split.test, samples=samples
+    )
+    assert np.array_equal(chosen, np.sort(split.val[[3, 10, 20]]))
+
+
+def test_gp_std_grows_away_from_training():
+    rng = np.random.default_rng(3)
+    train = rng.normal(size=(200, 4))
+    near = rng.normal(size=(20, 4)) * 0.5
+    far = rng.normal(size=(20, 4)) * 0.5 + 6.0
+    std = gp_predictive_std(train, np.concatenate([near, far]), train[:, 0] ** 2)
+    assert std[20:].min() > std[:20].max()
+
+
+def test_gp_selection_prefers_novel_pool_rows(data):
+    df, split, batch, features, targets = data
+    # Rows whose chemical systems never occur in training are the most novel.
+    train_systems = set(df["chemsys"].to_numpy()[split.train])
+    novel = np.array([s not in train_systems for s in df["chemsys"].to_numpy()[split.val]])
+    chosen = select_validation_set(
+        "gp-uncertainty", split.val, 30, 0, **_options("gp-uncertainty", data)
+    )
+    share = np.isin(chosen, split.val[novel]).mean()
+    assert share > novel.mean()
+
+
+def test_adversarial_needs_predictor(data):
+    split = data[1]
+    with pytest.raises(ValueError, match="needs predictor"):
+        select_validation_set(
+            "adversarial",
+            split.val,
+            10,
+            0,
+            test_indices=split.test,
+            train_indices=split.train,
+            batch=data[2],
+        )
