@@ -22,6 +22,8 @@ _SUBCOMMAND_MODULES = [
     "dvmrl.cli.train",
     "dvmrl.cli.data",
     "dvmrl.cli.agent",
+    "dvmrl.cli.run",
+    "dvmrl.cli.validate",
 ]
 
 logger = logging.getLogger("dvmrl")

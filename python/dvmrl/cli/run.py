@@ -1,0 +1,208 @@
+"""``dvmrl run``: the agent against random search and Bayesian optimisation."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from dvmrl.cli._common import UsageError, add_compute_options, positive_int, setup_compute
+
+logger = logging.getLogger("dvmrl")
+
+LOG_FILE = "run.log"
+
+
+def _preset_help() -> str:
+    from dvmrl.experiment import PRESETS
+
+    parts = []
+    for preset in PRESETS.values():
+        pool = (
+            f"training pool subsampled to {preset.max_train} and validation pool to "
+            f"{preset.max_val} compositions"
+            if preset.max_train
+            else "whole training and validation pools"
+        )
+        parts.append(
+            f"{preset.name}: {preset.epochs} epochs per method and seed "
+            f"({preset.trial_epochs}-epoch trials, agent steps of {preset.agent_slice} "
+            f"epochs), {preset.seeds} seed(s), {pool}, {preset.retrain_epochs}-epoch "
+            f"chemsys retraining, robustness on {preset.robust_n} test compositions"
+        )
+    return "; ".join(parts)
+
+
+def add_parser(subparsers) -> None:
+    """Register ``dvmrl run``."""
+    from dvmrl.experiment import DEFAULT_DATA, METHODS
+
+    parser = subparsers.add_parser(
+        "run",
+        help="compare the agent with random search and Bayesian optimisation",
+        description=(
+            "Tune the composition GNN with each method on equal budgets (counted in "
+            "training epochs), score every chosen model on the held-out test part "
+            "of the random split, measure its robustness, retrain its configuration "
+            "on the chemsys split, and write report.json, report.md and figures. "
+            "Progress is saved after every trial or agent step, so an interrupted "
+            "run continues with --resume. Budgets: " + _preset_help() + ". "
+            "quick fits in about 3 minutes and small in about 15 on 2 CPU cores; "
+            "full is meant for GPU nodes."
+        ),
+    )
+    parser.add_argument(
+        "--data",
+        default=DEFAULT_DATA,
+        metavar="NAME|PATH",
+        help=f"vendored data set name or a CSV file with formula and target columns; "
+        f"default: {DEFAULT_DATA}",
+    )
+    parser.add_argument(
+        "--budget",
+        default="small",
+        metavar="quick|small|full|FILE.json",
+        help="budget preset (epoch counts above) or a JSON file with the fields of "
+        "dvmrl.experiment.Preset; default: small",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="run seeds 0 .. N-1; default: the preset's count (quick 1, small 3, full 5)",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        metavar="METHOD",
+        help=f"methods to compare, from {', '.join(METHODS)}; default: all",
+    )
+    parser.add_argument(
+        "--agent",
+        default=None,
+        metavar="PATH",
+        help="agent file for the agent method; default: the pretrained agent shipped "
+        "with dvmrl",
+    )
+    parser.add_argument(
+        "--agent-learn",
+        action="store_true",
+        help="let the agent keep learning during its episodes (default: greedy, frozen)",
+    )
+    add_compute_options(parser)
+    parser.add_argument(
+        "--out",
+        default="dvmrl-run",
+        metavar="DIR",
+        help="output folder for the report, checkpoints, resume state and run.log; "
+        "default: ./dvmrl-run",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last completed trial or step",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="hide the progress bars"
+    )
+    parser.set_defaults(func=run)
+
+
+def _progress_factory(enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    def make(method: str, seed: int, total: int):
+        return tqdm(
+            total=total,
+            desc=f"{method} seed {seed}",
+            unit="epoch",
+            file=sys.stderr,
+            leave=True,
+            dynamic_ncols=True,
+        )
+
+    return make
+
+
+def _attach_log_file(out_dir: Path) -> logging.Handler:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out_dir / LOG_FILE, encoding="utf-8")
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger("dvmrl")
+    root.addHandler(handler)
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
+    return handler
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the comparison and print where the report went."""
+    from dvmrl.experiment import Experiment, RunSpec, resolve_preset
+
+    preset = resolve_preset(args.budget)
+    seeds = list(range(args.seeds if args.seeds is not None else preset.seeds))
+    spec = RunSpec(
+        data=args.data,
+        preset=preset,
+        seeds=seeds,
+        methods=list(args.methods),
+        agent_path=args.agent,
+        agent_learn=bool(args.agent_learn),
+    )
+    spec.check()
+    device = setup_compute(args)
+    out_dir = Path(args.out)
+    experiment = Experiment(
+        spec,
+        out_dir,
+        resume=args.resume,
+        device=device,
+        command_line=["dvmrl", *sys.argv[1:]] if sys.argv else None,
+        progress=_progress_factory(not args.no_progress),
+    )
+    # The folder check comes before the log file, so that a refused run
+    # leaves another run's folder untouched.
+    try:
+        experiment.prepare()
+    except FileExistsError as err:
+        raise UsageError(str(err)) from err
+    handler = _attach_log_file(out_dir)
+    started = time.perf_counter()
+    try:
+        logger.info(
+            "dvmrl run: data %s, budget %s (%d epochs per method and seed), seeds %s, "
+            "methods %s, output %s",
+            spec.data,
+            preset.name,
+            preset.epochs,
+            seeds,
+            spec.methods,
+            out_dir,
+        )
+        report = experiment.run()
+        logger.info("finished in %.1f s", time.perf_counter() - started)
+    finally:
+        logging.getLogger("dvmrl").removeHandler(handler)
+        handler.close()
+    print(f"report: {out_dir / 'report.md'} and {out_dir / 'report.json'}")
+    for key in ("test_rmse", "chemsys_rmse", "robustness_radius"):
+        winner = report["winners"][key]
+        print(f"{key}: {_describe(winner)}")
+    return 0
+
+
+def _describe(winner: dict) -> str:
+    if winner["winner"] is None:
+        return "n/a"
+    if winner["tie"]:
+        return f"tie between {winner['winner']} and {', '.join(winner['tied_with'])}"
+    return f"{winner['winner']} wins"

@@ -1,0 +1,975 @@
+"""The main job: the agent against random search and Bayesian optimisation.
+
+Each method tunes the same model (``dvmrl.model.CompositionMPNN``) over the
+same search space (``dvmrl.search.SEARCH_SPACE``), on the same training and
+validation pools, under the same budget in training epochs. Per method and
+seed the job then
+
+1. scores the chosen model on the test part of the random split, which no
+   search, reward or selection has seen;
+2. measures its adversarial vulnerability and robustness radius on a fixed
+   subsample of that test part;
+3. retrains the chosen configuration on the training part of the chemsys
+   split (whole chemical systems held out) and scores it on that split's
+   test part.
+
+Every completed unit of work (a trial, an agent step, a scoring) is written
+to ``state.json`` in the output folder with an atomic replace before the
+next one starts, so a run killed at any point continues from the last
+completed unit with ``resume=True`` and ends with the same test metrics and
+chosen configurations as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dvmrl.search import (
+    SEARCH_SPACE,
+    EpochBudget,
+    SearchSpace,
+    TrialRecord,
+    TrialResult,
+    best_trial,
+    run_search,
+)
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("random", "bayesian", "agent")
+STATE_FORMAT = "dvmrl-run-state"
+STATE_VERSION = 1
+RUN_FILE = "run.json"
+STATE_FILE = "state.json"
+DEFAULT_DATA = "mp-formation-energy"
+
+# Robustness settings: box radius of the vulnerability (fraction units), the
+# prediction change that defines the robustness radius (eV/atom) and its cap.
+ROBUST_EPSILON = 0.05
+ROBUST_TAU = 0.05
+ROBUST_R_MAX = 0.25
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A budget preset: what each method gets per seed.
+
+    Attributes:
+        name: preset name (``quick``, ``small``, ``full`` or a custom one).
+        epochs: training epochs per method and seed. One epoch is one pass
+            over the training pool, whatever the model size.
+        trial_epochs: epochs of one baseline trial.
+        seeds: seeds run by default.
+        max_train: training-pool subsample size (None: the whole pool).
+        max_val: validation-pool subsample size (None: the whole pool).
+        retrain_epochs: epochs of the chemsys retraining of each chosen
+            configuration.
+        robust_n: test compositions on which vulnerability and robustness
+            radius are measured.
+        n_initial_points: random trials before the GP surrogate takes over.
+        agent_slice: epochs the agent's environment trains per step.
+        adversarial_steps: gradient steps of each perturbation search.
+        adversarial_starts: random starts of each perturbation search.
+    """
+
+    name: str
+    epochs: int
+    trial_epochs: int
+    seeds: int
+    max_train: int | None
+    max_val: int | None
+    retrain_epochs: int
+    robust_n: int
+    n_initial_points: int
+    agent_slice: int
+    adversarial_steps: int = 30
+    adversarial_starts: int = 2
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the preset as a JSON-ready dictionary."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preset:
+        """Build a preset from a dictionary, rejecting unknown keys."""
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown budget keys {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+    def check(self) -> None:
+        """Raise ValueError when the preset cannot run one trial."""
+        for name in ("epochs", "trial_epochs", "seeds", "retrain_epochs", "agent_slice"):
+            value = getattr(self, name)
+            if int(value) != value or value < 1:
+                raise ValueError(f"budget {self.name!r}: {name} must be an integer >= 1, got {value}")
+        for name in ("robust_n", "n_initial_points", "adversarial_steps", "adversarial_starts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"budget {self.name!r}: {name} must be >= 1")
+        for name in ("max_train", "max_val"):
+            value = getattr(self, name)
+            if value is not None and value < 2:
+                raise ValueError(f"budget {self.name!r}: {name} must be >= 2 or None, got {value}")
+        # Raises when not even one (shortened) trial fits.
+        EpochBudget(self.epochs, self.trial_epochs)
+        if self.epochs < self.agent_slice:
+            raise ValueError(
+                f"budget {self.name!r}: {self.epochs} epochs cannot fit one agent step of "
+                f"{self.agent_slice} epochs; raise epochs or lower agent_slice"
+            )
+
+
+# Sized so that on 2 CPU cores quick finishes within 3 minutes and small
+# within 15 (3 methods); full is for GPU nodes and the full Materials
+# Project data. The measured times are in docs/benchmarks.md.
+PRESETS: dict[str, Preset] = {
+    "quick": Preset(
+        name="quick",
+        epochs=16,
+        trial_epochs=4,
+        seeds=1,
+        max_train=1000,
+        max_val=400,
+        retrain_epochs=4,
+        robust_n=24,
+        n_initial_points=2,
+        agent_slice=2,
+        adversarial_steps=15,
+        adversarial_starts=2,
+    ),
+    "small": Preset(
+        name="small",
+        epochs=40,
+        trial_epochs=8,
+        seeds=3,
+        max_train=3000,
+        max_val=800,
+        retrain_epochs=8,
+        robust_n=48,
+        n_initial_points=2,
+        agent_slice=4,
+    ),
+    "full": Preset(
+        name="full",
+        epochs=400,
+        trial_epochs=40,
+        seeds=5,
+        max_train=None,
+        max_val=None,
+        retrain_epochs=40,
+        robust_n=256,
+        n_initial_points=4,
+        agent_slice=10,
+        adversarial_steps=50,
+        adversarial_starts=4,
+    ),
+}
+
+
+def resolve_preset(name_or_path: str | Preset) -> Preset:
+    """Return a preset by name, or read a custom one from a JSON file.
+
+    Raises:
+        ValueError: for an unknown name or an invalid preset.
+        FileNotFoundError: for a JSON path that does not exist.
+    """
+    if isinstance(name_or_path, Preset):
+        preset = name_or_path
+    elif name_or_path in PRESETS:
+        preset = PRESETS[name_or_path]
+    elif str(name_or_path).endswith(".json"):
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"budget file {path} not found")
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data.setdefault("name", path.stem)
+        preset = Preset.from_dict(data)
+    else:
+        raise ValueError(
+            f"unknown budget {name_or_path!r}; expected one of {', '.join(PRESETS)} "
+            "or a JSON file with the fields of dvmrl.experiment.Preset"
+        )
+    preset.check()
+    return preset
+
+
+@dataclass
+class RunSpec:
+    """Everything that defines a run; two runs with equal specs give equal results.
+
+    Attributes:
+        data: vendored data set name or CSV path.
+        preset: the budget.
+        seeds: the seeds, one search per method and seed.
+        methods: method names, a subset of ``METHODS``.
+        agent_path: agent file (None: the pretrained agent shipped with dvmrl).
+        agent_learn: let the agent learn online during its episodes.
+        space: the search space.
+    """
+
+    data: str = DEFAULT_DATA
+    preset: Preset = field(default_factory=lambda: PRESETS["small"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    agent_path: str | None = None
+    agent_learn: bool = False
+    space: SearchSpace = SEARCH_SPACE
+
+    def check(self) -> None:
+        """Raise ValueError for unknown methods, empty lists or a bad preset."""
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(
+                f"unknown method(s) {unknown}; expected a subset of {', '.join(METHODS)}"
+            )
+        if not self.methods:
+            raise ValueError("no methods given; pass at least one of " + ", ".join(METHODS))
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods listed twice: {self.methods}")
+        if not self.seeds:
+            raise ValueError("no seeds given; pass --seeds N with N >= 1")
+        self.preset.check()
+
+    def signature(self, data_checksum: str) -> dict[str, Any]:
+        """Return what must match for a resumed run to continue this one."""
+        return {
+            "data_checksum": data_checksum,
+            "preset": self.preset.to_dict(),
+            "seeds": list(self.seeds),
+            "methods": list(self.methods),
+            "agent_path": self.agent_path,
+            "agent_learn": self.agent_learn,
+            "space": self.space.describe(),
+        }
+
+
+# ---------------------------------------------------------------------------
+# Files
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_npz_atomic(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """Write arrays to an ``.npz`` file through a temporary file and ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def finite_or_none(value: Any) -> Any:
+    """Return floats that JSON can hold: non-finite values become None."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.ndarray):
+        return finite_or_none(value.tolist())
+    return value
+
+
+def frame_checksum(df) -> str:
+    """Return the SHA-256 of a data frame's formulas and targets."""
+    digest = hashlib.sha256()
+    digest.update(df["formula"].astype(str).str.cat(sep="\n").encode())
+    digest.update(np.ascontiguousarray(df["target"].to_numpy(np.float64)).tobytes())
+    return digest.hexdigest()
+
+
+def derive_seed(*parts: int) -> int:
+    """Return a 31-bit seed derived from integers (stable across platforms)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] >> 1)
+
+
+# ---------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class Pools:
+    """Featurised training, validation and test parts of one split.
+
+    Attributes:
+        kind: the split kind (``random`` or ``chemsys``).
+        x_train, x_val, x_test: ``CompositionBatch`` of each part.
+        y_train, y_val, y_test: targets in eV/atom, float64 [N].
+        train_index, val_index, test_index: rows of the data frame in each
+            part, after subsampling.
+        split: the split before subsampling.
+        train_size, val_size: pool sizes before subsampling.
+    """
+
+    kind: str
+    x_train: Any
+    y_train: np.ndarray
+    x_val: Any
+    y_val: np.ndarray
+    x_test: Any
+    y_test: np.ndarray
+    train_index: np.ndarray
+    val_index: np.ndarray
+    test_index: np.ndarray
+    split: Any
+    train_size: int
+    val_size: int
+
+
+def load_data(data: str):
+    """Load a vendored data set by name or a user's CSV; return (df, info)."""
+    from dvmrl import datasets
+
+    resolve = getattr(datasets, "resolve_data", None)
+    if resolve is not None:
+        df, info = resolve(data)
+    elif data in datasets.list_datasets():
+        df, info = datasets.load(data), datasets.dataset_info(data)
+    else:
+        path = Path(data)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"data {data!r} is neither a vendored data set "
+                f"({', '.join(datasets.list_datasets())}) nor an existing CSV file"
+            )
+        df, info = datasets.load_csv(path), {"file": str(path)}
+    info = dict(info)
+    info["frame_sha256"] = frame_checksum(df)
+    return df, info
+
+
+def featurize_rows(df, index: np.ndarray):
+    """Featurise the compositions at ``index`` rows of ``df``."""
+    from dvmrl.featurize import featurize
+
+    formulas = df["formula"].to_numpy()[index]
+    return featurize([str(f) for f in formulas])
+
+
+def subsample(index: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
+    """Return at most ``limit`` entries of ``index``, drawn reproducibly by seed, sorted."""
+    index = np.asarray(index, dtype=np.int64)
+    if limit is None or len(index) <= limit:
+        return index
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(index, size=int(limit), replace=False))
+
+
+def make_pools(df, kind: str, seed: int, preset: Preset) -> Pools:
+    """Split ``df``, subsample the training and validation pools, featurise all parts."""
+    from dvmrl.splits import make_split
+
+    split = make_split(df, kind, seed)
+    train = subsample(split.train, preset.max_train, derive_seed(seed, 1))
+    val = subsample(split.val, preset.max_val, derive_seed(seed, 2))
+    test = np.asarray(split.test, dtype=np.int64)
+    target = df["target"].to_numpy(np.float64)
+    return Pools(
+        kind=kind,
+        x_train=featurize_rows(df, train),
+        y_train=target[train],
+        x_val=featurize_rows(df, val),
+        y_val=target[val],
+        x_test=featurize_rows(df, test),
+        y_test=target[test],
+        train_index=train,
+        val_index=val,
+        test_index=test,
+        split=split,
+        train_size=len(split.train),
+        val_size=len(split.val),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Training, scoring and robustness of one configuration
+
+
+def model_and_train_configs(config: dict[str, Any], epochs: int, seed: int):
+    """Return (ModelConfig, TrainConfig) for a search-space configuration."""
+    from dvmrl.model import ModelConfig
+    from dvmrl.training import TrainConfig
+
+    model_config = ModelConfig(
+        hidden=int(config["hidden"]),
+        layers=int(config["layers"]),
+        dropout=float(config["dropout"]),
+    )
+    train_config = TrainConfig(
+        lr=float(config["lr"]),
+        batch_size=int(config["batch_size"]),
+        weight_decay=float(config["weight_decay"]),
+        epochs=int(epochs),
+        seed=int(seed),
+    )
+    return model_config, train_config
+
+
+def train_config_on(pools: Pools, config: dict[str, Any], epochs: int, seed: int, device):
+    """Train one configuration from scratch; return (trainer, per-epoch history)."""
+    from dvmrl.training import Trainer
+
+    model_config, train_config = model_and_train_configs(config, epochs, seed)
+    trainer = Trainer(
+        model_config,
+        train_config,
+        pools.x_train,
+        pools.y_train,
+        pools.x_val,
+        pools.y_val,
+        device=device,
+    )
+    history = trainer.fit(epochs=epochs)
+    return trainer, history
+
+
+def score(trainer_or_model, x, y: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+    """Return (test metrics, predictions in eV/atom) of a trainer or a model."""
+    from dvmrl.metrics import regression_metrics
+
+    if hasattr(trainer_or_model, "predict"):
+        prediction = np.asarray(trainer_or_model.predict(x), dtype=np.float64)
+    else:
+        prediction = predict_model(trainer_or_model, x)
+    metrics = regression_metrics(y, prediction)
+    return finite_or_none(dict(metrics)), prediction
+
+
+def predict_model(model, x, batch_size: int = 4096) -> np.ndarray:
+    """Return a model's predictions (eV/atom) on a ``CompositionBatch``."""
+    import torch
+
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    batch = x.to(device, dtype)
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(batch.frac), batch_size):
+            stop = start + batch_size
+            pred = model(
+                batch.element_index[start:stop], batch.frac[start:stop], batch.mask[start:stop]
+            )
+            out.append(pred.detach().to("cpu", torch.float64).numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def robustness(model, x, preset: Preset, seed: int) -> dict[str, Any]:
+    """Measure a model's vulnerability and robustness radius on compositions ``x``.
+
+    Vulnerability is the mean largest |f(x + delta) - f(x)| (eV/atom) at box
+    radius 0.05; the robustness radius is the mean smallest radius (fraction
+    units, capped at 0.25) that moves a prediction by 0.05 eV/atom.
+
+    Returns:
+        dict: the two scores, the mean L2 norm of the perturbations, the
+        settings and per-composition lists (formula, largest change at
+        epsilon, radius, whether tau was reached within r_max).
+    """
+    from dvmrl import adversarial
+
+    model.eval()
+    options = {
+        "steps": preset.adversarial_steps,
+        "starts": preset.adversarial_starts,
+        "seed": int(seed),
+    }
+    vulnerable = adversarial.vulnerability(model, x, epsilon=ROBUST_EPSILON, **options)
+    radius = adversarial.robustness_radius(
+        model, x, tau=ROBUST_TAU, r_max=ROBUST_R_MAX, **options
+    )
+    return {
+        "vulnerability": float(vulnerable.score),
+        "robustness_radius": float(radius.score),
+        "robustness_radius_l2": float(radius.score_l2),
+        "n_not_reached": int(radius.n_not_reached),
+        "epsilon": ROBUST_EPSILON,
+        "tau": ROBUST_TAU,
+        "r_max": ROBUST_R_MAX,
+        "n_compositions": len(x),
+        "per_composition": {
+            "formula": [str(f) for f in radius.table["formula"]],
+            "max_change": [float(v) for v in vulnerable.table["abs_change"]],
+            "radius": [float(v) for v in radius.table["radius"]],
+            "reached": [bool(v) for v in radius.table["reached"]],
+        },
+    }
+
+
+# ---------------------------------------------------------------------------
+# The run
+
+
+class RunDirectoryError(ValueError):
+    """The output folder holds another run, or a run that differs from the request."""
+
+
+@dataclass
+class UnitPaths:
+    """Files of one (method, seed) unit inside the output folder."""
+
+    root: Path
+
+    @property
+    def checkpoint(self) -> Path:
+        """Checkpoint of the best model found so far."""
+        return self.root / "best.pt"
+
+    @property
+    def predictions(self) -> Path:
+        """Test predictions of the chosen model (random and chemsys splits)."""
+        return self.root / "predictions.npz"
+
+
+class Experiment:
+    """One run of the main job, resumable from its output folder.
+
+    Args:
+        spec: what to run.
+        out_dir: output folder; ``state.json``, ``run.json``, per-unit
+            checkpoints and the report go there.
+        resume: continue the run already in ``out_dir``. Without it an
+            output folder that holds anything raises ``RunDirectoryError``.
+        device: torch device (or name) to train on.
+        command_line: recorded in the provenance.
+        progress: a factory ``progress(method, seed, total_epochs)`` returning
+            an object with ``update(n)`` and ``close()`` (a tqdm bar, for
+            instance), or None for no progress display.
+    """
+
+    def __init__(
+        self,
+        spec: RunSpec,
+        out_dir: str | os.PathLike,
+        resume: bool = False,
+        device: Any = "cpu",
+        command_line: Sequence[str] | None = None,
+        progress: Callable[[str, int, int], Any] | None = None,
+    ) -> None:
+        spec.check()
+        self.spec = spec
+        self.out_dir = Path(out_dir)
+        self.resume = resume
+        self.device = device
+        self.command_line = list(sys.argv if command_line is None else command_line)
+        self.progress = progress
+        self.state: dict[str, Any] = {}
+        self.df = None
+        self.data_info: dict[str, Any] = {}
+        self._pools: dict[tuple[str, int], Pools] = {}
+
+    # -- setup --------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Load the data, check the output folder and write or check ``run.json``.
+
+        Raises:
+            RunDirectoryError: when the folder holds another run (or any file)
+                and ``resume`` is false, or when ``resume`` is true and the
+                recorded run differs from the request.
+        """
+        existing = self.out_dir.is_dir() and any(self.out_dir.iterdir())
+        if existing and not self.resume:
+            raise RunDirectoryError(
+                f"output folder {self.out_dir} is not empty (it holds another run or "
+                "other files); pass --resume to continue the run in it, or choose "
+                "another --out"
+            )
+        self.df, self.data_info = load_data(self.spec.data)
+        signature = self.spec.signature(self.data_info["frame_sha256"])
+        run_file = self.out_dir / RUN_FILE
+        if self.resume and run_file.is_file():
+            recorded = json.loads(run_file.read_text(encoding="utf-8"))
+            differences = [
+                key for key in signature if recorded.get("signature", {}).get(key) != signature[key]
+            ]
+            if differences:
+                raise RunDirectoryError(
+                    f"output folder {self.out_dir} holds a run with other settings "
+                    f"({', '.join(differences)} differ); resume it with the same "
+                    "--data, --budget, --seeds and --methods, or choose another --out"
+                )
+            self.state = self._read_state()
+            logger.info("resuming the run in %s", self.out_dir)
+            return
+        if existing:
+            raise RunDirectoryError(
+                f"output folder {self.out_dir} holds files but no {RUN_FILE}; it is not "
+                "a dvmrl run folder, so choose another --out"
+            )
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(
+            run_file,
+            {
+                "format": "dvmrl-run",
+                "signature": signature,
+                "data": self.spec.data,
+                "data_info": finite_or_none(self.data_info),
+                "command_line": self.command_line,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+        )
+        self.state = {"format": STATE_FORMAT, "version": STATE_VERSION, "units": {}}
+        self._write_state()
+
+    def _read_state(self) -> dict[str, Any]:
+        path = self.out_dir / STATE_FILE
+        if not path.is_file():
+            return {"format": STATE_FORMAT, "version": STATE_VERSION, "units": {}}
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise RunDirectoryError(f"{path} is not valid JSON ({err}); it is corrupt") from err
+        if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
+            raise RunDirectoryError(
+                f"{path} was written by another version of dvmrl "
+                f"(format {state.get('format')!r}, version {state.get('version')!r})"
+            )
+        return state
+
+    def _write_state(self) -> None:
+        write_json_atomic(self.out_dir / STATE_FILE, finite_or_none(self.state))
+
+    def unit(self, method: str, seed: int) -> dict[str, Any]:
+        """Return the state of one (method, seed) unit, creating it if new."""
+        key = f"{method}/seed{seed}"
+        units = self.state["units"]
+        if key not in units:
+            units[key] = {"method": method, "seed": seed, "trials": [], "seconds": {}}
+        return units[key]
+
+    def unit_paths(self, method: str, seed: int) -> UnitPaths:
+        """Return the file paths of one unit, creating its folder."""
+        root = self.out_dir / "units" / f"{method}-seed{seed}"
+        root.mkdir(parents=True, exist_ok=True)
+        return UnitPaths(root)
+
+    def pools(self, kind: str, seed: int) -> Pools:
+        """Return the featurised pools of one split kind and seed (cached)."""
+        key = (kind, seed)
+        if key not in self._pools:
+            self._pools[key] = make_pools(self.df, kind, seed, self.spec.preset)
+        return self._pools[key]
+
+    # -- the job ------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Run (or continue) every unit, then write the report; return report.json's data."""
+        from dvmrl.report import write_report
+
+        if self.df is None:
+            self.prepare()
+        for seed in self.spec.seeds:
+            for method in self.spec.methods:
+                self.run_unit(method, seed)
+            # Pools of finished seeds are not needed again.
+            for key in [k for k in self._pools if k[1] == seed]:
+                del self._pools[key]
+        return write_report(self.out_dir)
+
+    def run_unit(self, method: str, seed: int) -> dict[str, Any]:
+        """Run the search, scoring, robustness and chemsys retraining of one unit."""
+        unit = self.unit(method, seed)
+        if "chemsys" in unit:
+            return unit
+        if "chosen" not in unit:
+            if method == "agent":
+                self._agent_search(unit, seed)
+            else:
+                self._baseline_search(unit, method, seed)
+        if "test" not in unit:
+            self._score_test(unit, method, seed)
+        if "robustness" not in unit:
+            self._measure_robustness(unit, method, seed)
+        if "chemsys" not in unit:
+            self._retrain_chemsys(unit, method, seed)
+        return unit
+
+    # -- searches -------------------------------------------------------------
+
+    def _baseline_search(self, unit: dict[str, Any], method: str, seed: int) -> None:
+        preset = self.spec.preset
+        pools = self.pools("random", seed)
+        paths = self.unit_paths(method, seed)
+        history = [TrialRecord.from_dict(r) for r in unit["trials"]]
+        best = best_trial(history)
+        bar = self._bar(method, seed, sum(r.epochs for r in history))
+        state = {"best": best.score if best else math.inf}
+
+        def objective(config: dict[str, Any], index: int, epochs: int) -> TrialResult:
+            started = time.perf_counter()
+            trainer, epoch_history = train_config_on(
+                pools, config, epochs, derive_seed(seed, index, 7), self.device
+            )
+            curve = [finite_or_none(float(h["val_rmse"])) for h in epoch_history]
+            finite = [v for v in curve if v is not None]
+            val_rmse = min(finite) if finite else math.inf
+            if val_rmse < state["best"]:
+                # The checkpoint is written before the trial's record, so a
+                # kill in between only costs a rerun of this trial.
+                self._save_checkpoint(trainer, paths.checkpoint, method, seed, index, config)
+                state["best"] = val_rmse
+            return TrialResult(
+                val_rmse=val_rmse,
+                epochs=int(trainer.epochs_done),
+                seconds=time.perf_counter() - started,
+                extra={"val_curve": curve},
+            )
+
+        def on_trial(record: TrialRecord) -> None:
+            unit["trials"].append(record.to_dict())
+            self._write_state()
+            if bar is not None:
+                bar.update(record.epochs)
+
+        budget = EpochBudget(preset.epochs, preset.trial_epochs)
+        records = run_search(
+            method,
+            objective,
+            budget,
+            seed,
+            space=self.spec.space,
+            history=history,
+            on_trial=on_trial,
+            n_initial_points=preset.n_initial_points,
+        )
+        if bar is not None:
+            bar.close()
+        best = best_trial(records)
+        if best is None:
+            raise RuntimeError(
+                f"{method} seed {seed}: every trial diverged (non-finite validation RMSE)"
+            )
+        unit["chosen"] = {
+            "config": best.config,
+            "trial": best.index,
+            "val_rmse": best.val_rmse,
+            "epochs_trained": best.epochs,
+        }
+        unit["epochs_used"] = budget.spent
+        unit["seconds"]["search"] = budget.seconds
+        self._write_state()
+        logger.info(
+            "%s seed %d: best trial %d, val RMSE %.4f eV/atom, %d epochs used",
+            method,
+            seed,
+            best.index,
+            best.score,
+            budget.spent,
+        )
+
+    def _save_checkpoint(self, trainer, path: Path, method, seed, trial, config) -> None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        trainer.save(
+            tmp,
+            metadata={"method": method, "seed": seed, "trial": trial, "config": config},
+        )
+        os.replace(tmp, path)
+
+    def _load_chosen(self, unit: dict[str, Any], method: str, seed: int):
+        """Return the chosen model, retraining it if its checkpoint is missing or stale."""
+        from dvmrl.training import CheckpointError, load_checkpoint
+
+        paths = self.unit_paths(method, seed)
+        chosen = unit["chosen"]
+        if paths.checkpoint.is_file():
+            try:
+                model, metadata = load_checkpoint(paths.checkpoint)
+            except CheckpointError as err:
+                logger.warning("%s is unreadable (%s); retraining it", paths.checkpoint, err)
+            else:
+                if _metadata_value(metadata, "trial") == chosen.get("trial"):
+                    return model.to(self.device)
+                logger.warning(
+                    "%s holds trial %s, not the chosen trial %s; retraining it",
+                    paths.checkpoint,
+                    _metadata_value(metadata, "trial"),
+                    chosen.get("trial"),
+                )
+        if method == "agent":
+            raise RuntimeError(
+                f"{paths.checkpoint} of the agent's chosen model is missing; delete the "
+                f"unit {method}/seed{seed} from {STATE_FILE} to rerun its episode"
+            )
+        trainer, _ = train_config_on(
+            self.pools("random", seed),
+            chosen["config"],
+            chosen["epochs_trained"],
+            derive_seed(seed, chosen["trial"], 7),
+            self.device,
+        )
+        self._save_checkpoint(
+            trainer, paths.checkpoint, method, seed, chosen["trial"], chosen["config"]
+        )
+        return trainer.model
+
+    def _agent_search(self, unit: dict[str, Any], seed: int) -> None:
+        from dvmrl.experiment_agent import run_agent_unit
+
+        run_agent_unit(self, unit, seed)
+
+    # -- scoring ------------------------------------------------------------
+
+    def _score_test(self, unit: dict[str, Any], method: str, seed: int) -> None:
+        started = time.perf_counter()
+        pools = self.pools("random", seed)
+        model = self._load_chosen(unit, method, seed)
+        metrics, prediction = score(model, pools.x_test, pools.y_test)
+        paths = self.unit_paths(method, seed)
+        save_npz_atomic(
+            paths.predictions,
+            test_index=pools.test_index,
+            y_true=pools.y_test,
+            y_pred=prediction,
+            n_elements=pools.x_test.n_elements.numpy(),
+        )
+        unit["test"] = metrics
+        unit["seconds"]["test"] = time.perf_counter() - started
+        self._write_state()
+        logger.info(
+            "%s seed %d: test RMSE %.4f, MAE %.4f eV/atom",
+            method,
+            seed,
+            metrics["rmse"],
+            metrics["mae"],
+        )
+
+    def robust_rows(self, n_test: int) -> np.ndarray:
+        """Return the test positions used for robustness, the same for every unit.
+
+        The test part of the random split does not depend on the seed, so a
+        fixed generator picks the same compositions for every method and seed.
+        """
+        rng = np.random.default_rng(20260101)
+        count = min(self.spec.preset.robust_n, n_test)
+        return np.sort(rng.choice(n_test, size=count, replace=False))
+
+    def _measure_robustness(self, unit: dict[str, Any], method: str, seed: int) -> None:
+        started = time.perf_counter()
+        pools = self.pools("random", seed)
+        rows = self.robust_rows(len(pools.y_test))
+        model = self._load_chosen(unit, method, seed)
+        x = pools.x_test[rows]
+        result = robustness(model, x, self.spec.preset, derive_seed(seed, 11))
+        result["test_index"] = [int(i) for i in pools.test_index[rows]]
+        unit["robustness"] = finite_or_none(result)
+        unit["seconds"]["robustness"] = time.perf_counter() - started
+        self._write_state()
+        logger.info(
+            "%s seed %d: vulnerability %.4f eV/atom, robustness radius %.4f",
+            method,
+            seed,
+            result["vulnerability"],
+            result["robustness_radius"],
+        )
+
+    def _retrain_chemsys(self, unit: dict[str, Any], method: str, seed: int) -> None:
+        started = time.perf_counter()
+        pools = self.pools("chemsys", seed)
+        config = unit["chosen"]["config"]
+        trainer, _ = train_config_on(
+            pools, config, self.spec.preset.retrain_epochs, derive_seed(seed, 13), self.device
+        )
+        metrics, prediction = score(trainer, pools.x_test, pools.y_test)
+        paths = self.unit_paths(method, seed)
+        save_npz_atomic(
+            paths.root / "chemsys_predictions.npz",
+            test_index=pools.test_index,
+            y_true=pools.y_test,
+            y_pred=prediction,
+        )
+        unit["chemsys"] = metrics
+        unit["chemsys_epochs"] = int(trainer.epochs_done)
+        unit["seconds"]["chemsys"] = time.perf_counter() - started
+        self._write_state()
+        logger.info(
+            "%s seed %d: chemsys hold-out RMSE %.4f, MAE %.4f eV/atom",
+            method,
+            seed,
+            metrics["rmse"],
+            metrics["mae"],
+        )
+
+    def _bar(self, method: str, seed: int, done: int):
+        if self.progress is None:
+            return None
+        bar = self.progress(method, seed, self.spec.preset.epochs)
+        if done:
+            bar.update(done)
+        return bar
+
+
+def _metadata_value(metadata: dict[str, Any], key: str) -> Any:
+    """Find ``key`` in checkpoint metadata, at the top level or under a user section."""
+    if key in metadata:
+        return metadata[key]
+    for section in ("user", "metadata", "extra"):
+        inner = metadata.get(section)
+        if isinstance(inner, dict) and key in inner:
+            return inner[key]
+    return None
+
+
+def run_experiment(
+    spec: RunSpec,
+    out_dir: str | os.PathLike,
+    resume: bool = False,
+    device: Any = "cpu",
+    command_line: Sequence[str] | None = None,
+    progress: Callable[[str, int, int], Any] | None = None,
+) -> dict[str, Any]:
+    """Run the main job into ``out_dir`` (see ``Experiment``); return the report data."""
+    experiment = Experiment(spec, out_dir, resume, device, command_line, progress)
+    experiment.prepare()
+    return experiment.run()
+
+
+__all__ = [
+    "DEFAULT_DATA",
+    "METHODS",
+    "PRESETS",
+    "Experiment",
+    "Preset",
+    "RunDirectoryError",
+    "RunSpec",
+    "resolve_preset",
+    "run_experiment",
+]

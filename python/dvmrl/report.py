@@ -1,0 +1,631 @@
+"""The report of ``dvmrl run``: report.json, report.md and figures.
+
+Everything is computed from the files the run leaves in its output folder
+(``run.json``, ``state.json`` and the per-unit prediction files), so the
+report of a resumed run equals that of an uninterrupted one, timings aside.
+
+Summaries are the mean and the sample standard deviation (ddof=1) over
+seeds. A method wins a metric when its mean is the best; any other method
+whose mean differs from the best by less than the larger of the two
+standard deviations ties with it. With a single seed there is no spread,
+so the report names the best mean and says that ties were not assessed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+REPORT_FORMAT = "dvmrl-report"
+
+# (key, label, unit, True when higher is better)
+METRICS: tuple[tuple[str, str, str, bool], ...] = (
+    ("test_rmse", "test RMSE", "eV/atom", False),
+    ("test_mae", "test MAE", "eV/atom", False),
+    ("test_r2", "test R^2", "", True),
+    ("test_gcv_score", "test GCV score", "(eV/atom)^-2", True),
+    ("robustness_radius", "robustness radius", "fraction", True),
+    ("vulnerability", "vulnerability", "eV/atom", False),
+    ("chemsys_rmse", "chemsys hold-out RMSE", "eV/atom", False),
+    ("chemsys_mae", "chemsys hold-out MAE", "eV/atom", False),
+    ("val_rmse", "best validation RMSE", "eV/atom", False),
+)
+METHOD_LABELS = {
+    "random": "random search",
+    "bayesian": "Bayesian optimisation",
+    "agent": "DQN agent",
+}
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------
+# Per-unit rows and summaries
+
+
+def unit_row(unit: dict[str, Any]) -> dict[str, Any]:
+    """Flatten one (method, seed) unit of the run state into a report row."""
+    test = unit.get("test", {})
+    chemsys = unit.get("chemsys", {})
+    robust = unit.get("robustness", {})
+    chosen = unit.get("chosen", {})
+    seconds = dict(unit.get("seconds", {}))
+    return {
+        "method": unit["method"],
+        "seed": unit["seed"],
+        "complete": "chemsys" in unit,
+        "test_rmse": test.get("rmse"),
+        "test_mae": test.get("mae"),
+        "test_r2": test.get("r2"),
+        "test_max_error": test.get("max_error"),
+        "test_gcv_score": test.get("gcv_score"),
+        "test_accuracy": test.get("accuracy"),
+        "test_f1": test.get("f1"),
+        "robustness_radius": robust.get("robustness_radius"),
+        "robustness_radius_l2": robust.get("robustness_radius_l2"),
+        "vulnerability": robust.get("vulnerability"),
+        "chemsys_rmse": chemsys.get("rmse"),
+        "chemsys_mae": chemsys.get("mae"),
+        "val_rmse": chosen.get("val_rmse"),
+        "epochs": unit.get("epochs_used"),
+        "seconds": seconds,
+        "seconds_total": float(sum(seconds.values())) if seconds else None,
+        "config": chosen.get("config"),
+        "trials": len(unit.get("trials", [])),
+        "steps": len(unit.get("steps", [])),
+    }
+
+
+def summarise(values: list[float | None]) -> dict[str, Any]:
+    """Return the mean, sample standard deviation and count of the finite values."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not finite:
+        return {"mean": None, "std": None, "n": 0}
+    std = float(np.std(finite, ddof=1)) if len(finite) > 1 else None
+    return {"mean": float(np.mean(finite)), "std": std, "n": len(finite)}
+
+
+def find_winner(
+    summaries: dict[str, dict[str, Any]], higher_is_better: bool
+) -> dict[str, Any]:
+    """Name the best method of one metric and the methods tied with it.
+
+    Args:
+        summaries: per method, the output of ``summarise``.
+        higher_is_better: direction of the metric.
+
+    Returns:
+        dict with ``winner`` (method name or None), ``tied_with`` (methods
+        whose mean lies within the spread of the winner's), ``tie`` (bool)
+        and ``spread_assessed`` (false when some method has one seed only).
+    """
+    ranked = [(m, s) for m, s in summaries.items() if s["mean"] is not None]
+    if not ranked:
+        return {"winner": None, "tied_with": [], "tie": False, "spread_assessed": False}
+    sign = -1.0 if higher_is_better else 1.0
+    ranked.sort(key=lambda item: sign * item[1]["mean"])
+    best_method, best = ranked[0]
+    spread_assessed = all(s["std"] is not None for _, s in ranked)
+    tied = []
+    if spread_assessed:
+        for method, summary in ranked[1:]:
+            spread = max(best["std"], summary["std"])
+            if abs(summary["mean"] - best["mean"]) < spread:
+                tied.append(method)
+    return {
+        "winner": best_method,
+        "tied_with": tied,
+        "tie": bool(tied),
+        "spread_assessed": spread_assessed,
+    }
+
+
+def ratios_against(
+    rows: list[dict[str, Any]], methods: list[str], reference: str = "bayesian"
+) -> dict[str, dict[str, Any]]:
+    """Return each method's RMSE and GCV ratios and robustness-radius change vs ``reference``.
+
+    Ratios are of the means over seeds (method / reference); per-seed ratios
+    are listed too. The radius change is method minus reference, in
+    fraction units.
+    """
+    by_method = {m: [r for r in rows if r["method"] == m and r["complete"]] for m in methods}
+    if reference not in by_method or not by_method[reference]:
+        return {}
+    ref_rows = {r["seed"]: r for r in by_method[reference]}
+    ref = {k: summarise([r[k] for r in by_method[reference]])["mean"] for k in (
+        "test_rmse", "test_gcv_score", "robustness_radius", "chemsys_rmse"
+    )}
+    result: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        if method == reference or not by_method[method]:
+            continue
+        mine = {k: summarise([r[k] for r in by_method[method]])["mean"] for k in ref}
+        per_seed = []
+        for row in by_method[method]:
+            other = ref_rows.get(row["seed"])
+            if other is None:
+                continue
+            per_seed.append(
+                {
+                    "seed": row["seed"],
+                    "rmse_ratio": _ratio(row["test_rmse"], other["test_rmse"]),
+                    "gcv_ratio": _ratio(row["test_gcv_score"], other["test_gcv_score"]),
+                    "robustness_radius_change": _difference(
+                        row["robustness_radius"], other["robustness_radius"]
+                    ),
+                }
+            )
+        result[method] = {
+            "rmse_ratio": _ratio(mine["test_rmse"], ref["test_rmse"]),
+            "gcv_ratio": _ratio(mine["test_gcv_score"], ref["test_gcv_score"]),
+            "chemsys_rmse_ratio": _ratio(mine["chemsys_rmse"], ref["chemsys_rmse"]),
+            "robustness_radius_change": _difference(
+                mine["robustness_radius"], ref["robustness_radius"]
+            ),
+            "per_seed": per_seed,
+        }
+    return result
+
+
+def _ratio(a, b) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return float(a) / float(b)
+
+
+def _difference(a, b) -> float | None:
+    if a is None or b is None:
+        return None
+    return float(a) - float(b)
+
+
+# ---------------------------------------------------------------------------
+# Curves
+
+
+def search_curve(unit: dict[str, Any]) -> list[tuple[int, float]]:
+    """Return best-so-far validation RMSE (eV/atom) against epochs spent.
+
+    Baseline trials contribute one point per epoch (from their per-epoch
+    validation curve); agent steps one point per step.
+    """
+    points: list[tuple[int, float]] = []
+    best = math.inf
+    if unit.get("steps"):
+        for step in unit["steps"]:
+            value = step.get("val_rmse")
+            if value is not None:
+                best = min(best, float(value))
+            if math.isfinite(best):
+                points.append((int(step["epochs_spent"]), best))
+        return points
+    for trial in unit.get("trials", []):
+        start = int(trial["epochs_before"])
+        curve = trial.get("extra", {}).get("val_curve") or [trial.get("val_rmse")]
+        for offset, value in enumerate(curve, start=1):
+            if value is not None:
+                best = min(best, float(value))
+            if math.isfinite(best):
+                points.append((start + min(offset, int(trial["epochs"])), best))
+    return points
+
+
+# ---------------------------------------------------------------------------
+# Provenance
+
+
+def provenance(run: dict[str, Any]) -> dict[str, Any]:
+    """Return versions, build facts, data checksums and the command line."""
+    import importlib.metadata
+
+    import dvmrl
+
+    versions = {}
+    for package in ("torch", "numpy", "scipy", "scikit-learn", "scikit-optimize", "pymatgen"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    info = run.get("data_info", {})
+    return {
+        "dvmrl_version": dvmrl.__version__,
+        "versions": versions,
+        "build_info": dvmrl.build_info(),
+        "data": run.get("data"),
+        "data_checksum": run.get("signature", {}).get("data_checksum"),
+        "data_file_sha256": info.get("file_sha256") or info.get("sha256"),
+        "data_csv_sha256": info.get("csv_sha256"),
+        "data_rows": info.get("rows"),
+        "command_line": run.get("command_line"),
+        "started": run.get("started"),
+        "reported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+# ---------------------------------------------------------------------------
+# The report
+
+
+def build_report(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Compute report.json's data from a run folder."""
+    out_dir = Path(out_dir)
+    run = json.loads((out_dir / "run.json").read_text(encoding="utf-8"))
+    state = json.loads((out_dir / "state.json").read_text(encoding="utf-8"))
+    signature = run["signature"]
+    methods = list(signature["methods"])
+    seeds = list(signature["seeds"])
+    rows = []
+    for method in methods:
+        for seed in seeds:
+            unit = state["units"].get(f"{method}/seed{seed}")
+            if unit is not None:
+                rows.append(unit_row(unit))
+    complete_rows = [r for r in rows if r["complete"]]
+    summaries = {
+        key: {
+            m: summarise([r[key] for r in complete_rows if r["method"] == m])
+            for m in methods
+        }
+        for key, *_ in METRICS
+    }
+    for key in ("epochs", "seconds_total"):
+        summaries[key] = {
+            m: summarise([r[key] for r in complete_rows if r["method"] == m])
+            for m in methods
+        }
+    winners = {
+        key: find_winner(summaries[key], higher)
+        for key, _label, _unit, higher in METRICS
+    }
+    preset = signature["preset"]
+    return {
+        "format": REPORT_FORMAT,
+        "complete": len(complete_rows) == len(methods) * len(seeds),
+        "methods": methods,
+        "seeds": seeds,
+        "budget": preset,
+        "search_space": signature.get("space"),
+        "agent": {"path": signature.get("agent_path"), "learn": signature.get("agent_learn")},
+        "results": rows,
+        "summary": summaries,
+        "ratios_vs_bayesian": ratios_against(rows, methods),
+        "winners": winners,
+        "curves": {
+            f"{u['method']}/seed{u['seed']}": search_curve(u)
+            for u in state["units"].values()
+        },
+        "provenance": provenance(run),
+    }
+
+
+def write_report(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Write report.json, report.md and the figures into ``out_dir``; return the data."""
+    out_dir = Path(out_dir)
+    report = build_report(out_dir)
+    figures = write_figures(out_dir, report)
+    report["figures"] = figures
+    text = json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n"
+    _write_text_atomic(out_dir / "report.json", text)
+    _write_text_atomic(out_dir / "report.md", render_markdown(report))
+    logger.info("wrote %s and %s", out_dir / "report.json", out_dir / "report.md")
+    return report
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def _format(value, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if value != 0 and abs(value) < 0.01:
+        return f"{value:.3e}"
+    if abs(value) >= 1000:
+        return f"{value:.0f}"
+    return f"{value:.{digits}f}"
+
+
+def _cell(summary: dict[str, Any], digits: int = 4) -> str:
+    if summary["mean"] is None:
+        return "n/a"
+    if summary["std"] is None:
+        return _format(summary["mean"], digits)
+    return f"{_format(summary['mean'], digits)} ± {_format(summary['std'], digits)}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """Render report.md from the report data."""
+    methods = report["methods"]
+    budget = report["budget"]
+    summary = report["summary"]
+    seeds = report["seeds"]
+    lines = ["# dvmrl run: agent against random search and Bayesian optimisation", ""]
+    if not report["complete"]:
+        lines += ["**Incomplete run:** some units have not finished; rerun with --resume.", ""]
+    prov = report["provenance"]
+    lines += [
+        f"Data: `{prov['data']}` (checksum {prov['data_checksum']}). "
+        f"dvmrl {prov['dvmrl_version']}, PyTorch {prov['versions'].get('torch')}, "
+        f"scikit-optimize {prov['versions'].get('scikit-optimize')}.",
+        "",
+        f"Command: `{' '.join(prov['command_line'] or [])}`",
+        "",
+        "## Budget",
+        "",
+        f"Preset `{budget['name']}`: {budget['epochs']} training epochs per method and "
+        f"seed (one epoch is one pass over the training pool, whatever the model size), "
+        f"{len(seeds)} seed(s) ({', '.join(str(s) for s in seeds)}). Baseline trials "
+        f"train {budget['trial_epochs']} epochs each; Bayesian optimisation starts with "
+        f"{budget['n_initial_points']} random trials; the agent trains "
+        f"{budget['agent_slice']} epochs per step.",
+        "",
+        "Training pool: "
+        + (
+            f"a random subsample of at most {budget['max_train']} compositions"
+            if budget["max_train"]
+            else "the whole training part"
+        )
+        + "; validation pool: "
+        + (
+            f"a random subsample of at most {budget['max_val']} compositions"
+            if budget["max_val"]
+            else "the whole validation part"
+        )
+        + ". Every method sees the same pools. Chosen configurations are retrained "
+        f"for {budget['retrain_epochs']} epochs on the chemsys split. Robustness is "
+        f"measured on {budget['robust_n']} fixed test compositions "
+        "(epsilon 0.05, tau 0.05 eV/atom, r_max 0.25).",
+        "",
+        "## Results",
+        "",
+        "Mean ± sample standard deviation over seeds"
+        + (" (one seed: no spread)." if len(seeds) == 1 else "."),
+        "",
+    ]
+    header = "| metric | " + " | ".join(METHOD_LABELS.get(m, m) for m in methods) + " | winner |"
+    lines += [header, "|" + " --- |" * (len(methods) + 2)]
+    for key, label, unit, higher in METRICS:
+        name = f"{label} ({unit})" if unit else label
+        arrow = "higher is better" if higher else "lower is better"
+        cells = [_cell(summary[key][m]) for m in methods]
+        lines.append(f"| {name}, {arrow} | " + " | ".join(cells) + f" | {_winner_text(report['winners'][key])} |")
+    for key, label in (("epochs", "epochs used"), ("seconds_total", "wall seconds")):
+        cells = [_cell(summary[key][m], 1) for m in methods]
+        lines.append(f"| {label} | " + " | ".join(cells) + " | |")
+    lines += [
+        "",
+        "Wall seconds include the work that epochs do not count: GP fits, "
+        "agent decisions, test scoring, robustness searches and the chemsys retraining.",
+        "",
+    ]
+    lines += _ratio_lines(report)
+    lines += _verdict_lines(report)
+    lines += _config_lines(report)
+    lines += [
+        "## Notes",
+        "",
+        "- The test part of the random split is the same for every method and seed and "
+        "was never used for search, reward or selection.",
+        "- GCV score: 1 / (n * sum_i (y_i - yhat_i)^2 / (n - 1)) in (eV/atom)^-2, the "
+        "inverse of a scaled sum of squared errors (it equals (n - 1) / (n^2 MSE)); "
+        "higher is better. It is not Wahba's generalised cross-validation. On one test "
+        "set the GCV ratio of two models is the inverse square of their RMSE ratio.",
+        "- A difference smaller than the spread over seeds (the larger of the two "
+        "standard deviations) is called a tie.",
+        "",
+        "## Figures",
+        "",
+    ]
+    for name, path in report.get("figures", {}).items():
+        lines.append(f"- {name}: `{path}`")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _winner_text(winner: dict[str, Any]) -> str:
+    if winner["winner"] is None:
+        return "n/a"
+    label = METHOD_LABELS.get(winner["winner"], winner["winner"])
+    if winner["tie"]:
+        tied = ", ".join(METHOD_LABELS.get(m, m) for m in winner["tied_with"])
+        return f"tie: {label}, {tied}"
+    if not winner["spread_assessed"]:
+        return f"{label} (ties not assessed)"
+    return label
+
+
+def _ratio_lines(report: dict[str, Any]) -> list[str]:
+    ratios = report["ratios_vs_bayesian"]
+    if not ratios:
+        return []
+    lines = [
+        "## Against Bayesian optimisation",
+        "",
+        "Ratios of the means over seeds (method / Bayesian optimisation); the radius "
+        "change is the method's mean radius minus Bayesian optimisation's, in fraction "
+        "units. An RMSE ratio below 1 and a GCV ratio above 1 favour the method.",
+        "",
+        "| method | test RMSE ratio | test GCV ratio | chemsys RMSE ratio | robustness radius change |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for method, values in ratios.items():
+        lines.append(
+            f"| {METHOD_LABELS.get(method, method)} | {_format(values['rmse_ratio'], 3)} | "
+            f"{_format(values['gcv_ratio'], 3)} | {_format(values['chemsys_rmse_ratio'], 3)} | "
+            f"{_format(values['robustness_radius_change'], 4)} |"
+        )
+    lines.append("")
+    return lines
+
+
+def _verdict_lines(report: dict[str, Any]) -> list[str]:
+    lines = ["## Verdict", ""]
+    methods = report["methods"]
+    for key, label, _unit, _higher in METRICS:
+        winner = report["winners"][key]
+        if winner["winner"] is None:
+            continue
+        name = METHOD_LABELS.get(winner["winner"], winner["winner"])
+        if winner["tie"]:
+            tied = ", ".join(METHOD_LABELS.get(m, m) for m in winner["tied_with"])
+            lines.append(
+                f"- {label}: a tie between {name} and {tied} (differences smaller than "
+                "the spread over seeds)."
+            )
+            continue
+        baseline = winner["winner"] in ("random", "bayesian") and "agent" in methods
+        suffix = " A baseline beats the agent here." if baseline else ""
+        caveat = "" if winner["spread_assessed"] else " (one seed, so no spread to judge ties)"
+        lines.append(f"- {label}: {name} wins{caveat}.{suffix}")
+    lines.append("")
+    return lines
+
+
+def _config_lines(report: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Chosen configurations",
+        "",
+        "| method | seed | lr | batch size | weight decay | dropout | layers | hidden | epochs | seconds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in report["results"]:
+        config = row["config"] or {}
+        lines.append(
+            f"| {METHOD_LABELS.get(row['method'], row['method'])} | {row['seed']} | "
+            f"{config.get('lr', float('nan')):.2e} | {config.get('batch_size', '')} | "
+            f"{config.get('weight_decay', float('nan')):.1e} | "
+            f"{config.get('dropout', float('nan')):.2f} | {config.get('layers', '')} | "
+            f"{config.get('hidden', '')} | {row['epochs']} | "
+            f"{_format(row['seconds_total'], 1)} |"
+        )
+    lines.append("")
+    return lines
+
+
+# ---------------------------------------------------------------------------
+# Figures
+
+
+def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
+    """Draw the report's figures into ``out_dir/figures``; return name -> relative path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dvmrl.plotting import parity_plot, save_figure
+
+    folder = out_dir / "figures"
+    folder.mkdir(parents=True, exist_ok=True)
+    methods = report["methods"]
+    colours = {m: f"C{i}" for i, m in enumerate(methods)}
+    written: dict[str, str] = {}
+
+    # Best-so-far validation RMSE against epochs.
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for key, points in report["curves"].items():
+        method = key.split("/")[0]
+        if not points or method not in colours:
+            continue
+        x, y = zip(*points, strict=True)
+        axes.step(x, y, where="post", color=colours[method], alpha=0.8,
+                  label=METHOD_LABELS.get(method, method))
+    handles, labels = axes.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    if unique:
+        axes.legend(unique.values(), unique.keys())
+    axes.set_xlabel("training epochs spent")
+    axes.set_ylabel("best validation RMSE so far (eV/atom)")
+    axes.set_title("Search progress (one line per seed)")
+    figure.tight_layout()
+    save_figure(figure, folder / "search_progress.png")
+    plt.close(figure)
+    written["best-so-far validation RMSE against epochs"] = "figures/search_progress.png"
+
+    # Test metrics per method.
+    panels = (("test_rmse", "test RMSE"), ("test_mae", "test MAE"),
+              ("chemsys_rmse", "chemsys RMSE"), ("chemsys_mae", "chemsys MAE"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.5))
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        means = [report["summary"][key][m]["mean"] or 0.0 for m in methods]
+        errors = [report["summary"][key][m]["std"] or 0.0 for m in methods]
+        ax.bar(range(len(methods)), means, yerr=errors, capsize=4,
+               color=[colours[m] for m in methods])
+        ax.set_xticks(range(len(methods)), methods, rotation=30)
+        ax.set_title(f"{label} (eV/atom)")
+    figure.tight_layout()
+    save_figure(figure, folder / "test_metrics.png")
+    plt.close(figure)
+    written["test metrics per method"] = "figures/test_metrics.png"
+
+    # Robustness radii per composition, pooled over seeds.
+    state = json.loads((out_dir / "state.json").read_text(encoding="utf-8"))
+    radii = {m: [] for m in methods}
+    for unit in state["units"].values():
+        table = unit.get("robustness", {}).get("per_composition", {})
+        values = table.get("radius") or table.get("robustness_radius") or []
+        if unit["method"] in radii:
+            radii[unit["method"]].extend(v for v in values if v is not None)
+    figure, axes = plt.subplots(figsize=(6, 4))
+    data = [radii[m] if radii[m] else [np.nan] for m in methods]
+    axes.boxplot(data, showmeans=True)
+    axes.set_xticks(range(1, len(methods) + 1), [METHOD_LABELS.get(m, m) for m in methods])
+    axes.set_ylabel("robustness radius (fraction)")
+    axes.set_title("Robustness radii of the chosen models (tau 0.05 eV/atom)")
+    figure.tight_layout()
+    save_figure(figure, folder / "robustness_radii.png")
+    plt.close(figure)
+    written["robustness radii"] = "figures/robustness_radii.png"
+
+    # Parity plot of the model with the lowest test RMSE.
+    complete = [r for r in report["results"] if r["complete"] and r["test_rmse"] is not None]
+    if complete:
+        best = min(complete, key=lambda r: r["test_rmse"])
+        path = out_dir / "units" / f"{best['method']}-seed{best['seed']}" / "predictions.npz"
+        if path.is_file():
+            with np.load(path) as arrays:
+                y_true, y_pred = arrays["y_true"], arrays["y_pred"]
+                n_elements = arrays["n_elements"]
+            parity_plot(
+                folder / "parity_best.png",
+                y_true,
+                y_pred,
+                n_elements,
+                title=(
+                    f"{METHOD_LABELS.get(best['method'], best['method'])}, seed "
+                    f"{best['seed']}: lowest test RMSE"
+                ),
+            )
+            written["parity plot of the best model"] = "figures/parity_best.png"
+    return written
