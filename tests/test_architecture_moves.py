@@ -12,8 +12,7 @@ from dvmrl import datasets
 from dvmrl.featurize import featurize
 from dvmrl.layout import parameter_count, unflatten
 from dvmrl.model import ModelConfig
-from dvmrl.training import TrainConfig, Trainer
-from dvmrl.training import moves
+from dvmrl.training import TrainConfig, Trainer, moves
 
 SMALL = {
     "hidden": 16,

@@ -104,7 +104,8 @@ class ModelConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(
-                f"unknown ModelConfig keys {unknown}; expected a subset of {sorted(known)}"
+                f"unknown ModelConfig keys {unknown}; expected a subset of "
+                f"{sorted(known)}"
             )
         return cls(**values)
 

@@ -149,7 +149,7 @@ def model_forward(
     Args:
         node_table (Tensor): initial node state of every element [E, H].
         flat (Tensor): the flat parameter buffer, laid out as
-            :func:`dvmrl.layout.parameter_layout` says; same dtype as
+            :func:`dvmrl.layout.parameter_layout` defines; same dtype as
             ``node_table``.
         element_index (Tensor): int64 [B, K] rows of ``node_table``.
         frac (Tensor): atomic fractions [B, K] (padded slots 0).

@@ -14,7 +14,8 @@ from dvmrl.training.checkpoint import (
     read_checkpoint,
 )
 from dvmrl.training.config import LearningRateSchedule, TrainConfig
-from dvmrl.training.trainer import Trainer, TrainingDivergedError, data_fingerprint
+from dvmrl.training.data import data_fingerprint
+from dvmrl.training.trainer import Trainer, TrainingDivergedError
 
 __all__ = [
     "FORMAT_VERSION",

@@ -55,7 +55,7 @@ JSON_KEYS = (
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used; the message says why."""
+    """A checkpoint file that cannot be used; the message names the reason."""
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
@@ -78,7 +78,7 @@ def provenance() -> dict[str, Any]:
 
 
 def element_table_json(descriptors: torch.Tensor) -> dict[str, Any]:
-    """Describe the element table that a model's ``descriptors`` buffer holds."""
+    """Describe the element table that a model's ``descriptors`` buffer contains."""
     from dvmrl import elements
 
     rows = descriptors.shape[0]
@@ -215,7 +215,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                 parsed[key] = json.loads(value)
             except (TypeError, json.JSONDecodeError) as err:
                 raise CheckpointError(
-                    f"checkpoint {path} is corrupt: entry {key!r} is not valid JSON ({err})"
+                    f"checkpoint {path} is corrupt: entry {key!r} is not valid "
+                    f"JSON ({err})"
                 ) from None
         else:
             parsed[key] = value
@@ -280,7 +281,7 @@ def load_checkpoint(
 
     Returns:
         (CompositionMPNN, dict): the model in evaluation mode, and the
-        metadata. The dict holds the keys given to ``Trainer.save(...,
+        metadata. The dict contains the keys given to ``Trainer.save(...,
         metadata=...)`` plus ``model_config``, ``train_config``,
         ``target_scaling`` (``mean``, ``std`` in eV/atom), ``element_table``,
         ``data_fingerprint``, ``training_domain`` (``elements``: symbols seen
@@ -308,7 +309,7 @@ def model_from_document(document: dict[str, Any], path: str | os.PathLike):
         config = ModelConfig.from_dict(document["model_config"])
     except (TypeError, ValueError) as err:
         raise CheckpointError(
-            f"checkpoint {path} holds an invalid model config: {err}"
+            f"checkpoint {path} has an invalid model config: {err}"
         ) from None
     state = document["model_state"]
     if "descriptors" not in state:

@@ -121,7 +121,8 @@ class TrainConfig:
         for name, valid, expected in checks:
             if not valid:
                 raise ValueError(
-                    f"TrainConfig.{name} must be {expected}, got {getattr(self, name)!r}"
+                    f"TrainConfig.{name} must be {expected}, "
+                    f"got {getattr(self, name)!r}"
                 )
         self.batch_size = int(self.batch_size)
         self.epochs = int(self.epochs)
@@ -143,7 +144,8 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(
-                f"unknown TrainConfig keys {unknown}; expected a subset of {sorted(known)}"
+                f"unknown TrainConfig keys {unknown}; expected a subset of "
+                f"{sorted(known)}"
             )
         return cls(**values)
 

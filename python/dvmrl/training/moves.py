@@ -14,11 +14,11 @@ moments of the same shapes to a new ``ModelConfig``:
 - ``narrow``: keeps the most important units of each group (changes the
   function).
 
-Widening, derived per unit group. A group is a set of units that one
-tensor produces and others consume: the node state h (shared by the
-embedding, every residual update, and every consumer of h), the pooled
-vector, each layer's gate and message hidden units, the pooling's, and
-each hidden layer of the head. The new units j of a group copy old units
+Widening, derived per unit group. A group is a set of units that some
+tensors produce and others consume. The groups are the node state h (the
+embedding and every residual update produce it), the pooled vector, the
+gate and message hidden units of each layer and of the pooling, and each
+hidden layer of the head. The new units j of a group copy old units
 g(j) (g(j) = j for the old units, a random old unit for the new ones).
 Producers of the group (rows of ``emb_w``, ``msg_w2``, ``pool_msg_w2``,
 ``head_w{d}``, columns of ``emb_offset``, the biases) are copied, so every
@@ -234,8 +234,10 @@ def widen(
         state (NamedState): current parameters (and moments).
         generator (torch.Generator): CPU generator for the copy sources and
             split factors.
-        hidden, gate_hidden, msg_hidden, head_hidden (int, optional): new
-            widths, each larger than the current one.
+        hidden (int, optional): new node-state width H, larger than now.
+        gate_hidden (int, optional): new gate MLP width Hg, larger than now.
+        msg_hidden (int, optional): new message MLP width Hm, larger than now.
+        head_hidden (int, optional): new head width Hh, larger than now.
 
     Returns:
         (ModelConfig, NamedState): the new sizes and the mapped state.
@@ -282,10 +284,10 @@ def unit_importance(
 ) -> dict[str, torch.Tensor]:
     """Score every unit of every group for ``narrow``.
 
-    The score of unit u is the root of the summed squares of the weights
-    that produce it times the root of the summed squares of the weights
-    that consume it, a first-order proxy for how much the output depends on
-    it; a unit that is produced as 0 or never read scores 0.
+    The score of unit u is the norm of the weights that produce it times
+    the norm of the weights that consume it. It is a first-order proxy for
+    how much the output depends on the unit, and a unit that is produced as
+    0 or never read scores 0.
 
     Returns:
         dict: group -> float64 scores [width].
@@ -385,10 +387,10 @@ def add_layer(
     initialisation, and its ``msg_w2`` and ``msg_b2`` are 0, so its update
     is 0 until training moves them. Its AdamW first moments start at 0 and
     its second moments at the mean second moment of the same parameter in
-    the previous last layer (0 when there was none), so the first updates
-    of the new layer are about as large as those of the layer before it
-    instead of the 3-6 times larger steps that zero moments give under a
-    long-running bias correction.
+    the previous last layer (0 when there was none). With zero second
+    moments and a step count far past the bias-correction transient, Adam
+    would take steps of about 3 to 6 times the learning rate on the new
+    entries during their first hundreds of steps.
     """
     new_config = dataclasses.replace(config, layers=config.layers + 1)
     new_prefix = f"layer{config.layers}."

@@ -2,10 +2,10 @@
 
 The trainer keeps the featurised training and validation tensors on the
 compute device and draws batches by index, so an epoch costs one shuffle
-and one optimiser step per batch. Loss: mean squared error of the
-standardised targets, or the Gaussian negative log-likelihood (up to the
-constant 0.5 log 2 pi) with the heteroscedastic head; per-sample weights
-multiply the per-composition loss.
+and one optimiser step per batch. The loss is the mean squared error of
+the standardised targets, or with the heteroscedastic head the Gaussian
+negative log-likelihood (up to the constant 0.5 log 2 pi). Per-sample
+weights multiply the per-composition loss.
 
 Determinism: the initialisation, shuffling, dropout masks and architecture
 moves draw from their own ``torch.Generator`` objects, seeded from
@@ -15,14 +15,14 @@ training repeats the uninterrupted one bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,11 @@ from dvmrl.model import LOG_VARIANCE_MAX, LOG_VARIANCE_MIN, CompositionMPNN, Mod
 from dvmrl.training import checkpoint as ckpt
 from dvmrl.training import moves
 from dvmrl.training.config import LearningRateSchedule, TrainConfig
+from dvmrl.training.data import (
+    DeviceSet,
+    batch_tensors,
+    check_targets,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,73 +60,6 @@ def _seed_streams(seed: int) -> dict[str, int]:
     return {
         name: int(word >> np.uint64(1)) for name, word in zip(names, words, strict=True)
     }
-
-
-def _batch_tensors(
-    x: Any, name: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    for attribute in ("element_index", "frac", "mask"):
-        if not isinstance(getattr(x, attribute, None), torch.Tensor):
-            raise TypeError(
-                f"{name} must be a dvmrl.featurize.CompositionBatch (tensors "
-                f"element_index, frac, mask), got {type(x).__name__}"
-            )
-    return x.element_index, x.frac, x.mask
-
-
-def _targets(y: Any, count: int, name: str) -> np.ndarray:
-    values = np.asarray(y, dtype=np.float64).reshape(-1)
-    if values.shape[0] != count:
-        raise ValueError(
-            f"{name} has {values.shape[0]} values for {count} compositions"
-        )
-    bad = np.flatnonzero(~np.isfinite(values))
-    if bad.size:
-        raise ValueError(
-            f"{name} has {bad.size} NaN or infinite values (first positions "
-            f"{bad[:10].tolist()}); drop or fix those rows"
-        )
-    return values
-
-
-def data_fingerprint(x: Any, y: np.ndarray) -> str:
-    """Return a SHA-256 hex digest of a featurised set and its targets."""
-    element_index, frac, mask = _batch_tensors(x, "x")
-    digest = hashlib.sha256()
-    digest.update(np.int64(len(y)).tobytes())
-    for tensor, dtype in ((element_index, "<i8"), (frac, "<f8"), (mask, "|b1")):
-        array = np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype=dtype)
-        digest.update(str(array.shape).encode())
-        digest.update(array.tobytes())
-    digest.update(np.ascontiguousarray(y, dtype="<f8").tobytes())
-    return digest.hexdigest()
-
-
-class _DeviceSet:
-    """A featurised set and its targets on the compute device."""
-
-    def __init__(
-        self, x: Any, y: Any, name: str, device: torch.device, dtype: torch.dtype
-    ):
-        element_index, frac, mask = _batch_tensors(x, name)
-        count = element_index.shape[0]
-        if count == 0:
-            raise ValueError(f"{name} is empty; it needs at least one composition")
-        if not bool(mask.any(dim=1).all()):
-            raise ValueError(f"{name} has a composition without any element")
-        self.y_numpy = _targets(y, count, f"targets of {name}")
-        self.fingerprint = data_fingerprint(x, self.y_numpy)
-        self.element_index = element_index.to(
-            device=device, dtype=torch.int64
-        ).contiguous()
-        self.frac = frac.to(device=device, dtype=dtype).contiguous()
-        self.mask = mask.to(device=device).contiguous()
-        self.y = torch.tensor(self.y_numpy, dtype=dtype, device=device)
-        # Validation errors are taken against the float64 targets.
-        self.y64 = torch.tensor(self.y_numpy, dtype=torch.float64, device=device)
-
-    def __len__(self) -> int:
-        return self.element_index.shape[0]
 
 
 class Trainer:
@@ -171,12 +109,12 @@ class Trainer:
             )
         self.device = torch.device(device)
         self.dtype = dtype
-        self._train = _DeviceSet(x_train, y_train, "x_train", self.device, dtype)
-        self._val: _DeviceSet | None = None
+        self._train = DeviceSet(x_train, y_train, "x_train", self.device, dtype)
+        self._val: DeviceSet | None = None
         if (x_val is None) != (y_val is None):
             raise ValueError("pass both x_val and y_val, or neither")
         if x_val is not None:
-            self._val = _DeviceSet(x_val, y_val, "x_val", self.device, dtype)
+            self._val = DeviceSet(x_val, y_val, "x_val", self.device, dtype)
 
         seeds = _seed_streams(self.train_config.seed)
         model = CompositionMPNN(
@@ -407,7 +345,7 @@ class Trainer:
         """Train with early stopping and end on the best-validation weights.
 
         Continues from the current state. After the last epoch the model
-        holds the weights of the best validation score seen so far (when
+        has the weights of the best validation score seen so far (when
         there is a validation set); the optimiser keeps its latest moments.
 
         Args:
@@ -501,7 +439,7 @@ class Trainer:
 
         MC dropout is off for this call, so the result is deterministic.
         """
-        element_index, frac, mask = _batch_tensors(x, "x")
+        element_index, frac, mask = batch_tensors(x, "x")
         with _mc_dropout(self.model, False):
             prediction = self._predict_tensors(element_index, frac, mask)
         return prediction.cpu().to(torch.float64).numpy()
@@ -531,7 +469,7 @@ class Trainer:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if int(n_samples) != n_samples or n_samples < 1:
             raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
-        element_index, frac, mask = _batch_tensors(x, "x")
+        element_index, frac, mask = batch_tensors(x, "x")
         generator = torch.Generator(device=self.device).manual_seed(
             self.train_config.seed if seed is None else int(seed)
         )
@@ -559,9 +497,9 @@ class Trainer:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Predict mean and standard deviation, both in eV/atom (float64 [B]).
 
-        With the heteroscedastic head the variance is the predicted one; with
+        With the heteroscedastic head the variance is the predicted one. With
         head dropout the mean and variance come from MC-dropout samples
-        (``n_samples``, default 30), and with both the variance is the mean
+        (``n_samples``, default 30). With both, the variance is the mean
         predicted variance plus the variance of the sampled means.
 
         Raises:
@@ -576,7 +514,7 @@ class Trainer:
                 "ModelConfig(heteroscedastic=True) or train with head dropout > 0"
             )
         if not dropout:
-            element_index, frac, mask = _batch_tensors(x, "x")
+            element_index, frac, mask = batch_tensors(x, "x")
             with _mc_dropout(self.model, False):
                 mean, variance = self._predict_tensors(
                     element_index, frac, mask, with_variance=True
@@ -616,8 +554,8 @@ class Trainer:
         """
         from dvmrl import metrics
 
-        element_index, _, _ = _batch_tensors(x, "x")
-        truth = _targets(y, element_index.shape[0], "y")
+        element_index, _, _ = batch_tensors(x, "x")
+        truth = check_targets(y, element_index.shape[0], "y")
         options = {}
         if tolerance is not None:
             options["tolerance"] = tolerance
@@ -694,7 +632,7 @@ class Trainer:
         Scores on the new set are not comparable with the old ones, so the
         best score, best weights and plateau counters start afresh.
         """
-        self._val = _DeviceSet(x_val, y_val, "x_val", self.device, self.dtype)
+        self._val = DeviceSet(x_val, y_val, "x_val", self.device, self.dtype)
         self._reset_best()
         self._schedule.reset_plateau()
 
@@ -836,8 +774,9 @@ class Trainer:
 
         Args:
             hidden (int, optional): new node-state width H (> current).
-            gate_hidden, msg_hidden, head_hidden (int, optional): new widths of
-                the gate, message and head MLPs (> current).
+            gate_hidden (int, optional): new gate MLP width (> current).
+            msg_hidden (int, optional): new message MLP width (> current).
+            head_hidden (int, optional): new head width (> current).
         """
         config, state = moves.widen(
             self.model.config,
@@ -875,7 +814,7 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------
 
     def training_domain(self) -> dict[str, Any]:
-        """Describe the training compositions: elements seen and the most per composition."""
+        """Describe the training set: elements seen, max elements per composition."""
         from dvmrl import elements
 
         rows = torch.unique(self._train.element_index[self._train.mask]).cpu().tolist()
@@ -955,7 +894,8 @@ class Trainer:
         clash = sorted(set(metadata) & ckpt.RESERVED_METADATA_KEYS)
         if clash:
             raise ValueError(
-                f"metadata keys {clash} are reserved for the checkpoint itself; rename them"
+                f"metadata keys {clash} are reserved for the checkpoint itself; "
+                "rename them"
             )
         payload: dict[str, Any] = {
             "model_config": self.model.config.to_dict(),
@@ -999,7 +939,10 @@ class Trainer:
 
         Args:
             path: checkpoint file.
-            x_train, y_train, x_val, y_val: the data of the original run.
+            x_train (CompositionBatch): training compositions of the original run.
+            y_train (array): their targets in eV/atom.
+            x_val (CompositionBatch, optional): validation compositions.
+            y_val (array, optional): their targets in eV/atom.
             device: compute device; default: the one stored.
             check_data (bool): compare the data with the stored fingerprints.
 
@@ -1011,8 +954,9 @@ class Trainer:
         resume = document.get("resume")
         if not isinstance(resume, dict) or "trainer" not in resume:
             raise ckpt.CheckpointError(
-                f"checkpoint {path} holds no resume state (it was saved with "
-                "resume=False); train afresh or pass a checkpoint written during training"
+                f"checkpoint {path} has no resume state (it was saved with "
+                "resume=False); train afresh or pass a checkpoint written during "
+                "training"
             )
         try:
             trainer_state = json.loads(resume["trainer"])
@@ -1044,10 +988,10 @@ class Trainer:
         for part in ("train", "val"):
             if stored.get(part) != current[part]:
                 raise ckpt.CheckpointError(
-                    f"the {part} data differ from those checkpoint {path} was trained on "
-                    f"(fingerprint {str(current[part])[:12]} vs stored "
-                    f"{str(stored.get(part))[:12]}); pass the original data and split, or "
-                    "check_data=False to continue on these"
+                    f"the {part} data differ from those checkpoint {path} was "
+                    f"trained on (fingerprint {str(current[part])[:12]} vs stored "
+                    f"{str(stored.get(part))[:12]}); pass the original data and "
+                    "split, or check_data=False to continue on these"
                 )
 
     def _restore(
@@ -1075,7 +1019,19 @@ class Trainer:
                 }
             rng = resume["rng"]
             self._shuffle_generator.set_state(rng["shuffle"])
-            self._dropout_generator.set_state(rng["dropout"])
+            stored_device = torch.device(state.get("device", "cpu")).type
+            if stored_device == self.device.type:
+                self._dropout_generator.set_state(rng["dropout"])
+            else:
+                # CPU and CUDA generators have different state layouts.
+                logger.warning(
+                    "checkpoint %s was trained on %s and resumes on %s: the dropout "
+                    "generator restarts from the seed, so the resumed run does not "
+                    "repeat the original one bit for bit",
+                    path,
+                    stored_device,
+                    self.device.type,
+                )
             self._move_generator.set_state(rng["moves"])
             if "best_state" in resume:
                 self._best_state = {
@@ -1085,7 +1041,8 @@ class Trainer:
                 self._weights = resume["sample_weights"].to(self.device, self.dtype)
         except (KeyError, RuntimeError, TypeError, ValueError) as err:
             raise ckpt.CheckpointError(
-                f"checkpoint {path} has corrupt resume state: {type(err).__name__}: {err}"
+                f"checkpoint {path} has corrupt resume state: "
+                f"{type(err).__name__}: {err}"
             ) from None
         self.epochs_done = int(state["epochs_done"])
         best = state.get("best_score")
@@ -1097,16 +1054,12 @@ class Trainer:
         self.history = list(document.get("history") or [])
 
 
-class _mc_dropout:  # noqa: N801 - used like a function
-    """Context manager that sets a model's MC-dropout flag and restores it."""
-
-    def __init__(self, model: CompositionMPNN, enabled: bool) -> None:
-        self.model = model
-        self.enabled = enabled
-        self.saved = model.mc_dropout_enabled
-
-    def __enter__(self) -> None:
-        self.model.mc_dropout(self.enabled)
-
-    def __exit__(self, *exc: object) -> None:
-        self.model.mc_dropout(self.saved)
+@contextlib.contextmanager
+def _mc_dropout(model: CompositionMPNN, enabled: bool) -> Iterator[None]:
+    """Set a model's MC-dropout flag for a block and restore it afterwards."""
+    saved = model.mc_dropout_enabled
+    model.mc_dropout(enabled)
+    try:
+        yield
+    finally:
+        model.mc_dropout(saved)
