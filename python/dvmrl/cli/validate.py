@@ -1,0 +1,560 @@
+"""``dvmrl validate``: adversarial robustness and shift report of a checkpoint.
+
+For the test compositions of the checkpoint's split (or of ``--split``),
+the command finds adversarial composition perturbations and reports:
+
+- the vulnerability at radius ``--epsilon``: the mean largest change of
+  the prediction, in eV/atom;
+- the robustness radius: per composition the smallest box radius whose
+  perturbations move the prediction by ``--tau`` eV/atom, and its mean;
+- shift detection: the cross-validated ROC AUC of a classifier telling the
+  training compositions from the validation pool and the test part of
+  every split kind, and from the validation set each strategy chooses.
+
+Outputs in ``--out DIR``: ``report.json``, ``robustness_radius.png`` (a
+histogram of the radii) and ``most_vulnerable.png`` (the most vulnerable
+compositions and their perturbations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dvmrl.cli._common import UsageError, add_compute_options, positive_int, setup_compute
+
+logger = logging.getLogger("dvmrl")
+
+REPORT_FILE = "report.json"
+HISTOGRAM_FILE = "robustness_radius.png"
+VULNERABLE_FILE = "most_vulnerable.png"
+# Head dropout used for MC-dropout samples of a model trained without dropout
+# (the ensemble-variance strategy needs some disagreement to rank by).
+FALLBACK_MC_DROPOUT = 0.1
+MC_SAMPLES = 20
+TOP_VULNERABLE = 10
+
+
+def add_parser(subparsers) -> None:
+    """Register ``dvmrl validate``."""
+    from dvmrl.adversarial import (
+        DEFAULT_EPSILON,
+        DEFAULT_FLOOR,
+        DEFAULT_R_MAX,
+        DEFAULT_STARTS,
+        DEFAULT_STEPS,
+        DEFAULT_TAU,
+    )
+
+    parser = subparsers.add_parser(
+        "validate",
+        help="adversarial robustness and shift-detection report of a checkpoint",
+        description=(
+            "Find adversarial composition perturbations of a trained model's test "
+            "compositions, report the vulnerability (eV/atom) and robustness radius "
+            "(fraction), and measure train/validation/test shift with a classifier "
+            "for every split kind and validation strategy."
+        ),
+    )
+    parser.add_argument("checkpoint", help="model file written by dvmrl train (model.pt)")
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="data set name or CSV path; default: the data the checkpoint was trained on",
+    )
+    parser.add_argument(
+        "--split",
+        default=None,
+        help="split whose test part is attacked; default: the checkpoint's split, "
+        "else random",
+    )
+    parser.add_argument(
+        "--holdout-element", default=None, help="element left out by --split element"
+    )
+    parser.add_argument(
+        "--strategy",
+        default="all",
+        help="validation strategy for the shift report: random, gp-uncertainty, "
+        "ensemble-variance, adversarial, or all (default)",
+    )
+    parser.add_argument(
+        "--epsilon",
+        type=float,
+        default=DEFAULT_EPSILON,
+        help=f"box radius of the vulnerability, fraction in (0, 1); default {DEFAULT_EPSILON}",
+    )
+    parser.add_argument(
+        "--tau",
+        type=float,
+        default=DEFAULT_TAU,
+        help=f"prediction change of the robustness radius, eV/atom > 0; default {DEFAULT_TAU}",
+    )
+    parser.add_argument(
+        "--floor",
+        type=float,
+        default=DEFAULT_FLOOR,
+        help="minimum fraction an element keeps (elements below it keep their own); "
+        f"default {DEFAULT_FLOOR}",
+    )
+    parser.add_argument(
+        "--lambda",
+        dest="lam",
+        type=float,
+        default=0.0,
+        help="weight of the L2 penalty on the perturbation in the objective; default 0",
+    )
+    parser.add_argument(
+        "--r-max",
+        type=float,
+        default=DEFAULT_R_MAX,
+        help=f"cap of the robustness radius, fraction in (0, 1); default {DEFAULT_R_MAX}",
+    )
+    parser.add_argument(
+        "--steps",
+        type=positive_int,
+        default=DEFAULT_STEPS,
+        help=f"gradient steps per search run; default {DEFAULT_STEPS}",
+    )
+    parser.add_argument(
+        "--starts",
+        type=positive_int,
+        default=DEFAULT_STARTS,
+        help=f"search runs per sign of the change; default {DEFAULT_STARTS}",
+    )
+    parser.add_argument(
+        "--bisection-steps",
+        type=positive_int,
+        default=8,
+        help="halvings of the radius interval (resolution r_max / 2^N); default 8",
+    )
+    parser.add_argument(
+        "--max-compositions",
+        type=positive_int,
+        default=500,
+        help="test compositions attacked, drawn by --seed when there are more; "
+        "default 500",
+    )
+    parser.add_argument(
+        "--validation-size",
+        type=positive_int,
+        default=200,
+        help="size of each strategy's validation set (at most the pool); default 200",
+    )
+    parser.add_argument(
+        "--shift-samples",
+        type=positive_int,
+        default=500,
+        help="rows per set in shift detection, at most; default 500",
+    )
+    parser.add_argument(
+        "--shift-folds",
+        type=int,
+        default=5,
+        help="cross-validation folds of shift detection (>= 2); default 5",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of every draw; default 0")
+    parser.add_argument(
+        "--out", default="validation", help="output folder; default ./validation"
+    )
+    add_compute_options(parser)
+    parser.set_defaults(func=run)
+
+
+def _check_arguments(args: argparse.Namespace) -> list[str]:
+    """Reject bad values before any work; return the strategies to report."""
+    from dvmrl.validation import STRATEGIES
+
+    if not (math.isfinite(args.epsilon) and 0.0 < args.epsilon < 1.0):
+        raise UsageError(
+            f"--epsilon must lie in (0, 1) (fraction units, 0.05 = 5 at.%), got "
+            f"{args.epsilon}"
+        )
+    if not (math.isfinite(args.tau) and args.tau > 0.0):
+        raise UsageError(f"--tau must be a positive number of eV/atom, got {args.tau}")
+    if not (math.isfinite(args.floor) and 0.0 <= args.floor < 1.0):
+        raise UsageError(f"--floor must lie in [0, 1), got {args.floor}")
+    if not (math.isfinite(args.lam) and args.lam >= 0.0):
+        raise UsageError(f"--lambda must be a number >= 0, got {args.lam}")
+    if not (math.isfinite(args.r_max) and 0.0 < args.r_max < 1.0):
+        raise UsageError(f"--r-max must lie in (0, 1), got {args.r_max}")
+    if args.shift_folds < 2:
+        raise UsageError(f"--shift-folds must be >= 2, got {args.shift_folds}")
+    if args.strategy == "all":
+        return list(STRATEGIES)
+    if args.strategy not in STRATEGIES:
+        raise UsageError(
+            f"unknown --strategy {args.strategy!r}: expected one of "
+            f"{', '.join(STRATEGIES)} or all"
+        )
+    return [args.strategy]
+
+
+def _load_model(path: str, device):
+    from dvmrl.training import load_checkpoint
+
+    checkpoint = Path(path)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} not found; pass a model.pt file")
+    model, metadata = load_checkpoint(checkpoint, device=device)
+    model.eval()
+    return model, metadata
+
+
+def _resolve_split(args, df, metadata):
+    from dvmrl.splits import make_split
+
+    trained_on = metadata.get("data")
+    kind = args.split or metadata.get("split") or "random"
+    holdout = args.holdout_element
+    if holdout is None and kind == metadata.get("split"):
+        holdout = metadata.get("holdout_element")
+    seed = int(metadata.get("seed", 0))
+    if kind == "element" and holdout is None:
+        raise UsageError("--split element needs --holdout-element X (such as Ni)")
+    split = make_split(df, kind, seed, holdout_element=holdout)
+    same = trained_on is None or args.data is None or args.data == trained_on
+    if not same:
+        logger.warning(
+            "the checkpoint was trained on %s; the %s split of %s may share rows "
+            "with its training data",
+            trained_on,
+            kind,
+            args.data,
+        )
+    return split, kind
+
+
+def _check_floor(floor: float, n_elements: np.ndarray, formulas: list[str]) -> None:
+    if floor * int(n_elements.max()) > 1.0:
+        row = int(np.argmax(n_elements))
+        raise UsageError(
+            f"--floor {floor} cannot hold for {formulas[row]} with {int(n_elements[row])} "
+            f"elements (K * floor = {n_elements[row] * floor:g} > 1); pass --floor <= "
+            f"{1.0 / int(n_elements.max()):g}"
+        )
+
+
+def _mc_dropout_samples(model, batch, n_samples: int, seed: int) -> np.ndarray:
+    """Draw MC-dropout predictions [S, B] in eV/atom, restoring the model after."""
+    import torch
+
+    config = model.config
+    saved_dropout = config.dropout
+    saved_generator = model.dropout_generator
+    saved_mc = model.mc_dropout_enabled
+    if config.head_layers == 0:
+        raise ValueError("ensemble-variance needs a model with at least one head layer")
+    if saved_dropout <= 0.0:
+        logger.info(
+            "the model has no head dropout; MC-dropout samples use p = %g",
+            FALLBACK_MC_DROPOUT,
+        )
+        model.set_dropout(FALLBACK_MC_DROPOUT)
+    device = model.flat.device
+    part = batch.to(device, model.flat.dtype)
+    samples = []
+    try:
+        model.dropout_generator = torch.Generator(device=device).manual_seed(seed)
+        model.mc_dropout(True)
+        with torch.no_grad():
+            for _ in range(n_samples):
+                out = model(part.element_index, part.frac, part.mask)
+                samples.append(out.cpu().double().numpy())
+    finally:
+        model.set_dropout(saved_dropout)
+        model.dropout_generator = saved_generator
+        model.mc_dropout(saved_mc)
+    return np.stack(samples)
+
+
+def _select_sets(args, strategies, model, split, batch, features, targets):
+    from dvmrl.validation import select_validation_set
+
+    size = min(args.validation_size, len(split.val))
+    selections, seconds = {}, {}
+    for strategy in strategies:
+        start = time.perf_counter()
+        options: dict[str, Any] = {}
+        if strategy == "ensemble-variance":
+            options["samples"] = _mc_dropout_samples(
+                model, batch[split.val], MC_SAMPLES, args.seed
+            )
+        if strategy == "adversarial":
+            options["predictor"] = model
+            options["epsilon"] = args.epsilon
+            options["floor"] = args.floor
+        selections[strategy] = select_validation_set(
+            strategy,
+            split.val,
+            size,
+            args.seed,
+            test_indices=split.test,
+            train_indices=split.train,
+            batch=batch,
+            features=features,
+            targets=targets,
+            **options,
+        )
+        seconds[strategy] = time.perf_counter() - start
+    return selections, seconds
+
+
+def _format_delta(symbols: list[str], delta: np.ndarray) -> str:
+    return ", ".join(
+        f"{symbol} {value:+.3f}"
+        for symbol, value in zip(symbols, delta, strict=True)
+        if abs(value) >= 5e-4
+    )
+
+
+def _histogram(radii: np.ndarray, r_max: float, tau: float, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from dvmrl.plotting import save_figure
+
+    figure = Figure(figsize=(6, 4))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.hist(radii, bins=np.linspace(0.0, r_max, 26), color="#1f77b4", edgecolor="white")
+    axes.set_xlabel("robustness radius (fraction)")
+    axes.set_ylabel("compositions")
+    axes.set_title(f"smallest box radius that moves the prediction by {tau:g} eV/atom")
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def _vulnerable_plot(rows: list[dict], epsilon: float, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from dvmrl.plotting import save_figure
+
+    figure = Figure(figsize=(9, 0.55 * len(rows) + 1.5))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    positions = np.arange(len(rows))[::-1]
+    changes = [row["change"] for row in rows]
+    colours = ["#d62728" if c > 0 else "#1f77b4" for c in changes]
+    axes.barh(positions, changes, color=colours)
+    axes.set_yticks(positions, [row["formula"] for row in rows], fontsize=8)
+    axes.axvline(0.0, color="black", linewidth=0.8)
+    for position, row in zip(positions, rows, strict=True):
+        axes.annotate(
+            row["perturbation"],
+            (0.0, position),
+            xytext=(4 if row["change"] < 0 else -4, 0),
+            textcoords="offset points",
+            ha="left" if row["change"] < 0 else "right",
+            va="center",
+            fontsize=7,
+        )
+    axes.set_xlabel(f"prediction change at epsilon = {epsilon:g} (eV/atom)")
+    axes.set_title("most vulnerable compositions and their perturbations")
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    text = json.dumps(_json_ready(payload), indent=2, sort_keys=True, allow_nan=False)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text + "\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(key): _json_ready(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return _json_ready(value.tolist())
+    if isinstance(value, np.generic):
+        return _json_ready(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _records(frame) -> list[dict]:
+    return [
+        {key: _json_ready(value) for key, value in row.items()}
+        for row in frame.to_dict(orient="records")
+    ]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Attack the checkpoint's test compositions and write the report."""
+    from dvmrl.adversarial import robustness_radius, vulnerability
+    from dvmrl.datasets import resolve_data
+    from dvmrl.elements import ELEMENTS
+    from dvmrl.featurize import composition_features, featurize
+    from dvmrl.shift import split_shift_table, strategy_shift_table
+
+    strategies = _check_arguments(args)
+    device = setup_compute(args)
+    started = time.perf_counter()
+    model, metadata = _load_model(args.checkpoint, device)
+    data = args.data or metadata.get("data")
+    if data is None:
+        raise UsageError("the checkpoint records no data set; pass --data NAME|PATH.csv")
+    df, info = resolve_data(data, alloy_notation=bool(metadata.get("alloy_notation", False)))
+    split, kind = _resolve_split(args, df, metadata)
+    if len(split.test) == 0:
+        raise ValueError(f"the test part of the {kind} split of {data} is empty")
+
+    batch = featurize(df["formula"].tolist())
+    features = composition_features(batch)
+    targets = df["target"].to_numpy(dtype=np.float64)
+    rng = np.random.default_rng(args.seed)
+    rows = split.test
+    if len(rows) > args.max_compositions:
+        rows = np.sort(rng.choice(rows, size=args.max_compositions, replace=False))
+    attacked = batch[rows].trimmed()
+    formulas = df["formula"].to_numpy()[rows].tolist()
+    _check_floor(args.floor, attacked.n_elements.numpy(), formulas)
+
+    search = {
+        "floor": args.floor,
+        "lam": args.lam,
+        "steps": args.steps,
+        "starts": args.starts,
+        "seed": args.seed,
+    }
+    on_device = attacked.to(device)
+    timings = {}
+    start = time.perf_counter()
+    vuln = vulnerability(model, on_device, epsilon=args.epsilon, **search)
+    timings["vulnerability"] = time.perf_counter() - start
+    start = time.perf_counter()
+    robust = robustness_radius(
+        model,
+        on_device,
+        tau=args.tau,
+        r_max=args.r_max,
+        bisection_steps=args.bisection_steps,
+        **search,
+    )
+    timings["robustness_radius"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    shift_options = {
+        "max_samples": args.shift_samples,
+        "folds": args.shift_folds,
+        "seed": args.seed,
+    }
+    split_table = split_shift_table(df, features, **shift_options)
+    selections, selection_seconds = _select_sets(
+        args, strategies, model, split, batch, features, targets
+    )
+    strategy_table = strategy_shift_table(features, split.train, selections, **shift_options)
+    timings["shift_detection"] = time.perf_counter() - start
+
+    per_composition = []
+    vt, rt = vuln.table, robust.table
+    delta = vuln.search.delta.numpy()
+    for position in range(len(rows)):
+        symbols = [
+            ELEMENTS[int(e)]
+            for e, m in zip(attacked.element_index[position], attacked.mask[position], strict=True)
+            if m
+        ]
+        per_composition.append(
+            {
+                "formula": formulas[position],
+                "prediction": float(vt["prediction"][position]),
+                "change": float(vt["change"][position]),
+                "perturbed_formula": vt["perturbed_formula"][position],
+                "perturbation": _format_delta(symbols, delta[position][: len(symbols)]),
+                "delta_l2": float(vt["delta_l2"][position]),
+                "robustness_radius": float(rt["radius"][position]),
+                "robustness_radius_l2": float(rt["delta_l2"][position]),
+                "reached_tau": bool(rt["reached"][position]),
+            }
+        )
+
+    shift_auc = {
+        f"{row['split']}: {row['comparison']}": row["auc"] for row in _records(split_table)
+    }
+    shift_auc.update(
+        {f"{row['strategy']}: {row['comparison']}": row["auc"] for row in _records(strategy_table)}
+    )
+    report = {
+        "checkpoint": str(Path(args.checkpoint).resolve()),
+        "data": data,
+        "data_name": info.get("name", data),
+        "split": kind,
+        "robustness_radius": robust.score,
+        "robustness_radius_l2": robust.score_l2,
+        "vulnerability": vuln.score,
+        "epsilon": args.epsilon,
+        "tau": args.tau,
+        "floor": args.floor,
+        "lambda": args.lam,
+        "r_max": args.r_max,
+        "steps": args.steps,
+        "starts": args.starts,
+        "seed": args.seed,
+        "n_compositions": len(rows),
+        "n_not_reached": robust.n_not_reached,
+        "units": {
+            "robustness_radius": "fraction",
+            "vulnerability": "eV/atom",
+            "tau": "eV/atom",
+            "epsilon": "fraction",
+        },
+        "shift_auc": shift_auc,
+        "shift_splits": _records(split_table),
+        "shift_strategies": _records(strategy_table),
+        "validation_sets": {name: chosen.tolist() for name, chosen in selections.items()},
+        "selection_seconds": selection_seconds,
+        "seconds": {**timings, "total": time.perf_counter() - started},
+        "compositions": per_composition,
+    }
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(out / REPORT_FILE, report)
+    _histogram(rt["radius"].to_numpy(), args.r_max, args.tau, out / HISTOGRAM_FILE)
+    ranked = sorted(per_composition, key=lambda row: -abs(row["change"]))[:TOP_VULNERABLE]
+    _vulnerable_plot(ranked, args.epsilon, out / VULNERABLE_FILE)
+    _print_report(report, ranked)
+    return 0
+
+
+def _print_report(report: dict, ranked: list[dict]) -> None:
+    print(f"compositions        {report['n_compositions']} (test part, {report['split']} split)")
+    print(
+        f"vulnerability       {report['vulnerability']:.4f} eV/atom "
+        f"(epsilon {report['epsilon']:g})"
+    )
+    print(
+        f"robustness radius   {report['robustness_radius']:.4f} (L2 "
+        f"{report['robustness_radius_l2']:.4f}; tau {report['tau']:g} eV/atom, "
+        f"{report['n_not_reached']} capped at r_max {report['r_max']:g})"
+    )
+    print()
+    print(f"{'formula':<24} {'change eV/atom':>14} {'radius':>8}  perturbation")
+    for row in ranked:
+        print(
+            f"{row['formula']:<24} {row['change']:>+14.4f} "
+            f"{row['robustness_radius']:>8.4f}  {row['perturbation']}"
+        )
+    print()
+    print(f"{'shift detection':<48} {'ROC AUC':>8}")
+    for name, auc in report["shift_auc"].items():
+        print(f"{name:<48} {auc:>8.3f}")

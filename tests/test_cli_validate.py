@@ -1,0 +1,155 @@
+import json
+import re
+
+import numpy as np
+import pytest
+
+from dvmrl.cli import main
+from dvmrl.datasets import load
+from dvmrl.featurize import featurize
+from dvmrl.model import ModelConfig
+from dvmrl.splits import make_split
+from dvmrl.training import TrainConfig, Trainer
+
+FAST = [
+    "--max-compositions",
+    "12",
+    "--steps",
+    "5",
+    "--starts",
+    "1",
+    "--bisection-steps",
+    "3",
+    "--shift-samples",
+    "60",
+    "--shift-folds",
+    "2",
+    "--validation-size",
+    "20",
+    "--device",
+    "cpu",
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("validate")
+    df = (
+        load("mp-formation-energy").sample(n=400, random_state=0).reset_index(drop=True)
+    )
+    data = folder / "alloys.csv"
+    df[["formula", "target"]].to_csv(data, index=False)
+    split = make_split(df, "random", seed=0)
+    batch = featurize(df["formula"].tolist())
+    targets = df["target"].to_numpy()
+    config = ModelConfig(
+        hidden=8, layers=1, gate_hidden=8, msg_hidden=8, head_hidden=8, head_layers=1
+    )
+    trainer = Trainer(
+        config,
+        TrainConfig(epochs=2, batch_size=64),
+        batch[split.train],
+        targets[split.train],
+        batch[split.val],
+        targets[split.val],
+    )
+    trainer.fit()
+    path = folder / "model.pt"
+    trainer.save(path, metadata={"data": str(data), "split": "random", "seed": 0})
+    return path
+
+
+@pytest.fixture(scope="module")
+def report(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    code = main(["validate", str(checkpoint), "--out", str(out), *FAST])
+    return code, out
+
+
+def test_validate_exit_code(report):
+    assert report[0] == 0
+
+
+def test_validate_report_keys(report):
+    data = json.loads((report[1] / "report.json").read_text())
+    for key in (
+        "robustness_radius",
+        "robustness_radius_l2",
+        "vulnerability",
+        "epsilon",
+        "tau",
+        "floor",
+        "n_compositions",
+        "shift_auc",
+        "compositions",
+    ):
+        assert key in data, key
+
+
+def test_validate_report_values(report):
+    data = json.loads((report[1] / "report.json").read_text())
+    assert data["n_compositions"] == 12
+    assert len(data["compositions"]) == 12
+    assert 0.0 < data["robustness_radius"] <= 0.25
+    assert data["vulnerability"] >= 0.0
+    assert "adversarial: train vs validation set" in data["shift_auc"]
+    assert "chemsys: train vs test" in data["shift_auc"]
+
+
+def test_validate_radius_is_mean(report):
+    data = json.loads((report[1] / "report.json").read_text())
+    radii = [row["robustness_radius"] for row in data["compositions"]]
+    assert data["robustness_radius"] == pytest.approx(np.mean(radii))
+
+
+def test_validate_writes_plots(report):
+    for name in ("robustness_radius.png", "most_vulnerable.png"):
+        assert (report[1] / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_validate_prints_table(checkpoint, tmp_path, capsys):
+    code = main(
+        [
+            "validate",
+            str(checkpoint),
+            "--out",
+            str(tmp_path),
+            "--strategy",
+            "random",
+            *FAST,
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "vulnerability" in printed
+    assert "random: train vs validation set" in printed
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--epsilon", "0"], "--epsilon must lie in"),
+        (["--epsilon", "1"], "--epsilon must lie in"),
+        (["--tau", "-0.1"], "--tau must be a positive"),
+        (["--floor", "0.5"], "K \\* floor"),
+        (["--strategy", "newest"], "unknown --strategy 'newest'"),
+    ],
+)
+def test_validate_bad_input(checkpoint, tmp_path, capsys, option, message):
+    code = main(["validate", str(checkpoint), "--out", str(tmp_path), *FAST, *option])
+    assert code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_validate_corrupt_checkpoint(tmp_path, capsys):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"not a checkpoint")
+    code = main(["validate", str(bad), "--out", str(tmp_path / "out"), *FAST])
+    assert code == 2
+    assert "checkpoint" in capsys.readouterr().err
+
+
+def test_validate_missing_checkpoint(tmp_path, capsys):
+    code = main(["validate", str(tmp_path / "none.pt"), "--out", str(tmp_path), *FAST])
+    assert code == 2
+    assert "not found" in capsys.readouterr().err
