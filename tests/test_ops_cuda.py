@@ -1,0 +1,99 @@
+"""Fused message-passing kernels on a CUDA GPU (skipped without one)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import requires_cuda
+from test_ops_message_passing import (
+    FLOAT32_CASES,
+    SMALL,
+    forward_and_grads,
+    make_batch,
+    make_dims,
+    rel_error,
+)
+
+from dvmrl import ops, reference
+
+pytestmark = [pytest.mark.cuda, requires_cuda]
+
+
+def to_cuda(args):
+    return [None if t is None else t.cuda() for t in args]
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_cuda_float64_matches_reference(dropout):
+    args = make_batch(37, 6, SMALL, torch.float64, seed=1, dropout=dropout)
+    ref = forward_and_grads(reference.model_forward, *args[:5], SMALL, args[5])
+    cuda_args = to_cuda(args)
+    fused = forward_and_grads(ops.model_forward, *cuda_args[:5], SMALL, cuda_args[5])
+    for name, a, b in zip(("out", "node_table", "flat", "frac"), fused, ref):
+        assert a.is_cuda, name
+        assert rel_error(a.cpu(), b) < 1e-11, name
+
+
+def test_cuda_gradcheck_float64():
+    node_table, flat, index, frac, mask, _ = to_cuda(
+        make_batch(3, 4, SMALL, torch.float64, seed=2, sizes=[4, 1, 2])
+    )
+
+    def fn(table, params, fractions):
+        return ops.model_forward(table, params, index, fractions, mask, SMALL)
+
+    inputs = tuple(t.clone().requires_grad_() for t in (node_table, flat, frac))
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("batch", "slots", "hidden"), FLOAT32_CASES)
+def test_cuda_float32_matches_reference(batch, slots, hidden):
+    dims = make_dims(hidden)
+    args = make_batch(batch, slots, dims, torch.float32, seed=batch + slots + hidden)
+    ref64 = [t.double() for t in args[:2]] + [args[2], args[3].double(), args[4]]
+    ref = forward_and_grads(reference.model_forward, *ref64, dims, None)
+    fused = forward_and_grads(ops.model_forward, *to_cuda(args[:5]), dims, None)
+    assert rel_error(fused[0].cpu(), ref[0]) <= 1e-5
+    for name, a, b in zip(("node_table", "flat", "frac"), fused[1:], ref[1:]):
+        assert rel_error(a.cpu(), b) <= 1e-4, name
+
+
+def test_cuda_padding_poison_never_leaks():
+    dims = make_dims(16)
+    node_table, flat, index, frac, mask, _ = make_batch(12, 6, dims, torch.float64, seed=5)
+    frac_poisoned = torch.where(mask, frac, torch.full_like(frac, float("nan")))
+    clean = forward_and_grads(ops.model_forward, *to_cuda([node_table, flat, index, frac, mask]), dims, None)
+    dirty = forward_and_grads(
+        ops.model_forward, *to_cuda([node_table, flat, index, frac_poisoned, mask]), dims, None
+    )
+    for name, a, b in zip(("out", "node_table", "flat"), clean[:3], dirty[:3]):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14), name
+    assert torch.all(dirty[3][~mask.cuda()] == 0)
+
+
+def test_cuda_runs_on_current_stream():
+    dims = make_dims(32)
+    args = to_cuda(make_batch(100, 5, dims, torch.float32, seed=6))
+    expected = ops.model_forward(*args, dims)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        out = ops.model_forward(*args, dims)
+    stream.synchronize()
+    assert torch.allclose(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_cuda_empty_batch():
+    dims = make_dims(8)
+    table = torch.randn(103, 8, device="cuda", dtype=torch.float64, requires_grad=True)
+    flat = torch.zeros(ops.parameter_count(dims), device="cuda", dtype=torch.float64)
+    out = ops.model_forward(
+        table,
+        flat,
+        torch.zeros(0, 3, dtype=torch.int64, device="cuda"),
+        torch.zeros(0, 3, dtype=torch.float64, device="cuda"),
+        torch.zeros(0, 3, dtype=torch.bool, device="cuda"),
+        dims,
+    )
+    assert out.shape == (0, 1)
+    out.sum().backward()
+    assert torch.all(table.grad == 0)

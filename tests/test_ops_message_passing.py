@@ -1,0 +1,495 @@
+"""Fused message-passing kernels (CPU) against the PyTorch reference."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import dvmrl
+from dvmrl import _core, ops, reference
+from dvmrl.layout import ModelDims, parameter_count, parameter_layout, unflatten
+
+ROWS = 103
+
+
+def make_dims(hidden: int, **overrides) -> ModelDims:
+    sizes = dict(
+        hidden=hidden,
+        gate_hidden=hidden,
+        msg_hidden=hidden,
+        layers=3,
+        head_hidden=32,
+        head_layers=2,
+        n_out=1,
+    )
+    sizes.update(overrides)
+    return ModelDims(**sizes)
+
+
+def random_flat(dims: ModelDims, generator: torch.Generator, dtype) -> torch.Tensor:
+    """Flat buffer with fan-in scaled weights and small random biases."""
+    flat = torch.empty(parameter_count(dims), dtype=torch.float64)
+    for spec in parameter_layout(dims):
+        values = torch.randn(spec.shape, generator=generator, dtype=torch.float64)
+        scale = 1.0 / math.sqrt(spec.shape[-1]) if len(spec.shape) == 2 else 0.3
+        flat[spec.offset : spec.offset + spec.numel] = (values * scale).reshape(-1)
+    return flat.to(dtype)
+
+
+def make_batch(batch, slots, dims, dtype, seed=0, sizes=None, dropout=False):
+    """Random inputs with mixed composition sizes (1..slots unless given)."""
+    generator = torch.Generator().manual_seed(seed)
+    if sizes is None:
+        sizes = torch.randint(1, slots + 1, (batch,), generator=generator)
+        sizes[0] = slots
+    else:
+        sizes = torch.as_tensor(sizes)
+    mask = torch.arange(slots)[None, :] < sizes[:, None]
+    element_index = torch.randint(0, ROWS, (batch, slots), generator=generator) * mask
+    frac = torch.rand(batch, slots, generator=generator, dtype=torch.float64) + 0.05
+    frac = frac * mask
+    frac = (frac / frac.sum(dim=1, keepdim=True)).to(dtype)
+    node_table = torch.randn(ROWS, dims.hidden, generator=generator, dtype=dtype)
+    flat = random_flat(dims, generator, dtype)
+    dropout_mask = None
+    if dropout:
+        keep = (
+            torch.rand(dims.head_layers, batch, dims.head_hidden, generator=generator)
+            >= 0.25
+        )
+        dropout_mask = keep.to(dtype) / 0.75
+    return node_table, flat, element_index, frac, mask, dropout_mask
+
+
+def forward_and_grads(
+    fn, node_table, flat, element_index, frac, mask, dims, drop, seed=1
+):
+    """Return (out, d node_table, d flat, d frac) for a random output weighting."""
+    leaves = [t.detach().clone().requires_grad_() for t in (node_table, flat, frac)]
+    out = fn(leaves[0], leaves[1], element_index, leaves[2], mask, dims, drop)
+    weight = torch.randn(
+        out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    ).to(out.dtype)
+    grads = torch.autograd.grad((out * weight).sum(), leaves)
+    return (out.detach(), *grads)
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    scale = expected.abs().max().item()
+    return (actual.double() - expected.double()).abs().max().item() / max(scale, 1e-30)
+
+
+SMALL = ModelDims(
+    hidden=4,
+    gate_hidden=3,
+    msg_hidden=5,
+    layers=2,
+    head_hidden=3,
+    head_layers=2,
+    n_out=2,
+)
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_gradcheck_float64(dropout):
+    node_table, flat, index, frac, mask, drop = make_batch(
+        4, 4, SMALL, torch.float64, seed=3, sizes=[4, 1, 3, 2], dropout=dropout
+    )
+
+    def fn(table, params, fractions):
+        return ops.model_forward(table, params, index, fractions, mask, SMALL, drop)
+
+    inputs = tuple(t.clone().requires_grad_() for t in (node_table, flat, frac))
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_float64_matches_reference(dropout):
+    args = make_batch(9, 5, SMALL, torch.float64, seed=4, dropout=dropout)
+    fused = forward_and_grads(ops.model_forward, *args[:5], SMALL, args[5])
+    ref = forward_and_grads(reference.model_forward, *args[:5], SMALL, args[5])
+    for name, a, b in zip(("out", "node_table", "flat", "frac"), fused, ref):
+        assert rel_error(a, b) < 1e-12, name
+
+
+# Every listed B, K and H appears at least once; mixed sizes in each batch.
+FLOAT32_CASES = [
+    (1, 2, 16),
+    (1, 8, 128),
+    (7, 3, 64),
+    (7, 5, 16),
+    (64, 5, 128),
+    (64, 2, 64),
+    (1000, 3, 64),
+    (1000, 8, 16),
+]
+
+
+@pytest.mark.parametrize(("batch", "slots", "hidden"), FLOAT32_CASES)
+def test_float32_matches_reference(batch, slots, hidden):
+    dims = make_dims(hidden)
+    args = make_batch(batch, slots, dims, torch.float32, seed=batch + slots + hidden)
+    fused = forward_and_grads(ops.model_forward, *args[:5], dims, None)
+    ref64_inputs = [t.double() for t in args[:2]] + [args[2], args[3].double(), args[4]]
+    ref = forward_and_grads(reference.model_forward, *ref64_inputs, dims, None)
+    assert fused[0].dtype == torch.float32
+    assert rel_error(fused[0], ref[0]) <= 1e-5
+    for name, a, b in zip(("node_table", "flat", "frac"), fused[1:], ref[1:]):
+        assert rel_error(a, b) <= 1e-4, name
+
+
+def test_padding_poison_never_leaks():
+    dims = make_dims(16)
+    node_table, flat, index, frac, mask, _ = make_batch(
+        12, 6, dims, torch.float64, seed=5
+    )
+    clean = forward_and_grads(
+        ops.model_forward, node_table, flat, index, frac, mask, dims, None
+    )
+    poisoned_index = torch.where(mask, index, torch.full_like(index, ROWS - 1))
+    poisoned_frac = torch.where(mask, frac, torch.full_like(frac, float("nan")))
+    poisoned_table = node_table.clone()
+    used = set(index[mask].tolist())
+    assert ROWS - 1 not in used
+    poisoned_table[ROWS - 1] = float("nan")
+    poisoned = forward_and_grads(
+        ops.model_forward,
+        poisoned_table,
+        flat,
+        poisoned_index,
+        poisoned_frac,
+        mask,
+        dims,
+        None,
+    )
+    assert torch.equal(clean[0], poisoned[0])
+    assert torch.equal(clean[2], poisoned[2])
+    real_rows = sorted(used)
+    assert torch.equal(clean[1][real_rows], poisoned[1][real_rows])
+    assert torch.all(poisoned[1][ROWS - 1] == 0)
+    assert torch.equal(poisoned[3][mask], clean[3][mask])
+    assert torch.all(poisoned[3][~mask] == 0)
+
+
+def test_large_gates_stay_finite_float32():
+    dims = make_dims(16)
+    node_table, flat, index, frac, mask, _ = make_batch(
+        40, 5, dims, torch.float32, seed=6
+    )
+    layout = {spec.name: spec for spec in parameter_layout(dims)}
+    flat = flat.clone()
+    for name in ("layer0.gate_u", "layer1.gate_u", "layer2.gate_u", "pool_gate_u"):
+        spec = layout[name]
+        flat[spec.offset : spec.offset + spec.numel] *= 400.0
+    for name in ("layer0.gate_d", "pool_gate_d"):
+        flat[layout[name].offset] = 90.0
+    # Pre-activations of magnitude 80 and more in the silu layers too.
+    node_table = node_table * 40.0
+    fused = forward_and_grads(
+        ops.model_forward, node_table, flat, index, frac, mask, dims, None
+    )
+    for name, value in zip(("out", "node_table", "flat", "frac"), fused):
+        assert torch.isfinite(value).all(), name
+    ref = reference.model_forward(
+        node_table.double(), flat.double(), index, frac.double(), mask, dims
+    )
+    gates = unflatten(flat.double(), dims)["pool_gate_u"]
+    assert gates.abs().max() > 80
+    assert rel_error(fused[0], ref) <= 1e-4
+
+
+def test_single_element_rows_are_finite():
+    dims = make_dims(16)
+    args = make_batch(5, 3, dims, torch.float64, seed=7, sizes=[1, 1, 2, 1, 3])
+    fused = forward_and_grads(ops.model_forward, *args[:5], dims, None)
+    ref = forward_and_grads(reference.model_forward, *args[:5], dims, None)
+    for name, a, b in zip(("out", "node_table", "flat", "frac"), fused, ref):
+        assert torch.isfinite(a).all(), name
+        assert rel_error(a, b) < 1e-12, name
+
+
+@pytest.mark.parametrize("floor", [0.01, 1e-4, 0.0])
+def test_fractions_at_floor(floor):
+    dims = make_dims(16)
+    node_table, flat, index, _, mask, _ = make_batch(
+        6, 4, dims, torch.float64, seed=8, sizes=[4, 3, 2, 4, 1, 3]
+    )
+    frac = torch.full(mask.shape, floor, dtype=torch.float64) * mask
+    frac[:, 0] = 1.0 - frac[:, 1:].sum(dim=1)
+    frac[3] = torch.tensor([floor, floor, floor, floor], dtype=torch.float64)
+    fused = forward_and_grads(
+        ops.model_forward, node_table, flat, index, frac, mask, dims, None
+    )
+    ref = forward_and_grads(
+        reference.model_forward, node_table, flat, index, frac, mask, dims, None
+    )
+    for name, a, b in zip(("out", "node_table", "flat", "frac"), fused, ref):
+        assert torch.isfinite(a).all(), name
+        assert rel_error(a, b) < 1e-12, name
+
+
+def test_threads_bitwise_equal():
+    dims = make_dims(32)
+    args = make_batch(700, 6, dims, torch.float32, seed=9)
+    before = dvmrl.get_num_threads()
+    try:
+        dvmrl.set_num_threads(1)
+        one = forward_and_grads(ops.model_forward, *args[:5], dims, None)
+        dvmrl.set_num_threads(2)
+        two = forward_and_grads(ops.model_forward, *args[:5], dims, None)
+    finally:
+        dvmrl.set_num_threads(before)
+    for name, a, b in zip(("out", "node_table", "flat", "frac"), one, two):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_isa_variant_matches_reference(isa):
+    best = _core.build_info()["cpu_isa"]
+    order = ["baseline", "avx2", "avx512"]
+    if order.index(isa) > order.index(best):
+        pytest.skip(f"CPU supports up to {best}")
+    dims = make_dims(24, gate_hidden=20, msg_hidden=18)
+    args = make_batch(300, 5, dims, torch.float64, seed=10, dropout=True)
+    try:
+        _core.mp_set_cpu_isa(isa)
+        fused = forward_and_grads(ops.model_forward, *args[:5], dims, args[5])
+    finally:
+        _core.mp_set_cpu_isa("auto")
+    ref = forward_and_grads(reference.model_forward, *args[:5], dims, args[5])
+    for name, a, b in zip(("out", "node_table", "flat", "frac"), fused, ref):
+        assert rel_error(a, b) < 1e-12, name
+
+
+def test_empty_batch_returns_zeros():
+    dims = make_dims(8)
+    node_table, flat, *_ = make_batch(1, 2, dims, torch.float64)
+    table = node_table.clone().requires_grad_()
+    out = ops.model_forward(
+        table,
+        flat,
+        torch.zeros(0, 3, dtype=torch.int64),
+        torch.zeros(0, 3, dtype=torch.float64),
+        torch.zeros(0, 3, dtype=torch.bool),
+        dims,
+    )
+    assert out.shape == (0, 1)
+    out.sum().backward()
+    assert torch.all(table.grad == 0)
+
+
+def test_use_fused_false_is_reference():
+    args = make_batch(5, 4, SMALL, torch.float64, seed=11)
+    a = ops.model_forward(*args[:5], SMALL, use_fused=False)
+    b = reference.model_forward(*args[:5], SMALL)
+    assert torch.equal(a, b)
+
+
+def test_fallback_warns_once_for_device_without_kernels(monkeypatch):
+    monkeypatch.setattr(ops, "_warned_devices", set())
+    args = [t.to("meta") for t in make_batch(3, 2, SMALL, torch.float64)[:5]]
+    with pytest.warns(RuntimeWarning, match="no fused kernels for device 'meta'"):
+        out = ops.model_forward(*args, SMALL)
+    assert out.shape == (3, 2)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.model_forward(*args, SMALL)
+
+
+def test_cuda_fallback_message_says_how_to_rebuild(monkeypatch):
+    monkeypatch.setattr(ops, "_warned_devices", set())
+    with pytest.warns(RuntimeWarning, match="DVMRL_CUDA=ON pip install ."):
+        ops._warn_fallback(torch.device("cuda"))
+
+
+# -- input validation ------------------------------------------------------
+
+
+def valid_args():
+    return list(make_batch(3, 4, SMALL, torch.float64, seed=12)[:5])
+
+
+def test_rejects_wrong_frac_dtype():
+    args = valid_args()
+    args[3] = args[3].float()
+    with pytest.raises(TypeError, match="frac: expected torch.float64 like node_table"):
+        ops.model_forward(*args, SMALL)
+
+
+def test_rejects_integer_node_table():
+    args = valid_args()
+    args[0] = args[0].long()
+    with pytest.raises(TypeError, match="node_table: expected float32 or float64"):
+        ops.model_forward(*args, SMALL)
+
+
+def test_rejects_wrong_index_dtype():
+    args = valid_args()
+    args[2] = args[2].int()
+    with pytest.raises(TypeError, match="element_index: expected torch.int64"):
+        ops.model_forward(*args, SMALL)
+
+
+def test_rejects_wrong_frac_shape():
+    args = valid_args()
+    args[3] = torch.zeros(3, 5, dtype=torch.float64)
+    with pytest.raises(
+        ValueError, match=r"frac: expected shape \[3, 4\], got \[3, 5\]"
+    ):
+        ops.model_forward(*args, SMALL)
+
+
+def test_rejects_wrong_flat_length():
+    args = valid_args()
+    args[1] = args[1][:-1]
+    count = parameter_count(SMALL)
+    with pytest.raises(
+        ValueError, match=rf"flat: expected shape \[{count}\], got \[{count - 1}\]"
+    ):
+        ops.model_forward(*args, SMALL)
+
+
+def test_rejects_too_many_slots():
+    dims = SMALL
+    args = list(make_batch(2, 9, dims, torch.float64)[:5])
+    with pytest.raises(
+        ValueError, match=r"element_index: expected shape \[B, K\] with 1 <= K <= 8"
+    ):
+        ops.model_forward(*args, dims)
+
+
+def test_rejects_wrong_dropout_shape():
+    args = valid_args()
+    drop = torch.ones(SMALL.head_layers, 2, SMALL.head_hidden, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"dropout_mask: expected shape \[2, 3, 3\]"):
+        ops.model_forward(*args, SMALL, drop)
+
+
+def test_rejects_non_contiguous():
+    args = valid_args()
+    args[0] = torch.randn(SMALL.hidden, ROWS, dtype=torch.float64).T
+    with pytest.raises(ValueError, match="node_table: expected a contiguous tensor"):
+        ops.model_forward(*args, SMALL)
+
+
+def test_rejects_mixed_devices():
+    args = valid_args()
+    args[3] = args[3].to("meta")
+    with pytest.raises(
+        ValueError, match="frac: expected device cpu like node_table, got meta"
+    ):
+        ops.model_forward(*args, SMALL)
+
+
+def test_rejects_index_outside_table():
+    args = valid_args()
+    args[2] = args[2].clone()
+    args[2][1, 0] = ROWS + 5
+    with pytest.raises(
+        ValueError,
+        match=r"element_index\[1, 0\] = 108 is outside the node table with 103 rows",
+    ):
+        ops.model_forward(*args, SMALL)
+
+
+def test_core_rechecks_sizes():
+    node_table, flat, index, frac, mask = valid_args()
+    dims = [3, 4, ROWS, 4, 3, 5, 2, 3, 2, 2]
+    out = torch.zeros(3, 2, dtype=torch.float64)
+    ws = torch.zeros(_core.mp_workspace_size(dims), dtype=torch.float64)
+    with pytest.raises(
+        ValueError,
+        match=rf"model_forward: flat has 7 elements, expected {flat.numel()}",
+    ):
+        _core.mp_forward(
+            1,
+            -1,
+            0,
+            dims,
+            node_table.data_ptr(),
+            node_table.numel(),
+            flat.data_ptr(),
+            7,
+            index.data_ptr(),
+            frac.data_ptr(),
+            mask.data_ptr(),
+            0,
+            out.data_ptr(),
+            ws.data_ptr(),
+            ws.numel(),
+        )
+    with pytest.raises(
+        ValueError, match=r"mp_workspace_size: K \(slots\) must be in \[1, 8\], got 9"
+    ):
+        _core.mp_workspace_size([3, 9, ROWS, 4, 3, 5, 2, 3, 2, 2])
+
+
+# -- training with the model ------------------------------------------------
+
+
+def small_model(dtype, use_fused):
+    from dvmrl.model import CompositionMPNN, ModelConfig
+
+    config = ModelConfig(
+        hidden=16,
+        layers=2,
+        gate_hidden=12,
+        msg_hidden=10,
+        head_hidden=16,
+        head_layers=2,
+    )
+    model = CompositionMPNN(config, seed=0).to(dtype)
+    model.use_fused = use_fused
+    return model
+
+
+def training_batches(dtype, n_batches, batch, seed):
+    dims = make_dims(16)
+    batches = []
+    for b in range(n_batches):
+        _, _, index, frac, mask, _ = make_batch(batch, 5, dims, dtype, seed=seed + b)
+        target = torch.sin(index.double().sum(dim=1) / 40.0).to(dtype) + frac[:, 0]
+        batches.append((index, frac, mask, target))
+    return batches
+
+
+def test_adamw_step_matches_reference_float64():
+    fused = small_model(torch.float64, use_fused=True)
+    ref = copy.deepcopy(fused)
+    ref.use_fused = False
+    ((index, frac, mask, target),) = training_batches(torch.float64, 1, 48, seed=20)
+    for model in (fused, ref):
+        optimiser = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-3)
+        loss = torch.nn.functional.mse_loss(model(index, frac, mask), target)
+        loss.backward()
+        optimiser.step()
+    for (name, a), (_, b) in zip(fused.named_parameters(), ref.named_parameters()):
+        assert (a - b).abs().max().item() <= 1e-10, name
+
+
+def test_loss_curves_match_reference_float32():
+    batches = training_batches(torch.float32, 6, 64, seed=30)
+    curves = []
+    for use_fused in (True, False):
+        model = small_model(torch.float32, use_fused)
+        optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        losses = []
+        for _ in range(4):
+            total = 0.0
+            for index, frac, mask, target in batches:
+                optimiser.zero_grad()
+                loss = torch.nn.functional.mse_loss(model(index, frac, mask), target)
+                loss.backward()
+                optimiser.step()
+                total += loss.item()
+            losses.append(total / len(batches))
+        curves.append(losses)
+    fused, ref = curves
+    assert ref[-1] < ref[0]
+    for epoch, (a, b) in enumerate(zip(fused, ref)):
+        assert abs(a - b) <= 1e-3 * abs(b), epoch
