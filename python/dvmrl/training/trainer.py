@@ -209,8 +209,9 @@ class Trainer:
 
     def current_lr(self) -> float:
         """Return the learning rate the next step would use."""
-        factor = self._schedule.factor(self.train_config, self.epochs_done + 1e-12)
-        return self.train_config.lr * factor
+        steps = math.ceil(self.n_train / self.train_config.batch_size)
+        progress = self.epochs_done + 1.0 / steps
+        return self.train_config.lr * self._schedule.factor(self.train_config, progress)
 
     # -- one epoch -------------------------------------------------------
 
