@@ -156,7 +156,7 @@ PRESETS: dict[str, Preset] = {
         epochs=40,
         trial_epochs=8,
         seeds=3,
-        max_train=3000,
+        max_train=2500,
         max_val=800,
         retrain_epochs=8,
         robust_n=48,
@@ -614,6 +614,11 @@ class Experiment:
                 "another --out"
             )
         self.df, self.data_info = load_data(self.spec.data)
+        if "agent" in self.spec.methods:
+            # Fail before any work when the agent file is missing or invalid.
+            from dvmrl.experiment_agent import load_agent
+
+            load_agent(self.spec.agent_path)
         signature = self.spec.signature(self.data_info["frame_sha256"])
         run_file = self.out_dir / RUN_FILE
         if self.resume and run_file.is_file():

@@ -274,6 +274,13 @@ def run_agent_unit(experiment, unit: dict[str, Any], seed: int) -> None:
     started = time.perf_counter()
     agent = load_agent(spec.agent_path)
     env = make_env(experiment, seed)
+    n_obs = int(env.observation_space.shape[0])
+    if agent.obs_dim != n_obs or agent.n_actions != env.action_space.n:
+        raise ValueError(
+            f"the agent expects {agent.obs_dim} observation entries and "
+            f"{agent.n_actions} actions, but ModelTuningEnv has {n_obs} and "
+            f"{env.action_space.n}; pass an agent trained on this dvmrl version"
+        )
     constructor = constructor_snapshot(env)
     episode = unit.setdefault("episode", {})
     steps = unit.setdefault("steps", [])

@@ -136,13 +136,13 @@ class SearchSpace:
 
 # The agent's moves (learning rate x0.5 / x2, batch size x0.5 / x2, weight
 # decay x0.1 / x10, dropout -0.1 / +0.1, add / remove a layer, widen /
-# narrow) are kept inside these same ranges. So every method searches the
-# same set of configurations.
+# narrow) are kept inside these same ranges (dvmrl.env.LR_RANGE and its
+# siblings). So every method searches the same set of configurations.
 SEARCH_SPACE = SearchSpace(
     (
-        Dimension("lr", 1e-4, 1e-2, "real", True, "AdamW learning rate"),
-        Dimension("batch_size", 32, 512, "integer", True, "compositions per step"),
-        Dimension("weight_decay", 1e-7, 1e-2, "real", True, "AdamW weight decay"),
+        Dimension("lr", 1e-4, 3.2e-2, "real", True, "AdamW learning rate"),
+        Dimension("batch_size", 16, 512, "integer", True, "compositions per step"),
+        Dimension("weight_decay", 1e-8, 1e-2, "real", True, "AdamW weight decay"),
         Dimension("dropout", 0.0, 0.5, "real", False, "dropout rate in the head"),
         Dimension("layers", 1, 6, "integer", False, "message-passing layers"),
         Dimension("hidden", 16, 256, "integer", True, "node state width H"),

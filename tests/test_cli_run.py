@@ -1,0 +1,229 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dvmrl.agent import PRETRAINED_AGENT, DQNAgent
+from dvmrl.cli import main
+from dvmrl.env import ModelTuningEnv
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small enough that an uninterrupted run takes seconds, large enough that
+# each method has several units to interrupt between.
+TINY_BUDGET = {
+    "name": "tiny",
+    "epochs": 6,
+    "trial_epochs": 2,
+    "seeds": 1,
+    "max_train": 200,
+    "max_val": 120,
+    "retrain_epochs": 2,
+    "robust_n": 4,
+    "n_initial_points": 2,
+    "agent_slice": 2,
+    "adversarial_steps": 4,
+    "adversarial_starts": 1,
+}
+
+
+def environment():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "python") + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    return env
+
+
+def command(*args):
+    return [sys.executable, "-m", "dvmrl", "run", "--threads", "2", *args]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cli_run")
+
+
+@pytest.fixture(scope="module")
+def budget_file(workdir):
+    path = workdir / "tiny.json"
+    path.write_text(json.dumps(TINY_BUDGET))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def agent_args(workdir):
+    """Use the shipped agent when the package has it, else an untrained one."""
+    if PRETRAINED_AGENT.is_file():
+        return []
+    env = ModelTuningEnv(
+        train_size=60, val_pool_size=60, val_size=20, reward_size=20, probe_size=4,
+        budget_epochs=1,
+    )
+    path = workdir / "agent.pt"
+    DQNAgent(env.observation_space.shape[0], env.action_space.n).save(path)
+    return ["--agent", str(path)]
+
+
+def test_quick_smoke(workdir, agent_args):
+    out = workdir / "quick"
+    started = time.perf_counter()
+    result = subprocess.run(
+        command("--budget", "quick", "--out", str(out), *agent_args),
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["complete"]
+    assert report["methods"] == ["random", "bayesian", "agent"]
+    assert (out / "report.md").is_file()
+    assert "dvmrl run" in (out / "run.log").read_text()
+    for method in ("random", "bayesian", "agent"):
+        assert f"{method} seed 0" in result.stderr
+    # quick must fit in 3 minutes on 2 cores; allow slack for a shared machine.
+    assert elapsed < 240
+
+
+def run_until(cmd, out, unit, count, sig):
+    """Start ``cmd`` and send ``sig`` once ``unit`` has ``count`` trials or steps."""
+    process = subprocess.Popen(
+        cmd, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    sent = False
+    deadline = time.monotonic() + 200
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            state = json.loads((out / "state.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            state = {"units": {}}
+        entry = state["units"].get(unit, {})
+        if len(entry.get("trials", [])) + len(entry.get("steps", [])) >= count:
+            process.send_signal(sig)
+            sent = True
+            break
+        time.sleep(0.02)
+    process.wait(timeout=60)
+    stderr = process.stderr.read().decode()
+    process.stderr.close()
+    return sent, process.returncode, stderr
+
+
+def unit_results(out):
+    state = json.loads((out / "state.json").read_text())
+    return {
+        key: {
+            "test": unit["test"],
+            "chemsys": unit["chemsys"],
+            "robustness": unit["robustness"]["robustness_radius"],
+            "vulnerability": unit["robustness"]["vulnerability"],
+            "config": unit["chosen"]["config"],
+        }
+        for key, unit in state["units"].items()
+    }
+
+
+def test_kill_and_resume_matches(workdir, budget_file, agent_args):
+    base = ["--budget", budget_file, "--no-progress", *agent_args]
+    reference = workdir / "reference"
+    result = subprocess.run(
+        command(*base, "--out", str(reference)),
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    out = workdir / "interrupted"
+    first = command(*base, "--out", str(out))
+    resume = command(*base, "--out", str(out), "--resume")
+    sent, code, _ = run_until(first, out, "random/seed0", 2, signal.SIGKILL)
+    assert sent
+    assert code == -signal.SIGKILL
+    sent, code, stderr = run_until(resume, out, "agent/seed0", 1, signal.SIGINT)
+    assert sent
+    assert code == 130, stderr[-2000:]
+    final = subprocess.run(
+        resume, env=environment(), capture_output=True, text=True, timeout=300
+    )
+    assert final.returncode == 0, final.stderr[-2000:]
+
+    expected = unit_results(reference)
+    got = unit_results(out)
+    assert sorted(got) == sorted(expected)
+    for key in expected:
+        assert got[key]["config"] == expected[key]["config"], key
+        assert got[key]["test"] == expected[key]["test"], key
+        assert got[key]["chemsys"] == expected[key]["chemsys"], key
+        assert got[key]["robustness"] == expected[key]["robustness"], key
+        assert got[key]["vulnerability"] == expected[key]["vulnerability"], key
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_help_states_epochs(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "quick: 16 epochs per method and seed" in text
+    assert "small: 40 epochs per method and seed" in text
+    assert "full: 400 epochs per method and seed" in text
+    assert "subsampled" in text
+
+
+def test_unknown_method_exit_2(tmp_path, capsys):
+    code = main(["run", "--methods", "random", "grid", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "unknown method" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_data_exit_2(tmp_path, capsys):
+    code = main(["run", "--data", "nope-data", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "nope-data" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_budget_too_small_exit_2(tmp_path, capsys):
+    path = tmp_path / "budget.json"
+    path.write_text(json.dumps({**TINY_BUDGET, "epochs": 1, "trial_epochs": 4}))
+    code = main(["run", "--budget", str(path), "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "cannot fit one trial" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_budget_exit_2(tmp_path, capsys):
+    code = main(["run", "--budget", "huge", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "unknown budget 'huge'" in capsys.readouterr().err
+
+
+def test_occupied_out_exit_2(workdir, capsys):
+    out = workdir / "reference"
+    if not (out / "report.json").is_file():
+        pytest.skip("needs the reference run of test_kill_and_resume_matches")
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    code = main(["run", "--methods", "random", "--out", str(out)])
+    assert code == 2
+    assert "pass --resume" in capsys.readouterr().err
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert before == after
+
+
+def test_missing_agent_exit_2(tmp_path, capsys):
+    code = main(
+        ["run", "--methods", "agent", "--agent", str(tmp_path / "none.pt"),
+         "--out", str(tmp_path / "o")]
+    )
+    assert code == 2
+    assert "not found" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

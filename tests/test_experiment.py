@@ -1,0 +1,345 @@
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dvmrl import env as env_module
+from dvmrl.agent import DQNAgent
+from dvmrl.experiment import (
+    PRESETS,
+    Experiment,
+    Preset,
+    RunDirectoryError,
+    RunSpec,
+    resolve_preset,
+    run_experiment,
+)
+from dvmrl.experiment_agent import (
+    constructor_snapshot,
+    make_env,
+    restore_episode,
+    save_episode,
+)
+from dvmrl.report import find_winner, summarise
+from dvmrl.search import SEARCH_SPACE
+
+TINY = Preset(
+    name="tiny",
+    epochs=6,
+    trial_epochs=2,
+    seeds=2,
+    max_train=300,
+    max_val=200,
+    retrain_epochs=2,
+    robust_n=6,
+    n_initial_points=2,
+    agent_slice=2,
+    adversarial_steps=4,
+    adversarial_starts=1,
+)
+
+
+def fresh_agent(path):
+    env = env_module.ModelTuningEnv(
+        train_size=60, val_pool_size=60, val_size=20, reward_size=20, probe_size=4,
+        budget_epochs=1,
+    )
+    agent = DQNAgent(env.observation_space.shape[0], env.action_space.n)
+    agent.save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def agent_file(tmp_path_factory):
+    return fresh_agent(tmp_path_factory.mktemp("agent") / "agent.pt")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, agent_file):
+    out = tmp_path_factory.mktemp("run") / "out"
+    spec = RunSpec(preset=TINY, seeds=[0, 1], agent_path=agent_file)
+    report = run_experiment(spec, out)
+    return out, report
+
+
+def test_report_has_every_unit(finished_run):
+    _, report = finished_run
+    units = {(row["method"], row["seed"]) for row in report["results"]}
+    assert units == {(m, s) for m in ("random", "bayesian", "agent") for s in (0, 1)}
+    assert report["complete"]
+
+
+def test_report_rows_have_metrics(finished_run):
+    _, report = finished_run
+    for row in report["results"]:
+        for key in (
+            "test_rmse", "test_mae", "test_r2", "test_gcv_score", "robustness_radius",
+            "vulnerability", "chemsys_rmse", "chemsys_mae",
+        ):
+            assert row[key] is not None, (row["method"], key)
+            assert math.isfinite(row[key]), (row["method"], key)
+
+
+def test_equal_epoch_budgets(finished_run):
+    _, report = finished_run
+    for row in report["results"]:
+        assert 0 < row["epochs"] <= TINY.epochs
+
+
+def test_chosen_configs_in_space(finished_run):
+    _, report = finished_run
+    for row in report["results"]:
+        SEARCH_SPACE.check(row["config"])
+        for name in ("batch_size", "layers", "hidden"):
+            assert type(row["config"][name]) is int
+
+
+def test_seconds_cover_scoring(finished_run):
+    _, report = finished_run
+    for row in report["results"]:
+        assert set(row["seconds"]) == {"search", "test", "robustness", "chemsys"}
+
+
+def test_provenance_recorded(finished_run):
+    _, report = finished_run
+    prov = report["provenance"]
+    assert prov["data"] == "mp-formation-energy"
+    assert len(prov["data_checksum"]) == 64
+    assert "cpu_isa" in prov["build_info"]
+    assert prov["versions"]["scikit-optimize"]
+
+
+def test_gcv_ratio_inverse_square(finished_run):
+    _, report = finished_run
+    for method in ("random", "agent"):
+        for entry in report["ratios_vs_bayesian"][method]["per_seed"]:
+            assert entry["gcv_ratio"] == pytest.approx(entry["rmse_ratio"] ** -2, rel=1e-9)
+
+
+def test_report_files_written(finished_run):
+    out, report = finished_run
+    for name in ("report.json", "report.md", "state.json", "run.json"):
+        assert (out / name).is_file()
+    for path in report["figures"].values():
+        assert (out / path).stat().st_size > 0
+    assert len(report["figures"]) == 4
+
+
+def test_markdown_names_winners(finished_run):
+    out, report = finished_run
+    text = (out / "report.md").read_text()
+    assert "## Verdict" in text
+    assert "Against Bayesian optimisation" in text
+    assert "inverse square" in text
+
+
+def test_markdown_states_baseline_win(finished_run):
+    out, report = finished_run
+    text = (out / "report.md").read_text()
+    winner = report["winners"]["test_rmse"]
+    if winner["winner"] in ("random", "bayesian") and not winner["tie"]:
+        assert "A baseline beats the agent here." in text
+    else:
+        assert winner["winner"] == "agent" or winner["tie"]
+
+
+def test_rerun_same_results(finished_run, tmp_path, agent_file):
+    # Seed 1 is rolled back to mid-search (random), before scoring (bayesian)
+    # and to the episode start (agent); resuming must rebuild the same results.
+    out, report = finished_run
+    spec = RunSpec(preset=TINY, seeds=[0, 1], agent_path=agent_file)
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    state = json.loads((again / "state.json").read_text())
+    for key in ("random/seed1", "bayesian/seed1", "agent/seed1"):
+        unit = state["units"][key]
+        for part in ("chosen", "test", "robustness", "chemsys"):
+            unit.pop(part, None)
+        if key == "random/seed1":
+            unit["trials"] = unit["trials"][:1]
+        if key == "agent/seed1":
+            unit.pop("steps", None)
+            unit.pop("episode", None)
+    (again / "state.json").write_text(json.dumps(state))
+    resumed = run_experiment(spec, again, resume=True)
+    first = {(r["method"], r["seed"]): r for r in report["results"]}
+    for row in resumed["results"]:
+        reference = first[(row["method"], row["seed"])]
+        assert row["test_rmse"] == reference["test_rmse"], row["method"]
+        assert row["config"] == reference["config"], row["method"]
+        assert row["chemsys_rmse"] == reference["chemsys_rmse"], row["method"]
+
+
+def test_occupied_folder_rejected(finished_run, tmp_path):
+    out, _ = finished_run
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    spec = RunSpec(preset=TINY, seeds=[0, 1], methods=["random"])
+    with pytest.raises(RunDirectoryError, match="not empty"):
+        Experiment(spec, out).prepare()
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert before == after
+
+
+def test_resume_other_settings_rejected(finished_run):
+    out, _ = finished_run
+    spec = RunSpec(preset=TINY, seeds=[0], methods=["random"])
+    with pytest.raises(RunDirectoryError, match="other settings .seeds, methods"):
+        Experiment(spec, out, resume=True).prepare()
+
+
+def test_foreign_folder_rejected(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    spec = RunSpec(preset=TINY, seeds=[0], methods=["random"])
+    with pytest.raises(RunDirectoryError, match="not a dvmrl run folder"):
+        Experiment(spec, tmp_path, resume=True).prepare()
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_budget_without_trial_rejected():
+    preset = Preset(**{**TINY.to_dict(), "epochs": 1, "trial_epochs": 4})
+    with pytest.raises(ValueError, match="cannot fit one trial"):
+        preset.check()
+
+
+def test_budget_without_agent_step_rejected():
+    preset = Preset(**{**TINY.to_dict(), "epochs": 2, "agent_slice": 3})
+    with pytest.raises(ValueError, match="cannot fit one agent step"):
+        preset.check()
+
+
+def test_unknown_budget_rejected():
+    with pytest.raises(ValueError, match="unknown budget 'huge'"):
+        resolve_preset("huge")
+
+
+def test_unknown_method_rejected():
+    with pytest.raises(ValueError, match="unknown method"):
+        RunSpec(preset=TINY, methods=["random", "grid"]).check()
+
+
+def test_unknown_data_rejected(tmp_path):
+    spec = RunSpec(data="no-such-data", preset=TINY, seeds=[0], methods=["random"])
+    with pytest.raises((ValueError, FileNotFoundError), match="no-such-data"):
+        Experiment(spec, tmp_path / "out").prepare()
+    assert not (tmp_path / "out").exists()
+
+
+def test_presets_scale():
+    small, full = PRESETS["small"], PRESETS["full"]
+    assert full.epochs >= 10 * small.epochs
+    assert full.seeds == 5
+    assert small.seeds == 3
+    for preset in PRESETS.values():
+        preset.check()
+
+
+def test_space_matches_env_ranges():
+    ranges = {
+        "lr": env_module.LR_RANGE,
+        "batch_size": env_module.BATCH_RANGE,
+        "weight_decay": env_module.WEIGHT_DECAY_RANGE,
+        "dropout": env_module.DROPOUT_RANGE,
+        "layers": env_module.LAYER_RANGE,
+        "hidden": env_module.HIDDEN_RANGE,
+    }
+    for name, (low, high) in ranges.items():
+        assert SEARCH_SPACE[name].low == low, name
+        assert SEARCH_SPACE[name].high == high, name
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, agent_file):
+    spec = RunSpec(preset=TINY, seeds=[0], agent_path=agent_file)
+    experiment = Experiment(spec, tmp_path_factory.mktemp("env") / "out")
+    experiment.prepare()
+    return experiment
+
+
+def test_env_gets_baseline_pools(prepared):
+    pools = prepared.pools("random", 0)
+    env = make_env(prepared, 0)
+    formulas = prepared.df["formula"].to_numpy()
+    assert sorted(env.train_formulas) == sorted(formulas[pools.train_index])
+    assert sorted(env.pool_formulas) == sorted(formulas[pools.val_index])
+    assert env.budget_epochs == TINY.epochs
+
+
+def test_env_never_sees_test(prepared):
+    pools = prepared.pools("random", 0)
+    env = make_env(prepared, 0)
+    test = set(prepared.df["formula"].to_numpy()[pools.test_index])
+    assert not test & set(env.train_formulas)
+    assert not test & set(env.pool_formulas)
+
+
+def test_episode_snapshot_round_trip(prepared, tmp_path):
+    env = make_env(prepared, 0)
+    constructor = constructor_snapshot(env)
+    env.reset(seed=3)
+    continue_action = env_module.ACTION_INDEX["continue"]
+    env.step(env_module.ACTION_INDEX["lr-half"])
+    save_episode(env, constructor, tmp_path / "snap", {"note": 1})
+    _, reward, _, _, info = env.step(continue_action)
+    weights = env.trainer.model.flat.detach().clone()
+
+    copy = make_env(prepared, 0)
+    extra = restore_episode(copy, tmp_path / "snap")
+    _, reward_copy, _, _, info_copy = copy.step(continue_action)
+    assert extra == {"note": 1}
+    assert reward_copy == reward
+    assert info_copy["val_rmse"] == info["val_rmse"]
+    assert info_copy["best_val_rmse"] == info["best_val_rmse"]
+    assert np.array_equal(copy.trainer.model.flat.detach().numpy(), weights.numpy())
+
+
+def test_winner_tie_within_spread():
+    summaries = {
+        "random": summarise([0.30, 0.34, 0.32]),
+        "bayesian": summarise([0.31, 0.35, 0.33]),
+        "agent": summarise([0.50, 0.51, 0.52]),
+    }
+    winner = find_winner(summaries, higher_is_better=False)
+    assert winner["winner"] == "random"
+    assert winner["tied_with"] == ["bayesian"]
+    assert winner["tie"]
+
+
+def test_winner_clear_when_apart():
+    summaries = {"random": summarise([0.30, 0.31]), "agent": summarise([0.40, 0.41])}
+    winner = find_winner(summaries, higher_is_better=False)
+    assert winner["winner"] == "random"
+    assert not winner["tie"]
+
+
+def test_winner_higher_is_better():
+    summaries = {"random": summarise([0.1, 0.11]), "agent": summarise([0.2, 0.21])}
+    assert find_winner(summaries, higher_is_better=True)["winner"] == "agent"
+
+
+def test_winner_single_seed_unassessed():
+    summaries = {"random": summarise([0.3]), "agent": summarise([0.31])}
+    winner = find_winner(summaries, higher_is_better=False)
+    assert winner["winner"] == "random"
+    assert not winner["spread_assessed"]
+
+
+def test_summarise_skips_missing():
+    summary = summarise([0.2, None, 0.4])
+    assert summary["n"] == 2
+    assert summary["mean"] == pytest.approx(0.3)
+    assert summary["std"] == pytest.approx(np.std([0.2, 0.4], ddof=1))
+
+
+def test_test_part_independent_of_seed(prepared):
+    first = prepared.pools("random", 0).test_index
+    second = prepared.pools("random", 1).test_index
+    assert np.array_equal(first, second)
+
+
+def test_paths_inside_out(finished_run):
+    out, _ = finished_run
+    for path in Path(out).rglob("*.tmp"):
+        pytest.fail(f"temporary file left behind: {path}")
