@@ -251,6 +251,7 @@ def meta_train(
         saved = json.loads(paths["progress"].read_text())
         history = saved["history"]
         elapsed_before = float(saved.get("wall_time_s", 0.0))
+        commands = list(saved.get("commands") or [saved.get("command")])
         rng = np.random.default_rng(seed)
         rng.bit_generator.state = saved["rng_state"]
         logger.info("resuming meta-training at episode %d of %d", len(history), episodes)
@@ -262,6 +263,8 @@ def meta_train(
             )
         rng = np.random.default_rng(seed)
         agent = None
+        commands = []
+    commands.append(command)
 
     envs: dict[Task, Any] = {}
     options = dict(env_options or {})
@@ -284,7 +287,9 @@ def meta_train(
             "env_steps": agent.env_steps,
             "wall_time_s": round(elapsed_before + time.perf_counter() - start, 1),
             "machine": machine_description(),
-            "command": command,
+            # The command that started the run; resumed runs add theirs to "commands".
+            "command": commands[0],
+            "commands": commands,
             "tasks": [task.name for task in tasks],
             "seed": seed,
             "env_options": options,
