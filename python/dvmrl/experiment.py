@@ -15,9 +15,9 @@ seed the job then
 
 Every completed unit of work (a trial, an agent step, a scoring) is written
 to ``state.json`` in the output folder with an atomic replace before the
-next one starts, so a run killed at any point continues from the last
-completed unit with ``resume=True`` and ends with the same test metrics and
-chosen configurations as an uninterrupted run.
+next one starts. A run killed at any point therefore continues from the
+last completed unit with ``resume=True``, and it ends with the same test
+metrics and chosen configurations as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -134,8 +134,8 @@ class Preset:
 
 
 # Sized so that on 2 CPU cores quick finishes within 3 minutes and small
-# within 15 (3 methods); full is for GPU nodes and the full Materials
-# Project data. The measured times are in docs/benchmarks.md.
+# within 15 (3 methods). full is meant for GPU nodes and the full Materials
+# Project data. Measured times are in docs/benchmarks.md.
 PRESETS: dict[str, Preset] = {
     "quick": Preset(
         name="quick",
@@ -159,9 +159,11 @@ PRESETS: dict[str, Preset] = {
         max_train=2500,
         max_val=800,
         retrain_epochs=8,
-        robust_n=48,
+        robust_n=32,
         n_initial_points=2,
         agent_slice=4,
+        adversarial_steps=20,
+        adversarial_starts=2,
     ),
     "full": Preset(
         name="full",
@@ -539,7 +541,7 @@ def robustness(model, x, preset: Preset, seed: int) -> dict[str, Any]:
 
 
 class RunDirectoryError(ValueError):
-    """The output folder holds another run, or a run that differs from the request."""
+    """The output folder contains another run, or a run that differs from the request."""
 
 
 @dataclass
@@ -567,7 +569,7 @@ class Experiment:
         out_dir: output folder; ``state.json``, ``run.json``, per-unit
             checkpoints and the report go there.
         resume: continue the run already in ``out_dir``. Without it an
-            output folder that holds anything raises ``RunDirectoryError``.
+            output folder that contains anything raises ``RunDirectoryError``.
         device: torch device (or name) to train on.
         command_line: recorded in the provenance.
         progress: a factory ``progress(method, seed, total_epochs)`` returning
@@ -602,14 +604,14 @@ class Experiment:
         """Load the data, check the output folder and write or check ``run.json``.
 
         Raises:
-            RunDirectoryError: when the folder holds another run (or any file)
+            RunDirectoryError: when the folder contains another run (or any file)
                 and ``resume`` is false, or when ``resume`` is true and the
                 recorded run differs from the request.
         """
         existing = self.out_dir.is_dir() and any(self.out_dir.iterdir())
         if existing and not self.resume:
             raise RunDirectoryError(
-                f"output folder {self.out_dir} is not empty (it holds another run or "
+                f"output folder {self.out_dir} is not empty (it contains another run or "
                 "other files); pass --resume to continue the run in it, or choose "
                 "another --out"
             )
@@ -628,7 +630,7 @@ class Experiment:
             ]
             if differences:
                 raise RunDirectoryError(
-                    f"output folder {self.out_dir} holds a run with other settings "
+                    f"output folder {self.out_dir} contains a run with other settings "
                     f"({', '.join(differences)} differ); resume it with the same "
                     "--data, --budget, --seeds and --methods, or choose another --out"
                 )
@@ -637,7 +639,7 @@ class Experiment:
             return
         if existing:
             raise RunDirectoryError(
-                f"output folder {self.out_dir} holds files but no {RUN_FILE}; it is not "
+                f"output folder {self.out_dir} contains files but no {RUN_FILE}; it is not "
                 "a dvmrl run folder, so choose another --out"
             )
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -824,7 +826,7 @@ class Experiment:
                 if _metadata_value(metadata, "trial") == chosen.get("trial"):
                     return model.to(self.device)
                 logger.warning(
-                    "%s holds trial %s, not the chosen trial %s; retraining it",
+                    "%s contains trial %s, not the chosen trial %s; retraining it",
                     paths.checkpoint,
                     _metadata_value(metadata, "trial"),
                     chosen.get("trial"),

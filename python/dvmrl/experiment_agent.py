@@ -7,10 +7,10 @@ online, and the method returns the checkpoint with the lowest validation
 RMSE along the episode (``env.best_state()``).
 
 A finished step is a unit of work. After every step the episode state goes
-to a fresh folder ``units/agent-seed<N>/episode-<step>`` (the trainer as a
-resumable checkpoint, arrays as npz, random generator states and scalars
-as JSON, weight copies with ``torch.save`` of tensors only), and only then
-does ``state.json`` point to it. Resuming restores that folder into a fresh
+to a fresh folder ``units/agent-seed<N>/episode-<step>``, and only then
+does ``state.json`` point to it. The folder stores the trainer as a
+resumable checkpoint, arrays as npz, generator states and scalars as JSON,
+and weight copies with ``torch.save`` of tensors only. Resuming restores that folder into a fresh
 environment, so the episode continues exactly where it stopped.
 """
 
@@ -449,7 +449,7 @@ def _rmse(prediction, target) -> float:
 
 
 def _chosen_trainer(env, best: dict[str, Any]):
-    """Return a trainer that holds the episode's best weights, for saving and scoring."""
+    """Return a trainer with the episode's best weights, for saving and scoring."""
     from dvmrl.model import ModelConfig
     from dvmrl.training import Trainer
 

@@ -5,7 +5,7 @@ Everything is computed from the files the run leaves in its output folder
 report of a resumed run equals that of an uninterrupted one, timings aside.
 
 Summaries are the mean and the sample standard deviation (ddof=1) over
-seeds. A method wins a metric when its mean is the best; any other method
+seeds. A method wins a metric when its mean is the best. Any other method
 whose mean differs from the best by less than the larger of the two
 standard deviations ties with it. With a single seed there is no spread,
 so the report names the best mean and says that ties were not assessed.
@@ -274,6 +274,7 @@ def build_report(out_dir: str | os.PathLike) -> dict[str, Any]:
     signature = run["signature"]
     methods = list(signature["methods"])
     seeds = list(signature["seeds"])
+
     rows = []
     for method in methods:
         for seed in seeds:
@@ -281,6 +282,7 @@ def build_report(out_dir: str | os.PathLike) -> dict[str, Any]:
             if unit is not None:
                 rows.append(unit_row(unit))
     complete_rows = [r for r in rows if r["complete"]]
+
     summaries = {
         key: {
             m: summarise([r[key] for r in complete_rows if r["method"] == m])
@@ -298,6 +300,7 @@ def build_report(out_dir: str | os.PathLike) -> dict[str, Any]:
         for key, _label, _unit, higher in METRICS
     }
     preset = signature["preset"]
+
     return {
         "format": REPORT_FORMAT,
         "complete": len(complete_rows) == len(methods) * len(seeds),
@@ -366,15 +369,38 @@ def _cell(summary: dict[str, Any], digits: int = 4) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     """Render report.md from the report data."""
-    methods = report["methods"]
-    budget = report["budget"]
-    summary = report["summary"]
-    seeds = report["seeds"]
     lines = ["# dvmrl run: agent against random search and Bayesian optimisation", ""]
     if not report["complete"]:
         lines += ["**Incomplete run:** some units have not finished; rerun with --resume.", ""]
+    lines += _budget_lines(report)
+    lines += _results_lines(report)
+    lines += _ratio_lines(report)
+    lines += _verdict_lines(report)
+    lines += _config_lines(report)
+    lines += _notes_lines(report)
+    return "\n".join(lines)
+
+
+def _budget_lines(report: dict[str, Any]) -> list[str]:
+    budget = report["budget"]
+    seeds = report["seeds"]
     prov = report["provenance"]
-    lines += [
+    train_pool = (
+        f"a random subsample of at most {budget['max_train']} compositions"
+        if budget["max_train"]
+        else "the whole training part"
+    )
+    val_pool = (
+        f"a random subsample of at most {budget['max_val']} compositions"
+        if budget["max_val"]
+        else "the whole validation part"
+    )
+    agent = report.get("agent") or {}
+    agent_text = (
+        f"agent file `{agent['path']}`" if agent.get("path") else "the pretrained agent "
+        "shipped with dvmrl"
+    ) + (", learning online" if agent.get("learn") else ", greedy and frozen")
+    return [
         f"Data: `{prov['data']}` (checksum {prov['data_checksum']}). "
         f"dvmrl {prov['dvmrl_version']}, PyTorch {prov['versions'].get('torch')}, "
         f"scikit-optimize {prov['versions'].get('scikit-optimize')}.",
@@ -386,63 +412,64 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Preset `{budget['name']}`: {budget['epochs']} training epochs per method and "
         f"seed (one epoch is one pass over the training pool, whatever the model size), "
         f"{len(seeds)} seed(s) ({', '.join(str(s) for s in seeds)}). Baseline trials "
-        f"train {budget['trial_epochs']} epochs each; Bayesian optimisation starts with "
-        f"{budget['n_initial_points']} random trials; the agent trains "
-        f"{budget['agent_slice']} epochs per step.",
+        f"train {budget['trial_epochs']} epochs each, and Bayesian optimisation starts "
+        f"with {budget['n_initial_points']} random trials. The agent ({agent_text}) "
+        f"trains {budget['agent_slice']} epochs per step.",
         "",
-        "Training pool: "
-        + (
-            f"a random subsample of at most {budget['max_train']} compositions"
-            if budget["max_train"]
-            else "the whole training part"
-        )
-        + "; validation pool: "
-        + (
-            f"a random subsample of at most {budget['max_val']} compositions"
-            if budget["max_val"]
-            else "the whole validation part"
-        )
-        + ". Every method sees the same pools. Chosen configurations are retrained "
-        f"for {budget['retrain_epochs']} epochs on the chemsys split. Robustness is "
+        f"Training pool: {train_pool}. Validation pool: {val_pool}. Every method sees "
+        "the same pools. Chosen configurations are retrained for "
+        f"{budget['retrain_epochs']} epochs on the chemsys split. Robustness is "
         f"measured on {budget['robust_n']} fixed test compositions "
         "(epsilon 0.05, tau 0.05 eV/atom, r_max 0.25).",
         "",
+    ]
+
+
+def _results_lines(report: dict[str, Any]) -> list[str]:
+    methods = report["methods"]
+    summary = report["summary"]
+    lines = [
         "## Results",
         "",
         "Mean ± sample standard deviation over seeds"
-        + (" (one seed: no spread)." if len(seeds) == 1 else "."),
+        + (" (one seed: no spread)." if len(report["seeds"]) == 1 else "."),
         "",
+        "| metric | " + " | ".join(METHOD_LABELS.get(m, m) for m in methods) + " | winner |",
+        "|" + " --- |" * (len(methods) + 2),
     ]
-    header = "| metric | " + " | ".join(METHOD_LABELS.get(m, m) for m in methods) + " | winner |"
-    lines += [header, "|" + " --- |" * (len(methods) + 2)]
     for key, label, unit, higher in METRICS:
         name = f"{label} ({unit})" if unit else label
-        arrow = "higher is better" if higher else "lower is better"
-        cells = [_cell(summary[key][m]) for m in methods]
-        lines.append(f"| {name}, {arrow} | " + " | ".join(cells) + f" | {_winner_text(report['winners'][key])} |")
+        direction = "higher is better" if higher else "lower is better"
+        cells = " | ".join(_cell(summary[key][m]) for m in methods)
+        winner = _winner_text(report["winners"][key])
+        lines.append(f"| {name}, {direction} | {cells} | {winner} |")
     for key, label in (("epochs", "epochs used"), ("seconds_total", "wall seconds")):
-        cells = [_cell(summary[key][m], 1) for m in methods]
-        lines.append(f"| {label} | " + " | ".join(cells) + " | |")
+        cells = " | ".join(_cell(summary[key][m], 1) for m in methods)
+        lines.append(f"| {label} | {cells} | |")
     lines += [
         "",
         "Wall seconds include the work that epochs do not count: GP fits, "
         "agent decisions, test scoring, robustness searches and the chemsys retraining.",
         "",
     ]
-    lines += _ratio_lines(report)
-    lines += _verdict_lines(report)
-    lines += _config_lines(report)
-    lines += [
+    return lines
+
+
+def _notes_lines(report: dict[str, Any]) -> list[str]:
+    lines = [
         "## Notes",
         "",
         "- The test part of the random split is the same for every method and seed and "
         "was never used for search, reward or selection.",
         "- GCV score: 1 / (n * sum_i (y_i - yhat_i)^2 / (n - 1)) in (eV/atom)^-2, the "
-        "inverse of a scaled sum of squared errors (it equals (n - 1) / (n^2 MSE)); "
+        "inverse of a scaled sum of squared errors (it equals (n - 1) / (n^2 MSE)), so "
         "higher is better. It is not Wahba's generalised cross-validation. On one test "
         "set the GCV ratio of two models is the inverse square of their RMSE ratio.",
         "- A difference smaller than the spread over seeds (the larger of the two "
         "standard deviations) is called a tie.",
+        "- Best validation RMSE is measured on the whole validation pool for every "
+        "method. The agent selects its checkpoint on its current validation set, "
+        "which its strategy draws from that pool.",
         "",
         "## Figures",
         "",
@@ -450,7 +477,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     for name, path in report.get("figures", {}).items():
         lines.append(f"- {name}: `{path}`")
     lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 def _winner_text(winner: dict[str, Any]) -> str:
@@ -492,6 +519,18 @@ def _ratio_lines(report: dict[str, Any]) -> list[str]:
 def _verdict_lines(report: dict[str, Any]) -> list[str]:
     lines = ["## Verdict", ""]
     methods = report["methods"]
+    counts = {m: 0 for m in methods}
+    ties = 0
+    for key, *_ in METRICS:
+        winner = report["winners"][key]
+        if winner["winner"] is None:
+            continue
+        if winner["tie"]:
+            ties += 1
+        else:
+            counts[winner["winner"]] += 1
+    tally = ", ".join(f"{METHOD_LABELS.get(m, m)} {n}" for m, n in counts.items())
+    lines += [f"Metrics won outright: {tally}; ties: {ties} (of {len(METRICS)}).", ""]
     for key, label, _unit, _higher in METRICS:
         winner = report["winners"][key]
         if winner["winner"] is None:
