@@ -270,6 +270,16 @@ def test_resume_exact(data, tmp_path):
     assert history == [record["val_rmse"] for record in uninterrupted.history]
 
 
+def test_resume_before_first_epoch(data, tmp_path):
+    uninterrupted = _trainer(data)
+    uninterrupted.fit()
+    path = _trainer(data).save(tmp_path / "start.pt")
+    resumed = Trainer.from_checkpoint(path, *data)
+    assert resumed.epochs_done == 0
+    resumed.fit()
+    assert torch.equal(_weights(resumed), _weights(uninterrupted))
+
+
 def test_resume_keeps_optimizer(data, tmp_path):
     trainer = _trainer(data)
     trainer.train_epochs(1)

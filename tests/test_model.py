@@ -206,6 +206,16 @@ def test_slot_permutation_invariance():
     torch.testing.assert_close(permuted, expected, atol=1e-12, rtol=0)
 
 
+def test_sliced_inputs_accepted():
+    model = _model()
+    batch = featurize(["FeNi", "Al2Cu"], k_max=4).to(dtype=torch.float64)
+    expected = model(batch.element_index[:, :2], batch.frac[:, :2], batch.mask[:, :2])
+    assert not batch.frac[:, :2].is_contiguous()
+    compact = batch.trimmed()
+    actual = model(compact.element_index, compact.frac, compact.mask)
+    torch.testing.assert_close(expected, actual, atol=1e-12, rtol=0)
+
+
 def test_padding_invariance():
     model = _model()
     model.use_fused = False

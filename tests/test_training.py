@@ -268,6 +268,11 @@ def test_wrong_input_type(data):
         Trainer(SMALL, TrainConfig(), np.zeros((3, 2)), np.zeros(3))
 
 
+def test_predict_empty(data):
+    trainer = _trainer(data)
+    assert trainer.predict(data[2][:0]).shape == (0,)
+
+
 def test_predict_shape(data):
     trainer = _trainer(data)
     prediction = trainer.predict(data[2])

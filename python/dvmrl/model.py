@@ -366,12 +366,13 @@ class CompositionMPNN(nn.Module):
             forward = ops.model_forward
         else:
             forward = reference.model_forward
+        # The fused kernels read raw buffers, so slices must be made contiguous.
         return forward(
             self.node_table(),
             self.flat,
-            element_index,
-            frac,
-            mask,
+            element_index.contiguous(),
+            frac.contiguous(),
+            mask.contiguous(),
             self.dims,
             dropout_mask,
         )

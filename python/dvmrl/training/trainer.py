@@ -447,6 +447,9 @@ class Trainer:
                     means.append(model(*args))
         finally:
             model.train(was_training)
+        if not means:
+            empty = torch.zeros(0, dtype=self.dtype, device=self.device)
+            return (empty, empty.clone()) if with_variance else empty
         if with_variance:
             return torch.cat(means), torch.cat(variances)
         return torch.cat(means)
