@@ -102,7 +102,7 @@ def test_embedding_projection():
 
 
 def test_initial_node_table():
-    model = CompositionMPNN(ModelConfig(**SMALL)).double()
+    model = CompositionMPNN(ModelConfig(**SMALL), dtype=torch.float64)
     expected = model.descriptors @ model.emb_w.T
     torch.testing.assert_close(model.node_table(), expected, atol=0, rtol=0)
     # An isometry keeps the distances between element descriptor vectors.
@@ -111,8 +111,7 @@ def test_initial_node_table():
     descriptor_distance = torch.linalg.norm(
         model.descriptors[25] - model.descriptors[27]
     )
-    # emb_w was rounded to float32 before .double().
-    assert float(distance) == pytest.approx(float(descriptor_distance), rel=1e-6)
+    assert float(distance) == pytest.approx(float(descriptor_distance), rel=1e-12)
 
 
 def test_initial_biases_zero():

@@ -205,6 +205,9 @@ class CompositionMPNN(nn.Module):
         descriptors (array, optional): [E, F0] standardised descriptors;
             default ``dvmrl.elements.descriptor_matrix()``.
         seed (int): seed of the initialisation. Default: 0.
+        dtype (torch.dtype, optional): float dtype of parameters and
+            buffers; default ``torch.get_default_dtype()``. The initial values
+            are drawn in float64 and rounded once to it.
     """
 
     def __init__(
@@ -212,6 +215,7 @@ class CompositionMPNN(nn.Module):
         config: ModelConfig | None = None,
         descriptors: np.ndarray | torch.Tensor | None = None,
         seed: int = 0,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.config = ModelConfig() if config is None else config
@@ -227,7 +231,7 @@ class CompositionMPNN(nn.Module):
             raise ValueError("descriptors contain NaN or infinite values")
         dims = self.config.dims
         generator = torch.Generator().manual_seed(int(seed))
-        dtype = torch.get_default_dtype()
+        dtype = torch.get_default_dtype() if dtype is None else dtype
 
         self.register_buffer("descriptors", table.to(dtype))
         self.register_buffer("target_mean", torch.zeros((), dtype=dtype))

@@ -315,8 +315,8 @@ def model_from_document(document: dict[str, Any], path: str | os.PathLike):
     if "descriptors" not in state:
         raise CheckpointError(f"checkpoint {path} is corrupt: no 'descriptors' buffer")
     dtype = state["flat"].dtype if "flat" in state else torch.float32
-    model = CompositionMPNN(config, descriptors=state["descriptors"].to(torch.float64))
-    model = model.to(dtype=dtype)
+    descriptors = state["descriptors"].to(torch.float64)
+    model = CompositionMPNN(config, descriptors=descriptors, dtype=dtype)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

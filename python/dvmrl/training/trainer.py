@@ -124,7 +124,7 @@ class Trainer:
 
         seeds = _seed_streams(self.train_config.seed)
         model = CompositionMPNN(
-            model_config, descriptors=descriptors, seed=seeds["init"]
+            model_config, descriptors=descriptors, seed=seeds["init"], dtype=dtype
         )
         mean = float(self._train.y_numpy.mean())
         std = float(self._train.y_numpy.std())
