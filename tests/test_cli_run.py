@@ -173,8 +173,8 @@ def test_help_states_epochs(capsys):
         main(["run", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "quick: 16 epochs per method and seed" in text
-    assert "small: 40 epochs per method and seed" in text
-    assert "full: 400 epochs per method and seed" in text
+    assert "small: 60 epochs per method and seed" in text
+    assert "full: 600 epochs per method and seed" in text
     assert "subsampled" in text
 
 

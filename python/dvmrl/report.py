@@ -360,11 +360,22 @@ def _format(value, digits: int = 4) -> str:
 
 
 def _cell(summary: dict[str, Any], digits: int = 4) -> str:
-    if summary["mean"] is None:
+    mean, std = summary["mean"], summary["std"]
+    if mean is None:
         return "n/a"
-    if summary["std"] is None:
-        return _format(summary["mean"], digits)
-    return f"{_format(summary['mean'], digits)} ± {_format(summary['std'], digits)}"
+    if std is None:
+        return _format(mean, digits)
+    if mean != 0 and abs(mean) < 0.01:
+        # Scientific notation for small scores such as the GCV score.
+        return f"{mean:.3e} ± {std:.1e}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _join_names(methods: list[str]) -> str:
+    names = [METHOD_LABELS.get(m, m) for m in methods]
+    if len(names) < 2:
+        return "".join(names)
+    return ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -485,8 +496,7 @@ def _winner_text(winner: dict[str, Any]) -> str:
         return "n/a"
     label = METHOD_LABELS.get(winner["winner"], winner["winner"])
     if winner["tie"]:
-        tied = ", ".join(METHOD_LABELS.get(m, m) for m in winner["tied_with"])
-        return f"tie: {label}, {tied}"
+        return "tie: " + _join_names([winner["winner"], *winner["tied_with"]])
     if not winner["spread_assessed"]:
         return f"{label} (ties not assessed)"
     return label
@@ -537,10 +547,10 @@ def _verdict_lines(report: dict[str, Any]) -> list[str]:
             continue
         name = METHOD_LABELS.get(winner["winner"], winner["winner"])
         if winner["tie"]:
-            tied = ", ".join(METHOD_LABELS.get(m, m) for m in winner["tied_with"])
+            tied = _join_names([winner["winner"], *winner["tied_with"]])
             lines.append(
-                f"- {label}: a tie between {name} and {tied} (differences smaller than "
-                "the spread over seeds)."
+                f"- {label}: a tie between {tied} (differences smaller than "
+                f"the spread over seeds). The best mean is {name}'s."
             )
             continue
         baseline = winner["winner"] in ("random", "bayesian") and "agent" in methods
