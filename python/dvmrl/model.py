@@ -196,7 +196,7 @@ class CompositionMPNN(nn.Module):
     standardised output to eV/atom. E = 103 element-table rows.
 
     Dropout acts only in the head's hidden layers, in training mode or
-    while ``mc_dropout(True)`` is in force; its mask is drawn from
+    while ``mc_dropout(True)`` is in force. Its mask comes from
     ``dropout_generator`` when one is set (a ``torch.Generator`` on the
     model's device), else from PyTorch's global generator.
 

@@ -361,9 +361,9 @@ class Trainer:
     ) -> list[dict[str, Any]]:
         """Train with early stopping and end on the best-validation weights.
 
-        Continues from the current state. After the last epoch the model
-        has the weights of the best validation score seen so far (when
-        there is a validation set); the optimiser keeps its latest moments.
+        Continues from the current state. With a validation set, the model
+        ends with the weights of the best validation score seen so far. The
+        optimiser keeps its latest moments.
 
         Args:
             epochs (int, optional): epochs to run at most in this call.
