@@ -343,3 +343,21 @@ def test_paths_inside_out(finished_run):
     out, _ = finished_run
     for path in Path(out).rglob("*.tmp"):
         pytest.fail(f"temporary file left behind: {path}")
+
+
+def test_agent_learning_online(tmp_path, agent_file):
+    before = Path(agent_file).read_bytes()
+    spec = RunSpec(
+        preset=TINY, seeds=[0], methods=["agent"], agent_path=agent_file, agent_learn=True
+    )
+    report = run_experiment(spec, tmp_path / "out")
+    state = json.loads((tmp_path / "out" / "state.json").read_text())
+    unit = state["units"]["agent/seed0"]
+    assert report["complete"]
+    last = unit["steps"][-1]
+    assert last["terminated"] or last["truncated"]
+    assert unit["epochs_used"] <= TINY.epochs
+    assert report["agent"] == {"path": agent_file, "learn": True}
+    # The user's agent file is read, never rewritten.
+    assert Path(agent_file).read_bytes() == before
+    assert not list((tmp_path / "out" / "units" / "agent-seed0").glob("episode-*"))
