@@ -154,3 +154,11 @@ def test_projection_cuda_infeasible_row():
     lo[3] = 0.0
     with pytest.raises(ValueError, match="row 3 is infeasible"):
         project_simplex_box(x.cuda(), lo.cuda(), hi.cuda(), mask.cuda())
+
+
+def test_projection_wide_rows_fall_back():
+    x, lo, hi, mask = _random_problem(b=50, k=40, seed=12)
+    mask[:, :] = True
+    lo = lo * 0.1  # 40 lower bounds below 0.01 each keep every row feasible
+    y = project_simplex_box(x, lo, hi, mask)
+    assert (y - _bisection_reference(x, lo, hi, mask)).abs().max() < 1e-12

@@ -32,6 +32,9 @@ _STATUS_TEXT = {
     5: "it has no real entries (mask is all false); give every row at least one",
 }
 _warned_fallback: set[str] = set()
+# Status of a row with more real entries than the kernel's stack arrays hold.
+_TOO_MANY_ENTRIES = 6
+_WIDE_ROWS = "rows with more than {} real entries"
 
 
 def _core():
@@ -138,22 +141,13 @@ def project_simplex_box(
     if b == 0:
         return torch.zeros_like(x)
     core = _core()
-    n_real_max = int(mask.sum(dim=1).max())
     reason = None
-    if n_real_max > int(core.projection_max_entries):
-        reason = f"rows with more than {core.projection_max_entries} real entries"
-    elif x.device.type == "cuda" and not hasattr(core, "project_simplex_box_cuda"):
+    if x.device.type == "cuda" and not hasattr(core, "project_simplex_box_cuda"):
         reason = "a core built without CUDA"
     elif x.device.type not in ("cpu", "cuda"):
         reason = f"device {x.device.type}"
     if reason is not None:
-        if reason not in _warned_fallback:
-            _warned_fallback.add(reason)
-            logger.warning(
-                "project_simplex_box: no kernel for %s; using the PyTorch version",
-                reason,
-            )
-        return project_simplex_box_torch(x, lo, hi, mask)
+        return _fallback(reason, x, lo, hi, mask)
 
     x_c, lo_c, hi_c, mask_c = (t.detach().contiguous() for t in (x, lo, hi, mask))
     tolerance = _tolerance(x.dtype, k)
@@ -161,6 +155,8 @@ def project_simplex_box(
         out, row, status, sum_lo, sum_hi = core.project_simplex_box(
             x_c.numpy(), lo_c.numpy(), hi_c.numpy(), mask_c.numpy(), tolerance
         )
+        if row >= 0 and status == _TOO_MANY_ENTRIES:
+            return _fallback(_WIDE_ROWS.format(core.projection_max_entries), x, lo, hi, mask)
         if row >= 0:
             raise ValueError(_failure_message(int(row), int(status), sum_lo, sum_hi))
         return torch.from_numpy(out)
@@ -182,8 +178,19 @@ def project_simplex_box(
             tolerance,
             stream,
         )
+    if bool((status == _TOO_MANY_ENTRIES).any()):
+        return _fallback(_WIDE_ROWS.format(core.projection_max_entries), x, lo, hi, mask)
     _raise_for_status(status, lo_c, hi_c, mask_c)
     return out
+
+
+def _fallback(reason: str, x, lo, hi, mask) -> torch.Tensor:
+    if reason not in _warned_fallback:
+        _warned_fallback.add(reason)
+        logger.warning(
+            "project_simplex_box: no kernel for %s; using the PyTorch version", reason
+        )
+    return project_simplex_box_torch(x, lo, hi, mask)
 
 
 def project_simplex_box_torch(

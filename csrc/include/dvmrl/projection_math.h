@@ -49,6 +49,55 @@ DVMRL_HD inline bool is_finite(double v) {
   return v > -1.7976931348623157e308 && v < 1.7976931348623157e308;
 }
 
+// Finds the linear piece (t_left, t_right) of the clamped sum that crosses 1
+// by sorting the breakpoints and walking the pieces. Needs
+// sum_lo < 1 < sum_hi. (Evaluating the sum at every breakpoint without
+// sorting was 20 % slower for K = 3 with g++ 12 -O3.)
+DVMRL_HD inline void find_piece(const double* xs, const double* lower,
+                                const double* upper, int n, double sum_hi,
+                                double* t_left, double* t_right) {
+  // Each breakpoint carries the change of the free count: an entry becomes
+  // free at x - hi (coming down from hi) and stops at x - lo (reaching lo).
+  double brk[2 * kMaxEntries];
+  int step[2 * kMaxEntries];
+  const int m = 2 * n;
+  for (int i = 0; i < n; ++i) {
+    brk[2 * i] = xs[i] - upper[i];
+    step[2 * i] = 1;
+    brk[2 * i + 1] = xs[i] - lower[i];
+    step[2 * i + 1] = -1;
+  }
+  for (int i = 1; i < m; ++i) {  // insertion sort: m <= 64
+    const double v = brk[i];
+    const int d = step[i];
+    int j = i - 1;
+    while (j >= 0 && brk[j] > v) {
+      brk[j + 1] = brk[j];
+      step[j + 1] = step[j];
+      --j;
+    }
+    brk[j + 1] = v;
+    step[j + 1] = d;
+  }
+  // Walk the pieces from brk[0], where every entry is at hi (sum_hi > 1),
+  // to the first breakpoint at which the clamped sum drops to 1 or below.
+  // The running sum only locates the piece; t itself comes from the exact
+  // classification in project_row, so its rounding cannot accumulate into y.
+  int right = m - 1;
+  double g = sum_hi;
+  int free_count = step[0];
+  for (int j = 1; j < m; ++j) {
+    g -= free_count * (brk[j] - brk[j - 1]);
+    if (g <= 1.0) {
+      right = j;
+      break;
+    }
+    free_count += step[j];
+  }
+  *t_left = brk[right - 1];
+  *t_right = brk[right];
+}
+
 // Projects the real entries of one row (mask[k] true) and writes 0 to the
 // padding entries. `tolerance` is the slack allowed on sum lo <= 1 <= sum hi
 // for rounding in the caller's dtype; within it the row snaps to lo or hi.
@@ -104,48 +153,11 @@ DVMRL_HD inline int32_t project_row(const T* x, const T* lo, const T* hi,
     return kOk;
   }
 
-  // Now sum_lo < 1 < sum_hi, so the crossing lies strictly inside the sorted
-  // breakpoints and its linear piece has at least one free entry.
-  // Each breakpoint carries the change of the free count: an entry becomes
-  // free at x - hi (coming down from hi) and stops at x - lo (reaching lo).
-  double brk[2 * kMaxEntries];
-  int step[2 * kMaxEntries];
-  const int m = 2 * n;
-  for (int i = 0; i < n; ++i) {
-    brk[2 * i] = xs[i] - upper[i];
-    step[2 * i] = 1;
-    brk[2 * i + 1] = xs[i] - lower[i];
-    step[2 * i + 1] = -1;
-  }
-  for (int i = 1; i < m; ++i) {  // insertion sort: m <= 64
-    const double v = brk[i];
-    const int d = step[i];
-    int j = i - 1;
-    while (j >= 0 && brk[j] > v) {
-      brk[j + 1] = brk[j];
-      step[j + 1] = step[j];
-      --j;
-    }
-    brk[j + 1] = v;
-    step[j + 1] = d;
-  }
-  // Walk the pieces from brk[0], where every entry is at hi (sum_hi > 1),
-  // to the first breakpoint at which the clamped sum drops to 1 or below.
-  // The running sum only locates the piece; t itself comes from the exact
-  // classification below, so its rounding cannot accumulate into y.
-  int right = m - 1;
-  double g = sum_hi;
-  int free_count = step[0];
-  for (int j = 1; j < m; ++j) {
-    g -= free_count * (brk[j] - brk[j - 1]);
-    if (g <= 1.0) {
-      right = j;
-      break;
-    }
-    free_count += step[j];
-  }
-  const double t_left = brk[right - 1];
-  const double t_right = brk[right];
+  // Now sum_lo < 1 < sum_hi, so the crossing lies strictly inside the
+  // breakpoints and its linear piece (t_left, t_right) has at least one
+  // free entry.
+  double t_left, t_right;
+  find_piece(xs, lower, upper, n, sum_hi, &t_left, &t_right);
   // On (t_left, t_right) no breakpoint lies inside, so each entry is at hi,
   // at lo or free throughout the piece.
   double rest = -1.0;

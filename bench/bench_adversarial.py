@@ -1,0 +1,121 @@
+"""Time the adversarial search and the box-simplex projection.
+
+1. Projection at B x K (default 10,000 x 3, float64): the compiled kernel
+   (dvmrl.projection.project_simplex_box) against the sort-based PyTorch
+   version (project_simplex_box_torch), interleaved, median of repeats.
+2. The full search (dvmrl.adversarial.adversarial_search) on N compositions
+   of a data set (default 10,000 of mp-formation-energy) with the default
+   model size, S steps and R starts per sign, on the fused kernels and on
+   the reference PyTorch path.
+
+Run with OMP_WAIT_POLICY=PASSIVE on a shared machine:
+
+    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=python .venv/bin/python \
+        bench/bench_adversarial.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+
+import dvmrl
+from dvmrl.adversarial import adversarial_search
+from dvmrl.datasets import load
+from dvmrl.featurize import featurize
+from dvmrl.model import CompositionMPNN, ModelConfig
+from dvmrl.projection import project_simplex_box, project_simplex_box_torch
+
+
+def projection_problem(b: int, k: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(b, k, generator=g, dtype=torch.float64) * 1.2 - 0.1
+    lo = torch.full((b, k), 0.01, dtype=torch.float64)
+    hi = torch.full((b, k), 0.9, dtype=torch.float64)
+    mask = torch.ones(b, k, dtype=torch.bool)
+    return x, lo, hi, mask
+
+
+def time_projection(b: int, k: int, repeats: int, device: str) -> dict:
+    x, lo, hi, mask = (t.to(device) for t in projection_problem(b, k, 0))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    times = {"kernel": [], "torch": []}
+    functions = {"kernel": project_simplex_box, "torch": project_simplex_box_torch}
+    for function in functions.values():  # warm-up
+        function(x, lo, hi, mask)
+    for _ in range(repeats):
+        for name, function in functions.items():
+            sync()
+            start = time.perf_counter()
+            function(x, lo, hi, mask)
+            sync()
+            times[name].append(time.perf_counter() - start)
+    kernel = statistics.median(times["kernel"])
+    plain = statistics.median(times["torch"])
+    return {
+        "B": b,
+        "K": k,
+        "device": device,
+        "kernel_ms": 1e3 * kernel,
+        "torch_ms": 1e3 * plain,
+        "speedup": plain / kernel,
+    }
+
+
+def time_search(n: int, steps: int, starts: int, fused: bool, seed: int) -> dict:
+    df = load("mp-formation-energy")
+    rows = np.random.default_rng(seed).choice(len(df), size=min(n, len(df)), replace=False)
+    batch = featurize(df["formula"].to_numpy()[rows].tolist())
+    model = CompositionMPNN(ModelConfig(), seed=seed)
+    model.use_fused = fused
+    model.eval()
+    start = time.perf_counter()
+    result = adversarial_search(model, batch, 0.05, steps=steps, starts=starts, seed=seed)
+    seconds = time.perf_counter() - start
+    return {
+        "compositions": len(rows),
+        "steps": steps,
+        "starts_per_sign": starts,
+        "path": "fused" if fused else "reference",
+        "seconds": seconds,
+        "mean_abs_change": float(result.change.abs().mean()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=10_000)
+    parser.add_argument("--k", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--compositions", type=int, default=10_000)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--starts", type=int, default=4)
+    parser.add_argument("--paths", default="fused,reference")
+    parser.add_argument("--device", default="cpu", help="device of the projection timing")
+    parser.add_argument("--skip-search", action="store_true")
+    args = parser.parse_args()
+
+    dvmrl.set_num_threads(args.threads)
+    info = dvmrl.build_info()
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, "
+        f"core ISA {info['cpu_isa']}, torch {info['torch_version']}"
+    )
+    projection = time_projection(args.batch, args.k, args.repeats, args.device)
+    print(json.dumps({"projection": projection}))
+    if args.skip_search:
+        return
+    for path in args.paths.split(","):
+        result = time_search(args.compositions, args.steps, args.starts, path == "fused", 0)
+        print(json.dumps({"search": result}))
+
+
+if __name__ == "__main__":
+    main()
