@@ -148,6 +148,10 @@ def test_kill_and_resume_matches(workdir, budget_file, agent_args):
     sent, code, _ = run_until(first, out, "random/seed0", 2, signal.SIGKILL)
     assert sent
     assert code == -signal.SIGKILL
+    sent, code, stderr = run_until(resume, out, "bayesian/seed0", 2, signal.SIGTERM)
+    assert sent
+    assert code == 130, stderr[-2000:]
+    assert "--resume" in stderr
     sent, code, stderr = run_until(resume, out, "agent/seed0", 1, signal.SIGINT)
     assert sent
     assert code == 130, stderr[-2000:]

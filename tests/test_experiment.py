@@ -60,7 +60,7 @@ def agent_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, agent_file):
     out = tmp_path_factory.mktemp("run") / "out"
-    spec = RunSpec(preset=TINY, seeds=[0, 1], agent_path=agent_file)
+    spec = RunSpec(preset=TINY, seeds=[0], agent_path=agent_file)
     report = run_experiment(spec, out)
     return out, report
 
@@ -68,7 +68,7 @@ def finished_run(tmp_path_factory, agent_file):
 def test_report_has_every_unit(finished_run):
     _, report = finished_run
     units = {(row["method"], row["seed"]) for row in report["results"]}
-    assert units == {(m, s) for m in ("random", "bayesian", "agent") for s in (0, 1)}
+    assert units == {(m, 0) for m in ("random", "bayesian", "agent")}
     assert report["complete"]
 
 
@@ -147,20 +147,21 @@ def test_markdown_states_baseline_win(finished_run):
 
 
 def test_rerun_same_results(finished_run, tmp_path, agent_file):
-    # Seed 1 is rolled back to mid-search (random), before scoring (bayesian)
-    # and to the episode start (agent); resuming must rebuild the same results.
+    # The units are rolled back to mid-search (random), before scoring
+    # (bayesian) and to the episode start (agent); resuming must rebuild the
+    # same results.
     out, report = finished_run
-    spec = RunSpec(preset=TINY, seeds=[0, 1], agent_path=agent_file)
+    spec = RunSpec(preset=TINY, seeds=[0], agent_path=agent_file)
     again = tmp_path / "again"
     shutil.copytree(out, again)
     state = json.loads((again / "state.json").read_text())
-    for key in ("random/seed1", "bayesian/seed1", "agent/seed1"):
+    for key in ("random/seed0", "bayesian/seed0", "agent/seed0"):
         unit = state["units"][key]
         for part in ("chosen", "test", "robustness", "chemsys"):
             unit.pop(part, None)
-        if key == "random/seed1":
+        if key == "random/seed0":
             unit["trials"] = unit["trials"][:1]
-        if key == "agent/seed1":
+        if key == "agent/seed0":
             unit.pop("steps", None)
             unit.pop("episode", None)
     (again / "state.json").write_text(json.dumps(state))
@@ -176,7 +177,7 @@ def test_rerun_same_results(finished_run, tmp_path, agent_file):
 def test_occupied_folder_rejected(finished_run, tmp_path):
     out, _ = finished_run
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    spec = RunSpec(preset=TINY, seeds=[0, 1], methods=["random"])
+    spec = RunSpec(preset=TINY, seeds=[0], methods=["random"])
     with pytest.raises(RunDirectoryError, match="not empty"):
         Experiment(spec, out).prepare()
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -185,7 +186,7 @@ def test_occupied_folder_rejected(finished_run, tmp_path):
 
 def test_resume_other_settings_rejected(finished_run):
     out, _ = finished_run
-    spec = RunSpec(preset=TINY, seeds=[0], methods=["random"])
+    spec = RunSpec(preset=TINY, seeds=[0, 1], methods=["random"])
     with pytest.raises(RunDirectoryError, match="other settings .seeds, methods"):
         Experiment(spec, out, resume=True).prepare()
 

@@ -121,12 +121,12 @@ def test_bayesian_replay_proposes_same_next_point():
 
 
 def test_bayesian_improves_on_random():
-    # With the GP surrogate, the best value over 15 trials beats random
+    # With the GP surrogate, the best value over 12 trials beats random
     # search's on a smooth bowl for most seeds.
     wins = 0
     for seed in range(3):
-        bayes, _, _ = search("bayesian", total=60, seed=seed)
-        rand, _, _ = search("random", total=60, seed=seed)
+        bayes, _, _ = search("bayesian", total=48, seed=seed)
+        rand, _, _ = search("random", total=48, seed=seed)
         wins += best_trial(bayes).score < best_trial(rand).score
     assert wins >= 2
 

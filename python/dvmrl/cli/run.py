@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -188,8 +189,19 @@ def run(args: argparse.Namespace) -> int:
             spec.methods,
             out_dir,
         )
-        report = experiment.run()
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            report = experiment.run()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         logger.info("finished in %.1f s", time.perf_counter() - started)
+    except KeyboardInterrupt:
+        logger.warning(
+            "interrupted; every completed trial and step is saved in %s, so rerun "
+            "the same command with --resume to continue",
+            out_dir,
+        )
+        raise
     finally:
         logging.getLogger("dvmrl").removeHandler(handler)
         handler.close()
@@ -198,6 +210,11 @@ def run(args: argparse.Namespace) -> int:
         winner = report["winners"][key]
         print(f"{key}: {_describe(winner)}")
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    """Turn SIGTERM into KeyboardInterrupt, so it ends the run like Ctrl-C."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _describe(winner: dict) -> str:
