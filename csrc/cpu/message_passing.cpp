@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -86,14 +87,23 @@ void transpose(const T* src, int64_t rows, int64_t cols, T* dst) {
           dst[c * rows + r] = src[r * cols + c];
 }
 
+// Buffer of n elements left uninitialised: every kernel writes its scratch
+// before reading it, and zeroing large buffers costs more than small
+// batches compute.
 template <class T>
-std::vector<T> transposed_weights(const Dims& d, const Layout& p, const TransposedLayout& tl,
-                                  const T* flat) {
-  std::vector<T> wt(tl.total);
+std::unique_ptr<T[]> uninitialised(int64_t n) {
+  return std::unique_ptr<T[]>(new T[n > 0 ? n : 1]);
+}
+
+template <class T>
+std::unique_ptr<T[]> transposed_weights(const Dims& d, const Layout& p,
+                                        const TransposedLayout& tl, const T* flat) {
+  std::unique_ptr<T[]> buffer = uninitialised<T>(tl.total);
+  T* wt = buffer.get();
   const int64_t h = d.hidden, hg = d.gate, hm = d.msg, wp = 2 * hg + 2 * hm;
   for (int64_t l = 0; l < d.layers; ++l) {
     const T* lp = flat + l * p.layer_size;
-    T* out = wt.data() + l * tl.layer_stride;
+    T* out = wt + l * tl.layer_stride;
     // [H, 2 Hg + 2 Hm]: the gate block then the message block, per input h.
     std::vector<T> gate_t(h * 2 * hg), msg_t(h * 2 * hm);
     transpose(lp + p.gate_w, 2 * hg, h, gate_t.data());
@@ -112,16 +122,16 @@ std::vector<T> transposed_weights(const Dims& d, const Layout& p, const Transpos
     transpose(flat + p.pool_gate_w, hg, h, gate_t.data());
     transpose(flat + p.pool_msg_w1, hm, h, msg_t.data());
     for (int64_t i = 0; i < h; ++i) {
-      std::memcpy(wt.data() + tl.pool_proj + i * pw, gate_t.data() + i * hg, sizeof(T) * hg);
-      std::memcpy(wt.data() + tl.pool_proj + i * pw + hg, msg_t.data() + i * hm,
+      std::memcpy(wt + tl.pool_proj + i * pw, gate_t.data() + i * hg, sizeof(T) * hg);
+      std::memcpy(wt + tl.pool_proj + i * pw + hg, msg_t.data() + i * hm,
                   sizeof(T) * hm);
     }
-    transpose(flat + p.pool_msg_w2, h, hm, wt.data() + tl.pool_w2);
+    transpose(flat + p.pool_msg_w2, h, hm, wt + tl.pool_w2);
   }
   for (int64_t k = 0; k < d.depth; ++k)
-    transpose(flat + p.head_w[k], d.head, head_input_width(d, k), wt.data() + tl.head[k]);
-  transpose(flat + p.head_out_w, d.n_out, d.depth > 0 ? d.head : h, wt.data() + tl.head_out);
-  return wt;
+    transpose(flat + p.head_w[k], d.head, head_input_width(d, k), wt + tl.head[k]);
+  transpose(flat + p.head_out_w, d.n_out, d.depth > 0 ? d.head : h, wt + tl.head_out);
+  return buffer;
 }
 
 template <class T>
@@ -165,16 +175,16 @@ void forward_typed(const Dims& d, const Buffers& buf) {
                                         reinterpret_cast<const bool*>(buf.mask),
                                         "model_forward");
   Ctx<T> cx = make_ctx<T>(d, buf, ni);
-  std::vector<T> wt;
+  std::unique_ptr<T[]> wt;
   if (ni.offset[d.batch] >= kTransposeNodes) {
     wt = transposed_weights(d, cx.p, cx.tl, cx.flat);
-    cx.wt = wt.data();
+    cx.wt = wt.get();
   }
   const ForwardFn<T> fn = pick_forward<T>(active_kernels());
   const int64_t scratch_size = forward_scratch_size(d);
   parallel_for(d.batch, kSubBlock, kSerialBatch, [&](int64_t begin, int64_t end, int64_t) {
-    std::vector<T> scratch(scratch_size);
-    fn(cx, begin, end, scratch.data());
+    std::unique_ptr<T[]> scratch = uninitialised<T>(scratch_size);
+    fn(cx, begin, end, scratch.get());
   });
 }
 
@@ -199,19 +209,20 @@ void backward_typed(const Dims& d, const Buffers& buf) {
   if (n_chunks <= 1) {
     std::fill(grad_flat, grad_flat + n_params, T(0));
     std::fill(grad_table, grad_table + n_table, T(0));
-    std::vector<T> scratch(scratch_size);
-    fn(cx, 0, d.batch, scratch.data(), grad_flat, grad_table);
+    std::unique_ptr<T[]> scratch = uninitialised<T>(scratch_size);
+    fn(cx, 0, d.batch, scratch.get(), grad_flat, grad_table);
     return;
   }
   const int64_t part = n_params + n_table;
-  std::vector<T> partial(n_chunks * part);
+  std::unique_ptr<T[]> partial_buffer = uninitialised<T>(n_chunks * part);
+  T* partial = partial_buffer.get();
   parallel_for(n_chunks, 1, 1, [&](int64_t, int64_t, int64_t c) {
-    T* mine = partial.data() + c * part;
+    T* mine = partial + c * part;
     std::fill(mine, mine + part, T(0));
-    std::vector<T> scratch(scratch_size);
+    std::unique_ptr<T[]> scratch = uninitialised<T>(scratch_size);
     const int64_t begin = c * chunk;
     const int64_t end = std::min(d.batch, begin + chunk);
-    fn(cx, begin, end, scratch.data(), mine, mine + n_params);
+    fn(cx, begin, end, scratch.get(), mine, mine + n_params);
   });
   // Sum the chunks in chunk order, element by element.
   parallel_for(part, 16384, 65536, [&](int64_t begin, int64_t end, int64_t) {

@@ -30,11 +30,15 @@ static inline Vec<T> vset(T x) {
   return Vec<T>{} + x;
 }
 
+// Sum of the lanes as a pairwise tree (independent adds, not one chain).
 template <class T>
 static inline T hsum(Vec<T> v) {
-  T s = T(0);
-  for (int i = 0; i < Simd<T>::W; ++i) s += v[i];
-  return s;
+  constexpr int W = Simd<T>::W;
+  T lanes[W];
+  std::memcpy(lanes, &v, sizeof(v));
+  for (int width = W / 2; width >= 1; width /= 2)
+    for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
+  return lanes[0];
 }
 
 // exp(x) for float lanes: Cephes expf range reduction and polynomial

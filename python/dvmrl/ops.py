@@ -11,6 +11,7 @@ width, D head depth, Hh head width.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 
@@ -18,6 +19,8 @@ import torch
 
 from dvmrl import _core, reference
 from dvmrl.layout import ModelDims, parameter_count
+
+__all__ = ["fused_backend_available", "model_forward", "parameter_count", "validate_inputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +30,8 @@ MAX_SLOTS = 8
 MAX_HEAD_LAYERS = 16
 
 _warned_devices: set[str] = set()
+# parameter_layout builds Python lists; cache the count per ModelDims.
+_parameter_count = functools.lru_cache(maxsize=64)(parameter_count)
 _cuda_backend: bool | None = None
 
 
@@ -108,7 +113,7 @@ def validate_inputs(
             f"node_table: expected shape [E, {dims.hidden}], got {list(node_table.shape)}"
         )
     _check_shape("node_table", node_table, (node_table.shape[0], dims.hidden))
-    _check_shape("flat", flat, (parameter_count(dims),))
+    _check_shape("flat", flat, (_parameter_count(dims),))
     if dims.head_layers > MAX_HEAD_LAYERS:
         raise ValueError(
             f"dims.head_layers: expected at most {MAX_HEAD_LAYERS}, got {dims.head_layers}"
@@ -223,7 +228,7 @@ class _FusedModel(torch.autograd.Function):
     def forward(ctx, node_table, flat, element_index, frac, mask, dims, dropout_mask):
         batch, slots = element_index.shape
         dims_list = _dims_list(dims, batch, slots, node_table.shape[0])
-        out = node_table.new_zeros((batch, dims.n_out))
+        out = node_table.new_empty((batch, dims.n_out))
         workspace = node_table.new_empty((_core.mp_workspace_size(dims_list),))
         device, stream = _device_args(node_table.device)
         dropout_ptr = 0 if dropout_mask is None else dropout_mask.data_ptr()

@@ -1,0 +1,333 @@
+"""Time forward + backward of the 3-layer composition MPNN with pooling.
+
+Variants, interleaved in every repeat:
+- fused: dvmrl.ops.model_forward (one core call forward, one backward);
+- dense: dvmrl.reference.model_forward (dense [B, K, K] attention);
+- edge: an edge-list PyTorch model written here (index_select gathers,
+  scatter softmax and index_add, as in PyTorch Geometric; PyG's softmax is
+  used when torch_geometric is installed).
+
+Each measurement is one forward and one backward of a batch, with
+node_table and flat as leaves that require gradients (a training step
+without the optimiser). Compositions have 2 to 5 elements (uniform), so
+K = 5. The FLOP count is that of the per-node (decomposed) formulation,
+forward plus backward (3x the forward), and floor_fraction is the time
+those FLOPs would take at the machine's measured float32 matmul rate
+divided by the measured time.
+
+Usage:
+    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=python .venv/bin/python \
+        bench/bench_message_passing.py --json bench_mp.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import dvmrl
+from dvmrl import ops, reference
+from dvmrl.layout import ModelDims, parameter_count, unflatten
+
+ROWS = 103
+SLOTS = 5
+
+try:  # optional: PyTorch Geometric's scatter softmax
+    from torch_geometric.utils import softmax as pyg_softmax
+except ImportError:  # pragma: no cover - depends on the environment
+    pyg_softmax = None
+
+
+def make_dims(hidden: int) -> ModelDims:
+    return ModelDims(
+        hidden=hidden,
+        gate_hidden=hidden,
+        msg_hidden=hidden,
+        layers=3,
+        head_hidden=128,
+        head_layers=2,
+        n_out=1,
+    )
+
+
+def make_inputs(batch, dims, device, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(2, SLOTS + 1, (batch,), generator=g)
+    mask = torch.arange(SLOTS)[None, :] < sizes[:, None]
+    index = torch.randint(0, ROWS, (batch, SLOTS), generator=g) * mask
+    frac = (torch.rand(batch, SLOTS, generator=g) + 0.05) * mask
+    frac = frac / frac.sum(dim=1, keepdim=True)
+    table = torch.randn(ROWS, dims.hidden, generator=g)
+    flat = torch.randn(parameter_count(dims), generator=g) / math.sqrt(dims.hidden)
+    leaves = [t.to(device, dtype).requires_grad_() for t in (table, flat)]
+    return (
+        leaves[0],
+        leaves[1],
+        index.to(device),
+        frac.to(device, dtype),
+        mask.to(device),
+        sizes,
+    )
+
+
+# -- edge-list model -----------------------------------------------------------
+
+
+def scatter_softmax(logits, weights, group, n_groups):
+    """Return a_e = w_e exp(g_e) / sum_{e' in group} w_e' exp(g_e')."""
+    if pyg_softmax is not None:
+        return pyg_softmax(logits + torch.log(weights), group, num_nodes=n_groups)
+    group_max = torch.full((n_groups,), -torch.inf, dtype=logits.dtype, device=logits.device)
+    group_max = group_max.scatter_reduce(0, group, logits, reduce="amax", include_self=True)
+    scores = weights * torch.exp(logits - group_max.index_select(0, group))
+    denom = torch.zeros(n_groups, dtype=logits.dtype, device=logits.device)
+    denom = denom.index_add(0, group, scores)
+    return scores / denom.index_select(0, group)
+
+
+def edge_graph(mask):
+    """Return node -> composition, node -> (b, k) flat slot, and edges dst <- src."""
+    batch, slots = mask.shape
+    flat_slot = torch.nonzero(mask.reshape(-1)).squeeze(1)
+    node_graph = flat_slot // slots
+    offsets = torch.zeros(batch + 1, dtype=torch.int64, device=mask.device)
+    offsets[1:] = torch.cumsum(mask.sum(dim=1), dim=0)
+    local = torch.arange(slots, device=mask.device)
+    pair = mask[:, :, None] & mask[:, None, :] & (local[:, None] != local[None, :])
+    b, i, j = torch.nonzero(pair, as_tuple=True)
+    dst = offsets[b] + i
+    src = offsets[b] + j
+    return node_graph, flat_slot, dst, src
+
+
+def edge_model_forward(node_table, flat, element_index, frac, mask, dims, graph):
+    node_graph, flat_slot, dst, src = graph
+    params = unflatten(flat, dims)
+    n_nodes = node_graph.shape[0]
+    weights = frac.reshape(-1).index_select(0, flat_slot)  # [N]
+    h = node_table.index_select(0, element_index.reshape(-1).index_select(0, flat_slot))
+    degree = torch.zeros(n_nodes, dtype=h.dtype, device=h.device)
+    has_nb = degree.index_add(0, dst, torch.ones_like(dst, dtype=h.dtype)) > 0
+    for layer in range(dims.layers):
+        p = {k[len(f"layer{layer}.") :]: v for k, v in params.items() if k.startswith(f"layer{layer}.")}
+        gi = h @ p["gate_w_i"].T
+        gj = h @ p["gate_w_j"].T
+        z = gi.index_select(0, dst) + gj.index_select(0, src) + p["gate_b"]
+        gate = F.silu(z) @ p["gate_u"] + p["gate_d"]
+        att = scatter_softmax(gate, weights.index_select(0, src), dst, n_nodes)
+        mi = h @ p["msg_w1_i"].T
+        mj = h @ p["msg_w1_j"].T
+        s = F.silu(mi.index_select(0, dst) + mj.index_select(0, src) + p["msg_b1"])
+        agg = torch.zeros(n_nodes, s.shape[1], dtype=h.dtype, device=h.device)
+        agg = agg.index_add(0, dst, att[:, None] * s)
+        h = h + agg @ p["msg_w2"].T + p["msg_b2"] * has_nb[:, None].to(h.dtype)
+    gate = F.silu(h @ params["pool_gate_w"].T + params["pool_gate_b"]) @ params[
+        "pool_gate_u"
+    ] + params["pool_gate_d"]
+    att = scatter_softmax(gate, weights, node_graph, mask.shape[0])
+    msg = F.silu(h @ params["pool_msg_w1"].T + params["pool_msg_b1"])
+    msg = msg @ params["pool_msg_w2"].T + params["pool_msg_b2"]
+    pooled = torch.zeros(mask.shape[0], h.shape[1], dtype=h.dtype, device=h.device)
+    pooled = pooled.index_add(0, node_graph, att[:, None] * msg)
+    return reference.head(pooled, params, dims)
+
+
+# -- accounting ------------------------------------------------------------------
+
+
+def gflop_count(sizes, dims: ModelDims) -> float:
+    """FLOPs (in 1e9) of forward + backward in the decomposed formulation."""
+    h, hg, hm, hh = dims.hidden, dims.gate_hidden, dims.msg_hidden, dims.head_hidden
+    nodes = float(sizes.sum())
+    edges = float((sizes * (sizes - 1)).sum())
+    batch = float(sizes.numel())
+    per_layer = nodes * (2 * h * (2 * hg + 2 * hm) + 2 * hm * h) + edges * (2 * hg + 2 * hm)
+    pool = nodes * (2 * h * (hg + hm) + 2 * hg + 2 * hm) + batch * 2 * hm * h
+    head = batch * (2 * h * hh + 2 * hh * hh * (dims.head_layers - 1) + 2 * hh * dims.n_out)
+    forward = dims.layers * per_layer + pool + head
+    return 3.0 * forward / 1e9
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(device, size=2048, repeats=7) -> float:
+    """Median float32 GFLOP/s of a size x size matmul on ``device``."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return 2.0 * size**3 / statistics.median(times) / 1e9
+
+
+def step(variant, inputs, dims, graph):
+    table, flat, index, frac, mask, _ = inputs
+    table.grad = None
+    flat.grad = None
+    if variant == "fused":
+        out = ops.model_forward(table, flat, index, frac, mask, dims)
+    elif variant == "dense":
+        out = reference.model_forward(table, flat, index, frac, mask, dims)
+    else:
+        out = edge_model_forward(table, flat, index, frac, mask, dims, graph)
+    out.sum().backward()
+
+
+def repeats_for(batch: int, hidden: int, requested: int | None) -> int:
+    if requested is not None:
+        return requested
+    if batch >= 4096:
+        return 5
+    if batch >= 256:
+        return 9
+    return 41
+
+
+def run(args) -> list[dict]:
+    device = torch.device(args.device)
+    dtype = torch.float32
+    if args.threads is not None:
+        dvmrl.set_num_threads(args.threads)
+    rate_before = matmul_gflops(device)
+    rows = []
+    rng = random.Random(0)
+    for hidden in args.hidden:
+        dims = make_dims(hidden)
+        for batch in args.batches:
+            inputs = make_inputs(batch, dims, device, dtype, seed=batch + hidden)
+            graph = edge_graph(inputs[4])
+            # The edge model must compute the same function as the reference.
+            with torch.no_grad():
+                a = edge_model_forward(*inputs[:5], dims, graph)
+                b = reference.model_forward(*inputs[:5], dims)
+                c = ops.model_forward(*inputs[:5], dims)
+            scale = b.abs().max().item()
+            assert (a - b).abs().max().item() <= 1e-4 * scale, "edge model differs"
+            assert (c - b).abs().max().item() <= 1e-4 * scale, "fused model differs"
+            variants = list(args.variants)
+            times = {v: [] for v in variants}
+            for v in variants:
+                step(v, inputs, dims, graph)  # warm-up
+            for _ in range(repeats_for(batch, hidden, args.repeats)):
+                rng.shuffle(variants)
+                for v in variants:
+                    synchronize(device)
+                    t0 = time.perf_counter()
+                    step(v, inputs, dims, graph)
+                    synchronize(device)
+                    times[v].append(time.perf_counter() - t0)
+            gflop = gflop_count(inputs[5], dims)
+            for v in args.variants:
+                ms = statistics.median(times[v]) * 1e3
+                rows.append(
+                    {
+                        "batch": batch,
+                        "hidden": hidden,
+                        "variant": v,
+                        "ms": ms,
+                        "graphs_per_s": batch / (ms / 1e3),
+                        "gflop": gflop,
+                        "floor_fraction": (gflop / rate_before) / (ms / 1e3),
+                        "matmul_gflops": rate_before,
+                        "device": device.type,
+                    }
+                )
+            print_rows(rows[-len(args.variants) :], header=not rows[:-len(args.variants)])
+    rate_after = matmul_gflops(device)
+    print(
+        f"\nfloat32 {2048}^2 matmul: {rate_before:.0f} GFLOP/s before, "
+        f"{rate_after:.0f} after (floor_fraction uses the first)"
+    )
+    return rows
+
+
+def print_rows(rows, header):
+    if header:
+        print(
+            f"{'B':>5} {'H':>4} {'variant':>7} {'ms':>10} {'graphs/s':>11} "
+            f"{'GFLOP':>8} {'floor':>6} {'vs best torch':>13}"
+        )
+    best_torch = min(r["ms"] for r in rows if r["variant"] != "fused")
+    for r in rows:
+        speedup = best_torch / r["ms"]
+        print(
+            f"{r['batch']:>5} {r['hidden']:>4} {r['variant']:>7} {r['ms']:>10.3f} "
+            f"{r['graphs_per_s']:>11.0f} {r['gflop']:>8.3f} {r['floor_fraction']:>6.1%} "
+            f"{speedup:>12.2f}x"
+        )
+    sys.stdout.flush()
+
+
+def machine_line(device) -> str:
+    info = dvmrl.build_info()
+    load = os.getloadavg()
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    text = (
+        f"cpu: {cpu}, {os.cpu_count()} logical cores, isa {info['cpu_isa']}, "
+        f"threads {info['num_threads']}, torch {torch.__version__}, "
+        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
+    if device.type == "cuda":
+        text += f", gpu: {torch.cuda.get_device_name(device)}"
+    return text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 256, 4096])
+    parser.add_argument("--hidden", type=int, nargs="+", default=[64, 128])
+    parser.add_argument(
+        "--variants", nargs="+", default=["fused", "dense", "edge"],
+        choices=["fused", "dense", "edge"],
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per variant")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--json", default=None, help="write the measurements to this file")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    print(machine_line(device))
+    print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    try:
+        print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+    except OSError:
+        pass
+    rows = run(args)
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(rows, f, indent=1)
+        os.replace(tmp, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
