@@ -70,13 +70,17 @@ def time_projection(b: int, k: int, repeats: int, device: str) -> dict:
 
 def time_search(n: int, steps: int, starts: int, fused: bool, seed: int) -> dict:
     df = load("mp-formation-energy")
-    rows = np.random.default_rng(seed).choice(len(df), size=min(n, len(df)), replace=False)
+    rows = np.random.default_rng(seed).choice(
+        len(df), size=min(n, len(df)), replace=False
+    )
     batch = featurize(df["formula"].to_numpy()[rows].tolist())
     model = CompositionMPNN(ModelConfig(), seed=seed)
     model.use_fused = fused
     model.eval()
     start = time.perf_counter()
-    result = adversarial_search(model, batch, 0.05, steps=steps, starts=starts, seed=seed)
+    result = adversarial_search(
+        model, batch, 0.05, steps=steps, starts=starts, seed=seed
+    )
     seconds = time.perf_counter() - start
     return {
         "compositions": len(rows),
@@ -98,14 +102,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--starts", type=int, default=4)
     parser.add_argument("--paths", default="fused,reference")
-    parser.add_argument("--device", default="cpu", help="device of the projection timing")
+    parser.add_argument(
+        "--device", default="cpu", help="device of the projection timing"
+    )
     parser.add_argument("--skip-search", action="store_true")
     args = parser.parse_args()
 
     dvmrl.set_num_threads(args.threads)
     info = dvmrl.build_info()
     print(
-        f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, "
+        f"machine: {platform.processor() or platform.machine()}, "
+        f"{args.threads} threads, "
         f"core ISA {info['cpu_isa']}, torch {info['torch_version']}"
     )
     projection = time_projection(args.batch, args.k, args.repeats, args.device)
@@ -113,7 +120,9 @@ def main() -> None:
     if args.skip_search:
         return
     for path in args.paths.split(","):
-        result = time_search(args.compositions, args.steps, args.starts, path == "fused", 0)
+        result = time_search(
+            args.compositions, args.steps, args.starts, path == "fused", 0
+        )
         print(json.dumps({"search": result}))
 
 

@@ -24,7 +24,9 @@ def _compositions(n, seed, k_max=4):
         k = int(rng.integers(2, k_max + 1))
         symbols = rng.choice(SYMBOLS, k, replace=False)
         weights = np.maximum(rng.dirichlet(np.ones(k)), 0.003)
-        out.append(dict(zip(symbols.tolist(), (weights / weights.sum()).tolist())))
+        out.append(
+            dict(zip(symbols.tolist(), (weights / weights.sum()).tolist(), strict=True))
+        )
     return out
 
 
@@ -141,7 +143,9 @@ def test_search_formulas_parse_back():
         parsed = parse(formula)
         m = batch.mask[row]
         values = result.perturbed[row][m].tolist()
-        assert max(abs(parsed[s] - v) for s, v in zip(parsed, values)) < 1e-9
+        assert (
+            max(abs(parsed[s] - v) for s, v in zip(parsed, values, strict=True)) < 1e-9
+        )
         assert "e" not in formula.replace("Fe", "").replace("Ce", "")
 
 
@@ -178,7 +182,9 @@ def test_search_penalty_shrinks_delta():
     predict, _ = _linear_model(11)
     free = adversarial_search(predict, batch, 0.1, steps=30, starts=2)
     penalised = adversarial_search(predict, batch, 0.1, steps=30, starts=2, lam=50.0)
-    assert float(penalised.delta.norm(dim=1).mean()) < float(free.delta.norm(dim=1).mean())
+    assert float(penalised.delta.norm(dim=1).mean()) < float(
+        free.delta.norm(dim=1).mean()
+    )
 
 
 def test_search_rejects_radius():
@@ -230,7 +236,9 @@ def test_robustness_radius_linear():
     for row in range(len(batch)):
         expected = _linear_radius(batch, weights, row, 0.05)
         if expected < 0.25 - resolution:
-            assert report.table["radius"][row] == pytest.approx(expected, abs=2 * resolution)
+            assert report.table["radius"][row] == pytest.approx(
+                expected, abs=2 * resolution
+            )
     assert report.score == pytest.approx(float(report.table["radius"].mean()))
 
 
@@ -257,7 +265,9 @@ def test_search_on_mpnn():
     from dvmrl.model import CompositionMPNN, ModelConfig
 
     torch.manual_seed(0)
-    config = ModelConfig(hidden=16, layers=1, gate_hidden=8, msg_hidden=8, head_hidden=16)
+    config = ModelConfig(
+        hidden=16, layers=1, gate_hidden=8, msg_hidden=8, head_hidden=16
+    )
     model = CompositionMPNN(config).double()
     batch = featurize(_compositions(20, seed=20))
     result = adversarial_search(model, batch, 0.05, steps=10, starts=2)

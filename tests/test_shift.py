@@ -16,7 +16,11 @@ FAST = {"max_samples": 150, "folds": 3, "max_iter": 30}
 
 @pytest.fixture(scope="module")
 def data():
-    df = load("mp-formation-energy").sample(n=1200, random_state=1).reset_index(drop=True)
+    df = (
+        load("mp-formation-energy")
+        .sample(n=1200, random_state=1)
+        .reset_index(drop=True)
+    )
     features = composition_features(featurize(df["formula"].tolist()))
     return df, features
 
@@ -86,7 +90,9 @@ def test_strategy_table_rows(data):
     df, features = data
     split = make_split(df, "random", seed=0)
     selections = {"random": split.val[:60], "first": split.val[60:120]}
-    table = strategy_shift_table(features, split.train, selections, importance=False, **FAST)
+    table = strategy_shift_table(
+        features, split.train, selections, importance=False, **FAST
+    )
     assert list(table["strategy"]) == ["random", "first"]
 
 

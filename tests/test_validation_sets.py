@@ -10,7 +10,11 @@ from dvmrl.validation import STRATEGIES, gp_predictive_std, select_validation_se
 
 @pytest.fixture(scope="module")
 def data():
-    df = load("mp-formation-energy").sample(n=1500, random_state=0).reset_index(drop=True)
+    df = (
+        load("mp-formation-energy")
+        .sample(n=1500, random_state=0)
+        .reset_index(drop=True)
+    )
     split = make_split(df, "random", seed=0)
     batch = featurize(df["formula"].tolist())
     features = composition_features(batch)
@@ -39,7 +43,9 @@ def _options(strategy, data):
     }
     if strategy == "ensemble-variance":
         rng = np.random.default_rng(1)
-        options["samples"] = rng.normal(size=(6, len(split.val))) * np.linspace(0, 1, len(split.val))
+        options["samples"] = rng.normal(size=(6, len(split.val))) * np.linspace(
+            0, 1, len(split.val)
+        )
     if strategy == "adversarial":
         options["predictor"] = _linear_predictor()
         options["adversarial_anchors"] = 64
@@ -50,7 +56,9 @@ def _options(strategy, data):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_selection_is_subset_of_pool(strategy, data):
     split = data[1]
-    chosen = select_validation_set(strategy, split.val, 40, 0, **_options(strategy, data))
+    chosen = select_validation_set(
+        strategy, split.val, 40, 0, **_options(strategy, data)
+    )
     assert len(chosen) == 40
     assert len(np.unique(chosen)) == 40
     assert np.isin(chosen, split.val).all()
@@ -59,7 +67,9 @@ def test_selection_is_subset_of_pool(strategy, data):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_selection_avoids_test_and_train(strategy, data):
     split = data[1]
-    chosen = select_validation_set(strategy, split.val, 40, 0, **_options(strategy, data))
+    chosen = select_validation_set(
+        strategy, split.val, 40, 0, **_options(strategy, data)
+    )
     assert not np.isin(chosen, split.test).any()
     assert not np.isin(chosen, split.train).any()
 
@@ -116,7 +126,9 @@ def test_unknown_strategy_raises(data):
 def test_size_above_pool_raises(data):
     split = data[1]
     with pytest.raises(ValueError, match="size must be an integer in 1"):
-        select_validation_set("random", split.val, len(split.val) + 1, 0, test_indices=split.test)
+        select_validation_set(
+            "random", split.val, len(split.val) + 1, 0, test_indices=split.test
+        )
 
 
 def test_ensemble_variance_picks_largest_variance(data):
@@ -144,7 +156,9 @@ def test_gp_selection_prefers_novel_pool_rows(data):
     df, split, batch, features, targets = data
     # Rows whose chemical systems never occur in training are the most novel.
     train_systems = set(df["chemsys"].to_numpy()[split.train])
-    novel = np.array([s not in train_systems for s in df["chemsys"].to_numpy()[split.val]])
+    novel = np.array(
+        [s not in train_systems for s in df["chemsys"].to_numpy()[split.val]]
+    )
     chosen = select_validation_set(
         "gp-uncertainty", split.val, 30, 0, **_options("gp-uncertainty", data)
     )

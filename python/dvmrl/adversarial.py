@@ -52,7 +52,7 @@ DEFAULT_STEPS = 50
 DEFAULT_STARTS = 4
 # Random candidates screened (forward passes only) for each random start.
 DEFAULT_SCREEN = 16
-# Compositions per chunk of the search; each chunk holds 2 * starts rows per
+# Compositions per chunk of the search. A chunk contains 2 * starts rows per
 # composition, so memory stays bounded for any batch size.
 DEFAULT_CHUNK_SIZE = 2048
 
@@ -177,14 +177,18 @@ def feasible_bounds(
 def _check_scalar(name: str, value: float, low: float, high: float, fix: str) -> float:
     value = float(value)
     if not (math.isfinite(value) and low < value < high):
-        raise ValueError(f"{name} must lie in ({low:g}, {high:g}), got {value!r}; {fix}")
+        raise ValueError(
+            f"{name} must lie in ({low:g}, {high:g}), got {value!r}; {fix}"
+        )
     return value
 
 
 def _check_floor(floor: float, mask: torch.Tensor, formulas: list[str] | None) -> float:
     floor = float(floor)
     if not (math.isfinite(floor) and 0.0 <= floor < 1.0):
-        raise ValueError(f"floor must lie in [0, 1), got {floor!r}; the default is 0.01")
+        raise ValueError(
+            f"floor must lie in [0, 1), got {floor!r}; the default is 0.01"
+        )
     n_real = mask.sum(dim=1)
     if len(n_real) and float(n_real.max()) * floor > 1.0:
         row = int(torch.nonzero(n_real * floor > 1.0)[0, 0])
@@ -286,7 +290,9 @@ def _evaluate(
 ) -> torch.Tensor:
     out = predictor(element_index, y.to(model_dtype), mask)
     if not isinstance(out, torch.Tensor) or out.shape != (y.shape[0],):
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        shape = (
+            tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        )
         raise ValueError(
             f"the predictor must return a tensor of shape [{y.shape[0]}] (one value "
             f"in eV/atom per composition), got {shape}"
@@ -339,7 +345,7 @@ def _scaled_ascent(
     {sum d = 0, d_k >= 0 where y_k = lo_k, d_k <= 0 where y_k = hi_k}.
     Scaling by it, not by the raw direction, keeps a large entry that
     pushes against an active bound from shrinking the step of the entries
-    that can still move; the projection after the step clamps such entries
+    that can still move. The projection after the step clamps such entries
     back onto their bounds. Rows with no feasible ascent get 0.
     """
     scale = ascent.abs().amax(dim=1, keepdim=True)
@@ -390,7 +396,7 @@ def _search_chunk(
 
     # The first run of each sign starts at delta = 0, where the signed change
     # has a gradient. Each other run starts at the best of ``screen`` random
-    # points, each pushing every entry by +-r before the projection; such
+    # points, which push every entry by +-r before the projection. Such
     # points lie near different vertices, where a convex change peaks, and
     # screening them costs forward passes only.
     random_run = (torch.arange(runs, device=frac.device) >= 2).repeat(c)
@@ -410,7 +416,9 @@ def _search_chunk(
             best_start = torch.where(better, score, best_start)
             y = torch.where(better[:, None], candidate, y)
 
-    best_obj = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=x.device)
+    best_obj = torch.full(
+        (x.shape[0],), -math.inf, dtype=torch.float64, device=x.device
+    )
     best_y = x.clone()
     best_change = torch.zeros_like(best_obj)
 
@@ -504,7 +512,9 @@ def adversarial_search(
         _check_scalar("radius", float(r), 0.0, 1.0, "the default is 0.05 (5 at.%)")
         r = r.expand(b).clone()
     elif r.shape != (b,):
-        raise ValueError(f"radius must be a number or a [{b}] tensor, got {tuple(r.shape)}")
+        raise ValueError(
+            f"radius must be a number or a [{b}] tensor, got {tuple(r.shape)}"
+        )
     elif b and not bool(((r > 0) & (r < 1)).all()):
         raise ValueError(
             f"every radius must lie in (0, 1), got values from {float(r.min())} to "
@@ -546,7 +556,9 @@ def adversarial_search(
                 generator,
                 model_dtype,
             )
-            for store, value in zip((deltas, bases, changes, objectives), out, strict=True):
+            for store, value in zip(
+                (deltas, bases, changes, objectives), out, strict=True
+            ):
                 store.append(value.detach().cpu())
     k = frac.shape[1]
     empty = torch.zeros((0, k), dtype=torch.float64)
@@ -616,9 +628,9 @@ def robustness_radius(
     """Find per composition the smallest radius that moves the prediction by tau.
 
     A first search at ``r_max`` finds the compositions that some perturbation
-    moves by at least ``tau``; those bisect on r in (0, r_max] with the
-    search inside, all compositions at once, and keep the smallest radius at
-    which the search reached ``tau`` (resolution r_max / 2^bisection_steps).
+    moves by at least ``tau``. Those compositions bisect on r in (0, r_max]
+    together, with the search inside, and keep the smallest radius at which
+    the search reached ``tau`` (resolution r_max / 2^bisection_steps).
     The others get ``r_max`` and ``reached = False``. Because the search is a
     local method, each radius is an upper bound of the true one.
 
@@ -643,7 +655,9 @@ def robustness_radius(
         raise ValueError(f"tau must be a positive number of eV/atom, got {tau!r}")
     r_max = _check_scalar("r_max", r_max, 0.0, 1.0, "the default is 0.25")
     if int(bisection_steps) != bisection_steps or bisection_steps < 1:
-        raise ValueError(f"bisection_steps must be an integer >= 1, got {bisection_steps!r}")
+        raise ValueError(
+            f"bisection_steps must be an integer >= 1, got {bisection_steps!r}"
+        )
     b = len(batch.frac)
     if b == 0:
         raise ValueError("robustness_radius needs at least one composition, got 0")
@@ -680,7 +694,9 @@ def robustness_radius(
             "delta_l2": delta_l2.numpy(),
             "change": best_change.numpy(),
             "reached": reached.numpy().astype(bool),
-            "perturbed_formula": compositions_to_formulas(element_index, perturbed, mask),
+            "perturbed_formula": compositions_to_formulas(
+                element_index, perturbed, mask
+            ),
         }
     )
     n_not_reached = int((~reached).sum())

@@ -156,7 +156,9 @@ def project_simplex_box(
             x_c.numpy(), lo_c.numpy(), hi_c.numpy(), mask_c.numpy(), tolerance
         )
         if row >= 0 and status == _TOO_MANY_ENTRIES:
-            return _fallback(_WIDE_ROWS.format(core.projection_max_entries), x, lo, hi, mask)
+            return _fallback(
+                _WIDE_ROWS.format(core.projection_max_entries), x, lo, hi, mask
+            )
         if row >= 0:
             raise ValueError(_failure_message(int(row), int(status), sum_lo, sum_hi))
         return torch.from_numpy(out)
@@ -179,7 +181,9 @@ def project_simplex_box(
             stream,
         )
     if bool((status == _TOO_MANY_ENTRIES).any()):
-        return _fallback(_WIDE_ROWS.format(core.projection_max_entries), x, lo, hi, mask)
+        return _fallback(
+            _WIDE_ROWS.format(core.projection_max_entries), x, lo, hi, mask
+        )
     _raise_for_status(status, lo_c, hi_c, mask_c)
     return out
 
@@ -243,7 +247,9 @@ def project_simplex_box_torch(
 
         breakpoints, _ = torch.cat([xs - upper, xs - lower], dim=1).sort(dim=1)
         clamped = torch.clamp(
-            xs[:, None, :] - breakpoints[:, :, None], lower[:, None, :], upper[:, None, :]
+            xs[:, None, :] - breakpoints[:, :, None],
+            lower[:, None, :],
+            upper[:, None, :],
         )
         sums = clamped.sum(dim=2)  # [B, 2K], non-increasing along dim 1
         index = torch.arange(2 * k, device=x.device)

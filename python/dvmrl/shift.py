@@ -141,7 +141,9 @@ def shift_auc(
 
     aucs: list[float] = []
     drops = np.zeros(n_features)
-    splitter = StratifiedKFold(n_splits=int(folds), shuffle=True, random_state=int(seed))
+    splitter = StratifiedKFold(
+        n_splits=int(folds), shuffle=True, random_state=int(seed)
+    )
     with threadpool_limits(limits=int(n_threads), user_api="openmp"):
         for fold, (fit_rows, test_rows) in enumerate(splitter.split(x, y)):
             classifier = HistGradientBoostingClassifier(
@@ -198,7 +200,9 @@ def default_holdout_element(df: pd.DataFrame) -> str:
         for symbol in str(system).split("-"):
             counts[symbol] = counts.get(symbol, 0) + 1
     if not counts:
-        raise ValueError("the data frame has no chemical systems to hold an element out")
+        raise ValueError(
+            "the data frame has no chemical systems to hold an element out"
+        )
     target = 0.1 * len(df)
     return min(sorted(counts), key=lambda symbol: abs(counts[symbol] - target))
 
@@ -250,8 +254,16 @@ def split_shift_table(
                     kind,
                 )
                 continue
-            result = shift_auc(features[split.train], features[part], seed=seed, **options)
-            rows.append({"split": kind, "comparison": f"train vs {comparison}", **result.to_dict()})
+            result = shift_auc(
+                features[split.train], features[part], seed=seed, **options
+            )
+            rows.append(
+                {
+                    "split": kind,
+                    "comparison": f"train vs {comparison}",
+                    **result.to_dict(),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -278,8 +290,16 @@ def strategy_shift_table(
     """
     rows = []
     for strategy, chosen in selections.items():
-        result = shift_auc(features[train_indices], features[chosen], seed=seed, **options)
-        rows.append({"strategy": strategy, "comparison": "train vs validation set", **result.to_dict()})
+        result = shift_auc(
+            features[train_indices], features[chosen], seed=seed, **options
+        )
+        rows.append(
+            {
+                "strategy": strategy,
+                "comparison": "train vs validation set",
+                **result.to_dict(),
+            }
+        )
     return pd.DataFrame(rows)
 
 

@@ -47,16 +47,20 @@ ADVERSARIAL_ANCHORS = 512
 def _index_array(name: str, values) -> np.ndarray:
     array = np.asarray(values)
     if array.ndim != 1:
-        raise ValueError(f"{name} must be a 1-D array of row indices, got shape {array.shape}")
+        raise ValueError(
+            f"{name} must be a 1-D array of row indices, got shape {array.shape}"
+        )
     if array.size and not np.issubdtype(array.dtype, np.integer):
-        raise TypeError(f"{name} must hold integer row indices, got dtype {array.dtype}")
+        raise TypeError(
+            f"{name} must hold integer row indices, got dtype {array.dtype}"
+        )
     return array.astype(np.int64)
 
 
 def check_pool(
     pool_indices, test_indices, train_indices=None
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Check that the validation pool holds no test or training row.
+    """Check that the validation pool contains no test or training row.
 
     Returns:
         (pool, train): the pool as unique int64 indices in their given order,
@@ -123,10 +127,10 @@ def gp_predictive_std(
     """Fit a Gaussian process on training features and return the pool's std.
 
     The features are standardised on the training subsample. The kernel is
-    a constant times an RBF plus a white-noise term; its hyperparameters are
-    fitted on at most GP_TUNE_SAMPLES training rows (by marginal
-    likelihood, which needs ``train_y``) and then kept fixed for the fit on
-    at most ``max_train`` rows. Without targets the RBF length scale is the
+    a constant times an RBF plus a white-noise term. Its hyperparameters are
+    fitted by marginal likelihood (which needs ``train_y``) on at most
+    GP_TUNE_SAMPLES training rows, then kept fixed for the fit on at most
+    ``max_train`` rows. Without targets the RBF length scale is the
     median pairwise distance and the noise is 1 % of the signal variance.
 
     Args:
@@ -186,7 +190,9 @@ def _gp_std(train_x, pool_x, train_y, seed, max_train) -> np.ndarray:
         # The predictive std does not depend on the targets when the
         # hyperparameters are fixed, so zeros stand in for them.
         fit_y = np.zeros(len(chosen))
-    gp = GaussianProcessRegressor(kernel, optimizer=None, normalize_y=train_y is not None)
+    gp = GaussianProcessRegressor(
+        kernel, optimizer=None, normalize_y=train_y is not None
+    )
     gp.fit(x_fit, fit_y)
     _, std = gp.predict(x_pool, return_std=True)
     return std
@@ -232,7 +238,9 @@ def _select_ensemble(
         if trainer is not None:
             if batch is None:
                 raise ValueError("ensemble-variance with a trainer needs batch")
-            samples = trainer.predict_samples(batch[pool], n_samples=n_samples, seed=seed)
+            samples = trainer.predict_samples(
+                batch[pool], n_samples=n_samples, seed=seed
+            )
         elif predictors:
             if batch is None:
                 raise ValueError("ensemble-variance with predictors needs batch")
@@ -257,7 +265,9 @@ def _ensemble_predictions(predictors: Sequence[Callable], batch) -> np.ndarray:
         for predictor in predictors:
             dtype = torch.float64
             if isinstance(predictor, torch.nn.Module):
-                dtype = next(p.dtype for p in predictor.parameters() if p.is_floating_point())
+                dtype = next(
+                    p.dtype for p in predictor.parameters() if p.is_floating_point()
+                )
             out = predictor(batch.element_index, batch.frac.to(dtype), batch.mask)
             rows.append(out.detach().cpu().double().numpy())
     return np.stack(rows)
@@ -291,7 +301,9 @@ def _select_adversarial(
         raise ValueError("the adversarial strategy needs batch (all compositions)")
     if train is None or len(train) == 0:
         raise ValueError("the adversarial strategy needs train_indices")
-    anchors = np.sort(rng.choice(len(train), size=min(len(train), adversarial_anchors), replace=False))
+    anchors = np.sort(
+        rng.choice(len(train), size=min(len(train), adversarial_anchors), replace=False)
+    )
     anchor_rows = train[anchors]
     anchor_batch = batch[anchor_rows]
     options = {"steps": 20, "starts": 2, **(search_options or {})}
@@ -299,28 +311,32 @@ def _select_adversarial(
         predictor, anchor_batch, epsilon, floor=floor, seed=seed, **options
     )
     examples = CompositionBatch(
-        anchor_batch.element_index, result.perturbed.to(anchor_batch.frac.dtype), anchor_batch.mask
+        anchor_batch.element_index,
+        result.perturbed.to(anchor_batch.frac.dtype),
+        anchor_batch.mask,
     )
     pool_x = _features(pool, features, batch)
     example_x = composition_features(examples)
     scaler = StandardScaler().fit(pool_x)
-    neighbours = NearestNeighbors(n_neighbors=min(len(pool), size)).fit(scaler.transform(pool_x))
+    neighbours = NearestNeighbors(n_neighbors=min(len(pool), size)).fit(
+        scaler.transform(pool_x)
+    )
     _, nearest = neighbours.kneighbors(scaler.transform(example_x))
 
-    # Most vulnerable examples first; each takes its nearest pool
-    # composition not yet taken, then the next round takes second-nearest.
+    # Most vulnerable examples first. Each example takes its nearest pool
+    # composition not yet chosen, and the next round takes second-nearest.
     order = np.argsort(-result.change.abs().numpy(), kind="stable")
     chosen: list[int] = []
-    taken = np.zeros(len(pool), dtype=bool)
+    already_chosen = np.zeros(len(pool), dtype=bool)
     for rank in range(nearest.shape[1]):
         for example in order:
             candidate = int(nearest[example, rank])
-            if not taken[candidate]:
-                taken[candidate] = True
+            if not already_chosen[candidate]:
+                already_chosen[candidate] = True
                 chosen.append(candidate)
                 if len(chosen) == size:
                     return np.asarray(chosen)
-    rest = rng.permutation(np.flatnonzero(~taken))[: size - len(chosen)]
+    rest = rng.permutation(np.flatnonzero(~already_chosen))[: size - len(chosen)]
     return np.concatenate([np.asarray(chosen, dtype=np.int64), rest])
 
 
@@ -432,7 +448,9 @@ def select_validation_set(
         seed=int(seed),
     )
     chosen = np.sort(pool[np.asarray(positions, dtype=np.int64)])
-    logger.debug("%s strategy chose %d of %d pool rows", strategy, len(chosen), len(pool))
+    logger.debug(
+        "%s strategy chose %d of %d pool rows", strategy, len(chosen), len(pool)
+    )
     return chosen
 
 

@@ -30,7 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from dvmrl.cli._common import UsageError, add_compute_options, positive_int, setup_compute
+from dvmrl.cli._common import (
+    UsageError,
+    add_compute_options,
+    positive_int,
+    setup_compute,
+)
 
 logger = logging.getLogger("dvmrl")
 
@@ -65,11 +70,13 @@ def add_parser(subparsers) -> None:
             "for every split kind and validation strategy."
         ),
     )
-    parser.add_argument("checkpoint", help="model file written by dvmrl train (model.pt)")
+    parser.add_argument(
+        "checkpoint", help="model file written by dvmrl train (model.pt)"
+    )
     parser.add_argument(
         "--data",
         default=None,
-        help="data set name or CSV path; default: the data the checkpoint was trained on",
+        help="data set name or CSV path; default: the checkpoint's training data",
     )
     parser.add_argument(
         "--split",
@@ -90,13 +97,15 @@ def add_parser(subparsers) -> None:
         "--epsilon",
         type=float,
         default=DEFAULT_EPSILON,
-        help=f"box radius of the vulnerability, fraction in (0, 1); default {DEFAULT_EPSILON}",
+        help="box radius of the vulnerability, fraction in (0, 1); "
+        f"default {DEFAULT_EPSILON}",
     )
     parser.add_argument(
         "--tau",
         type=float,
         default=DEFAULT_TAU,
-        help=f"prediction change of the robustness radius, eV/atom > 0; default {DEFAULT_TAU}",
+        help="prediction change of the robustness radius, eV/atom > 0; "
+        f"default {DEFAULT_TAU}",
     )
     parser.add_argument(
         "--floor",
@@ -116,7 +125,8 @@ def add_parser(subparsers) -> None:
         "--r-max",
         type=float,
         default=DEFAULT_R_MAX,
-        help=f"cap of the robustness radius, fraction in (0, 1); default {DEFAULT_R_MAX}",
+        help="cap of the robustness radius, fraction in (0, 1); "
+        f"default {DEFAULT_R_MAX}",
     )
     parser.add_argument(
         "--steps",
@@ -161,7 +171,9 @@ def add_parser(subparsers) -> None:
         default=5,
         help="cross-validation folds of shift detection (>= 2); default 5",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of every draw; default 0")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of every draw; default 0"
+    )
     parser.add_argument(
         "--out", default="validation", help="output folder; default ./validation"
     )
@@ -203,7 +215,9 @@ def _load_model(path: str, device):
 
     checkpoint = Path(path)
     if not checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} not found; pass a model.pt file")
+        raise FileNotFoundError(
+            f"checkpoint {checkpoint} not found; pass a model.pt file"
+        )
     model, metadata = load_checkpoint(checkpoint, device=device)
     model.eval()
     return model, metadata
@@ -237,7 +251,8 @@ def _check_floor(floor: float, n_elements: np.ndarray, formulas: list[str]) -> N
     if floor * int(n_elements.max()) > 1.0:
         row = int(np.argmax(n_elements))
         raise UsageError(
-            f"--floor {floor} cannot hold for {formulas[row]} with {int(n_elements[row])} "
+            f"--floor {floor} cannot hold for {formulas[row]} with "
+            f"{int(n_elements[row])} "
             f"elements (K * floor = {n_elements[row] * floor:g} > 1); pass --floor <= "
             f"{1.0 / int(n_elements.max()):g}"
         )
@@ -325,7 +340,9 @@ def _histogram(radii: np.ndarray, r_max: float, tau: float, path: Path) -> None:
     figure = Figure(figsize=(6, 4))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    axes.hist(radii, bins=np.linspace(0.0, r_max, 26), color="#1f77b4", edgecolor="white")
+    axes.hist(
+        radii, bins=np.linspace(0.0, r_max, 26), color="#1f77b4", edgecolor="white"
+    )
     axes.set_xlabel("robustness radius (fraction)")
     axes.set_ylabel("compositions")
     axes.set_title(f"smallest box radius that moves the prediction by {tau:g} eV/atom")
@@ -411,8 +428,12 @@ def run(args: argparse.Namespace) -> int:
     model, metadata = _load_model(args.checkpoint, device)
     data = args.data or metadata.get("data")
     if data is None:
-        raise UsageError("the checkpoint records no data set; pass --data NAME|PATH.csv")
-    df, info = resolve_data(data, alloy_notation=bool(metadata.get("alloy_notation", False)))
+        raise UsageError(
+            "the checkpoint records no data set; pass --data NAME|PATH.csv"
+        )
+    df, info = resolve_data(
+        data, alloy_notation=bool(metadata.get("alloy_notation", False))
+    )
     split, kind = _resolve_split(args, df, metadata)
     if len(split.test) == 0:
         raise ValueError(f"the test part of the {kind} split of {data} is empty")
@@ -461,7 +482,9 @@ def run(args: argparse.Namespace) -> int:
     selections, selection_seconds = _select_sets(
         args, strategies, model, split, batch, features, targets
     )
-    strategy_table = strategy_shift_table(features, split.train, selections, **shift_options)
+    strategy_table = strategy_shift_table(
+        features, split.train, selections, **shift_options
+    )
     timings["shift_detection"] = time.perf_counter() - start
 
     per_composition = []
@@ -470,7 +493,9 @@ def run(args: argparse.Namespace) -> int:
     for position in range(len(rows)):
         symbols = [
             ELEMENTS[int(e)]
-            for e, m in zip(attacked.element_index[position], attacked.mask[position], strict=True)
+            for e, m in zip(
+                attacked.element_index[position], attacked.mask[position], strict=True
+            )
             if m
         ]
         per_composition.append(
@@ -488,10 +513,14 @@ def run(args: argparse.Namespace) -> int:
         )
 
     shift_auc = {
-        f"{row['split']}: {row['comparison']}": row["auc"] for row in _records(split_table)
+        f"{row['split']}: {row['comparison']}": row["auc"]
+        for row in _records(split_table)
     }
     shift_auc.update(
-        {f"{row['strategy']}: {row['comparison']}": row["auc"] for row in _records(strategy_table)}
+        {
+            f"{row['strategy']}: {row['comparison']}": row["auc"]
+            for row in _records(strategy_table)
+        }
     )
     report = {
         "checkpoint": str(Path(args.checkpoint).resolve()),
@@ -520,7 +549,9 @@ def run(args: argparse.Namespace) -> int:
         "shift_auc": shift_auc,
         "shift_splits": _records(split_table),
         "shift_strategies": _records(strategy_table),
-        "validation_sets": {name: chosen.tolist() for name, chosen in selections.items()},
+        "validation_sets": {
+            name: chosen.tolist() for name, chosen in selections.items()
+        },
         "selection_seconds": selection_seconds,
         "seconds": {**timings, "total": time.perf_counter() - started},
         "compositions": per_composition,
@@ -530,14 +561,19 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     _write_json_atomic(out / REPORT_FILE, report)
     _histogram(rt["radius"].to_numpy(), args.r_max, args.tau, out / HISTOGRAM_FILE)
-    ranked = sorted(per_composition, key=lambda row: -abs(row["change"]))[:TOP_VULNERABLE]
+    ranked = sorted(per_composition, key=lambda row: -abs(row["change"]))[
+        :TOP_VULNERABLE
+    ]
     _vulnerable_plot(ranked, args.epsilon, out / VULNERABLE_FILE)
     _print_report(report, ranked)
     return 0
 
 
 def _print_report(report: dict, ranked: list[dict]) -> None:
-    print(f"compositions        {report['n_compositions']} (test part, {report['split']} split)")
+    print(
+        f"compositions        {report['n_compositions']} "
+        f"(test part, {report['split']} split)"
+    )
     print(
         f"vulnerability       {report['vulnerability']:.4f} eV/atom "
         f"(epsilon {report['epsilon']:g})"
