@@ -463,15 +463,23 @@ def train_config_on(pools: Pools, config: dict[str, Any], epochs: int, seed: int
     return trainer, history
 
 
-def score(trainer_or_model, x, y: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
-    """Return (test metrics, predictions in eV/atom) of a trainer or a model."""
-    from dvmrl.metrics import regression_metrics
+def score(
+    trainer_or_model, x, y: np.ndarray, stability_threshold: float | None = None
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Return (test metrics, predictions in eV/atom) of a trainer or a model.
+
+    ``stability_threshold`` (eV/atom) sets the stability call of precision,
+    recall and F1; None uses the formation-energy threshold (0 eV/atom).
+    """
+    from dvmrl.metrics import FORMATION_ENERGY_THRESHOLD, regression_metrics
 
     if hasattr(trainer_or_model, "predict"):
         prediction = np.asarray(trainer_or_model.predict(x), dtype=np.float64)
     else:
         prediction = predict_model(trainer_or_model, x)
-    metrics = regression_metrics(y, prediction)
+    if stability_threshold is None:
+        stability_threshold = FORMATION_ENERGY_THRESHOLD
+    metrics = regression_metrics(y, prediction, stability_threshold=stability_threshold)
     return finite_or_none(dict(metrics)), prediction
 
 
@@ -656,6 +664,12 @@ class Experiment:
         )
         self.state = {"format": STATE_FORMAT, "version": STATE_VERSION, "units": {}}
         self._write_state()
+
+    @property
+    def stability_threshold(self) -> float | None:
+        """Stability threshold of the data (eV/atom), or None when it states none."""
+        value = self.data_info.get("stability_threshold")
+        return None if value is None else float(value)
 
     def _read_state(self) -> dict[str, Any]:
         path = self.out_dir / STATE_FILE
@@ -859,7 +873,9 @@ class Experiment:
         started = time.perf_counter()
         pools = self.pools("random", seed)
         model = self._load_chosen(unit, method, seed)
-        metrics, prediction = score(model, pools.x_test, pools.y_test)
+        metrics, prediction = score(
+            model, pools.x_test, pools.y_test, self.stability_threshold
+        )
         paths = self.unit_paths(method, seed)
         save_npz_atomic(
             paths.predictions,
@@ -915,7 +931,9 @@ class Experiment:
         trainer, _ = train_config_on(
             pools, config, self.spec.preset.retrain_epochs, derive_seed(seed, 13), self.device
         )
-        metrics, prediction = score(trainer, pools.x_test, pools.y_test)
+        metrics, prediction = score(
+            trainer, pools.x_test, pools.y_test, self.stability_threshold
+        )
         paths = self.unit_paths(method, seed)
         save_npz_atomic(
             paths.root / "chemsys_predictions.npz",

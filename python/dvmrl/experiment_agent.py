@@ -84,6 +84,7 @@ def make_env(experiment, seed: int):
         epochs_per_step=preset.agent_slice,
         model_config=model,
         train_config=train,
+        stability_threshold=experiment.stability_threshold,
         seed=seed,
         device=experiment.device,
     )
@@ -382,7 +383,7 @@ def run_agent_unit(experiment, unit: dict[str, Any], seed: int) -> None:
     experiment._save_checkpoint(
         trainer, paths.checkpoint, "agent", seed, "agent", episode["best_config"]
     )
-    val_metrics, _ = score(trainer, pools.x_val, pools.y_val)
+    val_metrics, _ = score(trainer, pools.x_val, pools.y_val, experiment.stability_threshold)
     config = dict(episode["best_config"])
     model_config = best["model_config"]
     for key in ("hidden", "layers", "dropout"):
