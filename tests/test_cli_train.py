@@ -43,6 +43,7 @@ def trained(tmp_path_factory, data_csv):
             "2",
             "--device",
             "cpu",
+            "--no-heteroscedastic",
             *TINY,
             "--out",
             str(out),
@@ -103,6 +104,12 @@ def test_resume_rejects_changed_config(trained, capsys):
     code = main(["train", "--resume", "--hidden", "16", "--out", str(trained)])
     assert code == 2
     assert "--hidden 16" in capsys.readouterr().err
+
+
+def test_resume_accepts_same_config(trained, capsys):
+    code = main(["train", "--resume", "--hidden", "8", "--out", str(trained)])
+    assert code == 0
+    assert "complete" in capsys.readouterr().out
 
 
 def test_resume_of_complete_run(trained, capsys):

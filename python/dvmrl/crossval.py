@@ -8,7 +8,7 @@ folds with the sample standard deviation and the standard error as spread.
 
 Grouped folds keep every chemical system (the sorted element set, the
 ``chemsys`` column) inside one fold, and the validation part of each fold's
-training data holds whole chemical systems too, so the estimate measures
+training data contains whole chemical systems too, so the estimate measures
 extrapolation to unseen systems.
 """
 

@@ -244,9 +244,13 @@ def _add_train_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--heteroscedastic",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="predict a variance too (Gaussian negative log-likelihood loss)",
+        help=(
+            "predict a variance too and train with the Gaussian negative "
+            "log-likelihood (--no-heteroscedastic: squared error); default: "
+            f"{'on' if defaults.MODEL['heteroscedastic'] else 'off'}"
+        ),
     )
     parser.add_argument(
         "--resume",
@@ -487,7 +491,7 @@ def _resumed_run_config(out: Path, requested: dict[str, Any]) -> dict[str, Any]:
         stored = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(
-            f"--resume: {out / RUN_FILE} not found, so {out} holds no resumable run; "
+            f"--resume: {out / RUN_FILE} not found, so {out} contains no resumable run; "
             "start a new run without --resume"
         ) from None
     except json.JSONDecodeError as err:
@@ -520,7 +524,7 @@ def _check_fresh_out(out: Path) -> None:
     ]
     if existing:
         raise FileExistsError(
-            f"{out} already holds a run ({', '.join(existing)}); pass --resume to "
+            f"{out} already contains a run ({', '.join(existing)}); pass --resume to "
             "continue it, or choose another --out (nothing was overwritten)"
         )
 
@@ -643,7 +647,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     try:
         # Trainer.fit rewrites last.pt after every epoch, so after Ctrl-C it
-        # holds the state of the last finished epoch and a resumed run
+        # contains the state of the last finished epoch and a resumed run
         # repeats no partial epoch. Without an epoch count, a fit restored
         # from a checkpoint continues to its original target.
         trainer.fit(progress=on_epoch, checkpoint=out / STATE_FILE, metadata=metadata)
@@ -753,7 +757,9 @@ def _predict(model, batch, device, with_variance: bool):
                 mean = model(*args)
             means.append(mean.cpu().double().numpy())
     mean = np.concatenate(means) if means else np.zeros(0)
-    std = (np.concatenate(stds) if stds else np.zeros(0)) if with_variance else None
+    if not with_variance:
+        return mean, None
+    std = np.concatenate(stds) if stds else np.zeros(0)
     return mean, std
 
 
