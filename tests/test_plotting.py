@@ -40,7 +40,8 @@ def test_parity_plot_keeps_global_backend(tmp_path):
 
 def test_parity_figure_colours_classes():
     truth, prediction, counts = _points(30)
-    figure = parity_figure(truth, prediction, counts, metrics={"rmse": 0.05, "mae": 0.04})
+    metrics = {"rmse": 0.05, "mae": 0.04}
+    figure = parity_figure(truth, prediction, counts, metrics=metrics)
     axes = figure.axes[0]
     labels = [text.get_text() for text in axes.get_legend().get_texts()]
     assert labels == ["binary (10)", "ternary (20)"]
@@ -50,7 +51,8 @@ def test_parity_figure_colours_classes():
 
 def test_parity_figure_shows_metrics():
     truth, prediction, counts = _points()
-    figure = parity_figure(truth, prediction, counts, metrics={"rmse": 0.1234, "r2": 0.9})
+    metrics = {"rmse": 0.1234, "r2": 0.9}
+    figure = parity_figure(truth, prediction, counts, metrics=metrics)
     texts = " ".join(text.get_text() for text in figure.axes[0].texts)
     assert "RMSE 0.123 eV/atom" in texts
     assert "0.900" in texts
@@ -72,7 +74,8 @@ def test_parity_figure_rejects_empty():
 
 
 @pytest.mark.parametrize(
-    ("count", "label"), [(1, "unary"), (2, "binary"), (3, "ternary"), (5, "4+ elements")]
+    ("count", "label"),
+    [(1, "unary"), (2, "binary"), (3, "ternary"), (5, "4+ elements")],
 )
 def test_composition_class(count, label):
     assert composition_class(count) == label

@@ -491,8 +491,8 @@ def _resumed_run_config(out: Path, requested: dict[str, Any]) -> dict[str, Any]:
         stored = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(
-            f"--resume: {out / RUN_FILE} not found, so {out} contains no resumable run; "
-            "start a new run without --resume"
+            f"--resume: {out / RUN_FILE} not found, so {out} contains no resumable "
+            "run; start a new run without --resume"
         ) from None
     except json.JSONDecodeError as err:
         raise ValueError(
