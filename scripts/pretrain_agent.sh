@@ -5,12 +5,12 @@
 # Usage: scripts/pretrain_agent.sh            (fresh run)
 #        RESUME=1 scripts/pretrain_agent.sh   (continue an interrupted run)
 # Environment: PYTHON (default: .venv/bin/python), WORK (default:
-# build/pretrain), EPISODES (default: 600), THREADS (default: 1).
+# build/pretrain), EPISODES (default: 400), THREADS (default: 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 WORK=${WORK:-build/pretrain}
-EPISODES=${EPISODES:-600}
+EPISODES=${EPISODES:-400}
 THREADS=${THREADS:-1}
 export PYTHONPATH=${PYTHONPATH:-python}
 

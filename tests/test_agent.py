@@ -161,7 +161,17 @@ def test_dueling_mean_advantage_zero():
     assert torch.allclose(q.mean(dim=1, keepdim=True), value, atol=1e-6)
 
 
-def test_chain_learns_optimal_q():
+@pytest.fixture()
+def one_thread():
+    # Tiny networks run fastest on one thread, and more threads only contend
+    # for the cores on a loaded machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_chain_learns_optimal_q(one_thread):
     gamma = 0.9
     config = AgentConfig(
         hidden=(32,),
