@@ -340,7 +340,7 @@ class ReplayBuffer:
             "terminated": self.terminated[:n],
             "next_mask": self.next_mask[:n],
         }
-        _atomic_write(path, lambda f: np.savez(f, **arrays))
+        atomic_write(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ReplayBuffer:
@@ -695,7 +695,7 @@ class DQNAgent:
         """
         state = self.state_dict()
         state["metadata_json"] = json.dumps(metadata or {})
-        _atomic_write(path, lambda f: torch.save(state, f))
+        atomic_write(path, lambda f: torch.save(state, f))
         if buffer_path is not None:
             self.buffer.save(buffer_path)
 
@@ -752,7 +752,7 @@ class DQNAgent:
         return agent
 
 
-def _atomic_write(path: str | os.PathLike, write) -> None:
+def atomic_write(path: str | os.PathLike, write) -> None:
     """Call ``write(file)`` on a temp file next to ``path``, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -760,7 +760,7 @@ def _atomic_write(path: str | os.PathLike, write) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
-        # mkstemp creates the file with mode 0600; give it the usual umask mode.
+        # mkstemp creates the file with mode 0600, so apply the umask mode instead.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from dvmrl.agent import AgentConfig, DQNAgent, _atomic_write, run_episode
+from dvmrl.agent import AgentConfig, DQNAgent, atomic_write, run_episode
 
 logger = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ def meta_train(
             "rng_state": rng.bit_generator.state,
         }
         text = json.dumps(document, indent=1)
-        _atomic_write(paths["progress"], lambda f: f.write(text.encode()))
+        atomic_write(paths["progress"], lambda f: f.write(text.encode()))
 
     bar = tqdm(
         total=episodes,
@@ -379,7 +379,7 @@ def plot_learning_curve(history: Sequence[dict[str, Any]], path: str | os.PathLi
     axes.set_title("Meta-training of the DQN agent")
     axes.legend(loc="lower right")
     figure.tight_layout()
-    _atomic_write(path, lambda f: figure.savefig(f, format="png"))
+    atomic_write(path, lambda f: figure.savefig(f, format="png"))
     plt.close(figure)
 
 
@@ -415,5 +415,5 @@ def export_pretrained(out: str | os.PathLike, dest: str | os.PathLike | None = N
     # so training can continue from the shipped file.
     agent.save(dest / "agent.pt", metadata=agent.metadata)
     text = json.dumps(metadata, indent=1)
-    _atomic_write(dest / "agent.json", lambda f: f.write(text.encode()))
+    atomic_write(dest / "agent.json", lambda f: f.write(text.encode()))
     return dest

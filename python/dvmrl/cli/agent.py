@@ -147,6 +147,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     for episode in range(args.episodes):
         result = run_episode(agent, env, learn=False, seed=args.seed + episode)
         print(f"episode {episode + 1} on {EVALUATION_DATASET} (seed {args.seed + episode})")
+        print(
+            "val_rmse: eV/atom on the current validation set; vulnerability: mean "
+            "eV/atom on the probe set"
+        )
         print(f"{'step':>4}  {'action':<26} {'reward':>9} {'val_rmse':>9} {'vulnerability':>13}")
         for row in result.trajectory:
             print(
