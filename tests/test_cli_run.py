@@ -61,7 +61,11 @@ def agent_args(workdir):
     if PRETRAINED_AGENT.is_file():
         return []
     env = ModelTuningEnv(
-        train_size=60, val_pool_size=60, val_size=20, reward_size=20, probe_size=4,
+        train_size=60,
+        val_pool_size=60,
+        val_size=20,
+        reward_size=20,
+        probe_size=4,
         budget_epochs=1,
     )
     path = workdir / "agent.pt"
@@ -225,8 +229,15 @@ def test_occupied_out_exit_2(workdir, capsys):
 
 def test_missing_agent_exit_2(tmp_path, capsys):
     code = main(
-        ["run", "--methods", "agent", "--agent", str(tmp_path / "none.pt"),
-         "--out", str(tmp_path / "o")]
+        [
+            "run",
+            "--methods",
+            "agent",
+            "--agent",
+            str(tmp_path / "none.pt"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
     )
     assert code == 2
     assert "not found" in capsys.readouterr().err

@@ -44,7 +44,11 @@ TINY = Preset(
 
 def fresh_agent(path):
     env = env_module.ModelTuningEnv(
-        train_size=60, val_pool_size=60, val_size=20, reward_size=20, probe_size=4,
+        train_size=60,
+        val_pool_size=60,
+        val_size=20,
+        reward_size=20,
+        probe_size=4,
         budget_epochs=1,
     )
     agent = DQNAgent(env.observation_space.shape[0], env.action_space.n)
@@ -76,8 +80,14 @@ def test_report_rows_have_metrics(finished_run):
     _, report = finished_run
     for row in report["results"]:
         for key in (
-            "test_rmse", "test_mae", "test_r2", "test_gcv_score", "robustness_radius",
-            "vulnerability", "chemsys_rmse", "chemsys_mae",
+            "test_rmse",
+            "test_mae",
+            "test_r2",
+            "test_gcv_score",
+            "robustness_radius",
+            "vulnerability",
+            "chemsys_rmse",
+            "chemsys_mae",
         ):
             assert row[key] is not None, (row["method"], key)
             assert math.isfinite(row[key]), (row["method"], key)
@@ -116,7 +126,9 @@ def test_gcv_ratio_inverse_square(finished_run):
     _, report = finished_run
     for method in ("random", "agent"):
         for entry in report["ratios_vs_bayesian"][method]["per_seed"]:
-            assert entry["gcv_ratio"] == pytest.approx(entry["rmse_ratio"] ** -2, rel=1e-9)
+            assert entry["gcv_ratio"] == pytest.approx(
+                entry["rmse_ratio"] ** -2, rel=1e-9
+            )
 
 
 def test_report_files_written(finished_run):
@@ -349,7 +361,11 @@ def test_paths_inside_out(finished_run):
 def test_agent_learning_online(tmp_path, agent_file):
     before = Path(agent_file).read_bytes()
     spec = RunSpec(
-        preset=TINY, seeds=[0], methods=["agent"], agent_path=agent_file, agent_learn=True
+        preset=TINY,
+        seeds=[0],
+        methods=["agent"],
+        agent_path=agent_file,
+        agent_learn=True,
     )
     report = run_experiment(spec, tmp_path / "out")
     state = json.loads((tmp_path / "out" / "state.json").read_text())

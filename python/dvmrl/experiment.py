@@ -108,27 +108,45 @@ class Preset:
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown budget keys {unknown}; known keys: {sorted(known)}")
+            raise ValueError(
+                f"unknown budget keys {unknown}; known keys: {sorted(known)}"
+            )
         return cls(**data)
 
     def check(self) -> None:
         """Raise ValueError when the preset cannot run one trial."""
-        for name in ("epochs", "trial_epochs", "seeds", "retrain_epochs", "agent_slice"):
+        for name in (
+            "epochs",
+            "trial_epochs",
+            "seeds",
+            "retrain_epochs",
+            "agent_slice",
+        ):
             value = getattr(self, name)
             if int(value) != value or value < 1:
-                raise ValueError(f"budget {self.name!r}: {name} must be an integer >= 1, got {value}")
-        for name in ("robust_n", "n_initial_points", "adversarial_steps", "adversarial_starts"):
+                raise ValueError(
+                    f"budget {self.name!r}: {name} must be an integer >= 1, got {value}"
+                )
+        for name in (
+            "robust_n",
+            "n_initial_points",
+            "adversarial_steps",
+            "adversarial_starts",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"budget {self.name!r}: {name} must be >= 1")
         for name in ("max_train", "max_val"):
             value = getattr(self, name)
             if value is not None and value < 2:
-                raise ValueError(f"budget {self.name!r}: {name} must be >= 2 or None, got {value}")
+                raise ValueError(
+                    f"budget {self.name!r}: {name} must be >= 2 or None, got {value}"
+                )
         # Raises when not even one (shortened) trial fits.
         EpochBudget(self.epochs, self.trial_epochs)
         if self.epochs < self.agent_slice:
             raise ValueError(
-                f"budget {self.name!r}: {self.epochs} epochs cannot fit one agent step of "
+                f"budget {self.name!r}: {self.epochs} epochs cannot fit one agent "
+                "step of "
                 f"{self.agent_slice} epochs; raise epochs or lower agent_slice"
             )
 
@@ -236,10 +254,13 @@ class RunSpec:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(
-                f"unknown method(s) {unknown}; expected a subset of {', '.join(METHODS)}"
+                f"unknown method(s) {unknown}; expected a subset of "
+                f"{', '.join(METHODS)}"
             )
         if not self.methods:
-            raise ValueError("no methods given; pass at least one of " + ", ".join(METHODS))
+            raise ValueError(
+                "no methods given; pass at least one of " + ", ".join(METHODS)
+            )
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods listed twice: {self.methods}")
         if not self.seeds:
@@ -320,7 +341,9 @@ def frame_checksum(df) -> str:
 
 def derive_seed(*parts: int) -> int:
     """Return a 31-bit seed derived from integers (stable across platforms)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] >> 1)
+    return int(
+        np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] >> 1
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -387,7 +410,7 @@ def featurize_rows(df, index: np.ndarray):
 
 
 def subsample(index: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
-    """Return at most ``limit`` entries of ``index``, drawn reproducibly by seed, sorted."""
+    """Return at most ``limit`` entries of ``index``, drawn by seed, sorted."""
     index = np.asarray(index, dtype=np.int64)
     if limit is None or len(index) <= limit:
         return index
@@ -396,7 +419,7 @@ def subsample(index: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
 
 
 def make_pools(df, kind: str, seed: int, preset: Preset) -> Pools:
-    """Split ``df``, subsample the training and validation pools, featurise all parts."""
+    """Split ``df``, subsample the training and validation pools, featurise them."""
     from dvmrl.splits import make_split
 
     split = make_split(df, kind, seed)
@@ -445,7 +468,9 @@ def model_and_train_configs(config: dict[str, Any], epochs: int, seed: int):
     return model_config, train_config
 
 
-def train_config_on(pools: Pools, config: dict[str, Any], epochs: int, seed: int, device):
+def train_config_on(
+    pools: Pools, config: dict[str, Any], epochs: int, seed: int, device
+):
     """Train one configuration from scratch; return (trainer, per-epoch history)."""
     from dvmrl.training import Trainer
 
@@ -496,7 +521,9 @@ def predict_model(model, x, batch_size: int = 4096) -> np.ndarray:
         for start in range(0, len(batch.frac), batch_size):
             stop = start + batch_size
             pred = model(
-                batch.element_index[start:stop], batch.frac[start:stop], batch.mask[start:stop]
+                batch.element_index[start:stop],
+                batch.frac[start:stop],
+                batch.mask[start:stop],
             )
             out.append(pred.detach().to("cpu", torch.float64).numpy())
     return np.concatenate(out) if out else np.zeros(0)
@@ -549,7 +576,7 @@ def robustness(model, x, preset: Preset, seed: int) -> dict[str, Any]:
 
 
 class RunDirectoryError(ValueError):
-    """The output folder contains another run, or a run that differs from the request."""
+    """The output folder contains another run, or a run with other settings."""
 
 
 @dataclass
@@ -619,7 +646,8 @@ class Experiment:
         existing = self.out_dir.is_dir() and any(self.out_dir.iterdir())
         if existing and not self.resume:
             raise RunDirectoryError(
-                f"output folder {self.out_dir} is not empty (it contains another run or "
+                f"output folder {self.out_dir} is not empty (it contains another "
+                "run or "
                 "other files); pass --resume to continue the run in it, or choose "
                 "another --out"
             )
@@ -634,7 +662,9 @@ class Experiment:
         if self.resume and run_file.is_file():
             recorded = json.loads(run_file.read_text(encoding="utf-8"))
             differences = [
-                key for key in signature if recorded.get("signature", {}).get(key) != signature[key]
+                key
+                for key in signature
+                if recorded.get("signature", {}).get(key) != signature[key]
             ]
             if differences:
                 raise RunDirectoryError(
@@ -647,7 +677,8 @@ class Experiment:
             return
         if existing:
             raise RunDirectoryError(
-                f"output folder {self.out_dir} contains files but no {RUN_FILE}; it is not "
+                f"output folder {self.out_dir} contains files but no {RUN_FILE}; "
+                "it is not "
                 "a dvmrl run folder, so choose another --out"
             )
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -678,7 +709,9 @@ class Experiment:
         try:
             state = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
-            raise RunDirectoryError(f"{path} is not valid JSON ({err}); it is corrupt") from err
+            raise RunDirectoryError(
+                f"{path} is not valid JSON ({err}); it is corrupt"
+            ) from err
         if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
             raise RunDirectoryError(
                 f"{path} was written by another version of dvmrl "
@@ -713,7 +746,7 @@ class Experiment:
     # -- the job ------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        """Run (or continue) every unit, then write the report; return report.json's data."""
+        """Run (or continue) every unit, then write the report and return its data."""
         from dvmrl.report import write_report
 
         if self.df is None:
@@ -766,7 +799,9 @@ class Experiment:
             if val_rmse < state["best"]:
                 # The checkpoint is written before the trial's record, so a
                 # kill in between only costs a rerun of this trial.
-                self._save_checkpoint(trainer, paths.checkpoint, method, seed, index, config)
+                self._save_checkpoint(
+                    trainer, paths.checkpoint, method, seed, index, config
+                )
                 state["best"] = val_rmse
             return TrialResult(
                 val_rmse=val_rmse,
@@ -797,7 +832,8 @@ class Experiment:
         best = best_trial(records)
         if best is None:
             raise RuntimeError(
-                f"{method} seed {seed}: every trial diverged (non-finite validation RMSE)"
+                f"{method} seed {seed}: every trial diverged "
+                "(non-finite validation RMSE)"
             )
         unit["chosen"] = {
             "config": best.config,
@@ -817,7 +853,9 @@ class Experiment:
             budget.spent,
         )
 
-    def _save_checkpoint(self, trainer, path: Path, method, seed, trial, config) -> None:
+    def _save_checkpoint(
+        self, trainer, path: Path, method, seed, trial, config
+    ) -> None:
         tmp = path.with_name(f".{path.name}.tmp")
         trainer.save(
             tmp,
@@ -826,7 +864,7 @@ class Experiment:
         os.replace(tmp, path)
 
     def _load_chosen(self, unit: dict[str, Any], method: str, seed: int):
-        """Return the chosen model, retraining it if its checkpoint is missing or stale."""
+        """Return the chosen model, retrained if its checkpoint is missing or stale."""
         from dvmrl.training import CheckpointError, load_checkpoint
 
         paths = self.unit_paths(method, seed)
@@ -835,7 +873,9 @@ class Experiment:
             try:
                 model, metadata = load_checkpoint(paths.checkpoint)
             except CheckpointError as err:
-                logger.warning("%s is unreadable (%s); retraining it", paths.checkpoint, err)
+                logger.warning(
+                    "%s is unreadable (%s); retraining it", paths.checkpoint, err
+                )
             else:
                 if _metadata_value(metadata, "trial") == chosen.get("trial"):
                     return model.to(self.device)
@@ -847,7 +887,8 @@ class Experiment:
                 )
         if method == "agent":
             raise RuntimeError(
-                f"{paths.checkpoint} of the agent's chosen model is missing; delete the "
+                f"{paths.checkpoint} of the agent's chosen model is missing; "
+                "delete the "
                 f"unit {method}/seed{seed} from {STATE_FILE} to rerun its episode"
             )
         trainer, _ = train_config_on(
@@ -929,7 +970,11 @@ class Experiment:
         pools = self.pools("chemsys", seed)
         config = unit["chosen"]["config"]
         trainer, _ = train_config_on(
-            pools, config, self.spec.preset.retrain_epochs, derive_seed(seed, 13), self.device
+            pools,
+            config,
+            self.spec.preset.retrain_epochs,
+            derive_seed(seed, 13),
+            self.device,
         )
         metrics, prediction = score(
             trainer, pools.x_test, pools.y_test, self.stability_threshold
@@ -981,7 +1026,7 @@ def run_experiment(
     command_line: Sequence[str] | None = None,
     progress: Callable[[str, int, int], Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the main job into ``out_dir`` (see ``Experiment``); return the report data."""
+    """Run the main job into ``out_dir`` (see ``Experiment``) and return the report."""
     experiment = Experiment(spec, out_dir, resume, device, command_line, progress)
     experiment.prepare()
     return experiment.run()

@@ -10,8 +10,9 @@ A finished step is a unit of work. After every step the episode state goes
 to a fresh folder ``units/agent-seed<N>/episode-<step>``, and only then
 does ``state.json`` point to it. The folder stores the trainer as a
 resumable checkpoint, arrays as npz, generator states and scalars as JSON,
-and weight copies with ``torch.save`` of tensors only. Resuming restores that folder into a fresh
-environment, so the episode continues exactly where it stopped.
+and weight copies with ``torch.save`` of tensors only. Resuming restores
+that folder into a fresh environment, so the episode continues exactly
+where it stopped.
 """
 
 from __future__ import annotations
@@ -54,8 +55,15 @@ def start_settings(space) -> tuple[dict[str, Any], dict[str, Any]]:
 
     model = {
         key: defaults.MODEL[key]
-        for key in ("hidden", "layers", "gate_hidden", "msg_hidden", "head_hidden",
-                    "head_layers", "dropout")
+        for key in (
+            "hidden",
+            "layers",
+            "gate_hidden",
+            "msg_hidden",
+            "head_hidden",
+            "head_layers",
+            "dropout",
+        )
     }
     train = {key: defaults.TRAIN[key] for key in ("lr", "batch_size", "weight_decay")}
     start = {**model, **train}
@@ -69,7 +77,9 @@ def make_env(experiment, seed: int):
 
     preset = experiment.spec.preset
     pools = experiment.pools("random", seed)
-    split = dataclasses.replace(pools.split, train=pools.train_index, val=pools.val_index)
+    split = dataclasses.replace(
+        pools.split, train=pools.train_index, val=pools.val_index
+    )
     model, train = start_settings(experiment.spec.space)
     n_pool = len(pools.val_index)
     return ModelTuningEnv(
@@ -171,8 +181,10 @@ def save_episode(env, constructor: dict[str, Any], folder: Path, extra: dict) ->
             entry = {"kind": "array"}
         elif isinstance(value, (np.floating, np.integer, np.bool_)):
             entry = {"kind": "json", "value": value.item()}
-        elif isinstance(value, list) and value and all(
-            isinstance(v, np.ndarray) for v in value
+        elif (
+            isinstance(value, list)
+            and value
+            and all(isinstance(v, np.ndarray) for v in value)
         ):
             for i, item in enumerate(value):
                 arrays[f"{name}__{i}"] = item
@@ -236,7 +248,9 @@ def restore_episode(env, folder: Path) -> dict:
             value = [arrays[f"{name}__{i}"] for i in range(entry["length"])]
         elif kind == "config":
             module, qualname = entry["class"].split(":")
-            value = getattr(importlib.import_module(module), qualname).from_dict(entry["value"])
+            value = getattr(importlib.import_module(module), qualname).from_dict(
+                entry["value"]
+            )
         elif kind == "tensors":
             value = tensors[name]
         else:
@@ -309,7 +323,9 @@ def run_agent_unit(experiment, unit: dict[str, Any], seed: int) -> None:
                     paths.root / folder_name / "buffer.npz",
                 )
             restored = True
-            logger.info("agent seed %d: resuming the episode after step %d", seed, len(steps))
+            logger.info(
+                "agent seed %d: resuming the episode after step %d", seed, len(steps)
+            )
     if not restored:
         obs, info = env.reset(seed=derive_seed(seed, 17))
         done = False
@@ -326,13 +342,21 @@ def run_agent_unit(experiment, unit: dict[str, Any], seed: int) -> None:
         next_obs, reward, terminated, truncated, info = env.step(action)
         if spec.agent_learn:
             agent.observe(
-                obs, action, reward, next_obs, terminated, truncated, info.get("action_mask")
+                obs,
+                action,
+                reward,
+                next_obs,
+                terminated,
+                truncated,
+                info.get("action_mask"),
             )
         obs = next_obs
         done = bool(terminated or truncated)
         best = env.best_state()
-        if best is not None and int(best.get("epochs", -1)) == int(env.epochs_used) and (
-            info.get("action_name") != "stop"
+        if (
+            best is not None
+            and int(best.get("epochs", -1)) == int(env.epochs_used)
+            and (info.get("action_name") != "stop")
         ):
             episode["best_config"] = _config_of(env)
             episode["best_epochs"] = int(env.epochs_used)
@@ -383,7 +407,9 @@ def run_agent_unit(experiment, unit: dict[str, Any], seed: int) -> None:
     experiment._save_checkpoint(
         trainer, paths.checkpoint, "agent", seed, "agent", episode["best_config"]
     )
-    val_metrics, _ = score(trainer, pools.x_val, pools.y_val, experiment.stability_threshold)
+    val_metrics, _ = score(
+        trainer, pools.x_val, pools.y_val, experiment.stability_threshold
+    )
     config = dict(episode["best_config"])
     model_config = best["model_config"]
     for key in ("hidden", "layers", "dropout"):

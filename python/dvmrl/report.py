@@ -8,7 +8,7 @@ Summaries are the mean and the sample standard deviation (ddof=1) over
 seeds. A method wins a metric when its mean is the best. Any other method
 whose mean differs from the best by less than the larger of the two
 standard deviations ties with it. With a single seed there is no spread,
-so the report names the best mean and says that ties were not assessed.
+so the report names the best mean and states that ties were not assessed.
 """
 
 from __future__ import annotations
@@ -142,19 +142,22 @@ def find_winner(
 def ratios_against(
     rows: list[dict[str, Any]], methods: list[str], reference: str = "bayesian"
 ) -> dict[str, dict[str, Any]]:
-    """Return each method's RMSE and GCV ratios and robustness-radius change vs ``reference``.
+    """Compare each method with ``reference`` in RMSE, GCV score and robustness radius.
 
     Ratios are of the means over seeds (method / reference); per-seed ratios
     are listed too. The radius change is method minus reference, in
     fraction units.
     """
-    by_method = {m: [r for r in rows if r["method"] == m and r["complete"]] for m in methods}
+    by_method = {
+        m: [r for r in rows if r["method"] == m and r["complete"]] for m in methods
+    }
     if reference not in by_method or not by_method[reference]:
         return {}
     ref_rows = {r["seed"]: r for r in by_method[reference]}
-    ref = {k: summarise([r[k] for r in by_method[reference]])["mean"] for k in (
-        "test_rmse", "test_gcv_score", "robustness_radius", "chemsys_rmse"
-    )}
+    ref = {
+        k: summarise([r[k] for r in by_method[reference]])["mean"]
+        for k in ("test_rmse", "test_gcv_score", "robustness_radius", "chemsys_rmse")
+    }
     result: dict[str, dict[str, Any]] = {}
     for method in methods:
         if method == reference or not by_method[method]:
@@ -241,7 +244,14 @@ def provenance(run: dict[str, Any]) -> dict[str, Any]:
     import dvmrl
 
     versions = {}
-    for package in ("torch", "numpy", "scipy", "scikit-learn", "scikit-optimize", "pymatgen"):
+    for package in (
+        "torch",
+        "numpy",
+        "scipy",
+        "scikit-learn",
+        "scikit-optimize",
+        "pymatgen",
+    ):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -308,7 +318,10 @@ def build_report(out_dir: str | os.PathLike) -> dict[str, Any]:
         "seeds": seeds,
         "budget": preset,
         "search_space": signature.get("space"),
-        "agent": {"path": signature.get("agent_path"), "learn": signature.get("agent_learn")},
+        "agent": {
+            "path": signature.get("agent_path"),
+            "learn": signature.get("agent_learn"),
+        },
         "results": rows,
         "summary": summaries,
         "ratios_vs_bayesian": ratios_against(rows, methods),
@@ -322,7 +335,7 @@ def build_report(out_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def write_report(out_dir: str | os.PathLike) -> dict[str, Any]:
-    """Write report.json, report.md and the figures into ``out_dir``; return the data."""
+    """Write report.json, report.md and the figures into ``out_dir``."""
     out_dir = Path(out_dir)
     report = build_report(out_dir)
     figures = write_figures(out_dir, report)
@@ -382,7 +395,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     """Render report.md from the report data."""
     lines = ["# dvmrl run: agent against random search and Bayesian optimisation", ""]
     if not report["complete"]:
-        lines += ["**Incomplete run:** some units have not finished; rerun with --resume.", ""]
+        lines += [
+            "**Incomplete run:** some units have not finished; rerun with --resume.",
+            "",
+        ]
     lines += _budget_lines(report)
     lines += _results_lines(report)
     lines += _ratio_lines(report)
@@ -408,8 +424,9 @@ def _budget_lines(report: dict[str, Any]) -> list[str]:
     )
     agent = report.get("agent") or {}
     agent_text = (
-        f"agent file `{agent['path']}`" if agent.get("path") else "the pretrained agent "
-        "shipped with dvmrl"
+        f"agent file `{agent['path']}`"
+        if agent.get("path")
+        else "the pretrained agent shipped with dvmrl"
     ) + (", learning online" if agent.get("learn") else ", greedy and frozen")
     return [
         f"Data: `{prov['data']}` (checksum {prov['data_checksum']}). "
@@ -421,7 +438,8 @@ def _budget_lines(report: dict[str, Any]) -> list[str]:
         "## Budget",
         "",
         f"Preset `{budget['name']}`: {budget['epochs']} training epochs per method and "
-        f"seed (one epoch is one pass over the training pool, whatever the model size), "
+        "seed (one epoch is one pass over the training pool, whatever the model "
+        "size), "
         f"{len(seeds)} seed(s) ({', '.join(str(s) for s in seeds)}). Baseline trials "
         f"train {budget['trial_epochs']} epochs each, and Bayesian optimisation starts "
         f"with {budget['n_initial_points']} random trials. The agent ({agent_text}) "
@@ -445,7 +463,9 @@ def _results_lines(report: dict[str, Any]) -> list[str]:
         "Mean ± sample standard deviation over seeds"
         + (" (one seed: no spread)." if len(report["seeds"]) == 1 else "."),
         "",
-        "| metric | " + " | ".join(METHOD_LABELS.get(m, m) for m in methods) + " | winner |",
+        "| metric | "
+        + " | ".join(METHOD_LABELS.get(m, m) for m in methods)
+        + " | winner |",
         "|" + " --- |" * (len(methods) + 2),
     ]
     for key, label, unit, higher in METRICS:
@@ -460,7 +480,8 @@ def _results_lines(report: dict[str, Any]) -> list[str]:
     lines += [
         "",
         "Wall seconds include the work that epochs do not count: GP fits, "
-        "agent decisions, test scoring, robustness searches and the chemsys retraining.",
+        "agent decisions, test scoring, robustness searches and the chemsys "
+        "retraining.",
         "",
     ]
     return lines
@@ -513,13 +534,16 @@ def _ratio_lines(report: dict[str, Any]) -> list[str]:
         "change is the method's mean radius minus Bayesian optimisation's, in fraction "
         "units. An RMSE ratio below 1 and a GCV ratio above 1 favour the method.",
         "",
-        "| method | test RMSE ratio | test GCV ratio | chemsys RMSE ratio | robustness radius change |",
+        "| method | test RMSE ratio | test GCV ratio | chemsys RMSE ratio "
+        "| robustness radius change |",
         "| --- | --- | --- | --- | --- |",
     ]
     for method, values in ratios.items():
         lines.append(
-            f"| {METHOD_LABELS.get(method, method)} | {_format(values['rmse_ratio'], 3)} | "
-            f"{_format(values['gcv_ratio'], 3)} | {_format(values['chemsys_rmse_ratio'], 3)} | "
+            f"| {METHOD_LABELS.get(method, method)} "
+            f"| {_format(values['rmse_ratio'], 3)} "
+            f"| {_format(values['gcv_ratio'], 3)} "
+            f"| {_format(values['chemsys_rmse_ratio'], 3)} | "
             f"{_format(values['robustness_radius_change'], 4)} |"
         )
     lines.append("")
@@ -555,7 +579,11 @@ def _verdict_lines(report: dict[str, Any]) -> list[str]:
             continue
         baseline = winner["winner"] in ("random", "bayesian") and "agent" in methods
         suffix = " A baseline beats the agent here." if baseline else ""
-        caveat = "" if winner["spread_assessed"] else " (one seed, so no spread to judge ties)"
+        caveat = (
+            ""
+            if winner["spread_assessed"]
+            else " (one seed, so no spread to judge ties)"
+        )
         lines.append(f"- {label}: {name} wins{caveat}.{suffix}")
     lines.append("")
     return lines
@@ -565,7 +593,8 @@ def _config_lines(report: dict[str, Any]) -> list[str]:
     lines = [
         "## Chosen configurations",
         "",
-        "| method | seed | lr | batch size | weight decay | dropout | layers | hidden | epochs | seconds |",
+        "| method | seed | lr | batch size | weight decay | dropout | layers | hidden "
+        "| epochs | seconds |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in report["results"]:
@@ -587,7 +616,7 @@ def _config_lines(report: dict[str, Any]) -> list[str]:
 
 
 def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
-    """Draw the report's figures into ``out_dir/figures``; return name -> relative path."""
+    """Draw the figures into ``out_dir/figures`` and return name -> relative path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -608,8 +637,14 @@ def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
         if not points or method not in colours:
             continue
         x, y = zip(*points, strict=True)
-        axes.step(x, y, where="post", color=colours[method], alpha=0.8,
-                  label=METHOD_LABELS.get(method, method))
+        axes.step(
+            x,
+            y,
+            where="post",
+            color=colours[method],
+            alpha=0.8,
+            label=METHOD_LABELS.get(method, method),
+        )
     handles, labels = axes.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
     if unique:
@@ -620,17 +655,28 @@ def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
     figure.tight_layout()
     save_figure(figure, folder / "search_progress.png")
     plt.close(figure)
-    written["best-so-far validation RMSE against epochs"] = "figures/search_progress.png"
+    written["best-so-far validation RMSE against epochs"] = (
+        "figures/search_progress.png"
+    )
 
     # Test metrics per method.
-    panels = (("test_rmse", "test RMSE"), ("test_mae", "test MAE"),
-              ("chemsys_rmse", "chemsys RMSE"), ("chemsys_mae", "chemsys MAE"))
+    panels = (
+        ("test_rmse", "test RMSE"),
+        ("test_mae", "test MAE"),
+        ("chemsys_rmse", "chemsys RMSE"),
+        ("chemsys_mae", "chemsys MAE"),
+    )
     figure, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.5))
     for ax, (key, label) in zip(axes, panels, strict=True):
         means = [report["summary"][key][m]["mean"] or 0.0 for m in methods]
         errors = [report["summary"][key][m]["std"] or 0.0 for m in methods]
-        ax.bar(range(len(methods)), means, yerr=errors, capsize=4,
-               color=[colours[m] for m in methods])
+        ax.bar(
+            range(len(methods)),
+            means,
+            yerr=errors,
+            capsize=4,
+            color=[colours[m] for m in methods],
+        )
         ax.set_xticks(range(len(methods)), methods, rotation=30)
         ax.set_title(f"{label} (eV/atom)")
     figure.tight_layout()
@@ -649,7 +695,9 @@ def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
     figure, axes = plt.subplots(figsize=(6, 4))
     data = [radii[m] if radii[m] else [np.nan] for m in methods]
     axes.boxplot(data, showmeans=True)
-    axes.set_xticks(range(1, len(methods) + 1), [METHOD_LABELS.get(m, m) for m in methods])
+    axes.set_xticks(
+        range(1, len(methods) + 1), [METHOD_LABELS.get(m, m) for m in methods]
+    )
     axes.set_ylabel("robustness radius (fraction)")
     axes.set_title("Robustness radii of the chosen models (tau 0.05 eV/atom)")
     figure.tight_layout()
@@ -658,10 +706,17 @@ def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
     written["robustness radii"] = "figures/robustness_radii.png"
 
     # Parity plot of the model with the lowest test RMSE.
-    complete = [r for r in report["results"] if r["complete"] and r["test_rmse"] is not None]
+    complete = [
+        r for r in report["results"] if r["complete"] and r["test_rmse"] is not None
+    ]
     if complete:
         best = min(complete, key=lambda r: r["test_rmse"])
-        path = out_dir / "units" / f"{best['method']}-seed{best['seed']}" / "predictions.npz"
+        path = (
+            out_dir
+            / "units"
+            / f"{best['method']}-seed{best['seed']}"
+            / "predictions.npz"
+        )
         if path.is_file():
             with np.load(path) as arrays:
                 y_true, y_pred = arrays["y_true"], arrays["y_pred"]

@@ -56,7 +56,7 @@ class Dimension:
     description: str
 
     def contains(self, value: Any) -> bool:
-        """Return whether ``value`` lies inside the range (and is integral for integers)."""
+        """Return whether ``value`` lies in the range (and is integral for integers)."""
         if self.kind == "integer" and int(value) != value:
             return False
         return self.low <= value <= self.high
@@ -67,7 +67,9 @@ class Dimension:
 
         prior = "log-uniform" if self.log else "uniform"
         if self.kind == "integer":
-            return Integer(int(self.low), int(self.high), prior=prior, base=2, name=self.name)
+            return Integer(
+                int(self.low), int(self.high), prior=prior, base=2, name=self.name
+            )
         return Real(float(self.low), float(self.high), prior=prior, name=self.name)
 
 
@@ -294,7 +296,9 @@ class BayesianProposer:
     at random from the optimiser's own generator.
     """
 
-    def __init__(self, space: SearchSpace, seed: int, n_initial_points: int = 5) -> None:
+    def __init__(
+        self, space: SearchSpace, seed: int, n_initial_points: int = 5
+    ) -> None:
         from skopt import Optimizer
 
         if n_initial_points < 1:
@@ -328,8 +332,11 @@ class BayesianProposer:
 
 
 def _one_blas_thread():
-    """Limit BLAS to one thread: the GP's matrices are tiny, and on a busy machine
-    a multi-threaded BLAS spends more time waiting than computing."""
+    """Limit BLAS to one thread while the GP is fitted and queried.
+
+    The GP's matrices are tiny, and on a busy machine a multi-threaded BLAS
+    spends more time waiting than computing.
+    """
     from threadpoolctl import threadpool_limits
 
     return threadpool_limits(limits=1)
@@ -343,7 +350,9 @@ def make_proposer(
         return RandomProposer(space, seed)
     if method == "bayesian":
         return BayesianProposer(space, seed, n_initial_points)
-    raise ValueError(f"unknown search method {method!r}; expected 'random' or 'bayesian'")
+    raise ValueError(
+        f"unknown search method {method!r}; expected 'random' or 'bayesian'"
+    )
 
 
 def replay(

@@ -9,7 +9,12 @@ import sys
 import time
 from pathlib import Path
 
-from dvmrl.cli._common import UsageError, add_compute_options, positive_int, setup_compute
+from dvmrl.cli._common import (
+    UsageError,
+    add_compute_options,
+    positive_int,
+    setup_compute,
+)
 
 logger = logging.getLogger("dvmrl")
 
@@ -73,7 +78,8 @@ def add_parser(subparsers) -> None:
         type=positive_int,
         default=None,
         metavar="N",
-        help="run seeds 0 .. N-1; default: the preset's count (quick 1, small 3, full 5)",
+        help="run seeds 0 .. N-1; default: the preset's count "
+        "(quick 1, small 3, full 5)",
     )
     parser.add_argument(
         "--methods",
@@ -92,7 +98,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--agent-learn",
         action="store_true",
-        help="let the agent keep learning during its episodes (default: greedy, frozen)",
+        help="let the agent keep learning during its episodes "
+        "(default: greedy, frozen)",
     )
     add_compute_options(parser)
     parser.add_argument(
