@@ -106,9 +106,11 @@ def test_gradcheck_float64(dropout):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dropout", [False, True])
-def test_float64_matches_reference(dropout):
-    args = make_batch(9, 5, SMALL, torch.float64, seed=4, dropout=dropout)
+# One small composition runs the dot-product path, larger batches the
+# transposed-weight path.
+@pytest.mark.parametrize(("batch", "dropout"), [(1, False), (9, False), (9, True)])
+def test_float64_matches_reference(batch, dropout):
+    args = make_batch(batch, 5, SMALL, torch.float64, seed=4, sizes=None if batch > 1 else [3], dropout=dropout)
     fused = forward_and_grads(ops.model_forward, *args[:5], SMALL, args[5])
     ref = forward_and_grads(reference.model_forward, *args[:5], SMALL, args[5])
     for name, a, b in zip(("out", "node_table", "flat", "frac"), fused, ref):

@@ -1,10 +1,10 @@
 // Interface between the CPU dispatcher (message_passing.cpp) and the
 // ISA-specific kernel variants (message_passing_{base,avx2,avx512}.cpp).
 //
-// The variants only compute on raw pointers: allocation, threading and the
+// The variants only compute on raw pointers. Allocation, threading and the
 // reduction of per-chunk gradients stay in the baseline translation unit,
-// so no std:: template compiled with AVX-512 flags can be picked by the
-// linker for code that runs on an older CPU.
+// so the linker cannot pick a std:: template compiled with AVX-512 flags
+// for code that runs on an older CPU.
 #pragma once
 
 #include <cstdint>

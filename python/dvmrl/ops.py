@@ -36,7 +36,7 @@ _cuda_backend: bool | None = None
 
 
 def _core_has_cuda() -> bool:
-    """Return whether the core was compiled with CUDA and sees a device."""
+    """Return whether the core was compiled with CUDA and a CUDA device is usable."""
     global _cuda_backend
     if _cuda_backend is None:
         info = _core.build_info()
@@ -165,7 +165,7 @@ def model_forward(
     Args:
         node_table (Tensor): initial node state of every element [E, H].
         flat (Tensor): flat parameter buffer, laid out as
-            :func:`dvmrl.layout.parameter_layout` says.
+            :func:`dvmrl.layout.parameter_layout` describes.
         element_index (Tensor): int64 [B, K] rows of ``node_table``.
         frac (Tensor): atomic fractions [B, K] (padded slots 0).
         mask (Tensor): bool [B, K], true for real elements.
@@ -190,6 +190,13 @@ def model_forward(
     return _FusedModel.apply(
         node_table, flat, element_index, frac, mask, dims, dropout_mask
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _call_sizes(dims: ModelDims, batch: int, slots: int, rows: int) -> tuple[list, int]:
+    """Return the core's dims list and the workspace length for one call shape."""
+    dims_list = _dims_list(dims, batch, slots, rows)
+    return dims_list, int(_core.mp_workspace_size(dims_list))
 
 
 def _dims_list(dims: ModelDims, batch: int, slots: int, rows: int) -> list[int]:
@@ -227,9 +234,9 @@ class _FusedModel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, node_table, flat, element_index, frac, mask, dims, dropout_mask):
         batch, slots = element_index.shape
-        dims_list = _dims_list(dims, batch, slots, node_table.shape[0])
+        dims_list, workspace_size = _call_sizes(dims, batch, slots, node_table.shape[0])
         out = node_table.new_empty((batch, dims.n_out))
-        workspace = node_table.new_empty((_core.mp_workspace_size(dims_list),))
+        workspace = node_table.new_empty((workspace_size,))
         device, stream = _device_args(node_table.device)
         dropout_ptr = 0 if dropout_mask is None else dropout_mask.data_ptr()
         _core.mp_forward(

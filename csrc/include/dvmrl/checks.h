@@ -28,7 +28,7 @@ inline void check_range(const char* op, const char* name, int64_t value, int64_t
   }
 }
 
-// Raise unless a buffer holds exactly `expected` elements.
+// Raise unless a buffer has exactly `expected` elements.
 inline void check_numel(const char* op, const char* name, int64_t actual,
                         int64_t expected) {
   if (actual != expected) {

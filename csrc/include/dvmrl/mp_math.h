@@ -100,9 +100,10 @@ DVMRL_HD static inline Layout make_layout(const Dims& d) {
 }
 
 // Offsets (in elements) of the activations that the forward saves for the
-// backward, in one workspace buffer. Node rows are compact: the real slots
-// of composition b are rows node_offset[b] .. node_offset[b + 1] - 1, and
-// every per-node array is sized for B * K rows.
+// backward, in one workspace buffer. Every per-node array has B * K rows.
+// The CPU kernels use compact rows (the real slots of composition b are
+// rows node_offset[b] .. node_offset[b + 1] - 1), and the CUDA kernels use
+// the padded row b * K + k.
 struct WsLayout {
   int64_t proj_width;  // 2 Hg + 2 Hm: columns [G_a h | G_b h | M_a h | M_b h]
   int64_t pool_width;  // Hg + Hm: pooling gate and message pre-activations

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# On a machine with an NVIDIA GPU: build the core with CUDA, run the GPU
+# tests and the message-passing benchmark on the GPU.
+# Usage: bench/gpu_check.sh [output folder]   (default: $OUT, else build/gpu_check)
+# Needs .venv with a CUDA build of torch==2.13.0 and nvcc on PATH.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+out="${1:-${OUT:-$root/build/gpu_check}}"
+mkdir -p "$out"
+py="${PYTHON:-$root/.venv/bin/python}"
+cd "$root"
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
+arch="$("$py" -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}")')"
+# Build only for this GPU to keep the check quick.
+DVMRL_CUDA=ON PYTHON="$py" scripts/dev_build.sh -DCMAKE_CUDA_ARCHITECTURES="$arch" \
+  2>&1 | tail -3 | tee "$out/build.txt"
+PYTHONPATH=python "$py" -c 'import dvmrl, json; print(json.dumps(dvmrl.build_info(), indent=1))' \
+  | tee "$out/build_info.json"
+
+status=0
+PYTHONPATH=python timeout 300 "$py" -m pytest tests/test_ops_cuda.py -q -rs \
+  2>&1 | tee "$out/test_ops_cuda.txt" || status=$?
+
+PYTHONPATH=python timeout 240 "$py" bench/bench_message_passing.py --device cuda \
+  --variants fused dense edge --json "$out/bench_message_passing_cuda.json" \
+  2>&1 | tee "$out/bench_message_passing_cuda.txt" || status=$?
+exit "$status"
