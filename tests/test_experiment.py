@@ -378,3 +378,13 @@ def test_agent_learning_online(tmp_path, agent_file):
     # The user's agent file is read, never rewritten.
     assert Path(agent_file).read_bytes() == before
     assert not list((tmp_path / "out" / "units" / "agent-seed0").glob("episode-*"))
+
+
+def test_env_model_matches_baselines(prepared):
+    from dvmrl.experiment import START_CONFIG, model_and_train_configs
+
+    env = make_env(prepared, 0)
+    env.reset(seed=0)
+    baseline_model, baseline_train = model_and_train_configs(START_CONFIG, 2, 0)
+    assert env.trainer.model_config == baseline_model
+    assert env.hyperparameters() == START_CONFIG

@@ -47,27 +47,19 @@ class EpisodeStateError(RuntimeError):
 def start_settings(space) -> tuple[dict[str, Any], dict[str, Any]]:
     """Return the model and training overrides the agent's episode starts from.
 
-    The agent starts from dvmrl's default configuration (``dvmrl.defaults``);
-    the sizes that no method tunes (gate, message and head widths) are the
-    same as in the baselines' models.
+    The episode starts from ``START_CONFIG``, with the sizes that no method
+    tunes (``BASE_MODEL``) equal to the baselines' ones.
     """
-    from dvmrl import defaults
+    from dvmrl.experiment import BASE_MODEL, START_CONFIG
 
+    space.check(START_CONFIG)
     model = {
-        key: defaults.MODEL[key]
-        for key in (
-            "hidden",
-            "layers",
-            "gate_hidden",
-            "msg_hidden",
-            "head_hidden",
-            "head_layers",
-            "dropout",
-        )
+        **BASE_MODEL,
+        "hidden": START_CONFIG["hidden"],
+        "layers": START_CONFIG["layers"],
+        "dropout": START_CONFIG["dropout"],
     }
-    train = {key: defaults.TRAIN[key] for key in ("lr", "batch_size", "weight_decay")}
-    start = {**model, **train}
-    space.check({name: start[name] for name in space.names})
+    train = {key: START_CONFIG[key] for key in ("lr", "batch_size", "weight_decay")}
     return model, train
 
 
