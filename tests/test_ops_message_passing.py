@@ -495,3 +495,12 @@ def test_loss_curves_match_reference_float32():
     assert ref[-1] < ref[0]
     for epoch, (a, b) in enumerate(zip(fused, ref)):
         assert abs(a - b) <= 1e-3 * abs(b), epoch
+
+
+def test_double_backward_raises():
+    args = make_batch(3, 3, SMALL, torch.float64, seed=13)
+    frac = args[3].clone().requires_grad_()
+    out = ops.model_forward(args[0], args[1], args[2], frac, args[4], SMALL)
+    (grad,) = torch.autograd.grad(out.sum(), frac, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        grad.sum().backward()

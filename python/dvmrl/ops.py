@@ -16,6 +16,7 @@ import logging
 import warnings
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from dvmrl import _core, reference
 from dvmrl.layout import ModelDims, parameter_count
@@ -228,7 +229,8 @@ class _FusedModel(torch.autograd.Function):
     The forward saves the activations the backward needs in one workspace
     tensor (node states and first-layer projections of every layer, the
     pooling pre-activations and the head pre-activations), so the backward
-    recomputes only the per-edge activations.
+    recomputes only the per-edge activations. The backward itself is not
+    differentiable (no double backward).
     """
 
     @staticmethod
@@ -265,6 +267,7 @@ class _FusedModel(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         node_table, flat, element_index, frac, mask, workspace, *rest = ctx.saved_tensors
         dropout_mask = rest[0] if ctx.has_dropout else None
