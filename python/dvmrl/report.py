@@ -571,10 +571,12 @@ def _verdict_lines(report: dict[str, Any]) -> list[str]:
             continue
         name = METHOD_LABELS.get(winner["winner"], winner["winner"])
         if winner["tie"]:
-            tied = _join_names([winner["winner"], *winner["tied_with"]])
+            group = [winner["winner"], *winner["tied_with"]]
+            outside = " The agent is outside the tie, so the baselines beat it here."
             lines.append(
-                f"- {label}: a tie between {tied} (differences smaller than "
-                f"the spread over seeds). The best mean is {name}'s."
+                f"- {label}: a tie between {_join_names(group)} (differences smaller "
+                f"than the spread over seeds). The best mean is {name}'s."
+                + (outside if "agent" in methods and "agent" not in group else "")
             )
             continue
         baseline = winner["winner"] in ("random", "bayesian") and "agent" in methods
