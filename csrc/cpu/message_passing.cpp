@@ -27,9 +27,10 @@ constexpr int64_t kMinChunk = 128;
 constexpr int64_t kMaxChunks = 16;
 // Forward calls with at least this many real nodes use transposed weight
 // copies (outer-product matrix products); smaller ones use dot products.
-// Measured on a 2-core AMD EPYC (AVX-512), H = 64: the dot products win
-// for one composition (23 vs 46 us) and lose from four on (87 vs 56 us).
-constexpr int64_t kTransposeNodes = 8;
+// Measured forward times on a 2-core AMD EPYC (AVX-512), H = 64: 46 us
+// with dot products against 52 us transposed for about 14 nodes, but
+// 193 us against 111 us for about 56 nodes.
+constexpr int64_t kTransposeNodes = 24;
 
 KernelSet detect_kernels() {
 #if defined(DVMRL_X86)

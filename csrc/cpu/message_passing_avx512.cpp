@@ -20,6 +20,7 @@ struct Simd<float> {
   typedef int32_t VI __attribute__((vector_size(64)));
   static constexpr int W = 16;
   static V madd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static float hsum(V v) { return _mm512_reduce_add_ps(v); }
 };
 
 template <>
@@ -28,6 +29,7 @@ struct Simd<double> {
   typedef int64_t VI __attribute__((vector_size(64)));
   static constexpr int W = 8;
   static V madd(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+  static double hsum(V v) { return _mm512_reduce_add_pd(v); }
 };
 
 #include "message_passing_impl.h"

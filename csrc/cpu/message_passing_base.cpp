@@ -19,6 +19,11 @@ struct Simd<float> {
   typedef int32_t VI __attribute__((vector_size(16)));
   static constexpr int W = 4;
   static V madd(V a, V b, V c) { return a * b + c; }
+  static float hsum(V v) {
+    float sum = v[0];
+    for (int i = 1; i < W; ++i) sum += v[i];
+    return sum;
+  }
 };
 
 template <>
@@ -27,6 +32,11 @@ struct Simd<double> {
   typedef int64_t VI __attribute__((vector_size(16)));
   static constexpr int W = 2;
   static V madd(V a, V b, V c) { return a * b + c; }
+  static double hsum(V v) {
+    double sum = v[0];
+    for (int i = 1; i < W; ++i) sum += v[i];
+    return sum;
+  }
 };
 
 #include "message_passing_impl.h"

@@ -3,7 +3,8 @@
 // Each message_passing_<isa>.cpp includes this file inside its own
 // namespace after defining `Simd<float>` and `Simd<double>`: a GCC vector
 // type V with W lanes, its integer twin VI, and madd(a, b, c) = a * b + c
-// (fused in the AVX2 and AVX-512 variants). The includer also includes
+// (fused in the AVX2 and AVX-512 variants), and hsum(v), the sum of the
+// lanes in a fixed order. The includer also includes
 // <cmath>, <cstdint> and <cstring> and the headers named below first.
 //
 // Every output element of a matrix product accumulates its terms in the
@@ -30,15 +31,9 @@ static inline Vec<T> vset(T x) {
   return Vec<T>{} + x;
 }
 
-// Sum of the lanes as a pairwise tree (independent adds, not one chain).
 template <class T>
 static inline T hsum(Vec<T> v) {
-  constexpr int W = Simd<T>::W;
-  T lanes[W];
-  std::memcpy(lanes, &v, sizeof(v));
-  for (int width = W / 2; width >= 1; width /= 2)
-    for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
-  return lanes[0];
+  return Simd<T>::hsum(v);
 }
 
 // exp(x) for float lanes: Cephes expf range reduction and polynomial
