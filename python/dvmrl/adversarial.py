@@ -402,19 +402,26 @@ def _search_chunk(
     random_run = (torch.arange(runs, device=frac.device) >= 2).repeat(c)
     y = x.clone()
     if starts > 1:
-        best_start = torch.full((x.shape[0],), -math.inf, dtype=torch.float64)
+        # Only the random runs are screened, on their own rows.
+        rows = torch.nonzero(random_run).squeeze(1)
+        x_r, m_r, r_r, lo_r, hi_r = x[rows], m[rows], r[rows], lo[rows], hi[rows]
+        best_start = torch.full((rows.numel(),), -math.inf, dtype=torch.float64)
         best_start = best_start.to(frac.device)
+        start_y = x_r.clone()
         for _ in range(screen):
             noise = torch.rand(x.shape, generator=generator, dtype=torch.float64)
-            noise = torch.where(noise < 0.5, -1.0, 1.0).to(frac.device) * r[:, None]
-            candidate = project_simplex_box(torch.where(m, x + noise, x), lo, hi, m)
+            noise = torch.where(noise < 0.5, -1.0, 1.0).to(frac.device)[rows]
+            moved = torch.where(m_r, x_r + noise * r_r[:, None], x_r)
+            candidate = project_simplex_box(moved, lo_r, hi_r, m_r)
             with torch.no_grad():
-                value = _evaluate(predictor, ei, candidate, m, model_dtype).double()
-            change = value - f0
-            score = sign * change - lam * ((candidate - x) ** 2).sum(dim=1)
-            better = random_run & (score > best_start)
+                value = _evaluate(predictor, ei[rows], candidate, m_r, model_dtype)
+            change = value.double() - f0[rows]
+            penalty = lam * ((candidate - x_r) ** 2).sum(dim=1)
+            score = sign[rows] * change - penalty
+            better = score > best_start
             best_start = torch.where(better, score, best_start)
-            y = torch.where(better[:, None], candidate, y)
+            start_y = torch.where(better[:, None], candidate, start_y)
+        y[rows] = start_y
 
     best_obj = torch.full(
         (x.shape[0],), -math.inf, dtype=torch.float64, device=x.device
