@@ -392,3 +392,28 @@ def test_env_model_matches_baselines(prepared):
     baseline_model, baseline_train = model_and_train_configs(START_CONFIG, 2, 0)
     assert env.trainer.model_config == baseline_model
     assert env.hyperparameters() == START_CONFIG
+
+
+def test_agent_without_snapshots(tmp_path, agent_file, monkeypatch, finished_run):
+    from dvmrl import experiment_agent
+
+    def refuse(*args, **kwargs):
+        raise experiment_agent.EpisodeStateError("unsupported attribute")
+
+    monkeypatch.setattr(experiment_agent, "save_episode", refuse)
+    spec = RunSpec(preset=TINY, seeds=[0], methods=["agent"], agent_path=agent_file)
+    out = tmp_path / "out"
+    report = run_experiment(spec, out)
+    state = json.loads((out / "state.json").read_text())
+    unit = state["units"]["agent/seed0"]
+    assert "snapshot" not in unit["episode"]
+    # Resuming with steps but no snapshot replays the episode from the start.
+    for part in ("chosen", "test", "robustness", "chemsys"):
+        unit.pop(part)
+    (out / "state.json").write_text(json.dumps(state))
+    resumed = run_experiment(spec, out, resume=True)
+    again = json.loads((out / "state.json").read_text())["units"]["agent/seed0"]
+    assert [s["action"] for s in again["steps"]] == [s["action"] for s in unit["steps"]]
+    assert resumed["results"][0]["test_rmse"] == report["results"][0]["test_rmse"]
+    reference = next(r for r in finished_run[1]["results"] if r["method"] == "agent")
+    assert report["results"][0]["test_rmse"] == reference["test_rmse"]

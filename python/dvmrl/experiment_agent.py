@@ -150,6 +150,11 @@ def _episode_keys(env, constructor: dict[str, Any]) -> list[str]:
 def save_episode(env, constructor: dict[str, Any], folder: Path, extra: dict) -> None:
     """Write the episode state of ``env`` (and ``extra``, JSON) into a new ``folder``.
 
+    NOTE: the snapshot walks the environment's attributes instead of calling
+    a save method of ModelTuningEnv, which has none. An attribute of a type
+    it does not know raises EpisodeStateError, and the run then restarts
+    that episode from its first step on resume (same seed, same result).
+
     Raises:
         EpisodeStateError: for an attribute of a type the snapshot cannot store.
     """
@@ -232,8 +237,9 @@ def restore_episode(env, folder: Path) -> dict:
         elif kind == "float":
             value = float(entry["value"])
         elif kind == "generator":
-            value = np.random.default_rng()
-            value.bit_generator.state = entry["state"]
+            bit_generator = getattr(np.random, entry["state"]["bit_generator"])()
+            bit_generator.state = entry["state"]
+            value = np.random.Generator(bit_generator)
         elif kind == "array":
             value = arrays[name]
         elif kind == "array_list":
@@ -319,11 +325,14 @@ def run_agent_unit(experiment, unit: dict[str, Any], seed: int) -> None:
                 "agent seed %d: resuming the episode after step %d", seed, len(steps)
             )
     if not restored:
+        # Steps recorded without a snapshot are replayed from the start.
+        steps.clear()
         obs, info = env.reset(seed=derive_seed(seed, 17))
         done = False
         episode["best_config"] = _config_of(env)
         episode["best_epochs"] = 0
         episode["seconds"] = 0.0
+    snapshots = True
     epochs_shown = int(env.epochs_used)
     bar = experiment._bar("agent", seed, epochs_shown)
     episode_seconds = float(episode.get("seconds", 0.0)) + time.perf_counter() - started
@@ -376,18 +385,34 @@ def run_agent_unit(experiment, unit: dict[str, Any], seed: int) -> None:
             )
         )
         episode["seconds"] = episode_seconds
-        _persist_step(
-            experiment,
-            env,
-            constructor,
-            paths.root,
-            len(steps),
-            {"obs": obs, "info": info, "done": done},
-            agent if spec.agent_learn else None,
-        )
-        episode["snapshot"] = _step_folder(paths.root, len(steps)).name
-        experiment._write_state()
-        _remove_snapshots(paths.root, keep=episode["snapshot"])
+        if snapshots:
+            try:
+                _persist_step(
+                    experiment,
+                    env,
+                    constructor,
+                    paths.root,
+                    len(steps),
+                    {"obs": obs, "info": info, "done": done},
+                    agent if spec.agent_learn else None,
+                )
+            except EpisodeStateError as err:
+                # Without snapshots a resumed run replays this episode from
+                # its start, which gives the same result at the cost of time.
+                logger.warning(
+                    "agent seed %d: episode snapshots disabled (%s); a resumed run "
+                    "restarts this episode",
+                    seed,
+                    err,
+                )
+                snapshots = False
+                tmp = _step_folder(paths.root, len(steps)).with_suffix(".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                episode.pop("snapshot", None)
+        if snapshots:
+            episode["snapshot"] = _step_folder(paths.root, len(steps)).name
+            experiment._write_state()
+            _remove_snapshots(paths.root, keep=episode["snapshot"])
         if bar is not None:
             bar.update(int(env.epochs_used) - epochs_shown)
             epochs_shown = int(env.epochs_used)
