@@ -499,7 +499,8 @@ def adversarial_search(
         screen (int): random candidates screened per random start (>= 1);
             the run starts from the one with the best signed change.
             Default: 16.
-        seed (int): seed of the random starts.
+        seed (int): seed of the random starts. The starts are drawn chunk by
+            chunk, so the same seed with another chunk_size gives other starts.
         chunk_size (int): compositions searched together.
 
     Returns:
