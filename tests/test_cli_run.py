@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
+import dvmrl
 from dvmrl.agent import PRETRAINED_AGENT, DQNAgent
 from dvmrl.cli import main
 from dvmrl.env import ModelTuningEnv
-
-REPO = Path(__file__).resolve().parents[1]
 
 # Small enough that an uninterrupted run takes seconds, large enough that
 # each method has several units to interrupt between.
@@ -33,8 +32,11 @@ TINY_BUDGET = {
 
 
 def environment():
+    # The subprocesses import the same dvmrl as the tests: the source tree
+    # under PYTHONPATH=python, or the installed package in CI.
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO / "python") + os.pathsep + env.get("PYTHONPATH", "")
+    package_root = str(Path(dvmrl.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_WAIT_POLICY"] = "PASSIVE"
     return env
 
