@@ -63,8 +63,9 @@ def get_num_threads() -> int:
 def set_num_threads(n: int | None = None) -> int:
     """Set the threads used by dvmrl's kernels and by PyTorch on the CPU.
 
-    Both pools get the same count so that they never oversubscribe the cores
-    together; results of dvmrl's kernels do not depend on the count.
+    Both pools get the same count. They take turns (a dvmrl kernel runs while
+    PyTorch waits for it), so together they do not oversubscribe the cores.
+    Results of dvmrl's kernels do not depend on the count.
 
     Args:
         n (int, optional): threads, at least 1. Default: the cores this
