@@ -136,7 +136,7 @@ struct TileShared {
 
 template <class T>
 __device__ TileShared<T> carve_shared(int K) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   T* base = reinterpret_cast<T*>(smem_raw);
   TileShared<T> s;
   s.tile = base;
