@@ -249,6 +249,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params<T> P) {
     S.count[threadIdx.x] = n;
   }
   T* h0 = P.ws + P.w.hs + r0 * H;
+  // NOTE: element_index is not range-checked on the GPU (the CPU path
+  // raises ValueError); an index outside the node table reads out of bounds.
   for (int e = threadIdx.x; e < rows * H; e += kThreads) {
     const int r = e / H, c = e % H;
     const int64_t g = r0 + r;
