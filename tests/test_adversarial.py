@@ -98,7 +98,9 @@ def test_search_quadratic_matches_vertices():
     # convex programme; the largest |change| is the larger of the two.
     batch = featurize(_compositions(120, seed=2))
     predict, q, c = _quadratic_model(3)
-    result = adversarial_search(predict, batch, 0.1)
+    # At radius 0.1 this change has several local maxima per composition, so
+    # the search takes 8 runs (3 random starts per sign) to find the largest.
+    result = adversarial_search(predict, batch, 0.1, starts=8)
     ratios = []
     for row in range(len(batch)):
         m, x, low, high = _row_bounds(batch, row, 0.1)
@@ -138,7 +140,7 @@ def test_search_result_is_feasible():
 def test_search_formulas_parse_back():
     batch = featurize(_compositions(40, seed=6))
     predict, _ = _linear_model(7)
-    result = adversarial_search(predict, batch, 0.05, steps=10, starts=1)
+    result = adversarial_search(predict, batch, 0.05, steps=10, starts=2)
     for row, formula in enumerate(result.perturbed_formulas):
         parsed = parse(formula)
         m = batch.mask[row]
@@ -165,7 +167,7 @@ def test_search_stops_at_floor():
         nickel = (frac * (element_index == 27) * mask).sum(dim=1)
         return torch.exp(20.0 * nickel)
 
-    result = adversarial_search(predict, batch, 0.1, floor=0.01, steps=20, starts=1)
+    result = adversarial_search(predict, batch, 0.1, floor=0.01, steps=20, starts=2)
     assert float(result.perturbed[0, 0]) == pytest.approx(0.01, abs=1e-12)
 
 
@@ -210,7 +212,7 @@ def test_search_rejects_bad_predictor_shape():
 def test_vulnerability_is_mean_abs_change():
     batch = featurize(_compositions(50, seed=14))
     predict, _ = _linear_model(15)
-    report = vulnerability(predict, batch, epsilon=0.05, steps=20, starts=1)
+    report = vulnerability(predict, batch, epsilon=0.05, steps=20, starts=2)
     assert report.score == pytest.approx(float(report.table["abs_change"].mean()))
     assert len(report.table) == 50
 
@@ -230,7 +232,7 @@ def test_robustness_radius_linear():
     batch = featurize(_compositions(12, seed=16))
     predict, weights = _linear_model(17)
     report = robustness_radius(
-        predict, batch, tau=0.05, r_max=0.25, bisection_steps=8, steps=20, starts=1
+        predict, batch, tau=0.05, r_max=0.25, bisection_steps=8, steps=20, starts=2
     )
     resolution = 0.25 / 2**8
     for row in range(len(batch)):
@@ -248,7 +250,7 @@ def test_robustness_radius_caps_unreached():
     def flat(element_index, frac, mask):
         return 1e-3 * (frac * mask).sum(dim=1) + 1e-4 * frac[:, 0]
 
-    report = robustness_radius(flat, batch, tau=0.05, r_max=0.2, steps=5, starts=1)
+    report = robustness_radius(flat, batch, tau=0.05, r_max=0.2, steps=5, starts=2)
     assert report.n_not_reached == 5
     assert bool((report.table["radius"] == 0.2).all())
     assert not bool(report.table["reached"].any())
@@ -276,3 +278,10 @@ def test_search_on_mpnn():
     change = again - model(batch.element_index, batch.frac, batch.mask)
     assert (change - result.change).abs().max() < 1e-10
     assert float(result.change.abs().min()) > 0.0
+
+
+def test_search_rejects_one_start():
+    batch = featurize(_compositions(3, seed=21))
+    predict, _ = _linear_model(0)
+    with pytest.raises(ValueError, match="starts must be an integer >= 2"):
+        adversarial_search(predict, batch, 0.05, starts=1)

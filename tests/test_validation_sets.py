@@ -49,7 +49,7 @@ def _options(strategy, data):
     if strategy == "adversarial":
         options["predictor"] = _linear_predictor()
         options["adversarial_anchors"] = 64
-        options["search_options"] = {"steps": 5, "starts": 1}
+        options["search_options"] = {"steps": 5, "starts": 2}
     return options
 
 

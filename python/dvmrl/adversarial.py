@@ -52,9 +52,11 @@ DEFAULT_STEPS = 50
 DEFAULT_STARTS = 4
 # Random candidates screened (forward passes only) for each random start.
 DEFAULT_SCREEN = 16
-# Compositions per chunk of the search. A chunk contains 2 * starts rows per
-# composition, so memory stays bounded for any batch size.
-DEFAULT_CHUNK_SIZE = 2048
+# Compositions per chunk of the search. A chunk puts starts rows per
+# composition through the predictor in one call, so memory stays bounded for
+# any batch size (the fused kernels' workspace is about 15 kB per float32 row
+# at K = 3, so 4 starts take about 250 MB).
+DEFAULT_CHUNK_SIZE = 4096
 
 
 @dataclass
@@ -264,18 +266,28 @@ def _predictor_dtype(predictor: Predictor) -> torch.dtype:
 
 @contextlib.contextmanager
 def _deterministic(predictor: Predictor):
-    """Put a module in evaluation mode without MC dropout, then restore it."""
+    """Set a module up for the search, then restore it.
+
+    The module runs in evaluation mode without MC dropout, and its
+    parameters stop requiring gradients, so the passes build no autograd
+    graph for them; only ``frac`` requires a gradient.
+    """
     if not isinstance(predictor, torch.nn.Module):
         yield
         return
     was_training = predictor.training
     mc = getattr(predictor, "mc_dropout_enabled", False)
+    parameters = [p for p in predictor.parameters() if p.requires_grad]
     predictor.eval()
     if mc:
         predictor.mc_dropout(False)
+    for parameter in parameters:
+        parameter.requires_grad_(False)
     try:
         yield
     finally:
+        for parameter in parameters:
+            parameter.requires_grad_(True)
         predictor.train(was_training)
         if mc:
             predictor.mc_dropout(True)
@@ -316,7 +328,7 @@ def _value_and_grad(
                 "search needs gradients with respect to the fractions"
             )
         (grad,) = torch.autograd.grad(out.sum(), y)
-    return out.detach().double(), grad.double()
+    return out.detach().to(y.dtype), grad.to(y.dtype)
 
 
 # -- search ----------------------------------------------------------------
@@ -354,14 +366,17 @@ def _scaled_ascent(
     # is then a box-constrained plane, solved by the same exact projection
     # after shifting sum d = 0 to sum = 1.
     width = 4.0
-    margin = 1e-13
+    eps = torch.finfo(g.dtype).eps
+    margin = max(1e-13, 4.0 * eps)
     lower = torch.where(y <= lo + margin, 0.0, -width)
     upper = torch.where(y >= hi - margin, 0.0, width)
     n_real = mask.sum(dim=1, keepdim=True).clamp(min=1).to(g.dtype)
     shift = torch.where(mask, 1.0 / n_real, 0.0)
     cone = project_simplex_box(g + shift, lower + shift, upper + shift, mask) - shift
     size = torch.where(mask, cone, 0.0).abs().amax(dim=1, keepdim=True)
-    return torch.where(size > 1e-12, g / size.clamp(min=1e-300), 0.0)
+    # Below this size the cone direction is rounding error of the projection.
+    tiny = max(1e-12, 64.0 * eps)
+    return torch.where(size > tiny, g / size.clamp(min=tiny), 0.0)
 
 
 def _search_chunk(
@@ -377,87 +392,171 @@ def _search_chunk(
     step_size: float,
     screen: int,
     generator: torch.Generator,
-    model_dtype: torch.dtype,
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Search one chunk of C compositions; return delta, base, change, objective."""
-    c, k = frac.shape
-    runs = 2 * starts
+    """Search one chunk of C compositions; return delta, base, change, objective.
+
+    The iterates live in ``dtype`` (the predictor's). All ``starts`` runs of
+    the chunk go through the predictor together, C * starts rows per call.
+    The result is polished in float64: the best iterate is projected again
+    onto the float64 feasible set, and for a lower-precision predictor its
+    change is evaluated once more at that point.
+    """
+    c = frac.shape[0]
+    runs = starts
+    device = frac.device
+    x64 = frac
+    x_c = frac.to(dtype)
     with torch.no_grad():
-        base = _evaluate(predictor, element_index, frac, mask, model_dtype).double()
-    # Rows are grouped by composition: row c * runs + j is run j of composition c.
+        base = _evaluate(predictor, element_index, x_c, mask, dtype)
+    # Rows are grouped by composition: row c * runs + j is run j of composition
+    # c. Even runs ascend on +change and odd runs on -change. Runs 0 and 1
+    # start at delta = 0, the others at screened random points.
+    run = torch.arange(runs, device=device).repeat(c)
+    sign_run = torch.where(torch.arange(runs) % 2 == 0, 1.0, -1.0).to(dtype)
+    sign = sign_run.to(device).repeat(c)
     ei = element_index.repeat_interleave(runs, dim=0)
-    x = frac.repeat_interleave(runs, dim=0)
+    x = x_c.repeat_interleave(runs, dim=0)
     m = mask.repeat_interleave(runs, dim=0)
-    r = radius.repeat_interleave(runs, dim=0)
+    r = radius.to(dtype).repeat_interleave(runs, dim=0)
     f0 = base.repeat_interleave(runs, dim=0)
-    sign = torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(starts).repeat(c)
-    sign = sign.to(frac.device)
     lo, hi = feasible_bounds(x, m, r, floor)
-
-    # The first run of each sign starts at delta = 0, where the signed change
-    # has a gradient. Each other run starts at the best of ``screen`` random
-    # points, which push every entry by +-r before the projection. Such
-    # points lie near different vertices, where a convex change peaks, and
-    # screening them costs forward passes only.
-    random_run = (torch.arange(runs, device=frac.device) >= 2).repeat(c)
     y = x.clone()
-    if starts > 1:
-        # Only the random runs are screened, on their own rows.
-        rows = torch.nonzero(random_run).squeeze(1)
-        x_r, m_r, r_r, lo_r, hi_r = x[rows], m[rows], r[rows], lo[rows], hi[rows]
-        best_start = torch.full((rows.numel(),), -math.inf, dtype=torch.float64)
-        best_start = best_start.to(frac.device)
-        start_y = x_r.clone()
-        for _ in range(screen):
-            noise = torch.rand(x.shape, generator=generator, dtype=torch.float64)
-            noise = torch.where(noise < 0.5, -1.0, 1.0).to(frac.device)[rows]
-            moved = torch.where(m_r, x_r + noise * r_r[:, None], x_r)
-            candidate = project_simplex_box(moved, lo_r, hi_r, m_r)
-            with torch.no_grad():
-                value = _evaluate(predictor, ei[rows], candidate, m_r, model_dtype)
-            change = value.double() - f0[rows]
-            penalty = lam * ((candidate - x_r) ** 2).sum(dim=1)
-            score = sign[rows] * change - penalty
-            better = score > best_start
-            best_start = torch.where(better, score, best_start)
-            start_y = torch.where(better[:, None], candidate, start_y)
-        y[rows] = start_y
 
-    best_obj = torch.full(
-        (x.shape[0],), -math.inf, dtype=torch.float64, device=x.device
-    )
-    best_y = x.clone()
-    best_change = torch.zeros_like(best_obj)
-
-    def record(y_now: torch.Tensor, value: torch.Tensor) -> None:
-        nonlocal best_obj, best_y, best_change
-        change = value - f0
-        objective = change**2 - lam * ((y_now - x) ** 2).sum(dim=1)
-        better = objective > best_obj
-        best_obj = torch.where(better, objective, best_obj)
-        best_change = torch.where(better, change, best_change)
-        best_y = torch.where(better[:, None], y_now, best_y)
-
-    for eta in _step_sizes(steps, step_size):
-        value, grad = _value_and_grad(predictor, ei, y, m, model_dtype)
-        record(y, value)
-        signed = sign * (value - f0)
-        ascent = torch.where(
-            (signed > 0)[:, None],
-            2.0 * signed[:, None] * sign[:, None] * grad - 2.0 * lam * (y - x),
-            sign[:, None] * grad,
+    random_rows = torch.nonzero(run >= 2).squeeze(1)
+    if random_rows.numel():
+        y[random_rows] = _screened_starts(
+            predictor,
+            ei[random_rows],
+            x[random_rows],
+            m[random_rows],
+            r[random_rows],
+            lo[random_rows],
+            hi[random_rows],
+            f0[random_rows],
+            sign[random_rows],
+            lam,
+            screen,
+            generator,
+            dtype,
         )
-        direction = _scaled_ascent(ascent, y, lo, hi, m)
-        y = project_simplex_box(y + eta * r[:, None] * direction, lo, hi, m)
-    with torch.no_grad():
-        record(y, _evaluate(predictor, ei, y, m, model_dtype).double())
 
-    # Best run per composition.
-    objective = best_obj.view(c, runs)
-    pick = objective.argmax(dim=1)
-    rows = torch.arange(c, device=x.device) * runs + pick
-    delta = torch.where(mask, best_y[rows] - frac, 0.0)
-    return delta, base, best_change[rows], best_obj[rows]
+    n = x.shape[0]
+    best_obj = torch.full((n,), -math.inf, dtype=dtype, device=device)
+    best_y = x.clone()
+    best_change = torch.zeros(n, dtype=dtype, device=device)
+
+    # Rows still moving, and their copies of the per-row tensors. A row
+    # whose feasible ascent direction is 0 stays where it is for good (the
+    # same point gives the same direction), so it leaves the set.
+    rows = torch.arange(n, device=device)
+    state = [ei, m, x, lo, hi, r, f0, sign, y]
+
+    def record(rows, x_a, y_a, change) -> None:
+        objective = change * change
+        if lam:
+            objective = objective - lam * (y_a - x_a).square().sum(dim=1)
+        better = objective > best_obj[rows]
+        picked = rows[better]
+        best_obj[picked] = objective[better]
+        best_change[picked] = change[better]
+        best_y[picked] = y_a[better]
+
+    passes = 0
+    for eta in _step_sizes(steps, step_size):
+        ei_a, m_a, x_a, lo_a, hi_a, r_a, f0_a, s_a, y_a = state
+        passes += rows.numel()
+        value, grad = _value_and_grad(predictor, ei_a, y_a, m_a, dtype)
+        change = value - f0_a
+        record(rows, x_a, y_a, change)
+        signed = s_a * change
+        climbing = (signed > 0)[:, None]
+        ascent = torch.where(climbing, 2.0 * signed[:, None] * grad, grad)
+        ascent = ascent * s_a[:, None]
+        if lam:
+            ascent = torch.where(climbing, ascent - 2.0 * lam * (y_a - x_a), ascent)
+        direction = _scaled_ascent(ascent, y_a, lo_a, hi_a, m_a)
+        moving = direction.abs().amax(dim=1) > 0
+        if not bool(moving.all()):
+            rows = rows[moving]
+            direction = direction[moving]
+            state = [t[moving] for t in state]
+            if rows.numel() == 0:
+                break
+            ei_a, m_a, x_a, lo_a, hi_a, r_a, f0_a, s_a, y_a = state
+        state[-1] = project_simplex_box(
+            y_a + (eta * r_a)[:, None] * direction, lo_a, hi_a, m_a
+        )
+    if rows.numel():
+        ei_a, m_a, x_a, _, _, _, f0_a, _, y_a = state
+        with torch.no_grad():
+            value = _evaluate(predictor, ei_a, y_a, m_a, dtype)
+        record(rows, x_a, y_a, value - f0_a)
+
+    logger.debug(
+        "search chunk of %d compositions: %d of %d gradient passes (%.0f %%), the "
+        "rest skipped after their runs stopped",
+        c,
+        passes,
+        n * steps,
+        100.0 * passes / max(n * steps, 1),
+    )
+
+    # Best run per composition, polished in float64.
+    pick = best_obj.view(c, runs).argmax(dim=1)
+    best = torch.arange(c, device=device) * runs + pick
+    y_best = best_y[best].double()
+    change = best_change[best].double()
+    if dtype != torch.float64:
+        lo64, hi64 = feasible_bounds(x64, mask, radius, floor)
+        y_best = project_simplex_box(y_best, lo64, hi64, mask)
+        with torch.no_grad():
+            value = _evaluate(predictor, element_index, y_best.to(dtype), mask, dtype)
+        change = value.double() - base.double()
+    delta = torch.where(mask, y_best - x64, 0.0)
+    objective = change.square() - lam * delta.square().sum(dim=1)
+    return delta, base.double(), change, objective
+
+
+def _screened_starts(
+    predictor: Predictor,
+    ei: torch.Tensor,
+    x: torch.Tensor,
+    m: torch.Tensor,
+    r: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    f0: torch.Tensor,
+    sign: torch.Tensor,
+    lam: float,
+    screen: int,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Return per row the best of ``screen`` random feasible points [R, K].
+
+    Each candidate pushes every entry by +-r before the projection, so the
+    candidates lie near different vertices, where a convex change peaks.
+    The best signed change (less the penalty) wins; this costs forward
+    passes only.
+    """
+    best_score = torch.full((x.shape[0],), -math.inf, dtype=dtype, device=x.device)
+    start = x.clone()
+    push = r[:, None]
+    for _ in range(screen):
+        coin = torch.rand(x.shape, generator=generator) < 0.5
+        coin = coin.to(x.device)
+        moved = torch.where(m, torch.where(coin, x - push, x + push), x)
+        candidate = project_simplex_box(moved, lo, hi, m)
+        with torch.no_grad():
+            value = _evaluate(predictor, ei, candidate, m, dtype)
+        score = sign * (value - f0)
+        if lam:
+            score = score - lam * (candidate - x).square().sum(dim=1)
+        better = score > best_score
+        best_score = torch.where(better, score, best_score)
+        start = torch.where(better[:, None], candidate, start)
+    return start
 
 
 def adversarial_search(
@@ -478,11 +577,18 @@ def adversarial_search(
 
     The objective is |f(x + delta) - f(x)|^2 - lam ||delta||_2^2 over the
     feasible set of the module docstring. Every composition runs ``starts``
-    projected gradient ascents per sign of the change (the first from
-    delta = 0, the rest from the best of ``screen`` random feasible points),
-    ``steps`` steps each,
-    with a cosine schedule of step sizes from ``step_size * r`` per entry;
-    the best iterate of all runs wins.
+    projected gradient ascents in all, split between the two signs of the
+    change (ceil(starts / 2) on +change, floor(starts / 2) on -change). The
+    first run of each sign starts from delta = 0, the others from the best
+    of ``screen`` random feasible points. Each run takes ``steps`` steps with
+    a cosine schedule of step sizes from ``step_size * r`` per entry, and
+    stops early once its feasible ascent direction is 0; the best iterate of
+    all runs wins.
+
+    The iterates are kept in the predictor's dtype (a module's parameter
+    dtype, float64 for other callables). With a float32 model the passes run
+    in float32 and only the winner is projected and evaluated again in
+    float64, so the returned perturbation is exactly feasible.
 
     Args:
         predictor (callable): f(element_index, frac, mask) -> [B] in eV/atom,
@@ -494,7 +600,8 @@ def adversarial_search(
         floor (float): minimum fraction of an element, in [0, 1). Default: 0.01.
         lam (float): weight lambda >= 0 of the L2 penalty. Default: 0.
         steps (int): gradient steps per run (>= 1). Default: 50.
-        starts (int): runs per sign (>= 1). Default: 4.
+        starts (int): runs per composition in all, split between the two
+            signs (>= 2, so that both signs are searched). Default: 4.
         step_size (float): first step in units of r (> 0). Default: 1.
         screen (int): random candidates screened per random start (>= 1);
             the run starts from the one with the best signed change.
@@ -509,7 +616,7 @@ def adversarial_search(
     Raises:
         ValueError: for a radius outside (0, 1), a floor outside [0, 1) or
             one that some composition cannot meet (K * floor > 1), lam < 0,
-            steps, starts or chunk_size < 1, or a predictor that returns the
+            steps or chunk_size < 1, starts < 2, or a predictor that returns the
             wrong shape or no gradient.
         TypeError: for a batch without the three tensors.
     """
@@ -533,13 +640,17 @@ def adversarial_search(
         raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
     counts = (
         ("steps", steps),
-        ("starts", starts),
         ("screen", screen),
         ("chunk_size", chunk_size),
     )
     for name, value in counts:
         if int(value) != value or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if int(starts) != starts or starts < 2:
+        raise ValueError(
+            f"starts must be an integer >= 2 (runs per composition, split between "
+            f"the two signs of the change), got {starts!r}"
+        )
     if not (math.isfinite(float(step_size)) and step_size > 0):
         raise ValueError(f"step_size must be > 0, got {step_size!r}")
 
