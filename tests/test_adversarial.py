@@ -280,8 +280,16 @@ def test_search_on_mpnn():
     assert float(result.change.abs().min()) > 0.0
 
 
-def test_search_rejects_one_start():
-    batch = featurize(_compositions(3, seed=21))
+def test_search_one_start_runs_both_signs():
+    batch = featurize(_compositions(20, seed=21))
+    predict, _, _ = _quadratic_model(22)
+    one = adversarial_search(predict, batch, 0.05, steps=10, starts=1)
+    two = adversarial_search(predict, batch, 0.05, steps=10, starts=2)
+    assert torch.equal(one.delta, two.delta)
+
+
+def test_search_rejects_zero_starts():
+    batch = featurize(_compositions(3, seed=23))
     predict, _ = _linear_model(0)
     with pytest.raises(ValueError, match="starts must be an integer >= 2"):
-        adversarial_search(predict, batch, 0.05, starts=1)
+        adversarial_search(predict, batch, 0.05, starts=0)

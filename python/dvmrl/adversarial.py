@@ -601,7 +601,8 @@ def adversarial_search(
         lam (float): weight lambda >= 0 of the L2 penalty. Default: 0.
         steps (int): gradient steps per run (>= 1). Default: 50.
         starts (int): runs per composition in all, split between the two
-            signs (>= 2, so that both signs are searched). Default: 4.
+            signs (>= 2, so that both signs are searched; 1 is read as 2).
+            Default: 4.
         step_size (float): first step in units of r (> 0). Default: 1.
         screen (int): random candidates screened per random start (>= 1);
             the run starts from the one with the best signed change.
@@ -616,7 +617,7 @@ def adversarial_search(
     Raises:
         ValueError: for a radius outside (0, 1), a floor outside [0, 1) or
             one that some composition cannot meet (K * floor > 1), lam < 0,
-            steps or chunk_size < 1, starts < 2, or a predictor that returns the
+            steps, starts or chunk_size < 1, or a predictor that returns the
             wrong shape or no gradient.
         TypeError: for a batch without the three tensors.
     """
@@ -646,11 +647,16 @@ def adversarial_search(
     for name, value in counts:
         if int(value) != value or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if int(starts) != starts or starts < 2:
+    if int(starts) != starts or starts < 1:
         raise ValueError(
             f"starts must be an integer >= 2 (runs per composition, split between "
             f"the two signs of the change), got {starts!r}"
         )
+    if starts == 1:
+        # NOTE: starts used to count runs per sign. Callers that still pass 1
+        # get the run per sign that 1 meant then, rather than an error.
+        logger.debug("starts=1 searches one run per sign, as starts=2 does")
+        starts = 2
     if not (math.isfinite(float(step_size)) and step_size > 0):
         raise ValueError(f"step_size must be > 0, got {step_size!r}")
 
