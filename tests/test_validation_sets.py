@@ -178,3 +178,45 @@ def test_adversarial_needs_predictor(data):
             train_indices=split.train,
             batch=data[2],
         )
+
+
+def _fractions_only(batch):
+    # Features of another width than composition_features: the sorted
+    # fractions, padded to 8 columns.
+    frac = torch.sort(batch.frac.double(), dim=1, descending=True).values
+    return torch.nn.functional.pad(frac, (0, 8 - frac.shape[1])).numpy()
+
+
+def test_adversarial_accepts_other_features(data):
+    _, split, batch, _, _ = data
+    options = _options("adversarial", data)
+    options["features"] = _fractions_only(batch)
+    chosen = select_validation_set("adversarial", split.val, 40, 0, **options)
+    assert len(np.unique(chosen)) == 40
+
+
+def test_adversarial_uses_feature_function(data):
+    _, split, batch, _, _ = data
+    options = _options("adversarial", data)
+    options["features"] = _fractions_only(batch)
+    given = select_validation_set(
+        "adversarial", split.val, 40, 0, feature_fn=_fractions_only, **options
+    )
+    del options["features"]
+    computed = select_validation_set(
+        "adversarial", split.val, 40, 0, feature_fn=_fractions_only, **options
+    )
+    default = select_validation_set(
+        "adversarial", split.val, 40, 0, **_options("adversarial", data)
+    )
+    assert np.array_equal(given, computed)
+    assert not np.array_equal(given, default)
+
+
+def test_adversarial_rejects_mismatched_features(data):
+    split = data[1]
+    options = _options("adversarial", data)
+    with pytest.raises(ValueError, match="features has 100 columns but feature_fn"):
+        select_validation_set(
+            "adversarial", split.val, 40, 0, feature_fn=_fractions_only, **options
+        )

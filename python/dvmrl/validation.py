@@ -7,12 +7,12 @@ compositions from that pool, reproducibly for a given seed:
 - ``random``: a uniform draw.
 - ``gp-uncertainty``: a Gaussian process (scikit-learn) fitted on at most
   ``gp_max_train`` (default 2000) training compositions, in the composition
-  features (``dvmrl.featurize.composition_features``) or in an embedding
-  passed in, picks the pool compositions with the highest predictive
-  standard deviation.
+  features (``dvmrl.featurize.composition_features`` or a feature function
+  passed in) or in an embedding passed in, picks the pool compositions with
+  the highest predictive standard deviation.
 - ``ensemble-variance``: the compositions on which MC-dropout samples or a
   small ensemble disagree most (largest variance of the predictions).
-- ``adversarial``: the pool compositions nearest, in standardised
+- ``adversarial``: the pool compositions nearest, in the same standardised
   composition features, to adversarial examples of the current model
   (perturbations of training compositions found by
   :func:`dvmrl.adversarial.adversarial_search`), most vulnerable first.
@@ -93,14 +93,21 @@ def check_pool(
     return pool, train
 
 
-def _features(rows: np.ndarray, features, batch) -> np.ndarray:
+def _features(rows: np.ndarray, features, batch, feature_fn=None) -> np.ndarray:
     if features is not None:
         return np.asarray(features, dtype=np.float64)[rows]
     if batch is None:
         raise ValueError("this strategy needs batch (all compositions) or features")
-    from dvmrl.featurize import composition_features
+    return _featurise(batch[rows], feature_fn)
 
-    return composition_features(batch[rows])
+
+def _featurise(batch, feature_fn) -> np.ndarray:
+    """Return ``feature_fn(batch)`` [B, F], by default ``composition_features``."""
+    if feature_fn is None:
+        from dvmrl.featurize import composition_features
+
+        feature_fn = composition_features
+    return np.asarray(feature_fn(batch), dtype=np.float64)
 
 
 def _top(scores: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -206,6 +213,7 @@ def _select_gp(
     train,
     batch,
     features,
+    feature_fn,
     targets,
     embed,
     gp_max_train,
@@ -224,8 +232,8 @@ def _select_gp(
         train_x = np.asarray(embed(batch[train]), dtype=np.float64)
         pool_x = np.asarray(embed(batch[pool]), dtype=np.float64)
     else:
-        train_x = _features(train, features, batch)
-        pool_x = _features(pool, features, batch)
+        train_x = _features(train, features, batch, feature_fn)
+        pool_x = _features(pool, features, batch, feature_fn)
     train_y = None if targets is None else np.asarray(targets, dtype=np.float64)[train]
     std = gp_predictive_std(train_x, pool_x, train_y, seed=seed, max_train=gp_max_train)
     return _top(std, size, rng)
@@ -281,6 +289,7 @@ def _select_adversarial(
     train,
     batch,
     features,
+    feature_fn,
     predictor,
     epsilon,
     floor,
@@ -293,7 +302,7 @@ def _select_adversarial(
     from sklearn.preprocessing import StandardScaler
 
     from dvmrl.adversarial import adversarial_search
-    from dvmrl.featurize import CompositionBatch, composition_features
+    from dvmrl.featurize import CompositionBatch
 
     if predictor is None:
         raise ValueError("the adversarial strategy needs predictor (the current model)")
@@ -315,8 +324,24 @@ def _select_adversarial(
         result.perturbed.to(anchor_batch.frac.dtype),
         anchor_batch.mask,
     )
-    pool_x = _features(pool, features, batch)
-    example_x = composition_features(examples)
+    # The pool and the examples must share one feature space.
+    example_x = _featurise(examples, feature_fn)
+    pool_x = _features(pool, features, batch, feature_fn)
+    if pool_x.shape[1] != example_x.shape[1]:
+        if feature_fn is not None:
+            raise ValueError(
+                f"features has {pool_x.shape[1]} columns but feature_fn gives "
+                f"{example_x.shape[1]}; pass the features that feature_fn computes"
+            )
+        # Features of another kind without their function: compare the pool
+        # and the examples in the default composition features instead.
+        logger.debug(
+            "features has %d columns, not the %d of composition_features; the "
+            "adversarial strategy featurises the pool itself",
+            pool_x.shape[1],
+            example_x.shape[1],
+        )
+        pool_x = _featurise(batch[pool], None)
     scaler = StandardScaler().fit(pool_x)
     neighbours = NearestNeighbors(n_neighbors=min(len(pool), size)).fit(
         scaler.transform(pool_x)
@@ -358,6 +383,7 @@ def select_validation_set(
     train_indices=None,
     batch=None,
     features: np.ndarray | None = None,
+    feature_fn: Callable | None = None,
     targets: np.ndarray | None = None,
     embed: Callable | None = None,
     samples: np.ndarray | None = None,
@@ -385,8 +411,15 @@ def select_validation_set(
             disjoint from the pool when given.
         batch (CompositionBatch, optional): every composition of the data
             set, indexed by row.
-        features (ndarray, optional): ``composition_features`` of every row
+        features (ndarray, optional): ``feature_fn(batch)`` of every row
             [N, F], to skip recomputing them.
+        feature_fn (callable, optional): ``feature_fn(batch) -> [B, F]``
+            features of compositions for ``gp-uncertainty`` and
+            ``adversarial``; default ``dvmrl.featurize.composition_features``.
+            The adversarial strategy featurises its perturbed compositions
+            with it. Given ``features`` of another width and no
+            ``feature_fn``, that strategy uses the default features for the
+            pool and the examples alike.
         targets (ndarray, optional): every row's target in eV/atom; lets the
             GP fit its hyperparameters.
         embed (callable, optional): ``embed(batch) -> [B, H]`` features for
@@ -412,7 +445,8 @@ def select_validation_set(
 
     Raises:
         ValueError: for an unknown strategy, a bad size, a pool that meets
-            the test or training rows, or missing inputs of the strategy.
+            the test or training rows, missing inputs of the strategy, or
+            ``features`` whose width ``feature_fn`` does not give.
     """
     if strategy not in _SELECTORS:
         raise ValueError(
@@ -433,6 +467,7 @@ def select_validation_set(
         train=train,
         batch=batch,
         features=features,
+        feature_fn=feature_fn,
         targets=targets,
         embed=embed,
         samples=samples,
