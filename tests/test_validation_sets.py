@@ -220,3 +220,13 @@ def test_adversarial_rejects_mismatched_features(data):
         select_validation_set(
             "adversarial", split.val, 40, 0, feature_fn=_fractions_only, **options
         )
+
+
+def test_gp_std_in_target_units():
+    rng = np.random.default_rng(3)
+    train_x = rng.normal(size=(120, 3))
+    pool_x = rng.normal(size=(20, 3)) * 2.0
+    train_y = np.sin(train_x[:, 0]) + 0.1 * rng.normal(size=120)
+    std = gp_predictive_std(train_x, pool_x, train_y)
+    scaled = gp_predictive_std(train_x, pool_x, 10.0 * train_y)
+    assert np.allclose(scaled, 10.0 * std, rtol=1e-6)

@@ -148,8 +148,9 @@ def gp_predictive_std(
         max_train (int): largest training subsample for the final fit.
 
     Returns:
-        ndarray: predictive standard deviation [P], in units of the
-        standardised target (or of the signal for ``train_y=None``).
+        ndarray: predictive standard deviation [P], in eV/atom with
+        ``train_y`` (the GP scales its standardised prediction back), and in
+        units of the unit-variance signal for ``train_y=None``.
     """
     from sklearn.exceptions import ConvergenceWarning
     from threadpoolctl import threadpool_limits
