@@ -316,7 +316,7 @@ def _select_adversarial(
     )
     anchor_rows = train[anchors]
     anchor_batch = batch[anchor_rows]
-    options = {"steps": 20, "starts": 2, **(search_options or {})}
+    options = {"steps": 20, "starts": 4, **(search_options or {})}
     result = adversarial_search(
         predictor, anchor_batch, epsilon, floor=floor, seed=seed, **options
     )
@@ -439,7 +439,7 @@ def select_validation_set(
         gp_max_train (int): largest training subsample of the GP.
         adversarial_anchors (int): training compositions perturbed, at most.
         search_options (dict, optional): more keyword arguments of
-            ``adversarial_search`` (default: 20 steps, 2 starts).
+            ``adversarial_search`` (default: 20 steps, 4 starts).
 
     Returns:
         ndarray: the chosen rows, int64, sorted, a subset of the pool.
