@@ -199,7 +199,7 @@ def test_adversarial_uses_feature_function(data):
     _, split, batch, _, _ = data
     options = _options("adversarial", data)
     options["features"] = _fractions_only(batch)
-    given = select_validation_set(
+    from_array = select_validation_set(
         "adversarial", split.val, 40, 0, feature_fn=_fractions_only, **options
     )
     del options["features"]
@@ -209,8 +209,8 @@ def test_adversarial_uses_feature_function(data):
     default = select_validation_set(
         "adversarial", split.val, 40, 0, **_options("adversarial", data)
     )
-    assert np.array_equal(given, computed)
-    assert not np.array_equal(given, default)
+    assert np.array_equal(from_array, computed)
+    assert not np.array_equal(from_array, default)
 
 
 def test_adversarial_rejects_mismatched_features(data):
