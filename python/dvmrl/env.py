@@ -573,7 +573,7 @@ class ModelTuningEnv(gym.Env):
             epsilon=self.epsilon,
             gp_max_train=GP_MAX_TRAIN,
             adversarial_anchors=ADVERSARIAL_ANCHORS,
-            search_options={"steps": self.probe_steps, "starts": 1},
+            search_options={"steps": self.probe_steps, "starts": 2},
         )
         return np.sort(np.asarray(rows, dtype=np.int64) - n_train)
 
@@ -655,7 +655,7 @@ class ModelTuningEnv(gym.Env):
             batch,
             epsilon=self.epsilon,
             steps=self.probe_steps,
-            starts=1,
+            starts=2,
             seed=seed,
         )
         return float(report.score)

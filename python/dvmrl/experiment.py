@@ -105,7 +105,8 @@ class Preset:
         n_initial_points: random trials before the GP surrogate takes over.
         agent_slice: epochs the agent's environment trains per step.
         adversarial_steps: gradient steps of each perturbation search.
-        adversarial_starts: random starts of each perturbation search.
+        adversarial_starts: runs of each perturbation search per composition,
+            half on each sign of the change.
     """
 
     name: str

@@ -138,7 +138,10 @@ def add_parser(subparsers) -> None:
         "--starts",
         type=positive_int,
         default=DEFAULT_STARTS,
-        help=f"search runs per sign of the change; default {DEFAULT_STARTS}",
+        help=(
+            "search runs per composition, half on each sign of the change "
+            f"(1 is read as 2); default {DEFAULT_STARTS}"
+        ),
     )
     parser.add_argument(
         "--bisection-steps",
