@@ -96,6 +96,40 @@ def test_validate_report_values(report):
     assert "chemsys: train vs test" in data["shift_auc"]
 
 
+def test_validate_names_holdout_element(report):
+    data = json.loads((report[1] / "report.json").read_text())
+    element = data["shift_holdout_element"]
+    rows = [row for row in data["shift_splits"] if row["split"] == "element"]
+    assert isinstance(element, str)
+    assert data["holdout_element"] is None
+    assert f"element ({element} held out): train vs test" in data["shift_auc"]
+    assert rows[0]["holdout_element"] == element
+
+
+def test_validate_element_split_holdout(checkpoint, tmp_path, capsys):
+    code = main(
+        [
+            "validate",
+            str(checkpoint),
+            "--out",
+            str(tmp_path),
+            "--split",
+            "element",
+            "--holdout-element",
+            "Ni",
+            "--strategy",
+            "random",
+            *FAST,
+        ]
+    )
+    printed = capsys.readouterr().out
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert code == 0
+    assert data["holdout_element"] == "Ni"
+    assert data["shift_holdout_element"] == "Ni"
+    assert "element (Ni held out): train vs test" in printed
+
+
 def test_validate_radius_is_mean(report):
     data = json.loads((report[1] / "report.json").read_text())
     radii = [row["robustness_radius"] for row in data["compositions"]]
