@@ -77,3 +77,61 @@ def test_unknown_command_exits_2():
     )
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
+
+
+def _run_cli(*words):
+    return subprocess.run(
+        [sys.executable, "-m", "dvmrl", *words],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_parser_error_is_one_line():
+    result = _run_cli("info", "--no-such-option")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "see 'dvmrl info --help'" in lines[0]
+
+
+def test_verbose_accepted_after_command():
+    result = _run_cli("info", "--json", "--verbose")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["version"] == dvmrl.__version__
+
+
+def test_version_option():
+    result = _run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"dvmrl {dvmrl.__version__}"
+
+
+def test_output_path_under_a_file_exits_2(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    result = _run_cli(
+        "data", "split", "mp-formation-energy", "--split", "random",
+        "--out", str(blocker / "split.json"),
+    )
+    assert result.returncode == 2
+    assert "choose another path" in result.stderr
+    assert "internal error" not in result.stderr
+
+
+def test_positionals_after_options_are_kept():
+    from dvmrl.cli import _parse, build_parser
+
+    parser = build_parser()
+    args = _parse(
+        parser, ["predict", "model.pt", "--alloy-notation", "Ni3Al", "Fe70Ni30"]
+    )
+    assert args.formulas == ["Ni3Al", "Fe70Ni30"]
+    assert args.alloy_notation is True
+
+
+def test_unknown_option_after_positionals_rejected():
+    result = _run_cli("predict", "model.pt", "Ni3Al", "--bogus")
+    assert result.returncode == 2
+    assert "unrecognized arguments: --bogus" in result.stderr

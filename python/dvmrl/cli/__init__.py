@@ -37,9 +37,18 @@ _SUBCOMMAND_MODULES = [
 logger = logging.getLogger("dvmrl")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument parser whose errors are one line with a pointer to --help."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with every subcommand registered."""
-    parser = argparse.ArgumentParser(
+    from dvmrl import __version__
+
+    parser = _Parser(
         prog="dvmrl",
         description=(
             "Composition graph neural networks for alloy thermodynamics, with "
@@ -47,8 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
-        "--verbose", action="store_true", help="log debug messages and tracebacks"
+        "--verbose",
+        action="store_true",
+        help="log debug messages and print tracebacks (accepted anywhere on the line)",
     )
+    parser.add_argument("--version", action="version", version=f"dvmrl {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for name in _SUBCOMMAND_MODULES:
@@ -56,28 +68,75 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subcommand_parser(parser: argparse.ArgumentParser, command: str):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(command)
+    return None
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse argv, letting positionals of a subcommand follow its options.
+
+    argparse stops filling a ``nargs="*"`` positional at the first option, so
+    ``dvmrl predict model.pt --alloy-notation Ni3Al`` would leave ``Ni3Al``
+    unrecognised. Such trailing words are appended to the subcommand's list
+    positional instead.
+    """
+    args, extras = parser.parse_known_args(argv)
+    if not extras:
+        return args
+    sub = _subcommand_parser(parser, args.command)
+    list_positionals = [
+        action
+        for action in (sub._actions if sub is not None else [])
+        if not action.option_strings and action.nargs in ("*", "+")
+    ]
+    options = [word for word in extras if word.startswith("-")]
+    if options or not list_positionals:
+        (sub or parser).error(f"unrecognized arguments: {' '.join(extras)}")
+    dest = list_positionals[-1].dest
+    setattr(args, dest, list(getattr(args, dest) or []) + extras)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``dvmrl`` command and return its exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    argv = [word for word in argv if word != "--verbose"]
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
+    args.verbose = verbose
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     try:
         return int(args.func(args) or EXIT_OK)
-    except (UsageError, ValueError, FileNotFoundError, FileExistsError) as err:
+    except (UsageError, ValueError, FileNotFoundError) as err:
         # Bad input from the user: one line that names the value and the fix.
-        if args.verbose:
+        if verbose:
             traceback.print_exc()
         print(f"dvmrl {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except (FileExistsError, NotADirectoryError, IsADirectoryError) as err:
+        # An output path that cannot be used, such as a file where a folder
+        # is needed.
+        if verbose:
+            traceback.print_exc()
+        if err.filename is None:
+            message = str(err)  # raised by dvmrl with its own message
+        else:
+            message = f"cannot use path {err.filename!r}: {err.strerror}; choose another path"
+        print(f"dvmrl {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"dvmrl {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - the CLI reports every failure
-        if args.verbose:
+        if verbose:
             traceback.print_exc()
         print(
             f"dvmrl {args.command}: internal error: {type(err).__name__}: {err} "
