@@ -1,6 +1,6 @@
+import json
 import subprocess
 import sys
-import json
 
 import pytest
 

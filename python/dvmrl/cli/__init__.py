@@ -41,7 +41,8 @@ class _Parser(argparse.ArgumentParser):
     """Argument parser whose errors are one line with a pointer to --help."""
 
     def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+        hint = f"see '{self.prog} --help'"
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; {hint}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         if err.filename is None:
             message = str(err)  # raised by dvmrl with its own message
         else:
-            message = f"cannot use path {err.filename!r}: {err.strerror}; choose another path"
+            message = (
+                f"cannot use path {err.filename!r}: {err.strerror}; "
+                "choose another path"
+            )
         print(f"dvmrl {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
