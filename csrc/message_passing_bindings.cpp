@@ -129,7 +129,7 @@ void register_message_passing(pybind11::module_& m) {
           check_pointer(op, "out", out);
           check_pointer(op, "workspace", ws);
         }
-        mp::Buffers buf{table, flat, index, frac, mask, dropout, out, ws, 0, 0, 0, 0};
+        mp::Buffers buf{table, flat, index, frac, mask, dropout, out, ws, 0, 0, 0, 0, false};
         run(true, dtype, device, stream, d, buf, op);
       },
       py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("dims"),
@@ -144,7 +144,7 @@ void register_message_passing(pybind11::module_& m) {
          uintptr_t table, int64_t table_numel, uintptr_t flat, int64_t flat_numel,
          uintptr_t index, uintptr_t frac, uintptr_t mask, uintptr_t dropout, uintptr_t ws,
          int64_t ws_numel, uintptr_t grad_out, uintptr_t grad_table, uintptr_t grad_flat,
-         uintptr_t grad_frac) {
+         uintptr_t grad_frac, bool param_grads) {
         const char* op = "model_backward";
         check_dtype(op, dtype);
         const mp::Dims d = parse_dims(op, dims);
@@ -156,12 +156,14 @@ void register_message_passing(pybind11::module_& m) {
           check_pointer(op, "mask", mask);
           check_pointer(op, "workspace", ws);
           check_pointer(op, "grad_out", grad_out);
-          check_pointer(op, "grad_node_table", grad_table);
-          check_pointer(op, "grad_flat", grad_flat);
+          if (param_grads) {
+            check_pointer(op, "grad_node_table", grad_table);
+            check_pointer(op, "grad_flat", grad_flat);
+          }
           check_pointer(op, "grad_frac", grad_frac);
         }
         mp::Buffers buf{table, flat, index, frac, mask, dropout, 0, ws,
-                        grad_out, grad_table, grad_flat, grad_frac};
+                        grad_out, grad_table, grad_flat, grad_frac, param_grads};
         run(false, dtype, device, stream, d, buf, op);
       },
       py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("dims"),
@@ -169,8 +171,10 @@ void register_message_passing(pybind11::module_& m) {
       py::arg("flat_numel"), py::arg("element_index"), py::arg("frac"), py::arg("mask"),
       py::arg("dropout_mask"), py::arg("workspace"), py::arg("workspace_numel"),
       py::arg("grad_out"), py::arg("grad_node_table"), py::arg("grad_flat"),
-      py::arg("grad_frac"),
-      "Fused backward: gradients for node_table, flat and frac from grad_out.");
+      py::arg("grad_frac"), py::arg("param_grads") = true,
+      "Fused backward: gradients for node_table, flat and frac from grad_out; with\n"
+      "param_grads false only grad_frac is written (grad_node_table and grad_flat may\n"
+      "be 0).");
   m.def("mp_cpu_isa", [] { return std::string(mp::cpu_isa()); },
         "ISA variant the CPU message-passing kernels run.");
   m.def(

@@ -102,9 +102,12 @@ struct KernelSet {
 };
 
 // Raw addresses of the tensors of one call (0 for an absent tensor).
+// In the backward, param_grads false skips grad_table and grad_flat (left
+// untouched, may be 0) and computes grad_frac alone.
 struct Buffers {
   uintptr_t table, flat, index, frac, mask, dropout, out, ws;
   uintptr_t grad_out, grad_table, grad_flat, grad_frac;
+  bool param_grads;
 };
 
 // Data type codes shared with dvmrl.ops.

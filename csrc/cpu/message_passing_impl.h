@@ -501,7 +501,8 @@ struct EdgeBuffers {
 
 // Backward of the aggregation of one composition: reads dagg [n, Hm],
 // writes agg [n, Hm] (recomputed), adds to dproj [n, Wp], to the bias,
-// gate_u and gate_d gradients of the layer (glp) and to dfrac [n].
+// gate_u and gate_d gradients of the layer (glp, skipped when null) and to
+// dfrac [n].
 template <class T>
 static void layer_edges_backward(const Ctx<T>& cx, const T* lp, T* glp, const T* proj,
                                  const T* w, int n, const T* dagg, T* agg, T* dproj,
@@ -512,9 +513,10 @@ static void layer_edges_backward(const Ctx<T>& cx, const T* lp, T* glp, const T*
   const T* gu = lp + cx.p.gate_u;
   const T gd = lp[cx.p.gate_d];
   const T* mb = lp + cx.p.msg_b1;
-  T* g_gb = glp + cx.p.gate_b;
-  T* g_gu = glp + cx.p.gate_u;
-  T* g_mb = glp + cx.p.msg_b1;
+  const bool pg = glp != nullptr;
+  T* g_gb = pg ? glp + cx.p.gate_b : nullptr;
+  T* g_gu = pg ? glp + cx.p.gate_u : nullptr;
+  T* g_mb = pg ? glp + cx.p.msg_b1 : nullptr;
   T logits[kMaxSlots], att[kMaxSlots], datt[kMaxSlots], dlogit[kMaxSlots];
   bool valid[kMaxSlots];
   for (int i = 0; i < n; ++i) {
@@ -547,13 +549,13 @@ static void layer_edges_backward(const Ctx<T>& cx, const T* lp, T* glp, const T*
         const Vec<T> t = av * vload(dai + c) * vload(smg + c);
         vstore(dpi_m + c, vload(dpi_m + c) + t);
         vstore(dpj_m + c, vload(dpj_m + c) + t);
-        vstore(g_mb + c, vload(g_mb + c) + t);
+        if (pg) vstore(g_mb + c, vload(g_mb + c) + t);
       }
       for (; c < hm; ++c) {
         const T t = att[j] * dai[c] * smg[c];
         dpi_m[c] += t;
         dpj_m[c] += t;
-        g_mb[c] += t;
+        if (pg) g_mb[c] += t;
       }
     }
     mp::weighted_softmax_backward(logits, w, valid, n, att, datt, row, dlogit, dw,
@@ -569,24 +571,32 @@ static void layer_edges_backward(const Ctx<T>& cx, const T* lp, T* glp, const T*
         const Vec<T> t = dv * vload(gu + c) * vload(sgg + c);
         vstore(dpi + c, vload(dpi + c) + t);
         vstore(dpj_g + c, vload(dpj_g + c) + t);
-        vstore(g_gb + c, vload(g_gb + c) + t);
-        vstore(g_gu + c, vload(g_gu + c) + dv * vload(sg + c));
+        if (pg) {
+          vstore(g_gb + c, vload(g_gb + c) + t);
+          vstore(g_gu + c, vload(g_gu + c) + dv * vload(sg + c));
+        }
       }
       for (; c < hg; ++c) {
         const T t = dlogit[j] * gu[c] * sgg[c];
         dpi[c] += t;
         dpj_g[c] += t;
-        g_gb[c] += t;
-        g_gu[c] += dlogit[j] * sg[c];
+        if (pg) {
+          g_gb[c] += t;
+          g_gu[c] += dlogit[j] * sg[c];
+        }
       }
-      glp[cx.p.gate_d] += dlogit[j];
+      if (pg) glp[cx.p.gate_d] += dlogit[j];
     }
   }
 }
 
+// gflat and gtable are null when only grad_frac is wanted; otherwise the
+// first sub-block of a chunk (first) writes the weight-matrix gradients
+// instead of adding to them, and the caller zeroes the rest
+// (zero_bias_grads) and gtable.
 template <class T>
 static void backward_block(const Ctx<T>& cx, int64_t b0, int64_t b1, T* scratch, T* gflat,
-                           T* gtable) {
+                           T* gtable, bool first) {
   const Dims& d = cx.d;
   const Layout& p = cx.p;
   const WsLayout& w = cx.w;
@@ -615,13 +625,15 @@ static void backward_block(const Ctx<T>& cx, int64_t b0, int64_t b1, T* scratch,
   eb.msg_grad = eb.msg_act + kMaxSlots * hm;
   T* dfrac = eb.msg_grad + kMaxSlots * hm;  // [S, K]
   for (int64_t c = 0; c < s_rows * K; ++c) dfrac[c] = T(0);
+  const bool pg = gflat != nullptr;
+  const bool acc = !first;  // weight gradients: add to the earlier sub-blocks
 
   // Head.
   const T* g = cx.grad_out + b0 * d.n_out;
   const T* pooled = cx.ws + w.pooled + b0 * H;
   int64_t width = d.depth > 0 ? d.head : H;
   const T* x_last = pooled;
-  if (d.depth > 0) {
+  if (pg && d.depth > 0) {
     const T* z = cx.ws + w.zh + (d.depth - 1) * d.batch * d.head + b0 * d.head;
     for (int64_t s = 0; s < s_rows; ++s) {
       silu_rows(z + s * d.head, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr),
@@ -633,9 +645,12 @@ static void backward_block(const Ctx<T>& cx, int64_t b0, int64_t b1, T* scratch,
     }
     x_last = xr;
   }
-  gemm_nn(d.n_out, width, s_rows, g, int64_t(1), d.n_out, x_last, width,
-          gflat + p.head_out_w, width, true);
-  for (int64_t s = 0; s < s_rows; ++s) add_to(g + s * d.n_out, gflat + p.head_out_b, d.n_out);
+  if (pg) {
+    gemm_nn(d.n_out, width, s_rows, g, int64_t(1), d.n_out, x_last, width,
+            gflat + p.head_out_w, width, acc);
+    for (int64_t s = 0; s < s_rows; ++s)
+      add_to(g + s * d.n_out, gflat + p.head_out_b, d.n_out);
+  }
   T* dx = dxa;
   T* dx_next = dxb;
   gemm_nn(s_rows, width, d.n_out, g, d.n_out, int64_t(1), cx.flat + p.head_out_w, width, dx,
@@ -655,7 +670,7 @@ static void backward_block(const Ctx<T>& cx, int64_t b0, int64_t b1, T* scratch,
       }
     }
     const T* x_in = pooled;
-    if (k > 0) {
+    if (pg && k > 0) {
       const T* zp = cx.ws + w.zh + (k - 1) * d.batch * d.head + b0 * d.head;
       for (int64_t s = 0; s < s_rows; ++s) {
         silu_rows(zp + s * d.head, static_cast<const T*>(nullptr),
@@ -668,9 +683,12 @@ static void backward_block(const Ctx<T>& cx, int64_t b0, int64_t b1, T* scratch,
       }
       x_in = xr;
     }
-    gemm_nn(d.head, in, s_rows, dz, int64_t(1), d.head, x_in, in, gflat + p.head_w[k], in,
-            true);
-    for (int64_t s = 0; s < s_rows; ++s) add_to(dz + s * d.head, gflat + p.head_b[k], d.head);
+    if (pg) {
+      gemm_nn(d.head, in, s_rows, dz, int64_t(1), d.head, x_in, in, gflat + p.head_w[k], in,
+              acc);
+      for (int64_t s = 0; s < s_rows; ++s)
+        add_to(dz + s * d.head, gflat + p.head_b[k], d.head);
+    }
     gemm_nn(s_rows, in, d.head, dz, d.head, int64_t(1), cx.flat + p.head_w[k], in, dx_next,
             in, false);
     T* t = dx;
@@ -684,8 +702,11 @@ static void backward_block(const Ctx<T>& cx, int64_t b0, int64_t b1, T* scratch,
   const T* suma = cx.ws + w.suma + b0;
   gemm_nn(s_rows, hm, H, dpooled, H, int64_t(1), cx.flat + p.pool_msg_w2, hm, daggp, hm,
           false);
-  gemm_nn(H, hm, s_rows, dpooled, int64_t(1), H, aggp, hm, gflat + p.pool_msg_w2, hm, true);
-  for (int64_t s = 0; s < s_rows; ++s) axpy(suma[s], dpooled + s * H, gflat + p.pool_msg_b2, H);
+  if (pg) {
+    gemm_nn(H, hm, s_rows, dpooled, int64_t(1), H, aggp, hm, gflat + p.pool_msg_w2, hm, acc);
+    for (int64_t s = 0; s < s_rows; ++s)
+      axpy(suma[s], dpooled + s * H, gflat + p.pool_msg_b2, H);
+  }
   const T* zp = cx.ws + w.pool + n0 * pw;
   T* dzp = dproj;  // [N, Hg + Hm]
   for (int64_t b = b0; b < b1; ++b) {
@@ -715,7 +736,7 @@ static void backward_block(const Ctx<T>& cx, int64_t b0, int64_t b1, T* scratch,
       T* dzm = dzp + (r0 + i) * pw + hg;
       const T* smg = eb.msg_grad + i * hm;
       for (int64_t c = 0; c < hm; ++c) dzm[c] = att[i] * da[c] * smg[c];
-      add_to(dzm, gflat + p.pool_msg_b1, hm);
+      if (pg) add_to(dzm, gflat + p.pool_msg_b1, hm);
     }
     mp::weighted_softmax_backward(logits, wts, valid, n, att, datt, row, dlogit, dwts,
                                   ScalarExp{});
@@ -724,22 +745,26 @@ static void backward_block(const Ctx<T>& cx, int64_t b0, int64_t b1, T* scratch,
       T* dzg = dzp + (r0 + i) * pw;
       const T* sgg = eb.gate_grad + i * hg;
       for (int64_t c = 0; c < hg; ++c) dzg[c] = dlogit[i] * u[c] * sgg[c];
-      add_to(dzg, gflat + p.pool_gate_b, hg);
-      axpy(dlogit[i], eb.gate_act + i * hg, gflat + p.pool_gate_u, hg);
-      gflat[p.pool_gate_d] += dlogit[i];
+      if (pg) {
+        add_to(dzg, gflat + p.pool_gate_b, hg);
+        axpy(dlogit[i], eb.gate_act + i * hg, gflat + p.pool_gate_u, hg);
+        gflat[p.pool_gate_d] += dlogit[i];
+      }
       dfrac[s * K + cx.node_slot[n0 + r0 + i]] += dwts[i];
     }
   }
   const T* h_last = cx.ws + w.hs + d.layers * nodes_total * H + n0 * H;
   gemm_nn(n_rows, H, hg, dzp, pw, int64_t(1), cx.flat + p.pool_gate_w, H, dh, H, false);
   gemm_nn(n_rows, H, hm, dzp + hg, pw, int64_t(1), cx.flat + p.pool_msg_w1, H, dh, H, true);
-  gemm_nn(hg, H, n_rows, dzp, int64_t(1), pw, h_last, H, gflat + p.pool_gate_w, H, true);
-  gemm_nn(hm, H, n_rows, dzp + hg, int64_t(1), pw, h_last, H, gflat + p.pool_msg_w1, H, true);
+  if (pg) {
+    gemm_nn(hg, H, n_rows, dzp, int64_t(1), pw, h_last, H, gflat + p.pool_gate_w, H, acc);
+    gemm_nn(hm, H, n_rows, dzp + hg, int64_t(1), pw, h_last, H, gflat + p.pool_msg_w1, H, acc);
+  }
 
   // Message-passing layers, last to first.
   for (int64_t l = d.layers - 1; l >= 0; --l) {
     const T* lp = cx.flat + l * p.layer_size;
-    T* glp = gflat + l * p.layer_size;
+    T* glp = pg ? gflat + l * p.layer_size : nullptr;
     const T* hl = cx.ws + w.hs + l * nodes_total * H + n0 * H;
     const T* proj = cx.ws + w.proj + l * nodes_total * wp + n0 * wp;
     gemm_nn(n_rows, hm, H, dh, H, int64_t(1), lp + p.msg_w2, hm, dagg, hm, false);
@@ -753,23 +778,25 @@ static void backward_block(const Ctx<T>& cx, int64_t b0, int64_t b1, T* scratch,
         wts[j] = cx.frac[b * K + cx.node_slot[n0 + r0 + j]];
         dwts[j] = T(0);
       }
-      if (n > 1) {
+      if (pg && n > 1) {
         for (int j = 0; j < n; ++j) add_to(dh + (r0 + j) * H, glp + p.msg_b2, H);
       }
       layer_edges_backward(cx, lp, glp, proj + r0 * wp, wts, n, dagg + r0 * hm,
                            agg + r0 * hm, dproj + r0 * wp, dwts, eb);
       for (int j = 0; j < n; ++j) dfrac[s * K + cx.node_slot[n0 + r0 + j]] += dwts[j];
     }
-    gemm_nn(H, hm, n_rows, dh, int64_t(1), H, agg, hm, glp + p.msg_w2, hm, true);
-    gemm_nn(2 * hg, H, n_rows, dproj, int64_t(1), wp, hl, H, glp + p.gate_w, H, true);
-    gemm_nn(2 * hm, H, n_rows, dproj + 2 * hg, int64_t(1), wp, hl, H, glp + p.msg_w1, H,
-            true);
+    if (pg) {
+      gemm_nn(H, hm, n_rows, dh, int64_t(1), H, agg, hm, glp + p.msg_w2, hm, acc);
+      gemm_nn(2 * hg, H, n_rows, dproj, int64_t(1), wp, hl, H, glp + p.gate_w, H, acc);
+      gemm_nn(2 * hm, H, n_rows, dproj + 2 * hg, int64_t(1), wp, hl, H, glp + p.msg_w1, H,
+              acc);
+    }
     gemm_nn(n_rows, H, 2 * hg, dproj, wp, int64_t(1), lp + p.gate_w, H, dh, H, true);
     gemm_nn(n_rows, H, 2 * hm, dproj + 2 * hg, wp, int64_t(1), lp + p.msg_w1, H, dh, H, true);
   }
 
   // Node table rows, in node order.
-  for (int64_t b = b0; b < b1; ++b) {
+  for (int64_t b = pg ? b0 : b1; b < b1; ++b) {
     for (int64_t r = cx.node_offset[b]; r < cx.node_offset[b + 1]; ++r) {
       const int64_t e = cx.index[b * K + cx.node_slot[r]];
       add_to(dh + (r - n0) * H, gtable + e * H, H);
@@ -790,7 +817,7 @@ static void backward_range(const Ctx<T>& cx, int64_t begin, int64_t end, T* scra
                            T* grad_flat, T* grad_table) {
   for (int64_t b = begin; b < end; b += kSubBlock)
     backward_block(cx, b, b + kSubBlock < end ? b + kSubBlock : end, scratch, grad_flat,
-                   grad_table);
+                   grad_table, b == begin);
 }
 
 static KernelSet make_kernel_set(const char* isa) {

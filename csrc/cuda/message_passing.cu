@@ -189,6 +189,7 @@ struct Params {
   T* grad_table;
   T* grad_flat;
   T* grad_frac;
+  bool param_grads;  // false: only grad_frac (grad_table, grad_flat untouched)
 };
 
 // Gate logits of every ordered pair of real nodes of the tile (one warp per
@@ -386,6 +387,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Params<T> P) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   TileShared<T> S = carve_shared<T>(K);
   T* gflat = P.grad_flat;
+  const bool pg = P.param_grads;  // uniform over the grid
 
   if (threadIdx.x < nb) {
     int n = 0;
@@ -417,10 +419,12 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Params<T> P) {
   };
   int width = d.depth > 0 ? d.head : H;
   {
-    const T* x_last = head_input(d.depth);
-    block_weight_grad(d.n_out, width, nb, g, d.n_out, x_last, width, gflat + P.p.head_out_w,
-                      width);
-    for (int o = threadIdx.x; o < d.n_out; o += kThreads) {
+    if (pg) {
+      const T* x_last = head_input(d.depth);
+      block_weight_grad(d.n_out, width, nb, g, d.n_out, x_last, width, gflat + P.p.head_out_w,
+                        width);
+    }
+    for (int o = threadIdx.x; pg && o < d.n_out; o += kThreads) {
       T s = T(0);
       for (int bl = 0; bl < nb; ++bl) s += g[bl * d.n_out + o];
       atomicAdd(gflat + P.p.head_out_b + o, s);
@@ -438,9 +442,11 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Params<T> P) {
       dz[e] = up * silu_grad(zk[e]);
     }
     __syncthreads();
-    const T* x_in = head_input(k);
-    block_weight_grad(d.head, in, nb, dz, d.head, x_in, in, gflat + P.p.head_w[k], in);
-    for (int c = threadIdx.x; c < d.head; c += kThreads) {
+    if (pg) {
+      const T* x_in = head_input(k);
+      block_weight_grad(d.head, in, nb, dz, d.head, x_in, in, gflat + P.p.head_w[k], in);
+    }
+    for (int c = threadIdx.x; pg && c < d.head; c += kThreads) {
       T s = T(0);
       for (int bl = 0; bl < nb; ++bl) s += dz[bl * d.head + c];
       atomicAdd(gflat + P.p.head_b[k] + c, s);
@@ -459,8 +465,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Params<T> P) {
   T* daggp = P.daggp + int64_t(b0) * hm;
   block_gemm<T, false>(nb, hm, H, dpooled, H, P.flat + P.p.pool_msg_w2, hm, daggp, hm, false,
                        S.tile);
-  block_weight_grad(H, hm, nb, dpooled, H, aggp, hm, gflat + P.p.pool_msg_w2, hm);
-  for (int c = threadIdx.x; c < H; c += kThreads) {
+  if (pg) block_weight_grad(H, hm, nb, dpooled, H, aggp, hm, gflat + P.p.pool_msg_w2, hm);
+  for (int c = threadIdx.x; pg && c < H; c += kThreads) {
     T s = T(0);
     for (int bl = 0; bl < nb; ++bl) s += suma[bl] * dpooled[bl * H + c];
     atomicAdd(gflat + P.p.pool_msg_b2 + c, s);
@@ -508,17 +514,19 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Params<T> P) {
         const T z = zp[r * pw + c];
         const T dl = S.dlogit[r];
         v = dl * P.flat[P.p.pool_gate_u + c] * silu_grad(z);
-        atomicAdd(gflat + P.p.pool_gate_u + c, dl * silu(z));
-        atomicAdd(gflat + P.p.pool_gate_b + c, v);
+        if (pg) {
+          atomicAdd(gflat + P.p.pool_gate_u + c, dl * silu(z));
+          atomicAdd(gflat + P.p.pool_gate_b + c, v);
+        }
       } else {
         const T z = zp[r * pw + c];
         v = S.att[r] * daggp[bl * hm + c - hg] * silu_grad(z);
-        atomicAdd(gflat + P.p.pool_msg_b1 + c - hg, v);
+        if (pg) atomicAdd(gflat + P.p.pool_msg_b1 + c - hg, v);
       }
     }
     dzp[r * pw + c] = v;
   }
-  if (threadIdx.x == 0) {
+  if (pg && threadIdx.x == 0) {
     T s = T(0);
     for (int r = 0; r < rows; ++r) s += P.mask[r0 + r] ? S.dlogit[r] : T(0);
     atomicAdd(gflat + P.p.pool_gate_d, s);
@@ -529,8 +537,10 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Params<T> P) {
   block_gemm<T, false>(rows, H, hg, dzp, pw, P.flat + P.p.pool_gate_w, H, dh, H, false, S.tile);
   block_gemm<T, false>(rows, H, hm, dzp + hg, pw, P.flat + P.p.pool_msg_w1, H, dh, H, true,
                        S.tile);
-  block_weight_grad(hg, H, rows, dzp, pw, hL, H, gflat + P.p.pool_gate_w, H);
-  block_weight_grad(hm, H, rows, dzp + hg, pw, hL, H, gflat + P.p.pool_msg_w1, H);
+  if (pg) {
+    block_weight_grad(hg, H, rows, dzp, pw, hL, H, gflat + P.p.pool_gate_w, H);
+    block_weight_grad(hm, H, rows, dzp + hg, pw, hL, H, gflat + P.p.pool_msg_w1, H);
+  }
   __syncthreads();
 
   // Message-passing layers, last to first.
@@ -539,12 +549,12 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Params<T> P) {
   T* dproj = P.dproj + r0 * wp;
   for (int l = d.layers - 1; l >= 0; --l) {
     const T* lp = P.flat + l * P.p.layer_size;
-    T* glp = gflat + l * P.p.layer_size;
+    T* glp = pg ? gflat + l * P.p.layer_size : nullptr;
     const T* hl = P.ws + P.w.hs + l * nodes * H + r0 * H;
     const T* proj = P.ws + P.w.proj + l * nodes * wp + r0 * wp;
     const T* mb = lp + P.p.msg_b1;
     block_gemm<T, false>(rows, hm, H, dh, H, lp + P.p.msg_w2, hm, dagg, hm, false, S.tile);
-    for (int c = threadIdx.x; c < H; c += kThreads) {
+    for (int c = threadIdx.x; pg && c < H; c += kThreads) {
       T s = T(0);
       for (int r = 0; r < rows; ++r)
         if (P.mask[r0 + r] && S.count[r / K] > 1) s += dh[r * H + c];
@@ -619,8 +629,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Params<T> P) {
       }
       dproj[r * wp + c] = d_as_i;
       dproj[r * wp + hg + c] = d_as_j;
-      if (dgb != T(0)) atomicAdd(glp + P.p.gate_b + c, dgb);
-      if (du != T(0)) atomicAdd(glp + P.p.gate_u + c, du);
+      if (pg && dgb != T(0)) atomicAdd(glp + P.p.gate_b + c, dgb);
+      if (pg && du != T(0)) atomicAdd(glp + P.p.gate_u + c, du);
     }
     for (int e = threadIdx.x; e < rows * hm; e += kThreads) {
       const int r = e / hm, c = e % hm, bl = r / K, me = r % K;
@@ -640,24 +650,26 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Params<T> P) {
       }
       dproj[r * wp + 2 * hg + c] = d_as_i;
       dproj[r * wp + 2 * hg + hm + c] = d_as_j;
-      if (d_as_i != T(0)) atomicAdd(glp + P.p.msg_b1 + c, d_as_i);
+      if (pg && d_as_i != T(0)) atomicAdd(glp + P.p.msg_b1 + c, d_as_i);
     }
-    if (threadIdx.x == 0) {
+    if (pg && threadIdx.x == 0) {
       T s = T(0);
       for (int e = 0; e < rows * K; ++e) s += S.dlogit[e];
       atomicAdd(glp + P.p.gate_d, s);
     }
     __syncthreads();
-    block_weight_grad(H, hm, rows, dh, H, agg, hm, glp + P.p.msg_w2, hm);
-    block_weight_grad(2 * hg, H, rows, dproj, wp, hl, H, glp + P.p.gate_w, H);
-    block_weight_grad(2 * hm, H, rows, dproj + 2 * hg, wp, hl, H, glp + P.p.msg_w1, H);
+    if (pg) {
+      block_weight_grad(H, hm, rows, dh, H, agg, hm, glp + P.p.msg_w2, hm);
+      block_weight_grad(2 * hg, H, rows, dproj, wp, hl, H, glp + P.p.gate_w, H);
+      block_weight_grad(2 * hm, H, rows, dproj + 2 * hg, wp, hl, H, glp + P.p.msg_w1, H);
+    }
     __syncthreads();
     block_gemm<T, false>(rows, H, 2 * hg, dproj, wp, lp + P.p.gate_w, H, dh, H, true, S.tile);
     block_gemm<T, false>(rows, H, 2 * hm, dproj + 2 * hg, wp, lp + P.p.msg_w1, H, dh, H, true,
                          S.tile);
   }
 
-  for (int e = threadIdx.x; e < rows * H; e += kThreads) {
+  for (int e = threadIdx.x; pg && e < rows * H; e += kThreads) {
     const int r = e / H, c = e % H;
     if (P.mask[r0 + r]) atomicAdd(P.grad_table + P.index[r0 + r] * H + c, dh[e]);
   }
@@ -704,6 +716,7 @@ Params<T> make_params(const Dims& d, const Buffers& buf) {
   P.grad_table = reinterpret_cast<T*>(buf.grad_table);
   P.grad_flat = reinterpret_cast<T*>(buf.grad_flat);
   P.grad_frac = reinterpret_cast<T*>(buf.grad_frac);
+  P.param_grads = buf.param_grads;
   return P;
 }
 
@@ -747,10 +760,12 @@ void run(bool forward, const Dims& d, const Buffers& buf, int device, uintptr_t 
   if (forward) {
     forward_kernel<T><<<blocks, kThreads, smem, stream>>>(P);
   } else {
-    check_cuda(cudaMemsetAsync(P.grad_flat, 0, sizeof(T) * P.p.total, stream), op,
-               "cudaMemsetAsync of grad_flat");
-    check_cuda(cudaMemsetAsync(P.grad_table, 0, sizeof(T) * d.rows * d.hidden, stream), op,
-               "cudaMemsetAsync of grad_node_table");
+    if (P.param_grads) {
+      check_cuda(cudaMemsetAsync(P.grad_flat, 0, sizeof(T) * P.p.total, stream), op,
+                 "cudaMemsetAsync of grad_flat");
+      check_cuda(cudaMemsetAsync(P.grad_table, 0, sizeof(T) * d.rows * d.hidden, stream), op,
+                 "cudaMemsetAsync of grad_node_table");
+    }
     backward_kernel<T><<<blocks, kThreads, smem, stream>>>(P);
   }
   const cudaError_t launch = cudaGetLastError();
