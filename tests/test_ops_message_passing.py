@@ -504,3 +504,58 @@ def test_double_backward_raises():
     (grad,) = torch.autograd.grad(out.sum(), frac, create_graph=True)
     with pytest.raises(RuntimeError, match="does not require grad"):
         grad.sum().backward()
+
+
+# -- gradient for frac alone ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("batch", "dtype"), [(1, torch.float64), (40, torch.float64), (700, torch.float32)]
+)
+def test_frac_gradient_alone_equals_full_backward(batch, dtype):
+    dims = make_dims(24, gate_hidden=20, msg_hidden=18)
+    node_table, flat, index, frac, mask, drop = make_batch(
+        batch, 5, dims, dtype, seed=40 + batch, dropout=True
+    )
+    full = forward_and_grads(ops.model_forward, node_table, flat, index, frac, mask, dims, drop)
+    frac_leaf = frac.clone().requires_grad_()
+    out = ops.model_forward(node_table, flat, index, frac_leaf, mask, dims, drop)
+    weight = torch.randn(
+        out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    ).to(dtype)
+    (alone,) = torch.autograd.grad((out * weight).sum(), frac_leaf)
+    assert torch.equal(alone, full[3])
+
+
+def test_core_frac_gradient_needs_no_parameter_buffers():
+    node_table, flat, index, frac, mask = valid_args()
+    dims = [3, 4, ROWS, 4, 3, 5, 2, 3, 2, 2]
+    out = torch.empty(3, 2, dtype=torch.float64)
+    ws = torch.empty(_core.mp_workspace_size(dims), dtype=torch.float64)
+    head = (1, -1, 0, dims, node_table.data_ptr(), node_table.numel(), flat.data_ptr())
+    inputs = (flat.numel(), index.data_ptr(), frac.data_ptr(), mask.data_ptr(), 0)
+    _core.mp_forward(*head, *inputs, out.data_ptr(), ws.data_ptr(), ws.numel())
+    grad_out = torch.ones(3, 2, dtype=torch.float64)
+    grads = [torch.empty_like(t) for t in (node_table, flat, frac)]
+    ptrs = [g.data_ptr() for g in grads]
+    tail = (ws.data_ptr(), ws.numel(), grad_out.data_ptr())
+    _core.mp_backward(*head, *inputs, *tail, *ptrs, True)
+    alone = torch.empty_like(frac)
+    _core.mp_backward(*head, *inputs, *tail, 0, 0, alone.data_ptr(), False)
+    assert torch.equal(alone, grads[2])
+
+
+def test_checks_run_again_after_a_valid_call():
+    args = valid_args()
+    ops.model_forward(*args, SMALL)
+    args[3] = args[3].float()
+    with pytest.raises(TypeError, match="frac: expected torch.float64 like node_table"):
+        ops.model_forward(*args, SMALL)
+
+
+def test_contiguity_checked_after_a_valid_call():
+    args = valid_args()
+    ops.model_forward(*args, SMALL)
+    args[2] = torch.zeros(4, 3, dtype=torch.int64).T
+    with pytest.raises(ValueError, match="element_index: expected a contiguous tensor"):
+        ops.model_forward(*args, SMALL)

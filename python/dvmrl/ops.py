@@ -180,8 +180,8 @@ def model_forward(
         Tensor: [B, n_out], differentiable in ``node_table``, ``flat`` and
         ``frac``.
     """
-    validate_inputs(node_table, flat, element_index, frac, mask, dims, dropout_mask)
-    if use_fused and not fused_backend_available(node_table.device):
+    plan = _checked_plan(node_table, flat, element_index, frac, mask, dims, dropout_mask)
+    if use_fused and plan is None:
         _warn_fallback(node_table.device)
         use_fused = False
     if not use_fused:
@@ -189,8 +189,101 @@ def model_forward(
             node_table, flat, element_index, frac, mask, dims, dropout_mask
         )
     return _FusedModel.apply(
-        node_table, flat, element_index, frac, mask, dims, dropout_mask
+        node_table, flat, element_index, frac, mask, plan, dropout_mask
     )
+
+
+class _Plan:
+    """What one call shape of the fused kernels needs, computed once per shape.
+
+    Attributes:
+        dims (ModelDims): sizes of the model.
+        dims_list (list[int]): the core's dims, [B, K, E, H, Hg, Hm, L, Hh, D, n_out].
+        dtype_code (int): 0 for float32, 1 for float64.
+        workspace_size (int): elements of the saved-activation workspace.
+        device_index (int): CUDA device index, -1 for the CPU.
+        out_shape (tuple[int, int]): [B, n_out].
+    """
+
+    __slots__ = (
+        "dims", "dims_list", "dtype_code", "workspace_size", "device_index", "out_shape"
+    )
+
+    def __init__(self, dims: ModelDims, batch: int, slots: int, rows: int, dtype, device):
+        self.dims = dims
+        self.dims_list, self.workspace_size = _call_sizes(dims, batch, slots, rows)
+        self.dtype_code = _DTYPE_CODES[dtype]
+        if device.type == "cpu":
+            self.device_index = -1
+        else:
+            self.device_index = (
+                device.index if device.index is not None else torch.cuda.current_device()
+            )
+        self.out_shape = (batch, dims.n_out)
+
+    def stream(self, device: torch.device) -> int:
+        """Return the address of the current CUDA stream, 0 on the CPU."""
+        if self.device_index < 0:
+            return 0
+        return torch.cuda.current_stream(device).cuda_stream
+
+
+# Plans by (dims, dtype, device, node_table, flat, element_index and
+# dropout shapes); a hit means validate_inputs accepted these sizes before.
+_plans: dict[tuple, _Plan] = {}
+_MAX_PLANS = 1024
+
+
+def _checked_plan(node_table, flat, element_index, frac, mask, dims, dropout_mask):
+    """Validate the inputs and return the call plan, or None without kernels.
+
+    A shape seen before is checked with a few comparisons (dtypes, shapes,
+    devices, contiguity) instead of the full validate_inputs, which runs on
+    the first call of every shape and whenever a quick check fails, so the
+    error messages stay the same.
+    """
+    dtype = node_table.dtype
+    device = node_table.device
+    index_shape = element_index.shape
+    drop_shape = None if dropout_mask is None else dropout_mask.shape
+    key = (dims, dtype, device, node_table.shape, flat.shape, index_shape, drop_shape)
+    plan = _plans.get(key)
+    if (
+        plan is not None
+        and flat.dtype == dtype
+        and frac.dtype == dtype
+        and element_index.dtype == torch.int64
+        and mask.dtype == torch.bool
+        and frac.shape == index_shape
+        and mask.shape == index_shape
+        and flat.device == device
+        and element_index.device == device
+        and frac.device == device
+        and mask.device == device
+        and node_table.is_contiguous()
+        and flat.is_contiguous()
+        and element_index.is_contiguous()
+        and frac.is_contiguous()
+        and mask.is_contiguous()
+        and (
+            dropout_mask is None
+            or (
+                dropout_mask.dtype == dtype
+                and dropout_mask.device == device
+                and dropout_mask.is_contiguous()
+            )
+        )
+    ):
+        return plan
+    validate_inputs(node_table, flat, element_index, frac, mask, dims, dropout_mask)
+    if not fused_backend_available(device):
+        return None
+    if plan is None:
+        if len(_plans) >= _MAX_PLANS:
+            _plans.clear()
+        plan = _Plan(dims, index_shape[0], index_shape[1], node_table.shape[0], dtype, device)
+        _plans[key] = plan
+    return plan
 
 
 @functools.lru_cache(maxsize=256)
@@ -215,37 +308,29 @@ def _dims_list(dims: ModelDims, batch: int, slots: int, rows: int) -> list[int]:
     ]
 
 
-def _device_args(device: torch.device) -> tuple[int, int]:
-    """Return (device index, stream address) for the core; -1 is the CPU."""
-    if device.type == "cpu":
-        return -1, 0
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return index, torch.cuda.current_stream(device).cuda_stream
-
-
 class _FusedModel(torch.autograd.Function):
     """Whole model after the embedding in one forward and one backward call.
 
     The forward saves the activations the backward needs in one workspace
     tensor (node states and first-layer projections of every layer, the
     pooling pre-activations and the head pre-activations), so the backward
-    recomputes only the per-edge activations. The backward itself is not
-    differentiable (no double backward).
+    recomputes only the per-edge activations. When neither node_table nor flat needs a gradient, the backward skips
+    the parameter-gradient sums and computes the frac gradient alone. The
+    backward itself is not differentiable (no double backward).
     """
 
     @staticmethod
-    def forward(ctx, node_table, flat, element_index, frac, mask, dims, dropout_mask):
-        batch, slots = element_index.shape
-        dims_list, workspace_size = _call_sizes(dims, batch, slots, node_table.shape[0])
-        out = node_table.new_empty((batch, dims.n_out))
-        workspace = node_table.new_empty((workspace_size,))
-        device, stream = _device_args(node_table.device)
+    def forward(ctx, node_table, flat, element_index, frac, mask, plan, dropout_mask):
+        device = node_table.device
+        dtype = node_table.dtype
+        out = torch.empty(plan.out_shape, dtype=dtype, device=device)
+        workspace = torch.empty(plan.workspace_size, dtype=dtype, device=device)
         dropout_ptr = 0 if dropout_mask is None else dropout_mask.data_ptr()
         _core.mp_forward(
-            _DTYPE_CODES[node_table.dtype],
-            device,
-            stream,
-            dims_list,
+            plan.dtype_code,
+            plan.device_index,
+            plan.stream(device),
+            plan.dims_list,
             node_table.data_ptr(),
             node_table.numel(),
             flat.data_ptr(),
@@ -256,35 +341,44 @@ class _FusedModel(torch.autograd.Function):
             dropout_ptr,
             out.data_ptr(),
             workspace.data_ptr(),
-            workspace.numel(),
+            plan.workspace_size,
         )
-        ctx.dims_list = dims_list
-        ctx.has_dropout = dropout_mask is not None
-        saved = [node_table, flat, element_index, frac, mask, workspace]
-        if dropout_mask is not None:
-            saved.append(dropout_mask)
-        ctx.save_for_backward(*saved)
+        ctx.plan = plan
+        ctx.dropout_ptr = dropout_ptr
+        if dropout_mask is None:
+            ctx.save_for_backward(node_table, flat, element_index, frac, mask, workspace)
+        else:
+            ctx.save_for_backward(
+                node_table, flat, element_index, frac, mask, workspace, dropout_mask
+            )
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        node_table, flat, element_index, frac, mask, workspace, *rest = ctx.saved_tensors
-        dropout_mask = rest[0] if ctx.has_dropout else None
-        grad_out = grad_out.contiguous()
-        grad_table = torch.empty_like(node_table)
-        grad_flat = torch.empty_like(flat)
+        # Unpacking checks that no saved tensor was modified in place.
+        node_table, flat, element_index, frac, mask, workspace, *_ = ctx.saved_tensors
+        plan = ctx.plan
+        needs = ctx.needs_input_grad
+        param_grads = needs[0] or needs[1]
+        if not grad_out.is_contiguous():
+            grad_out = grad_out.contiguous()
         grad_frac = torch.empty_like(frac)
-        if element_index.shape[0] == 0:
-            grad_table.zero_()
-            grad_flat.zero_()
+        if param_grads:
+            grad_table = torch.empty_like(node_table)
+            grad_flat = torch.empty_like(flat)
         else:
-            device, stream = _device_args(node_table.device)
+            grad_table = grad_flat = None
+        if plan.out_shape[0] == 0:
+            if param_grads:
+                grad_table.zero_()
+                grad_flat.zero_()
+        else:
             _core.mp_backward(
-                _DTYPE_CODES[node_table.dtype],
-                device,
-                stream,
-                ctx.dims_list,
+                plan.dtype_code,
+                plan.device_index,
+                plan.stream(node_table.device),
+                plan.dims_list,
                 node_table.data_ptr(),
                 node_table.numel(),
                 flat.data_ptr(),
@@ -292,15 +386,15 @@ class _FusedModel(torch.autograd.Function):
                 element_index.data_ptr(),
                 frac.data_ptr(),
                 mask.data_ptr(),
-                0 if dropout_mask is None else dropout_mask.data_ptr(),
+                ctx.dropout_ptr,
                 workspace.data_ptr(),
-                workspace.numel(),
+                plan.workspace_size,
                 grad_out.data_ptr(),
-                grad_table.data_ptr(),
-                grad_flat.data_ptr(),
+                grad_table.data_ptr() if param_grads else 0,
+                grad_flat.data_ptr() if param_grads else 0,
                 grad_frac.data_ptr(),
+                param_grads,
             )
-        needs = ctx.needs_input_grad
         return (
             grad_table if needs[0] else None,
             grad_flat if needs[1] else None,
