@@ -100,6 +100,28 @@ def test_train_existing_run_message(trained, data_csv, capsys):
     assert "pass --resume" in capsys.readouterr().err
 
 
+def test_train_out_under_file(tmp_path, data_csv, monkeypatch, capsys):
+    from dvmrl.cli import train as train_cli
+
+    def fail_load(*args, **kwargs):
+        raise AssertionError("the data was loaded before the --out check")
+
+    monkeypatch.setattr(train_cli, "_load_data", fail_load)
+    blocker = tmp_path / "existing_file"
+    blocker.write_text("")
+    out = blocker / "sub"
+    code = main(["train", "--data", str(data_csv), *TINY, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"--out {out}: {blocker} is a file" in err
+
+
+def test_train_states_tolerance(trained):
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert metrics["accuracy_tolerance_ev_per_atom"] == 0.05
+    assert metrics["stability_threshold_ev_per_atom"] == 0.0
+
+
 def test_resume_rejects_changed_config(trained, capsys):
     code = main(["train", "--resume", "--hidden", "16", "--out", str(trained)])
     assert code == 2
@@ -200,6 +222,81 @@ def test_evaluate_matches_train_metrics(trained, tmp_path):
     assert evaluation["rmse"] == pytest.approx(metrics["rmse"], rel=1e-5)
 
 
+def test_evaluate_states_tolerance(trained, tmp_path, capsys):
+    main(["evaluate", str(trained / "model.pt"), "--out", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    accuracy = next(line for line in lines if line.split()[0] == "accuracy")
+    precision = next(line for line in lines if line.split()[0] == "precision")
+    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+    assert "fraction of predictions within 0.05 eV/atom" in accuracy
+    assert "target <= 0 eV/atom" in precision
+    assert evaluation["accuracy_tolerance_ev_per_atom"] == 0.05
+
+
+def test_evaluate_out_under_file(trained, tmp_path, capsys):
+    blocker = tmp_path / "existing_file"
+    blocker.write_text("")
+    out = blocker / "sub"
+    code = main(["evaluate", str(trained / "model.pt"), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert f"{blocker} is a file" in captured.err
+    assert "rmse" not in captured.out
+
+
+def _copy_csv(source, folder):
+    copy = folder / "copy.csv"
+    copy.write_bytes(source.read_bytes())
+    return copy
+
+
+def test_evaluate_warns_training_overlap(trained, data_csv, tmp_path, capsys):
+    copy = _copy_csv(data_csv, tmp_path)
+    code = main(
+        [
+            "evaluate",
+            str(trained / "model.pt"),
+            "--data",
+            str(copy),
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    err = capsys.readouterr().err
+    n_train = json.loads((trained / "metrics.json").read_text())["n_train"]
+    assert code == 0
+    assert f"{n_train} of 300 rows have a composition of the training pool" in err
+    assert "--exclude-training" in err
+
+
+def test_evaluate_exclude_training(trained, data_csv, tmp_path):
+    copy = _copy_csv(data_csv, tmp_path)
+    model = str(trained / "model.pt")
+    args = ["--data", str(copy), "--exclude-training", "--out", str(tmp_path)]
+    assert main(["evaluate", model, *args]) == 0
+    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert evaluation["n"] == metrics["n_test"]
+    assert evaluation["rmse"] == pytest.approx(metrics["rmse"], rel=1e-5)
+
+
+def test_evaluate_overlap_old_checkpoint(tmp_path, data_csv, monkeypatch, capsys):
+    from dvmrl.cli import train as train_cli
+
+    # A checkpoint without stored compositions, as dvmrl train wrote before.
+    with monkeypatch.context() as patch:
+        patch.setattr(train_cli, "_pool_compositions", lambda df, split: {})
+        out = tmp_path / "run"
+        args = ["--data", str(data_csv), "--epochs", "1", *TINY, "--out", str(out)]
+        assert main(["train", *args]) == 0
+    capsys.readouterr()
+    copy = _copy_csv(data_csv, tmp_path)
+    main(["evaluate", str(out / "model.pt"), "--data", str(copy), "--out", str(out)])
+    err = capsys.readouterr().err
+    n_train = json.loads((out / "metrics.json").read_text())["n_train"]
+    assert f"{n_train} of 300 rows have a composition of the training pool" in err
+
+
 def test_evaluate_missing_checkpoint(tmp_path, capsys):
     code = main(["evaluate", str(tmp_path / "missing.pt")])
     assert code == 2
@@ -213,8 +310,9 @@ def test_predict_prints_units(trained, capsys):
     assert "prediction_kj_per_mol" in lines[0]
     row = lines[1].split()
     assert row[0] == "Al3Ni"
+    assert row[1] == "Al0.75Ni0.25"
     # The table shows 4 decimals, so kJ/mol carries up to 0.00005 * 96.485 of rounding.
-    assert float(row[2]) == pytest.approx(float(row[1]) * 96.485, abs=0.01)
+    assert float(row[3]) == pytest.approx(float(row[2]) * 96.485, abs=0.01)
 
 
 def test_predict_warns_unseen_element(trained, data_csv, capsys):
@@ -224,8 +322,8 @@ def test_predict_warns_unseen_element(trained, data_csv, capsys):
     unseen = next(s for s in ELEMENTS if is_metal(s) and s not in seen)
     main(["predict", str(trained / "model.pt"), f"Ni{unseen}"])
     err = capsys.readouterr().err
-    assert "outside the training domain" in err
-    assert unseen in err
+    assert "extrapolation outside the training domain" in err
+    assert f"never seen in training ({unseen})" in err
 
 
 def test_predict_warns_element_count(trained, capsys):
@@ -250,6 +348,10 @@ def test_predict_csv_round_trip(trained, tmp_path):
     table = pd.read_csv(target)
     assert code == 0
     assert table["formula"].tolist() == ["Al3Ni", "Fe2Ti"]
+    assert table["composition"].tolist() == [
+        "Al0.75Ni0.25",
+        "Ti0.3333333333333333Fe0.6666666666666666",
+    ]
     assert "uncertainty_ev_per_atom" not in table.columns
 
 
@@ -257,7 +359,62 @@ def test_predict_unknown_element(trained, capsys):
     code = main(["predict", str(trained / "model.pt"), "Al3Ni", "Xq2Fe"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "row 2" in err
+    assert "argument 2" in err
+    assert "1 invalid formula:" in err
+
+
+def test_predict_unknown_element_csv(trained, tmp_path, capsys):
+    source = tmp_path / "in.csv"
+    source.write_text("formula\nXq2Fe\nAl3Ni\nZz\n")
+    code = main(["predict", str(trained / "model.pt"), "--input", str(source)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "2 invalid formulas:" in err
+    assert "row 3" in err
+
+
+def test_predict_warns_single_element(trained, capsys):
+    main(["predict", str(trained / "model.pt"), "Ni"])
+    err = capsys.readouterr().err
+    assert "1 element, but training compositions have at least 2" in err
+    assert "extrapolation outside the training domain" in err
+    assert "pure element is 0 eV/atom" in err
+
+
+def test_predict_binary_no_warning(trained, capsys):
+    main(["predict", str(trained / "model.pt"), "Al3Ni"])
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_predict_shows_alloy_reading(trained, capsys):
+    model = str(trained / "model.pt")
+    main(["predict", model, "--alloy-notation", "(AlNi)90Fe10"])
+    alloy = capsys.readouterr().out.splitlines()[1].split()
+    main(["predict", model, "(AlNi)90Fe10"])
+    plain = capsys.readouterr().out.splitlines()[1].split()
+    assert alloy[1] == "Al0.45Fe0.1Ni0.45"
+    assert plain[1] != alloy[1]
+
+
+def test_predict_output_under_file(trained, tmp_path, capsys):
+    blocker = tmp_path / "good.csv"
+    blocker.write_text("x\n")
+    target = blocker / "x.csv"
+    code = main(
+        ["predict", str(trained / "model.pt"), "Al3Ni", "--output", str(target)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{blocker} is a file" in err
+    assert "File exists" not in err
+
+
+def test_predict_output_is_folder(trained, tmp_path, capsys):
+    code = main(
+        ["predict", str(trained / "model.pt"), "Al3Ni", "--output", str(tmp_path)]
+    )
+    assert code == 2
+    assert "is a folder" in capsys.readouterr().err
 
 
 def test_predict_empty_file(trained, tmp_path, capsys):
@@ -302,4 +459,12 @@ def test_heteroscedastic_uncertainty(tmp_path, data_csv, capsys):
     main(["predict", str(out / "model.pt"), "Al3Ni"])
     lines = capsys.readouterr().out.splitlines()
     assert "uncertainty_ev_per_atom" in lines[0]
-    assert float(lines[1].split()[3]) > 0.0
+    assert float(lines[1].split()[4]) > 0.0
+
+
+def test_train_out_is_file(tmp_path, data_csv, capsys):
+    out = tmp_path / "existing_file"
+    out.write_text("")
+    code = main(["train", "--data", str(data_csv), *TINY, "--out", str(out)])
+    assert code == 2
+    assert "the path is a file, not a folder" in capsys.readouterr().err

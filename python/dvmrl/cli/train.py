@@ -70,10 +70,10 @@ _TABLE_METRICS = (
     ("r2", ""),
     ("max_error", "eV/atom"),
     ("gcv_score", "(eV/atom)^-2"),
-    ("accuracy", "fraction"),
-    ("precision", "fraction"),
-    ("recall", "fraction"),
-    ("f1", "fraction"),
+    ("accuracy", "fraction of predictions within {tolerance:g} eV/atom of target"),
+    ("precision", "fraction; stable means target <= {threshold:g} eV/atom"),
+    ("recall", "fraction; stable means target <= {threshold:g} eV/atom"),
+    ("f1", "harmonic mean of precision and recall"),
 )
 
 
@@ -269,7 +269,10 @@ def _add_evaluate_parser(subparsers) -> None:
         description=(
             "Score a trained model on the test part of a split, print the metrics "
             "table and write OUT/evaluation.json and the parity plot "
-            "OUT/parity.png, coloured by binary and ternary."
+            "OUT/parity.png, coloured by binary and ternary. Rows whose composition "
+            "the model trained or validated on make the metrics optimistic: "
+            "stderr gets a warning with their count, and --exclude-training drops "
+            "them."
         ),
     )
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a model.pt file")
@@ -283,6 +286,15 @@ def _add_evaluate_parser(subparsers) -> None:
             "folder"
         ),
     )
+    parser.add_argument(
+        "--exclude-training",
+        action="store_true",
+        help=(
+            "score only rows whose composition is in neither the training nor the "
+            "validation pool of the checkpoint. Without it such rows are scored, "
+            "and stderr gets a warning with their count"
+        ),
+    )
     add_compute_options(parser)
     parser.set_defaults(func=run_evaluate)
 
@@ -294,9 +306,11 @@ def _add_predict_parser(subparsers) -> None:
         description=(
             "Predict the target of each composition in eV/atom and kJ/mol "
             "(1 eV/atom = 96.485 kJ/mol), with the standard deviation when the "
-            "model is heteroscedastic. Compositions with elements absent from the "
-            "training data, or with more elements than any training composition, "
-            "get a warning on stderr."
+            "model is heteroscedastic. The table shows each input formula beside "
+            "the normalised composition it was read as. Compositions with elements "
+            "absent from the training data, or with fewer or more elements than "
+            "every training composition (such as a pure element), get a warning on "
+            "stderr, because their predictions are extrapolations."
         ),
     )
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a model.pt file")
@@ -326,6 +340,46 @@ def _add_predict_parser(subparsers) -> None:
 
 # ----------------------------------------------------------------------------
 # Files
+
+
+def _check_output_folder(
+    folder: Path, option: str, reported_path: Path | None = None
+) -> None:
+    """Raise ValueError unless ``folder`` is, or can be created as, a writable folder.
+
+    Runs before any work, so that a bad path fails at once and not after
+    training or scoring. ``reported_path`` is the path that the messages name.
+    """
+    reported = folder if reported_path is None else reported_path
+    if reported == folder and folder.exists() and not folder.is_dir():
+        raise ValueError(
+            f"{option} {reported}: the path is a file, not a folder; pass a folder path"
+        )
+    # The first component that exists must be a writable folder, because
+    # every missing one below it is created there.
+    ancestor = folder
+    while not ancestor.exists() and ancestor.parent != ancestor:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(
+            f"{option} {reported}: {ancestor} is a file, so nothing can be written "
+            "under it; pass a path in a folder"
+        )
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"{option} {reported}: the folder {ancestor} is not writable; pass a "
+            "path in a writable folder"
+        )
+
+
+def _check_output_file(path: Path, option: str) -> None:
+    """Raise ValueError unless ``path`` can be written as a file."""
+    if path.is_dir():
+        raise ValueError(
+            f"{option} {path}: the path is a folder; pass a file path such as "
+            f"{path / 'predictions.csv'}"
+        )
+    _check_output_folder(path.parent, option, reported_path=path)
 
 
 def _write_json_atomic(path: Path, payload: Any) -> None:
@@ -381,20 +435,27 @@ def _data_reference(source: str) -> str:
     return source
 
 
-def _parse_formulas(formulas, alloy_notation: bool, where: str) -> list[dict]:
-    """Parse formulas, raising one error that lists every bad row."""
+def _parse_formulas(
+    formulas, alloy_notation: bool, where: str, item: str = "row"
+) -> list[dict]:
+    """Parse formulas, raising one error that lists every bad one.
+
+    ``item`` names a formula's position in the messages: "row" for a file,
+    "argument" for the command line.
+    """
     from dvmrl.compositions import CompositionError, parse
 
     parsed, errors = [], []
-    for row, formula in enumerate(formulas):
+    for position, formula in enumerate(formulas):
         try:
             parsed.append(parse(str(formula), alloy_notation=alloy_notation))
         except CompositionError as err:
-            errors.append(f"row {row + 1} ({formula!r}): {err}")
+            errors.append(f"{item} {position + 1} ({formula!r}): {err}")
     if errors:
         shown = "; ".join(errors[:5])
         more = f"; and {len(errors) - 5} more" if len(errors) > 5 else ""
-        raise ValueError(f"{where}: {len(errors)} invalid formulas: {shown}{more}")
+        noun = "formula" if len(errors) == 1 else "formulas"
+        raise ValueError(f"{where}: {len(errors)} invalid {noun}: {shown}{more}")
     return parsed
 
 
@@ -408,6 +469,28 @@ def _featurize_rows(df, rows: np.ndarray):
 
     formulas = df["formula"].to_numpy()[rows]
     return featurize(_parse_formulas(formulas, False, "data"))
+
+
+def _composition_keys(formulas) -> list[str]:
+    """Key each formula by its atomic fractions rounded to 1e-6, symbols sorted.
+
+    Two formulas of one composition (Al3Ni, Ni0.25Al0.75) get the same key.
+    """
+    keys = []
+    for fractions in _parse_formulas(formulas, False, "data"):
+        keys.append(
+            "".join(f"{symbol}{fractions[symbol]:.6f}" for symbol in sorted(fractions))
+        )
+    return keys
+
+
+def _pool_compositions(df, split) -> dict[str, list[str]]:
+    """Key the compositions of the training and validation pools of a split."""
+    formulas = df["formula"].to_numpy()
+    return {
+        "training_compositions": sorted(set(_composition_keys(formulas[split.train]))),
+        "validation_compositions": sorted(set(_composition_keys(formulas[split.val]))),
+    }
 
 
 def _split_rows(df, kind: str, seed: int, holdout_element: str | None):
@@ -557,6 +640,7 @@ def run_train(args: argparse.Namespace) -> int:
     from dvmrl.training import TrainConfig, Trainer
 
     out = Path(args.out)
+    _check_output_folder(out, "--out")
     requested = _requested_settings(args)
     if args.resume:
         run_config = _resumed_run_config(out, requested)
@@ -610,6 +694,10 @@ def run_train(args: argparse.Namespace) -> int:
             "target_kind": info.get("target_kind"),
             "alloy_notation": run_config["alloy_notation"],
             "run": run_config,
+            "training_min_elements": int(
+                df["n_elements"].to_numpy()[split.train].min()
+            ),
+            **_pool_compositions(df, split),
         }
     )
 
@@ -694,16 +782,15 @@ def run_train(args: argparse.Namespace) -> int:
         "train_seconds_this_session": seconds,
         "device": str(device),
         "threads": torch.get_num_threads(),
-        "stability_threshold": threshold,
+        **_metric_settings(threshold),
         "model": run_config["model"],
         "train": run_config["train"],
         "provenance": provenance,
         "history": trainer.history,
     }
     _write_json_atomic(out / METRICS_FILE, report)
-    print(
-        _format_metrics(test_metrics, f"test metrics ({len(split.test)} compositions)")
-    )
+    title = f"test metrics ({len(split.test)} compositions)"
+    print(_format_metrics(test_metrics, title, threshold))
     print(f"wrote {out / MODEL_FILE} and {out / METRICS_FILE}")
     return 0
 
@@ -712,9 +799,12 @@ def run_train(args: argparse.Namespace) -> int:
 # dvmrl evaluate
 
 
-def _format_metrics(metrics: dict, title: str) -> str:
+def _format_metrics(metrics: dict, title: str, threshold: float) -> str:
+    from dvmrl.metrics import DEFAULT_TOLERANCE
+
     lines = [title]
-    for name, unit in _TABLE_METRICS:
+    for name, unit_template in _TABLE_METRICS:
+        unit = unit_template.format(tolerance=DEFAULT_TOLERANCE, threshold=threshold)
         if name not in metrics:
             continue
         value = metrics[name]
@@ -726,6 +816,17 @@ def _format_metrics(metrics: dict, title: str) -> str:
             text = f"{value:.4f}"
         lines.append(f"  {name:<10} {text:>10}  {unit}")
     return "\n".join(lines)
+
+
+def _metric_settings(threshold: float) -> dict[str, float]:
+    """Name the tolerance of ``accuracy`` and the stability threshold (eV/atom)."""
+    from dvmrl.metrics import DEFAULT_TOLERANCE
+
+    return {
+        "accuracy_tolerance_ev_per_atom": DEFAULT_TOLERANCE,
+        "stability_threshold": threshold,
+        "stability_threshold_ev_per_atom": threshold,
+    }
 
 
 def _load_model(path: str, device):
@@ -768,11 +869,99 @@ def _is_heteroscedastic(model) -> bool:
     return bool(getattr(config, "heteroscedastic", False))
 
 
+def _recorded_pools(metadata: dict, df, same_data: bool) -> dict | None:
+    """Return the composition keys of the checkpoint's training and validation pools.
+
+    Checkpoints store the keys. For older ones the split is cut again from
+    the checkpoint's data and accepted only when its fingerprint matches the
+    stored one. Returns None when neither works.
+    """
+    if "training_compositions" in metadata:
+        return {
+            "training": set(metadata["training_compositions"]),
+            "validation": set(metadata.get("validation_compositions") or []),
+        }
+    kind, fingerprint = metadata.get("split"), metadata.get("split_fingerprint")
+    trained_on = metadata.get("data")
+    if kind is None or fingerprint is None or trained_on is None:
+        return None
+    try:
+        if not same_data:
+            df, _ = _load_data(trained_on, bool(metadata.get("alloy_notation")))
+        split = _split_rows(
+            df, kind, int(metadata.get("seed", 0)), metadata.get("holdout_element")
+        )
+    except (ValueError, FileNotFoundError) as err:
+        logger.debug("cannot cut the training split again: %s", err)
+        return None
+    if split.fingerprint() != fingerprint:
+        return None
+    pools = _pool_compositions(df, split)
+    return {
+        "training": set(pools["training_compositions"]),
+        "validation": set(pools["validation_compositions"]),
+    }
+
+
+def _check_pool_overlap(
+    df, rows: np.ndarray, metadata: dict, same_data: bool, exclude: bool
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Find the rows whose composition the model trained or validated on.
+
+    Warns on stderr with their count, or drops them when ``exclude`` is set.
+
+    Returns:
+        The rows to score, and the counts for ``evaluation.json``.
+    """
+    pools = _recorded_pools(metadata, df, same_data)
+    if pools is None:
+        print(
+            "dvmrl evaluate: warning: the checkpoint records neither its training "
+            "compositions nor a split that can be cut again, so rows that the "
+            "model trained on cannot be found and the metrics may be optimistic",
+            file=sys.stderr,
+        )
+        return rows, {"overlap_checked": False}
+    keys = _composition_keys(df["formula"].to_numpy()[rows])
+    in_training = np.array([key in pools["training"] for key in keys], dtype=bool)
+    in_validation = (
+        np.array([key in pools["validation"] for key in keys], dtype=bool)
+        & ~in_training
+    )
+    counts = {
+        "overlap_checked": True,
+        "n_training_overlap": int(in_training.sum()),
+        "n_validation_overlap": int(in_validation.sum()),
+        "overlap_excluded": bool(exclude),
+    }
+    seen = in_training | in_validation
+    if not seen.any():
+        return rows, counts
+    found = (
+        f"{int(in_training.sum())} of {len(rows)} rows have a composition of the "
+        f"training pool and {int(in_validation.sum())} one of the validation pool"
+    )
+    if exclude:
+        print(
+            f"dvmrl evaluate: {found}; scoring the other {int((~seen).sum())}",
+            file=sys.stderr,
+        )
+        return rows[~seen], counts
+    print(
+        f"dvmrl evaluate: warning: {found}, so these metrics are optimistic; "
+        "pass --exclude-training to score only the other rows",
+        file=sys.stderr,
+    )
+    return rows, counts
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     """Score a checkpoint, print the table and write the parity plot."""
     from dvmrl.metrics import regression_metrics
     from dvmrl.plotting import parity_plot
 
+    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent
+    _check_output_folder(out, "--out")
     device = setup_compute(args)
     model, metadata = _load_model(args.checkpoint, device)
     run = metadata.get("run", {})
@@ -799,6 +988,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
         part = f"test part of the {kind} split"
     if len(rows) == 0:
         raise ValueError(f"{data}: the {part} is empty; pass another --split")
+    rows, overlap = _check_pool_overlap(
+        df, rows, metadata, same_data, args.exclude_training
+    )
+    if overlap.get("overlap_excluded") and len(rows) < 2:
+        raise ValueError(
+            f"{data}: {len(rows)} rows of the {part} remain after dropping the "
+            "training and validation compositions, and the metrics need at least "
+            "2; pass other --data or drop --exclude-training"
+        )
+    if overlap.get("overlap_excluded"):
+        part += " without training and validation compositions"
 
     batch = _featurize_rows(df, rows)
     predictions, _ = _predict(model, batch, device, with_variance=False)
@@ -813,8 +1013,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     )
 
     name = info.get("name", data)
-    print(_format_metrics(metrics, f"{name}, {part} ({len(rows)} compositions)"))
-    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent
+    title = f"{name}, {part} ({len(rows)} compositions)"
+    print(_format_metrics(metrics, title, threshold))
     plot = parity_plot(
         out / "parity.png",
         y_true,
@@ -831,7 +1031,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
             "data": data,
             "part": part,
             "split": kind,
-            "stability_threshold": threshold,
+            **_metric_settings(threshold),
+            **overlap,
             "checkpoint": str(Path(args.checkpoint).resolve()),
         },
     )
@@ -873,7 +1074,11 @@ def _read_formula_csv(path: str, column: str) -> list[str]:
 def _domain_warnings(
     compositions: list[dict], formulas: list[str], metadata: dict
 ) -> list[str]:
-    """List a warning for each composition outside the training domain."""
+    """List a warning for each composition outside the training domain.
+
+    A composition is outside when it has an element absent from the training
+    pool, or fewer or more elements than every training composition.
+    """
     domain = metadata.get("training_domain") or {}
     elements = domain.get("elements")
     max_elements = domain.get("max_elements")
@@ -881,39 +1086,65 @@ def _domain_warnings(
         return [
             "the checkpoint records no training domain; compositions are not checked"
         ]
+    # Checkpoints that store no minimum element count skip the lower-bound check.
+    min_elements = domain.get("min_elements", metadata.get("training_min_elements"))
+    formation = metadata.get("target_kind") == "formation_energy"
     known = set(elements)
+    extrapolation = "the prediction is an extrapolation outside the training domain"
     warnings = []
     for formula, composition in zip(formulas, compositions, strict=True):
         unseen = [symbol for symbol in composition if symbol not in known]
         if unseen:
             warnings.append(
-                f"{formula}: outside the training domain (elements never seen in "
-                f"training: {', '.join(unseen)})"
+                f"{formula}: {_plural(len(unseen), 'element')} never seen in "
+                f"training ({', '.join(unseen)}); {extrapolation}, and the model "
+                "has learned nothing about these elements"
             )
-        if len(composition) > int(max_elements):
+        count = len(composition)
+        if count > int(max_elements):
             warnings.append(
-                f"{formula}: outside the training domain ({len(composition)} elements; "
-                f"training compositions have at most {int(max_elements)})"
+                f"{formula}: {_plural(count, 'element')}, but training compositions "
+                f"have at most {int(max_elements)}; {extrapolation}"
+            )
+        if min_elements is not None and count < int(min_elements):
+            reason = (
+                "; the formation energy of a pure element is 0 eV/atom by definition"
+                if formation and count == 1
+                else ""
+            )
+            warnings.append(
+                f"{formula}: {_plural(count, 'element')}, but training compositions "
+                f"have at least {int(min_elements)}; {extrapolation}{reason}"
             )
     return warnings
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def run_predict(args: argparse.Namespace) -> int:
     """Predict compositions given on the command line or in a CSV."""
     import pandas as pd
 
+    from dvmrl.compositions import format_formula
     from dvmrl.featurize import featurize
 
     if bool(args.formulas) == bool(args.input):
         raise UsageError("pass either FORMULA... or --input FILE.csv (exactly one)")
+    if args.output:
+        _check_output_file(Path(args.output), "--output")
     formulas = (
         _read_formula_csv(args.input, args.formula_column)
         if args.input
         else [str(f) for f in args.formulas]
     )
-    compositions = _parse_formulas(
-        formulas, args.alloy_notation, args.input or "command line"
-    )
+    if args.input:
+        compositions = _parse_formulas(formulas, args.alloy_notation, args.input)
+    else:
+        compositions = _parse_formulas(
+            formulas, args.alloy_notation, "command line", item="argument"
+        )
 
     device = setup_compute(args)
     model, metadata = _load_model(args.checkpoint, device)
@@ -927,6 +1158,7 @@ def run_predict(args: argparse.Namespace) -> int:
     table = pd.DataFrame(
         {
             "formula": formulas,
+            "composition": [format_formula(c) for c in compositions],
             "prediction_ev_per_atom": mean,
             "prediction_kj_per_mol": mean * EV_TO_KJ_PER_MOL,
         }
