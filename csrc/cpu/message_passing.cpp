@@ -98,6 +98,20 @@ std::unique_ptr<T[]> uninitialised(int64_t n) {
   return std::unique_ptr<T[]>(new T[n > 0 ? n : 1]);
 }
 
+// Scratch of at least n elements, kept per thread and per type between
+// calls: the sizes depend on the model dims only (not on B), and reusing
+// the memory spares a small batch the allocation and cold pages.
+template <class T>
+T* thread_scratch(int64_t n) {
+  thread_local std::vector<T> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) {
+    buffer.clear();
+    buffer.shrink_to_fit();
+    buffer.resize(static_cast<size_t>(n > 0 ? n : 1));
+  }
+  return buffer.data();
+}
+
 template <class T>
 std::unique_ptr<T[]> transposed_weights(const Dims& d, const Layout& p,
                                         const TransposedLayout& tl, const T* flat) {
@@ -207,8 +221,8 @@ void forward_typed(const Dims& d, const Buffers& buf) {
   const ForwardFn<T> fn = pick_forward<T>(active_kernels());
   const int64_t scratch_size = forward_scratch_size(d);
   parallel_for(d.batch, kSubBlock, kSerialBatch, [&](int64_t begin, int64_t end, int64_t) {
-    std::unique_ptr<T[]> scratch = uninitialised<T>(scratch_size);
-    fn(cx, begin, end, scratch.get());
+    T* scratch = thread_scratch<T>(scratch_size);
+    fn(cx, begin, end, scratch);
   });
 }
 
@@ -233,17 +247,17 @@ void backward_typed(const Dims& d, const Buffers& buf) {
   if (!buf.param_grads) {
     // Only grad_frac: each chunk writes its compositions' rows, no reduction.
     parallel_for(n_chunks, 1, 1, [&](int64_t, int64_t, int64_t c) {
-      std::unique_ptr<T[]> scratch = uninitialised<T>(scratch_size);
+      T* scratch = thread_scratch<T>(scratch_size);
       const int64_t begin = c * chunk;
-      fn(cx, begin, std::min(d.batch, begin + chunk), scratch.get(), nullptr, nullptr);
+      fn(cx, begin, std::min(d.batch, begin + chunk), scratch, nullptr, nullptr);
     });
     return;
   }
   if (n_chunks <= 1) {
     zero_bias_grads(d, cx.p, grad_flat);
     std::fill(grad_table, grad_table + n_table, T(0));
-    std::unique_ptr<T[]> scratch = uninitialised<T>(scratch_size);
-    fn(cx, 0, d.batch, scratch.get(), grad_flat, grad_table);
+    T* scratch = thread_scratch<T>(scratch_size);
+    fn(cx, 0, d.batch, scratch, grad_flat, grad_table);
     return;
   }
   const int64_t part = n_params + n_table;
@@ -253,10 +267,10 @@ void backward_typed(const Dims& d, const Buffers& buf) {
     T* mine = partial + c * part;
     zero_bias_grads(d, cx.p, mine);
     std::fill(mine + n_params, mine + part, T(0));
-    std::unique_ptr<T[]> scratch = uninitialised<T>(scratch_size);
+    T* scratch = thread_scratch<T>(scratch_size);
     const int64_t begin = c * chunk;
     const int64_t end = std::min(d.batch, begin + chunk);
-    fn(cx, begin, end, scratch.get(), mine, mine + n_params);
+    fn(cx, begin, end, scratch, mine, mine + n_params);
   });
   // Sum the chunks in chunk order, element by element.
   parallel_for(part, 16384, 65536, [&](int64_t begin, int64_t end, int64_t) {
