@@ -23,7 +23,7 @@ from dvmrl.experiment_agent import (
     restore_episode,
     save_episode,
 )
-from dvmrl.report import find_winner, summarise
+from dvmrl.report import _winner_text, find_winner, summarise
 from dvmrl.search import SEARCH_SPACE
 
 TINY = Preset(
@@ -341,6 +341,33 @@ def test_winner_single_seed_unassessed():
     winner = find_winner(summaries, higher_is_better=False)
     assert winner["winner"] == "random"
     assert not winner["spread_assessed"]
+
+
+def test_winner_single_seed_invisible_tie():
+    # 0.478717 and 0.478709 eV/atom both print as 0.4787.
+    summaries = {"agent": summarise([0.478709]), "random": summarise([0.478717])}
+    winner = find_winner(summaries, higher_is_better=False)
+    assert winner["winner"] == "agent"
+    assert winner["tied_with"] == ["random"]
+    assert winner["tie"]
+    assert "ties not assessed" not in _winner_text(winner)
+
+
+def test_winner_tie_below_resolution():
+    # 0.4 % apart, with spreads far smaller than the difference.
+    summaries = {
+        "random": summarise([0.5000, 0.5001]),
+        "agent": summarise([0.5020, 0.5021]),
+    }
+    winner = find_winner(summaries, higher_is_better=False)
+    assert winner["tied_with"] == ["agent"]
+    assert winner["tie"]
+
+
+def test_winner_single_seed_text():
+    summaries = {"random": summarise([0.3]), "agent": summarise([0.31])}
+    text = _winner_text(find_winner(summaries, higher_is_better=False))
+    assert text == "random search (one seed: ties judged at 0.5 % only)"
 
 
 def test_summarise_skips_missing():

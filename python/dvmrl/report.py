@@ -6,9 +6,12 @@ report of a resumed run equals that of an uninterrupted one, timings aside.
 
 Summaries are the mean and the sample standard deviation (ddof=1) over
 seeds. A method wins a metric when its mean is the best. Any other method
-whose mean differs from the best by less than the larger of the two
-standard deviations ties with it. With a single seed there is no spread,
-so the report names the best mean and states that ties were not assessed.
+ties with it in three cases. Its mean differs from the best by less than
+the larger of the two standard deviations, or by less than the resolution
+(:data:`RELATIVE_RESOLUTION`, 0.5 % of the best mean's magnitude). Or the
+two means print the same (4 decimals, 3 significant digits below 0.01).
+With a single seed there is no spread, so only the resolution and the
+printed precision decide ties, and the report says so.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ METRICS: tuple[tuple[str, str, str, bool], ...] = (
     ("chemsys_mae", "chemsys hold-out MAE", "eV/atom", False),
     ("val_rmse", "best validation RMSE", "eV/atom", False),
 )
+# Differences below this fraction of the best mean's magnitude are ties,
+# with or without a spread over seeds.
+RELATIVE_RESOLUTION = 0.005
 METHOD_LABELS = {
     "random": "random search",
     "bayesian": "Bayesian optimisation",
@@ -109,33 +115,50 @@ def find_winner(
 ) -> dict[str, Any]:
     """Name the best method of one metric and the methods tied with it.
 
+    A method ties with the best when the difference of their means is below
+    ``RELATIVE_RESOLUTION`` times the best mean's magnitude or invisible at
+    the report's printed precision. When every method has two or more
+    seeds, a difference below the larger standard deviation is a tie too.
+
     Args:
         summaries: per method, the output of ``summarise``.
         higher_is_better: direction of the metric.
 
     Returns:
         dict with ``winner`` (method name or None), ``tied_with`` (methods
-        whose mean lies within the spread of the winner's), ``tie`` (bool)
-        and ``spread_assessed`` (false when some method has one seed only).
+        tied with the winner), ``tie`` (bool), ``spread_assessed`` (false
+        when some method has one seed only, so only the resolution and the
+        printed precision decided ties) and ``resolution`` (the relative
+        resolution used).
     """
     ranked = [(m, s) for m, s in summaries.items() if s["mean"] is not None]
     if not ranked:
-        return {"winner": None, "tied_with": [], "tie": False, "spread_assessed": False}
+        return {
+            "winner": None,
+            "tied_with": [],
+            "tie": False,
+            "spread_assessed": False,
+            "resolution": RELATIVE_RESOLUTION,
+        }
     sign = -1.0 if higher_is_better else 1.0
     ranked.sort(key=lambda item: sign * item[1]["mean"])
     best_method, best = ranked[0]
     spread_assessed = all(s["std"] is not None for _, s in ranked)
     tied = []
-    if spread_assessed:
-        for method, summary in ranked[1:]:
-            spread = max(best["std"], summary["std"])
-            if abs(summary["mean"] - best["mean"]) < spread:
-                tied.append(method)
+    for method, summary in ranked[1:]:
+        threshold = RELATIVE_RESOLUTION * abs(best["mean"])
+        if spread_assessed:
+            threshold = max(threshold, best["std"], summary["std"])
+        difference = abs(summary["mean"] - best["mean"])
+        same_print = _format(summary["mean"]) == _format(best["mean"])
+        if difference < threshold or difference == 0.0 or same_print:
+            tied.append(method)
     return {
         "winner": best_method,
         "tied_with": tied,
         "tie": bool(tied),
         "spread_assessed": spread_assessed,
+        "resolution": RELATIVE_RESOLUTION,
     }
 
 
@@ -497,8 +520,10 @@ def _notes_lines(report: dict[str, Any]) -> list[str]:
         "inverse of a scaled sum of squared errors (it equals (n - 1) / (n^2 MSE)), so "
         "higher is better. It is not Wahba's generalised cross-validation. On one test "
         "set the GCV ratio of two models is the inverse square of their RMSE ratio.",
-        "- A difference smaller than the spread over seeds (the larger of the two "
-        "standard deviations) is called a tie.",
+        "- A difference is called a tie when it is smaller than the spread over "
+        "seeds (the larger of the two standard deviations, only with two or more "
+        f"seeds), smaller than {_percent(RELATIVE_RESOLUTION)} of the best mean's "
+        "magnitude, or invisible at the printed precision.",
         "- Best validation RMSE is measured on the whole validation pool for every "
         "method. The agent selects its checkpoint on its current validation set, "
         "which its strategy draws from that pool.",
@@ -519,8 +544,18 @@ def _winner_text(winner: dict[str, Any]) -> str:
     if winner["tie"]:
         return "tie: " + _join_names([winner["winner"], *winner["tied_with"]])
     if not winner["spread_assessed"]:
-        return f"{label} (ties not assessed)"
+        resolution = _percent(_resolution(winner))
+        return f"{label} (one seed: ties judged at {resolution} only)"
     return label
+
+
+def _resolution(winner: dict[str, Any]) -> float:
+    # Reports written before the resolution was recorded used no resolution.
+    return float(winner.get("resolution", 0.0))
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:g} %"
 
 
 def _ratio_lines(report: dict[str, Any]) -> list[str]:
@@ -573,9 +608,13 @@ def _verdict_lines(report: dict[str, Any]) -> list[str]:
         if winner["tie"]:
             group = [winner["winner"], *winner["tied_with"]]
             outside = " The agent is outside the tie, so the baselines beat it here."
+            rule = f"{_percent(_resolution(winner))} of the best mean"
+            if winner["spread_assessed"]:
+                rule = f"the spread over seeds or {rule}"
             lines.append(
                 f"- {label}: a tie between {_join_names(group)} (differences smaller "
-                f"than the spread over seeds). The best mean is {name}'s."
+                f"than {rule}, or invisible at the printed precision). The best "
+                f"mean is {name}'s."
                 + (outside if "agent" in methods and "agent" not in group else "")
             )
             continue
@@ -584,7 +623,11 @@ def _verdict_lines(report: dict[str, Any]) -> list[str]:
         caveat = (
             ""
             if winner["spread_assessed"]
-            else " (one seed, so no spread to judge ties)"
+            else (
+                " (one seed, so ties were judged only by the "
+                f"{_percent(_resolution(winner))} resolution and the printed "
+                "precision, not by spread)"
+            )
         )
         lines.append(f"- {label}: {name} wins{caveat}.{suffix}")
     lines.append("")
