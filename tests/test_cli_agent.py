@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import re
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from dvmrl.agent import PRETRAINED_AGENT, DQNAgent, load_pretrained
 from dvmrl.cli import main
 from dvmrl.env import ModelTuningEnv
 from dvmrl.meta import EVALUATION_DATASET, default_tasks, parse_task, state_paths
+from dvmrl.metrics import DEFAULT_TOLERANCE
 
 TRAIN = [
     "agent",
@@ -94,10 +96,20 @@ def test_evaluate_prints_trajectory(trained, capsys):
         ]
     )
     out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if re.match(r"\s*\d+\s", line)]
+    lowest = min(float(row[-1]) for row in rows)
     assert code == 0
-    assert "val_rmse" in out
-    assert "vulnerability" in out
-    assert "best validation RMSE" in out
+    assert "reward = 1 * (change in accuracy) + 1 * (decrease in vulnerability)" in out
+    assert f"fraction within {DEFAULT_TOLERANCE:g} eV/atom" in out
+    assert "on the validation set in use at that step" in out
+    assert f"lowest val_rmse in the table: {lowest:.4f} eV/atom" in out
+    assert "on the final" in out
+
+
+def test_evaluate_rejects_small_pool(trained, capsys):
+    code = main(["agent", "evaluate", "--agent", str(trained), "--train-size", "5"])
+    assert code == 2
+    assert "pass at least 64 compositions" in capsys.readouterr().err
 
 
 def test_evaluate_rejects_pickle(tmp_path, capsys):

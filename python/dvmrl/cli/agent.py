@@ -8,6 +8,10 @@ import sys
 
 from dvmrl.cli._common import add_compute_options, positive_int, setup_compute
 
+# Smallest --train-size of ``agent evaluate``: one minibatch of the
+# environment's default batch size (dvmrl.env.DEFAULT_TRAIN["batch_size"]).
+MIN_TRAIN_SIZE = 64
+
 
 def add_parser(subparsers) -> None:
     """Register ``dvmrl agent`` with its ``train`` and ``evaluate`` subcommands."""
@@ -68,8 +72,9 @@ def add_parser(subparsers) -> None:
         help="run a trained agent on mp-formation-energy and print its trajectory",
         description=(
             "Run the agent greedily on mp-formation-energy (never used in "
-            "meta-training) and print each step: action, reward, validation "
-            "RMSE (eV/atom) and vulnerability (eV/atom)."
+            "meta-training) and print each step: action, validation strategy, "
+            "reward, reward accuracy (fraction), vulnerability (eV/atom) and "
+            "validation RMSE (eV/atom) on that step's validation set."
         ),
     )
     evaluate.add_argument(
@@ -81,7 +86,7 @@ def add_parser(subparsers) -> None:
         "--train-size",
         type=positive_int,
         default=1500,
-        help="training compositions of the task; default: 1500",
+        help=f"training compositions of the task, >= {MIN_TRAIN_SIZE}; default: 1500",
     )
     evaluate.add_argument(
         "--budget-epochs",
@@ -132,6 +137,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from dvmrl.env import ModelTuningEnv
     from dvmrl.meta import EVALUATION_DATASET
 
+    if args.train_size < MIN_TRAIN_SIZE:
+        raise ValueError(
+            f"--train-size {args.train_size} is too small to train on: pass at least "
+            f"{MIN_TRAIN_SIZE} compositions (one minibatch of the default batch size); "
+            "meta-training uses 500 to 1500"
+        )
     device = setup_compute(args)
     agent = load_pretrained() if args.agent is None else DQNAgent.load(args.agent)
     options = {"train_size": args.train_size, "device": str(device)}
@@ -147,19 +158,70 @@ def run_evaluate(args: argparse.Namespace) -> int:
     for episode in range(args.episodes):
         result = run_episode(agent, env, learn=False, seed=args.seed + episode)
         print(f"episode {episode + 1} on {EVALUATION_DATASET} (seed {args.seed + episode})")
-        print(
-            "val_rmse: eV/atom on the current validation set; vulnerability: mean "
-            "eV/atom on the probe set"
-        )
-        print(f"{'step':>4}  {'action':<26} {'reward':>9} {'val_rmse':>9} {'vulnerability':>13}")
-        for row in result.trajectory:
-            print(
-                f"{row['step']:>4}  {row['action_name']:<26} {row['reward']:>9.4f} "
-                f"{row['val_rmse']:>9.4f} {row['vulnerability']:>13.4f}"
-            )
-        end = "stop" if result.terminated else "budget spent"
-        print(
-            f"return {result.total_return:.4f}, ended by {end}, best validation RMSE "
-            f"{result.best_val_rmse:.4f} eV/atom"
-        )
+        _print_legend(env)
+        _print_trajectory(result.trajectory)
+        _print_footer(result)
     return 0
+
+
+def _print_legend(env) -> None:
+    """Print the sets each column is measured on and the reward formula."""
+    print(
+        f"training pool: {len(env.train_formulas)} compositions; validation pool: "
+        f"{len(env.pool_formulas)} compositions"
+    )
+    print(
+        f"reward = {env.w_accuracy:g} * (change in accuracy) + "
+        f"{env.w_vulnerability:g} * (decrease in vulnerability)"
+    )
+    print(
+        f"accuracy: fraction within {env.tolerance:g} eV/atom on a fixed "
+        f"{len(env.reward_index)}-composition subsample of the validation pool"
+    )
+    print(
+        "vulnerability: mean largest prediction change (eV/atom) on a fixed "
+        f"{len(env.probe_index)}-composition probe set of the validation pool"
+    )
+    print(
+        f"val_rmse: eV/atom on the validation set in use at that step ({env.val_size} "
+        "compositions the strategy draws from the pool), not part of the reward"
+    )
+    print(
+        "each validate-* action draws a new validation set, so val_rmse values on "
+        "either side of one measure different sets"
+    )
+
+
+def _print_trajectory(trajectory: list[dict]) -> None:
+    print(
+        f"{'step':>4}  {'action':<26} {'strategy':<18} {'reward':>9} {'accuracy':>9} "
+        f"{'vulnerability':>13} {'val_rmse':>9}"
+    )
+    for row in trajectory:
+        print(
+            f"{row['step']:>4}  {row['action_name']:<26} {row['strategy']:<18} "
+            f"{row['reward']:>9.4f} {row['reward_accuracy']:>9.4f} "
+            f"{row['vulnerability']:>13.4f} {row['val_rmse']:>9.4f}"
+        )
+
+
+def _print_footer(result) -> None:
+    """Print the return, the lowest val_rmse in the table and the kept checkpoint's."""
+    end = "stop" if result.terminated else "budget spent"
+    print(f"return {result.total_return:.4f}, ended by {end}")
+    lowest = min(result.trajectory, key=lambda row: row["val_rmse"], default=None)
+    if lowest is not None:
+        print(
+            f"lowest val_rmse in the table: {lowest['val_rmse']:.4f} eV/atom at step "
+            f"{lowest['step']}, on that step's {lowest['strategy']} validation set"
+        )
+    if result.best_val_rmse is not None:
+        strategy = result.trajectory[-1]["strategy"] if result.trajectory else "random"
+        print(
+            f"kept checkpoint: val_rmse {result.best_val_rmse:.4f} eV/atom "
+            f"on the final {strategy} validation set"
+        )
+        print(
+            "(the environment keeps the state with the lowest val_rmse and re-scores "
+            "it whenever the strategy draws a new validation set)"
+        )
