@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import requires_cuda
 
 import dvmrl
 from dvmrl import _core, ops, reference
@@ -72,7 +73,7 @@ def forward_and_grads(
     out = fn(leaves[0], leaves[1], element_index, leaves[2], mask, dims, drop)
     weight = torch.randn(
         out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
-    ).to(out.dtype)
+    ).to(out.device, out.dtype)
     grads = torch.autograd.grad((out * weight).sum(), leaves)
     return (out.detach(), *grads)
 
@@ -559,3 +560,19 @@ def test_contiguity_checked_after_a_valid_call():
     args[2] = torch.zeros(4, 3, dtype=torch.int64).T
     with pytest.raises(ValueError, match="element_index: expected a contiguous tensor"):
         ops.model_forward(*args, SMALL)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_frac_gradient_alone_equals_full():
+    dims = make_dims(24, gate_hidden=20, msg_hidden=18)
+    args = make_batch(45, 5, dims, torch.float64, seed=44, dropout=True)
+    node_table, flat, index, frac, mask, drop = [t.cuda() for t in args]
+    full = forward_and_grads(ops.model_forward, node_table, flat, index, frac, mask, dims, drop)
+    frac_leaf = frac.clone().requires_grad_()
+    out = ops.model_forward(node_table, flat, index, frac_leaf, mask, dims, drop)
+    weight = torch.randn(
+        out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    ).to(out.device)
+    (alone,) = torch.autograd.grad((out * weight).sum(), frac_leaf)
+    assert rel_error(alone.cpu(), full[3].cpu()) < 1e-12
