@@ -326,19 +326,24 @@ def model_from_document(document: dict[str, Any], path: str | os.PathLike):
     return model
 
 
+# Top-level checkpoint entries copied into the metadata that load_checkpoint
+# returns. User metadata may not use these names.
+_DOCUMENT_KEYS = (
+    "model_config",
+    "train_config",
+    "target_scaling",
+    "element_table",
+    "data_fingerprint",
+    "training_domain",
+    "provenance",
+    "history",
+)
+
+
 def metadata_from_document(document: dict[str, Any]) -> dict[str, Any]:
     """Collect the metadata dict that :func:`load_checkpoint` returns."""
     metadata = dict(document.get("metadata") or {})
-    for key in (
-        "model_config",
-        "train_config",
-        "target_scaling",
-        "element_table",
-        "data_fingerprint",
-        "training_domain",
-        "provenance",
-        "history",
-    ):
+    for key in _DOCUMENT_KEYS:
         metadata[key] = document.get(key)
     trainer_state = (document.get("resume") or {}).get("trainer")
     history = document.get("history") or []
@@ -351,17 +356,4 @@ def metadata_from_document(document: dict[str, Any]) -> dict[str, Any]:
     return metadata
 
 
-RESERVED_METADATA_KEYS = frozenset(
-    {
-        "model_config",
-        "train_config",
-        "target_scaling",
-        "element_table",
-        "data_fingerprint",
-        "training_domain",
-        "provenance",
-        "history",
-        "epochs_done",
-        "format_version",
-    }
-)
+RESERVED_METADATA_KEYS = frozenset({*_DOCUMENT_KEYS, "epochs_done", "format_version"})
