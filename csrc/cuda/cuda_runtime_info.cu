@@ -14,7 +14,7 @@ int cuda_device_count(std::string* error) {
   cudaError_t status = cudaGetDeviceCount(&count);
   if (status != cudaSuccess) {
     if (error != nullptr) *error = cudaGetErrorString(status);
-    cudaGetLastError();  // clear the sticky-free error so later calls start clean
+    cudaGetLastError();  // reset the last-error state so later calls start clean
     return 0;
   }
   if (count == 0 && error != nullptr) *error = "no CUDA device found";

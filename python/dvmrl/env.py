@@ -787,7 +787,7 @@ def _featurize_task(df: pd.DataFrame, train_rows: np.ndarray, pool_rows: np.ndar
 
     formulas = df["formula"].to_numpy().astype(str)
     target = df["target"].to_numpy(np.float64)
-    # One batch holds both pools (training rows first), so that the validation
+    # One batch contains both pools (training rows first), so that the validation
     # strategies can index every composition by row.
     x_all = featurize(list(formulas[train_rows]) + list(formulas[pool_rows]))
     n_train = len(train_rows)

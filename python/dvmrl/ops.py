@@ -194,7 +194,7 @@ def model_forward(
 
 
 class _Plan:
-    """What one call shape of the fused kernels needs, computed once per shape.
+    """Call settings of the fused kernels for one input shape, computed once.
 
     Attributes:
         dims (ModelDims): sizes of the model.
@@ -238,9 +238,9 @@ def _checked_plan(node_table, flat, element_index, frac, mask, dims, dropout_mas
     """Validate the inputs and return the call plan, or None without kernels.
 
     A shape seen before is checked with a few comparisons (dtypes, shapes,
-    devices, contiguity) instead of the full validate_inputs, which runs on
-    the first call of every shape and whenever a quick check fails, so the
-    error messages stay the same.
+    devices, contiguity). The full validate_inputs runs on the first call of
+    each shape and whenever a quick check fails, so the error messages stay
+    the same.
     """
     dtype = node_table.dtype
     device = node_table.device

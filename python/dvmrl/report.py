@@ -11,7 +11,7 @@ the larger of the two standard deviations, or by less than the resolution
 (:data:`RELATIVE_RESOLUTION`, 0.5 % of the best mean's magnitude). Or the
 two means print the same (4 decimals, 3 significant digits below 0.01).
 With a single seed there is no spread, so only the resolution and the
-printed precision decide ties, and the report says so.
+printed precision decide ties, and the report states this.
 """
 
 from __future__ import annotations

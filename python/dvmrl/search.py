@@ -30,7 +30,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 # Validation RMSE (eV/atom) passed to the surrogate for a trial whose training
-# diverged (non-finite RMSE), so the GP sees a bad but finite value.
+# diverged (non-finite RMSE), so the GP receives a bad but finite value.
 DIVERGED_RMSE = 10.0
 
 

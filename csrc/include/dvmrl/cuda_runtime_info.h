@@ -1,4 +1,4 @@
-// Queries of the CUDA runtime, answered without a GPU or driver.
+// Queries of the CUDA runtime that also work without a GPU or driver.
 #pragma once
 
 #include <string>
