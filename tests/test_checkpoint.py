@@ -309,5 +309,7 @@ def test_resume_without_state(data, tmp_path):
 def test_read_checkpoint_has_resume(saved):
     document = read_checkpoint(saved[1])
     resume = document["resume"]
-    assert set(resume["optimizer"]) == {"emb_w", "emb_b", "emb_offset", "flat"}
+    expected = {"emb_w", "emb_b", "emb_offset", "flat"}
+    expected |= {"frac_w1", "frac_b1", "frac_w2", "frac_b2"}
+    assert set(resume["optimizer"]) == expected
     assert resume["rng"]["shuffle"].dtype == torch.uint8

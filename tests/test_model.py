@@ -137,6 +137,52 @@ def test_residual_init_small():
     )
 
 
+def test_fraction_encoder_off():
+    model = _model(fraction_hidden=0)
+    batch = _batch()
+    table, rows = model.node_inputs(batch.element_index, batch.frac)
+    assert model.config.embedding_names == ("emb_w", "emb_b", "emb_offset")
+    assert not hasattr(model, "frac_w1")
+    torch.testing.assert_close(table, model.node_table(), atol=0, rtol=0)
+    assert rows is batch.element_index
+
+
+def test_fraction_encoder_node_rows():
+    model = _model(fraction_hidden=8)
+    assert tuple(model.frac_w1.shape) == (8, 2)
+    assert tuple(model.frac_w2.shape) == (SMALL["hidden"], 8)
+    batch = _batch()
+    table, rows = model.node_inputs(batch.element_index, batch.frac)
+    n_slots = batch.element_index.shape[1]
+    assert tuple(table.shape) == (len(FORMULAS) * n_slots, SMALL["hidden"])
+    assert torch.equal(rows.reshape(-1), torch.arange(len(FORMULAS) * n_slots))
+    expected = model.node_table()[batch.element_index] + model.fraction_encoding(
+        batch.frac
+    )
+    torch.testing.assert_close(table.reshape(expected.shape), expected, atol=0, rtol=0)
+
+
+def test_fraction_encoder_sees_fractions():
+    # Without the encoder, a binary's node states ignore the fractions (each
+    # node has one neighbour, whose attention weight is 1).
+    model = _model(fraction_hidden=8)
+    batch = _batch(formulas=["FeNi", "Fe3Ni"])
+    table, _ = model.node_inputs(batch.element_index, batch.frac)
+    nodes = table.detach().reshape(2, -1, SMALL["hidden"])
+    assert float((nodes[0, 0] - nodes[1, 0]).abs().max()) > 1e-3
+
+
+def test_config_without_fraction_hidden():
+    values = ModelConfig(**SMALL).to_dict()
+    del values["fraction_hidden"]
+    assert ModelConfig.from_dict(values).fraction_hidden == 0
+
+
+def test_config_bad_fraction_hidden():
+    with pytest.raises(ValueError, match="fraction_hidden must be an integer >= 0"):
+        ModelConfig(fraction_hidden=-1)
+
+
 def test_init_seed_reproducible():
     first = CompositionMPNN(ModelConfig(**SMALL), seed=5)
     second = CompositionMPNN(ModelConfig(**SMALL), seed=5)
@@ -149,10 +195,11 @@ def test_forward_matches_reference():
     model = _model()
     model.use_fused = False
     batch = _batch()
+    table, rows = model.node_inputs(batch.element_index, batch.frac)
     out = reference.model_forward(
-        model.node_table(),
+        table,
         model.flat,
-        batch.element_index,
+        rows,
         batch.frac,
         batch.mask,
         model.dims,
@@ -233,9 +280,10 @@ def test_single_element_finite():
     assert float(prediction[0].detach()) != float(prediction[1].detach())
 
 
-def test_frac_gradient_matches_gradcheck():
+@pytest.mark.parametrize("use_fused", [False, True])
+def test_frac_gradient_matches_gradcheck(use_fused):
     model = _model()
-    model.use_fused = False
+    model.use_fused = use_fused
     batch = _batch(formulas=["NiTiZr", "FeNi", "Al2Cu"])
     frac = batch.frac.clone().requires_grad_(True)
 
@@ -249,7 +297,7 @@ def test_gradients_reach_every_parameter():
     model = _model().train()
     batch = _batch()
     model(batch.element_index, batch.frac, batch.mask).sum().backward()
-    for name in ("emb_w", "emb_b", "emb_offset", "flat"):
+    for name in (*model.config.embedding_names, "flat"):
         gradient = getattr(model, name).grad
         assert gradient is not None, name
         assert bool(torch.isfinite(gradient).all()), name

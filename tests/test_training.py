@@ -344,3 +344,62 @@ def test_train_on_device(data, device):
     history = trainer.fit()
     assert trainer.model.flat.device.type == device.type
     assert math.isfinite(history[0]["val_rmse"])
+
+
+def test_ema_config_checks():
+    with pytest.raises(ValueError, match="ema_decay must be in"):
+        TrainConfig(ema_decay=1.0)
+    values = TrainConfig().to_dict()
+    del values["ema_decay"]
+    assert TrainConfig.from_dict(values).ema_decay == 0.0
+
+
+def test_ema_keeps_optimiser_path(data):
+    # Averaging must not change the optimiser's own iterate: the raw weights
+    # of a run with averaging equal the weights of a run without it.
+    averaged = _trainer(data, ema_decay=0.9)
+    plain = _trainer(data, ema_decay=0.0)
+    averaged.train_epochs(2)
+    plain.train_epochs(2)
+    raw = torch.cat([w.reshape(-1) for w in averaged._raw_weights])
+    plain_weights = torch.cat([p.detach().reshape(-1) for p in plain._parameters()])
+    assert torch.equal(raw, plain_weights)
+    model_weights = torch.cat([p.detach().reshape(-1) for p in averaged._parameters()])
+    assert not torch.equal(model_weights, raw)
+
+
+def test_ema_matches_manual_average(data):
+    decay = 0.8
+    trainer = _trainer(data, ema_decay=decay, batch_size=160)
+    snapshots = []
+
+    def record(optimizer, args, kwargs):
+        snapshots.append([p.detach().clone() for p in trainer._parameters()])
+
+    handle = trainer._optimizer.register_step_post_hook(record)
+    try:
+        trainer.train_epochs(2)
+    finally:
+        handle.remove()
+    assert len(snapshots) == 6  # 480 compositions, batch 160, 2 epochs
+
+    initial = _trainer(data, ema_decay=decay, batch_size=160)
+    expected = [p.detach().clone() for p in initial._parameters()]
+    for t, weights in enumerate(snapshots):
+        d = min(decay, (1 + t) / (10 + t))
+        expected = [
+            d * e + (1 - d) * w for e, w in zip(expected, weights, strict=True)
+        ]
+    for average, parameter in zip(expected, trainer._parameters(), strict=True):
+        torch.testing.assert_close(parameter.detach(), average, atol=1e-6, rtol=1e-5)
+
+
+def test_ema_restarts_after_external_change(data):
+    trainer = _trainer(data, ema_decay=0.99)
+    trainer.train_epochs(1)
+    trainer.add_layer()
+    assert trainer._ema_updates > 0
+    trainer.train_epochs(1)
+    # The average restarted from the moved weights, so it counts one epoch.
+    assert trainer._ema_updates == math.ceil(480 / 64)
+    assert all(bool(torch.isfinite(p).all()) for p in trainer._parameters())

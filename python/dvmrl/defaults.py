@@ -32,6 +32,7 @@ MODEL = {
     "head_layers": 2,
     "dropout": 0.0,
     "heteroscedastic": False,
+    "fraction_hidden": 32,
 }
 
 # Optimisation: AdamW with warm-up and cosine decay, early stopping on the
@@ -46,4 +47,5 @@ TRAIN = {
     "seed": 0,
     "schedule": "cosine",
     "monitor": "val_rmse",
+    "ema_decay": 0.999,
 }

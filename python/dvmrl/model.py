@@ -2,7 +2,8 @@
 
 A composition is a complete directed graph over its elements, weighted by
 the atomic fractions. The model embeds each element from its standardised
-descriptors, applies L weighted soft-attention message-passing layers with
+descriptors, adds a learned encoding of the element's fraction (optional,
+on by default), applies L weighted soft-attention message-passing layers with
 residuals, pools the nodes with a weighted attention and maps the pooled
 vector through an MLP head to the target in eV/atom. docs/architecture.md
 ("Model" and "Flat parameter buffer") gives the equations and the layout.
@@ -37,6 +38,20 @@ RESIDUAL_INIT_SCALE = 0.1
 LOG_VARIANCE_MIN = -12.0
 LOG_VARIANCE_MAX = 12.0
 
+# The fraction encoder reads [w, ln(w) / FRACTION_LOG_SCALE]: dividing by 5
+# keeps both inputs of order 1 for fractions down to about e^-5 = 0.007.
+FRACTION_LOG_SCALE = 5.0
+# Fractions below this floor (padded slots hold 0) enter the logarithm as
+# the floor, so ln(w) stays finite.
+FRACTION_LOG_FLOOR = 1e-6
+# Standard deviation of the encoder's output weight relative to a fan-in
+# initialisation: the fraction term starts small beside the element embedding.
+FRACTION_INIT_SCALE = 0.5
+
+# Parameters of the embedding stage, outside the flat buffer.
+ELEMENT_EMBEDDING_NAMES = ("emb_w", "emb_b", "emb_offset")
+FRACTION_ENCODER_NAMES = ("frac_w1", "frac_b1", "frac_w2", "frac_b2")
+
 
 @dataclass
 class ModelConfig:
@@ -55,6 +70,10 @@ class ModelConfig:
             in [0, 1).
         heteroscedastic (bool): predict a mean and a log-variance and train
             with the Gaussian negative log-likelihood.
+        fraction_hidden (int): width F of the fraction encoder, an MLP on
+            [w_i, ln w_i] whose output is added to element i's initial node
+            state; 0 turns it off, and node states then start from the
+            element alone.
     """
 
     hidden: int = defaults.MODEL["hidden"]
@@ -65,6 +84,7 @@ class ModelConfig:
     head_layers: int = defaults.MODEL["head_layers"]
     dropout: float = defaults.MODEL["dropout"]
     heteroscedastic: bool = defaults.MODEL["heteroscedastic"]
+    fraction_hidden: int = defaults.MODEL["fraction_hidden"]
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.dropout) < 1.0:
@@ -73,6 +93,15 @@ class ModelConfig:
             )
         self.dropout = float(self.dropout)
         self.heteroscedastic = bool(self.heteroscedastic)
+        if (
+            int(self.fraction_hidden) != self.fraction_hidden
+            or self.fraction_hidden < 0
+        ):
+            raise ValueError(
+                "ModelConfig.fraction_hidden must be an integer >= 0 (0 turns the "
+                f"fraction encoder off), got {self.fraction_hidden!r}"
+            )
+        self.fraction_hidden = int(self.fraction_hidden)
         # ModelDims checks the integer sizes.
         self.dims  # noqa: B018
 
@@ -93,9 +122,20 @@ class ModelConfig:
         """Return the fields as a JSON-serialisable dict."""
         return dataclasses.asdict(self)
 
+    @property
+    def embedding_names(self) -> tuple[str, ...]:
+        """Names of the parameters outside the flat buffer."""
+        if self.fraction_hidden > 0:
+            return ELEMENT_EMBEDDING_NAMES + FRACTION_ENCODER_NAMES
+        return ELEMENT_EMBEDDING_NAMES
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         """Build a config from ``to_dict`` output; missing keys take defaults.
+
+        A dict without ``fraction_hidden`` describes a model saved before
+        the fraction encoder existed, so that field becomes 0 rather than the
+        default.
 
         Raises:
             ValueError: for an unknown key or an invalid value.
@@ -107,6 +147,7 @@ class ModelConfig:
                 f"unknown ModelConfig keys {unknown}; expected a subset of "
                 f"{sorted(known)}"
             )
+        values = {"fraction_hidden": 0, **values}
         return cls(**values)
 
 
@@ -154,6 +195,26 @@ def init_flat(dims: ModelDims, generator: torch.Generator) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def init_fraction_encoder(
+    width: int, hidden: int, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Draw the fraction encoder's parameters (float64); empty for width 0.
+
+    ``frac_w1`` [F, 2] is normal with a fan-in standard deviation,
+    ``frac_w2`` [H, F] the same times ``FRACTION_INIT_SCALE``, the biases 0.
+    """
+    if width == 0:
+        return {}
+    return {
+        "frac_w1": _fan_in_normal((width, 2), 2, 1.0, generator),
+        "frac_b1": torch.zeros(width, dtype=torch.float64),
+        "frac_w2": _fan_in_normal(
+            (hidden, width), width, FRACTION_INIT_SCALE, generator
+        ),
+        "frac_b2": torch.zeros(hidden, dtype=torch.float64),
+    }
+
+
 def orthogonal_embedding(
     descriptors: np.ndarray | torch.Tensor, hidden: int, generator: torch.Generator
 ) -> torch.Tensor:
@@ -189,8 +250,10 @@ def _default_descriptors() -> np.ndarray:
 class CompositionMPNN(nn.Module):
     """Weighted soft-attention message passing over alloy compositions.
 
-    Parameters: ``emb_w`` [H, F0], ``emb_b`` [H], ``emb_offset`` [E, H] and
-    the flat buffer ``flat`` (layout in :mod:`dvmrl.layout`). Buffers:
+    Parameters: ``emb_w`` [H, F0], ``emb_b`` [H], ``emb_offset`` [E, H],
+    with a fraction encoder (``fraction_hidden`` F > 0) ``frac_w1`` [F, 2],
+    ``frac_b1`` [F], ``frac_w2`` [H, F] and ``frac_b2`` [H], and the flat
+    buffer ``flat`` (layout in :mod:`dvmrl.layout`). Buffers:
     ``descriptors`` [E, F0] (standardised element descriptors), and
     ``target_mean``, ``target_std`` (eV/atom), which map the network's
     standardised output to eV/atom. E = 103 element-table rows.
@@ -243,6 +306,10 @@ class CompositionMPNN(nn.Module):
             torch.zeros(table.shape[0], dims.hidden, dtype=dtype)
         )
         self.flat = nn.Parameter(init_flat(dims, generator).to(dtype))
+        for name, value in init_fraction_encoder(
+            self.config.fraction_hidden, dims.hidden, generator
+        ).items():
+            setattr(self, name, nn.Parameter(value.to(dtype)))
 
         self.use_fused = True
         self.dropout_generator: torch.Generator | None = None
@@ -302,8 +369,43 @@ class CompositionMPNN(nn.Module):
     # -- forward ---------------------------------------------------------
 
     def node_table(self) -> torch.Tensor:
-        """Return the initial node state of every element [E, H]."""
+        """Return the element part of the initial node state [E, H]."""
         return self.descriptors @ self.emb_w.T + self.emb_b + self.emb_offset
+
+    def fraction_encoding(self, frac: torch.Tensor) -> torch.Tensor:
+        """Return the fraction term of the initial node states [B, K, H].
+
+        Raises:
+            RuntimeError: if the model has no fraction encoder.
+        """
+        if self.config.fraction_hidden == 0:
+            raise RuntimeError(
+                "the model has no fraction encoder; build it with "
+                "ModelConfig(fraction_hidden=F) with F > 0"
+            )
+        w = frac.clamp_min(FRACTION_LOG_FLOOR)
+        inputs = torch.stack([w, torch.log(w) / FRACTION_LOG_SCALE], dim=-1)
+        hidden = torch.nn.functional.silu(inputs @ self.frac_w1.T + self.frac_b1)
+        return hidden @ self.frac_w2.T + self.frac_b2
+
+    def node_inputs(
+        self, element_index: torch.Tensor, frac: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the node table and row indices that the forward reads.
+
+        Without a fraction encoder these are ``node_table()`` [E, H] and
+        ``element_index`` itself. With one, each node gets its own row
+        (element part plus fraction term) of a per-node table [B * K, H],
+        read through identity indices [B, K], and autograd carries the
+        table's gradient back to the encoder and to ``frac``.
+        """
+        table = self.node_table()
+        if self.config.fraction_hidden == 0:
+            return table, element_index
+        batch, slots = element_index.shape
+        nodes = table[element_index] + self.fraction_encoding(frac)
+        rows = torch.arange(batch * slots, device=element_index.device)
+        return nodes.reshape(batch * slots, -1), rows.reshape(batch, slots)
 
     def _dropout_active(self) -> bool:
         dims = self.dims
@@ -370,9 +472,10 @@ class CompositionMPNN(nn.Module):
             forward = ops.model_forward
         else:
             forward = reference.model_forward
+        table, element_index = self.node_inputs(element_index, frac)
         # The fused kernels read raw buffers, so slices must be made contiguous.
         return forward(
-            self.node_table(),
+            table,
             self.flat,
             element_index.contiguous(),
             frac.contiguous(),
@@ -418,15 +521,14 @@ class CompositionMPNN(nn.Module):
         """Return every parameter by name: the flat entries and the embedding.
 
         The flat entries are views of ``flat`` (names from
-        :func:`dvmrl.layout.parameter_layout`); ``emb_w``, ``emb_b`` and
-        ``emb_offset`` are the parameters themselves.
+        :func:`dvmrl.layout.parameter_layout`); the embedding parameters
+        (``ModelConfig.embedding_names``) are the parameters themselves.
         """
         from dvmrl.layout import unflatten
 
         named = dict(unflatten(self.flat.detach(), self.dims))
-        named["emb_w"] = self.emb_w.detach()
-        named["emb_b"] = self.emb_b.detach()
-        named["emb_offset"] = self.emb_offset.detach()
+        for name in self.config.embedding_names:
+            named[name] = getattr(self, name).detach()
         return named
 
     @torch.no_grad()
@@ -437,9 +539,8 @@ class CompositionMPNN(nn.Module):
             ValueError: when a name is missing or a shape differs.
         """
         expected = {spec.name: spec for spec in parameter_layout(self.dims)}
-        missing = sorted(
-            (set(expected) | {"emb_w", "emb_b", "emb_offset"}) - set(named)
-        )
+        embedding_names = self.config.embedding_names
+        missing = sorted((set(expected) | set(embedding_names)) - set(named))
         if missing:
             raise ValueError(f"missing parameters {missing} for {self.dims}")
         parts = []
@@ -454,7 +555,7 @@ class CompositionMPNN(nn.Module):
         flat = torch.cat(parts).to(self.flat.device)
         if flat.numel() != parameter_count(self.dims):
             raise ValueError("assembled flat buffer has the wrong length")
-        for name in ("emb_w", "emb_b", "emb_offset"):
+        for name in embedding_names:
             target = getattr(self, name)
             if tuple(named[name].shape) != tuple(target.shape):
                 raise ValueError(
@@ -489,6 +590,19 @@ class CompositionMPNN(nn.Module):
         self.flat = nn.Parameter(
             torch.empty(parameter_count(dims), device=device, dtype=dtype)
         )
+        width = config.fraction_hidden
+        shapes = {
+            "frac_w1": (width, 2),
+            "frac_b1": (width,),
+            "frac_w2": (dims.hidden, width),
+            "frac_b2": (dims.hidden,),
+        }
+        for name, shape in shapes.items():
+            if hasattr(self, name):
+                delattr(self, name)
+            if width > 0:
+                value = torch.empty(shape, device=device, dtype=dtype)
+                setattr(self, name, nn.Parameter(value))
         self.load_named_parameters(named)
 
     def extra_repr(self) -> str:

@@ -24,8 +24,9 @@ class TrainConfig:
         lr (float): base learning rate of AdamW.
         batch_size (int): compositions per optimisation step.
         weight_decay (float): decoupled (AdamW) weight decay, applied to the
-            weight matrices, the gate vectors ``*gate_u``, ``emb_w`` and
-            ``emb_offset`` but not to biases.
+            weight matrices, the gate vectors ``*gate_u``, ``emb_w``,
+            ``emb_offset`` and the fraction encoder's ``frac_w1`` and
+            ``frac_w2``, but not to biases.
         epochs (int): total epochs of a ``fit()`` without an explicit count;
             also the horizon of the cosine schedule.
         patience (int): epochs without a better validation score before
@@ -49,6 +50,13 @@ class TrainConfig:
         eval_batch_size (int): compositions per forward pass in evaluation.
         adam_betas (tuple): AdamW (beta1, beta2).
         adam_eps (float): AdamW epsilon.
+        ema_decay (float): decay of the exponential moving average of the
+            weights, in [0, 1); 0 turns the average off. With it on, the
+            model contains the averaged weights between epochs, so validation,
+            best-weight selection, predictions and checkpoints use them,
+            and the optimiser steps a separate copy. Step t uses the decay
+            min(ema_decay, (1 + t) / (10 + t)), so the average follows the
+            weights closely at the start.
     """
 
     lr: float = defaults.TRAIN["lr"]
@@ -69,6 +77,7 @@ class TrainConfig:
         defaults.TRAIN.get("adam_betas", (0.9, 0.999))
     )
     adam_eps: float = defaults.TRAIN.get("adam_eps", 1e-8)
+    ema_decay: float = defaults.TRAIN.get("ema_decay", 0.0)
 
     def __post_init__(self) -> None:
         self.adam_betas = (float(self.adam_betas[0]), float(self.adam_betas[1]))
@@ -117,6 +126,7 @@ class TrainConfig:
                 "two values in [0, 1)",
             ),
             ("adam_eps", self.adam_eps > 0, "> 0"),
+            ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1) (0 turns it off)"),
         ]
         for name, valid, expected in checks:
             if not valid:
@@ -137,6 +147,9 @@ class TrainConfig:
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """Build a config from ``to_dict`` output; missing keys take defaults.
 
+        A dict without ``ema_decay`` comes from a run saved before weight
+        averaging existed, so that field becomes 0 rather than the default.
+
         Raises:
             ValueError: for an unknown key or an invalid value.
         """
@@ -147,6 +160,7 @@ class TrainConfig:
                 f"unknown TrainConfig keys {unknown}; expected a subset of "
                 f"{sorted(known)}"
             )
+        values = {"ema_decay": 0.0, **values}
         return cls(**values)
 
 

@@ -21,7 +21,7 @@ gate and message hidden units of each layer and of the pooling, and each
 hidden layer of the head. The new units j of a group copy old units
 g(j) (g(j) = j for the old units, a random old unit for the new ones).
 Producers of the group (rows of ``emb_w``, ``msg_w2``, ``pool_msg_w2``,
-``head_w{d}``, columns of ``emb_offset``, the biases) are copied, so every
+``head_w{d}``, ``frac_w2``, columns of ``emb_offset``, the biases) are copied, so every
 copy carries the same value as its source, through the residual sums and
 the elementwise SiLU alike. Consumers (input columns of the matrices, and
 ``gate_u``) are copied and multiplied by split factors alpha_j that sum to
@@ -49,8 +49,6 @@ import torch
 from dvmrl.layout import parameter_layout
 from dvmrl.model import ModelConfig, init_parameter
 
-EMBEDDING_NAMES = ("emb_w", "emb_b", "emb_offset")
-
 # Config field that sets the width of each kind of unit group.
 _WIDTH_FIELDS = ("hidden", "gate_hidden", "msg_hidden", "head_hidden")
 
@@ -71,7 +69,7 @@ def axis_groups(name: str, config: ModelConfig) -> tuple[Axis, ...]:
     """Return, per axis of a parameter, its unit group and role.
 
     Args:
-        name (str): a flat-buffer name or one of ``EMBEDDING_NAMES``.
+        name (str): a flat-buffer name or one of ``config.embedding_names``.
         config (ModelConfig): sizes of the model.
 
     Returns:
@@ -85,6 +83,16 @@ def axis_groups(name: str, config: ModelConfig) -> tuple[Axis, ...]:
         return (("h", "out"),)
     if name == "emb_offset":
         return (None, ("h", "out"))
+    # The fraction encoder's hidden units form the group "frac", which no
+    # move resizes; its output adds to the node state like the embedding.
+    fraction_table = {
+        "frac_w1": (("frac", "out"), None),
+        "frac_b1": (("frac", "out"),),
+        "frac_w2": (("h", "out"), ("frac", "in")),
+        "frac_b2": (("h", "out"),),
+    }
+    if name in fraction_table:
+        return fraction_table[name]
     if name.startswith("layer"):
         prefix, base = name.split(".")
         gate, msg = f"{prefix}.gate", f"{prefix}.msg"
@@ -131,7 +139,9 @@ def axis_groups(name: str, config: ModelConfig) -> tuple[Axis, ...]:
 
 def parameter_names(config: ModelConfig) -> list[str]:
     """Return every parameter name of a model: the flat entries, then the embedding."""
-    return [spec.name for spec in parameter_layout(config.dims)] + list(EMBEDDING_NAMES)
+    return [spec.name for spec in parameter_layout(config.dims)] + list(
+        config.embedding_names
+    )
 
 
 @dataclasses.dataclass

@@ -49,7 +49,6 @@ from dvmrl.training.data import (
 logger = logging.getLogger(__name__)
 
 # Parameter order of the optimiser; checkpoints store moments by these names.
-PARAMETER_NAMES = ("emb_w", "emb_b", "emb_offset", "flat")
 
 # Default number of MC-dropout samples for predict_with_uncertainty.
 MC_SAMPLES = 30
@@ -151,6 +150,14 @@ class Trainer:
         self._best_state: dict[str, torch.Tensor] | None = None
         self._bad_epochs = 0
         self._fit_target: int | None = None
+        # Weight averaging (TrainConfig.ema_decay > 0): between epochs the
+        # model contains the average and _raw_weights the optimiser's own
+        # iterate. _given_average is a copy of the average the model was
+        # given, which detects weights changed from outside (moves,
+        # load_state, the end of fit).
+        self._raw_weights: list[torch.Tensor] | None = None
+        self._given_average: list[torch.Tensor] | None = None
+        self._ema_updates = 0
         self._build_optimizer()
 
     # -- properties ------------------------------------------------------
@@ -175,8 +182,12 @@ class Trainer:
         """Best validation score so far (``TrainConfig.monitor``, eV/atom)."""
         return None if math.isinf(self._best_score) else self._best_score
 
+    def _parameter_names(self) -> tuple[str, ...]:
+        """Names of the optimised parameters: the embedding stage, then ``flat``."""
+        return (*self.model.config.embedding_names, "flat")
+
     def _parameters(self) -> list[torch.nn.Parameter]:
-        return [getattr(self.model, name) for name in PARAMETER_NAMES]
+        return [getattr(self.model, name) for name in self._parameter_names()]
 
     # -- optimiser -------------------------------------------------------
 
@@ -208,6 +219,51 @@ class Trainer:
         self.model.flat.addcmul_(self.model.flat, self._flat_decay_mask, value=-decay)
         self.model.emb_w.mul_(1.0 - decay)
         self.model.emb_offset.mul_(1.0 - decay)
+        if self.model.config.fraction_hidden > 0:
+            self.model.frac_w1.mul_(1.0 - decay)
+            self.model.frac_w2.mul_(1.0 - decay)
+
+    # -- weight averaging ------------------------------------------------
+
+    @torch.no_grad()
+    def _enter_raw_weights(self, parameters: list[torch.nn.Parameter]) -> list:
+        """Put the optimiser's iterate into the model; return the average buffers.
+
+        When the model no longer contains the average that the last epoch left
+        (an architecture move, ``load_state``, the end of ``fit``), the
+        average restarts from the current weights.
+        """
+        given = self._given_average
+        unchanged = (
+            given is not None
+            and self._raw_weights is not None
+            and len(given) == len(parameters)
+            and all(
+                a.shape == p.shape and torch.equal(a, p)
+                for a, p in zip(given, parameters, strict=True)
+            )
+        )
+        if unchanged:
+            for parameter, raw in zip(parameters, self._raw_weights, strict=True):
+                parameter.copy_(raw)
+            return given
+        self._ema_updates = 0
+        return [p.detach().clone() for p in parameters]
+
+    @torch.no_grad()
+    def _update_average(self, average: list, parameters: list) -> None:
+        t = self._ema_updates
+        decay = min(self.train_config.ema_decay, (1.0 + t) / (10.0 + t))
+        torch._foreach_lerp_(average, [p.detach() for p in parameters], 1.0 - decay)
+        self._ema_updates += 1
+
+    @torch.no_grad()
+    def _leave_raw_weights(self, average: list, parameters: list) -> None:
+        """Keep the iterate aside and give the model the averaged weights."""
+        self._raw_weights = [p.detach().clone() for p in parameters]
+        for parameter, value in zip(parameters, average, strict=True):
+            parameter.copy_(value)
+        self._given_average = average
 
     def _set_lr(self, lr: float) -> None:
         for group in self._optimizer.param_groups:
@@ -240,6 +296,9 @@ class Trainer:
         parameters = self._parameters()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         lr = config.lr
+        average = None
+        if config.ema_decay > 0:
+            average = self._enter_raw_weights(parameters)
 
         for step in range(steps):
             index = order[step * batch_size : (step + 1) * batch_size]
@@ -263,7 +322,12 @@ class Trainer:
                 )
             self._apply_weight_decay(lr)
             self._optimizer.step()
+            if average is not None:
+                self._update_average(average, parameters)
             total += loss.detach().to(torch.float64) * index.numel()
+
+        if average is not None:
+            self._leave_raw_weights(average, parameters)
 
         # One host synchronisation per epoch, not per step.
         return float(total) / count, lr
@@ -702,7 +766,7 @@ class Trainer:
             self.model.load_state_dict(tensors)
             return
         named = dict(unflatten(tensors["flat"], config.dims))
-        for name in moves.EMBEDDING_NAMES:
+        for name in config.embedding_names:
             named[name] = tensors[name]
         self.model.rebuild(config, named)
         self.model.load_state_dict(tensors)
@@ -715,13 +779,14 @@ class Trainer:
     def _named_state(self) -> moves.NamedState:
         named = self.model.named_parameter_tensors()
         state = self._optimizer.state
-        parameters = dict(zip(PARAMETER_NAMES, self._parameters(), strict=True))
-        if not all(parameters[name] in state for name in PARAMETER_NAMES):
+        names = self._parameter_names()
+        parameters = dict(zip(names, self._parameters(), strict=True))
+        if not all(parameters[name] in state for name in names):
             return moves.NamedState(named)
         dims = self.model.dims
         exp_avg = dict(unflatten(state[parameters["flat"]]["exp_avg"], dims))
         exp_avg_sq = dict(unflatten(state[parameters["flat"]]["exp_avg_sq"], dims))
-        for name in moves.EMBEDDING_NAMES:
+        for name in self.model.config.embedding_names:
             exp_avg[name] = state[parameters[name]]["exp_avg"]
             exp_avg_sq[name] = state[parameters[name]]["exp_avg_sq"]
         return moves.NamedState(named, exp_avg, exp_avg_sq)
@@ -729,7 +794,9 @@ class Trainer:
     def _apply_move(
         self, config: ModelConfig, state: moves.NamedState, what: str
     ) -> None:
-        old_parameters = dict(zip(PARAMETER_NAMES, self._parameters(), strict=True))
+        old_parameters = dict(
+            zip(self._parameter_names(), self._parameters(), strict=True)
+        )
         steps = {
             name: self._optimizer.state[p]["step"].clone()
             for name, p in old_parameters.items()
@@ -737,10 +804,10 @@ class Trainer:
         }
         self.model.rebuild(config, state.params)
         self._build_optimizer()
-        if state.has_moments and len(steps) == len(PARAMETER_NAMES):
+        if state.has_moments and len(steps) == len(self._parameter_names()):
             flat_order = [spec.name for spec in parameter_layout(config.dims)]
             for name, parameter in zip(
-                PARAMETER_NAMES, self._parameters(), strict=True
+                self._parameter_names(), self._parameters(), strict=True
             ):
                 if name == "flat":
                     exp_avg = torch.cat(
@@ -854,7 +921,9 @@ class Trainer:
 
     def _resume_state(self) -> dict[str, Any]:
         optimizer = {}
-        for name, parameter in zip(PARAMETER_NAMES, self._parameters(), strict=True):
+        for name, parameter in zip(
+            self._parameter_names(), self._parameters(), strict=True
+        ):
             entry = self._optimizer.state.get(parameter)
             if entry:
                 optimizer[name] = {
@@ -872,6 +941,7 @@ class Trainer:
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "use_fused": self.model.use_fused,
+            "ema_updates": self._ema_updates,
         }
         resume: dict[str, Any] = {
             "trainer": json.dumps(trainer),
@@ -888,6 +958,14 @@ class Trainer:
             }
         if self._weights is not None:
             resume["sample_weights"] = self._weights.detach().cpu()
+        if self._raw_weights is not None:
+            # The optimiser's iterate; the model state contains the average.
+            resume["raw_weights"] = {
+                name: value.detach().cpu().clone()
+                for name, value in zip(
+                    self._parameter_names(), self._raw_weights, strict=True
+                )
+            }
         return resume
 
     def save(
@@ -1025,7 +1103,7 @@ class Trainer:
                 self._train.y - self.model.target_mean
             ) / self.model.target_std
             for name, parameter in zip(
-                PARAMETER_NAMES, self._parameters(), strict=True
+                self._parameter_names(), self._parameters(), strict=True
             ):
                 entry = resume.get("optimizer", {}).get(name)
                 if entry is None:
@@ -1059,6 +1137,17 @@ class Trainer:
                 }
             if "sample_weights" in resume:
                 self._weights = resume["sample_weights"].to(self.device, self.dtype)
+            if "raw_weights" in resume:
+                raw = resume["raw_weights"]
+                parameters = self._parameters()
+                self._raw_weights = [
+                    raw[name].to(parameter.device, parameter.dtype)
+                    for name, parameter in zip(
+                        self._parameter_names(), parameters, strict=True
+                    )
+                ]
+                self._given_average = [p.detach().clone() for p in parameters]
+                self._ema_updates = int(state.get("ema_updates", 0))
         except (KeyError, RuntimeError, TypeError, ValueError) as err:
             raise ckpt.CheckpointError(
                 f"checkpoint {path} has corrupt resume state: "
