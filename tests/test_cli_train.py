@@ -468,3 +468,44 @@ def test_train_out_is_file(tmp_path, data_csv, capsys):
     code = main(["train", "--data", str(data_csv), *TINY, "--out", str(out)])
     assert code == 2
     assert "the path is a file, not a folder" in capsys.readouterr().err
+
+
+def test_train_fraction_and_average_options(tmp_path, data_csv):
+    out = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            "--data",
+            str(data_csv),
+            "--epochs",
+            "1",
+            "--fraction-hidden",
+            "0",
+            "--ema-decay",
+            "0.5",
+            *TINY,
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["model"]["fraction_hidden"] == 0
+    assert run["train"]["ema_decay"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--fraction-hidden", "-1", "expected an integer >= 0, got -1"),
+        ("--ema-decay", "1", "expected a fraction in [0, 1), got 1"),
+    ],
+)
+def test_train_rejects_bad_new_options(
+    tmp_path, data_csv, capsys, option, value, message
+):
+    argv = ["train", "--data", str(data_csv), option, value, "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -105,6 +105,18 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer >= 0, got {text!r}"
+        ) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def _finite_float(text: str) -> float:
     try:
         value = float(text)
@@ -250,6 +262,28 @@ def _add_train_parser(subparsers) -> None:
             "predict a variance too and train with the Gaussian negative "
             "log-likelihood (--no-heteroscedastic: squared error); default: "
             f"{'on' if defaults.MODEL['heteroscedastic'] else 'off'}"
+        ),
+    )
+    parser.add_argument(
+        "--fraction-hidden",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help=(
+            "width of the fraction encoder, which adds a learned function of "
+            "each element's fraction to its initial node state (0: off); "
+            f"default: {defaults.MODEL['fraction_hidden']}"
+        ),
+    )
+    parser.add_argument(
+        "--ema-decay",
+        type=_fraction,
+        default=None,
+        metavar="X",
+        help=(
+            "decay of the moving average of the weights that validation, "
+            "early stopping and the saved model use, in [0, 1) (0: off); "
+            f"default: {defaults.TRAIN['ema_decay']}"
         ),
     )
     parser.add_argument(
@@ -520,7 +554,9 @@ def _requested_settings(args: argparse.Namespace) -> dict[str, Any]:
         "model.layers": args.layers,
         "model.dropout": args.dropout,
         "model.heteroscedastic": args.heteroscedastic,
+        "model.fraction_hidden": args.fraction_hidden,
         "train.epochs": args.epochs,
+        "train.ema_decay": args.ema_decay,
         "train.lr": args.lr,
         "train.batch_size": args.batch_size,
         "train.weight_decay": args.weight_decay,
