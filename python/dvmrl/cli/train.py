@@ -57,10 +57,13 @@ _RUN_OPTIONS = {
     "model.layers": "--layers",
     "model.dropout": "--dropout",
     "model.heteroscedastic": "--heteroscedastic",
+    "model.fraction_hidden": "--fraction-hidden",
     "train.epochs": "--epochs",
+    "train.ema_decay": "--ema-decay",
     "train.lr": "--lr",
     "train.batch_size": "--batch-size",
     "train.weight_decay": "--weight-decay",
+    "members": "--members",
 }
 
 # Metrics printed by ``dvmrl evaluate`` and their units.
@@ -284,6 +287,18 @@ def _add_train_parser(subparsers) -> None:
             "decay of the moving average of the weights that validation, "
             "early stopping and the saved model use, in [0, 1) (0: off); "
             f"default: {defaults.TRAIN['ema_decay']}"
+        ),
+    )
+    parser.add_argument(
+        "--members",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help=(
+            "train an ensemble of N models with the seeds SEED .. SEED + N - 1 "
+            "on the same split (each in OUT/member<i>/); OUT/model.pt then "
+            "predicts their mean, with their spread as the uncertainty; "
+            "default: 1"
         ),
     )
     parser.add_argument(
@@ -560,6 +575,7 @@ def _requested_settings(args: argparse.Namespace) -> dict[str, Any]:
         "train.lr": args.lr,
         "train.batch_size": args.batch_size,
         "train.weight_decay": args.weight_decay,
+        "members": args.members,
     }
     return {key: value for key, value in given.items() if value is not None}
 
@@ -594,6 +610,7 @@ def _build_run_config(requested: dict[str, Any]) -> dict[str, Any]:
         "alloy_notation": bool(requested.get("alloy_notation", False)),
         "model": model_config.to_dict(),
         "train": train_config.to_dict(),
+        "members": int(requested.get("members", 1)),
     }
 
 
@@ -667,13 +684,11 @@ def _progress_bar(total: int, initial: int):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Train a model and write the run folder; return the exit code."""
+    """Train a model (or an ensemble) and write the run folder; return the exit code."""
     import torch
 
     from dvmrl import __version__, build_info
     from dvmrl.metrics import regression_metrics
-    from dvmrl.model import ModelConfig
-    from dvmrl.training import TrainConfig, Trainer
 
     out = Path(args.out)
     _check_output_folder(out, "--out")
@@ -683,13 +698,14 @@ def run_train(args: argparse.Namespace) -> int:
         if (out / METRICS_FILE).exists() and (out / MODEL_FILE).exists():
             print(f"the run in {out} is complete; see {out / METRICS_FILE}")
             return 0
-        if not (out / STATE_FILE).exists():
+        if int(run_config.get("members", 1)) == 1 and not (out / STATE_FILE).exists():
             raise UsageError(
                 f"--resume: {out / STATE_FILE} not found; nothing to resume"
             )
     else:
         _check_fresh_out(out)
         run_config = _build_run_config(requested)
+    members = int(run_config.get("members", 1))
 
     device = setup_compute(args)
     df, info = _load_data(run_config["data"], run_config["alloy_notation"])
@@ -736,63 +752,61 @@ def run_train(args: argparse.Namespace) -> int:
             **_pool_compositions(df, split),
         }
     )
-
-    if args.resume:
-        trainer = Trainer.from_checkpoint(
-            out / STATE_FILE, x_train, y_train, x_val, y_val, device=device
-        )
-        logger.info("resuming %s after %d epochs", out, trainer.epochs_done)
-    else:
+    if not args.resume:
         out.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(out / RUN_FILE, run_config)
-        trainer = Trainer(
-            ModelConfig.from_dict(run_config["model"]),
-            TrainConfig.from_dict(run_config["train"]),
-            x_train,
-            y_train,
-            x_val,
-            y_val,
-            device=device,
-        )
-        # A state before the first epoch lets a run interrupted at once resume.
-        trainer.save(out / STATE_FILE, metadata=metadata)
 
+    data = (x_train, y_train, x_val, y_val)
     started = time.perf_counter()
-    bar = _progress_bar(int(run_config["train"]["epochs"]), int(trainer.epochs_done))
-
-    def on_epoch(record: dict) -> None:
-        bar.update(1)
-        bar.set_postfix(
-            loss=f"{record['train_loss']:.4f}",
-            val_rmse=_format_optional(record.get("val_rmse")),
-            val_mae=_format_optional(record.get("val_mae")),
-        )
-        logger.debug("epoch %s: %s", record.get("epoch"), record)
-
-    try:
-        # Trainer.fit rewrites last.pt after every epoch, so after Ctrl-C it
-        # contains the state of the last finished epoch and a resumed run
-        # repeats no partial epoch. Without an epoch count, a fit restored
-        # from a checkpoint continues to its original target.
-        trainer.fit(progress=on_epoch, checkpoint=out / STATE_FILE, metadata=metadata)
-    except KeyboardInterrupt:
-        bar.close()
-        print(
-            f"interrupted after {trainer.epochs_done} epochs; the state is in "
-            f"{out / STATE_FILE}; continue with: dvmrl train --resume --out {out}",
-            file=sys.stderr,
-        )
-        return 130
-    finally:
-        bar.close()
+    trainers = []
+    for member in range(members):
+        folder = out if members == 1 else out / f"member{member}"
+        if members > 1 and (folder / MODEL_FILE).exists():
+            logger.info("member %d is complete in %s", member, folder)
+            trainers.append(None)
+            continue
+        member_config = dict(run_config)
+        member_config["train"] = {
+            **run_config["train"],
+            "seed": int(run_config["seed"]) + member,
+        }
+        trainer = _fit_member(folder, member_config, data, metadata, device, member)
+        if trainer is None:
+            print(f"continue with: dvmrl train --resume --out {out}", file=sys.stderr)
+            return 130
+        trainer.save(folder / MODEL_FILE, metadata=metadata)
+        trainer.save(folder / STATE_FILE, metadata=metadata)
+        trainers.append(trainer)
     seconds = time.perf_counter() - started
 
-    predictions = trainer.predict(x_test)
+    if members == 1:
+        trainer = trainers[0]
+        predictions = trainer.predict(x_test)
+        summary = {
+            "epochs_done": int(trainer.epochs_done),
+            "best_epoch": trainer.best_epoch,
+            "best_val_score": trainer.best_score,
+            "monitor": trainer.train_config.monitor,
+            "history": trainer.history,
+        }
+    else:
+        from dvmrl.training import combine_checkpoints, load_checkpoint
+
+        member_files = [out / f"member{m}" / MODEL_FILE for m in range(members)]
+        combine_checkpoints(
+            member_files, out / MODEL_FILE, metadata={**metadata, "members": members}
+        )
+        ensemble, _ = load_checkpoint(out / MODEL_FILE, device=device)
+        predictions, _ = _predict(ensemble, x_test, device, with_variance=False)
+        summary = {
+            "members": members,
+            "member_seeds": [int(run_config["seed"]) + m for m in range(members)],
+            "member_folders": [f"member{m}" for m in range(members)],
+            "monitor": run_config["train"]["monitor"],
+        }
     test_metrics = dict(
         regression_metrics(y_test, predictions, stability_threshold=threshold)
     )
-    trainer.save(out / MODEL_FILE, metadata=metadata)
-    trainer.save(out / STATE_FILE, metadata=metadata)
     provenance = {
         "dvmrl_version": __version__,
         "build_info": build_info(),
@@ -811,10 +825,7 @@ def run_train(args: argparse.Namespace) -> int:
         "n_train": int(len(split.train)),
         "n_val": int(len(split.val)),
         "n_test": int(len(split.test)),
-        "epochs_done": int(trainer.epochs_done),
-        "best_epoch": trainer.best_epoch,
-        "best_val_score": trainer.best_score,
-        "monitor": trainer.train_config.monitor,
+        **summary,
         "train_seconds_this_session": seconds,
         "device": str(device),
         "threads": torch.get_num_threads(),
@@ -822,13 +833,78 @@ def run_train(args: argparse.Namespace) -> int:
         "model": run_config["model"],
         "train": run_config["train"],
         "provenance": provenance,
-        "history": trainer.history,
     }
     _write_json_atomic(out / METRICS_FILE, report)
-    title = f"test metrics ({len(split.test)} compositions)"
+    what = "" if members == 1 else f", ensemble of {members}"
+    title = f"test metrics ({len(split.test)} compositions{what})"
     print(_format_metrics(test_metrics, title, threshold))
     print(f"wrote {out / MODEL_FILE} and {out / METRICS_FILE}")
     return 0
+
+
+def _fit_member(folder: Path, run_config: dict, data, metadata, device, member: int):
+    """Train one model in ``folder`` (resuming from its state file when present).
+
+    Returns:
+        Trainer or None: the trainer on its best-validation weights, or None
+        when Ctrl-C interrupted it (its state file then has the last
+        finished epoch).
+    """
+    from dvmrl.model import ModelConfig
+    from dvmrl.training import TrainConfig, Trainer
+
+    x_train, y_train, x_val, y_val = data
+    if (folder / STATE_FILE).exists():
+        trainer = Trainer.from_checkpoint(
+            folder / STATE_FILE, x_train, y_train, x_val, y_val, device=device
+        )
+        logger.info("resuming %s after %d epochs", folder, trainer.epochs_done)
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        trainer = Trainer(
+            ModelConfig.from_dict(run_config["model"]),
+            TrainConfig.from_dict(run_config["train"]),
+            x_train,
+            y_train,
+            x_val,
+            y_val,
+            device=device,
+        )
+        # A state before the first epoch lets a run interrupted at once resume.
+        trainer.save(folder / STATE_FILE, metadata=metadata)
+
+    bar = _progress_bar(int(run_config["train"]["epochs"]), int(trainer.epochs_done))
+    if int(run_config.get("members", 1)) > 1:
+        bar.set_description(f"member {member}")
+
+    def on_epoch(record: dict) -> None:
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{record['train_loss']:.4f}",
+            val_rmse=_format_optional(record.get("val_rmse")),
+            val_mae=_format_optional(record.get("val_mae")),
+        )
+        logger.debug("epoch %s: %s", record.get("epoch"), record)
+
+    try:
+        # Trainer.fit rewrites last.pt after every epoch, so after Ctrl-C it
+        # contains the state of the last finished epoch and a resumed run
+        # repeats no partial epoch. Without an epoch count, a fit restored
+        # from a checkpoint continues to its original target.
+        trainer.fit(
+            progress=on_epoch, checkpoint=folder / STATE_FILE, metadata=metadata
+        )
+    except KeyboardInterrupt:
+        bar.close()
+        print(
+            f"interrupted after {trainer.epochs_done} epochs; the state is in "
+            f"{folder / STATE_FILE}",
+            file=sys.stderr,
+        )
+        return None
+    finally:
+        bar.close()
+    return trainer
 
 
 # ----------------------------------------------------------------------------
@@ -898,6 +974,15 @@ def _predict(model, batch, device, with_variance: bool):
         return mean, None
     std = np.concatenate(stds) if stds else np.zeros(0)
     return mean, std
+
+
+def _has_variance(model) -> bool:
+    """Whether predictions come with a variance: a heteroscedastic head or members."""
+    from dvmrl.training import EnsembleModel
+
+    if isinstance(model, EnsembleModel):
+        return model.has_uncertainty
+    return _is_heteroscedastic(model)
 
 
 def _is_heteroscedastic(model) -> bool:
@@ -1188,8 +1273,7 @@ def run_predict(args: argparse.Namespace) -> int:
     # logging configuration.
     for warning in _domain_warnings(compositions, formulas, metadata):
         print(f"dvmrl predict: warning: {warning}", file=sys.stderr)
-    heteroscedastic = _is_heteroscedastic(model)
-    mean, std = _predict(model, featurize(compositions), device, heteroscedastic)
+    mean, std = _predict(model, featurize(compositions), device, _has_variance(model))
 
     table = pd.DataFrame(
         {

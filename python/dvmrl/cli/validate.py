@@ -266,6 +266,26 @@ def _check_floor(floor: float, n_elements: np.ndarray, formulas: list[str]) -> N
         )
 
 
+def _prediction_samples(model, batch, n_samples: int, seed: int) -> np.ndarray:
+    """Return prediction samples [S, B] in eV/atom for the ensemble-variance strategy.
+
+    An ensemble of two or more members gives one sample per member; a single
+    model gives ``n_samples`` MC-dropout samples.
+    """
+    import torch
+
+    from dvmrl.training import EnsembleModel
+
+    if isinstance(model, EnsembleModel) and len(model) > 1:
+        part = batch.to(model.flat.device, model.flat.dtype)
+        with torch.no_grad():
+            samples = model.member_predictions(part.element_index, part.frac, part.mask)
+        return samples.cpu().double().numpy()
+    if isinstance(model, EnsembleModel):
+        model = model.members[0]
+    return _mc_dropout_samples(model, batch, n_samples, seed)
+
+
 def _mc_dropout_samples(model, batch, n_samples: int, seed: int) -> np.ndarray:
     """Draw MC-dropout predictions [S, B] in eV/atom, restoring the model after."""
     import torch
@@ -308,7 +328,7 @@ def _select_sets(args, strategies, model, split, batch, features, targets):
         start = time.perf_counter()
         options: dict[str, Any] = {}
         if strategy == "ensemble-variance":
-            options["samples"] = _mc_dropout_samples(
+            options["samples"] = _prediction_samples(
                 model, batch[split.val], MC_SAMPLES, args.seed
             )
         if strategy == "adversarial":
@@ -449,9 +469,7 @@ def run(args: argparse.Namespace) -> int:
     split, kind, split_holdout = _resolve_split(args, df, metadata)
     # The shift table's element split holds out the same element as the
     # checkpoint's split, or else --holdout-element or the default choice.
-    shift_holdout = (
-        split_holdout or args.holdout_element or default_holdout_element(df)
-    )
+    shift_holdout = split_holdout or args.holdout_element or default_holdout_element(df)
     if len(split.test) == 0:
         raise ValueError(f"the test part of the {kind} split of {data} is empty")
 

@@ -15,6 +15,8 @@ Layout of format version 1 (keys of the top-level dict):
   ``data_fingerprint``, ``training_domain``, ``provenance``, ``metadata``,
   ``history``: JSON strings.
 - ``model_state``: the model's ``state_dict`` (parameters and buffers).
+- ``member_states`` (ensembles only): the ``state_dict`` of every member
+  after the first, whose state is ``model_state``.
 - ``resume`` (optional): ``trainer`` (JSON of counters and schedule state),
   ``optimizer`` (per parameter ``step``, ``exp_avg``, ``exp_avg_sq``),
   ``rng`` (generator states as uint8 tensors), ``best_state`` and
@@ -40,6 +42,8 @@ import torch
 FORMAT_NAME = "dvmrl-checkpoint"
 FORMAT_VERSION = 1
 HEADER_KEY = "dvmrl_checkpoint"
+# Entry of an ensemble checkpoint with the states of members 1 .. M-1.
+MEMBER_STATES_KEY = "member_states"
 
 JSON_KEYS = (
     "model_config",
@@ -280,8 +284,9 @@ def load_checkpoint(
         dtype: float dtype of the model; default: the stored one.
 
     Returns:
-        (CompositionMPNN, dict): the model in evaluation mode, and the
-        metadata. The dict contains the keys given to ``Trainer.save(...,
+        (CompositionMPNN or EnsembleModel, dict): the model in evaluation
+        mode (an ``EnsembleModel`` for a checkpoint with member states), and
+        the metadata. The dict contains the keys given to ``Trainer.save(...,
         metadata=...)`` plus ``model_config``, ``train_config``,
         ``target_scaling`` (``mean``, ``std`` in eV/atom), ``element_table``,
         ``data_fingerprint``, ``training_domain`` (``elements``: symbols seen
@@ -316,14 +321,30 @@ def model_from_document(document: dict[str, Any], path: str | os.PathLike):
         raise CheckpointError(f"checkpoint {path} is corrupt: no 'descriptors' buffer")
     dtype = state["flat"].dtype if "flat" in state else torch.float32
     descriptors = state["descriptors"].to(torch.float64)
-    model = CompositionMPNN(config, descriptors=descriptors, dtype=dtype)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt: its weights do not fit its config ({err})"
-        ) from None
-    return model
+    states = [state, *document.get(MEMBER_STATES_KEY, [])]
+    members = []
+    for position, member_state in enumerate(states):
+        if not isinstance(member_state, dict) or not all(
+            isinstance(value, torch.Tensor) for value in member_state.values()
+        ):
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: the state of member {position} is "
+                "not a dict of tensors"
+            )
+        model = CompositionMPNN(config, descriptors=descriptors, dtype=dtype)
+        try:
+            model.load_state_dict(member_state, strict=True)
+        except RuntimeError as err:
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: the weights of member {position} do "
+                f"not fit its config ({err})"
+            ) from None
+        members.append(model)
+    if MEMBER_STATES_KEY not in document:
+        return members[0]
+    from dvmrl.training.ensemble import EnsembleModel
+
+    return EnsembleModel(members)
 
 
 # Top-level checkpoint entries copied into the metadata that load_checkpoint

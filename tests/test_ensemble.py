@@ -1,0 +1,200 @@
+"""Tests of dvmrl.training.ensemble: the mean model, its checkpoint, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dvmrl import datasets
+from dvmrl.cli import main
+from dvmrl.featurize import featurize
+from dvmrl.model import CompositionMPNN, ModelConfig
+from dvmrl.training import (
+    CheckpointError,
+    EnsembleModel,
+    TrainConfig,
+    Trainer,
+    combine_checkpoints,
+    load_checkpoint,
+)
+
+SMALL = ModelConfig(
+    hidden=16, layers=1, gate_hidden=8, msg_hidden=8, head_hidden=16, head_layers=1
+)
+FORMULAS = ["FeNi", "Al2Cu", "NiTiZr", "Fe3Al", "CuZn"]
+
+
+def _members(count, config=SMALL, dtype=torch.float64):
+    return [
+        CompositionMPNN(config, seed=seed, dtype=dtype).eval() for seed in range(count)
+    ]
+
+
+def _batch():
+    return featurize(FORMULAS).to(dtype=torch.float64)
+
+
+def test_mean_of_members():
+    members = _members(3)
+    ensemble = EnsembleModel(members)
+    batch = _batch()
+    args = (batch.element_index, batch.frac, batch.mask)
+    each = torch.stack([member(*args) for member in members])
+    torch.testing.assert_close(ensemble(*args), each.mean(dim=0), atol=1e-12, rtol=0)
+    mean, variance = ensemble.forward_with_variance(*args)
+    torch.testing.assert_close(mean, each.mean(dim=0), atol=1e-12, rtol=0)
+    expected = each.var(dim=0, unbiased=False)
+    torch.testing.assert_close(variance, expected, atol=1e-12, rtol=0)
+    assert bool((variance > 0).all())
+
+
+def test_heteroscedastic_variance_adds_noise():
+    config = ModelConfig(**{**SMALL.to_dict(), "heteroscedastic": True})
+    members = _members(2, config)
+    ensemble = EnsembleModel(members)
+    batch = _batch()
+    args = (batch.element_index, batch.frac, batch.mask)
+    pairs = [member.forward_with_variance(*args) for member in members]
+    means = torch.stack([mean for mean, _ in pairs])
+    noise = torch.stack([variance for _, variance in pairs]).mean(dim=0)
+    _, variance = ensemble.forward_with_variance(*args)
+    expected = means.var(dim=0, unbiased=False) + noise
+    torch.testing.assert_close(variance, expected, atol=1e-12, rtol=0)
+
+
+def test_single_member_without_uncertainty():
+    ensemble = EnsembleModel(_members(1))
+    assert not ensemble.has_uncertainty
+    batch = _batch()
+    with pytest.raises(RuntimeError, match="no uncertainty"):
+        ensemble.forward_with_variance(batch.element_index, batch.frac, batch.mask)
+
+
+def test_frac_gradient_is_member_mean():
+    members = _members(2)
+    ensemble = EnsembleModel(members)
+    batch = _batch()
+    gradients = []
+    for model in (ensemble, *members):
+        frac = batch.frac.clone().requires_grad_(True)
+        model(batch.element_index, frac, batch.mask).sum().backward()
+        gradients.append(frac.grad)
+    expected = (gradients[1] + gradients[2]) / 2
+    torch.testing.assert_close(gradients[0], expected, atol=1e-12, rtol=0)
+
+
+def test_members_must_match():
+    other = ModelConfig(**{**SMALL.to_dict(), "hidden": 8})
+    with pytest.raises(ValueError, match="members must share one config"):
+        EnsembleModel([*_members(1), *_members(1, other)])
+    with pytest.raises(ValueError, match="at least one member"):
+        EnsembleModel([])
+    with pytest.raises(ValueError, match="dtype"):
+        EnsembleModel(
+            [*_members(1), *_members(1, dtype=torch.float32)],
+        )
+
+
+@pytest.fixture(scope="module")
+def data():
+    frame = datasets.load("mp-formation-energy")
+    rows = np.random.default_rng(2).choice(len(frame), size=300, replace=False)
+    subset = frame.iloc[rows]
+    x = featurize(subset["formula"].tolist())
+    y = subset["target"].to_numpy()
+    return x[:240], y[:240], x[240:], y[240:]
+
+
+def _trained(data, seed, config=SMALL):
+    trainer = Trainer(config, TrainConfig(epochs=1, batch_size=64, seed=seed), *data)
+    trainer.fit()
+    return trainer
+
+
+def test_checkpoint_round_trip(data, tmp_path):
+    trainers = [_trained(data, seed) for seed in (0, 1)]
+    paths = []
+    for position, trainer in enumerate(trainers):
+        paths.append(trainer.save(tmp_path / f"member{position}.pt"))
+    combined = combine_checkpoints(paths, tmp_path / "ensemble.pt", {"note": "two"})
+    model, metadata = load_checkpoint(combined)
+    assert isinstance(model, EnsembleModel)
+    assert len(model) == 2
+    assert metadata["note"] == "two"
+    x_val = data[2]
+    expected = np.mean([trainer.predict(x_val) for trainer in trainers], axis=0)
+    with torch.no_grad():
+        got = model(x_val.element_index, x_val.frac.float(), x_val.mask)
+    np.testing.assert_allclose(got.double().numpy(), expected, atol=1e-6, rtol=0)
+
+
+def test_single_model_checkpoint_stays_single(data, tmp_path):
+    path = _trained(data, 0).save(tmp_path / "one.pt")
+    model, _ = load_checkpoint(path)
+    assert isinstance(model, CompositionMPNN)
+
+
+def test_combine_rejects_other_config(data, tmp_path):
+    other = ModelConfig(**{**SMALL.to_dict(), "hidden": 8})
+    first = _trained(data, 0).save(tmp_path / "a.pt")
+    second = _trained(data, 1, other).save(tmp_path / "b.pt")
+    with pytest.raises(CheckpointError, match="another model_config"):
+        combine_checkpoints([first, second], tmp_path / "ensemble.pt")
+
+
+@pytest.fixture(scope="module")
+def data_csv(tmp_path_factory):
+    df = datasets.load("mp-formation-energy").sample(n=240, random_state=3)
+    path = tmp_path_factory.mktemp("data") / "alloys.csv"
+    df[["formula", "target"]].to_csv(path, index=False)
+    return path
+
+
+TINY = ["--hidden", "8", "--layers", "1", "--batch-size", "64", "--threads", "1"]
+
+
+def test_cli_train_members(tmp_path, data_csv, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(data_csv), "--epochs", "1", "--members", "2"]
+    assert main([*argv, *TINY, "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["members"] == 2
+    assert metrics["member_seeds"] == [0, 1]
+    for member in ("member0", "member1"):
+        assert (out / member / "model.pt").is_file()
+    model, metadata = load_checkpoint(out / "model.pt")
+    assert isinstance(model, EnsembleModel)
+    assert metadata["members"] == 2
+    capsys.readouterr()
+    assert main(["predict", str(out / "model.pt"), "Al3Ni"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "uncertainty_ev_per_atom" in lines[0]
+    assert float(lines[1].split()[4]) > 0.0
+
+
+def test_cli_members_resume(tmp_path, data_csv, monkeypatch):
+    original_fit = Trainer.fit
+    calls = []
+
+    def fit_until_second_member(self, *args, **kwargs):
+        calls.append(self.train_config.seed)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original_fit(self, *args, **kwargs)
+
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(data_csv), "--epochs", "1", "--members", "2"]
+    monkeypatch.setattr(Trainer, "fit", fit_until_second_member)
+    assert main([*argv, *TINY, "--out", str(out)]) == 130
+    assert (out / "member0" / "model.pt").is_file()
+    assert not (out / "model.pt").exists()
+
+    monkeypatch.setattr(Trainer, "fit", original_fit)
+    assert main(["train", "--resume", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["members"] == 2
+    model, _ = load_checkpoint(out / "model.pt")
+    assert len(model) == 2
