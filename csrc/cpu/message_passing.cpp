@@ -17,20 +17,30 @@ namespace mp {
 
 namespace {
 
-// Batches up to this many compositions run on the calling thread alone:
-// waking workers costs more than the work.
-constexpr int64_t kSerialBatch = 64;
-// Minimum compositions per backward chunk, and the maximum chunk count.
-// Each chunk keeps a private copy of the parameter gradients, so the count
-// is bounded; it depends on B only, never on the thread count.
+// Batches below this many compositions run on the calling thread alone.
+// From this size up to 2 * kSubBlock (forward) or 2 * kMinChunk (backward)
+// compositions, a call is split into two halves that two threads can share.
+// Each half reads all the weights, and in the backward each writes a full
+// gradient that a reduction then adds, so a split costs extra memory
+// traffic: with no idle core, a B = 16 step took 4 % (H = 64) and 13 %
+// (H = 128) longer split than unsplit, and a B = 8 step 16-18 % longer, on
+// a 2-core AMD EPYC VM under load.
+// NOTE: the gain with an idle core decides this threshold and has not been
+// measured on a quiet machine yet.
+constexpr int64_t kMinSplitBatch = 16;
+// Minimum compositions per backward chunk above 2 * kMinChunk, and the
+// maximum chunk count. Each chunk after the first keeps a private copy of
+// the parameter gradients, so the count is bounded. It depends on B only,
+// never on the thread count.
 constexpr int64_t kMinChunk = 128;
 constexpr int64_t kMaxChunks = 16;
 // Forward calls with at least this many real nodes use transposed weight
 // copies (outer-product matrix products); smaller ones use dot products.
-// Measured forward times on a 2-core AMD EPYC (AVX-512), H = 64: 46 us
-// with dot products against 52 us transposed for about 14 nodes, but
-// 193 us against 111 us for about 56 nodes.
-constexpr int64_t kTransposeNodes = 24;
+// Measured forward times on a 2-core AMD EPYC VM (AVX-512), one thread,
+// dot products against transposition + transposed products: 47 against
+// 11 + 26 us for 16 nodes at H = 64, 97 against 48 + 59 us for 14 nodes
+// at H = 128.
+constexpr int64_t kTransposeNodes = 16;
 
 KernelSet detect_kernels() {
 #if defined(DVMRL_X86)
@@ -79,30 +89,17 @@ NodeIndex build_node_index(const Dims& d, const int64_t* index, const bool* mask
   return ni;
 }
 
-// dst [cols, rows] = src [rows, cols]^T, in cache-sized tiles.
-template <class T>
-void transpose(const T* src, int64_t rows, int64_t cols, T* dst) {
-  constexpr int64_t tile = 32;
-  for (int64_t r0 = 0; r0 < rows; r0 += tile)
-    for (int64_t c0 = 0; c0 < cols; c0 += tile)
-      for (int64_t r = r0; r < std::min(rows, r0 + tile); ++r)
-        for (int64_t c = c0; c < std::min(cols, c0 + tile); ++c)
-          dst[c * rows + r] = src[r * cols + c];
-}
+// Buffer of at least n elements, kept per thread, per type and per Use
+// between calls. The sizes depend on the model dims and B alone, and
+// reusing the memory spares each call the allocation and the page faults
+// of fresh pages, because glibc serves large blocks with mmap. The memory
+// stays allocated until the thread exits, and a larger request replaces it.
+struct ScratchUse {};
+struct PartialUse {};
+struct TransposedUse {};
 
-// Buffer of n elements left uninitialised: every kernel writes its scratch
-// before reading it, and zeroing large buffers costs more than small
-// batches compute.
-template <class T>
-std::unique_ptr<T[]> uninitialised(int64_t n) {
-  return std::unique_ptr<T[]>(new T[n > 0 ? n : 1]);
-}
-
-// Scratch of at least n elements, kept per thread and per type between
-// calls: the sizes depend on the model dims only (not on B), and reusing
-// the memory spares a small batch the allocation and cold pages.
-template <class T>
-T* thread_scratch(int64_t n) {
+template <class T, class Use = ScratchUse>
+T* thread_buffer(int64_t n) {
   thread_local std::vector<T> buffer;
   if (static_cast<int64_t>(buffer.size()) < n) {
     buffer.clear();
@@ -113,42 +110,41 @@ T* thread_scratch(int64_t n) {
 }
 
 template <class T>
-std::unique_ptr<T[]> transposed_weights(const Dims& d, const Layout& p,
-                                        const TransposedLayout& tl, const T* flat) {
-  std::unique_ptr<T[]> buffer = uninitialised<T>(tl.total);
-  T* wt = buffer.get();
+T* thread_scratch(int64_t n) {
+  return thread_buffer<T, ScratchUse>(n);
+}
+
+template <class T>
+TransposeFn<T> pick_transpose(const KernelSet& k);
+template <>
+TransposeFn<float> pick_transpose<float>(const KernelSet& k) { return k.transpose_f32; }
+template <>
+TransposeFn<double> pick_transpose<double>(const KernelSet& k) { return k.transpose_f64; }
+
+// Fill wt (TransposedLayout) with the [in, out] copies of the weights.
+template <class T>
+void transpose_weights(const Dims& d, const Layout& p, const TransposedLayout& tl,
+                       const T* flat, T* wt) {
+  const TransposeFn<T> transpose = pick_transpose<T>(active_kernels());
   const int64_t h = d.hidden, hg = d.gate, hm = d.msg, wp = 2 * hg + 2 * hm;
   for (int64_t l = 0; l < d.layers; ++l) {
     const T* lp = flat + l * p.layer_size;
     T* out = wt + l * tl.layer_stride;
     // [H, 2 Hg + 2 Hm]: the gate block then the message block, per input h.
-    std::vector<T> gate_t(h * 2 * hg), msg_t(h * 2 * hm);
-    transpose(lp + p.gate_w, 2 * hg, h, gate_t.data());
-    transpose(lp + p.msg_w1, 2 * hm, h, msg_t.data());
-    for (int64_t i = 0; i < h; ++i) {
-      std::memcpy(out + tl.layer_proj + i * wp, gate_t.data() + i * 2 * hg,
-                  sizeof(T) * 2 * hg);
-      std::memcpy(out + tl.layer_proj + i * wp + 2 * hg, msg_t.data() + i * 2 * hm,
-                  sizeof(T) * 2 * hm);
-    }
-    transpose(lp + p.msg_w2, h, hm, out + tl.layer_w2);
+    transpose(lp + p.gate_w, 2 * hg, h, h, out + tl.layer_proj, wp);
+    transpose(lp + p.msg_w1, 2 * hm, h, h, out + tl.layer_proj + 2 * hg, wp);
+    transpose(lp + p.msg_w2, h, hm, hm, out + tl.layer_w2, h);
   }
-  {
-    const int64_t pw = hg + hm;
-    std::vector<T> gate_t(h * hg), msg_t(h * hm);
-    transpose(flat + p.pool_gate_w, hg, h, gate_t.data());
-    transpose(flat + p.pool_msg_w1, hm, h, msg_t.data());
-    for (int64_t i = 0; i < h; ++i) {
-      std::memcpy(wt + tl.pool_proj + i * pw, gate_t.data() + i * hg, sizeof(T) * hg);
-      std::memcpy(wt + tl.pool_proj + i * pw + hg, msg_t.data() + i * hm,
-                  sizeof(T) * hm);
-    }
-    transpose(flat + p.pool_msg_w2, h, hm, wt + tl.pool_w2);
+  const int64_t pw = hg + hm;
+  transpose(flat + p.pool_gate_w, hg, h, h, wt + tl.pool_proj, pw);
+  transpose(flat + p.pool_msg_w1, hm, h, h, wt + tl.pool_proj + hg, pw);
+  transpose(flat + p.pool_msg_w2, h, hm, hm, wt + tl.pool_w2, h);
+  for (int64_t k = 0; k < d.depth; ++k) {
+    const int64_t in = head_input_width(d, k);
+    transpose(flat + p.head_w[k], d.head, in, in, wt + tl.head[k], d.head);
   }
-  for (int64_t k = 0; k < d.depth; ++k)
-    transpose(flat + p.head_w[k], d.head, head_input_width(d, k), wt + tl.head[k]);
-  transpose(flat + p.head_out_w, d.n_out, d.depth > 0 ? d.head : h, wt + tl.head_out);
-  return buffer;
+  const int64_t last = d.depth > 0 ? d.head : h;
+  transpose(flat + p.head_out_w, d.n_out, last, last, wt + tl.head_out, d.n_out);
 }
 
 // Zero every gradient entry of the flat buffer except the weight matrices,
@@ -170,6 +166,22 @@ void zero_bias_grads(const Dims& d, const Layout& p, T* g) {
   zero(p.pool_msg_b2, after_pool - p.pool_msg_b2);
   for (int64_t k = 0; k < d.depth; ++k) zero(p.head_b[k], d.head);
   zero(p.head_out_b, p.total - p.head_out_b);
+}
+
+// Return the compositions per forward block, which depend on B alone.
+int64_t forward_block_size(int64_t batch) {
+  if (batch < kMinSplitBatch) return std::max<int64_t>(batch, 1);
+  if (batch < 2 * kSubBlock) return (batch + 1) / 2;
+  return kSubBlock;
+}
+
+// Return the compositions per backward chunk. They depend on B alone, so
+// the order of the gradient sums never depends on the thread count.
+int64_t backward_chunk_size(int64_t batch) {
+  if (batch < kMinSplitBatch) return std::max<int64_t>(batch, 1);
+  if (batch <= 2 * kMinChunk) return (batch + 1) / 2;
+  const int64_t chunk = std::max(kMinChunk, (batch + kMaxChunks - 1) / kMaxChunks);
+  return (chunk + kSubBlock - 1) / kSubBlock * kSubBlock;
 }
 
 template <class T>
@@ -213,17 +225,29 @@ void forward_typed(const Dims& d, const Buffers& buf) {
                                         reinterpret_cast<const bool*>(buf.mask),
                                         "model_forward");
   Ctx<T> cx = make_ctx<T>(d, buf, ni);
-  std::unique_ptr<T[]> wt;
   if (ni.offset[d.batch] >= kTransposeNodes) {
-    wt = transposed_weights(d, cx.p, cx.tl, cx.flat);
-    cx.wt = wt.get();
+    T* wt = thread_buffer<T, TransposedUse>(cx.tl.total);
+    transpose_weights(d, cx.p, cx.tl, cx.flat, wt);
+    cx.wt = wt;
   }
   const ForwardFn<T> fn = pick_forward<T>(active_kernels());
   const int64_t scratch_size = forward_scratch_size(d);
-  parallel_for(d.batch, kSubBlock, kSerialBatch, [&](int64_t begin, int64_t end, int64_t) {
+  const int64_t block = forward_block_size(d.batch);
+  parallel_for(d.batch, block, block, [&](int64_t begin, int64_t end, int64_t) {
     T* scratch = thread_scratch<T>(scratch_size);
     fn(cx, begin, end, scratch);
   });
+}
+
+// total[i] += partial[(c - 1) * stride + i] for c = 1 .. n_chunks - 1 in
+// order, for i in [begin, end): the ordered sum of the chunk gradients.
+template <class T>
+void add_partials(T* total, const T* partial, int64_t stride, int64_t n_chunks,
+                  int64_t begin, int64_t end) {
+  for (int64_t c = 1; c < n_chunks; ++c) {
+    const T* p = partial + (c - 1) * stride;
+    for (int64_t i = begin; i < end; ++i) total[i] += p[i];
+  }
 }
 
 template <class T>
@@ -239,8 +263,7 @@ void backward_typed(const Dims& d, const Buffers& buf) {
   T* grad_table = reinterpret_cast<T*>(buf.grad_table);
 
   // Fixed partition: chunk boundaries depend on B only.
-  int64_t chunk = std::max(kMinChunk, (d.batch + kMaxChunks - 1) / kMaxChunks);
-  chunk = (chunk + kSubBlock - 1) / kSubBlock * kSubBlock;
+  const int64_t chunk = backward_chunk_size(d.batch);
   const int64_t n_chunks = num_blocks(d.batch, chunk);
   const int64_t scratch_size = backward_scratch_size(d);
 
@@ -253,36 +276,27 @@ void backward_typed(const Dims& d, const Buffers& buf) {
     });
     return;
   }
-  if (n_chunks <= 1) {
-    zero_bias_grads(d, cx.p, grad_flat);
-    std::fill(grad_table, grad_table + n_table, T(0));
-    T* scratch = thread_scratch<T>(scratch_size);
-    fn(cx, 0, d.batch, scratch, grad_flat, grad_table);
-    return;
-  }
+  // Chunk 0 sums into grad_flat and grad_table, every later chunk into its
+  // own partial buffer. The reduction then adds the partials in chunk order.
   const int64_t part = n_params + n_table;
-  std::unique_ptr<T[]> partial_buffer = uninitialised<T>(n_chunks * part);
-  T* partial = partial_buffer.get();
+  T* partial = n_chunks > 1 ? thread_buffer<T, PartialUse>((n_chunks - 1) * part) : nullptr;
   parallel_for(n_chunks, 1, 1, [&](int64_t, int64_t, int64_t c) {
-    T* mine = partial + c * part;
-    zero_bias_grads(d, cx.p, mine);
-    std::fill(mine + n_params, mine + part, T(0));
+    T* mine_flat = c == 0 ? grad_flat : partial + (c - 1) * part;
+    T* mine_table = c == 0 ? grad_table : mine_flat + n_params;
+    zero_bias_grads(d, cx.p, mine_flat);
+    std::fill(mine_table, mine_table + n_table, T(0));
     T* scratch = thread_scratch<T>(scratch_size);
     const int64_t begin = c * chunk;
     const int64_t end = std::min(d.batch, begin + chunk);
-    fn(cx, begin, end, scratch, mine, mine + n_params);
+    fn(cx, begin, end, scratch, mine_flat, mine_table);
   });
+  if (n_chunks == 1) return;
   // Sum the chunks in chunk order, element by element.
   parallel_for(part, 16384, 65536, [&](int64_t begin, int64_t end, int64_t) {
-    for (int64_t i = begin; i < end; ++i) {
-      T s = partial[i];
-      for (int64_t c = 1; c < n_chunks; ++c) s += partial[c * part + i];
-      if (i < n_params) {
-        grad_flat[i] = s;
-      } else {
-        grad_table[i - n_params] = s;
-      }
-    }
+    const int64_t split = std::min(std::max(begin, n_params), end);
+    add_partials(grad_flat, partial, part, n_chunks, begin, split);
+    add_partials(grad_table, partial + n_params, part, n_chunks, split - n_params,
+                 end - n_params);
   });
 }
 

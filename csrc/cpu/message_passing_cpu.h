@@ -93,12 +93,19 @@ template <class T>
 using BackwardFn = void (*)(const Ctx<T>&, int64_t begin, int64_t end, T* scratch,
                             T* grad_flat, T* grad_table);
 
+// dst [cols, rows] = src [rows, cols]^T, with leading dimensions lds and ldd.
+template <class T>
+using TransposeFn = void (*)(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst,
+                             int64_t ldd);
+
 struct KernelSet {
   const char* isa;
   ForwardFn<float> forward_f32;
   ForwardFn<double> forward_f64;
   BackwardFn<float> backward_f32;
   BackwardFn<double> backward_f64;
+  TransposeFn<float> transpose_f32;
+  TransposeFn<double> transpose_f64;
 };
 
 // Raw addresses of the tensors of one call (0 for an absent tensor).

@@ -137,19 +137,29 @@ template <class T, int VV>
 static inline void rows_nn(int64_t rows, int64_t kd, const T* a, int64_t sa_n,
                            int64_t sa_k, const T* b, int64_t ldb, T* c, int64_t ldc,
                            bool accumulate) {
-  constexpr int R = 4;
+  // Each pass over B serves R rows of A: 6 x 4 accumulators fit the 32
+  // AVX-512 registers, so B streams once for a one-composition batch.
+  constexpr int R = sizeof(Vec<T>) >= 64 && VV == 4 ? 6 : 4;
   int64_t n = 0;
   for (; n + R <= rows; n += R)
     micro_nn<T, R, VV>(kd, a + n * sa_n, sa_n, sa_k, b, ldb, c + n * ldc, ldc, accumulate);
+  const T* an = a + n * sa_n;
+  T* cn = c + n * ldc;
   switch (rows - n) {
+    case 5:
+      micro_nn<T, 5, VV>(kd, an, sa_n, sa_k, b, ldb, cn, ldc, accumulate);
+      break;
+    case 4:
+      micro_nn<T, 4, VV>(kd, an, sa_n, sa_k, b, ldb, cn, ldc, accumulate);
+      break;
     case 3:
-      micro_nn<T, 3, VV>(kd, a + n * sa_n, sa_n, sa_k, b, ldb, c + n * ldc, ldc, accumulate);
+      micro_nn<T, 3, VV>(kd, an, sa_n, sa_k, b, ldb, cn, ldc, accumulate);
       break;
     case 2:
-      micro_nn<T, 2, VV>(kd, a + n * sa_n, sa_n, sa_k, b, ldb, c + n * ldc, ldc, accumulate);
+      micro_nn<T, 2, VV>(kd, an, sa_n, sa_k, b, ldb, cn, ldc, accumulate);
       break;
     case 1:
-      micro_nn<T, 1, VV>(kd, a + n * sa_n, sa_n, sa_k, b, ldb, c + n * ldc, ldc, accumulate);
+      micro_nn<T, 1, VV>(kd, an, sa_n, sa_k, b, ldb, cn, ldc, accumulate);
       break;
     default:
       break;
@@ -178,37 +188,131 @@ static void gemm_nn(int64_t n_rows, int64_t m_cols, int64_t kd, const T* a, int6
   }
 }
 
+// Tile of R rows of A by Q rows of W for gemm_nt: each output element is
+// the lane sum of its vector accumulator, then the tail terms k >= kv in
+// order, then the optional add to C, whatever tile it falls in.
+template <class T, int R, int Q>
+static inline void micro_nt(int64_t kd, int64_t kv, const T* a, int64_t lda, const T* w,
+                            int64_t ldw, T* c, int64_t ldc, bool accumulate) {
+  constexpr int W = Simd<T>::W;
+  Vec<T> acc[R][Q];
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < Q; ++q) acc[r][q] = Vec<T>{};
+  for (int64_t k = 0; k < kv; k += W) {
+    Vec<T> wv[Q];
+    for (int q = 0; q < Q; ++q) wv[q] = vload(w + q * ldw + k);
+    for (int r = 0; r < R; ++r) {
+      const Vec<T> av = vload(a + r * lda + k);
+      for (int q = 0; q < Q; ++q) acc[r][q] = Simd<T>::madd(av, wv[q], acc[r][q]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int q = 0; q < Q; ++q) {
+      T s = hsum<T>(acc[r][q]);
+      for (int64_t k = kv; k < kd; ++k) s += a[r * lda + k] * w[q * ldw + k];
+      T* out = c + r * ldc + q;
+      *out = accumulate ? *out + s : s;
+    }
+  }
+}
+
+// All rows of A against Q rows of W, R rows at a time.
+template <class T, int R, int Q>
+static inline void rows_nt(int64_t n_rows, int64_t kd, int64_t kv, const T* a, int64_t lda,
+                           const T* w, int64_t ldw, T* c, int64_t ldc, bool accumulate) {
+  int64_t n = 0;
+  for (; n + R <= n_rows; n += R)
+    micro_nt<T, R, Q>(kd, kv, a + n * lda, lda, w, ldw, c + n * ldc, ldc, accumulate);
+  for (; n < n_rows; ++n)
+    micro_nt<T, 1, Q>(kd, kv, a + n * lda, lda, w, ldw, c + n * ldc, ldc, accumulate);
+}
+
 // C [N, M] (+)= A [N, Kd] W^T with W [M, Kd] row-major: dot products along
-// rows, used for small batches where transposing W would cost more.
+// rows, used for small batches where transposing W would cost more. The
+// outer loop runs over groups of 4 rows of W, so W streams from memory once
+// while the few rows of A stay in L1.
 template <class T>
 static void gemm_nt(int64_t n_rows, int64_t m_cols, int64_t kd, const T* a, int64_t lda,
                     const T* w, int64_t ldw, T* c, int64_t ldc, bool accumulate) {
+  if (n_rows <= 0 || m_cols <= 0) return;
   constexpr int W = Simd<T>::W;
+  // 4 x 4 accumulators fit the 32 AVX-512 registers, 2 x 4 the 16 of the others.
+  constexpr int R = sizeof(Vec<T>) >= 64 ? 4 : 2;
   const int64_t kv = kd - kd % W;
-  for (int64_t n = 0; n < n_rows; ++n) {
-    const T* arow = a + n * lda;
-    int64_t m = 0;
-    for (; m + 4 <= m_cols; m += 4) {
-      Vec<T> acc[4] = {Vec<T>{}, Vec<T>{}, Vec<T>{}, Vec<T>{}};
-      for (int64_t k = 0; k < kv; k += W) {
-        const Vec<T> av = vload(arow + k);
-        for (int q = 0; q < 4; ++q)
-          acc[q] = Simd<T>::madd(av, vload(w + (m + q) * ldw + k), acc[q]);
-      }
-      for (int q = 0; q < 4; ++q) {
-        T s = hsum<T>(acc[q]);
-        for (int64_t k = kv; k < kd; ++k) s += arow[k] * w[(m + q) * ldw + k];
-        c[n * ldc + m + q] = accumulate ? c[n * ldc + m + q] + s : s;
-      }
+  int64_t m = 0;
+  for (; m + 4 <= m_cols; m += 4)
+    rows_nt<T, R, 4>(n_rows, kd, kv, a, lda, w + m * ldw, ldw, c + m, ldc, accumulate);
+  for (; m < m_cols; ++m)
+    rows_nt<T, R, 1>(n_rows, kd, kv, a, lda, w + m * ldw, ldw, c + m, ldc, accumulate);
+}
+
+// ---------------------------------------------------------------------------
+// Transposition of the weight copies: dst[c * ldd + r] = src[r * lds + c].
+
+// 32-byte blocks (8 x 8 floats or 4 x 4 doubles) transposed in registers.
+template <class T>
+struct Block32 {
+  static constexpr int N = 32 / sizeof(T);
+  typedef T V __attribute__((vector_size(32)));
+};
+
+static inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  using V = Block32<float>::V;
+  typedef int32_t M __attribute__((vector_size(32)));
+  V r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) std::memcpy(&r[i], src + i * lds, sizeof(V));
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shuffle(r[i], r[i + 1], M{0, 8, 1, 9, 4, 12, 5, 13});
+    t[i + 1] = __builtin_shuffle(r[i], r[i + 1], M{2, 10, 3, 11, 6, 14, 7, 15});
+  }
+  for (int i = 0; i < 8; i += 4) {
+    for (int j = 0; j < 2; ++j) {
+      u[i + 2 * j] = __builtin_shuffle(t[i + j], t[i + j + 2], M{0, 1, 8, 9, 4, 5, 12, 13});
+      u[i + 2 * j + 1] =
+          __builtin_shuffle(t[i + j], t[i + j + 2], M{2, 3, 10, 11, 6, 7, 14, 15});
     }
-    for (; m < m_cols; ++m) {
-      Vec<T> acc{};
-      for (int64_t k = 0; k < kv; k += W)
-        acc = Simd<T>::madd(vload(arow + k), vload(w + m * ldw + k), acc);
-      T s = hsum<T>(acc);
-      for (int64_t k = kv; k < kd; ++k) s += arow[k] * w[m * ldw + k];
-      c[n * ldc + m] = accumulate ? c[n * ldc + m] + s : s;
-    }
+  }
+  // u[0..3] hold columns 0-3 (low half) and 4-7 (high half) of rows 0-3,
+  // u[4..7] the same for rows 4-7.
+  for (int j = 0; j < 4; ++j) {
+    const V lo = __builtin_shuffle(u[j], u[j + 4], M{0, 1, 2, 3, 8, 9, 10, 11});
+    const V hi = __builtin_shuffle(u[j], u[j + 4], M{4, 5, 6, 7, 12, 13, 14, 15});
+    std::memcpy(dst + j * ldd, &lo, sizeof(V));
+    std::memcpy(dst + (j + 4) * ldd, &hi, sizeof(V));
+  }
+}
+
+static inline void transpose_block(const double* src, int64_t lds, double* dst, int64_t ldd) {
+  using V = Block32<double>::V;
+  typedef int64_t M __attribute__((vector_size(32)));
+  V r[4];
+  for (int i = 0; i < 4; ++i) std::memcpy(&r[i], src + i * lds, sizeof(V));
+  const V t0 = __builtin_shuffle(r[0], r[1], M{0, 4, 2, 6});
+  const V t1 = __builtin_shuffle(r[0], r[1], M{1, 5, 3, 7});
+  const V t2 = __builtin_shuffle(r[2], r[3], M{0, 4, 2, 6});
+  const V t3 = __builtin_shuffle(r[2], r[3], M{1, 5, 3, 7});
+  const V c[4] = {__builtin_shuffle(t0, t2, M{0, 1, 4, 5}), __builtin_shuffle(t1, t3, M{0, 1, 4, 5}),
+                  __builtin_shuffle(t0, t2, M{2, 3, 6, 7}), __builtin_shuffle(t1, t3, M{2, 3, 6, 7})};
+  for (int j = 0; j < 4; ++j) std::memcpy(dst + j * ldd, &c[j], sizeof(V));
+}
+
+// dst [cols, rows] (leading dimension ldd) = src [rows, cols]^T (leading
+// dimension lds), in register blocks, scalar at the edges. The outer loop
+// runs over blocks of destination rows, so the stores stream along N rows
+// while the strided loads stay within a few KB that L1 keeps; tiles that
+// store across many destination rows were 5x slower at H = 128, where the
+// power-of-two stride (2 KB) maps those rows onto a few L1 sets.
+template <class T>
+static void transpose(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst,
+                      int64_t ldd) {
+  constexpr int N = Block32<T>::N;
+  const int64_t rows_v = rows - rows % N, cols_v = cols - cols % N;
+  for (int64_t c = 0; c < cols_v; c += N)
+    for (int64_t r = 0; r < rows_v; r += N)
+      transpose_block(src + r * lds + c, lds, dst + c * ldd + r, ldd);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t c_begin = r < rows_v ? cols_v : 0;
+    for (int64_t c = c_begin; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
   }
 }
 
@@ -827,5 +931,7 @@ static KernelSet make_kernel_set(const char* isa) {
   k.forward_f64 = &forward_range<double>;
   k.backward_f32 = &backward_range<float>;
   k.backward_f64 = &backward_range<double>;
+  k.transpose_f32 = &transpose<float>;
+  k.transpose_f64 = &transpose<double>;
   return k;
 }
