@@ -108,8 +108,10 @@ def test_gradcheck_float64(dropout):
 
 
 # One small composition runs the dot-product path, larger batches the
-# transposed-weight path.
-@pytest.mark.parametrize(("batch", "dropout"), [(1, False), (9, False), (9, True)])
+# transposed-weight path; B = 16 splits into two halves.
+@pytest.mark.parametrize(
+    ("batch", "dropout"), [(1, False), (9, False), (9, True), (16, True)]
+)
 def test_float64_matches_reference(batch, dropout):
     args = make_batch(batch, 5, SMALL, torch.float64, seed=4, sizes=None if batch > 1 else [3], dropout=dropout)
     fused = forward_and_grads(ops.model_forward, *args[:5], SMALL, args[5])
@@ -247,6 +249,47 @@ def test_threads_bitwise_equal():
         dvmrl.set_num_threads(before)
     for name, a, b in zip(("out", "node_table", "flat", "frac"), one, two):
         assert torch.equal(a, b), name
+
+
+# B = 1 and 9 run serially, and 16 splits into two halves. B = 200 splits
+# into two backward chunks and seven forward blocks. H = 36 leaves scalar
+# edges in the transposition and in the vector loops.
+@pytest.mark.parametrize(("batch", "hidden"), [(1, 32), (9, 32), (16, 36), (200, 32)])
+def test_threads_bitwise_equal_small_batches(batch, hidden):
+    dims = make_dims(hidden)
+    args = make_batch(batch, 5, dims, torch.float32, seed=50 + batch)
+    before = dvmrl.get_num_threads()
+    try:
+        dvmrl.set_num_threads(1)
+        one = forward_and_grads(ops.model_forward, *args[:5], dims, None)
+        dvmrl.set_num_threads(2)
+        two = forward_and_grads(ops.model_forward, *args[:5], dims, None)
+    finally:
+        dvmrl.set_num_threads(before)
+    for name, a, b in zip(("out", "node_table", "flat", "frac"), one, two):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("batch", [1, 16, 300])
+def test_grads_accumulate_over_two_backwards(batch):
+    dims = make_dims(24, gate_hidden=20, msg_hidden=18)
+    node_table, flat, index, frac, mask, _ = make_batch(batch, 5, dims, torch.float64, seed=60)
+    leaves = [t.clone().requires_grad_() for t in (node_table, flat, frac)]
+    first = torch.autograd.grad(
+        ops.model_forward(leaves[0], leaves[1], index, leaves[2], mask, dims).sum(), leaves
+    )
+    copies = [g.clone() for g in first]
+    # A second call with other inputs must not write into the first call's gradients.
+    other = [(t * 1.5).requires_grad_() for t in (node_table, flat, frac)]
+    torch.autograd.grad(
+        ops.model_forward(other[0], other[1], index, other[2], mask, dims).sum(), other
+    )
+    for name, grad, saved in zip(("node_table", "flat", "frac"), first, copies):
+        assert torch.equal(grad, saved), name
+    for _ in range(2):
+        ops.model_forward(leaves[0], leaves[1], index, leaves[2], mask, dims).sum().backward()
+    for name, leaf, grad in zip(("node_table", "flat", "frac"), leaves, first):
+        assert torch.equal(leaf.grad, 2 * grad), name
 
 
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
