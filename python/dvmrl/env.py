@@ -63,7 +63,10 @@ DROPOUT_STEP = 0.1
 WIDTH_FACTOR = 2
 
 # Default task: a small model that trains one epoch over ~1,500 compositions
-# per step, so a step stays cheap on a laptop-class CPU.
+# per step, so a step stays cheap on a laptop-class CPU. The fraction encoder
+# and the weight average stay off: the shipped agent was meta-trained on
+# episodes without them, and its observations (validation scores after each
+# slice of training) would shift with them on.
 DEFAULT_MODEL = {
     "hidden": 32,
     "layers": 2,
@@ -72,6 +75,7 @@ DEFAULT_MODEL = {
     "head_hidden": 64,
     "head_layers": 1,
     "dropout": 0.0,
+    "fraction_hidden": 0,
 }
 DEFAULT_TRAIN = {
     "lr": 2e-3,
@@ -80,6 +84,7 @@ DEFAULT_TRAIN = {
     "grad_clip": 5.0,
     "schedule": "constant",
     "warmup_epochs": 0.0,
+    "ema_decay": 0.0,
 }
 
 # Cost limits of the validation strategies: the GP fits at most this many

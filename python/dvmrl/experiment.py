@@ -66,13 +66,16 @@ ROBUST_R_MAX = 0.25
 # here rather than read from dvmrl.defaults so that the presets' wall times,
 # measured with these sizes, do not move when the default model changes. The
 # head is not heteroscedastic, so training minimises the squared error that
-# the validation RMSE selects on.
+# the validation RMSE selects on. The fraction encoder and the weight average
+# (TrainConfig.ema_decay) stay off, as in the environment the shipped agent
+# was meta-trained on.
 BASE_MODEL = {
     "gate_hidden": 64,
     "msg_hidden": 64,
     "head_hidden": 128,
     "head_layers": 2,
     "heteroscedastic": False,
+    "fraction_hidden": 0,
 }
 
 # The agent's episode starts from this configuration (inside SEARCH_SPACE).
@@ -489,6 +492,7 @@ def model_and_train_configs(config: dict[str, Any], epochs: int, seed: int):
         weight_decay=float(config["weight_decay"]),
         epochs=int(epochs),
         seed=int(seed),
+        ema_decay=0.0,
     )
     return model_config, train_config
 
