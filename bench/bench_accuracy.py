@@ -5,12 +5,16 @@ dvmrl/defaults.py) through the Trainer on the random and the chemsys split
 of ``mp-formation-energy`` (test = 10 % of the compositions or of the
 chemical systems, as dvmrl.splits cuts it), then prints the test RMSE and
 MAE (eV/atom), the epochs and the training time for each split, and the
-reference models of docs/benchmarks.md for comparison.
+reference models of docs/benchmarks.md for comparison. ``--members N``
+trains N seeds on each split and scores the mean of their predictions;
+``--references`` also fits a random forest and gradient boosting on the
+same splits, so the comparison does not depend on another test cut.
 
 Usage:
     OMP_WAIT_POLICY=PASSIVE PYTHONPATH=python .venv/bin/python \
         bench/bench_accuracy.py [--splits random chemsys] [--threads 2] \
-        [--seed 0] [--json results.json] [--set train.epochs=50 ...]
+        [--seed 0] [--members 1] [--references] [--json results.json] \
+        [--set train.epochs=50 ...]
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 
 from dvmrl import build_info, set_num_threads
 from dvmrl.datasets import dataset_info, load
-from dvmrl.featurize import featurize
+from dvmrl.featurize import FEATURE_STATS, composition_features, featurize
 from dvmrl.metrics import regression_metrics
 from dvmrl.model import ModelConfig
 from dvmrl.splits import make_split
@@ -75,50 +79,131 @@ def _number(raw: str):
     return raw
 
 
-def run_split(df, kind: str, seed: int, model_config, train_config) -> dict:
-    """Train on one split kind and score the best-validation model on its test part."""
-    split = make_split(df, kind, seed)
-    batch = featurize(list(df["formula"]))
-    targets = df["target"].to_numpy(dtype=np.float64)
-    trainer = Trainer(
-        model_config,
-        train_config,
-        batch[split.train],
-        targets[split.train],
-        batch[split.val],
-        targets[split.val],
-        device="cpu",
-    )
-
-    started = time.perf_counter()
-    history = trainer.fit()
-    seconds = time.perf_counter() - started
-
-    y_test = targets[split.test]
-    predictions = trainer.predict(batch[split.test])
+def score(y_test: np.ndarray, predictions: np.ndarray) -> dict:
+    """Return test RMSE, MAE, R^2 and the tail statistics (eV/atom)."""
     metrics = regression_metrics(y_test, predictions)
-    best = next(record for record in history if record["epoch"] == trainer.best_epoch)
     # Compositions above 0.8 eV/atom form the high-energy tail of the data.
     errors = predictions - y_test
     tail = y_test > 0.8
-    tail_share = float((errors[tail] ** 2).sum() / (errors**2).sum())
     return {
-        "split": kind,
         "rmse": metrics["rmse"],
         "mae": metrics["mae"],
         "r2": metrics["r2"],
-        "tail_share_of_squared_error": tail_share,
+        "tail_share_of_squared_error": float(
+            (errors[tail] ** 2).sum() / (errors**2).sum()
+        ),
         "tail_rmse": float(np.sqrt((errors[tail] ** 2).mean())),
         "bulk_mae": float(np.abs(errors[~tail]).mean()),
-        "epochs": trainer.epochs_done,
-        "best_epoch": best["epoch"],
-        "best_val_rmse": best["val_rmse"],
-        "best_val_mae": best["val_mae"],
-        "seconds": seconds,
+    }
+
+
+def run_split(
+    df, kind: str, seed: int, model_config, train_config, members: int = 1
+) -> dict:
+    """Train on one split kind and score the best-validation models on its test part.
+
+    With ``members`` > 1, models with the training seeds ``train_config.seed``
+    + 0 .. members - 1 train on the same split, and the ensemble predicts
+    the mean of their predictions.
+    """
+    split = make_split(df, kind, seed)
+    batch = featurize(list(df["formula"]))
+    targets = df["target"].to_numpy(dtype=np.float64)
+    y_test = targets[split.test]
+    runs, member_predictions = [], []
+    for member in range(members):
+        config = dataclasses.replace(train_config, seed=train_config.seed + member)
+        trainer = Trainer(
+            model_config,
+            config,
+            batch[split.train],
+            targets[split.train],
+            batch[split.val],
+            targets[split.val],
+            device="cpu",
+        )
+        started = time.perf_counter()
+        history = trainer.fit()
+        seconds = time.perf_counter() - started
+        predictions = trainer.predict(batch[split.test])
+        member_predictions.append(predictions)
+        best = next(r for r in history if r["epoch"] == trainer.best_epoch)
+        runs.append(
+            {
+                "seed": config.seed,
+                **score(y_test, predictions),
+                "epochs": trainer.epochs_done,
+                "best_epoch": best["epoch"],
+                "best_val_rmse": best["val_rmse"],
+                "best_val_mae": best["val_mae"],
+                "seconds": seconds,
+            }
+        )
+        if members > 1:
+            print(
+                f"{kind:>8} member {member}: test RMSE {runs[-1]['rmse']:.4f} MAE "
+                f"{runs[-1]['mae']:.4f} ({seconds:.0f} s)",
+                flush=True,
+            )
+    mean_prediction = np.mean(member_predictions, axis=0)
+    result = {
+        "split": kind,
+        **score(y_test, mean_prediction),
+        "test_predictions": mean_prediction.tolist(),
+        "members": runs,
+        "seconds": sum(run["seconds"] for run in runs),
         "n_train": len(split.train),
         "n_val": len(split.val),
         "n_test": len(split.test),
     }
+    for key in ("epochs", "best_epoch", "best_val_rmse", "best_val_mae"):
+        result[key] = runs[0][key]
+    return result
+
+
+def run_references(df, kind: str, seed: int, threads: int) -> dict:
+    """Fit scikit-learn baselines on the same split and score them on its test part.
+
+    Features: ``dvmrl.featurize.composition_features`` with every statistic
+    (fraction-weighted mean, average deviation, std, min, max, range of the
+    standardised element descriptors, and the stoichiometric norms). The
+    models train on the training and validation parts together; the
+    gradient boosting holds out 10 % of them for its early stopping.
+    """
+    from sklearn.ensemble import HistGradientBoostingRegressor, RandomForestRegressor
+
+    split = make_split(df, kind, seed)
+    features = composition_features(list(df["formula"]), stats=FEATURE_STATS)
+    targets = df["target"].to_numpy(dtype=np.float64)
+    fit_rows = np.concatenate([split.train, split.val])
+    models = {
+        "random forest (300 trees)": RandomForestRegressor(
+            n_estimators=300, n_jobs=threads, random_state=seed
+        ),
+        "gradient boosting (early-stopped)": HistGradientBoostingRegressor(
+            max_iter=3000,
+            learning_rate=0.05,
+            early_stopping=True,
+            n_iter_no_change=50,
+            random_state=seed,
+        ),
+    }
+    results = {}
+    for name, model in models.items():
+        started = time.perf_counter()
+        model.fit(features[fit_rows], targets[fit_rows])
+        predictions = model.predict(features[split.test])
+        results[name] = {
+            **score(targets[split.test], predictions),
+            "test_predictions": predictions.tolist(),
+            "seconds": time.perf_counter() - started,
+        }
+        print(
+            f"{kind:>8} {name}: test RMSE {results[name]['rmse']:.4f} MAE "
+            f"{results[name]['mae']:.4f} ({results[name]['seconds']:.0f} s)",
+            flush=True,
+        )
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,6 +212,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument(
+        "--members",
+        type=int,
+        default=1,
+        help="models per split, with training seeds SEED .. SEED + N - 1; more "
+        "than 1 also scores the mean of their predictions (default: 1)",
+    )
+    parser.add_argument(
+        "--references",
+        action="store_true",
+        help="also fit a random forest and gradient boosting on composition "
+        "features on the same splits (scikit-learn, a few minutes)",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -158,19 +256,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"train {dataclasses.asdict(train_config)}")
     sys.stdout.flush()
 
+    if args.members < 1:
+        parser.error(f"--members must be at least 1, got {args.members}")
     results = []
+    measured_references = {}
     for kind in args.splits:
-        result = run_split(df, kind, args.seed, model_config, train_config)
+        result = run_split(
+            df, kind, args.seed, model_config, train_config, args.members
+        )
         result["load_after"] = os.getloadavg()[0]
         results.append(result)
+        label = "" if args.members == 1 else f" ensemble of {args.members}"
         print(
-            f"{kind:>8}: test RMSE {result['rmse']:.4f}  MAE {result['mae']:.4f} "
-            f"eV/atom  R2 {result['r2']:.4f}  ({result['epochs']} epochs, best "
-            f"{result['best_epoch']}, val RMSE {result['best_val_rmse']:.4f} MAE "
-            f"{result['best_val_mae']:.4f}, {result['seconds']:.0f} s, tail share of "
-            f"squared error {result['tail_share_of_squared_error']:.2f})",
+            f"{kind:>8}{label}: test RMSE {result['rmse']:.4f}  MAE "
+            f"{result['mae']:.4f} eV/atom  R2 {result['r2']:.4f}  "
+            f"({result['epochs']} epochs, best {result['best_epoch']}, val RMSE "
+            f"{result['best_val_rmse']:.4f} MAE {result['best_val_mae']:.4f}, "
+            f"{result['seconds']:.0f} s, tail share of squared error "
+            f"{result['tail_share_of_squared_error']:.2f})",
             flush=True,
         )
+        if args.references:
+            measured_references[kind] = run_references(
+                df, kind, args.seed, args.threads
+            )
 
     print("\nreferences (test RMSE / MAE, eV/atom):")
     for name, by_split in REFERENCES.items():
@@ -190,6 +299,19 @@ def main(argv: list[str] | None = None) -> int:
             )
             cells.append(f"{result['split']} {ref_rmse:.3f}/{ref_mae:.3f} {verdict}")
         print(f"  {name:<36} " + "; ".join(cells))
+    if measured_references:
+        print("\nreferences measured in this run on the same splits:")
+        for kind, by_model in measured_references.items():
+            model_result = next(r for r in results if r["split"] == kind)
+            for name, ref in by_model.items():
+                beaten = (
+                    model_result["rmse"] < ref["rmse"]
+                    and model_result["mae"] < ref["mae"]
+                )
+                print(
+                    f"  {kind:>8} {name:<34} {ref['rmse']:.3f}/{ref['mae']:.3f} "
+                    f"{'beaten' if beaten else 'not beaten'}"
+                )
 
     if args.json:
         payload = {
@@ -199,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": model_config.to_dict(),
             "train": dataclasses.asdict(train_config),
             "results": results,
+            "measured_references": measured_references,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "torch": torch.__version__,
         }
