@@ -22,9 +22,9 @@ namespace {
 // compositions, a call is split into two halves that two threads can share.
 // Each half reads all the weights, and in the backward each writes a full
 // gradient that a reduction then adds, so a split costs extra memory
-// traffic: with no idle core, a B = 16 step took 4 % (H = 64) and 13 %
-// (H = 128) longer split than unsplit, and a B = 8 step 16-18 % longer, on
-// a 2-core AMD EPYC VM under load.
+// traffic. With no idle core (2-core AMD EPYC VM, load average 6.4), a
+// B = 16 step took 4 % (H = 64) and 15 % (H = 128) longer split than
+// unsplit, and a B = 8 step 19-22 % longer.
 // NOTE: the gain with an idle core decides this threshold and has not been
 // measured on a quiet machine yet.
 constexpr int64_t kMinSplitBatch = 16;
