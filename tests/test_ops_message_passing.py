@@ -310,6 +310,28 @@ def test_isa_variant_matches_reference(isa):
         assert rel_error(a, b) < 1e-12, name
 
 
+
+# The float32 register-block transposes have their own shuffle code per
+# ISA; widths 36, 20 and 28 leave scalar edges in them.
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_isa_variant_float32_matches_reference(isa):
+    best = _core.build_info()["cpu_isa"]
+    order = ["baseline", "avx2", "avx512"]
+    if order.index(isa) > order.index(best):
+        pytest.skip(f"CPU supports up to {best}")
+    dims = make_dims(36, gate_hidden=20, msg_hidden=28)
+    args = make_batch(300, 5, dims, torch.float32, seed=10)
+    try:
+        _core.mp_set_cpu_isa(isa)
+        fused = forward_and_grads(ops.model_forward, *args[:5], dims, None)
+    finally:
+        _core.mp_set_cpu_isa("auto")
+    ref64_inputs = [t.double() for t in args[:2]] + [args[2], args[3].double(), args[4]]
+    ref = forward_and_grads(reference.model_forward, *ref64_inputs, dims, None)
+    assert rel_error(fused[0], ref[0]) <= 1e-5
+    for name, a, b in zip(("node_table", "flat", "frac"), fused[1:], ref[1:]):
+        assert rel_error(a, b) <= 1e-4, name
+
 def test_empty_batch_returns_zeros():
     dims = make_dims(8)
     node_table, flat, *_ = make_batch(1, 2, dims, torch.float64)
