@@ -312,7 +312,7 @@ def test_isa_variant_matches_reference(isa):
 
 
 # The float32 register-block transposes have their own shuffle code per
-# ISA; widths 36, 20 and 28 leave scalar edges in them.
+# ISA, and widths 36, 20 and 28 leave scalar edges in them.
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
 def test_isa_variant_float32_matches_reference(isa):
     best = _core.build_info()["cpu_isa"]
