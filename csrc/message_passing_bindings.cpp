@@ -129,7 +129,8 @@ void register_message_passing(pybind11::module_& m) {
           check_pointer(op, "out", out);
           check_pointer(op, "workspace", ws);
         }
-        mp::Buffers buf{table, flat, index, frac, mask, dropout, out, ws, 0, 0, 0, 0, false};
+        mp::Buffers buf{table, flat, index, frac, mask, dropout, out, ws, 0, 0, 0, 0,
+                        false, false};
         run(true, dtype, device, stream, d, buf, op);
       },
       py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("dims"),
@@ -144,9 +145,14 @@ void register_message_passing(pybind11::module_& m) {
          uintptr_t table, int64_t table_numel, uintptr_t flat, int64_t flat_numel,
          uintptr_t index, uintptr_t frac, uintptr_t mask, uintptr_t dropout, uintptr_t ws,
          int64_t ws_numel, uintptr_t grad_out, uintptr_t grad_table, uintptr_t grad_flat,
-         uintptr_t grad_frac, bool param_grads) {
+         uintptr_t grad_frac, bool table_grad, bool flat_grad) {
         const char* op = "model_backward";
         check_dtype(op, dtype);
+        if (flat_grad && !table_grad) {
+          throw std::invalid_argument(std::string(op) +
+                                      ": flat_grad=True requires table_grad=True, because "
+                                      "the flat-gradient pass also writes grad_node_table");
+        }
         const mp::Dims d = parse_dims(op, dims);
         check_common(op, d, table_numel, flat_numel, ws_numel);
         if (d.batch > 0) {
@@ -156,14 +162,12 @@ void register_message_passing(pybind11::module_& m) {
           check_pointer(op, "mask", mask);
           check_pointer(op, "workspace", ws);
           check_pointer(op, "grad_out", grad_out);
-          if (param_grads) {
-            check_pointer(op, "grad_node_table", grad_table);
-            check_pointer(op, "grad_flat", grad_flat);
-          }
+          if (table_grad) check_pointer(op, "grad_node_table", grad_table);
+          if (flat_grad) check_pointer(op, "grad_flat", grad_flat);
           check_pointer(op, "grad_frac", grad_frac);
         }
         mp::Buffers buf{table, flat, index, frac, mask, dropout, 0, ws,
-                        grad_out, grad_table, grad_flat, grad_frac, param_grads};
+                        grad_out, grad_table, grad_flat, grad_frac, table_grad, flat_grad};
         run(false, dtype, device, stream, d, buf, op);
       },
       py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("dims"),
@@ -171,10 +175,11 @@ void register_message_passing(pybind11::module_& m) {
       py::arg("flat_numel"), py::arg("element_index"), py::arg("frac"), py::arg("mask"),
       py::arg("dropout_mask"), py::arg("workspace"), py::arg("workspace_numel"),
       py::arg("grad_out"), py::arg("grad_node_table"), py::arg("grad_flat"),
-      py::arg("grad_frac"), py::arg("param_grads") = true,
-      "Fused backward: gradients for node_table, flat and frac from grad_out; with\n"
-      "param_grads false only grad_frac is written (grad_node_table and grad_flat may\n"
-      "be 0).");
+      py::arg("grad_frac"), py::arg("table_grad") = true, py::arg("flat_grad") = true,
+      "Fused backward: gradients for node_table, flat and frac from grad_out.\n"
+      "grad_frac is always written, grad_node_table only with table_grad and grad_flat\n"
+      "only with flat_grad (which requires table_grad). An unwritten gradient's address\n"
+      "may be 0. With table_grad alone the backward skips the weight-gradient sums.");
   m.def("mp_cpu_isa", [] { return std::string(mp::cpu_isa()); },
         "ISA variant the CPU message-passing kernels run.");
   m.def(

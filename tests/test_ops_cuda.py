@@ -8,10 +8,13 @@ from conftest import requires_cuda
 from test_ops_message_passing import (
     FLOAT32_CASES,
     SMALL,
+    TABLE_FRAC_CASES,
     forward_and_grads,
     make_batch,
     make_dims,
     rel_error,
+    table_and_frac_grads,
+    table_frac_case,
 )
 
 from dvmrl import ops, reference
@@ -97,3 +100,37 @@ def test_cuda_empty_batch():
     assert out.shape == (0, 1)
     out.sum().backward()
     assert torch.all(table.grad == 0)
+
+
+# The GPU sums node-table gradients with atomicAdd, so the modes agree to
+# rounding rather than bit for bit.
+@pytest.mark.parametrize("case", ["single", "mixed_k", "repeated_rows", "identity_table"])
+def test_cuda_table_frac_mode_equals_full_backward(case):
+    settings = {**TABLE_FRAC_CASES[case], "dtype": torch.float64}
+    node_table, flat, index, frac, mask, dims, drop = table_frac_case(**settings)
+    node_table, flat, index, frac, mask, drop = to_cuda(
+        [node_table, flat, index, frac, mask, drop]
+    )
+    full = forward_and_grads(ops.model_forward, node_table, flat, index, frac, mask, dims, drop)
+    grad_table, grad_frac = table_and_frac_grads(
+        node_table, flat, index, frac, mask, dims, drop
+    )
+    assert grad_table.is_cuda
+    assert rel_error(grad_table.cpu(), full[1].cpu()) < 1e-12
+    assert rel_error(grad_frac.cpu(), full[3].cpu()) < 1e-12
+
+
+def test_cuda_gradcheck_table_frac_mode_float64():
+    node_table, flat, index, frac, mask, _ = make_batch(
+        4, 4, SMALL, torch.float64, seed=8, sizes=[4, 1, 3, 2]
+    )
+    index = (index % 5) * mask
+    node_table, flat, index, frac, mask = to_cuda(
+        [node_table[:5].contiguous(), flat, index, frac, mask]
+    )
+
+    def fn(table, fractions):
+        return ops.model_forward(table, flat, index, fractions, mask, SMALL)
+
+    inputs = tuple(t.clone().requires_grad_() for t in (node_table, frac))
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)

@@ -605,10 +605,186 @@ def test_core_frac_gradient_needs_no_parameter_buffers():
     grads = [torch.empty_like(t) for t in (node_table, flat, frac)]
     ptrs = [g.data_ptr() for g in grads]
     tail = (ws.data_ptr(), ws.numel(), grad_out.data_ptr())
-    _core.mp_backward(*head, *inputs, *tail, *ptrs, True)
+    _core.mp_backward(*head, *inputs, *tail, *ptrs, True, True)
     alone = torch.empty_like(frac)
-    _core.mp_backward(*head, *inputs, *tail, 0, 0, alone.data_ptr(), False)
+    _core.mp_backward(*head, *inputs, *tail, 0, 0, alone.data_ptr(), False, False)
     assert torch.equal(alone, grads[2])
+
+
+# -- gradients of node_table and frac without flat -------------------------
+
+
+def table_and_frac_grads(node_table, flat, element_index, frac, mask, dims, drop, seed=1):
+    """Return (d node_table, d frac) with flat not requiring a gradient.
+
+    The output weighting is the one forward_and_grads draws for the same seed.
+    """
+    table = node_table.detach().clone().requires_grad_()
+    fractions = frac.detach().clone().requires_grad_()
+    out = ops.model_forward(table, flat, element_index, fractions, mask, dims, drop)
+    weight = torch.randn(
+        out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    ).to(out.device, out.dtype)
+    return torch.autograd.grad((out * weight).sum(), (table, fractions))
+
+
+def table_frac_case(batch, slots, dtype, seed, sizes=None, rows=None, identity=False):
+    """Inputs for the node_table and frac mode, with a chosen node table.
+
+    rows: keep only that many table rows (indices modulo rows), so rows
+    repeat within and across backward chunks. identity: one table row per
+    slot [B * K, H] read through identity indices, as the model builds it
+    with a fraction encoder.
+    """
+    dims = make_dims(24, gate_hidden=20, msg_hidden=18)
+    node_table, flat, index, frac, mask, drop = make_batch(
+        batch, slots, dims, dtype, seed=seed, sizes=sizes, dropout=True
+    )
+    if rows is not None:
+        index = (index % rows) * mask
+        node_table = node_table[:rows].contiguous()
+    if identity:
+        generator = torch.Generator().manual_seed(seed + 1)
+        node_table = torch.randn(batch * slots, dims.hidden, generator=generator).to(dtype)
+        index = torch.arange(batch * slots).reshape(batch, slots)
+    return (node_table, flat, index, frac, mask, dims, drop)
+
+
+# B = 1 runs serially, B = 40 splits into two halves, B = 300 into three
+# backward chunks and B = 1000 into eight. Every case mixes composition
+# sizes with padded slots.
+TABLE_FRAC_CASES = {
+    "single": dict(batch=1, slots=4, dtype=torch.float64, seed=70, sizes=[3]),
+    "mixed_k": dict(batch=40, slots=6, dtype=torch.float64, seed=71),
+    "repeated_rows": dict(batch=300, slots=5, dtype=torch.float64, seed=72, rows=3),
+    "repeated_rows_f32": dict(batch=1000, slots=8, dtype=torch.float32, seed=73, rows=7),
+    "batch_1000": dict(batch=1000, slots=5, dtype=torch.float32, seed=74),
+    "identity_table": dict(batch=200, slots=5, dtype=torch.float32, seed=75, identity=True),
+}
+
+
+@pytest.mark.parametrize("case", list(TABLE_FRAC_CASES))
+def test_table_frac_mode_equals_full_backward(case):
+    node_table, flat, index, frac, mask, dims, drop = table_frac_case(**TABLE_FRAC_CASES[case])
+    full = forward_and_grads(ops.model_forward, node_table, flat, index, frac, mask, dims, drop)
+    grad_table, grad_frac = table_and_frac_grads(
+        node_table, flat, index, frac, mask, dims, drop
+    )
+    assert torch.equal(grad_table, full[1])
+    assert torch.equal(grad_frac, full[3])
+
+
+def test_table_frac_mode_zeroes_unread_rows():
+    node_table, flat, index, frac, mask, dims, drop = table_frac_case(
+        batch=30, slots=5, dtype=torch.float64, seed=76, identity=True
+    )
+    grad_table, _ = table_and_frac_grads(node_table, flat, index, frac, mask, dims, drop)
+    padded_rows = index[~mask]
+    assert padded_rows.numel() > 0
+    assert torch.all(grad_table[padded_rows] == 0)
+    assert torch.all(grad_table[index[mask]].abs().sum(dim=1) > 0)
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_gradcheck_table_frac_mode_float64(dropout):
+    node_table, flat, index, frac, mask, drop = make_batch(
+        5, 4, SMALL, torch.float64, seed=77, sizes=[4, 1, 3, 2, 4], dropout=dropout
+    )
+    index = (index % 6) * mask  # rows repeat across compositions
+    node_table = node_table[:6].contiguous()
+
+    def fn(table, fractions):
+        return ops.model_forward(table, flat, index, fractions, mask, SMALL, drop)
+
+    inputs = tuple(t.clone().requires_grad_() for t in (node_table, frac))
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["mixed_k", "repeated_rows_f32", "batch_1000"])
+def test_table_frac_mode_threads_bitwise_equal(case):
+    args = table_frac_case(**TABLE_FRAC_CASES[case])
+    before = dvmrl.get_num_threads()
+    try:
+        dvmrl.set_num_threads(1)
+        one = table_and_frac_grads(*args)
+        dvmrl.set_num_threads(2)
+        two = table_and_frac_grads(*args)
+    finally:
+        dvmrl.set_num_threads(before)
+    for name, a, b in zip(("node_table", "frac"), one, two):
+        assert torch.equal(a, b), name
+
+
+def core_backward_inputs():
+    """Run the core forward on valid_args and return the backward's arguments."""
+    node_table, flat, index, frac, mask = valid_args()
+    dims = [3, 4, ROWS, 4, 3, 5, 2, 3, 2, 2]
+    out = torch.empty(3, 2, dtype=torch.float64)
+    ws = torch.empty(_core.mp_workspace_size(dims), dtype=torch.float64)
+    head = (1, -1, 0, dims, node_table.data_ptr(), node_table.numel(), flat.data_ptr())
+    inputs = (flat.numel(), index.data_ptr(), frac.data_ptr(), mask.data_ptr(), 0)
+    _core.mp_forward(*head, *inputs, out.data_ptr(), ws.data_ptr(), ws.numel())
+    grad_out = torch.ones(3, 2, dtype=torch.float64)
+    tail = (ws.data_ptr(), ws.numel(), grad_out.data_ptr())
+    # The tensors must outlive the calls that read their addresses.
+    keep = (node_table, flat, index, frac, mask, out, ws, grad_out)
+    return (*head, *inputs, *tail), keep
+
+
+def test_core_table_frac_mode_leaves_flat_untouched():
+    args, keep = core_backward_inputs()
+    node_table, flat, _, frac = keep[:4]
+    grads = [torch.empty_like(t) for t in (node_table, flat, frac)]
+    _core.mp_backward(*args, *[g.data_ptr() for g in grads], True, True)
+    table = torch.full_like(node_table, float("nan"))
+    fractions = torch.full_like(frac, float("nan"))
+    sentinel = torch.full_like(flat, 7.0)
+    _core.mp_backward(
+        *args, table.data_ptr(), sentinel.data_ptr(), fractions.data_ptr(), True, False
+    )
+    assert torch.equal(table, grads[0])
+    assert torch.equal(fractions, grads[2])
+    assert torch.all(sentinel == 7.0)
+    # grad_flat may be absent in this mode.
+    _core.mp_backward(*args, table.data_ptr(), 0, fractions.data_ptr(), True, False)
+    assert torch.equal(table, grads[0])
+
+
+def test_core_rejects_flat_grad_without_table_grad():
+    args, keep = core_backward_inputs()
+    grads = [torch.empty_like(t) for t in (keep[0], keep[1], keep[3])]
+    with pytest.raises(ValueError, match="flat_grad=True requires table_grad=True"):
+        _core.mp_backward(*args, *[g.data_ptr() for g in grads], False, True)
+
+
+def test_core_table_frac_mode_needs_grad_table():
+    args, keep = core_backward_inputs()
+    fractions = torch.empty_like(keep[3])
+    with pytest.raises(ValueError, match="grad_node_table"):
+        _core.mp_backward(*args, 0, 0, fractions.data_ptr(), True, False)
+
+
+def test_model_frac_gradient_frozen_parameters():
+    from dvmrl.model import CompositionMPNN, ModelConfig
+
+    config = ModelConfig()
+    assert config.fraction_hidden > 0
+    model = CompositionMPNN(config, seed=0).to(torch.float64)
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    dims = make_dims(config.hidden)
+    _, _, index, frac, mask, _ = make_batch(300, 6, dims, torch.float64, seed=78)
+    weight = torch.randn(300, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    grads = []
+    for use_fused in (True, False):
+        model.use_fused = use_fused
+        leaf = frac.clone().requires_grad_()
+        (grad,) = torch.autograd.grad((model(index, leaf, mask) * weight).sum(), leaf)
+        grads.append(grad)
+    fused, ref = grads
+    assert torch.all(fused[~mask] == ref[~mask])
+    assert rel_error(fused, ref) < 1e-10
 
 
 def test_checks_run_again_after_a_valid_call():

@@ -97,6 +97,7 @@ NodeIndex build_node_index(const Dims& d, const int64_t* index, const bool* mask
 struct ScratchUse {};
 struct PartialUse {};
 struct TransposedUse {};
+struct NodeGradUse {};
 
 template <class T, class Use = ScratchUse>
 T* thread_buffer(int64_t n) {
@@ -250,12 +251,73 @@ void add_partials(T* total, const T* partial, int64_t stride, int64_t n_chunks,
   }
 }
 
+// Write grad_table [E, H] from the node rows' gradients node_grad
+// [real nodes, H] with the same bits as the backward with grad_flat. Each
+// chunk sums its nodes of a table row in node order, starting from zero,
+// and the chunk sums are added in chunk order. A row that no node reads
+// gets zeros. One block computes each row in a fixed order, so the result
+// does not depend on the thread count.
+template <class T>
+void scatter_node_grads(const Dims& d, const NodeIndex& ni, const int64_t* index,
+                        int64_t chunk, const T* node_grad, T* grad_table) {
+  const int64_t H = d.hidden;
+  const int64_t n_nodes = ni.offset[d.batch];
+  // Counting sort of the node rows by table row, which keeps the nodes of
+  // each table row in node order.
+  std::vector<int64_t> row_start(d.rows + 1, 0);
+  std::vector<int64_t> node_row(n_nodes);
+  std::vector<int64_t> node_chunk(n_nodes);
+  for (int64_t b = 0; b < d.batch; ++b) {
+    for (int64_t r = ni.offset[b]; r < ni.offset[b + 1]; ++r) {
+      node_row[r] = index[b * d.slots + ni.slot[r]];
+      node_chunk[r] = b / chunk;
+      ++row_start[node_row[r] + 1];
+    }
+  }
+  for (int64_t e = 0; e < d.rows; ++e) row_start[e + 1] += row_start[e];
+  std::vector<int64_t> fill(row_start.begin(), row_start.end() - 1);
+  std::vector<int64_t> by_row(n_nodes);
+  for (int64_t r = 0; r < n_nodes; ++r) by_row[fill[node_row[r]]++] = r;
+
+  const int64_t rows_per_block = std::max<int64_t>(1, 16384 / H);
+  parallel_for(d.rows, rows_per_block, 4 * rows_per_block,
+               [&](int64_t begin, int64_t end, int64_t) {
+    std::vector<T> partial;
+    for (int64_t e = begin; e < end; ++e) {
+      T* out = grad_table + e * H;
+      std::fill(out, out + H, T(0));
+      int64_t i = row_start[e];
+      const int64_t stop = row_start[e + 1];
+      bool first = true;
+      while (i < stop) {
+        const int64_t c = node_chunk[by_row[i]];
+        // The first chunk sums straight into out: 0 + a + b + ... is the
+        // sum that this chunk's own partial table holds.
+        T* sum = out;
+        if (!first) {
+          partial.assign(static_cast<size_t>(H), T(0));
+          sum = partial.data();
+        }
+        for (; i < stop && node_chunk[by_row[i]] == c; ++i) {
+          const T* g = node_grad + by_row[i] * H;
+          for (int64_t h = 0; h < H; ++h) sum[h] += g[h];
+        }
+        if (first) {
+          first = false;
+          continue;
+        }
+        for (int64_t h = 0; h < H; ++h) out[h] += partial[h];
+      }
+    }
+  });
+}
+
 template <class T>
 void backward_typed(const Dims& d, const Buffers& buf) {
   const NodeIndex ni = build_node_index(d, reinterpret_cast<const int64_t*>(buf.index),
                                         reinterpret_cast<const bool*>(buf.mask),
                                         "model_backward");
-  const Ctx<T> cx = make_ctx<T>(d, buf, ni);
+  Ctx<T> cx = make_ctx<T>(d, buf, ni);
   const BackwardFn<T> fn = pick_backward<T>(active_kernels());
   const int64_t n_params = cx.p.total;
   const int64_t n_table = d.rows * d.hidden;
@@ -267,13 +329,22 @@ void backward_typed(const Dims& d, const Buffers& buf) {
   const int64_t n_chunks = num_blocks(d.batch, chunk);
   const int64_t scratch_size = backward_scratch_size(d);
 
-  if (!buf.param_grads) {
-    // Only grad_frac: each chunk writes its compositions' rows, no reduction.
+  if (!buf.flat_grad) {
+    // No parameter sums: each chunk writes its compositions' rows of
+    // grad_frac and, for grad_table, its node rows of dL/dh0, which the
+    // scatter then adds into the table rows.
+    const int64_t n_nodes = ni.offset[d.batch];
+    if (buf.table_grad && n_nodes > 0)
+      cx.grad_nodes = thread_buffer<T, NodeGradUse>(n_nodes * d.hidden);
     parallel_for(n_chunks, 1, 1, [&](int64_t, int64_t, int64_t c) {
       T* scratch = thread_scratch<T>(scratch_size);
       const int64_t begin = c * chunk;
       fn(cx, begin, std::min(d.batch, begin + chunk), scratch, nullptr, nullptr);
     });
+    if (buf.table_grad) {
+      scatter_node_grads(d, ni, reinterpret_cast<const int64_t*>(buf.index), chunk,
+                         cx.grad_nodes, grad_table);
+    }
     return;
   }
   // Chunk 0 sums into grad_flat and grad_table, every later chunk into its

@@ -67,6 +67,9 @@ struct Ctx {
   const T* wt;             // transposed weights, or nullptr for the dot form
   const T* grad_out;       // [B, n_out] (backward)
   T* grad_frac;            // [B, K] (backward)
+  // [real nodes, H]: the backward stores dL/dh0 of every compact node row
+  // here when it is not null (the node-table gradient without grad_flat).
+  T* grad_nodes;
 };
 
 // Scratch elements one forward sub-block or one backward chunk needs.
@@ -109,12 +112,14 @@ struct KernelSet {
 };
 
 // Raw addresses of the tensors of one call (0 for an absent tensor).
-// In the backward, param_grads false skips grad_table and grad_flat (left
-// untouched, may be 0) and computes grad_frac alone.
+// The backward always writes grad_frac. It writes grad_table when
+// table_grad is set and grad_flat when flat_grad is set, and flat_grad
+// requires table_grad. A gradient that is not requested is left untouched
+// and its address may be 0.
 struct Buffers {
   uintptr_t table, flat, index, frac, mask, dropout, out, ws;
   uintptr_t grad_out, grad_table, grad_flat, grad_frac;
-  bool param_grads;
+  bool table_grad, flat_grad;
 };
 
 // Data type codes shared with dvmrl.ops.

@@ -694,10 +694,11 @@ static void layer_edges_backward(const Ctx<T>& cx, const T* lp, T* glp, const T*
   }
 }
 
-// gflat and gtable are null when only grad_frac is wanted; otherwise the
-// first sub-block of a chunk (first) writes the weight-matrix gradients
-// instead of adding to them, and the caller zeroes the rest
-// (zero_bias_grads) and gtable.
+// gflat and gtable are null unless the parameter gradients are requested.
+// With them, the first sub-block of a chunk (first) writes the weight-matrix
+// gradients instead of adding to them, and the caller zeroes the rest
+// (zero_bias_grads) and gtable. Without them, cx.grad_nodes (when not null)
+// receives dL/dh0 of every node row for the caller's deterministic scatter.
 template <class T>
 static void backward_block(const Ctx<T>& cx, int64_t b0, int64_t b1, T* scratch, T* gflat,
                            T* gtable, bool first) {
@@ -900,12 +901,14 @@ static void backward_block(const Ctx<T>& cx, int64_t b0, int64_t b1, T* scratch,
   }
 
   // Node table rows, in node order.
-  for (int64_t b = pg ? b0 : b1; b < b1; ++b) {
+  for (int64_t b = gtable != nullptr ? b0 : b1; b < b1; ++b) {
     for (int64_t r = cx.node_offset[b]; r < cx.node_offset[b + 1]; ++r) {
       const int64_t e = cx.index[b * K + cx.node_slot[r]];
       add_to(dh + (r - n0) * H, gtable + e * H, H);
     }
   }
+  if (cx.grad_nodes != nullptr && n_rows > 0)
+    std::memcpy(cx.grad_nodes + n0 * H, dh, sizeof(T) * n_rows * H);
   for (int64_t s = 0; s < s_rows; ++s)
     for (int64_t k = 0; k < K; ++k) cx.grad_frac[(b0 + s) * K + k] = dfrac[s * K + k];
 }

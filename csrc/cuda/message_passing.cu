@@ -189,7 +189,8 @@ struct Params {
   T* grad_table;
   T* grad_flat;
   T* grad_frac;
-  bool param_grads;  // false: only grad_frac (grad_table, grad_flat untouched)
+  bool table_grad;  // write grad_table (else left untouched)
+  bool flat_grad;   // write grad_flat (else left untouched), only with table_grad
 };
 
 // Gate logits of every ordered pair of real nodes of the tile (one warp per
@@ -387,7 +388,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Params<T> P) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   TileShared<T> S = carve_shared<T>(K);
   T* gflat = P.grad_flat;
-  const bool pg = P.param_grads;  // uniform over the grid
+  const bool pg = P.flat_grad;  // uniform over the grid
 
   if (threadIdx.x < nb) {
     int n = 0;
@@ -669,7 +670,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Params<T> P) {
                          S.tile);
   }
 
-  for (int e = threadIdx.x; pg && e < rows * H; e += kThreads) {
+  for (int e = threadIdx.x; P.table_grad && e < rows * H; e += kThreads) {
     const int r = e / H, c = e % H;
     if (P.mask[r0 + r]) atomicAdd(P.grad_table + P.index[r0 + r] * H + c, dh[e]);
   }
@@ -716,7 +717,8 @@ Params<T> make_params(const Dims& d, const Buffers& buf) {
   P.grad_table = reinterpret_cast<T*>(buf.grad_table);
   P.grad_flat = reinterpret_cast<T*>(buf.grad_flat);
   P.grad_frac = reinterpret_cast<T*>(buf.grad_frac);
-  P.param_grads = buf.param_grads;
+  P.table_grad = buf.table_grad;
+  P.flat_grad = buf.flat_grad;
   return P;
 }
 
@@ -760,9 +762,11 @@ void run(bool forward, const Dims& d, const Buffers& buf, int device, uintptr_t 
   if (forward) {
     forward_kernel<T><<<blocks, kThreads, smem, stream>>>(P);
   } else {
-    if (P.param_grads) {
+    if (P.flat_grad) {
       check_cuda(cudaMemsetAsync(P.grad_flat, 0, sizeof(T) * P.p.total, stream), op,
                  "cudaMemsetAsync of grad_flat");
+    }
+    if (P.table_grad) {
       check_cuda(cudaMemsetAsync(P.grad_table, 0, sizeof(T) * d.rows * d.hidden, stream), op,
                  "cudaMemsetAsync of grad_node_table");
     }

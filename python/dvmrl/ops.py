@@ -313,9 +313,13 @@ class _FusedModel(torch.autograd.Function):
     The forward saves the activations the backward needs in one workspace
     tensor (node states and first-layer projections of every layer, the
     pooling pre-activations and the head pre-activations), so the backward
-    recomputes only the per-edge activations. When neither node_table nor flat needs a gradient, the backward skips
-    the parameter-gradient sums and computes the frac gradient alone. The
-    backward itself is not differentiable (no double backward).
+    recomputes only the per-edge activations. The backward runs in one of
+    three modes, chosen from which inputs need a gradient: with flat, it
+    computes the gradients of node_table, flat and frac; with node_table but
+    not flat (node states that depend on frac through earlier PyTorch ops,
+    as with the fraction encoder), those of node_table and frac without the
+    weight-gradient sums; otherwise the frac gradient alone. The backward
+    itself is not differentiable (no double backward).
     """
 
     @staticmethod
@@ -368,18 +372,20 @@ def _fused_backward(ctx, grad_out):
     node_table, flat, element_index, frac, mask, workspace, *_ = ctx.saved_tensors
     plan = ctx.plan
     needs = ctx.needs_input_grad
-    param_grads = needs[0] or needs[1]
+    # flat's gradient needs the weight-gradient sums, the expensive part of
+    # the backward, and that pass also yields node_table's. node_table alone
+    # (with frac) skips them, and frac alone also skips the table scatter.
+    flat_grad = needs[1]
+    table_grad = needs[0] or flat_grad
     if not grad_out.is_contiguous():
         grad_out = grad_out.contiguous()
     grad_frac = torch.empty_like(frac)
-    if param_grads:
-        grad_table = torch.empty_like(node_table)
-        grad_flat = torch.empty_like(flat)
-    else:
-        grad_table = grad_flat = None
+    grad_table = torch.empty_like(node_table) if table_grad else None
+    grad_flat = torch.empty_like(flat) if flat_grad else None
     if plan.out_shape[0] == 0:
-        if param_grads:
+        if table_grad:
             grad_table.zero_()
+        if flat_grad:
             grad_flat.zero_()
     else:
         _core.mp_backward(
@@ -398,10 +404,11 @@ def _fused_backward(ctx, grad_out):
             workspace.data_ptr(),
             plan.workspace_size,
             grad_out.data_ptr(),
-            grad_table.data_ptr() if param_grads else 0,
-            grad_flat.data_ptr() if param_grads else 0,
+            grad_table.data_ptr() if table_grad else 0,
+            grad_flat.data_ptr() if flat_grad else 0,
             grad_frac.data_ptr(),
-            param_grads,
+            table_grad,
+            flat_grad,
         )
     return (
         grad_table if needs[0] else None,
