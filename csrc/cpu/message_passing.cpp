@@ -24,10 +24,12 @@ namespace {
 // gradient that a reduction then adds, so a split costs extra memory
 // traffic. With no idle core (2-core AMD EPYC VM, load average 6.4), a
 // B = 16 step took 4 % (H = 64) and 15 % (H = 128) longer split than
-// unsplit, and a B = 8 step 19-22 % longer.
-// NOTE: the gain with an idle core decides this threshold and has not been
-// measured on a quiet machine yet.
-constexpr int64_t kMinSplitBatch = 16;
+// unsplit, and a B = 8 step 19-22 % longer. On the same VM when quiet
+// (load average about 1, bench/bench_message_passing.py), a B = 16,
+// H = 128 step took 1.48-1.58 ms split (2 runs) and 1.35-1.76 ms unsplit
+// (4 runs): no clear gain. So B = 16 stays on one thread, and the split
+// starts at 32.
+constexpr int64_t kMinSplitBatch = 32;
 // Minimum compositions per backward chunk above 2 * kMinChunk, and the
 // maximum chunk count. Each chunk after the first keeps a private copy of
 // the parameter gradients, so the count is bounded. It depends on B only,
