@@ -483,6 +483,8 @@ def test_train_fraction_and_average_options(tmp_path, data_csv):
             "0",
             "--ema-decay",
             "0.5",
+            "--monitor",
+            "val_mae",
             *TINY,
             "--out",
             str(out),
@@ -492,6 +494,9 @@ def test_train_fraction_and_average_options(tmp_path, data_csv):
     run = json.loads((out / "run.json").read_text())
     assert run["model"]["fraction_hidden"] == 0
     assert run["train"]["ema_decay"] == 0.5
+    assert run["train"]["monitor"] == "val_mae"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["monitor"] == "val_mae"
 
 
 @pytest.mark.parametrize(
@@ -499,6 +504,7 @@ def test_train_fraction_and_average_options(tmp_path, data_csv):
     [
         ("--fraction-hidden", "-1", "expected an integer >= 0, got -1"),
         ("--ema-decay", "1", "expected a fraction in [0, 1), got 1"),
+        ("--monitor", "rmse", "invalid choice: 'rmse'"),
     ],
 )
 def test_train_rejects_bad_new_options(

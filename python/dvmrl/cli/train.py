@@ -60,6 +60,7 @@ _RUN_OPTIONS = {
     "model.fraction_hidden": "--fraction-hidden",
     "train.epochs": "--epochs",
     "train.ema_decay": "--ema-decay",
+    "train.monitor": "--monitor",
     "train.lr": "--lr",
     "train.batch_size": "--batch-size",
     "train.weight_decay": "--weight-decay",
@@ -287,6 +288,16 @@ def _add_train_parser(subparsers) -> None:
             "decay of the moving average of the weights that validation, "
             "early stopping and the saved model use, in [0, 1) (0: off); "
             f"default: {defaults.TRAIN['ema_decay']}"
+        ),
+    )
+    parser.add_argument(
+        "--monitor",
+        choices=("val_rmse", "val_mae"),
+        default=None,
+        help=(
+            "validation score for early stopping and best-weight selection; "
+            "val_mae trains longer and suits ensembles, whose mean offsets the "
+            f"later epochs' tail errors; default: {defaults.TRAIN['monitor']}"
         ),
     )
     parser.add_argument(
@@ -572,6 +583,7 @@ def _requested_settings(args: argparse.Namespace) -> dict[str, Any]:
         "model.fraction_hidden": args.fraction_hidden,
         "train.epochs": args.epochs,
         "train.ema_decay": args.ema_decay,
+        "train.monitor": args.monitor,
         "train.lr": args.lr,
         "train.batch_size": args.batch_size,
         "train.weight_decay": args.weight_decay,
