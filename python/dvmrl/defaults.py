@@ -18,8 +18,9 @@ to 0.363 / 0.159 eV/atom (random split) and from 0.440 / 0.197 to
 The heteroscedastic head stays off by default because it changes the loss
 and the output width that callers rely on; pass
 ``ModelConfig(heteroscedastic=True)`` or ``dvmrl train --heteroscedastic``
-for it. An ensemble of seeds (``dvmrl train --members 5 --monitor val_mae``) is more
-accurate than one model, at five times the training time.
+for it. An ensemble of seeds (``dvmrl train --members 5 --monitor
+val_mae``) is more accurate than one model, at five times the training
+time.
 """
 
 # Model sizes: widths of node states, gate and message MLPs, and the head.
