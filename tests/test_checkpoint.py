@@ -313,3 +313,36 @@ def test_read_checkpoint_has_resume(saved):
     expected |= {"frac_w1", "frac_b1", "frac_w2", "frac_b2"}
     assert set(resume["optimizer"]) == expected
     assert resume["rng"]["shuffle"].dtype == torch.uint8
+
+
+def test_interrupted_write_raises_keyboard_interrupt(tmp_path, monkeypatch):
+    from dvmrl.training import checkpoint as checkpoint_module
+
+    path = tmp_path / "state.pt"
+    checkpoint_module.write_checkpoint(path, {"model_config": {}, "model_state": {}})
+    before = path.read_bytes()
+
+    def interrupted_save(document, handle):
+        # torch.save's zip writer turns a Ctrl-C into a RuntimeError on exit.
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("unexpected pos 771904 vs 771792") from None
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint_module.write_checkpoint(path, {"model_config": {}})
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+
+
+def test_failed_write_keeps_its_error(tmp_path, monkeypatch):
+    from dvmrl.training import checkpoint as checkpoint_module
+
+    def failing_save(document, handle):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", failing_save)
+    with pytest.raises(RuntimeError, match="disk full"):
+        checkpoint_module.write_checkpoint(tmp_path / "x.pt", {"model_config": {}})
+    assert list(tmp_path.iterdir()) == []

@@ -505,6 +505,9 @@ def test_train_fraction_and_average_options(tmp_path, data_csv):
         ("--fraction-hidden", "-1", "expected an integer >= 0, got -1"),
         ("--ema-decay", "1", "expected a fraction in [0, 1), got 1"),
         ("--monitor", "rmse", "invalid choice: 'rmse'"),
+        ("--ema-decay", "-0.1", "expected a fraction in [0, 1), got -0.1"),
+        ("--ema-decay", "nan", "expected a fraction in [0, 1), got nan"),
+        ("--dropout", "abc", "expected a fraction in [0, 1), got 'abc'"),
     ],
 )
 def test_train_rejects_bad_new_options(

@@ -103,10 +103,16 @@ def _positive_float(text: str) -> float:
 
 
 def _fraction(text: str) -> float:
-    value = _non_negative_float(text)
-    if value >= 1:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction in [0, 1), got {text!r}"
+        ) from None
+    if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text}")
-    return value
+    # Adding 0.0 turns -0.0 into 0.0, so run.json never stores a negative zero.
+    return value + 0.0
 
 
 def _non_negative_int(text: str) -> int:
@@ -202,7 +208,9 @@ def _add_train_parser(subparsers) -> None:
             "validation pool, then score the best-validation model on the held-out "
             "test part. Writes OUT/model.pt, OUT/metrics.json (test metrics in "
             "eV/atom and provenance), OUT/run.json and the resumable state "
-            "OUT/last.pt. Ctrl-C keeps OUT/last.pt; continue with --resume."
+            "OUT/last.pt (OUT/member<i>/last.pt for each member of an ensemble). "
+            "Ctrl-C keeps the state of the last finished epoch; continue with "
+            "--resume."
         ),
     )
     _add_data_options(parser, with_defaults=True)
@@ -286,7 +294,9 @@ def _add_train_parser(subparsers) -> None:
         metavar="X",
         help=(
             "decay of the moving average of the weights that validation, "
-            "early stopping and the saved model use, in [0, 1) (0: off); "
+            "early stopping and the saved model use, in [0, 1) (0: off); step t "
+            "uses min(X, (1 + t) / (10 + t)), so X matters only after about "
+            "10 / (1 - X) steps; "
             f"default: {defaults.TRAIN['ema_decay']}"
         ),
     )
@@ -365,8 +375,11 @@ def _add_predict_parser(subparsers) -> None:
         help="predict the target of compositions with a checkpoint",
         description=(
             "Predict the target of each composition in eV/atom and kJ/mol "
-            "(1 eV/atom = 96.485 kJ/mol), with the standard deviation when the "
-            "model is heteroscedastic. The table shows each input formula beside "
+            "(1 eV/atom = 96.485 kJ/mol), with an uncertainty (standard "
+            "deviation) when the model is heteroscedastic or an ensemble: for an "
+            "ensemble, the population spread of the member predictions (plus the "
+            "mean predicted variance of heteroscedastic members). The table shows "
+            "each input formula beside "
             "the normalised composition it was read as. Compositions with elements "
             "absent from the training data, or with fewer or more elements than "
             "every training composition (such as a pure element), get a warning on "

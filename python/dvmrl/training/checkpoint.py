@@ -130,10 +130,27 @@ def write_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(handle.name, path)
-    except BaseException:
+    except BaseException as err:
         Path(handle.name).unlink(missing_ok=True)
+        # Ctrl-C inside torch.save makes its zip writer fail on exit with a
+        # RuntimeError that hides the KeyboardInterrupt; re-raise the
+        # interrupt so that callers stop as for any other Ctrl-C.
+        if not isinstance(err, KeyboardInterrupt) and _interrupted(err):
+            raise KeyboardInterrupt from err
         raise
     return path
+
+
+def _interrupted(err: BaseException) -> bool:
+    """Return whether a KeyboardInterrupt is among the causes of ``err``."""
+    seen = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _json_default(value: Any) -> Any:
