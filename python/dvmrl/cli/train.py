@@ -1002,7 +1002,7 @@ def _predict(model, batch, device, with_variance: bool):
 
 
 def _has_variance(model) -> bool:
-    """Whether predictions come with a variance: a heteroscedastic head or members."""
+    """Return whether predictions have a variance (heteroscedastic head or members)."""
     from dvmrl.training import EnsembleModel
 
     if isinstance(model, EnsembleModel):
