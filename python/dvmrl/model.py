@@ -195,6 +195,18 @@ def init_flat(dims: ModelDims, generator: torch.Generator) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def fraction_encoder_shapes(width: int, hidden: int) -> dict[str, tuple[int, ...]]:
+    """Return the fraction encoder's parameter shapes; empty for width 0."""
+    if width == 0:
+        return {}
+    return {
+        "frac_w1": (width, 2),
+        "frac_b1": (width,),
+        "frac_w2": (hidden, width),
+        "frac_b2": (hidden,),
+    }
+
+
 def init_fraction_encoder(
     width: int, hidden: int, generator: torch.Generator
 ) -> dict[str, torch.Tensor]:
@@ -203,15 +215,16 @@ def init_fraction_encoder(
     ``frac_w1`` [F, 2] is normal with a fan-in standard deviation,
     ``frac_w2`` [H, F] the same times ``FRACTION_INIT_SCALE``, the biases 0.
     """
-    if width == 0:
+    shapes = fraction_encoder_shapes(width, hidden)
+    if not shapes:
         return {}
     return {
-        "frac_w1": _fan_in_normal((width, 2), 2, 1.0, generator),
-        "frac_b1": torch.zeros(width, dtype=torch.float64),
+        "frac_w1": _fan_in_normal(shapes["frac_w1"], 2, 1.0, generator),
+        "frac_b1": torch.zeros(shapes["frac_b1"], dtype=torch.float64),
         "frac_w2": _fan_in_normal(
-            (hidden, width), width, FRACTION_INIT_SCALE, generator
+            shapes["frac_w2"], width, FRACTION_INIT_SCALE, generator
         ),
-        "frac_b2": torch.zeros(hidden, dtype=torch.float64),
+        "frac_b2": torch.zeros(shapes["frac_b2"], dtype=torch.float64),
     }
 
 
@@ -590,19 +603,13 @@ class CompositionMPNN(nn.Module):
         self.flat = nn.Parameter(
             torch.empty(parameter_count(dims), device=device, dtype=dtype)
         )
-        width = config.fraction_hidden
-        shapes = {
-            "frac_w1": (width, 2),
-            "frac_b1": (width,),
-            "frac_w2": (dims.hidden, width),
-            "frac_b2": (dims.hidden,),
-        }
-        for name, shape in shapes.items():
+        for name in FRACTION_ENCODER_NAMES:
             if hasattr(self, name):
                 delattr(self, name)
-            if width > 0:
-                value = torch.empty(shape, device=device, dtype=dtype)
-                setattr(self, name, nn.Parameter(value))
+        shapes = fraction_encoder_shapes(config.fraction_hidden, dims.hidden)
+        for name, shape in shapes.items():
+            value = torch.empty(shape, device=device, dtype=dtype)
+            setattr(self, name, nn.Parameter(value))
         self.load_named_parameters(named)
 
     def extra_repr(self) -> str:

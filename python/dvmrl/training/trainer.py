@@ -48,8 +48,6 @@ from dvmrl.training.data import (
 
 logger = logging.getLogger(__name__)
 
-# Parameter order of the optimiser; checkpoints store moments by these names.
-
 # Default number of MC-dropout samples for predict_with_uncertainty.
 MC_SAMPLES = 30
 
@@ -183,7 +181,11 @@ class Trainer:
         return None if math.isinf(self._best_score) else self._best_score
 
     def _parameter_names(self) -> tuple[str, ...]:
-        """Names of the optimised parameters: the embedding stage, then ``flat``."""
+        """Return the optimised parameters' names: the embedding stage, then ``flat``.
+
+        The optimiser takes the parameters in this order, and checkpoints
+        store their moments by these names.
+        """
         return (*self.model.config.embedding_names, "flat")
 
     def _parameters(self) -> list[torch.nn.Parameter]:
@@ -217,11 +219,12 @@ class Trainer:
         if decay == 0.0:
             return
         self.model.flat.addcmul_(self.model.flat, self._flat_decay_mask, value=-decay)
-        self.model.emb_w.mul_(1.0 - decay)
-        self.model.emb_offset.mul_(1.0 - decay)
-        if self.model.config.fraction_hidden > 0:
-            self.model.frac_w1.mul_(1.0 - decay)
-            self.model.frac_w2.mul_(1.0 - decay)
+        # As in the flat buffer, matrices decay and biases do not: emb_w,
+        # emb_offset, frac_w1 and frac_w2 are the matrices of the embedding stage.
+        for name in self.model.config.embedding_names:
+            parameter = getattr(self.model, name)
+            if parameter.dim() == 2:
+                parameter.mul_(1.0 - decay)
 
     # -- weight averaging ------------------------------------------------
 
