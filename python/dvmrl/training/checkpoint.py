@@ -133,8 +133,8 @@ def write_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     except BaseException as err:
         Path(handle.name).unlink(missing_ok=True)
         # Ctrl-C inside torch.save makes its zip writer fail on exit with a
-        # RuntimeError that hides the KeyboardInterrupt; re-raise the
-        # interrupt so that callers stop as for any other Ctrl-C.
+        # RuntimeError that hides the KeyboardInterrupt. Re-raise the
+        # interrupt, so that callers stop as for any other Ctrl-C.
         if not isinstance(err, KeyboardInterrupt) and _interrupted(err):
             raise KeyboardInterrupt from err
         raise
@@ -246,13 +246,28 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint {path} is corrupt: missing entries {missing}"
         )
-    if not isinstance(parsed["model_state"], dict) or not all(
-        isinstance(value, torch.Tensor) for value in parsed["model_state"].values()
-    ):
+    if not _is_tensor_dict(parsed["model_state"]):
         raise CheckpointError(
             f"checkpoint {path} is corrupt: 'model_state' is not a dict of tensors"
         )
+    members = parsed.get(MEMBER_STATES_KEY, [])
+    if not isinstance(members, list):
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: '{MEMBER_STATES_KEY}' is not a list"
+        )
+    for position, member_state in enumerate(members, start=1):
+        if not _is_tensor_dict(member_state):
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: the state of member {position} is "
+                "not a dict of tensors"
+            )
     return parsed
+
+
+def _is_tensor_dict(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(item, torch.Tensor) for item in value.values()
+    )
 
 
 # Pickle opcodes that import a global or call one to build an object.
@@ -340,14 +355,8 @@ def model_from_document(document: dict[str, Any], path: str | os.PathLike):
     descriptors = state["descriptors"].to(torch.float64)
     states = [state, *document.get(MEMBER_STATES_KEY, [])]
     members = []
+    # read_checkpoint has checked that every state is a dict of tensors.
     for position, member_state in enumerate(states):
-        if not isinstance(member_state, dict) or not all(
-            isinstance(value, torch.Tensor) for value in member_state.values()
-        ):
-            raise CheckpointError(
-                f"checkpoint {path} is corrupt: the state of member {position} is "
-                "not a dict of tensors"
-            )
         model = CompositionMPNN(config, descriptors=descriptors, dtype=dtype)
         try:
             model.load_state_dict(member_state, strict=True)
