@@ -723,14 +723,13 @@ def run_train(args: argparse.Namespace) -> int:
         if (out / METRICS_FILE).exists() and (out / MODEL_FILE).exists():
             print(f"the run in {out} is complete; see {out / METRICS_FILE}")
             return 0
-        if int(run_config.get("members", 1)) == 1 and not (out / STATE_FILE).exists():
-            raise UsageError(
-                f"--resume: {out / STATE_FILE} not found; nothing to resume"
-            )
     else:
         _check_fresh_out(out)
         run_config = _build_run_config(requested)
     members = int(run_config.get("members", 1))
+    # An ensemble keeps its state files in the member folders.
+    if args.resume and members == 1 and not (out / STATE_FILE).exists():
+        raise UsageError(f"--resume: {out / STATE_FILE} not found; nothing to resume")
 
     device = setup_compute(args)
     df, info = _load_data(run_config["data"], run_config["alloy_notation"])
@@ -782,30 +781,24 @@ def run_train(args: argparse.Namespace) -> int:
         _write_json_atomic(out / RUN_FILE, run_config)
 
     data = (x_train, y_train, x_val, y_val)
+    seeds = [int(run_config["seed"]) + member for member in range(members)]
     started = time.perf_counter()
-    trainers = []
-    for member in range(members):
+    for member, seed in enumerate(seeds):
         folder = out if members == 1 else out / f"member{member}"
         if members > 1 and (folder / MODEL_FILE).exists():
             logger.info("member %d is complete in %s", member, folder)
-            trainers.append(None)
             continue
-        member_config = dict(run_config)
-        member_config["train"] = {
-            **run_config["train"],
-            "seed": int(run_config["seed"]) + member,
-        }
-        trainer = _fit_member(folder, member_config, data, metadata, device, member)
+        member_config = {**run_config, "train": {**run_config["train"], "seed": seed}}
+        label = None if members == 1 else f"member {member}"
+        trainer = _fit_member(folder, member_config, data, metadata, device, label)
         if trainer is None:
             print(f"continue with: dvmrl train --resume --out {out}", file=sys.stderr)
             return 130
         trainer.save(folder / MODEL_FILE, metadata=metadata)
         trainer.save(folder / STATE_FILE, metadata=metadata)
-        trainers.append(trainer)
     seconds = time.perf_counter() - started
 
     if members == 1:
-        trainer = trainers[0]
         predictions = trainer.predict(x_test)
         summary = {
             "epochs_done": int(trainer.epochs_done),
@@ -825,7 +818,7 @@ def run_train(args: argparse.Namespace) -> int:
         predictions, _ = _predict(ensemble, x_test, device, with_variance=False)
         summary = {
             "members": members,
-            "member_seeds": [int(run_config["seed"]) + m for m in range(members)],
+            "member_seeds": seeds,
             "member_folders": [f"member{m}" for m in range(members)],
             "monitor": run_config["train"]["monitor"],
         }
@@ -867,8 +860,13 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fit_member(folder: Path, run_config: dict, data, metadata, device, member: int):
+def _fit_member(
+    folder: Path, run_config: dict, data, metadata, device, label: str | None
+):
     """Train one model in ``folder`` (resuming from its state file when present).
+
+    ``label`` names the ensemble member on the progress bar (None for a
+    single model).
 
     Returns:
         Trainer or None: the trainer on its best-validation weights, or None
@@ -899,8 +897,8 @@ def _fit_member(folder: Path, run_config: dict, data, metadata, device, member: 
         trainer.save(folder / STATE_FILE, metadata=metadata)
 
     bar = _progress_bar(int(run_config["train"]["epochs"]), int(trainer.epochs_done))
-    if int(run_config.get("members", 1)) > 1:
-        bar.set_description(f"member {member}")
+    if label is not None:
+        bar.set_description(label)
 
     def on_epoch(record: dict) -> None:
         bar.update(1)
