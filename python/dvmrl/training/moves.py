@@ -21,13 +21,14 @@ gate and message hidden units of each layer and of the pooling, and each
 hidden layer of the head. The new units j of a group copy old units
 g(j) (g(j) = j for the old units, a random old unit for the new ones).
 Producers of the group (rows of ``emb_w``, ``msg_w2``, ``pool_msg_w2``,
-``head_w{d}``, ``frac_w2``, columns of ``emb_offset``, the biases) are copied, so every
-copy carries the same value as its source, through the residual sums and
-the elementwise SiLU alike. Consumers (input columns of the matrices, and
-``gate_u``) are copied and multiplied by split factors alpha_j that sum to
-1 over the copies of each old unit, so every consumer's output is the same
-sum as before. The factors are random in [0.5, 1.5] before normalisation,
-so the copies receive different gradients and do not stay tied.
+``head_w{d}`` and ``frac_w2``, columns of ``emb_offset``, the biases) are
+copied, so every copy carries the same value as its source, through the
+residual sums and the elementwise SiLU alike. Consumers (input columns of
+the matrices, and ``gate_u``) are copied and multiplied by split factors
+alpha_j that sum to 1 over the copies of each old unit, so every
+consumer's output is the same sum as before. The factors are random in
+[0.5, 1.5] before normalisation, so the copies receive different
+gradients and do not stay tied.
 
 AdamW moments follow the same index map, unscaled. The moments that
 correspond exactly to the widened model would scale the producer entries by
