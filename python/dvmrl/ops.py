@@ -313,13 +313,16 @@ class _FusedModel(torch.autograd.Function):
     The forward saves the activations the backward needs in one workspace
     tensor (node states and first-layer projections of every layer, the
     pooling pre-activations and the head pre-activations), so the backward
-    recomputes only the per-edge activations. The backward runs in one of
-    three modes, chosen from which inputs need a gradient: with flat, it
-    computes the gradients of node_table, flat and frac; with node_table but
-    not flat (node states that depend on frac through earlier PyTorch ops,
-    as with the fraction encoder), those of node_table and frac without the
-    weight-gradient sums; otherwise the frac gradient alone. The backward
-    itself is not differentiable (no double backward).
+    recomputes only the per-edge activations. Which inputs need a gradient
+    picks one of three backward modes:
+
+    - flat: the gradients of node_table, flat and frac.
+    - node_table but not flat (node states that depend on frac through
+      earlier PyTorch ops, as with the fraction encoder): those of
+      node_table and frac, without the weight-gradient sums.
+    - neither: the frac gradient alone.
+
+    The backward itself is not differentiable (no double backward).
     """
 
     @staticmethod
