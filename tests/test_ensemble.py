@@ -198,3 +198,13 @@ def test_cli_members_resume(tmp_path, data_csv, monkeypatch):
     assert metrics["members"] == 2
     model, _ = load_checkpoint(out / "model.pt")
     assert len(model) == 2
+
+
+def test_corrupt_member_state_rejected(data, tmp_path):
+    paths = [_trained(data, seed).save(tmp_path / f"m{seed}.pt") for seed in (0, 1)]
+    combined = combine_checkpoints(paths, tmp_path / "ensemble.pt")
+    document = torch.load(combined, weights_only=True)
+    document["member_states"] = [{"flat": "not a tensor"}]
+    torch.save(document, tmp_path / "corrupt.pt")
+    with pytest.raises(CheckpointError, match="state of member 1 is not a dict"):
+        load_checkpoint(tmp_path / "corrupt.pt")
