@@ -1,11 +1,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from dvmrl.cli import main
+import dvmrl
+from dvmrl.cli import EXIT_BROKEN_PIPE, main
 
 METRIC_KEYS = (
     "rmse",
@@ -313,6 +318,27 @@ def test_predict_prints_units(trained, capsys):
     assert row[1] == "Al0.75Ni0.25"
     # The table shows 4 decimals, so kJ/mol carries up to 0.00005 * 96.485 of rounding.
     assert float(row[3]) == pytest.approx(float(row[2]) * 96.485, abs=0.01)
+
+
+def test_predict_into_closed_pipe(trained):
+    # The reader closes the pipe before the child writes (importing torch
+    # alone takes longer), as `dvmrl predict ... | head -0` would.
+    env = dict(os.environ)
+    package_root = str(Path(dvmrl.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
+    command = [sys.executable, "-m", "dvmrl", "predict", str(trained / "model.pt")]
+    process = subprocess.Popen(
+        [*command, "Al3Ni", "CuZn", "--threads", "1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    process.stderr.close()
+    assert process.wait(timeout=120) == EXIT_BROKEN_PIPE
+    assert "internal error" not in stderr
+    assert "BrokenPipeError" not in stderr
 
 
 def test_predict_warns_unseen_element(trained, data_csv, capsys):

@@ -1,8 +1,9 @@
 """The ``dvmrl`` command: one entry point with a subcommand per task.
 
 Exit codes: 0 on success, 2 on bad usage or bad input (the error names the
-value and the fix), 1 on an internal failure. Errors go to stderr as one
-line; ``--verbose`` adds the traceback.
+value and the fix), 1 on an internal failure, 130 after Ctrl-C, 141 when the
+reader of standard output closed it early (``dvmrl predict ... | head``).
+Errors go to stderr as one line; ``--verbose`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ import sys
 import traceback
 
 from dvmrl.cli._common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError
+
+# 128 + the signal number, as a shell reports a process ended by the signal.
+EXIT_INTERRUPTED = 130  # SIGINT
+EXIT_BROKEN_PIPE = 141  # SIGPIPE
 
 # Each module defines add_parser(subparsers), which registers one or more
 # subcommands and sets ``func(args) -> int`` on them.
@@ -101,6 +106,12 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     return args
 
 
+def _silence_stdout() -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``dvmrl`` command and return its exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -115,7 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        return int(args.func(args) or EXIT_OK)
+        code = int(args.func(args) or EXIT_OK)
+        # Output to a pipe is block-buffered: flush here, so that a reader
+        # that has gone raises BrokenPipeError below and not at exit.
+        sys.stdout.flush()
+        return code
     except (UsageError, ValueError, FileNotFoundError) as err:
         # Bad input from the user: one line that names the value and the fix.
         if verbose:
@@ -138,7 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"dvmrl {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader has gone (``| head``): stop quietly, as a pipeline stage
+        # killed by SIGPIPE would. Standard output now points to /dev/null so
+        # that the interpreter's final flush cannot raise a second time.
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except Exception as err:  # noqa: BLE001 - the CLI reports every failure
         if verbose:
             traceback.print_exc()
