@@ -403,3 +403,77 @@ def test_ema_restarts_after_external_change(data):
     # The average restarted from the moved weights, so it counts one epoch.
     assert trainer._ema_updates == math.ceil(480 / 64)
     assert all(bool(torch.isfinite(p).all()) for p in trainer._parameters())
+
+
+# -- robust losses ---------------------------------------------------------
+
+
+def test_loss_values_per_kind(data):
+    residual = torch.tensor([-3.0, -0.5, 0.0, 0.2, 2.0])
+    output = residual[:, None]
+    target = torch.zeros(5)
+    expected = {
+        "mse": residual.square(),
+        "l1": residual.abs(),
+    }
+    for kind, values in expected.items():
+        trainer = _trainer(data, loss=kind)
+        torch.testing.assert_close(trainer._loss(output, target), values)
+
+    trainer = _trainer(data, loss="huber", huber_delta=0.25)
+    delta = 0.25 / float(trainer.model.target_std)
+    huber = trainer._loss(output, target)
+    small = residual.abs() <= delta
+    torch.testing.assert_close(huber[small], residual[small].square())
+    linear = 2 * delta * residual[~small].abs() - delta**2
+    torch.testing.assert_close(huber[~small], linear)
+
+
+def test_huber_continuous_at_delta(data):
+    trainer = _trainer(data, loss="huber", huber_delta=0.25)
+    delta = 0.25 / float(trainer.model.target_std)
+    at = torch.tensor([[delta - 1e-6], [delta + 1e-6]], dtype=torch.float64)
+    values = trainer._loss(at, torch.zeros(2, dtype=torch.float64))
+    assert abs(float(values[1] - values[0])) < 1e-5
+
+
+def test_huber_lowers_outlier_pull(data):
+    # One training target moved 40 eV/atom away: the Huber fit moves its
+    # prediction for that composition less than the squared-error fit does.
+    x_train, y_train, x_val, y_val = data
+    shifted = y_train.copy()
+    shifted[0] += 40.0
+    moved = {}
+    for kind in ("mse", "huber"):
+        options = {"epochs": 6, "batch_size": 64, "lr": 3e-3, "seed": 1, "loss": kind}
+        trainer = Trainer(
+            SMALL, TrainConfig(**options), x_train, shifted, x_val, y_val
+        )
+        trainer.train_epochs(6)
+        clean = Trainer(
+            SMALL, TrainConfig(**options), x_train, y_train, x_val, y_val
+        )
+        clean.train_epochs(6)
+        first = x_train[:1]
+        moved[kind] = float(trainer.predict(first)[0] - clean.predict(first)[0])
+    assert moved["mse"] > 0.1
+    assert abs(moved["huber"]) < 0.25 * moved["mse"]
+
+
+def test_loss_options_validated():
+    with pytest.raises(ValueError, match="TrainConfig.loss"):
+        TrainConfig(loss="hinge")
+    with pytest.raises(ValueError, match="TrainConfig.huber_delta"):
+        TrainConfig(huber_delta=0.0)
+
+
+def test_robust_loss_rejects_heteroscedastic(data):
+    config = ModelConfig(**{**SMALL.to_dict(), "heteroscedastic": True})
+    with pytest.raises(ValueError, match="single-output head"):
+        _trainer(data, model_config=config, loss="huber")
+
+
+def test_config_without_loss_is_mse():
+    values = TrainConfig(loss="l1").to_dict()
+    del values["loss"]
+    assert TrainConfig.from_dict(values).loss == "mse"

@@ -11,6 +11,7 @@ from dvmrl import defaults
 
 SCHEDULES = ("cosine", "plateau", "constant")
 MONITORS = ("val_rmse", "val_mae")
+LOSSES = ("mse", "huber", "l1")
 
 
 @dataclass
@@ -57,6 +58,16 @@ class TrainConfig:
             and the optimiser steps a separate copy. Step t uses the decay
             min(ema_decay, (1 + t) / (10 + t)), so the average follows the
             weights closely at the start.
+        loss (str): per-composition loss of a single-output head, on the
+            standardised residual r: ``"mse"`` (r^2), ``"huber"`` (r^2 for
+            |r| <= delta, 2 delta |r| - delta^2 beyond, i.e. twice the usual
+            Huber loss, so it equals the squared error near zero) or ``"l1"``
+            (|r|). The robust losses keep a few compositions with very large
+            errors from steering the fit; the heteroscedastic head always
+            trains with its Gaussian negative log-likelihood.
+        huber_delta (float): Huber threshold delta in eV/atom (> 0); the
+            trainer divides it by the standard deviation of the training
+            targets.
     """
 
     lr: float = defaults.TRAIN["lr"]
@@ -78,6 +89,8 @@ class TrainConfig:
     )
     adam_eps: float = defaults.TRAIN.get("adam_eps", 1e-8)
     ema_decay: float = defaults.TRAIN.get("ema_decay", 0.0)
+    loss: str = defaults.TRAIN.get("loss", "mse")
+    huber_delta: float = defaults.TRAIN.get("huber_delta", 0.25)
 
     def __post_init__(self) -> None:
         self.adam_betas = (float(self.adam_betas[0]), float(self.adam_betas[1]))
@@ -127,6 +140,12 @@ class TrainConfig:
             ),
             ("adam_eps", self.adam_eps > 0, "> 0"),
             ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1) (0 turns it off)"),
+            ("loss", self.loss in LOSSES, f"one of {LOSSES}"),
+            (
+                "huber_delta",
+                self.huber_delta > 0 and math.isfinite(self.huber_delta),
+                "a positive finite number (eV/atom)",
+            ),
         ]
         for name, valid, expected in checks:
             if not valid:
@@ -148,7 +167,8 @@ class TrainConfig:
         """Build a config from ``to_dict`` output; missing keys take defaults.
 
         A dict without ``ema_decay`` comes from a run saved before weight
-        averaging existed, so that field becomes 0 rather than the default.
+        averaging existed, so that field becomes 0 rather than the default;
+        likewise a dict without ``loss`` trained with the squared error.
 
         Raises:
             ValueError: for an unknown key or an invalid value.
@@ -160,7 +180,7 @@ class TrainConfig:
                 f"unknown TrainConfig keys {unknown}; expected a subset of "
                 f"{sorted(known)}"
             )
-        values = {"ema_decay": 0.0, **values}
+        values = {"ema_decay": 0.0, "loss": "mse", **values}
         return cls(**values)
 
 

@@ -3,7 +3,8 @@
 The trainer keeps the featurised training and validation tensors on the
 compute device and draws batches by index, so an epoch costs one shuffle
 and one optimiser step per batch. The loss is the mean squared error of
-the standardised targets, or with the heteroscedastic head the Gaussian
+the standardised targets (or the Huber or absolute error, by
+``TrainConfig.loss``), or with the heteroscedastic head the Gaussian
 negative log-likelihood (up to the constant 0.5 log 2 pi). Per-sample
 weights multiply the per-composition loss.
 
@@ -106,6 +107,12 @@ class Trainer:
     ) -> None:
         self.train_config = TrainConfig() if train_config is None else train_config
         model_config = ModelConfig() if model_config is None else model_config
+        if model_config.heteroscedastic and self.train_config.loss != "mse":
+            raise ValueError(
+                f"TrainConfig.loss={self.train_config.loss!r} needs a single-output "
+                "head: the heteroscedastic head trains with the Gaussian negative "
+                "log-likelihood; use loss='mse' or ModelConfig(heteroscedastic=False)"
+            )
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(
                 f"dtype must be torch.float32 or torch.float64, got {dtype}"
@@ -283,7 +290,19 @@ class Trainer:
     def _loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         residual = output[:, 0] - target
         if not self.model.config.heteroscedastic:
-            return residual.square()
+            loss = self.train_config.loss
+            if loss == "mse":
+                return residual.square()
+            if loss == "l1":
+                return residual.abs()
+            # Huber, scaled by 2 so that it matches r^2 below delta.
+            delta = self.train_config.huber_delta / float(self.model.target_std)
+            magnitude = residual.abs()
+            return torch.where(
+                magnitude <= delta,
+                residual.square(),
+                2.0 * delta * magnitude - delta * delta,
+            )
         log_variance = output[:, 1].clamp(LOG_VARIANCE_MIN, LOG_VARIANCE_MAX)
         return 0.5 * (log_variance + residual.square() * torch.exp(-log_variance))
 
