@@ -13,7 +13,8 @@ same splits, so the comparison does not depend on another test cut.
 Usage:
     OMP_WAIT_POLICY=PASSIVE PYTHONPATH=python .venv/bin/python \
         bench/bench_accuracy.py [--splits random chemsys] [--threads 2] \
-        [--seed 0] [--members 1] [--references] [--json results.json] \
+        [--seed 0] [--members 1] [--divisions own|shared] [--references] \
+        [--json results.json] \
         [--set train.epochs=50 ...]
 """
 
@@ -98,13 +99,22 @@ def score(y_test: np.ndarray, predictions: np.ndarray) -> dict:
 
 
 def run_split(
-    df, kind: str, seed: int, model_config, train_config, members: int = 1
+    df,
+    kind: str,
+    seed: int,
+    model_config,
+    train_config,
+    members: int = 1,
+    divisions: str = "own",
 ) -> dict:
     """Train on one split kind and score the best-validation models on its test part.
 
     With ``members`` > 1, models with the training seeds ``train_config.seed``
-    + 0 .. members - 1 train on the same split, and the ensemble predicts
-    the mean of their predictions.
+    + 0 .. members - 1 train, and the ensemble predicts the mean of their
+    predictions. With ``divisions="own"`` member i divides the pool into
+    training and validation parts with the split seed ``seed + i``, as
+    ``dvmrl train --members`` does; ``"shared"`` gives all members the
+    division of ``seed``. The test part is the same for every member.
     """
     split = make_split(df, kind, seed)
     batch = featurize(list(df["formula"]))
@@ -112,6 +122,10 @@ def run_split(
     y_test = targets[split.test]
     runs, member_predictions = [], []
     for member in range(members):
+        if divisions == "own" and member > 0:
+            split = make_split(df, kind, seed + member)
+            if not np.array_equal(targets[split.test], y_test):
+                raise RuntimeError(f"the {kind} test part moved with the split seed")
         config = dataclasses.replace(train_config, seed=train_config.seed + member)
         trainer = Trainer(
             model_config,
@@ -220,6 +234,14 @@ def main(argv: list[str] | None = None) -> int:
         "than 1 also scores the mean of their predictions (default: 1)",
     )
     parser.add_argument(
+        "--divisions",
+        choices=("own", "shared"),
+        default="own",
+        help="train/validation divisions of the members: one per member (split "
+        "seed SEED + i, as dvmrl train --members does) or one for all "
+        "(default: own)",
+    )
+    parser.add_argument(
         "--references",
         action="store_true",
         help="also fit a random forest and gradient boosting on composition "
@@ -262,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     measured_references = {}
     for kind in args.splits:
         result = run_split(
-            df, kind, args.seed, model_config, train_config, args.members
+            df, kind, args.seed, model_config, train_config, args.members,
+            args.divisions,
         )
         result["load_after"] = os.getloadavg()[0]
         results.append(result)

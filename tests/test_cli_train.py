@@ -139,6 +139,23 @@ def test_resume_accepts_same_config(trained, capsys):
     assert "complete" in capsys.readouterr().out
 
 
+def test_resume_run_without_loss_field(trained, tmp_path, capsys):
+    # run.json of a version before the loss option: it trained with mse.
+    import shutil
+
+    out = tmp_path / "old"
+    shutil.copytree(trained, out)
+    run = json.loads((out / "run.json").read_text())
+    del run["train"]["loss"]
+    del run["train"]["huber_delta"]
+    (out / "run.json").write_text(json.dumps(run))
+    assert main(["train", "--resume", "--loss", "mse", "--out", str(out)]) == 0
+    assert "complete" in capsys.readouterr().out
+    code = main(["train", "--resume", "--loss", "l1", "--out", str(out)])
+    assert code == 2
+    assert "--loss 'l1' (the run in" in capsys.readouterr().err
+
+
 def test_resume_of_complete_run(trained, capsys):
     code = main(["train", "--resume", "--out", str(trained)])
     assert code == 0
@@ -525,6 +542,27 @@ def test_train_fraction_and_average_options(tmp_path, data_csv):
     assert metrics["monitor"] == "val_mae"
 
 
+def test_train_huber_loss_option(tmp_path, data_csv):
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(data_csv), "--epochs", "1", *TINY]
+    code = main([*argv, "--loss", "huber", "--huber-delta", "0.1", "--out", str(out)])
+    assert code == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["train"]["loss"] == "huber"
+    assert run["train"]["huber_delta"] == 0.1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train"]["loss"] == "huber"
+
+
+def test_train_robust_loss_needs_single_output(tmp_path, data_csv, capsys):
+    argv = ["train", "--data", str(data_csv), "--loss", "l1", "--heteroscedastic"]
+    code = main([*argv, *TINY, "--out", str(tmp_path / "run")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--loss l1 needs a single-output head" in err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
@@ -534,6 +572,9 @@ def test_train_fraction_and_average_options(tmp_path, data_csv):
         ("--ema-decay", "-0.1", "expected a fraction in [0, 1), got -0.1"),
         ("--ema-decay", "nan", "expected a fraction in [0, 1), got nan"),
         ("--dropout", "abc", "expected a fraction in [0, 1), got 'abc'"),
+        ("--loss", "hinge", "invalid choice: 'hinge'"),
+        ("--huber-delta", "0", "expected a number > 0, got 0"),
+        ("--huber-delta", "inf", "expected a finite number >= 0, got inf"),
     ],
 )
 def test_train_rejects_bad_new_options(

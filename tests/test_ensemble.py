@@ -208,3 +208,94 @@ def test_corrupt_member_state_rejected(data, tmp_path):
     torch.save(document, tmp_path / "corrupt.pt")
     with pytest.raises(CheckpointError, match="state of member 1 is not a dict"):
         load_checkpoint(tmp_path / "corrupt.pt")
+
+
+def test_combine_members_of_other_divisions(data, tmp_path):
+    # Two members trained on different halves: other data fingerprints and
+    # target scalings, which each member's state carries.
+    x_train, y_train, x_val, y_val = data
+    halves = [slice(0, 120), slice(120, 240)]
+    trainers = []
+    for seed, rows in enumerate(halves):
+        config = TrainConfig(epochs=1, batch_size=64, seed=seed)
+        trainer = Trainer(SMALL, config, x_train[rows], y_train[rows], x_val, y_val)
+        trainer.fit()
+        trainers.append(trainer)
+    paths = [t.save(tmp_path / f"member{i}.pt") for i, t in enumerate(trainers)]
+    scales = [float(t.model.target_mean) for t in trainers]
+    assert scales[0] != scales[1]
+    with pytest.raises(CheckpointError, match="another data_fingerprint"):
+        combine_checkpoints(paths, tmp_path / "ensemble.pt")
+    combined = combine_checkpoints(paths, tmp_path / "ensemble.pt", same_division=False)
+    model, _ = load_checkpoint(combined)
+    expected = np.mean([trainer.predict(x_val) for trainer in trainers], axis=0)
+    with torch.no_grad():
+        got = model(x_val.element_index, x_val.frac.float(), x_val.mask)
+    np.testing.assert_allclose(got.double().numpy(), expected, atol=1e-6, rtol=0)
+
+
+def _member_metadata(out, member):
+    _, metadata = load_checkpoint(out / f"member{member}" / "model.pt")
+    return metadata
+
+
+def test_cli_members_own_divisions(tmp_path, data_csv):
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(data_csv), "--epochs", "1", "--members", "2"]
+    assert main([*argv, *TINY, "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["member_divisions"] == "own"
+    first, second = (_member_metadata(out, member) for member in (0, 1))
+    assert first["split_fingerprint"] != second["split_fingerprint"]
+    assert first["training_compositions"] != second["training_compositions"]
+    # The pool (training plus validation) and the test part are shared.
+    pool = set(first["training_compositions"]) | set(first["validation_compositions"])
+    other_pool = set(second["training_compositions"]) | set(
+        second["validation_compositions"]
+    )
+    assert pool == other_pool
+    _, ensemble = load_checkpoint(out / "model.pt")
+    training = set(ensemble["training_compositions"])
+    assert training == set(first["training_compositions"]) | set(
+        second["training_compositions"]
+    )
+    assert not training & set(ensemble["validation_compositions"])
+    assert training | set(ensemble["validation_compositions"]) == pool
+
+
+def test_cli_members_shared_division(tmp_path, data_csv):
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(data_csv), "--epochs", "1", "--members", "2"]
+    shared = ["--member-divisions", "shared"]
+    assert main([*argv, *shared, *TINY, "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["member_divisions"] == "shared"
+    first, second = (_member_metadata(out, member) for member in (0, 1))
+    assert first["split_fingerprint"] == second["split_fingerprint"]
+
+
+def test_cli_resume_ensemble_before_divisions(tmp_path, data_csv, monkeypatch):
+    # A run.json written before --member-divisions existed: its members
+    # shared one division, and the resumed member must get that division.
+    original_fit = Trainer.fit
+    calls = []
+
+    def fit_until_second_member(self, *args, **kwargs):
+        calls.append(self.train_config.seed)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original_fit(self, *args, **kwargs)
+
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(data_csv), "--epochs", "1", "--members", "2"]
+    shared = ["--member-divisions", "shared"]
+    monkeypatch.setattr(Trainer, "fit", fit_until_second_member)
+    assert main([*argv, *shared, *TINY, "--out", str(out)]) == 130
+    run = json.loads((out / "run.json").read_text())
+    del run["member_divisions"]
+    (out / "run.json").write_text(json.dumps(run))
+
+    monkeypatch.setattr(Trainer, "fit", original_fit)
+    assert main(["train", "--resume", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["member_divisions"] == "shared"

@@ -61,10 +61,13 @@ _RUN_OPTIONS = {
     "train.epochs": "--epochs",
     "train.ema_decay": "--ema-decay",
     "train.monitor": "--monitor",
+    "train.loss": "--loss",
+    "train.huber_delta": "--huber-delta",
     "train.lr": "--lr",
     "train.batch_size": "--batch-size",
     "train.weight_decay": "--weight-decay",
     "members": "--members",
+    "member_divisions": "--member-divisions",
 }
 
 # Metrics printed by ``dvmrl evaluate`` and their units.
@@ -311,15 +314,47 @@ def _add_train_parser(subparsers) -> None:
         ),
     )
     parser.add_argument(
+        "--loss",
+        choices=("mse", "huber", "l1"),
+        default=None,
+        help=(
+            "training loss of a single-output head: squared error, Huber "
+            "(squared below --huber-delta, linear beyond, so that the few "
+            "compositions with errors of 1-2 eV/atom weigh less) or absolute "
+            f"error; default: {defaults.TRAIN.get('loss', 'mse')}"
+        ),
+    )
+    parser.add_argument(
+        "--huber-delta",
+        type=_positive_float,
+        default=None,
+        metavar="X",
+        help=(
+            "residual in eV/atom where the Huber loss turns linear; default: "
+            f"{defaults.TRAIN.get('huber_delta', 0.25)}"
+        ),
+    )
+    parser.add_argument(
         "--members",
         type=positive_int,
         default=None,
         metavar="N",
         help=(
             "train an ensemble of N models with the seeds SEED .. SEED + N - 1 "
-            "on the same split (each in OUT/member<i>/); OUT/model.pt then "
-            "predicts their mean, with their spread as the uncertainty; "
+            "(each in OUT/member<i>/; see --member-divisions); OUT/model.pt "
+            "then predicts their mean, with their spread as the uncertainty; "
             "default: 1"
+        ),
+    )
+    parser.add_argument(
+        "--member-divisions",
+        choices=("own", "shared"),
+        default=None,
+        help=(
+            "how ensemble members divide the pool into training and validation "
+            "parts: own (member i cuts it with the split seed SEED + i, so the "
+            "members see different training parts) or shared (one division for "
+            "all); the test part is the same either way; default: own"
         ),
     )
     parser.add_argument(
@@ -597,21 +632,34 @@ def _requested_settings(args: argparse.Namespace) -> dict[str, Any]:
         "train.epochs": args.epochs,
         "train.ema_decay": args.ema_decay,
         "train.monitor": args.monitor,
+        "train.loss": args.loss,
+        "train.huber_delta": args.huber_delta,
         "train.lr": args.lr,
         "train.batch_size": args.batch_size,
         "train.weight_decay": args.weight_decay,
         "members": args.members,
+        "member_divisions": args.member_divisions,
     }
     return {key: value for key, value in given.items() if value is not None}
 
 
 def _build_run_config(requested: dict[str, Any]) -> dict[str, Any]:
     """Fill the requested settings with the defaults into a run configuration."""
+    from dvmrl import defaults
     from dvmrl.model import ModelConfig
     from dvmrl.training import TrainConfig
 
     if requested.get("model.layers", 0) < 0:
         raise UsageError(f"--layers must be >= 0, got {requested['model.layers']}")
+    heteroscedastic = requested.get(
+        "model.heteroscedastic", defaults.MODEL["heteroscedastic"]
+    )
+    loss = requested.get("train.loss", defaults.TRAIN.get("loss", "mse"))
+    if heteroscedastic and loss != "mse":
+        raise UsageError(
+            f"--loss {loss} needs a single-output head, but --heteroscedastic "
+            "trains with the Gaussian negative log-likelihood; drop one of the two"
+        )
     model_fields = {
         key.split(".", 1)[1]: value
         for key, value in requested.items()
@@ -636,6 +684,7 @@ def _build_run_config(requested: dict[str, Any]) -> dict[str, Any]:
         "model": model_config.to_dict(),
         "train": train_config.to_dict(),
         "members": int(requested.get("members", 1)),
+        "member_divisions": requested.get("member_divisions", "own"),
     }
 
 
@@ -659,6 +708,13 @@ def _resumed_run_config(out: Path, requested: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(
             f"--resume: {out / RUN_FILE} is not valid JSON ({err})"
         ) from err
+    from dvmrl.training import TrainConfig
+
+    # Fill the settings that runs from older versions did not store (ema_decay,
+    # loss) with the values those runs used, so that options compare equal.
+    stored["train"] = TrainConfig.from_dict(stored.get("train", {})).to_dict()
+    # Ensembles from before the option shared one division.
+    stored.setdefault("member_divisions", "shared")
     conflicts = []
     for key, value in requested.items():
         if key == "data":
@@ -780,8 +836,14 @@ def run_train(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(out / RUN_FILE, run_config)
 
-    data = (x_train, y_train, x_val, y_val)
     seeds = [int(run_config["seed"]) + member for member in range(members)]
+    own_divisions = members > 1 and run_config.get("member_divisions") == "own"
+    if own_divisions:
+        member_splits = [
+            _split_rows(df, run_config["split"], seed, run_config["holdout_element"])
+            for seed in seeds
+        ]
+        metadata = _ensemble_pool_metadata(metadata, df, member_splits)
     started = time.perf_counter()
     for member, seed in enumerate(seeds):
         folder = out if members == 1 else out / f"member{member}"
@@ -790,12 +852,19 @@ def run_train(args: argparse.Namespace) -> int:
             continue
         member_config = {**run_config, "train": {**run_config["train"], "seed": seed}}
         label = None if members == 1 else f"member {member}"
-        trainer = _fit_member(folder, member_config, data, metadata, device, label)
+        if own_divisions:
+            member_split = member_splits[member]
+            data = _division_data(df, targets, member_split)
+            member_metadata = _member_metadata(metadata, df, member_split, seed)
+        else:
+            data = (x_train, y_train, x_val, y_val)
+            member_metadata = metadata
+        trainer = _fit_member(folder, member_config, data, member_metadata, device, label)
         if trainer is None:
             print(f"continue with: dvmrl train --resume --out {out}", file=sys.stderr)
             return 130
-        trainer.save(folder / MODEL_FILE, metadata=metadata)
-        trainer.save(folder / STATE_FILE, metadata=metadata)
+        trainer.save(folder / MODEL_FILE, metadata=member_metadata)
+        trainer.save(folder / STATE_FILE, metadata=member_metadata)
     seconds = time.perf_counter() - started
 
     if members == 1:
@@ -812,13 +881,17 @@ def run_train(args: argparse.Namespace) -> int:
 
         member_files = [out / f"member{m}" / MODEL_FILE for m in range(members)]
         combine_checkpoints(
-            member_files, out / MODEL_FILE, metadata={**metadata, "members": members}
+            member_files,
+            out / MODEL_FILE,
+            metadata={**metadata, "members": members},
+            same_division=not own_divisions,
         )
         ensemble, _ = load_checkpoint(out / MODEL_FILE, device=device)
         predictions, _ = _predict(ensemble, x_test, device, with_variance=False)
         summary = {
             "members": members,
             "member_seeds": seeds,
+            "member_divisions": "own" if own_divisions else "shared",
             "member_folders": [f"member{m}" for m in range(members)],
             "monitor": run_config["train"]["monitor"],
         }
@@ -858,6 +931,56 @@ def run_train(args: argparse.Namespace) -> int:
     print(_format_metrics(test_metrics, title, threshold))
     print(f"wrote {out / MODEL_FILE} and {out / METRICS_FILE}")
     return 0
+
+
+def _division_data(df, targets: np.ndarray, split) -> tuple:
+    """Return (x_train, y_train, x_val, y_val) of one train/validation division."""
+    return (
+        _featurize_rows(df, split.train),
+        targets[split.train],
+        _featurize_rows(df, split.val),
+        targets[split.val],
+    )
+
+
+def _member_metadata(metadata: dict, df, split, seed: int) -> dict:
+    """Return a member's checkpoint metadata for its own train/validation division."""
+    return _json_ready(
+        {
+            **metadata,
+            "split_fingerprint": split.fingerprint(),
+            "seed": seed,
+            "training_min_elements": int(
+                df["n_elements"].to_numpy()[split.train].min()
+            ),
+            **_pool_compositions(df, split),
+        }
+    )
+
+
+def _ensemble_pool_metadata(metadata: dict, df, splits) -> dict:
+    """Return the ensemble's metadata when each member has its own division.
+
+    The training compositions are those that any member trained on, and the
+    validation compositions the rest of the pool, so that ``dvmrl evaluate``
+    flags every row that some member has seen. The divisions share the test
+    part, whose rows the split fingerprint of the run's own seed identifies.
+    """
+    pools = [_pool_compositions(df, split) for split in splits]
+    training = set().union(*(pool["training_compositions"] for pool in pools))
+    validation = set().union(*(pool["validation_compositions"] for pool in pools))
+    n_elements = df["n_elements"].to_numpy()
+    return _json_ready(
+        {
+            **metadata,
+            "member_divisions": "own",
+            "training_min_elements": int(
+                min(n_elements[split.train].min() for split in splits)
+            ),
+            "training_compositions": sorted(training),
+            "validation_compositions": sorted(validation - training),
+        }
+    )
 
 
 def _fit_member(

@@ -1,7 +1,8 @@
 """Ensembles of composition MPNNs: members trained with different seeds.
 
-The members share the model config, the data and the split, and differ in
-the training seed (initialisation, batch order, dropout). The ensemble
+The members share the model config and the test part of the split, and
+differ in the training seed (initialisation, batch order, dropout) and,
+optionally, in the division of the pool into training and validation parts. The ensemble
 predicts the mean of the member predictions. Its uncertainty is the spread
 between members, plus the mean predicted variance when the members have
 a heteroscedastic head.
@@ -155,15 +156,21 @@ def combine_checkpoints(
     member_paths: Sequence[str | os.PathLike],
     path: str | os.PathLike,
     metadata: dict[str, Any] | None = None,
+    same_division: bool = True,
 ) -> Path:
     """Write an ensemble checkpoint from member checkpoints (atomically).
 
     Args:
         member_paths: checkpoints written by ``Trainer.save`` for the
-            members, in member order; they must share the model config, the
-            data fingerprint and the target scaling.
+            members, in member order; they must share the model config and,
+            with ``same_division``, the data fingerprint and the target
+            scaling.
         path: the ensemble checkpoint to write.
         metadata (dict, optional): replaces member 0's metadata.
+        same_division (bool): whether the members trained on one
+            train/validation division. Members with their own divisions
+            differ in the data fingerprint and the target scaling, which each
+            member's state carries (``target_mean``, ``target_std``).
 
     Returns:
         Path: the file written.
@@ -176,8 +183,11 @@ def combine_checkpoints(
         raise ckpt.CheckpointError("an ensemble checkpoint needs member checkpoints")
     documents = [ckpt.read_checkpoint(member) for member in member_paths]
     first = documents[0]
+    shared_keys = ("model_config", "data_fingerprint", "target_scaling")
+    if not same_division:
+        shared_keys = ("model_config",)
     for member, document in zip(member_paths[1:], documents[1:], strict=True):
-        for key in ("model_config", "data_fingerprint", "target_scaling"):
+        for key in shared_keys:
             if document.get(key) != first.get(key):
                 raise ckpt.CheckpointError(
                     f"member checkpoint {member} has another {key} than "
