@@ -94,12 +94,14 @@ def test_fit_learns(data):
     assert trainer.epochs_done == 12
 
 
-def test_fit_keeps_best_weights(data):
-    trainer = _trainer(data, epochs=8, lr=2e-2)
+@pytest.mark.parametrize("monitor", ["val_rmse", "val_mae"])
+def test_fit_keeps_best_weights(data, monitor):
+    trainer = _trainer(data, epochs=8, lr=2e-2, monitor=monitor)
     history = trainer.fit()
-    best = min(record["val_rmse"] for record in history)
+    best = min(record[monitor] for record in history)
     assert trainer.best_score == pytest.approx(best, rel=0, abs=0)
-    assert trainer.evaluate(data[2], data[3])["rmse"] == pytest.approx(best, rel=1e-9)
+    metric = monitor.removeprefix("val_")
+    assert trainer.evaluate(data[2], data[3])[metric] == pytest.approx(best, rel=1e-9)
 
 
 def test_early_stopping(data):
@@ -467,13 +469,58 @@ def test_loss_options_validated():
         TrainConfig(huber_delta=0.0)
 
 
-def test_robust_loss_rejects_heteroscedastic(data):
+def test_heteroscedastic_ignores_loss(data):
     config = ModelConfig(**{**SMALL.to_dict(), "heteroscedastic": True})
-    with pytest.raises(ValueError, match="single-output head"):
-        _trainer(data, model_config=config, loss="huber")
+    output = torch.tensor([[0.5, -1.0], [-2.0, 0.3]])
+    target = torch.zeros(2)
+    nll = 0.5 * (output[:, 1] + output[:, 0].square() * torch.exp(-output[:, 1]))
+    for kind in ("mse", "huber", "l1"):
+        trainer = _trainer(data, model_config=config, loss=kind)
+        torch.testing.assert_close(trainer._loss(output, target), nll)
 
 
 def test_config_without_loss_is_mse():
     values = TrainConfig(loss="l1").to_dict()
     del values["loss"]
     assert TrainConfig.from_dict(values).loss == "mse"
+
+
+# -- PyTorch threads during fused training ------------------------------------
+
+
+def test_epoch_runs_torch_ops_on_one_thread(data, monkeypatch):
+    trainer = _trainer(data)
+    seen = []
+    original = Trainer._optimise_epoch
+
+    def record_threads(self):
+        seen.append(torch.get_num_threads())
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "_optimise_epoch", record_threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        trainer.train_epochs(2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 1]
+
+
+def test_one_torch_thread_same_bits(data, monkeypatch):
+    import contextlib
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        single = _trainer(data)
+        single.train_epochs(2)
+        monkeypatch.setattr(
+            Trainer, "_small_op_threads", lambda self: contextlib.nullcontext()
+        )
+        both = _trainer(data)
+        both.train_epochs(2)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(_weights(single), _weights(both))
