@@ -5,7 +5,12 @@ Variants, interleaved in every repeat:
 - dense: dvmrl.reference.model_forward (dense [B, K, K] attention);
 - edge: an edge-list PyTorch model written here (index_select gathers,
   scatter softmax and index_add, as in PyTorch Geometric; PyG's softmax is
-  used when torch_geometric is installed).
+  used when torch_geometric is installed);
+- noop (only when named in --variants): a torch.autograd.Function with the
+  fused op's inputs, output and gradients that computes nothing. Its time is
+  what PyTorch's autograd costs around any custom kernel, so the faster
+  PyTorch variant's time divided by it bounds the speed-up that any fused
+  op can show at that size.
 
 Each measurement is one forward and one backward of a batch, with
 node_table and flat as leaves that require gradients (a training step
@@ -42,6 +47,8 @@ from dvmrl.layout import ModelDims, parameter_count, unflatten
 
 ROWS = 103
 SLOTS = 5
+# Variants that compute the model in PyTorch; "vs best torch" uses the faster.
+TORCH_VARIANTS = ("dense", "edge")
 
 try:  # optional: PyTorch Geometric's scatter softmax
     from torch_geometric.utils import softmax as pyg_softmax
@@ -143,6 +150,28 @@ def edge_model_forward(node_table, flat, element_index, frac, mask, dims, graph)
     return reference.head(pooled, params, dims)
 
 
+# -- autograd cost without work -------------------------------------------------
+
+
+class NoopFunction(torch.autograd.Function):
+    """The fused op's autograd interface around no computation.
+
+    The forward saves the inputs the fused op saves and returns a zero
+    [B, 1]; the backward returns uninitialised gradients of node_table and
+    flat, as the fused backward allocates them.
+    """
+
+    @staticmethod
+    def forward(ctx, node_table, flat, element_index, frac, mask):
+        ctx.save_for_backward(node_table, flat, element_index, frac, mask)
+        return node_table.new_zeros((element_index.shape[0], 1))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        node_table, flat, *_ = ctx.saved_tensors
+        return torch.empty_like(node_table), torch.empty_like(flat), None, None, None
+
+
 # -- accounting ------------------------------------------------------------------
 
 
@@ -188,6 +217,8 @@ def step(variant, inputs, dims, graph):
         out = ops.model_forward(table, flat, index, frac, mask, dims)
     elif variant == "dense":
         out = reference.model_forward(table, flat, index, frac, mask, dims)
+    elif variant == "noop":
+        out = NoopFunction.apply(table, flat, index, frac, mask)
     else:
         out = edge_model_forward(table, flat, index, frac, mask, dims, graph)
     out.sum().backward()
@@ -267,13 +298,14 @@ def print_rows(rows, header):
             f"{'B':>5} {'H':>4} {'variant':>7} {'ms':>10} {'graphs/s':>11} "
             f"{'GFLOP':>8} {'floor':>6} {'vs best torch':>13}"
         )
-    best_torch = min(r["ms"] for r in rows if r["variant"] != "fused")
+    torch_ms = [r["ms"] for r in rows if r["variant"] in TORCH_VARIANTS]
+    best_torch = min(torch_ms) if torch_ms else None
     for r in rows:
-        speedup = best_torch / r["ms"]
+        speedup = "n/a" if best_torch is None else f"{best_torch / r['ms']:.2f}x"
         print(
             f"{r['batch']:>5} {r['hidden']:>4} {r['variant']:>7} {r['ms']:>10.3f} "
             f"{r['graphs_per_s']:>11.0f} {r['gflop']:>8.3f} {r['floor_fraction']:>6.1%} "
-            f"{speedup:>12.2f}x"
+            f"{speedup:>13}"
         )
     sys.stdout.flush()
 
@@ -306,7 +338,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, nargs="+", default=[64, 128])
     parser.add_argument(
         "--variants", nargs="+", default=["fused", "dense", "edge"],
-        choices=["fused", "dense", "edge"],
+        choices=["fused", "dense", "edge", "noop"],
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per variant")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
