@@ -559,7 +559,7 @@ def test_train_robust_loss_needs_single_output(tmp_path, data_csv, capsys):
     code = main([*argv, *TINY, "--out", str(tmp_path / "run")])
     assert code == 2
     err = capsys.readouterr().err
-    assert "--loss l1 needs a single-output head" in err
+    assert "--loss l1 applies to a single-output head" in err
     assert not (tmp_path / "run").exists()
 
 

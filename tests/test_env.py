@@ -191,3 +191,13 @@ def test_stable_baselines3_dqn_trains():
     model = sb3.DQN("MlpPolicy", env, learning_starts=4, train_freq=1, verbose=0, seed=0)
     model.learn(total_timesteps=8)
     assert model.num_timesteps == 8
+
+
+def test_episode_training_settings_pinned(env):
+    # The shipped agent was meta-trained on episodes with these settings,
+    # not with those in dvmrl.defaults for a standalone model.
+    env.reset(seed=0)
+    assert env.train_config.loss == "mse"
+    assert env.train_config.monitor == "val_rmse"
+    assert env.train_config.ema_decay == 0.0
+    assert env.model_config.fraction_hidden == 0

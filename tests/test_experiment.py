@@ -444,3 +444,15 @@ def test_agent_without_snapshots(tmp_path, agent_file, monkeypatch, finished_run
     assert resumed["results"][0]["test_rmse"] == report["results"][0]["test_rmse"]
     reference = next(r for r in finished_run[1]["results"] if r["method"] == "agent")
     assert report["results"][0]["test_rmse"] == reference["test_rmse"]
+
+
+def test_method_training_settings_pinned():
+    # Every method of dvmrl run trains with the settings of the shipped
+    # agent's environment, not with those in dvmrl.defaults.
+    from dvmrl.experiment import START_CONFIG, model_and_train_configs
+
+    model_config, train_config = model_and_train_configs(START_CONFIG, 3, 0)
+    assert train_config.loss == "mse"
+    assert train_config.monitor == "val_rmse"
+    assert train_config.ema_decay == 0.0
+    assert model_config.fraction_hidden == 0

@@ -64,9 +64,10 @@ WIDTH_FACTOR = 2
 
 # Default task: a small model that trains one epoch over ~1,500 compositions
 # per step, so a step stays cheap on a laptop-class CPU. The fraction encoder
-# and the weight average stay off: the shipped agent was meta-trained on
-# episodes without them, and its observations (validation scores after each
-# slice of training) would shift with them on.
+# and the weight average stay off, and the loss and the monitor stay the
+# squared error and the validation RMSE. The shipped agent was meta-trained on
+# such episodes, and its observations (validation scores after each slice of
+# training) would shift with other settings.
 DEFAULT_MODEL = {
     "hidden": 32,
     "layers": 2,
@@ -85,6 +86,8 @@ DEFAULT_TRAIN = {
     "schedule": "constant",
     "warmup_epochs": 0.0,
     "ema_decay": 0.0,
+    "loss": "mse",
+    "monitor": "val_rmse",
 }
 
 # Cost limits of the validation strategies: the GP fits at most this many

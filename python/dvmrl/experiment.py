@@ -67,8 +67,9 @@ ROBUST_R_MAX = 0.25
 # measured with these sizes, do not move when the default model changes. The
 # head is not heteroscedastic, so training minimises the squared error that
 # the validation RMSE selects on. The fraction encoder and the weight average
-# (TrainConfig.ema_decay) stay off, as in the environment the shipped agent
-# was meta-trained on.
+# (TrainConfig.ema_decay) stay off, and the loss and the monitor stay the
+# squared error and the validation RMSE, as in the environment the shipped
+# agent was meta-trained on.
 BASE_MODEL = {
     "gate_hidden": 64,
     "msg_hidden": 64,
@@ -493,6 +494,8 @@ def model_and_train_configs(config: dict[str, Any], epochs: int, seed: int):
         epochs=int(epochs),
         seed=int(seed),
         ema_decay=0.0,
+        loss="mse",
+        monitor="val_rmse",
     )
     return model_config, train_config
 

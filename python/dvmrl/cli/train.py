@@ -321,7 +321,7 @@ def _add_train_parser(subparsers) -> None:
             "training loss of a single-output head: squared error, Huber "
             "(squared below --huber-delta, linear beyond, so that the few "
             "compositions with errors of 1-2 eV/atom weigh less) or absolute "
-            f"error; default: {defaults.TRAIN.get('loss', 'mse')}"
+            f"error; default: {defaults.TRAIN['loss']}"
         ),
     )
     parser.add_argument(
@@ -331,7 +331,7 @@ def _add_train_parser(subparsers) -> None:
         metavar="X",
         help=(
             "residual in eV/atom where the Huber loss turns linear; default: "
-            f"{defaults.TRAIN.get('huber_delta', 0.25)}"
+            f"{defaults.TRAIN['huber_delta']}"
         ),
     )
     parser.add_argument(
@@ -654,11 +654,11 @@ def _build_run_config(requested: dict[str, Any]) -> dict[str, Any]:
     heteroscedastic = requested.get(
         "model.heteroscedastic", defaults.MODEL["heteroscedastic"]
     )
-    loss = requested.get("train.loss", defaults.TRAIN.get("loss", "mse"))
-    if heteroscedastic and loss != "mse":
+    if heteroscedastic and "train.loss" in requested:
         raise UsageError(
-            f"--loss {loss} needs a single-output head, but --heteroscedastic "
-            "trains with the Gaussian negative log-likelihood; drop one of the two"
+            f"--loss {requested['train.loss']} applies to a single-output head, "
+            "but --heteroscedastic trains with the Gaussian negative "
+            "log-likelihood; drop one of the two"
         )
     model_fields = {
         key.split(".", 1)[1]: value

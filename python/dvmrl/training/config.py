@@ -63,8 +63,9 @@ class TrainConfig:
             |r| <= delta, 2 delta |r| - delta^2 beyond, i.e. twice the usual
             Huber loss, so it equals the squared error near zero) or ``"l1"``
             (|r|). The robust losses keep a few compositions with very large
-            errors from steering the fit; the heteroscedastic head always
-            trains with its Gaussian negative log-likelihood.
+            errors from steering the fit. A heteroscedastic head ignores this
+            setting: it always trains with its Gaussian negative
+            log-likelihood.
         huber_delta (float): Huber threshold delta in eV/atom (> 0); the
             trainer divides it by the standard deviation of the training
             targets.
@@ -89,8 +90,8 @@ class TrainConfig:
     )
     adam_eps: float = defaults.TRAIN.get("adam_eps", 1e-8)
     ema_decay: float = defaults.TRAIN.get("ema_decay", 0.0)
-    loss: str = defaults.TRAIN.get("loss", "mse")
-    huber_delta: float = defaults.TRAIN.get("huber_delta", 0.25)
+    loss: str = defaults.TRAIN["loss"]
+    huber_delta: float = defaults.TRAIN["huber_delta"]
 
     def __post_init__(self) -> None:
         self.adam_betas = (float(self.adam_betas[0]), float(self.adam_betas[1]))
