@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -53,6 +54,28 @@ def build_info() -> dict[str, Any]:
     info["platform"] = platform.platform()
     info["torch_num_threads"] = torch.get_num_threads()
     return info
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """Set PyTorch's CPU intra-op threads for a block, then restore them.
+
+    dvmrl's kernels keep their own thread count. Around them PyTorch runs
+    only small ops. With passive waiting, each op that PyTorch splits wakes
+    its other threads, which on a 2-core VM cost more than the split saved.
+    So training epochs run those ops on one thread.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    if before == count:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def get_num_threads() -> int:

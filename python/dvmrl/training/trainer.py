@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dvmrl._runtime import torch_threads
 from dvmrl.layout import parameter_layout, unflatten
 from dvmrl.model import LOG_VARIANCE_MAX, LOG_VARIANCE_MIN, CompositionMPNN, ModelConfig
 from dvmrl.training import checkpoint as ckpt
@@ -64,20 +65,6 @@ def _seed_streams(seed: int) -> dict[str, int]:
     return {
         name: int(word >> np.uint64(1)) for name, word in zip(names, words, strict=True)
     }
-
-
-@contextlib.contextmanager
-def _torch_threads(count: int):
-    """Set PyTorch's CPU intra-op threads for a block, then restore them."""
-    before = torch.get_num_threads()
-    if before == count:
-        yield
-        return
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class Trainer:
@@ -380,7 +367,7 @@ class Trainer:
         """
         if self.device.type != "cpu" or not self.model.use_fused:
             return contextlib.nullcontext()
-        return _torch_threads(1)
+        return torch_threads(1)
 
     def _run_epoch_steps(self, started: float) -> dict[str, Any]:
         train_loss, lr = self._optimise_epoch()
