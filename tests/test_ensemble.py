@@ -175,7 +175,8 @@ def test_cli_train_members(tmp_path, data_csv, capsys):
     assert float(lines[1].split()[4]) > 0.0
 
 
-def test_cli_members_resume(tmp_path, data_csv, monkeypatch):
+def _interrupt_second_member(monkeypatch):
+    """Interrupt Trainer.fit at the second member; return the original fit."""
     original_fit = Trainer.fit
     calls = []
 
@@ -185,9 +186,14 @@ def test_cli_members_resume(tmp_path, data_csv, monkeypatch):
             raise KeyboardInterrupt
         return original_fit(self, *args, **kwargs)
 
+    monkeypatch.setattr(Trainer, "fit", fit_until_second_member)
+    return original_fit
+
+
+def test_cli_members_resume(tmp_path, data_csv, monkeypatch):
     out = tmp_path / "run"
     argv = ["train", "--data", str(data_csv), "--epochs", "1", "--members", "2"]
-    monkeypatch.setattr(Trainer, "fit", fit_until_second_member)
+    original_fit = _interrupt_second_member(monkeypatch)
     assert main([*argv, *TINY, "--out", str(out)]) == 130
     assert (out / "member0" / "model.pt").is_file()
     assert not (out / "model.pt").exists()
@@ -277,19 +283,10 @@ def test_cli_members_shared_division(tmp_path, data_csv):
 def test_cli_resume_ensemble_before_divisions(tmp_path, data_csv, monkeypatch):
     # A run.json written before --member-divisions existed: its members
     # shared one division, and the resumed member must get that division.
-    original_fit = Trainer.fit
-    calls = []
-
-    def fit_until_second_member(self, *args, **kwargs):
-        calls.append(self.train_config.seed)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original_fit(self, *args, **kwargs)
-
     out = tmp_path / "run"
     argv = ["train", "--data", str(data_csv), "--epochs", "1", "--members", "2"]
     shared = ["--member-divisions", "shared"]
-    monkeypatch.setattr(Trainer, "fit", fit_until_second_member)
+    original_fit = _interrupt_second_member(monkeypatch)
     assert main([*argv, *shared, *TINY, "--out", str(out)]) == 130
     run = json.loads((out / "run.json").read_text())
     del run["member_divisions"]
