@@ -859,7 +859,9 @@ def run_train(args: argparse.Namespace) -> int:
         else:
             data = (x_train, y_train, x_val, y_val)
             member_metadata = metadata
-        trainer = _fit_member(folder, member_config, data, member_metadata, device, label)
+        trainer = _fit_member(
+            folder, member_config, data, member_metadata, device, label
+        )
         if trainer is None:
             print(f"continue with: dvmrl train --resume --out {out}", file=sys.stderr)
             return 130
