@@ -163,6 +163,12 @@ def test_cli_train_members(tmp_path, data_csv, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["members"] == 2
     assert metrics["member_seeds"] == [0, 1]
+    rows = metrics["member_metrics"]
+    assert [row["member"] for row in rows] == [0, 1]
+    assert all(row["epochs_done"] == 1 for row in rows)
+    # The mean of two predictions cannot be worse than both of them.
+    assert metrics["mae"] <= max(row["mae"] for row in rows)
+    assert rows[0]["rmse"] != rows[1]["rmse"]
     for member in ("member0", "member1"):
         assert (out / member / "model.pt").is_file()
     model, metadata = load_checkpoint(out / "model.pt")

@@ -342,7 +342,8 @@ def _add_train_parser(subparsers) -> None:
         help=(
             "train an ensemble of N models with the seeds SEED .. SEED + N - 1 "
             "(each in OUT/member<i>/; see --member-divisions); OUT/model.pt "
-            "then predicts their mean, with their spread as the uncertainty; "
+            "then predicts their mean, with their spread as the uncertainty, "
+            "and metrics.json also scores each member alone (member_metrics); "
             "default: 1"
         ),
     )
@@ -896,6 +897,9 @@ def run_train(args: argparse.Namespace) -> int:
             "member_divisions": "own" if own_divisions else "shared",
             "member_folders": [f"member{m}" for m in range(members)],
             "monitor": run_config["train"]["monitor"],
+            "member_metrics": _member_test_metrics(
+                member_files, x_test, y_test, device, threshold
+            ),
         }
     test_metrics = dict(
         regression_metrics(y_test, predictions, stability_threshold=threshold)
@@ -933,6 +937,27 @@ def run_train(args: argparse.Namespace) -> int:
     print(_format_metrics(test_metrics, title, threshold))
     print(f"wrote {out / MODEL_FILE} and {out / METRICS_FILE}")
     return 0
+
+
+def _member_test_metrics(member_files, x_test, y_test, device, threshold) -> list:
+    """Score every ensemble member alone on the test part.
+
+    Returns:
+        list[dict]: per member, ``member``, ``epochs_done`` and the test
+        metrics of ``dvmrl.metrics.regression_metrics`` (eV/atom).
+    """
+    from dvmrl.metrics import regression_metrics
+    from dvmrl.training import load_checkpoint
+
+    rows = []
+    for member, path in enumerate(member_files):
+        model, metadata = load_checkpoint(path, device=device)
+        predictions, _ = _predict(model, x_test, device, with_variance=False)
+        metrics = regression_metrics(y_test, predictions, stability_threshold=threshold)
+        rows.append(
+            {"member": member, "epochs_done": metadata.get("epochs_done"), **metrics}
+        )
+    return rows
 
 
 def _division_data(df, targets: np.ndarray, split) -> tuple:
