@@ -398,6 +398,63 @@ def test_predict_csv_round_trip(trained, tmp_path):
     assert "uncertainty_ev_per_atom" not in table.columns
 
 
+def _predict_to(trained, output):
+    return main(["predict", str(trained / "model.pt"), "Al3Ni", "--output", str(output)])
+
+
+def test_predict_output_through_symlink(trained, tmp_path):
+    real = tmp_path / "real.csv"
+    real.write_text("old\n")
+    link = tmp_path / "link.csv"
+    link.symlink_to(real)
+    assert _predict_to(trained, link) == 0
+    assert link.is_symlink()
+    assert pd.read_csv(real)["formula"].tolist() == ["Al3Ni"]
+
+
+def test_predict_output_into_fifo(trained, tmp_path):
+    import threading
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(
+        target=lambda: received.append(fifo.read_text()), daemon=True
+    )
+    reader.start()
+    code = _predict_to(trained, fifo)
+    reader.join(timeout=60)
+    assert code == 0
+    assert fifo.exists() and not fifo.is_file()
+    assert received[0].startswith("formula,")
+
+
+def test_predict_output_mode_follows_umask(trained, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        assert _predict_to(trained, tmp_path / "out.csv") == 0
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out.csv").stat().st_mode & 0o777 == 0o644
+
+
+def test_predict_output_full_device(trained, tmp_path, capsys):
+    # A private node of the Linux full device (char 1, 7): every write fails
+    # with ENOSPC. Creating it needs root, as in CI.
+    import stat
+
+    full = tmp_path / "full"
+    try:
+        os.mknod(full, 0o666 | stat.S_IFCHR, os.makedev(1, 7))
+    except (PermissionError, AttributeError):
+        pytest.skip("creating a device node needs root on Linux")
+    code = _predict_to(trained, full)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"No space left on device: {full}" in err
+    assert full.is_char_device()
+
+
 def test_predict_unknown_element(trained, capsys):
     code = main(["predict", str(trained / "model.pt"), "Al3Ni", "Xq2Fe"])
     err = capsys.readouterr().err

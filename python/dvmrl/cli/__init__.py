@@ -160,6 +160,16 @@ def main(argv: list[str] | None = None) -> int:
         # that the interpreter's final flush cannot raise a second time.
         _silence_stdout()
         return EXIT_BROKEN_PIPE
+    except OSError as err:
+        # The system refused a read or write (a full disk, no permission):
+        # the environment failed, not dvmrl, so no traceback hint.
+        if verbose:
+            traceback.print_exc()
+        message = err.strerror or str(err)
+        if err.filename is not None:
+            message = f"{message}: {err.filename}"
+        print(f"dvmrl {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_FAILURE
     except Exception as err:  # noqa: BLE001 - the CLI reports every failure
         if verbose:
             traceback.print_exc()

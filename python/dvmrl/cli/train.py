@@ -497,15 +497,40 @@ def _write_json_atomic(path: Path, payload: Any) -> None:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    """Write ``text`` to ``path`` so that a reader never sees half a file.
+
+    A regular file is written through a temporary file in the same folder
+    and renamed over the path. A symbolic link is followed, so the rename
+    replaces the file it points to and the link stays. A path that is not a
+    regular file (a named pipe, a device such as /dev/stdout) cannot be
+    replaced, so it is written directly. New files get the mode that the
+    umask gives (mkstemp alone would leave 0600).
+    """
+    target = Path(os.path.realpath(path))
+    if target.exists() and not target.is_file():
+        try:
+            with open(target, "w", encoding="utf-8") as stream:
+                stream.write(text)
+        except OSError as err:
+            # A failed flush on close (a full device) names no file.
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
-        os.replace(temporary, path)
+        os.chmod(temporary, 0o666 & ~_current_umask())
+        os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _json_ready(value: Any) -> Any:
