@@ -168,6 +168,26 @@ def test_resume_without_run(tmp_path, capsys):
     assert "no resumable run" in capsys.readouterr().err
 
 
+def test_resume_interrupted_before_first_state(tmp_path, data_csv, monkeypatch):
+    # Ctrl-C after run.json is written but before the first state is saved
+    # (while the model is built) leaves run.json without last.pt.
+    import dvmrl.cli.train as train_cli
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(data_csv), "--epochs", "1", *TINY]
+    with monkeypatch.context() as patch:
+        patch.setattr(train_cli, "_fit_member", interrupt)
+        assert main([*argv, "--out", str(out)]) == 130
+    assert (out / "run.json").exists()
+    assert not (out / "last.pt").exists()
+    assert main(["train", "--resume", "--out", str(out)]) == 0
+    assert (out / "model.pt").exists()
+    assert json.loads((out / "metrics.json").read_text())["epochs_done"] == 1
+
+
 def test_interrupt_then_resume(tmp_path, data_csv, monkeypatch):
     from dvmrl.training import Trainer
 

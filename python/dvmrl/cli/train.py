@@ -809,9 +809,12 @@ def run_train(args: argparse.Namespace) -> int:
         _check_fresh_out(out)
         run_config = _build_run_config(requested)
     members = int(run_config.get("members", 1))
-    # An ensemble keeps its state files in the member folders.
+    # A run interrupted before its first state was saved (while the data
+    # loaded) has run.json alone: resuming it starts the training, as for an
+    # ensemble member without a state file. An ensemble keeps its state
+    # files in the member folders.
     if args.resume and members == 1 and not (out / STATE_FILE).exists():
-        raise UsageError(f"--resume: {out / STATE_FILE} not found; nothing to resume")
+        logger.info("%s has no training state yet; starting the training", out)
 
     device = setup_compute(args)
     df, info = _load_data(run_config["data"], run_config["alloy_notation"])
