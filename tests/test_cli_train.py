@@ -650,8 +650,9 @@ def test_train_robust_loss_needs_single_output(tmp_path, data_csv, capsys):
         ("--ema-decay", "nan", "expected a fraction in [0, 1), got nan"),
         ("--dropout", "abc", "expected a fraction in [0, 1), got 'abc'"),
         ("--loss", "hinge", "invalid choice: 'hinge'"),
-        ("--huber-delta", "0", "expected a number > 0, got 0"),
-        ("--huber-delta", "inf", "expected a finite number >= 0, got inf"),
+        ("--huber-delta", "0", "expected a finite number > 0, got 0"),
+        ("--huber-delta", "-1", "expected a finite number > 0, got -1"),
+        ("--huber-delta", "inf", "expected a finite number > 0, got inf"),
     ],
 )
 def test_train_rejects_bad_new_options(

@@ -99,9 +99,12 @@ def _non_negative_float(text: str) -> float:
 
 
 def _positive_float(text: str) -> float:
-    value = _non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
     return value
 
 
@@ -275,7 +278,8 @@ def _add_train_parser(subparsers) -> None:
         default=None,
         help=(
             "predict a variance too and train with the Gaussian negative "
-            "log-likelihood (--no-heteroscedastic: squared error); default: "
+            "log-likelihood instead of --loss (--no-heteroscedastic: one output "
+            "trained with --loss); default: "
             f"{'on' if defaults.MODEL['heteroscedastic'] else 'off'}"
         ),
     )
