@@ -345,6 +345,13 @@ def test_evaluate_missing_checkpoint(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+def test_predict_checkpoint_folder(trained, capsys):
+    code = main(["predict", str(trained), "Al3Ni"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"is a folder; pass the checkpoint file in it, such as {trained}" in err
+
+
 def test_predict_prints_units(trained, capsys):
     code = main(["predict", str(trained / "model.pt"), "Al3Ni", "CuZn"])
     lines = capsys.readouterr().out.splitlines()

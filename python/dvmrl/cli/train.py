@@ -1150,6 +1150,11 @@ def _load_model(path: str, device):
     from dvmrl.training import load_checkpoint
 
     checkpoint = Path(path)
+    if checkpoint.is_dir():
+        raise FileNotFoundError(
+            f"checkpoint {checkpoint} is a folder; pass the checkpoint file in "
+            f"it, such as {checkpoint / MODEL_FILE}"
+        )
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} not found")
     model, metadata = load_checkpoint(checkpoint)

@@ -115,8 +115,11 @@ def load_csv(
     if missing:
         raise ValueError(
             f"{path} has no column(s) {', '.join(repr(m) for m in missing)}; its "
-            f"columns are {columns}: name the formula and target columns "
-            "(formula_column=, target_column=; --formula-column, --target-column)"
+            f"columns are {columns}: rename the formula and target columns to "
+            f"{formula_column!r} and "
+            f"{target_column!r} (dvmrl data and dvmrl predict also take "
+            "--formula-column and --target-column, load_csv takes formula_column= "
+            "and target_column=)"
         )
     if len(table) == 0:
         raise ValueError(f"{path} has a header line but no data rows")
