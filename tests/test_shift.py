@@ -42,6 +42,26 @@ def test_shifted_feature_detected():
     assert result.top_features[0][0] == "f4"
 
 
+def test_small_shifted_sets_detected():
+    # 20 + 20 rows in 2 folds: 20 training rows per fold, fewer than the
+    # 40 that scikit-learn's default leaf size needs for one split.
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(20, 6)), rng.normal(size=(20, 6))
+    b[:, 2] += 4.0
+    result = shift_auc(a, b, folds=2, importance=False)
+    assert result.constant_folds == 0
+    assert result.auc > 0.9
+
+
+def test_constant_scores_counted(caplog):
+    a, b = np.ones((30, 4)), np.ones((30, 4))
+    with caplog.at_level("WARNING", logger="dvmrl.shift"):
+        result = shift_auc(a, b, folds=3, importance=False)
+    assert result.auc == 0.5
+    assert result.constant_folds == 3
+    assert "not measured rather than no shift" in caplog.text
+
+
 def test_subsample_is_bounded():
     rng = np.random.default_rng(2)
     result = shift_auc(rng.normal(size=(900, 3)), rng.normal(size=(50, 3)), **FAST)

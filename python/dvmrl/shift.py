@@ -41,6 +41,10 @@ class ShiftResult:
         top_features (list): (feature name, AUC drop when shuffled),
             largest first; empty when importance was not computed.
         seconds (float): wall time of the call.
+        constant_folds (int): folds in which the classifier gave every
+            held-out row the same score. Such a fold scores an AUC of 0.5
+            whatever the shift, so a nonzero count means the sets were too
+            small or too alike in every feature to measure.
     """
 
     auc: float
@@ -49,6 +53,7 @@ class ShiftResult:
     n_other: int
     top_features: list[tuple[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    constant_folds: int = 0
 
     def to_dict(self) -> dict:
         """Return the result as JSON-ready values."""
@@ -140,6 +145,7 @@ def shift_auc(
     y = np.concatenate([np.zeros(len(reference)), np.ones(len(other))])
 
     aucs: list[float] = []
+    constant_folds = 0
     drops = np.zeros(n_features)
     splitter = StratifiedKFold(
         n_splits=int(folds), shuffle=True, random_state=int(seed)
@@ -150,12 +156,17 @@ def shift_auc(
                 max_iter=int(max_iter),
                 learning_rate=0.1,
                 max_leaf_nodes=15,
+                # scikit-learn's 20 rows per leaf leaves a fold of under 40
+                # rows without a single split; small sets get smaller leaves.
+                min_samples_leaf=min(20, max(2, len(fit_rows) // 10)),
                 early_stopping=False,
                 random_state=int(seed) + fold,
             )
             classifier.fit(x[fit_rows], y[fit_rows])
             score = classifier.predict_proba(x[test_rows])[:, 1]
             aucs.append(float(roc_auc_score(y[test_rows], score)))
+            if np.ptp(score) == 0.0:
+                constant_folds += 1
             if importance and fold == 0:
                 result = permutation_importance(
                     classifier,
@@ -166,6 +177,16 @@ def shift_auc(
                     random_state=int(seed) + fold,
                 )
                 drops = result.importances_mean
+    if constant_folds:
+        logger.warning(
+            "shift detection: the classifier gave one score to every held-out row "
+            "in %d of %d folds (%d + %d rows), where the AUC of 0.5 means not "
+            "measured rather than no shift; compare larger sets",
+            constant_folds,
+            int(folds),
+            len(reference),
+            len(other),
+        )
     top: list[tuple[str, float]] = []
     if importance:
         order = np.argsort(-drops, kind="stable")[: int(n_top)]
@@ -177,6 +198,7 @@ def shift_auc(
         n_other=len(other),
         top_features=top,
         seconds=time.perf_counter() - start,
+        constant_folds=constant_folds,
     )
 
 
