@@ -355,6 +355,12 @@ def test_resolve_unknown():
         datasets.resolve_data("no-such-set")
 
 
+def test_resolve_missing_file(tmp_path):
+    missing = tmp_path / "nofile.csv"
+    with pytest.raises(ValueError, match=f"data file '{missing}' not found"):
+        datasets.resolve_data(str(missing))
+
+
 def test_resolve_bad_target_kind(tmp_path):
     path = _write(tmp_path, "formula,target\nAlNi,-0.6\n")
     with pytest.raises(ValueError, match="unknown target kind 'band_gap'"):

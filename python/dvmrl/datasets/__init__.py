@@ -111,6 +111,12 @@ def resolve_data(
         info = dataset_info(text)
     else:
         path = Path(text)
+        if not path.is_file() and (path.suffix or os.sep in text):
+            # It reads as a path, not as a data set name.
+            raise ValueError(
+                f"data file {text!r} not found: check the path, or pass one of "
+                f"the vendored data sets {', '.join(DATASETS)}"
+            )
         if not path.is_file():
             raise ValueError(
                 f"unknown data set {text!r}: expected one of {', '.join(DATASETS)} "
