@@ -1270,7 +1270,8 @@ def _check_pool_overlap(
         return rows, counts
     found = (
         f"{int(in_training.sum())} of {len(rows)} rows have a composition of the "
-        f"training pool and {int(in_validation.sum())} one of the validation pool"
+        f"training pool and {int(in_validation.sum())} a composition of the "
+        "validation pool"
     )
     if exclude:
         print(
