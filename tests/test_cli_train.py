@@ -638,6 +638,14 @@ def test_train_huber_loss_option(tmp_path, data_csv):
     assert metrics["train"]["loss"] == "huber"
 
 
+@pytest.mark.parametrize("other", [["--loss", "mse"], ["--heteroscedastic"]])
+def test_train_huber_delta_needs_huber(tmp_path, data_csv, capsys, other):
+    argv = ["train", "--data", str(data_csv), "--huber-delta", "0.3", *other]
+    code = main([*argv, *TINY, "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "--huber-delta applies to --loss huber" in capsys.readouterr().err
+
+
 def test_train_robust_loss_needs_single_output(tmp_path, data_csv, capsys):
     argv = ["train", "--data", str(data_csv), "--loss", "l1", "--heteroscedastic"]
     code = main([*argv, *TINY, "--out", str(tmp_path / "run")])

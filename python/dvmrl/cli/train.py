@@ -684,6 +684,13 @@ def _build_run_config(requested: dict[str, Any]) -> dict[str, Any]:
     heteroscedastic = requested.get(
         "model.heteroscedastic", defaults.MODEL["heteroscedastic"]
     )
+    loss = requested.get("train.loss", defaults.TRAIN["loss"])
+    if "train.huber_delta" in requested and (loss != "huber" or heteroscedastic):
+        raise UsageError(
+            f"--huber-delta applies to --loss huber, but this run trains with "
+            f"{'the Gaussian negative log-likelihood' if heteroscedastic else loss}; "
+            "drop --huber-delta or pass --loss huber"
+        )
     if heteroscedastic and "train.loss" in requested:
         raise UsageError(
             f"--loss {requested['train.loss']} applies to a single-output head, "
