@@ -275,7 +275,10 @@ def test_cli_split_screen(tmp_path, capsys):
             ["--split", "element", "--holdout-element", "Og"],
             "no composition in the data",
         ),
-        (["--split", "random", "--test-fraction", "1.5"], r"test_fraction must be in"),
+        (
+            ["--split", "random", "--test-fraction", "0.6", "--val-fraction", "0.5"],
+            "must be below 1 to leave training rows",
+        ),
     ],
 )
 def test_cli_split_errors(tmp_path, capsys, extra, message):
@@ -306,3 +309,12 @@ def test_cli_split_unknown_kind(tmp_path, capsys):
         main([*argv, "--out", str(tmp_path / "s.npz")])
     assert caught.value.code == 2
     assert "invalid choice: 'kfold'" in capsys.readouterr().err
+
+
+def test_cli_split_fraction_option_range(tmp_path, capsys):
+    argv = ["data", "split", "mp-formation-energy", "--split", "random"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--test-fraction", "1.5", "--out", str(tmp_path / "s.json")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --test-fraction: expected a fraction in [0, 1), got 1.5" in err

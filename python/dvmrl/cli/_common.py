@@ -27,6 +27,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+def fraction(text: str) -> float:
+    """Parse a fraction in [0, 1) for argparse (a dropout rate, a data share)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction in [0, 1), got {text!r}"
+        ) from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text}")
+    # Adding 0.0 turns -0.0 into 0.0, so run.json never stores a negative zero.
+    return value + 0.0
+
+
 def add_compute_options(parser: argparse.ArgumentParser) -> None:
     """Add ``--device`` and ``--threads``, which every computing command takes."""
     parser.add_argument(

@@ -6,7 +6,7 @@ import argparse
 import json
 import math
 
-from dvmrl.cli._common import UsageError
+from dvmrl.cli._common import UsageError, fraction
 
 
 def add_parser(subparsers) -> None:
@@ -67,13 +67,13 @@ def add_parser(subparsers) -> None:
     )
     split.add_argument(
         "--test-fraction",
-        type=float,
+        type=fraction,
         default=0.1,
         help="test share for the random and chemsys splits (default: 0.1)",
     )
     split.add_argument(
         "--val-fraction",
-        type=float,
+        type=fraction,
         default=0.1,
         help="validation-pool share (default: 0.1)",
     )

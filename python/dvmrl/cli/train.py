@@ -28,6 +28,7 @@ import numpy as np
 from dvmrl.cli._common import (
     UsageError,
     add_compute_options,
+    fraction,
     positive_int,
     setup_compute,
 )
@@ -106,19 +107,6 @@ def _positive_float(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
     return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a fraction in [0, 1), got {text!r}"
-        ) from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text}")
-    # Adding 0.0 turns -0.0 into 0.0, so run.json never stores a negative zero.
-    return value + 0.0
 
 
 def _non_negative_int(text: str) -> int:
@@ -268,7 +256,7 @@ def _add_train_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--dropout",
-        type=_fraction,
+        type=fraction,
         default=None,
         help=f"dropout rate of the head; default: {defaults.MODEL['dropout']}",
     )
@@ -296,7 +284,7 @@ def _add_train_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--ema-decay",
-        type=_fraction,
+        type=fraction,
         default=None,
         metavar="X",
         help=(
