@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -27,16 +28,52 @@ def positive_int(text: str) -> int:
     return value
 
 
-def fraction(text: str) -> float:
-    """Parse a fraction in [0, 1) for argparse (a dropout rate, a data share)."""
+def _parse_float(text: str, valid, expected: str, unparsable: str) -> float:
+    """Parse a float for argparse, or raise a message that names the text.
+
+    ``valid(value)`` decides whether the number is in range; ``expected``
+    describes that range and ``unparsable`` what text that is no number
+    should have been.
+    """
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a fraction in [0, 1), got {text!r}"
-        ) from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text}")
+        message = f"expected {unparsable}, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+    if not valid(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """Parse a finite float for argparse."""
+    return _parse_float(text, math.isfinite, "a finite number", "a number")
+
+
+def non_negative_float(text: str) -> float:
+    """Parse a finite float >= 0 for argparse."""
+    return _parse_float(
+        text,
+        lambda value: math.isfinite(value) and value >= 0,
+        "a finite number >= 0",
+        "a number",
+    )
+
+
+def positive_float(text: str) -> float:
+    """Parse a finite float > 0 for argparse."""
+    return _parse_float(
+        text,
+        lambda value: math.isfinite(value) and value > 0,
+        "a finite number > 0",
+        "a number",
+    )
+
+
+def fraction(text: str) -> float:
+    """Parse a fraction in [0, 1) for argparse (a dropout rate, a data share)."""
+    expected = "a fraction in [0, 1)"
+    value = _parse_float(text, lambda value: 0.0 <= value < 1.0, expected, expected)
     # Adding 0.0 turns -0.0 into 0.0, so run.json never stores a negative zero.
     return value + 0.0
 

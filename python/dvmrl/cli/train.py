@@ -28,7 +28,10 @@ import numpy as np
 from dvmrl.cli._common import (
     UsageError,
     add_compute_options,
+    finite_float,
     fraction,
+    non_negative_float,
+    positive_float,
     positive_int,
     setup_compute,
 )
@@ -89,26 +92,6 @@ _TABLE_METRICS = (
 # Parsers
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return value
-
-
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -118,16 +101,6 @@ def _non_negative_int(text: str) -> int:
         ) from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
     return value
 
 
@@ -164,7 +137,7 @@ def _add_data_options(parser: argparse.ArgumentParser, with_defaults: bool) -> N
     )
     parser.add_argument(
         "--stability-threshold",
-        type=_finite_float,
+        type=finite_float,
         default=None,
         metavar="X",
         help=(
@@ -238,7 +211,7 @@ def _add_train_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--lr",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help=f"peak learning rate of AdamW; default: {defaults.TRAIN['lr']}",
     )
@@ -250,7 +223,7 @@ def _add_train_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--weight-decay",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=None,
         help=f"AdamW weight decay; default: {defaults.TRAIN['weight_decay']}",
     )
@@ -318,7 +291,7 @@ def _add_train_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--huber-delta",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         metavar="X",
         help=(
