@@ -7,6 +7,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "dvmrl/thread_pool.h"
@@ -117,18 +118,22 @@ T* thread_scratch(int64_t n) {
   return thread_buffer<T, ScratchUse>(n);
 }
 
-template <class T>
-TransposeFn<T> pick_transpose(const KernelSet& k);
-template <>
-TransposeFn<float> pick_transpose<float>(const KernelSet& k) { return k.transpose_f32; }
-template <>
-TransposeFn<double> pick_transpose<double>(const KernelSet& k) { return k.transpose_f64; }
+// Return the float or the double variant of a kernel, by T.
+template <class T, class F32, class F64>
+auto pick(F32 float_variant, F64 double_variant) {
+  if constexpr (std::is_same_v<T, float>) {
+    return float_variant;
+  } else {
+    return double_variant;
+  }
+}
 
 // Fill wt (TransposedLayout) with the [in, out] copies of the weights.
 template <class T>
 void transpose_weights(const Dims& d, const Layout& p, const TransposedLayout& tl,
                        const T* flat, T* wt) {
-  const TransposeFn<T> transpose = pick_transpose<T>(active_kernels());
+  const KernelSet& kernels = active_kernels();
+  const TransposeFn<T> transpose = pick<T>(kernels.transpose_f32, kernels.transpose_f64);
   const int64_t h = d.hidden, hg = d.gate, hm = d.msg, wp = 2 * hg + 2 * hm;
   for (int64_t l = 0; l < d.layers; ++l) {
     const T* lp = flat + l * p.layer_size;
@@ -209,18 +214,6 @@ Ctx<T> make_ctx(const Dims& d, const Buffers& buf, const NodeIndex& ni) {
   return cx;
 }
 
-template <class T>
-ForwardFn<T> pick_forward(const KernelSet& k);
-template <>
-ForwardFn<float> pick_forward<float>(const KernelSet& k) { return k.forward_f32; }
-template <>
-ForwardFn<double> pick_forward<double>(const KernelSet& k) { return k.forward_f64; }
-template <class T>
-BackwardFn<T> pick_backward(const KernelSet& k);
-template <>
-BackwardFn<float> pick_backward<float>(const KernelSet& k) { return k.backward_f32; }
-template <>
-BackwardFn<double> pick_backward<double>(const KernelSet& k) { return k.backward_f64; }
 
 template <class T>
 void forward_typed(const Dims& d, const Buffers& buf) {
@@ -233,7 +226,8 @@ void forward_typed(const Dims& d, const Buffers& buf) {
     transpose_weights(d, cx.p, cx.tl, cx.flat, wt);
     cx.wt = wt;
   }
-  const ForwardFn<T> fn = pick_forward<T>(active_kernels());
+  const KernelSet& kernels = active_kernels();
+  const ForwardFn<T> fn = pick<T>(kernels.forward_f32, kernels.forward_f64);
   const int64_t scratch_size = forward_scratch_size(d);
   const int64_t block = forward_block_size(d.batch);
   parallel_for(d.batch, block, block, [&](int64_t begin, int64_t end, int64_t) {
@@ -320,7 +314,8 @@ void backward_typed(const Dims& d, const Buffers& buf) {
                                         reinterpret_cast<const bool*>(buf.mask),
                                         "model_backward");
   Ctx<T> cx = make_ctx<T>(d, buf, ni);
-  const BackwardFn<T> fn = pick_backward<T>(active_kernels());
+  const KernelSet& kernels = active_kernels();
+  const BackwardFn<T> fn = pick<T>(kernels.backward_f32, kernels.backward_f64);
   const int64_t n_params = cx.p.total;
   const int64_t n_table = d.rows * d.hidden;
   T* grad_flat = reinterpret_cast<T*>(buf.grad_flat);
