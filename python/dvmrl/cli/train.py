@@ -583,12 +583,21 @@ def _composition_keys(formulas) -> list[str]:
     return keys
 
 
-def _pool_compositions(df, split) -> dict[str, list[str]]:
-    """Key the compositions of the training and validation pools of a split."""
-    formulas = df["formula"].to_numpy()
+def _pool_compositions(df, split, keys=None) -> dict[str, list[str]]:
+    """Key the compositions of the training and validation pools of a split.
+
+    ``keys`` (array of ``_composition_keys`` of every row of ``df``) spares
+    parsing the formulas again when several splits of one frame are keyed.
+    """
+    if keys is None:
+        formulas = df["formula"].to_numpy()
+        training = _composition_keys(formulas[split.train])
+        validation = _composition_keys(formulas[split.val])
+    else:
+        training, validation = keys[split.train], keys[split.val]
     return {
-        "training_compositions": sorted(set(_composition_keys(formulas[split.train]))),
-        "validation_compositions": sorted(set(_composition_keys(formulas[split.val]))),
+        "training_compositions": sorted(set(training)),
+        "validation_compositions": sorted(set(validation)),
     }
 
 
@@ -781,8 +790,9 @@ def run_train(args: argparse.Namespace) -> int:
         _check_fresh_out(out)
         run_config = _build_run_config(requested)
     members = int(run_config.get("members", 1))
-    # A run interrupted before its first state was saved (while the data
-    # loaded) has run.json alone: resuming it starts the training, as for an
+    own_divisions = members > 1 and run_config.get("member_divisions") == "own"
+    # A run interrupted before its first state was saved (while the model was
+    # built) has run.json alone: resuming it starts the training, as for an
     # ensemble member without a state file. An ensemble keeps its state
     # files in the member folders.
     if args.resume and members == 1 and not (out / STATE_FILE).exists():
@@ -793,15 +803,27 @@ def run_train(args: argparse.Namespace) -> int:
     split = _split_rows(
         df, run_config["split"], run_config["seed"], run_config["holdout_element"]
     )
-    x_train = _featurize_rows(df, split.train)
-    x_val = _featurize_rows(df, split.val)
     x_test = _featurize_rows(df, split.test)
     targets = df["target"].to_numpy(dtype=np.float64)
-    y_train, y_val, y_test = (
-        targets[split.train],
-        targets[split.val],
-        targets[split.test],
-    )
+    y_test = targets[split.test]
+    seeds = [int(run_config["seed"]) + member for member in range(members)]
+    if own_divisions:
+        # Member i divides the pool with split seed SEED + i. The rows are
+        # featurised and keyed once, and each division takes its part.
+        member_splits = [
+            _split_rows(df, run_config["split"], seed, run_config["holdout_element"])
+            for seed in seeds
+        ]
+        every_row = _featurize_rows(df, np.arange(len(df)))
+        keys = np.asarray(_composition_keys(df["formula"].to_numpy()))
+        member_pools = [_pool_compositions(df, s, keys) for s in member_splits]
+    else:
+        shared_data = (
+            _featurize_rows(df, split.train),
+            targets[split.train],
+            _featurize_rows(df, split.val),
+            targets[split.val],
+        )
     logger.info(
         "data %s: %d train, %d validation, %d test compositions (%s split)",
         info.get("name", run_config["data"]),
@@ -827,24 +849,19 @@ def run_train(args: argparse.Namespace) -> int:
             "target_kind": info.get("target_kind"),
             "alloy_notation": run_config["alloy_notation"],
             "run": run_config,
-            "training_min_elements": int(
-                df["n_elements"].to_numpy()[split.train].min()
-            ),
-            **_pool_compositions(df, split),
         }
     )
+    if own_divisions:
+        metadata = _ensemble_pool_metadata(metadata, df, member_splits, member_pools)
+    else:
+        metadata["training_min_elements"] = int(
+            df["n_elements"].to_numpy()[split.train].min()
+        )
+        metadata.update(_pool_compositions(df, split))
     if not args.resume:
         out.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(out / RUN_FILE, run_config)
 
-    seeds = [int(run_config["seed"]) + member for member in range(members)]
-    own_divisions = members > 1 and run_config.get("member_divisions") == "own"
-    if own_divisions:
-        member_splits = [
-            _split_rows(df, run_config["split"], seed, run_config["holdout_element"])
-            for seed in seeds
-        ]
-        metadata = _ensemble_pool_metadata(metadata, df, member_splits)
     started = time.perf_counter()
     for member, seed in enumerate(seeds):
         folder = out if members == 1 else out / f"member{member}"
@@ -855,10 +872,12 @@ def run_train(args: argparse.Namespace) -> int:
         label = None if members == 1 else f"member {member}"
         if own_divisions:
             member_split = member_splits[member]
-            data = _division_data(df, targets, member_split)
-            member_metadata = _member_metadata(metadata, df, member_split, seed)
+            data = _division_data(every_row, targets, member_split)
+            member_metadata = _member_metadata(
+                metadata, df, member_split, seed, member_pools[member]
+            )
         else:
-            data = (x_train, y_train, x_val, y_val)
+            data = shared_data
             member_metadata = metadata
         trainer = _fit_member(
             folder, member_config, data, member_metadata, device, label
@@ -960,18 +979,24 @@ def _member_test_metrics(member_files, x_test, y_test, device, threshold) -> lis
     return rows
 
 
-def _division_data(df, targets: np.ndarray, split) -> tuple:
-    """Return (x_train, y_train, x_val, y_val) of one train/validation division."""
+def _division_data(every_row, targets: np.ndarray, split) -> tuple:
+    """Return (x_train, y_train, x_val, y_val) of one train/validation division.
+
+    ``every_row`` is the batch of all rows of the data frame.
+    """
     return (
-        _featurize_rows(df, split.train),
+        every_row[split.train],
         targets[split.train],
-        _featurize_rows(df, split.val),
+        every_row[split.val],
         targets[split.val],
     )
 
 
-def _member_metadata(metadata: dict, df, split, seed: int) -> dict:
-    """Return a member's checkpoint metadata for its own train/validation division."""
+def _member_metadata(metadata: dict, df, split, seed: int, pools: dict) -> dict:
+    """Return a member's checkpoint metadata for its own train/validation division.
+
+    ``pools`` is ``_pool_compositions`` of that division.
+    """
     return _json_ready(
         {
             **metadata,
@@ -980,20 +1005,20 @@ def _member_metadata(metadata: dict, df, split, seed: int) -> dict:
             "training_min_elements": int(
                 df["n_elements"].to_numpy()[split.train].min()
             ),
-            **_pool_compositions(df, split),
+            **pools,
         }
     )
 
 
-def _ensemble_pool_metadata(metadata: dict, df, splits) -> dict:
+def _ensemble_pool_metadata(metadata: dict, df, splits, pools: list) -> dict:
     """Return the ensemble's metadata when each member has its own division.
 
     The training compositions are those that any member trained on, and the
     validation compositions the rest of the pool, so that ``dvmrl evaluate``
     flags every row that some member has seen. The divisions share the test
     part, whose rows the split fingerprint of the run's own seed identifies.
+    ``pools`` holds ``_pool_compositions`` of each split in ``splits``.
     """
-    pools = [_pool_compositions(df, split) for split in splits]
     training = set().union(*(pool["training_compositions"] for pool in pools))
     validation = set().union(*(pool["validation_compositions"] for pool in pools))
     n_elements = df["n_elements"].to_numpy()
