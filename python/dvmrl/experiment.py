@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from dvmrl._files import write_atomic, write_text_atomic
 from dvmrl.search import (
     SEARCH_SPACE,
     EpochBudget,
@@ -313,34 +313,14 @@ class RunSpec:
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write JSON to ``path`` atomically and flushed to the disk."""
     text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text + "\n", fsync=True)
 
 
 def save_npz_atomic(path: str | os.PathLike, **arrays: np.ndarray) -> None:
-    """Write arrays to an ``.npz`` file through a temporary file and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write arrays to an ``.npz`` file atomically."""
+    write_atomic(path, lambda handle: np.savez(handle, **arrays), binary=True)
 
 
 def finite_or_none(value: Any) -> Any:

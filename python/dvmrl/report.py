@@ -20,12 +20,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from dvmrl._files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -51,17 +52,6 @@ METHOD_LABELS = {
     "bayesian": "Bayesian optimisation",
     "agent": "DQN agent",
 }
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------
@@ -364,8 +354,8 @@ def write_report(out_dir: str | os.PathLike) -> dict[str, Any]:
     figures = write_figures(out_dir, report)
     report["figures"] = figures
     text = json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n"
-    _write_text_atomic(out_dir / "report.json", text)
-    _write_text_atomic(out_dir / "report.md", render_markdown(report))
+    write_text_atomic(out_dir / "report.json", text)
+    write_text_atomic(out_dir / "report.md", render_markdown(report))
     logger.info("wrote %s and %s", out_dir / "report.json", out_dir / "report.md")
     return report
 

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dvmrl._files import write_atomic, write_text_atomic
+
 KINDS = ("random", "chemsys", "element", "binary-to-ternary")
 
 # Seed of the test cut, fixed so that every run on a data set shares one test part.
@@ -90,29 +92,23 @@ class Split:
         suffix = path.suffix.lower()
         if suffix not in (".npz", ".json"):
             raise ValueError(f"split file {str(path)!r} must end in .npz or .json")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            if suffix == ".json":
-                tmp.write_text(json.dumps(self.to_dict()) + "\n", encoding="utf-8")
-            else:
-                meta = {
-                    k: v
-                    for k, v in self.to_dict().items()
-                    if k not in ("train", "val", "test")
-                }
-                with open(tmp, "wb") as handle:
-                    np.savez(
-                        handle,
-                        train=self.train,
-                        val=self.val,
-                        test=self.test,
-                        meta=np.array(json.dumps(meta)),
-                    )
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        if suffix == ".json":
+            write_text_atomic(path, json.dumps(self.to_dict()) + "\n")
+            return
+        meta = {
+            k: v for k, v in self.to_dict().items() if k not in ("train", "val", "test")
+        }
+        write_atomic(
+            path,
+            lambda handle: np.savez(
+                handle,
+                train=self.train,
+                val=self.val,
+                test=self.test,
+                meta=np.array(json.dumps(meta)),
+            ),
+            binary=True,
+        )
 
 
 def load_split(path: str | os.PathLike) -> Split:

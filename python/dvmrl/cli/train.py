@@ -18,13 +18,13 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dvmrl._files import write_text_atomic
 from dvmrl.cli._common import (
     UsageError,
     add_compute_options,
@@ -458,44 +458,7 @@ def _check_output_file(path: Path, option: str) -> None:
 
 def _write_json_atomic(path: Path, payload: Any) -> None:
     text = json.dumps(_json_ready(payload), indent=2, sort_keys=True, allow_nan=False)
-    _write_text_atomic(path, text + "\n")
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader never sees half a file.
-
-    A regular file is written through a temporary file in the same folder
-    and renamed over the path. A symbolic link is followed, so the rename
-    replaces the file it points to and the link stays. A path that is not a
-    regular file (a named pipe, a device such as /dev/stdout) cannot be
-    replaced, so it is written directly. New files get the mode that the
-    umask gives (mkstemp alone would leave 0600).
-    """
-    target = Path(os.path.realpath(path))
-    if target.exists() and not target.is_file():
-        try:
-            with open(target, "w", encoding="utf-8") as stream:
-                stream.write(text)
-        except OSError as err:
-            # A failed flush on close (a full device) names no file.
-            raise OSError(err.errno, err.strerror, str(path)) from err
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.chmod(temporary, 0o666 & ~_current_umask())
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    write_text_atomic(path, text + "\n")
 
 
 def _json_ready(value: Any) -> Any:
@@ -1490,7 +1453,7 @@ def run_predict(args: argparse.Namespace) -> int:
     if std is not None:
         table["uncertainty_ev_per_atom"] = std
     if args.output:
-        _write_text_atomic(
+        write_text_atomic(
             Path(args.output), table.to_csv(index=False, float_format="%.6f")
         )
         print(f"wrote {len(table)} predictions to {args.output}")

@@ -26,14 +26,13 @@ import argparse
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dvmrl._files import write_text_atomic
 from dvmrl.cli._common import (
     UsageError,
     add_compute_options,
@@ -411,14 +410,7 @@ def _vulnerable_plot(rows: list[dict], epsilon: float, path: Path) -> None:
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
     text = json.dumps(_json_ready(payload), indent=2, sort_keys=True, allow_nan=False)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text + "\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text + "\n")
 
 
 def _json_ready(value: Any) -> Any:

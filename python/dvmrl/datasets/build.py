@@ -21,7 +21,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from dvmrl._files import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -284,20 +285,8 @@ def gzip_bytes(data: bytes) -> bytes:
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write bytes to a temporary file in the target folder, then rename it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        # mkstemp creates the file as 0600; data files are world-readable.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write bytes to ``path`` atomically, readable by everyone (mode 0o644)."""
+    write_bytes_atomic(path, data, mode=0o644)
 
 
 def build_dataset(name: str, raw_dir: str | os.PathLike) -> tuple[pd.DataFrame, dict]:

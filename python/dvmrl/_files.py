@@ -1,0 +1,95 @@
+"""Atomic file writes, shared by every module that writes results or data."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+
+def write_atomic(
+    path: str | os.PathLike,
+    write: Callable[[IO[Any]], Any],
+    *,
+    binary: bool = False,
+    fsync: bool = False,
+    mode: int | None = None,
+) -> Path:
+    """Write a file with ``write(stream)`` so that a reader never sees half of it.
+
+    A regular file is written through a temporary file in the same folder
+    and renamed over the path. A symbolic link is followed, so the rename
+    replaces the file it points to and the link stays. A path that is not a
+    regular file (a named pipe, a device such as /dev/stdout) cannot be
+    replaced, so it is written directly.
+
+    Args:
+        path: the file to write; missing parent folders are created.
+        write: called once with the open stream (text in UTF-8, or binary).
+        binary: open the stream in binary mode.
+        fsync: flush the data to the disk before the rename.
+        mode: permission bits of the written file; default 0o666 less the
+            umask, as for a file that ``open`` creates (``mkstemp`` alone
+            would leave 0o600).
+
+    Returns:
+        Path: the file written, with symbolic links resolved.
+
+    Raises:
+        OSError: when the system rejects the write (a full disk, no
+            permission); its ``filename`` is ``path``.
+    """
+    target = Path(os.path.realpath(path))
+    open_mode = "wb" if binary else "w"
+    encoding = None if binary else "utf-8"
+    try:
+        if target.exists() and not target.is_file():
+            with open(target, open_mode, encoding=encoding) as stream:
+                write(stream)
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(
+            dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
+        )
+        try:
+            with os.fdopen(handle, open_mode, encoding=encoding) as stream:
+                write(stream)
+                if fsync:
+                    stream.flush()
+                    os.fsync(stream.fileno())
+            os.chmod(temporary, _default_mode() if mode is None else mode)
+            os.replace(temporary, target)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        # A failed write or flush (a full device) names no file.
+        raise OSError(err.errno, err.strerror, os.fspath(path)) from err
+    return target
+
+
+def write_text_atomic(
+    path: str | os.PathLike, text: str, *, fsync: bool = False
+) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` with :func:`write_atomic`."""
+    return write_atomic(path, lambda stream: stream.write(text), fsync=fsync)
+
+
+def write_bytes_atomic(
+    path: str | os.PathLike, data: bytes, *, mode: int | None = None
+) -> Path:
+    """Write ``data`` to ``path`` with :func:`write_atomic`."""
+    return write_atomic(
+        path, lambda stream: stream.write(data), binary=True, mode=mode
+    )
+
+
+def _default_mode() -> int:
+    """Return 0o666 less the process umask, the mode ``open`` gives new files."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask

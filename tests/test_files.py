@@ -1,0 +1,89 @@
+import os
+import stat
+import threading
+
+import pytest
+
+from dvmrl._files import write_atomic, write_bytes_atomic, write_text_atomic
+
+
+def test_text_replaces_file(tmp_path):
+    path = tmp_path / "out.txt"
+    path.write_text("old\n")
+    write_text_atomic(path, "new\n")
+    assert path.read_text() == "new\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_creates_parent_folders(tmp_path):
+    path = tmp_path / "a" / "b" / "out.bin"
+    write_bytes_atomic(path, b"\x00\x01")
+    assert path.read_bytes() == b"\x00\x01"
+
+
+def test_symlink_target_written(tmp_path):
+    real = tmp_path / "real.txt"
+    real.write_text("old\n")
+    link = tmp_path / "link.txt"
+    link.symlink_to(real)
+    written = write_text_atomic(link, "new\n")
+    assert link.is_symlink()
+    assert real.read_text() == "new\n"
+    assert written == real.resolve()
+
+
+def test_fifo_written_directly(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(
+        target=lambda: received.append(fifo.read_text()), daemon=True
+    )
+    reader.start()
+    write_text_atomic(fifo, "through the pipe\n")
+    reader.join(timeout=30)
+    assert received == ["through the pipe\n"]
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+
+
+def test_mode_follows_umask(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        write_text_atomic(tmp_path / "out.txt", "x")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out.txt").stat().st_mode & 0o777 == 0o640
+
+
+def test_explicit_mode(tmp_path):
+    write_bytes_atomic(tmp_path / "data.gz", b"x", mode=0o644)
+    assert (tmp_path / "data.gz").stat().st_mode & 0o777 == 0o644
+
+
+def test_failed_write_keeps_old_file(tmp_path):
+    path = tmp_path / "out.txt"
+    path.write_text("old\n")
+
+    def fail(stream):
+        stream.write("partial")
+        raise RuntimeError("writer failed")
+
+    with pytest.raises(RuntimeError, match="writer failed"):
+        write_atomic(path, fail, fsync=True)
+    assert path.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_full_device_names_path(tmp_path):
+    # A private node of the Linux full device (char 1, 7): every write fails
+    # with ENOSPC. Creating it needs root, as in CI.
+    full = tmp_path / "full"
+    try:
+        os.mknod(full, 0o666 | stat.S_IFCHR, os.makedev(1, 7))
+    except (PermissionError, AttributeError):
+        pytest.skip("creating a device node needs root on Linux")
+    with pytest.raises(OSError) as caught:
+        write_text_atomic(full, "x" * 100_000)
+    assert caught.value.strerror == "No space left on device"
+    assert caught.value.filename == str(full)
+    assert full.is_char_device()
