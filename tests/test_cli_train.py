@@ -426,7 +426,8 @@ def test_predict_csv_round_trip(trained, tmp_path):
 
 
 def _predict_to(trained, output):
-    return main(["predict", str(trained / "model.pt"), "Al3Ni", "--output", str(output)])
+    checkpoint = str(trained / "model.pt")
+    return main(["predict", checkpoint, "Al3Ni", "--output", str(output)])
 
 
 def test_predict_output_through_symlink(trained, tmp_path):
@@ -452,7 +453,8 @@ def test_predict_output_into_fifo(trained, tmp_path):
     code = _predict_to(trained, fifo)
     reader.join(timeout=60)
     assert code == 0
-    assert fifo.exists() and not fifo.is_file()
+    assert fifo.exists()
+    assert not fifo.is_file()
     assert received[0].startswith("formula,")
 
 

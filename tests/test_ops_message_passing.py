@@ -242,7 +242,13 @@ def test_fractions_at_floor(floor):
 # the vector loops.
 @pytest.mark.parametrize(
     ("batch", "slots", "hidden", "seed"),
-    [(700, 6, 32, 9), (1, 5, 32, 51), (9, 5, 32, 59), (16, 5, 36, 66), (200, 5, 32, 250)],
+    [
+        (700, 6, 32, 9),
+        (1, 5, 32, 51),
+        (9, 5, 32, 59),
+        (16, 5, 36, 66),
+        (200, 5, 32, 250),
+    ],
 )
 def test_threads_bitwise_equal(batch, slots, hidden, seed):
     dims = make_dims(hidden)

@@ -980,7 +980,7 @@ def _ensemble_pool_metadata(metadata: dict, df, splits, pools: list) -> dict:
     validation compositions the rest of the pool, so that ``dvmrl evaluate``
     flags every row that some member has seen. The divisions share the test
     part, whose rows the split fingerprint of the run's own seed identifies.
-    ``pools`` holds ``_pool_compositions`` of each split in ``splits``.
+    ``pools`` contains ``_pool_compositions`` of each split in ``splits``.
     """
     training = set().union(*(pool["training_compositions"] for pool in pools))
     validation = set().union(*(pool["validation_compositions"] for pool in pools))

@@ -2,10 +2,10 @@
 
 The members share the model config and the test part of the split, and
 differ in the training seed (initialisation, batch order, dropout) and,
-optionally, in the division of the pool into training and validation parts. The ensemble
-predicts the mean of the member predictions. Its uncertainty is the spread
-between members, plus the mean predicted variance when the members have
-a heteroscedastic head.
+optionally, in the division of the pool into training and validation
+parts. The ensemble predicts the mean of the member predictions. Its
+uncertainty is the spread between members, plus the mean predicted
+variance when the members have a heteroscedastic head.
 
 An ensemble checkpoint is a member checkpoint (member 0, with its config,
 metadata and provenance, but without resume state) plus the entry
