@@ -680,3 +680,15 @@ def test_train_rejects_bad_new_options(
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_predict_table_rounds_composition(trained, tmp_path, capsys):
+    code = main(["predict", str(trained / "model.pt"), "AlNi2"])
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert code == 0
+    assert row[:2] == ["AlNi2", "Al0.3333Ni0.6667"]
+    # The CSV keeps the exact fractions.
+    out = tmp_path / "p.csv"
+    argv = ["predict", str(trained / "model.pt"), "AlNi2", "--output", str(out)]
+    assert main(argv) == 0
+    assert "Al0.3333333333333333Ni0.6666666666666666" in out.read_text()

@@ -333,3 +333,17 @@ def test_format_formula_random_round_trip():
 def test_format_formula_plain_text():
     assert format_formula({"Ni": 3, "Al": 1}) == "Al0.25Ni0.75"
     assert format_formula("Fe") == "Fe1"
+
+
+def test_format_formula_rounded_for_display():
+    assert format_formula("AlNi2", digits=4) == "Al0.3333Ni0.6667"
+    assert format_formula("AlCuNi", digits=4) == "Al0.3333Ni0.3333Cu0.3333"
+    # Significant digits, so a trace element keeps a nonzero amount.
+    assert format_formula({"Fe": 0.99999, "Ni": 1e-5}, digits=4) == "Fe1Ni0.00001"
+    assert format_formula("AlNi3", digits=4) == format_formula("AlNi3")
+
+
+@pytest.mark.parametrize("digits", [0, -1, 2.5, True])
+def test_format_formula_rejects_bad_digits(digits):
+    with pytest.raises(ValueError, match="digits must be an integer >= 1"):
+        format_formula("AlNi2", digits=digits)

@@ -494,25 +494,42 @@ def _as_fractions(composition: Mapping | str) -> dict[str, float]:
     return validate(composition)
 
 
-def format_formula(fractions: Mapping | str) -> str:
+def format_formula(fractions: Mapping | str, digits: int | None = None) -> str:
     """Write a composition as a formula with plain decimal amounts.
 
-    The amounts are the atomic fractions, in atomic-number order, each written
-    as the shortest decimal that reads back as the same float64 and never in
-    exponent notation, so `parse(format_formula(c))` returns the fractions of
-    `c` to within float64 rounding (about 1e-16).
+    The amounts are the atomic fractions, in atomic-number order, never in
+    exponent notation. By default each is the shortest decimal that reads
+    back as the same float64, so `parse(format_formula(c))` returns the
+    fractions of `c` to within float64 rounding (about 1e-16).
 
     Args:
         fractions: {symbol: amount} (normalised first) or a formula string.
+        digits (int, optional): round each fraction to this many
+            significant digits (trailing zeros dropped), for display, so a
+            trace of 1e-5 stays visible; the result then reads back only to
+            within that rounding.
 
     Returns:
         Formula such as "Al0.25Ni0.75".
     """
+    if digits is not None and (
+        isinstance(digits, bool) or int(digits) != digits or digits < 1
+    ):
+        raise ValueError(f"digits must be an integer >= 1, got {digits!r}")
     normalised = _as_fractions(fractions)
-    return "".join(
-        f"{symbol}{np.format_float_positional(value, unique=True, trim='-')}"
-        for symbol, value in normalised.items()
+    if digits is None:
+        return "".join(
+            f"{symbol}{np.format_float_positional(value, unique=True, trim='-')}"
+            for symbol, value in normalised.items()
+        )
+    amounts = (
+        np.format_float_positional(
+            value, precision=int(digits), unique=True, fractional=False, trim="-"
+        )
+        for value in normalised.values()
     )
+    pairs = zip(normalised, amounts, strict=True)
+    return "".join(f"{symbol}{amount}" for symbol, amount in pairs)
 
 
 def chemsys(fractions: Mapping | str) -> str:

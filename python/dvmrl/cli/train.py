@@ -1445,6 +1445,7 @@ def run_predict(args: argparse.Namespace) -> int:
     table = pd.DataFrame(
         {
             "formula": formulas,
+            # Exact fractions in the CSV; the printed table rounds them below.
             "composition": [format_formula(c) for c in compositions],
             "prediction_ev_per_atom": mean,
             "prediction_kj_per_mol": mean * EV_TO_KJ_PER_MOL,
@@ -1458,5 +1459,6 @@ def run_predict(args: argparse.Namespace) -> int:
         )
         print(f"wrote {len(table)} predictions to {args.output}")
     else:
+        table["composition"] = [format_formula(c, digits=4) for c in compositions]
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return 0
