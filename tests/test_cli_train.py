@@ -584,11 +584,28 @@ def test_heteroscedastic_uncertainty(tmp_path, data_csv, capsys):
         ]
     )
     assert code == 0
+    # The stored train.loss does not apply to this head; "objective" says so.
+    assert json.loads((out / "run.json").read_text())["objective"] == "gaussian_nll"
     capsys.readouterr()
     main(["predict", str(out / "model.pt"), "Al3Ni"])
     lines = capsys.readouterr().out.splitlines()
     assert "uncertainty_ev_per_atom" in lines[0]
     assert float(lines[1].split()[4]) > 0.0
+
+
+@pytest.mark.parametrize(
+    ("options", "objective"),
+    [
+        ([], "huber (delta 0.1 eV/atom)"),
+        (["--loss", "l1"], "l1"),
+        (["--loss", "mse"], "mse"),
+    ],
+)
+def test_run_records_objective(tmp_path, data_csv, options, objective):
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(data_csv), "--epochs", "1", *options, *TINY]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert json.loads((out / "run.json").read_text())["objective"] == objective
 
 
 def test_train_out_is_file(tmp_path, data_csv, capsys):

@@ -644,6 +644,14 @@ def _build_run_config(requested: dict[str, Any]) -> dict[str, Any]:
         train_fields["seed"] = requested["seed"]
     model_config = ModelConfig(**model_fields)
     train_config = TrainConfig(**train_fields)
+    # train.loss is stored whatever the head; "objective" says what the run
+    # minimises, since a heteroscedastic head ignores train.loss.
+    if model_config.heteroscedastic:
+        objective = "gaussian_nll"
+    elif train_config.loss == "huber":
+        objective = f"huber (delta {train_config.huber_delta:g} eV/atom)"
+    else:
+        objective = train_config.loss
     return {
         "data": _data_reference(requested.get("data", DEFAULT_DATA)),
         "split": requested.get("split", "random"),
@@ -653,6 +661,7 @@ def _build_run_config(requested: dict[str, Any]) -> dict[str, Any]:
         "alloy_notation": bool(requested.get("alloy_notation", False)),
         "model": model_config.to_dict(),
         "train": train_config.to_dict(),
+        "objective": objective,
         "members": int(requested.get("members", 1)),
         "member_divisions": requested.get("member_divisions", "own"),
     }
