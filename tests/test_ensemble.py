@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from dvmrl.training import (
     combine_checkpoints,
     load_checkpoint,
 )
+from dvmrl.training import trainer as trainer_module
 
 SMALL = ModelConfig(
     hidden=16, layers=1, gate_hidden=8, msg_hidden=8, head_hidden=16, head_layers=1
@@ -302,3 +304,25 @@ def test_cli_resume_ensemble_before_divisions(tmp_path, data_csv, monkeypatch):
     assert main(["train", "--resume", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["member_divisions"] == "shared"
+
+
+def test_cli_members_named_in_trainer_log(tmp_path, data_csv, monkeypatch, caplog):
+    original_fit = Trainer.fit
+
+    def fit_and_log(self, *args, **kwargs):
+        # Stands for the trainer's own lines, such as its early stop.
+        trainer_module.logger.info("early stop after epoch %d", 1)
+        return original_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "fit", fit_and_log)
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(data_csv), "--epochs", "1", "--members", "2"]
+    with caplog.at_level(logging.INFO, logger=trainer_module.logger.name):
+        assert main([*argv, *TINY, "--out", str(out)]) == 0
+        # The prefix is gone once the members are done.
+        trainer_module.logger.info("after")
+    name = trainer_module.logger.name
+    lines = [r.getMessage() for r in caplog.records if r.name == name]
+    assert "member 0: early stop after epoch 1" in lines
+    assert "member 1: early stop after epoch 1" in lines
+    assert lines[-1] == "after"

@@ -13,6 +13,7 @@ A training run lives in one output folder:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -1007,6 +1008,26 @@ def _ensemble_pool_metadata(metadata: dict, df, splits, pools: list) -> dict:
     )
 
 
+@contextlib.contextmanager
+def _member_log_prefix(label: str | None):
+    """Prefix the trainer's log lines (such as its early stop) with ``label``."""
+    if label is None:
+        yield
+        return
+    from dvmrl.training import trainer as trainer_module
+
+    def prefix(record: logging.LogRecord) -> bool:
+        record.msg = f"{label}: {record.msg}"
+        return True
+
+    target = trainer_module.logger
+    target.addFilter(prefix)
+    try:
+        yield
+    finally:
+        target.removeFilter(prefix)
+
+
 def _fit_member(
     folder: Path, run_config: dict, data, metadata, device, label: str | None
 ):
@@ -1061,9 +1082,10 @@ def _fit_member(
         # contains the state of the last finished epoch and a resumed run
         # repeats no partial epoch. Without an epoch count, a fit restored
         # from a checkpoint continues to its original target.
-        trainer.fit(
-            progress=on_epoch, checkpoint=folder / STATE_FILE, metadata=metadata
-        )
+        with _member_log_prefix(label):
+            trainer.fit(
+                progress=on_epoch, checkpoint=folder / STATE_FILE, metadata=metadata
+            )
     except KeyboardInterrupt:
         bar.close()
         print(
