@@ -3,7 +3,8 @@
 A training run lives in one output folder:
 
 - ``run.json``: the configuration of the run (data, split, seed, model and
-  training settings). ``--resume`` compares it with the command line.
+  training settings, and ``objective``, the loss the run minimises).
+  ``--resume`` compares it with the command line.
 - ``last.pt``: the resumable trainer state, rewritten after every epoch and
   when the run is interrupted with Ctrl-C.
 - ``model.pt``: the best-validation model, written when training ends.
