@@ -203,7 +203,11 @@ def _add_train_parser(subparsers) -> None:
         "--hidden",
         type=positive_int,
         default=None,
-        help=f"node state width; default: {defaults.MODEL['hidden']}",
+        help=(
+            f"node state width; default: {defaults.MODEL['hidden']} (the gate and "
+            f"message MLPs keep their widths, {defaults.MODEL['gate_hidden']} and "
+            f"{defaults.MODEL['msg_hidden']})"
+        ),
     )
     parser.add_argument(
         "--layers",
