@@ -584,7 +584,7 @@ def test_heteroscedastic_uncertainty(tmp_path, data_csv, capsys):
         ]
     )
     assert code == 0
-    # The stored train.loss does not apply to this head; "objective" says so.
+    # The stored train.loss does not apply to this head, so "objective" differs.
     assert json.loads((out / "run.json").read_text())["objective"] == "gaussian_nll"
     capsys.readouterr()
     main(["predict", str(out / "model.pt"), "Al3Ni"])

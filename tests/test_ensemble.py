@@ -310,7 +310,7 @@ def test_cli_members_named_in_trainer_log(tmp_path, data_csv, monkeypatch, caplo
     original_fit = Trainer.fit
 
     def fit_and_log(self, *args, **kwargs):
-        # Stands for the trainer's own lines, such as its early stop.
+        # A line like the trainer's own early-stop message.
         trainer_module.logger.info("early stop after epoch %d", 1)
         return original_fit(self, *args, **kwargs)
 

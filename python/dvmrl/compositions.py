@@ -506,7 +506,7 @@ def format_formula(fractions: Mapping | str, digits: int | None = None) -> str:
         fractions: {symbol: amount} (normalised first) or a formula string.
         digits (int, optional): round each fraction to this many
             significant digits (trailing zeros dropped), for display, so a
-            trace of 1e-5 stays visible; the result then reads back only to
+            trace of 1e-5 stays visible. The result then reads back only to
             within that rounding.
 
     Returns:

@@ -650,8 +650,8 @@ def _build_run_config(requested: dict[str, Any]) -> dict[str, Any]:
         train_fields["seed"] = requested["seed"]
     model_config = ModelConfig(**model_fields)
     train_config = TrainConfig(**train_fields)
-    # train.loss is stored whatever the head; "objective" says what the run
-    # minimises, since a heteroscedastic head ignores train.loss.
+    # run.json stores train.loss for every head, but a heteroscedastic head
+    # ignores it, so "objective" records the loss the run minimises.
     if model_config.heteroscedastic:
         objective = "gaussian_nll"
     elif train_config.loss == "huber":
