@@ -461,3 +461,25 @@ def test_key_file_given_key(tmp_path, capsys, cli_stand_in):
     err = capsys.readouterr().err
     assert "looks like an API key, not a file path" in err
     assert KEY not in err
+
+
+def test_cli_fetch_unreachable_service(tmp_path, monkeypatch, capsys):
+    # The stand-in client raises what requests raises when the host name
+    # does not resolve; the real service is not reachable from the tests.
+    error = ConnectionError(
+        f"HTTPSConnectionPool(host='api.materialsproject.org', port=443): "
+        f"NameResolutionError with headers {{'x-api-key': '{KEY}'}}"
+    )
+    factory = lambda api_key: StandInMPRester(api_key, error=error)  # noqa: E731
+    monkeypatch.setattr(mp, "_default_rester", lambda: factory)
+    monkeypatch.setenv("MP_API_KEY", KEY)
+    out = tmp_path / "fetched.csv"
+    argv = ["data", "fetch", "--property", "energy_above_hull", "--out", str(out)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Materials Project query failed: ConnectionError" in err
+    assert "api.materialsproject.org can be reached" in err
+    assert "internal error" not in err
+    assert KEY not in err
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []

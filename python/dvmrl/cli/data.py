@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
+import traceback
 
-from dvmrl.cli._common import UsageError, fraction
+from dvmrl.cli._common import EXIT_FAILURE, UsageError, fraction
 
 
 def add_parser(subparsers) -> None:
@@ -296,6 +298,7 @@ def run_fetch(args: argparse.Namespace) -> int:
     """Download a data set from the Materials Project."""
     from dvmrl.datasets.materials_project import (
         MissingDependencyError,
+        QueryError,
         fetch_materials_project,
     )
 
@@ -311,6 +314,17 @@ def run_fetch(args: argparse.Namespace) -> int:
         )
     except MissingDependencyError as err:
         raise UsageError(str(err)) from None
+    except QueryError as err:
+        # The service or the network failed, not dvmrl: no traceback hint.
+        if getattr(args, "verbose", False):
+            traceback.print_exc()
+        print(
+            f"dvmrl data fetch: error: {err}; check that api.materialsproject.org "
+            "can be reached from this machine and that the API key is valid, then "
+            "rerun (nothing was written)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     print(
         f"wrote {args.out}: {metadata['rows']} compositions "
         f"({metadata['binaries']} binaries, {metadata['ternaries']} ternaries) from "

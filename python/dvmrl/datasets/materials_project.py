@@ -64,6 +64,10 @@ class MissingDependencyError(RuntimeError):
     """The optional mp-api client is not installed."""
 
 
+class QueryError(RuntimeError):
+    """A failed Materials Project request: network, service or client error."""
+
+
 def _key_help() -> str:
     return (
         f"get a key at {API_KEY_URL} (log in, then copy it from the API page) and "
@@ -251,7 +255,7 @@ def fetch_materials_project(
         ApiKeyError: when the key is missing or malformed (before any request).
         MissingDependencyError: when mp-api is not installed and no
             ``rester`` is given.
-        RuntimeError: when the query fails; the key is masked in the message.
+        QueryError: when the query fails; the key is masked in the message.
     """
     if prop not in PROPERTIES:
         raise ValueError(
@@ -271,7 +275,7 @@ def fetch_materials_project(
             documents = list(_query(client, prop, chunk_size))
     except Exception as err:  # noqa: BLE001 - re-raised with the key masked
         message = _mask(f"{type(err).__name__}: {err}", key)
-        raise RuntimeError(f"Materials Project query failed: {message}") from None
+        raise QueryError(f"Materials Project query failed: {message}") from None
 
     formulas = []
     targets = []
