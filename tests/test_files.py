@@ -1,9 +1,11 @@
+import errno
 import os
 import stat
 import threading
 
 import pytest
 
+from dvmrl import _files
 from dvmrl._files import write_atomic, write_bytes_atomic, write_text_atomic
 
 
@@ -87,3 +89,31 @@ def test_full_device_names_path(tmp_path):
     assert caught.value.strerror == "No space left on device"
     assert caught.value.filename == str(full)
     assert full.is_char_device()
+
+
+def test_unwritable_folder_named(tmp_path, monkeypatch):
+    # Root ignores folder permissions, so the refusal comes from a stand-in
+    # for mkstemp that fails as it does in a read-only folder.
+    def refuse(dir, prefix, suffix):  # noqa: A002 - mkstemp's own name
+        path = os.path.join(dir, f"{prefix}abc{suffix}")
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(_files.tempfile, "mkstemp", refuse)
+    with pytest.raises(PermissionError) as caught:
+        write_text_atomic(tmp_path / "run.json", "{}")
+    assert caught.value.filename == str(tmp_path)
+    assert caught.value.errno == errno.EACCES
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores folder permissions")
+def test_read_only_folder_named(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(PermissionError) as caught:
+            write_text_atomic(folder / "run.json", "{}")
+    finally:
+        folder.chmod(0o700)
+    assert caught.value.filename == str(folder)

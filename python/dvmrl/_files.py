@@ -39,7 +39,8 @@ def write_atomic(
 
     Raises:
         OSError: when the system rejects the write (a full disk, no
-            permission); its ``filename`` is ``path``.
+            permission). Its ``filename`` is ``path``, or the folder of
+            ``path`` when that folder does not accept new files.
     """
     target = Path(os.path.realpath(path))
     open_mode = "wb" if binary else "w"
@@ -50,9 +51,13 @@ def write_atomic(
                 write(stream)
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(
-            dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
-        )
+        try:
+            handle, temporary = tempfile.mkstemp(
+                dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
+            )
+        except OSError as err:
+            # Name the folder that rejects new files, not the temporary name.
+            raise OSError(err.errno, err.strerror, os.fspath(target.parent)) from err
         try:
             with os.fdopen(handle, open_mode, encoding=encoding) as stream:
                 write(stream)
