@@ -291,6 +291,11 @@ def test_load_csv_metals_only_off(tmp_path):
         ("formula,target\nAlNi,abc\n", r"line 2: non-numeric target 'abc'"),
         ("formula,target\nAlNi,\n", r"line 2: missing target"),
         ("formula,target\nAlNi,inf\n", r"line 2: target 'inf' is not finite"),
+        (
+            "formula,target\nAlNi,0.1\nFe3Pt,1e30\n",
+            r"line 3: target '1e30' is beyond \+-1e\+07 eV/atom",
+        ),
+        ("formula,target\nAlNi,-2e7\n", r"line 2: target '-2e7' is beyond"),
         ("formula,target\n,0.1\n", r"line 2: empty formula"),
         ("formula,target\nXx2Ni,0.1\n", r"line 2: .*unknown element symbol 'Xx'"),
         ("formula,target\nni3al,0.1\n", r"line 2: .*wrong letter case"),

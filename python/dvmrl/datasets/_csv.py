@@ -16,6 +16,10 @@ logger = logging.getLogger(__name__)
 
 # How many bad rows one error message lists before it summarises the rest.
 MAX_LISTED_ERRORS = 5
+# Largest |target| accepted, in eV/atom. An all-electron total energy of
+# uranium is about -8e5 eV (estimate), so no per-atom energy comes near it.
+# It also keeps squared errors below the float32 limit of 3.4e38.
+MAX_ABS_TARGET = 1e7
 
 
 def _check_target(text: str) -> tuple[float | None, str | None]:
@@ -30,6 +34,11 @@ def _check_target(text: str) -> tuple[float | None, str | None]:
         return None, f"target {text!r} is NaN"
     if not math.isfinite(value):
         return None, f"target {text!r} is not finite"
+    if abs(value) > MAX_ABS_TARGET:
+        return None, (
+            f"target {text!r} is beyond +-{MAX_ABS_TARGET:g} eV/atom, no per-atom "
+            "energy (check that the column is in eV/atom)"
+        )
     return value, None
 
 
@@ -100,7 +109,8 @@ def load_csv(
     Raises:
         FileNotFoundError: when ``path`` does not exist.
         ValueError: for an empty file, a missing column, or rows with a
-            missing, NaN or non-numeric target or an invalid formula. The
+            missing, NaN, non-numeric or implausibly large target (above
+            1e7 eV/atom in magnitude) or an invalid formula. The
             message names the file lines (line 1 is the header).
     """
     from dvmrl.compositions import format_formula
