@@ -279,6 +279,19 @@ def test_cli_split_screen(tmp_path, capsys):
             ["--split", "random", "--test-fraction", "0.6", "--val-fraction", "0.5"],
             "must be below 1 to leave training rows",
         ),
+        (
+            ["--split", "binary-to-ternary", "--test-fraction", "0.3"],
+            "--test-fraction applies only to --split random and chemsys",
+        ),
+        (
+            ["--split", "element", "--holdout-element", "Ni", "--test-fraction", "0.1"],
+            "--test-fraction applies only to --split random and chemsys",
+        ),
+        (
+            ["--split", "random", "--test-fraction", "1e-6"],
+            "leaves the test part of the 18400 compositions empty",
+        ),
+        (["--split", "chemsys", "--test-fraction", "0"], "leaves the test part"),
     ],
 )
 def test_cli_split_errors(tmp_path, capsys, extra, message):

@@ -70,8 +70,9 @@ def add_parser(subparsers) -> None:
     split.add_argument(
         "--test-fraction",
         type=fraction,
-        default=0.1,
-        help="test share for the random and chemsys splits (default: 0.1)",
+        default=None,
+        help="test share for the random and chemsys splits (default: 0.1); the "
+        "element and binary-to-ternary splits fix their test part by chemistry",
     )
     split.add_argument(
         "--val-fraction",
@@ -271,20 +272,39 @@ def run_split(args: argparse.Namespace) -> int:
         raise UsageError("--split element needs --holdout-element X (such as Ni)")
     if args.split != "element" and args.holdout_element:
         raise UsageError("--holdout-element applies only to --split element")
-    for name in ("test_fraction", "val_fraction"):
-        if not math.isfinite(getattr(args, name)):
-            raise UsageError(f"--{name.replace('_', '-')} must be a finite number")
+    if args.test_fraction is not None and args.split not in ("random", "chemsys"):
+        raise UsageError(
+            f"--test-fraction applies only to --split random and chemsys; the "
+            f"{args.split} split puts every composition of its held-out chemistry "
+            "in the test part, so drop --test-fraction"
+        )
+    test_fraction = 0.1 if args.test_fraction is None else args.test_fraction
+    shares = (("test-fraction", test_fraction), ("val-fraction", args.val_fraction))
+    for name, value in shares:
+        if not math.isfinite(value):
+            raise UsageError(f"--{name} must be a finite number")
     df, info = _resolve(args)
     split = make_split(
         df,
         args.split,
         seed=args.seed,
         holdout_element=args.holdout_element,
-        test_fraction=args.test_fraction,
+        test_fraction=test_fraction,
         val_fraction=args.val_fraction,
     )
-    split.save(args.out)
     sizes = split.sizes()
+    if sizes["test"] == 0 and args.split in ("random", "chemsys"):
+        raise UsageError(
+            f"--test-fraction {test_fraction:g} leaves the test part of the "
+            f"{len(df)} compositions empty; pass a larger share, such as 0.1 "
+            "(nothing was written)"
+        )
+    if sizes["test"] == 0:
+        raise UsageError(
+            f"the {args.split} split of {info.get('name')} has an empty test part "
+            "(nothing was written); choose another split or data set"
+        )
+    split.save(args.out)
     screen = " (Hume-Rothery screen on)" if info.get("hume_rothery_screen") else ""
     print(
         f"wrote {args.out}: {args.split} split of {info.get('name')}{screen}, "
