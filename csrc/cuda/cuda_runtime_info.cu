@@ -13,7 +13,14 @@ int cuda_device_count(std::string* error) {
   int count = 0;
   cudaError_t status = cudaGetDeviceCount(&count);
   if (status != cudaSuccess) {
-    if (error != nullptr) *error = cudaGetErrorString(status);
+    if (error != nullptr) {
+      *error = cudaGetErrorString(status);
+      // The runtime reports a missing driver the same way as an old one.
+      if (status == cudaErrorInsufficientDriver) {
+        *error = "no NVIDIA driver found, or one older than the CUDA runtime dvmrl "
+                 "was built with (" + *error + ")";
+      }
+    }
     cudaGetLastError();  // reset the last-error state so later calls start clean
     return 0;
   }

@@ -335,7 +335,7 @@ def run_fetch(args: argparse.Namespace) -> int:
     except MissingDependencyError as err:
         raise UsageError(str(err)) from None
     except QueryError as err:
-        # The service or the network failed, not dvmrl: no traceback hint.
+        # The service or the network failed, not dvmrl, so no traceback hint.
         if getattr(args, "verbose", False):
             traceback.print_exc()
         print(
