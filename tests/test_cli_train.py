@@ -709,3 +709,16 @@ def test_predict_table_rounds_composition(trained, tmp_path, capsys):
     argv = ["predict", str(trained / "model.pt"), "AlNi2", "--output", str(out)]
     assert main(argv) == 0
     assert "Al0.3333333333333333Ni0.6666666666666666" in out.read_text()
+
+
+def test_interrupt_while_parser_loads(monkeypatch, capsys):
+    import dvmrl.cli
+
+    def interrupted_build():
+        raise KeyboardInterrupt
+
+    # Ctrl-C while the subcommand modules import PyTorch raises here.
+    monkeypatch.setattr(dvmrl.cli, "build_parser", interrupted_build)
+    assert main(["train", "--out", "x"]) == 130
+    err = capsys.readouterr().err
+    assert err == "dvmrl: interrupted\n"

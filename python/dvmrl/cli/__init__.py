@@ -114,6 +114,16 @@ def _silence_stdout() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``dvmrl`` command and return its exit code."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C before a subcommand starts, such as while the parser imports
+        # PyTorch (about a second): the same exit as an interrupted command.
+        print("dvmrl: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv
     argv = [word for word in argv if word != "--verbose"]
