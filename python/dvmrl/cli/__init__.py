@@ -1,8 +1,9 @@
 """The ``dvmrl`` command: one entry point with a subcommand per task.
 
 Exit codes: 0 on success, 2 on bad usage or bad input (the error names the
-value and the fix), 1 on an internal failure, 130 after Ctrl-C, 141 when the
-reader of standard output closed it early (``dvmrl predict ... | head``).
+value and the fix), 1 when dvmrl or its environment fails (a full disk, an
+unreachable service), 130 after Ctrl-C, 141 when the reader of standard
+output closed it early (``dvmrl predict ... | head``).
 Errors go to stderr as one line; ``--verbose`` adds the traceback.
 """
 
