@@ -25,7 +25,9 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,29 +346,223 @@ class ReplayBuffer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ReplayBuffer:
-        """Read a buffer written by :meth:`save`.
+        """Read a buffer written by :meth:`save` and check every field.
 
         Raises:
-            AgentFileError: when the file is not a dvmrl replay buffer.
+            AgentFileError: when the file is not a readable dvmrl replay
+                buffer, contains pickled objects, or contains values that
+                :meth:`add` never stores (NaN or infinite observations or
+                rewards, actions outside [0, n_actions), masks that are not
+                bool).
         """
+        path = Path(path)
+        arrays = _read_buffer_arrays(path)
+        capacity, obs_dim, n_actions, position, n = _check_buffer_meta(
+            path, arrays["meta"]
+        )
+        _check_buffer_arrays(path, arrays, obs_dim, n_actions, n)
         try:
-            with np.load(path, allow_pickle=False) as data:
-                if str(data["format"]) != BUFFER_FORMAT:
-                    raise AgentFileError(f"{path} is not a dvmrl replay buffer")
-                capacity, obs_dim, n_actions, position, n = (
-                    int(v) for v in data["meta"]
-                )
-                buffer = cls(capacity, obs_dim, n_actions)
-                for name in ("obs", "next_obs", "action", "reward", "terminated", "next_mask"):
-                    getattr(buffer, name)[:n] = data[name]
-                buffer.position = position
-                buffer.size = n
-                buffer.rng.bit_generator.state = json.loads(str(data["rng_state"]))
-        except (KeyError, ValueError, OSError) as err:
-            if isinstance(err, AgentFileError):
-                raise
-            raise AgentFileError(f"invalid replay buffer file {path}: {err}") from err
+            buffer = cls(capacity, obs_dim, n_actions)
+        except MemoryError as err:
+            problem = f"has a capacity of {capacity} transitions, too large to allocate"
+            raise _buffer_error(path, "meta", problem) from err
+        for name in _BUFFER_TRANSITION_FIELDS:
+            getattr(buffer, name)[:n] = arrays[name]
+        buffer.position = position
+        buffer.size = n
+        try:
+            buffer.rng.bit_generator.state = json.loads(str(arrays["rng_state"]))
+        except (ValueError, TypeError, KeyError) as err:
+            problem = "is not a numpy random state"
+            raise _buffer_error(path, "rng_state", problem) from err
         return buffer
+
+
+_BUFFER_TRANSITION_FIELDS = (
+    "obs",
+    "next_obs",
+    "action",
+    "reward",
+    "terminated",
+    "next_mask",
+)
+_BUFFER_FIELDS = ("format", "meta", "rng_state", *_BUFFER_TRANSITION_FIELDS)
+_CORRUPT_BUFFER_FIX = (
+    "restore it from a backup, or delete it to resume with an empty replay buffer"
+)
+
+
+def _buffer_error(path: Path, field_name: str, problem: str) -> AgentFileError:
+    return AgentFileError(
+        f"invalid replay buffer file {path}: field {field_name!r} {problem}, so "
+        f"the file is corrupt; {_CORRUPT_BUFFER_FIX}"
+    )
+
+
+def _file_kind(path: Path) -> str:
+    """Classify a file by its first bytes: "empty", "zip", "pickle" or "other".
+
+    ``torch.save`` and ``np.savez`` both write zip archives. A file that
+    starts with the pickle PROTO opcode (protocol 2 to 5) is a bare pickle.
+    """
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return "empty"
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return "zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    return "other"
+
+
+def _pickle_rejected(path: Path, file_type: str, detail: str = "") -> AgentFileError:
+    detail = f" ({detail})" if detail else ""
+    return AgentFileError(
+        f"invalid {file_type} {path}: it contains pickled Python objects{detail}, and "
+        "files with pickled objects are rejected because loading them can run "
+        "arbitrary code; use a file written by dvmrl"
+    )
+
+
+def _unreadable(path: Path, kind: str, file_type: str, fix: str) -> AgentFileError:
+    """Return the error for a file that is not a readable zip archive."""
+    if kind == "empty":
+        problem = "the file is empty"
+    elif kind == "zip":
+        problem = "the zip archive is truncated or corrupt"
+    else:
+        problem = (
+            "it is not the zip archive that dvmrl writes, so it is corrupt or of "
+            "another format"
+        )
+    return AgentFileError(f"invalid {file_type} {path}: {problem}; {fix}")
+
+
+def _read_buffer_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Read every field of a replay-buffer npz file, without unpickling anything."""
+    file_type = "replay buffer file"
+    try:
+        kind = _file_kind(path)
+    except OSError as err:
+        raise AgentFileError(
+            f"cannot read replay buffer file {path}: {err.strerror or err}"
+        ) from err
+    if kind == "pickle":
+        raise _pickle_rejected(path, file_type, "a bare pickle stream")
+    if kind != "zip":
+        raise _unreadable(path, kind, file_type, _CORRUPT_BUFFER_FIX)
+
+    field_name = None
+    arrays = {}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            for field_name in _BUFFER_FIELDS:
+                if field_name in data.files:
+                    arrays[field_name] = data[field_name]
+    except ValueError as err:
+        # numpy raises this for an object array when allow_pickle is false.
+        if "allow_pickle" in str(err):
+            # numpy's message advises allow_pickle=True, so it is not chained.
+            detail = f"field {field_name!r} is an object array"
+            raise _pickle_rejected(path, file_type, detail) from None
+        raise _unreadable(path, "zip", file_type, _CORRUPT_BUFFER_FIX) from err
+    except Exception as err:  # noqa: BLE001 - zip and zlib errors of a damaged archive
+        raise _unreadable(path, "zip", file_type, _CORRUPT_BUFFER_FIX) from err
+
+    missing = [name for name in _BUFFER_FIELDS if name not in arrays]
+    if missing:
+        raise AgentFileError(
+            f"invalid replay buffer file {path}: fields {missing} are missing, so "
+            "it is not a dvmrl replay buffer"
+        )
+    if str(arrays["format"]) != BUFFER_FORMAT:
+        raise AgentFileError(
+            f"invalid replay buffer file {path}: it is not a dvmrl replay buffer "
+            f"(format {BUFFER_FORMAT!r})"
+        )
+    return arrays
+
+
+def _check_buffer_meta(
+    path: Path, meta: np.ndarray
+) -> tuple[int, int, int, int, int]:
+    """Return capacity, obs_dim, n_actions, position and size from ``meta``."""
+    if meta.shape != (5,) or meta.dtype.kind not in "iu":
+        problem = f"must be 5 integers, got {meta.dtype} {meta.shape}"
+        raise _buffer_error(path, "meta", problem)
+    capacity, obs_dim, n_actions, position, n = (int(v) for v in meta)
+    if capacity < 1 or obs_dim < 1 or n_actions < 1:
+        raise _buffer_error(
+            path,
+            "meta",
+            f"has capacity {capacity}, obs_dim {obs_dim} and n_actions {n_actions}; "
+            "each must be >= 1",
+        )
+    if not 0 <= n <= capacity:
+        problem = f"has size {n} outside [0, capacity {capacity}]"
+        raise _buffer_error(path, "meta", problem)
+    # add() writes at position and then advances it, so until the buffer
+    # wraps around the position equals the size.
+    valid_position = 0 <= position < capacity if n == capacity else position == n
+    if not valid_position:
+        problem = (
+            f"has position {position}, inconsistent with size {n} of capacity "
+            f"{capacity}"
+        )
+        raise _buffer_error(path, "meta", problem)
+    return capacity, obs_dim, n_actions, position, n
+
+
+def _check_buffer_arrays(
+    path: Path, arrays: dict[str, np.ndarray], obs_dim: int, n_actions: int, n: int
+) -> None:
+    """Check the shape, dtype and values of each transition field."""
+    # Field: expected shape, numpy dtype kinds accepted and their description.
+    layout = {
+        "obs": ((n, obs_dim), "f", "a float type"),
+        "next_obs": ((n, obs_dim), "f", "a float type"),
+        "action": ((n,), "iu", "an integer type"),
+        "reward": ((n,), "f", "a float type"),
+        "terminated": ((n,), "b", "bool"),
+        "next_mask": ((n, n_actions), "b", "bool"),
+    }
+    for name, (shape, kinds, dtype_name) in layout.items():
+        array = arrays[name]
+        if array.shape != shape:
+            problem = f"has shape {array.shape}, expected {shape}"
+            raise _buffer_error(path, name, problem)
+        if array.dtype.kind not in kinds:
+            problem = f"has dtype {array.dtype}, expected {dtype_name}"
+            raise _buffer_error(path, name, problem)
+    for name in ("obs", "next_obs", "reward"):
+        # The buffer stores float32, so a float64 value beyond its range is
+        # infinite once loaded.
+        with np.errstate(over="ignore"):
+            finite = np.isfinite(arrays[name].astype(np.float32))
+        if finite.ndim == 2:
+            finite = finite.all(axis=1)
+        bad = np.flatnonzero(~finite)
+        if bad.size:
+            problem = f"contains NaN or infinite values (first in transition {bad[0]})"
+            raise _buffer_error(path, name, problem)
+    action = arrays["action"]
+    bad = np.flatnonzero((action < 0) | (action >= n_actions))
+    if bad.size:
+        raise _buffer_error(
+            path,
+            "action",
+            f"contains action {action[bad[0]]} in transition {bad[0]}, outside "
+            f"[0, {n_actions}) for {n_actions} actions",
+        )
+    # double_dqn_target needs a valid next action wherever the episode goes on.
+    bad = np.flatnonzero(~arrays["next_mask"].any(axis=1) & ~arrays["terminated"])
+    if bad.size:
+        raise _buffer_error(
+            path,
+            "next_mask",
+            f"masks every action of the non-terminal transition {bad[0]}",
+        )
 
 
 @dataclass
@@ -709,19 +905,18 @@ class DQNAgent:
 
         Raises:
             FileNotFoundError: when ``path`` does not exist.
-            AgentFileError: for pickled, corrupt, foreign or incompatible files.
+            IsADirectoryError: when ``path`` is a folder.
+            AgentFileError: for pickled, corrupt, foreign or incompatible files,
+                and for network or optimiser tensors with NaN or infinite values.
         """
         path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(
+                f"agent file {path} is a folder; pass the agent file (.pt) itself"
+            )
         if not path.is_file():
             raise FileNotFoundError(f"agent file {path} not found")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-            raise AgentFileError(
-                f"{path} is not a data-only dvmrl agent file ({type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else ''}); files with pickled "
-                "objects are rejected"
-            ) from err
+        state = _read_agent_state(path)
         if not isinstance(state, dict) or state.get("format") != AGENT_FORMAT:
             raise AgentFileError(f"{path} is not a dvmrl agent file (format {AGENT_FORMAT!r})")
         if state.get("version") != AGENT_FORMAT_VERSION:
@@ -729,6 +924,13 @@ class DQNAgent:
                 f"{path} has agent format version {state.get('version')}, this dvmrl reads "
                 f"version {AGENT_FORMAT_VERSION}; retrain the agent"
             )
+        for part in ("online", "target", "optimizer"):
+            name = _first_non_finite(state.get(part), part)
+            if name is not None:
+                raise AgentFileError(
+                    f"invalid agent file {path}: tensor {name} contains NaN or "
+                    f"infinite values, so the file is corrupt; {_AGENT_FIX}"
+                )
         try:
             header = json.loads(state["header_json"])
             agent = cls(
@@ -747,9 +949,93 @@ class DQNAgent:
             agent.metadata = json.loads(state.get("metadata_json", "{}"))
         except (KeyError, RuntimeError, TypeError, json.JSONDecodeError) as err:
             raise AgentFileError(f"incompatible agent file {path}: {err}") from err
-        if buffer_path is not None and Path(buffer_path).is_file():
-            agent.buffer = ReplayBuffer.load(buffer_path)
+        if buffer_path is not None:
+            agent.load_buffer(buffer_path)
         return agent
+
+    def load_buffer(self, path: str | os.PathLike) -> None:
+        """Replace the replay buffer with the one saved at ``path``.
+
+        A missing file leaves the buffer empty and logs a warning, because
+        the agent can go on learning without its past transitions.
+
+        Raises:
+            AgentFileError: when the file is invalid (see
+                :meth:`ReplayBuffer.load`) or belongs to an agent with other
+                observation or action counts.
+        """
+        path = Path(path)
+        if not path.exists():
+            logger.warning(
+                "replay buffer file %s not found, so learning restarts from an empty "
+                "replay buffer: gradient steps pause until it contains %d transitions",
+                path,
+                max(self.config.learning_starts, 1),
+            )
+            return
+        buffer = ReplayBuffer.load(path)
+        if (buffer.obs_dim, buffer.n_actions) != (self.obs_dim, self.n_actions):
+            raise AgentFileError(
+                f"replay buffer file {path} has {buffer.obs_dim} observations and "
+                f"{buffer.n_actions} actions, but the agent has {self.obs_dim} and "
+                f"{self.n_actions}; it belongs to another agent, so restore the "
+                "matching file or delete it to resume with an empty replay buffer"
+            )
+        self.buffer = buffer
+
+
+_AGENT_FIX = "retrain the agent with dvmrl agent train, or use another agent file"
+
+
+def _read_agent_state(path: Path) -> Any:
+    """Load an agent file with ``torch.load(weights_only=True)``, classifying failures.
+
+    Raises:
+        AgentFileError: for an empty, truncated or foreign file, or a file
+            with pickled objects. The message does not suggest loading it
+            with ``weights_only=False``.
+    """
+    file_type = "agent file"
+    try:
+        with warnings.catch_warnings():
+            # torch.load (PyTorch 2.13) warns about a bare pickle whose protocol
+            # is not 2 before it fails. The AgentFileError below explains the failure.
+            warnings.filterwarnings(
+                "ignore", message="Detected pickle protocol", category=UserWarning
+            )
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failed load means a bad file
+        load_error = err
+    # PyTorch's message advises loading with weights_only=False, which would
+    # run the code in the file, so the errors below do not chain to it.
+    kind = _file_kind(path)
+    # The weights-only unpickler names the class or function it will not import.
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(load_error))
+    if found:
+        detail = f"it imports {found.group(1)}"
+        raise _pickle_rejected(path, file_type, detail) from None
+    if kind == "pickle":
+        raise _pickle_rejected(path, file_type, "a bare pickle stream") from None
+    raise _unreadable(path, kind, file_type, _AGENT_FIX) from None
+
+
+def _first_non_finite(value: Any, name: str) -> str | None:
+    """Return the name of the first float tensor under ``value`` with a NaN or inf."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return name
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _first_non_finite(item, f"{name}.{key}")
+        if found is not None:
+            return found
+    return None
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:

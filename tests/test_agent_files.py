@@ -1,0 +1,312 @@
+"""Tests of reading damaged, foreign and pickled agent and replay-buffer files."""
+
+import logging
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from dvmrl.agent import AgentConfig, AgentFileError, DQNAgent, ReplayBuffer
+
+SMALL = {"hidden": (8,), "stream_hidden": 8, "batch_size": 4, "seed": 3}
+
+
+def make_agent(transitions=10):
+    """Return a 3-observation, 4-action agent with filled buffer and one update."""
+    agent = DQNAgent(3, 4, AgentConfig(**SMALL))
+    rng = np.random.default_rng(0)
+    for i in range(transitions):
+        agent.observe(
+            rng.normal(size=3),
+            int(rng.integers(4)),
+            float(rng.normal()),
+            rng.normal(size=3),
+            terminated=i % 5 == 4,
+            truncated=False,
+            next_action_mask=np.array([True, True, False, True]),
+        )
+    agent.update()
+    return agent
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    """Return the agent and buffer files of a small trained agent."""
+    agent = make_agent()
+    agent.save(tmp_path / "a.pt", buffer_path=tmp_path / "b.npz")
+    return tmp_path / "a.pt", tmp_path / "b.npz"
+
+
+def rewrite_buffer(path, **changes):
+    """Rewrite the buffer npz at ``path`` with some fields replaced."""
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {name: data[name] for name in data.files}
+    arrays.update(changes)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def buffer_fields(path):
+    with np.load(path, allow_pickle=False) as data:
+        return {name: data[name].copy() for name in data.files}
+
+
+# ----------------------------------------------------------- agent file values
+
+
+def test_agent_nan_weight_rejected(tmp_path):
+    agent = make_agent()
+    with torch.no_grad():
+        agent.online.trunk[0].weight[0, 0] = float("nan")
+    agent.save(tmp_path / "nan.pt")
+    with pytest.raises(AgentFileError) as info:
+        DQNAgent.load(tmp_path / "nan.pt")
+    message = str(info.value)
+    assert str(tmp_path / "nan.pt") in message
+    assert "online.trunk.0.weight" in message
+    assert "corrupt" in message
+    assert "retrain the agent" in message
+
+
+def test_agent_inf_target_rejected(tmp_path):
+    agent = make_agent()
+    with torch.no_grad():
+        agent.target.advantage[2].bias[1] = float("inf")
+    agent.save(tmp_path / "inf.pt")
+    with pytest.raises(AgentFileError, match=r"tensor target\.advantage\.2\.bias"):
+        DQNAgent.load(tmp_path / "inf.pt")
+
+
+def test_agent_nan_optimizer_state_rejected(tmp_path):
+    agent = make_agent()
+    state = agent.optimizer.state[agent.optimizer.param_groups[0]["params"][0]]
+    state["exp_avg"][0, 0] = float("nan")
+    agent.save(tmp_path / "opt.pt")
+    with pytest.raises(AgentFileError, match=r"tensor optimizer\.state\.0\.exp_avg"):
+        DQNAgent.load(tmp_path / "opt.pt")
+
+
+def test_agent_finite_file_loads(saved):
+    agent_path, _ = saved
+    agent = DQNAgent.load(agent_path)
+    assert agent.gradient_steps == 1
+
+
+def test_agent_folder_named(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        DQNAgent.load(tmp_path)
+
+
+# ------------------------------------------------------- unreadable agent files
+
+
+def broken_agent_files(folder, good):
+    """Write an empty, a truncated and a random-bytes agent file; return their paths."""
+    data = good.read_bytes()
+    files = {
+        "empty": b"",
+        "truncated": data[: len(data) // 2],
+        "random": np.random.default_rng(1).bytes(600),
+    }
+    paths = {}
+    for name, content in files.items():
+        paths[name] = folder / f"{name}.pt"
+        paths[name].write_bytes(content)
+    return paths
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("empty", "the file is empty"),
+        ("truncated", "truncated or corrupt"),
+        ("random", "corrupt or of another format"),
+    ],
+)
+def test_agent_unreadable_not_called_pickle(saved, tmp_path, name, problem):
+    path = broken_agent_files(tmp_path, saved[0])[name]
+    with pytest.raises(AgentFileError) as info:
+        DQNAgent.load(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert problem in message
+    assert "pickle" not in message
+    assert "weights_only" not in message
+    assert "will likely succeed" not in message
+
+
+def test_agent_raw_pickle_rejected_quietly(tmp_path, recwarn):
+    path = tmp_path / "raw.pt"
+    path.write_bytes(pickle.dumps({"format": "dvmrl-dqn-agent", "x": 1}, protocol=4))
+    with pytest.raises(AgentFileError) as info:
+        DQNAgent.load(path)
+    message = str(info.value)
+    assert "pickled Python objects" in message
+    assert "can run arbitrary code" in message
+    assert "weights_only" not in message
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
+
+
+class Payload:
+    """An arbitrary Python object, which a data-only agent file never contains."""
+
+
+def test_agent_pickled_object_named(tmp_path):
+    path = tmp_path / "obj.pt"
+    state = {"format": "dvmrl-dqn-agent", "obj": Payload()}
+    torch.save(state, path, pickle_module=pickle)
+    with pytest.raises(AgentFileError) as info:
+        DQNAgent.load(path)
+    message = str(info.value)
+    assert "pickled objects are rejected" in message
+    assert "Payload" in message
+    assert "weights_only" not in message
+    assert "trust" not in message
+
+
+# ------------------------------------------------------------ buffer file values
+
+
+def test_buffer_round_trip_after_wrap(tmp_path):
+    buffer = ReplayBuffer(4, 2, 3)
+    for i in range(6):
+        buffer.add(np.full(2, i), i % 3, float(i), np.full(2, i + 1), False)
+    buffer.save(tmp_path / "b.npz")
+    loaded = ReplayBuffer.load(tmp_path / "b.npz")
+    assert loaded.position == 2
+    assert len(loaded) == 4
+    np.testing.assert_array_equal(loaded.reward, buffer.reward)
+
+
+@pytest.mark.parametrize(
+    ("field", "make_bad", "expected"),
+    [
+        ("reward", lambda a: np.where(np.arange(len(a)) == 2, np.nan, a), "NaN or inf"),
+        ("obs", lambda a: np.where(a > 0, np.inf, a).astype(np.float32), "NaN or inf"),
+        ("next_obs", lambda a: a.astype(np.float64) * 1e300, "NaN or inf"),
+        ("action", lambda a: np.where(np.arange(len(a)) == 1, 999, a), "action 999"),
+        ("action", lambda a: a - 5, "outside [0, 4)"),
+        ("action", lambda a: a.astype(np.float32), "expected an integer type"),
+        ("terminated", lambda a: a.astype(np.float32) * 3, "expected bool"),
+        ("next_mask", lambda a: a.astype(np.int64) * 7, "expected bool"),
+        ("next_mask", lambda a: np.zeros_like(a), "masks every action"),
+        ("reward", lambda a: a[:-1], "has shape"),
+        ("obs", lambda a: a[:, :2], "has shape"),
+    ],
+)
+def test_buffer_bad_values_rejected(saved, field, make_bad, expected):
+    _, path = saved
+    rewrite_buffer(path, **{field: make_bad(buffer_fields(path)[field])})
+    with pytest.raises(AgentFileError) as info:
+        ReplayBuffer.load(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert f"field {field!r}" in message
+    assert expected in message
+
+
+@pytest.mark.parametrize(
+    ("meta", "expected"),
+    [
+        ([50_000, 3, 4, 7, 10], "position 7"),
+        ([50_000, 3, 4, 10, 60_000], "size 60000"),
+        ([50_000, 3, 0, 10, 10], "n_actions 0"),
+        ([10, 3, 4, 10, 10], "position 10"),
+    ],
+)
+def test_buffer_bad_meta_rejected(saved, meta, expected):
+    _, path = saved
+    rewrite_buffer(path, meta=np.array(meta, dtype=np.int64))
+    with pytest.raises(AgentFileError, match="field 'meta'") as info:
+        ReplayBuffer.load(path)
+    assert expected in str(info.value)
+
+
+def test_buffer_bad_rng_state_rejected(saved):
+    _, path = saved
+    rewrite_buffer(path, rng_state=np.array("{not json"))
+    with pytest.raises(AgentFileError, match="field 'rng_state'"):
+        ReplayBuffer.load(path)
+
+
+def test_buffer_empty_terminal_mask_allowed(saved):
+    # A terminal transition may have an empty next mask: nothing bootstraps.
+    _, path = saved
+    fields = buffer_fields(path)
+    mask = fields["next_mask"]
+    mask[fields["terminated"]] = False
+    rewrite_buffer(path, next_mask=mask)
+    assert len(ReplayBuffer.load(path)) == 10
+
+
+# ------------------------------------------------------ unreadable buffer files
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"", "the file is empty"),
+        (b"PK\x03\x04" + bytes(40), "truncated or corrupt"),
+        (bytes(range(256)) * 3, "corrupt or of another format"),
+    ],
+)
+def test_buffer_unreadable_not_called_pickle(tmp_path, content, problem):
+    path = tmp_path / "b.npz"
+    path.write_bytes(content)
+    with pytest.raises(AgentFileError) as info:
+        ReplayBuffer.load(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert problem in message
+    assert "pickle" not in message
+    assert "allow_pickle" not in message
+
+
+def test_buffer_truncated_rejected(saved):
+    _, path = saved
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(AgentFileError, match="truncated or corrupt"):
+        ReplayBuffer.load(path)
+
+
+def test_buffer_raw_pickle_rejected(tmp_path):
+    path = tmp_path / "b.npz"
+    path.write_bytes(pickle.dumps({"format": "dvmrl-replay-buffer"}, protocol=4))
+    with pytest.raises(AgentFileError) as info:
+        ReplayBuffer.load(path)
+    message = str(info.value)
+    assert "pickled Python objects" in message
+    assert "allow_pickle" not in message
+
+
+def test_buffer_object_array_rejected(tmp_path):
+    path = tmp_path / "b.npz"
+    np.savez(path, format=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(AgentFileError) as info:
+        ReplayBuffer.load(path)
+    message = str(info.value)
+    assert "field 'format' is an object array" in message
+    assert "allow_pickle" not in message
+
+
+# --------------------------------------------------- agent with its buffer file
+
+
+def test_missing_buffer_warns(saved, caplog):
+    agent_path, buffer_path = saved
+    os.unlink(buffer_path)
+    with caplog.at_level(logging.WARNING, logger="dvmrl.agent"):
+        agent = DQNAgent.load(agent_path, buffer_path=buffer_path)
+    assert len(agent.buffer) == 0
+    assert str(buffer_path) in caplog.text
+    assert "empty replay buffer" in caplog.text
+
+
+def test_buffer_of_other_agent_rejected(saved):
+    agent_path, buffer_path = saved
+    ReplayBuffer(5, 2, 4).save(buffer_path)
+    with pytest.raises(AgentFileError, match="belongs to another agent"):
+        DQNAgent.load(agent_path, buffer_path=buffer_path)
