@@ -1,9 +1,11 @@
 """Tests of ``dvmrl agent train`` and ``dvmrl agent evaluate`` and the task list."""
 
 import json
+import logging
 import pickle
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -162,3 +164,213 @@ def test_default_tasks_exclude_evaluation():
     assert len(tasks) == 24
     assert all(task.dataset != EVALUATION_DATASET for task in tasks)
     assert {task.train_size for task in tasks} == {500, 1000, 1500}
+
+
+def copy_run(source, out):
+    """Copy the agent, buffer and progress files of the run at ``source`` to ``out``."""
+    for name, path in state_paths(source).items():
+        state_paths(out)[name].write_bytes(path.read_bytes())
+    return out
+
+
+def write_nan_agent(source, out):
+    agent = DQNAgent.load(source)
+    with torch.no_grad():
+        agent.online.trunk[0].weight[0, 0] = float("nan")
+    agent.save(out)
+    return out
+
+
+def test_evaluate_rejects_nan_agent(trained, tmp_path, capsys):
+    path = write_nan_agent(trained, tmp_path / "nan.pt")
+    code = main(["agent", "evaluate", "--agent", str(path), "--train-size", "200"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert str(path) in err
+    assert "online.trunk.0.weight" in err
+    assert "corrupt" in err
+
+
+def test_run_rejects_nan_agent(trained, tmp_path, capsys):
+    path = write_nan_agent(trained, tmp_path / "nan.pt")
+    out = tmp_path / "run"
+    code = main(
+        [
+            "run",
+            "--methods",
+            "agent",
+            "--agent",
+            str(path),
+            "--budget",
+            "quick",
+            "--no-progress",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "online.trunk.0.weight" in err
+    assert not (out / "report.json").exists()
+
+
+def test_evaluate_truncated_agent(trained, tmp_path, capsys):
+    path = tmp_path / "cut.pt"
+    data = trained.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    code = main(["agent", "evaluate", "--agent", str(path), "--train-size", "200"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "truncated or corrupt" in err
+    assert "pickle" not in err
+    assert "weights_only" not in err
+
+
+def test_evaluate_agent_folder(tmp_path, capsys):
+    code = main(["agent", "evaluate", "--agent", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "is a folder" in err
+    assert "not found" not in err
+
+
+def test_train_out_folder(tmp_path, capsys):
+    code = main([*TRAIN, "--episodes", "1", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--out must be a file path" in err
+    assert "already exists" not in err
+
+
+def test_resume_rejects_bad_buffer(trained, tmp_path, capsys):
+    out = copy_run(trained, tmp_path / "agent.pt")
+    buffer = state_paths(out)["buffer"]
+    with np.load(buffer, allow_pickle=False) as data:
+        arrays = {name: data[name] for name in data.files}
+    arrays["action"] = np.full_like(arrays["action"], 999)
+    with open(buffer, "wb") as f:
+        np.savez(f, **arrays)
+    progress = state_paths(out)["progress"].read_text()
+    code = main([*TRAIN, "--episodes", "3", "--out", str(out), "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert str(buffer) in err
+    assert "field 'action'" in err
+    assert "action 999" in err
+    assert state_paths(out)["progress"].read_text() == progress
+
+
+def test_resume_missing_buffer_warns(trained, tmp_path, caplog):
+    out = copy_run(trained, tmp_path / "agent.pt")
+    buffer = state_paths(out)["buffer"]
+    buffer.unlink()
+    with caplog.at_level(logging.WARNING):
+        code = main([*TRAIN, "--episodes", "3", "--out", str(out), "--resume"])
+    assert code == 0
+    assert f"replay buffer file {buffer} not found" in caplog.text
+    assert "learning restarts from an empty replay buffer" in caplog.text
+    assert buffer.is_file()
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (["--seed", "4"], "--seed: stored 0, requested 4"),
+        (["--budget-epochs", "3"], "--budget-epochs: stored 2, requested 3"),
+        (
+            ["--tasks", "oqmd-formation-energy@200"],
+            "--tasks: stored mp-energy-above-hull/transition-metal@200, requested "
+            "oqmd-formation-energy@200",
+        ),
+    ],
+)
+def test_resume_rejects_changed_settings(trained, tmp_path, capsys, change, expected):
+    out = copy_run(trained, tmp_path / "agent.pt")
+    progress = state_paths(out)["progress"].read_text()
+    agent = state_paths(out)["agent"].read_bytes()
+    code = main([*TRAIN, *change, "--episodes", "3", "--out", str(out), "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert expected in err
+    assert "choose another --out" in err
+    assert state_paths(out)["progress"].read_text() == progress
+    assert state_paths(out)["agent"].read_bytes() == agent
+
+
+def test_resume_lists_every_change(trained, tmp_path, capsys):
+    out = copy_run(trained, tmp_path / "agent.pt")
+    change = ["--seed", "1", "--budget-epochs", "5"]
+    code = main([*TRAIN, *change, "--episodes", "3", "--out", str(out), "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--seed: stored 0, requested 1" in err
+    assert "--budget-epochs: stored 2, requested 5" in err
+
+
+def test_resume_allows_other_device(trained, tmp_path):
+    out = copy_run(trained, tmp_path / "agent.pt")
+    progress = state_paths(out)["progress"]
+    saved = json.loads(progress.read_text())
+    saved["env_options"]["device"] = "cuda:0"
+    progress.write_text(json.dumps(saved))
+    code = main([*TRAIN, "--episodes", "3", "--out", str(out), "--resume"])
+    assert code == 0
+
+
+def test_resume_finished_run(trained, tmp_path, capsys):
+    out = copy_run(trained, tmp_path / "agent.pt")
+    progress = state_paths(out)["progress"].read_text()
+    code = main([*TRAIN, "--episodes", "1", "--out", str(out), "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "already has 2 episodes" in err
+    assert "pass --episodes larger than 2" in err
+    assert state_paths(out)["progress"].read_text() == progress
+
+
+def interrupt_at_episode(monkeypatch, episode):
+    """Make meta-training raise KeyboardInterrupt when ``episode`` starts."""
+    import dvmrl.meta
+
+    calls = []
+    real = dvmrl.meta.run_episode
+
+    def run_episode(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == episode:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dvmrl.meta, "run_episode", run_episode)
+
+
+def test_train_interrupt_names_checkpoint(tmp_path, monkeypatch, caplog, capsys):
+    out = tmp_path / "agent.pt"
+    interrupt_at_episode(monkeypatch, 4)
+    args = [*TRAIN, "--checkpoint-every", "2", "--episodes", "5", "--out", str(out)]
+    with caplog.at_level(logging.WARNING):
+        code = main(args)
+    assert code == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert "checkpoint after episode 2 of 5" in caplog.text
+    assert str(out) in caplog.text
+    assert "--resume" in caplog.text
+    progress = json.loads(state_paths(out)["progress"].read_text())
+    assert len(progress["history"]) == 2
+    monkeypatch.undo()
+    assert main([*args, "--resume"]) == 0
+    progress = json.loads(state_paths(out)["progress"].read_text())
+    assert len(progress["history"]) == 5
+
+
+def test_train_interrupt_before_checkpoint(tmp_path, monkeypatch, caplog):
+    out = tmp_path / "agent.pt"
+    interrupt_at_episode(monkeypatch, 1)
+    with caplog.at_level(logging.WARNING):
+        code = main([*TRAIN, "--episodes", "2", "--out", str(out)])
+    assert code == 130
+    assert "nothing was saved" in caplog.text
+    assert "without --resume" in caplog.text
+    assert not out.exists()

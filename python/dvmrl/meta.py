@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from dvmrl.agent import AgentConfig, DQNAgent, atomic_write, run_episode
+from dvmrl.agent import AgentConfig, AgentFileError, DQNAgent, atomic_write, run_episode
 
 logger = logging.getLogger(__name__)
 
@@ -220,9 +220,14 @@ def meta_train(
 
     Raises:
         ValueError: for an empty task list, a task on the evaluation data
-            set, or ``episodes`` < 1.
+            set, or ``episodes`` < 1; with ``resume``, when the saved run has
+            other tasks, seed, environment options or agent settings, or
+            already has ``episodes`` episodes.
         FileNotFoundError: with ``resume`` when there is nothing to resume.
         FileExistsError: without ``resume`` when ``out`` already exists.
+        IsADirectoryError: when ``out`` is a folder.
+        dvmrl.agent.AgentFileError: with ``resume``, when a saved file is
+            invalid.
         dvmrl.agent.DivergenceError: when the Q-values diverge; the last
             checkpoint stays on disk.
     """
@@ -239,6 +244,12 @@ def meta_train(
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     paths = state_paths(out)
+    if paths["agent"].is_dir():
+        raise IsADirectoryError(
+            f"--out {paths['agent']} is a folder, but --out must be a file path "
+            f"such as {paths['agent'] / 'agent.pt'}"
+        )
+    options = dict(env_options or {})
     history: list[dict[str, Any]] = []
     elapsed_before = 0.0
     if resume:
@@ -247,14 +258,33 @@ def meta_train(
                 f"nothing to resume at {paths['agent']}: the agent file or "
                 f"{paths['progress'].name} is missing; run without --resume"
             )
-        agent = DQNAgent.load(paths["agent"], buffer_path=paths["buffer"])
-        saved = json.loads(paths["progress"].read_text())
+        saved = _read_progress(paths["progress"])
+        agent = DQNAgent.load(paths["agent"])
+        differences = _resume_differences(saved, tasks, seed, options)
+        differences += _agent_config_differences(agent.config, agent_config or {})
+        if differences:
+            raise ValueError(
+                f"cannot resume {paths['agent']}: it was trained with other settings "
+                f"({'; '.join(differences)}); resume with the stored settings, or "
+                "choose another --out to start a new run"
+            )
         history = saved["history"]
+        if len(history) >= episodes:
+            raise ValueError(
+                f"the run at {paths['agent']} already has {len(history)} episodes, so "
+                f"--episodes {episodes} leaves nothing to train; pass --episodes "
+                f"larger than {len(history)} to train more"
+            )
+        agent.load_buffer(paths["buffer"])
         elapsed_before = float(saved.get("wall_time_s", 0.0))
         commands = list(saved.get("commands") or [saved.get("command")])
         rng = np.random.default_rng(seed)
         rng.bit_generator.state = saved["rng_state"]
-        logger.info("resuming meta-training at episode %d of %d", len(history), episodes)
+        logger.info(
+            "resuming meta-training after episode %d, up to episode %d",
+            len(history),
+            episodes,
+        )
     else:
         if paths["agent"].exists():
             raise FileExistsError(
@@ -267,7 +297,6 @@ def meta_train(
     commands.append(command)
 
     envs: dict[Task, Any] = {}
-    options = dict(env_options or {})
 
     def env_of(task: Task):
         if task not in envs:
@@ -295,7 +324,11 @@ def meta_train(
             "env_options": options,
         }
 
+    # Episodes in the files on disk; None until a checkpoint of a new run.
+    saved_episodes = len(history) if resume else None
+
     def checkpoint() -> None:
+        nonlocal saved_episodes
         meta = metadata()
         agent.save(paths["agent"], metadata=meta, buffer_path=paths["buffer"])
         document = {
@@ -305,6 +338,7 @@ def meta_train(
         }
         text = json.dumps(document, indent=1)
         atomic_write(paths["progress"], lambda f: f.write(text.encode()))
+        saved_episodes = len(history)
 
     bar = tqdm(
         total=episodes,
@@ -352,11 +386,144 @@ def meta_train(
             bar.set_postfix(ret=f"{row['return']:.3f}", eps=f"{row['epsilon']:.2f}")
             if len(history) % checkpoint_every == 0:
                 checkpoint()
+    except KeyboardInterrupt:
+        _log_interrupt(paths, saved_episodes, episodes)
+        raise
     finally:
         bar.close()
     checkpoint()
     wall = elapsed_before + time.perf_counter() - start
     return MetaTrainResult(agent=agent, history=history, wall_time_s=wall, metadata=metadata())
+
+
+# Environment options that change where episodes run, not what they are, so
+# a resumed run may change them.
+_PLACEMENT_ENV_OPTIONS = ("device",)
+# Environment options that ``dvmrl agent train`` sets from its own options.
+_CLI_ENV_OPTIONS = ("budget_epochs",)
+
+
+def _read_progress(path: Path) -> dict[str, Any]:
+    """Read a progress JSON file of :func:`meta_train`.
+
+    Raises:
+        AgentFileError: when the file is not valid JSON or lacks the history
+            or the random state.
+    """
+    try:
+        saved = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AgentFileError(
+            f"invalid progress file {path}: {err}; restore it from a backup, or "
+            "choose another --out to start a new run"
+        ) from err
+    if not isinstance(saved, dict) or not isinstance(saved.get("history"), list):
+        raise AgentFileError(
+            f"invalid progress file {path}: it has no episode history; restore it "
+            "from a backup, or choose another --out to start a new run"
+        )
+    if "rng_state" not in saved:
+        raise AgentFileError(
+            f"invalid progress file {path}: the random state of the task draws is "
+            "missing; restore it from a backup, or choose another --out"
+        )
+    return saved
+
+
+def _resume_differences(
+    saved: dict[str, Any],
+    tasks: Sequence[Task],
+    seed: int,
+    env_options: dict[str, Any],
+) -> list[str]:
+    """List the settings in which a saved run differs from the requested ones.
+
+    Tasks, seed and environment options decide the episodes, so a resumed
+    run must keep them. The device may change. A setting that the progress
+    file lacks is not compared.
+
+    Returns:
+        One ``"OPTION: stored X, requested Y"`` entry per differing setting.
+    """
+    stored: dict[str, Any] = {}
+    requested: dict[str, Any] = {}
+    if "tasks" in saved:
+        stored["--tasks"] = saved["tasks"]
+        requested["--tasks"] = [task.name for task in tasks]
+    if "seed" in saved:
+        stored["--seed"] = saved["seed"]
+        requested["--seed"] = seed
+    if isinstance(saved.get("env_options"), dict):
+        saved_env = _episode_env_options(saved["env_options"])
+        # A JSON round trip makes tuples lists, as in the stored options.
+        requested_env = json.loads(json.dumps(_episode_env_options(env_options)))
+        for key in sorted(set(saved_env) | set(requested_env)):
+            if key in _CLI_ENV_OPTIONS:
+                label = "--" + key.replace("_", "-")
+            else:
+                label = f"environment option {key}"
+            stored[label] = saved_env.get(key)
+            requested[label] = requested_env.get(key)
+    return [
+        f"{label}: stored {_describe_setting(stored[label])}, requested "
+        f"{_describe_setting(requested[label])}"
+        for label in stored
+        if stored[label] != requested[label]
+    ]
+
+
+def _episode_env_options(options: dict[str, Any]) -> dict[str, Any]:
+    return {
+        key: value
+        for key, value in options.items()
+        if key not in _PLACEMENT_ENV_OPTIONS
+    }
+
+
+def _describe_setting(value: Any) -> str:
+    if value is None:
+        return "the default"
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        if value == [task.name for task in default_tasks()]:
+            return f"the {len(value)} default tasks"
+        return " ".join(value)
+    return str(value)
+
+
+def _agent_config_differences(
+    config: AgentConfig, overrides: dict[str, Any]
+) -> list[str]:
+    """List the ``agent_config`` overrides that differ from a loaded agent's config."""
+    stored = config.to_dict()
+    requested = json.loads(json.dumps(overrides))
+    return [
+        f"agent_config {key}: stored {stored.get(key)}, requested {value}"
+        for key, value in requested.items()
+        if stored.get(key) != value
+    ]
+
+
+def _log_interrupt(
+    paths: dict[str, Path], saved_episodes: int | None, episodes: int
+) -> None:
+    """Log what an interrupted :func:`meta_train` left on disk and how to go on."""
+    if saved_episodes is None:
+        logger.warning(
+            "meta-training interrupted before its first checkpoint, so nothing was "
+            "saved; rerun the command without --resume to start again"
+        )
+        return
+    logger.warning(
+        "meta-training interrupted; %s, %s and %s contain the checkpoint after "
+        "episode %d of %d, and later episodes were not saved; rerun the command "
+        "with --resume and the same --tasks, --seed and --budget-epochs to "
+        "continue from it",
+        paths["agent"],
+        paths["buffer"].name,
+        paths["progress"].name,
+        saved_episodes,
+        episodes,
+    )
 
 
 def plot_learning_curve(history: Sequence[dict[str, Any]], path: str | os.PathLike, window: int = 10) -> None:

@@ -48,7 +48,12 @@ def add_parser(subparsers) -> None:
         help="tasks to train on; default: both data sets x (all, 3 families) x sizes 500, 1000, 1500",
     )
     train.add_argument("--episodes", type=positive_int, required=True, help="total episodes")
-    train.add_argument("--out", required=True, help="agent file to write (.pt)")
+    train.add_argument(
+        "--out",
+        required=True,
+        help="agent file to write, such as agent.pt (not a folder); the replay buffer "
+        "and progress files are written next to it",
+    )
     train.add_argument("--resume", action="store_true", help="continue the run saved at --out")
     train.add_argument(
         "--checkpoint-every", type=positive_int, default=5, help="episodes between checkpoints; default: 5"
