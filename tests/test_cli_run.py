@@ -244,3 +244,94 @@ def test_missing_agent_exit_2(tmp_path, capsys):
     assert code == 2
     assert "not found" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_out_is_a_file_exit_2(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    code = main(["run", "--methods", "random", "--out", str(afile)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"--out {afile} is a file, but --out must be a folder" in err
+    assert "Errno" not in err
+    assert afile.read_text() == "mine"
+
+
+def test_out_not_writable_exit_2(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "locked"
+    out.mkdir()
+    out.chmod(0o555)
+    if os.geteuid() == 0:
+        # Root bypasses file permissions, so the test raises the system's
+        # PermissionError itself.
+        import tempfile
+
+        def reject(*args, **kwargs):
+            raise PermissionError(13, "Permission denied", f"{kwargs['dir']}/.x.tmp")
+
+        monkeypatch.setattr(tempfile, "mkstemp", reject)
+    try:
+        code = main(["run", "--methods", "random", "--out", str(out)])
+    finally:
+        out.chmod(0o755)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"output folder {out} is not writable (Permission denied)" in err
+    assert ".tmp" not in err
+    assert not list(out.iterdir())
+
+
+def test_resume_missing_folder_exit_2(tmp_path, capsys):
+    out = tmp_path / "never-ran"
+    code = main(["run", "--methods", "random", "--out", str(out), "--resume"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"nothing to resume: output folder {out} does not exist" in err
+    assert "without --resume" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("option", [["--agent", "missing.pt"], ["--agent-learn"]])
+def test_agent_options_without_agent_exit_2(tmp_path, capsys, option):
+    out = tmp_path / "o"
+    code = main(["run", "--methods", "random", *option, "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{option[0]} applies only to the agent method" in err
+    assert not out.exists()
+
+
+def test_help_states_cost_of_seeds(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "time and disk grow in proportion to N" in text
+    assert "about 3 minutes" not in text
+
+
+def test_resume_with_methods_reordered(workdir, budget_file, agent_args, capsys):
+    out = workdir / "reference"
+    if not (out / "report.json").is_file():
+        pytest.skip("needs the reference run of test_kill_and_resume_matches")
+    before = (out / "report.json").read_text()
+    code = main(
+        [
+            "run",
+            "--budget",
+            budget_file,
+            "--methods",
+            "agent",
+            "random",
+            "bayesian",
+            "--out",
+            str(out),
+            "--resume",
+            "--no-progress",
+            *agent_args,
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    after = json.loads((out / "report.json").read_text())
+    # The stored order is kept, and the finished units are not rerun.
+    assert after["methods"] == ["random", "bayesian", "agent"]
+    assert after["results"] == json.loads(before)["results"]

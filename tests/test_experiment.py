@@ -203,8 +203,17 @@ def test_occupied_folder_rejected(finished_run, tmp_path):
 def test_resume_other_settings_rejected(finished_run):
     out, _ = finished_run
     spec = RunSpec(preset=TINY, seeds=[0, 1], methods=["random"])
-    with pytest.raises(RunDirectoryError, match="other settings .seeds, methods"):
+    with pytest.raises(RunDirectoryError, match="other settings") as caught:
         Experiment(spec, out, resume=True).prepare()
+    # Each difference shows the stored value next to the requested one.
+    message = str(caught.value)
+    assert "seeds: stored [0], requested [0, 1]" in message
+    assert 'methods: stored ["random", "bayesian", "agent"], requested ["random"]' in (
+        message
+    )
+    assert "agent: stored " in message
+    assert "requested the pretrained agent" in message
+    assert "differ)" not in message
 
 
 def test_foreign_folder_rejected(tmp_path):
@@ -456,3 +465,111 @@ def test_method_training_settings_pinned():
     assert train_config.monitor == "val_rmse"
     assert train_config.ema_decay == 0.0
     assert model_config.fraction_hidden == 0
+
+
+def write_budget(tmp_path, text):
+    path = tmp_path / "budget.json"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        # Missing fields are named. adversarial_steps and _starts have defaults.
+        (
+            {"drop": ["trial_epochs", "robust_n"]},
+            r"budget keys \['trial_epochs', 'robust_n'\] are missing",
+        ),
+        ({"epochs": "8"}, r'epochs must be an integer >= 1, got "8"'),
+        ({"epochs": True}, "epochs must be an integer >= 1, got true"),
+        ({"epochs": 8.0}, "epochs must be an integer >= 1, got 8.0"),
+        ({"robust_n": 0}, "robust_n must be an integer >= 1, got 0"),
+        ({"max_val": "all"}, r'max_val must be an integer >= 2 or null .*"all"'),
+        (
+            {"epochs": 8, "trial_epochs": 20},
+            "epochs 8 cannot fit one trial of trial_epochs 20 .*half of "
+            "trial_epochs, 10 epochs",
+        ),
+    ],
+)
+def test_budget_file_bad_field(tmp_path, change, message):
+    data = {**TINY.to_dict(), "name": "mine"}
+    for key in change.pop("drop", []):
+        del data[key]
+    data.update(change)
+    path = write_budget(tmp_path, json.dumps(data))
+    with pytest.raises(ValueError, match=message) as caught:
+        resolve_preset(str(path))
+    assert str(path) in str(caught.value)
+
+
+def test_budget_file_nan_rejected(tmp_path):
+    text = json.dumps({**TINY.to_dict(), "epochs": 8}).replace("8", "NaN", 1)
+    path = write_budget(tmp_path, text)
+    with pytest.raises(ValueError, match="epochs must be an integer >= 1, got NaN"):
+        resolve_preset(str(path))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[1, 2]", "must be a JSON object .* got an array"),
+        ('{"epochs": 8,\n', "is not valid JSON"),
+        ("", "is not valid JSON"),
+    ],
+)
+def test_budget_file_not_an_object(tmp_path, text, message):
+    path = write_budget(tmp_path, text)
+    with pytest.raises(ValueError, match=message) as caught:
+        resolve_preset(str(path))
+    assert str(path) in str(caught.value)
+
+
+def test_budget_file_folder(tmp_path):
+    folder = tmp_path / "budget.json"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="is a folder"):
+        resolve_preset(str(folder))
+
+
+def test_budget_file_defaults_adversarial(tmp_path):
+    data = TINY.to_dict()
+    del data["adversarial_steps"], data["adversarial_starts"], data["name"]
+    preset = resolve_preset(str(write_budget(tmp_path, json.dumps(data))))
+    assert preset.name == "budget"
+    assert (preset.adversarial_steps, preset.adversarial_starts) == (30, 2)
+
+
+def test_report_robustness_count_used(finished_run, tmp_path):
+    # With robust_n above the test part's size, every test composition is
+    # probed, so the report states the count that the units recorded.
+    from dvmrl.report import write_report
+
+    out, _ = finished_run
+    assert f"measured on {TINY.robust_n} fixed test compositions (epsilon" in (
+        (out / "report.md").read_text()
+    )
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    run = json.loads((copy / "run.json").read_text())
+    run["signature"]["preset"]["robust_n"] = 100000
+    (copy / "run.json").write_text(json.dumps(run))
+    report = write_report(copy)
+    text = (copy / "report.md").read_text()
+    assert "measured on 6 fixed test compositions (the budget asks for 100000" in text
+    assert {row["robust_n"] for row in report["results"]} == {TINY.robust_n}
+
+
+def test_method_order_keeps_results(finished_run, tmp_path, agent_file):
+    # Every unit seeds its own generators, so a resumed run may list the
+    # methods in another order.
+    out, report = finished_run
+    methods = ["agent", "bayesian", "random"]
+    spec = RunSpec(preset=TINY, seeds=[0], methods=methods, agent_path=agent_file)
+    again = run_experiment(spec, tmp_path / "reordered")
+    first = {row["method"]: row for row in report["results"]}
+    for row in again["results"]:
+        for key in ("test_rmse", "chemsys_rmse", "robustness_radius", "config"):
+            assert row[key] == first[row["method"]][key], (row["method"], key)
+    Experiment(spec, out, resume=True).prepare()

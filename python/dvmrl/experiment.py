@@ -22,15 +22,18 @@ metrics and chosen configurations as an uninterrupted run.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import math
 import os
 import sys
+import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +58,8 @@ STATE_VERSION = 1
 RUN_FILE = "run.json"
 STATE_FILE = "state.json"
 DEFAULT_DATA = "mp-formation-energy"
+# The way on that messages about a corrupt run folder suggest.
+FRESH_RUN = "start a fresh run with another --out (this folder is left as it is)"
 
 # Robustness settings: box radius of the vulnerability (fraction units), the
 # prediction change that defines the robustness radius (eV/atom) and its cap.
@@ -132,51 +137,108 @@ class Preset:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preset:
-        """Build a preset from a dictionary, rejecting unknown keys."""
+        """Build a preset from a dictionary, rejecting unknown and missing keys."""
+        if not isinstance(data, dict):
+            raise ValueError(
+                "a budget must be a JSON object with the fields of "
+                f"dvmrl.experiment.Preset, got {_json_type(data)}"
+            )
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(
                 f"unknown budget keys {unknown}; known keys: {sorted(known)}"
             )
+        missing = [
+            name
+            for name, spec in cls.__dataclass_fields__.items()
+            if name not in data and spec.default is MISSING
+        ]
+        if missing:
+            raise ValueError(
+                f"budget keys {missing} are missing; a budget gives every field "
+                "of dvmrl.experiment.Preset except adversarial_steps and "
+                "adversarial_starts (default 30 and 2); see the presets in "
+                "'dvmrl run --help'"
+            )
         return cls(**data)
 
     def check(self) -> None:
-        """Raise ValueError when the preset cannot run one trial."""
+        """Raise ValueError when a field has the wrong type or the preset cannot run.
+
+        Counts must be JSON integers (not floats, strings or booleans).
+        """
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(
+                f"budget name must be a non-empty string, got {_shown(self.name)}"
+            )
         for name in (
             "epochs",
             "trial_epochs",
             "seeds",
             "retrain_epochs",
             "agent_slice",
-        ):
-            value = getattr(self, name)
-            if int(value) != value or value < 1:
-                raise ValueError(
-                    f"budget {self.name!r}: {name} must be an integer >= 1, got {value}"
-                )
-        for name in (
             "robust_n",
             "n_initial_points",
             "adversarial_steps",
             "adversarial_starts",
         ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"budget {self.name!r}: {name} must be >= 1")
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(
+                    f"budget {self.name!r}: {name} must be an integer >= 1, "
+                    f"got {_shown(value)}"
+                )
         for name in ("max_train", "max_val"):
             value = getattr(self, name)
-            if value is not None and value < 2:
+            if value is not None and (not _is_int(value) or value < 2):
                 raise ValueError(
-                    f"budget {self.name!r}: {name} must be >= 2 or None, got {value}"
+                    f"budget {self.name!r}: {name} must be an integer >= 2 or null "
+                    f"(the whole pool), got {_shown(value)}"
                 )
-        # Raises when not even one (shortened) trial fits.
-        EpochBudget(self.epochs, self.trial_epochs)
+        try:
+            EpochBudget(self.epochs, self.trial_epochs)
+        except ValueError as err:
+            shortest = max(1, self.trial_epochs // 2)
+            raise ValueError(
+                f"budget {self.name!r}: epochs {self.epochs} cannot fit one trial "
+                f"of trial_epochs {self.trial_epochs} (the last trial may be cut "
+                f"to half of trial_epochs, {shortest} epochs, but no shorter); "
+                f"raise epochs to at least {shortest} or lower trial_epochs"
+            ) from err
         if self.epochs < self.agent_slice:
             raise ValueError(
                 f"budget {self.name!r}: {self.epochs} epochs cannot fit one agent "
                 "step of "
                 f"{self.agent_slice} epochs; raise epochs or lower agent_slice"
             )
+
+
+def _is_int(value: Any) -> bool:
+    """Return True for an integer that is not a boolean."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _json_type(value: Any) -> str:
+    """Name the JSON type of a parsed value with its article, for messages."""
+    names = {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }
+    return names.get(type(value), f"a {type(value).__name__}")
+
+
+def _shown(value: Any) -> str:
+    """Show a value as JSON writes it (true, "8", NaN), for messages."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 # Sized so that on 2 CPU cores quick finishes within 3 minutes and small
@@ -240,18 +302,36 @@ def resolve_preset(name_or_path: str | Preset) -> Preset:
     elif name_or_path in PRESETS:
         preset = PRESETS[name_or_path]
     elif str(name_or_path).endswith(".json"):
-        path = Path(name_or_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"budget file {path} not found")
-        data = json.loads(path.read_text(encoding="utf-8"))
-        data.setdefault("name", path.stem)
-        preset = Preset.from_dict(data)
+        return _read_budget_file(Path(name_or_path))
     else:
         raise ValueError(
             f"unknown budget {name_or_path!r}; expected one of {', '.join(PRESETS)} "
             "or a JSON file with the fields of dvmrl.experiment.Preset"
         )
     preset.check()
+    return preset
+
+
+def _read_budget_file(path: Path) -> Preset:
+    """Read and check a budget JSON file. Every error names the file."""
+    if path.is_dir():
+        raise ValueError(
+            f"budget file {path} is a folder; pass a JSON file with the fields of "
+            "dvmrl.experiment.Preset, or quick, small or full"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"budget file {path} not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"budget file {path} is not valid JSON: {err}") from err
+    try:
+        if isinstance(data, dict):
+            data.setdefault("name", path.stem)
+        preset = Preset.from_dict(data)
+        preset.check()
+    except ValueError as err:
+        raise ValueError(f"budget file {path}: {err}") from err
     return preset
 
 
@@ -608,6 +688,236 @@ class UnitPaths:
         return self.root / "predictions.npz"
 
 
+def _read_run_json(path: Path, fix: str) -> Any:
+    """Read a JSON file of the run folder, raising RunDirectoryError if corrupt."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunDirectoryError(
+            f"{path} is corrupt: it is not valid JSON ({err}); {fix}"
+        ) from err
+
+
+def _check_run_file(recorded: Any, path: Path) -> None:
+    """Raise RunDirectoryError unless ``run.json`` has the parts the report reads."""
+    problem = None
+    if not isinstance(recorded, dict):
+        problem = f"it contains {_json_type(recorded)}, not an object"
+    elif not isinstance(recorded.get("signature"), dict):
+        problem = '"signature" is not an object'
+    elif not isinstance(recorded.get("data_info", {}), dict):
+        problem = '"data_info" is not an object'
+    elif not isinstance(recorded.get("command_line", []), (list, type(None))):
+        problem = '"command_line" is not a list'
+    if problem is not None:
+        raise RunDirectoryError(f"{path} is corrupt: {problem}; {FRESH_RUN}")
+
+
+def _describe_difference(key: str, old: Any, new: Any, recorded: dict) -> str:
+    """Describe one setting that differs between a stored run and a request."""
+    if key == "preset" and isinstance(old, dict):
+        fields = [f for f in new if old.get(f) != new[f]]
+        stored = ", ".join(f"{f} {_shown(old.get(f))}" for f in fields)
+        requested = ", ".join(f"{f} {_shown(new[f])}" for f in fields)
+        return f"budget: stored {stored}, requested {requested}"
+    if key == "data_checksum":
+        return (
+            f"data: stored {_shown(recorded.get('data'))} (checksum "
+            f"{str(old)[:12]}...), requested data has checksum {new[:12]}..."
+        )
+    if key == "space":
+        return "search space: the stored run used another dvmrl.search.SEARCH_SPACE"
+    if key == "agent_path":
+        shipped = "the pretrained agent"
+        return (
+            f"agent: stored {shipped if old is None else _shown(old)}, requested "
+            f"{shipped if new is None else _shown(new)}"
+        )
+    label = {"agent_learn": "agent-learn"}.get(key, key)
+    return f"{label}: stored {_shown(old)}, requested {_shown(new)}"
+
+
+def _state_problem(value: Any, kind: str, high: float | None = None) -> str | None:
+    """Return what is wrong with one stored value, or None when it is fine.
+
+    ``kind`` is ``count`` (an integer >= 0), ``number`` (a finite number),
+    ``positive`` (a finite number >= 0) or ``share`` (a number in [0, 1]).
+    None (JSON null) is accepted for numbers, as non-finite values are stored so.
+    """
+    if kind == "count":
+        if not _is_int(value) or value < 0 or (high is not None and value > high):
+            upper = "" if high is None else f" and <= {high:g}"
+            return f"an integer >= 0{upper}"
+        return None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "a number or null"
+    if not math.isfinite(value):
+        return "a finite number or null"
+    low = {"number": None, "positive": 0.0, "share": 0.0}[kind]
+    if kind == "share":
+        high = 1.0
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+        return f"a number {bounds} or null"
+    return None
+
+
+# Per part of a unit: the fields checked and their kinds (see _state_problem).
+_METRIC_FIELDS = {
+    "rmse": "positive",
+    "mae": "positive",
+    "r2": "number",
+    "max_error": "positive",
+    "gcv_score": "positive",
+    "accuracy": "share",
+    "precision": "share",
+    "recall": "share",
+    "f1": "share",
+}
+_ROBUSTNESS_FIELDS = {
+    "vulnerability": "positive",
+    "robustness_radius": "positive",
+    "robustness_radius_l2": "positive",
+    "n_compositions": "count",
+}
+
+
+def check_state(state: dict[str, Any], preset: Preset, path: Path, fix: str) -> None:
+    """Raise RunDirectoryError when the resume state has wrong types or values.
+
+    Checks what the run and its report read: the types of every part of a
+    unit, and the sign or range of the epochs, errors, scores and seconds.
+    ``fix`` says how to go on when the state as a whole is unusable.
+    """
+    checker = _StateChecker(path, fix, preset.epochs)
+    units = checker.obj(state.get("units"), '"units"')
+    for key, unit in units.items():
+        checker.unit(key, unit)
+
+
+class _StateChecker:
+    """Checker of one resume state. Each failure names the file, entry and fix."""
+
+    def __init__(self, path: Path, fix: str, epochs: int) -> None:
+        self.path = path
+        self.fix = fix
+        self.epochs = epochs
+        self.key: str | None = None
+
+    def fail(self, where: str, value: Any, expected: str) -> None:
+        remedy = self.fix
+        if self.key is not None:
+            remedy = (
+                f'remove the entry {self.key!r} from "units" in it and rerun '
+                f"with --resume to recompute that unit, or {FRESH_RUN}"
+            )
+        raise RunDirectoryError(
+            f"{self.path} is corrupt: {where} is {_shown(value)}, expected "
+            f"{expected}; {remedy}"
+        )
+
+    def value(self, value: Any, kind: str, where: str, high=None) -> None:
+        expected = _state_problem(value, kind, high)
+        if expected is not None:
+            self.fail(where, value, expected)
+
+    def obj(self, value: Any, where: str) -> dict:
+        if not isinstance(value, dict):
+            self.fail(where, value, "an object")
+        return value
+
+    def array(self, value: Any, where: str) -> list:
+        if not isinstance(value, list):
+            self.fail(where, value, "an array")
+        return value
+
+    def unit(self, key: str, unit: Any) -> None:
+        self.key = key
+        at = f"units[{key!r}]"
+        self.obj(unit, at)
+        method, seed = unit.get("method"), unit.get("seed")
+        if method not in METHODS or not _is_int(seed) or key != f"{method}/seed{seed}":
+            self.fail(f"{at} method and seed", [method, seed], f"those of {key!r}")
+
+        seconds = self.obj(unit.get("seconds", {}), f"{at}['seconds']")
+        for name, value in seconds.items():
+            self.value(value, "positive", f"{at}['seconds'][{name!r}]")
+        for i, trial in enumerate(
+            self.array(unit.get("trials", []), f"{at}['trials']")
+        ):
+            self.trial(trial, f"{at}['trials'][{i}]")
+
+        for i, step in enumerate(self.array(unit.get("steps", []), f"{at}['steps']")):
+            where = f"{at}['steps'][{i}]"
+            self.obj(step, where)
+            self.value(step.get("val_rmse"), "positive", f"{where}['val_rmse']")
+            spent = step.get("epochs_spent")
+            self.value(spent, "count", f"{where}['epochs_spent']", self.epochs)
+
+        episode = self.obj(unit.get("episode", {}), f"{at}['episode']")
+        snapshot = episode.get("snapshot")
+        if snapshot is not None and (not isinstance(snapshot, str) or "/" in snapshot):
+            self.fail(f"{at}['episode']['snapshot']", snapshot, "a folder name")
+
+        if "chosen" in unit:
+            self.chosen(unit["chosen"], f"{at}['chosen']")
+        if "epochs_used" in unit:
+            used = unit["epochs_used"]
+            self.value(used, "count", f"{at}['epochs_used']", self.epochs)
+        for part in ("test", "chemsys"):
+            if part in unit:
+                metrics = self.obj(unit[part], f"{at}[{part!r}]")
+                for name, kind in _METRIC_FIELDS.items():
+                    where = f"{at}[{part!r}][{name!r}]"
+                    self.value(metrics.get(name), kind, where)
+        if "robustness" in unit:
+            self.robustness(unit["robustness"], f"{at}['robustness']")
+
+    def trial(self, trial: Any, where: str) -> None:
+        self.obj(trial, where)
+        fields = set(TrialRecord.__dataclass_fields__)
+        if not fields - {"extra"} <= set(trial) <= fields:
+            self.fail(f"{where} keys", sorted(trial), f"those of {sorted(fields)}")
+        self.config(trial["config"], f"{where}['config']")
+        self.value(trial["val_rmse"], "positive", f"{where}['val_rmse']")
+        for name in ("epochs", "epochs_before"):
+            self.value(trial[name], "count", f"{where}[{name!r}]", self.epochs)
+        self.value(trial["index"], "count", f"{where}['index']")
+        self.value(trial["seconds"], "positive", f"{where}['seconds']")
+        extra = self.obj(trial.get("extra", {}), f"{where}['extra']")
+        curve = self.array(extra.get("val_curve", []), f"{where}['extra']['val_curve']")
+        for j, value in enumerate(curve):
+            self.value(value, "positive", f"{where}['extra']['val_curve'][{j}]")
+
+    def chosen(self, chosen: Any, where: str) -> None:
+        self.obj(chosen, where)
+        self.config(chosen.get("config"), f"{where}['config']")
+        self.value(chosen.get("val_rmse"), "positive", f"{where}['val_rmse']")
+        trained = chosen.get("epochs_trained")
+        self.value(trained, "count", f"{where}['epochs_trained']", self.epochs)
+
+    def config(self, config: Any, where: str) -> None:
+        self.obj(config, where)
+        for name in SEARCH_SPACE.names:
+            value = config.get(name)
+            if value is None:
+                self.fail(f"{where}[{name!r}]", value, "a number")
+            self.value(value, "positive", f"{where}[{name!r}]")
+
+    def robustness(self, robust: Any, where: str) -> None:
+        self.obj(robust, where)
+        for name, kind in _ROBUSTNESS_FIELDS.items():
+            self.value(robust.get(name, 0), kind, f"{where}[{name!r}]")
+        table = self.obj(
+            robust.get("per_composition", {}), f"{where}['per_composition']"
+        )
+        where = f"{where}['per_composition']['radius']"
+        for j, value in enumerate(self.array(table.get("radius", []), where)):
+            self.value(value, "positive", f"{where}[{j}]")
+
+
 class Experiment:
     """One run of the main job, resumable from its output folder.
 
@@ -616,7 +926,8 @@ class Experiment:
         out_dir: output folder; ``state.json``, ``run.json``, per-unit
             checkpoints and the report go there.
         resume: continue the run already in ``out_dir``. Without it an
-            output folder that contains anything raises ``RunDirectoryError``.
+            output folder that contains anything raises ``RunDirectoryError``,
+            and with it a folder that contains no run raises it.
         device: torch device (or name) to train on.
         command_line: recorded in the provenance.
         progress: a factory ``progress(method, seed, total_epochs)`` returning
@@ -652,9 +963,15 @@ class Experiment:
 
         Raises:
             RunDirectoryError: when the folder contains another run (or any file)
-                and ``resume`` is false, or when ``resume`` is true and the
-                recorded run differs from the request.
+                and ``resume`` is false; when ``resume`` is true and the folder
+                contains no run, the recorded run differs from the request or a
+                state file is corrupt; or when the folder is not writable.
         """
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise RunDirectoryError(
+                f"--out {self.out_dir} is a file, but --out must be a folder; "
+                "choose another path (a new or empty folder)"
+            )
         existing = self.out_dir.is_dir() and any(self.out_dir.iterdir())
         if existing and not self.resume:
             raise RunDirectoryError(
@@ -663,6 +980,19 @@ class Experiment:
                 "other files); pass --resume to continue the run in it, or choose "
                 "another --out"
             )
+        run_file = self.out_dir / RUN_FILE
+        if self.resume and not existing:
+            where = "is empty" if self.out_dir.is_dir() else "does not exist"
+            raise RunDirectoryError(
+                f"nothing to resume: output folder {self.out_dir} {where}; start "
+                "the run without --resume"
+            )
+        if self.resume and not run_file.is_file():
+            raise RunDirectoryError(
+                f"output folder {self.out_dir} contains files but no {RUN_FILE}; "
+                "it is not "
+                "a dvmrl run folder, so choose another --out"
+            )
         self.df, self.data_info = load_data(self.spec.data)
         if "agent" in self.spec.methods:
             # Fail before any work when the agent file is missing or invalid.
@@ -670,30 +1000,16 @@ class Experiment:
 
             load_agent(self.spec.agent_path)
         signature = self.spec.signature(self.data_info["frame_sha256"])
-        run_file = self.out_dir / RUN_FILE
-        if self.resume and run_file.is_file():
-            recorded = json.loads(run_file.read_text(encoding="utf-8"))
-            differences = [
-                key
-                for key in signature
-                if recorded.get("signature", {}).get(key) != signature[key]
-            ]
-            if differences:
-                raise RunDirectoryError(
-                    f"output folder {self.out_dir} contains a run with other settings "
-                    f"({', '.join(differences)} differ); resume it with the same "
-                    "--data, --budget, --seeds and --methods, or choose another --out"
-                )
+        if self.resume:
+            recorded = _read_run_json(run_file, FRESH_RUN)
+            _check_run_file(recorded, run_file)
+            self._check_signature(recorded, signature)
             self.state = self._read_state()
+            self._check_unit_files()
+            self._check_writable()
             logger.info("resuming the run in %s", self.out_dir)
             return
-        if existing:
-            raise RunDirectoryError(
-                f"output folder {self.out_dir} contains files but no {RUN_FILE}; "
-                "it is not "
-                "a dvmrl run folder, so choose another --out"
-            )
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._check_writable()
         write_json_atomic(
             run_file,
             {
@@ -708,6 +1024,45 @@ class Experiment:
         self.state = {"format": STATE_FORMAT, "version": STATE_VERSION, "units": {}}
         self._write_state()
 
+    def _check_writable(self) -> None:
+        """Create the output folder if needed, and raise if it is not writable."""
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            handle, probe = tempfile.mkstemp(
+                dir=self.out_dir, prefix=".dvmrl-write-test.", suffix=".tmp"
+            )
+        except OSError as err:
+            if not isinstance(err, PermissionError) and err.errno != errno.EROFS:
+                raise
+            raise RunDirectoryError(
+                f"output folder {self.out_dir} is not writable ({err.strerror}); "
+                "make it writable or choose another --out"
+            ) from err
+        os.close(handle)
+        os.unlink(probe)
+
+    def _check_signature(self, recorded: dict[str, Any], signature: dict) -> None:
+        """Raise RunDirectoryError naming each setting that differs from the run."""
+        stored = recorded["signature"]
+        differences = []
+        for key, requested in signature.items():
+            old = stored.get(key)
+            if key == "methods" and isinstance(old, list):
+                # The units do not depend on the order of the methods (each
+                # seeds its own generators), so only the set must match.
+                same = sorted(map(str, old)) == sorted(requested)
+            else:
+                same = old == requested
+            if not same:
+                differences.append(_describe_difference(key, old, requested, recorded))
+        if differences:
+            raise RunDirectoryError(
+                f"output folder {self.out_dir} contains a run with other settings "
+                f"({'; '.join(differences)}); resume it with the stored --data, "
+                "--budget, --seeds, --methods, --agent and --agent-learn, or choose "
+                "another --out"
+            )
+
     @property
     def stability_threshold(self) -> float | None:
         """Stability threshold of the data (eV/atom), or None when it states none."""
@@ -718,18 +1073,47 @@ class Experiment:
         path = self.out_dir / STATE_FILE
         if not path.is_file():
             return {"format": STATE_FORMAT, "version": STATE_VERSION, "units": {}}
-        try:
-            state = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
+        fix = (
+            f"delete {path} and rerun with --resume to recompute every unit in "
+            f"this folder, or {FRESH_RUN}"
+        )
+        state = _read_run_json(path, fix)
+        if not isinstance(state, dict):
             raise RunDirectoryError(
-                f"{path} is not valid JSON ({err}); it is corrupt"
-            ) from err
+                f"{path} is corrupt: it contains {_json_type(state)}, not the run "
+                f"state object; {fix}"
+            )
         if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
             raise RunDirectoryError(
                 f"{path} was written by another version of dvmrl "
                 f"(format {state.get('format')!r}, version {state.get('version')!r})"
             )
+        check_state(state, self.spec.preset, path, fix)
         return state
+
+    def _check_unit_files(self) -> None:
+        """Raise RunDirectoryError when a unit's stored test predictions are unreadable.
+
+        A missing predictions file is recomputed by ``run_unit``; an unreadable
+        one is reported, so that a damaged folder does not pass unnoticed.
+        """
+        for unit in self.state["units"].values():
+            if "test" not in unit:
+                continue
+            root = self.out_dir / "units" / f"{unit['method']}-seed{unit['seed']}"
+            path = UnitPaths(root).predictions
+            if not path.is_file():
+                continue
+            try:
+                with np.load(path) as arrays:
+                    for key in ("test_index", "y_true", "y_pred", "n_elements"):
+                        arrays[key]
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
+                raise RunDirectoryError(
+                    f"{path} is corrupt ({type(err).__name__}: {err}); delete it and "
+                    "rerun with --resume to score the unit's chosen model again, or "
+                    f"{FRESH_RUN}"
+                ) from err
 
     def _write_state(self) -> None:
         write_json_atomic(self.out_dir / STATE_FILE, finite_or_none(self.state))
@@ -774,8 +1158,9 @@ class Experiment:
     def run_unit(self, method: str, seed: int) -> dict[str, Any]:
         """Run the search, scoring, robustness and chemsys retraining of one unit."""
         unit = self.unit(method, seed)
-        if "chemsys" in unit:
-            return unit
+        if "test" in unit and not self.unit_paths(method, seed).predictions.is_file():
+            # The test predictions were deleted (or never written): score again.
+            del unit["test"]
         if "chosen" not in unit:
             if method == "agent":
                 self._agent_search(unit, seed)
@@ -898,10 +1283,11 @@ class Experiment:
                     chosen.get("trial"),
                 )
         if method == "agent":
-            raise RuntimeError(
-                f"{paths.checkpoint} of the agent's chosen model is missing; "
-                "delete the "
-                f"unit {method}/seed{seed} from {STATE_FILE} to rerun its episode"
+            raise RunDirectoryError(
+                f"{paths.checkpoint} of the agent's chosen model is missing or "
+                f"corrupt; remove the entry '{method}/seed{seed}' from \"units\" in "
+                f"{self.out_dir / STATE_FILE} and rerun with --resume to rerun its "
+                f"episode, or {FRESH_RUN}"
             )
         trainer, _ = train_config_on(
             self.pools("random", seed),
@@ -918,7 +1304,39 @@ class Experiment:
     def _agent_search(self, unit: dict[str, Any], seed: int) -> None:
         from dvmrl.experiment_agent import run_agent_unit
 
+        self._forget_broken_snapshot(unit, seed)
         run_agent_unit(self, unit, seed)
+
+    def _forget_broken_snapshot(self, unit: dict[str, Any], seed: int) -> None:
+        """Restart the agent's episode when its stored snapshot cannot be restored.
+
+        The snapshot is restored once into a scratch environment. Any failure
+        (a truncated or hand-edited file) drops the snapshot and its steps, so
+        the episode replays from its first step, which gives the same result
+        with the same seed.
+        """
+        from dvmrl.agent import DQNAgent
+        from dvmrl.experiment_agent import make_env, restore_episode
+
+        name = unit.get("episode", {}).get("snapshot")
+        if name is None:
+            return
+        folder = self.unit_paths("agent", seed).root / name
+        try:
+            restore_episode(make_env(self, seed), folder)
+            if self.spec.agent_learn:
+                DQNAgent.load(folder / "agent.pt", folder / "buffer.npz")
+        except Exception as err:  # noqa: BLE001 - any failure means a damaged snapshot
+            logger.warning(
+                "agent seed %d: the episode snapshot %s is corrupt (%s: %s); "
+                "restarting the episode from its first step (same seed, same result)",
+                seed,
+                folder,
+                type(err).__name__,
+                err,
+            )
+            unit.pop("episode", None)
+            unit.pop("steps", None)
 
     # -- scoring ------------------------------------------------------------
 
