@@ -366,6 +366,11 @@ def test_resolve_missing_file(tmp_path):
         datasets.resolve_data(str(missing))
 
 
+def test_resolve_folder(tmp_path):
+    with pytest.raises(ValueError, match=f"data path '{tmp_path}' is a folder"):
+        datasets.resolve_data(str(tmp_path))
+
+
 def test_resolve_bad_target_kind(tmp_path):
     path = _write(tmp_path, "formula,target\nAlNi,-0.6\n")
     with pytest.raises(ValueError, match="unknown target kind 'band_gap'"):

@@ -111,6 +111,12 @@ def resolve_data(
         info = dataset_info(text)
     else:
         path = Path(text)
+        if path.is_dir():
+            raise ValueError(
+                f"data path {text!r} is a folder; pass a CSV file with formula and "
+                f"target columns inside it, or one of the vendored data sets "
+                f"{', '.join(DATASETS)}"
+            )
         if not path.is_file() and (path.suffix or os.sep in text):
             # It reads as a path, not as a data set name.
             raise ValueError(
