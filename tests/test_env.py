@@ -201,3 +201,30 @@ def test_episode_training_settings_pinned(env):
     assert env.train_config.monitor == "val_rmse"
     assert env.train_config.ema_decay == 0.0
     assert env.model_config.fraction_hidden == 0
+
+
+@pytest.mark.parametrize("n_other", [1, 2])
+def test_shift_detection_tiny_part(n_other):
+    from dvmrl import env as env_module
+
+    rng = np.random.default_rng(0)
+    f_train = rng.normal(size=(40, 6))
+    f_other = rng.normal(size=(n_other, 6)) + 3.0
+    labels, probability, used = env_module._adversarial_validation_probabilities(
+        f_train, f_other, rng
+    )
+    # Too few rows for three folds: no shift is claimed, and nothing fails.
+    assert len(used) == 40
+    assert labels.tolist() == [0.0] * 40 + [1.0] * n_other
+    assert np.all(probability == 0.5)
+    assert env_module._adversarial_validation_auc(f_train, f_other, rng) == 0.5
+
+
+def test_shift_detection_three_rows_fitted():
+    from dvmrl import env as env_module
+
+    rng = np.random.default_rng(0)
+    f_train = rng.normal(size=(40, 6))
+    f_other = rng.normal(size=(3, 6)) + 5.0
+    # A shift this large is found with three rows of the other class.
+    assert env_module._adversarial_validation_auc(f_train, f_other, rng) > 0.9

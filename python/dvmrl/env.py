@@ -834,6 +834,10 @@ def _adversarial_validation_probabilities(
     used = rng.choice(len(f_train), min(n_train, len(f_train)), replace=False)
     x = np.concatenate([f_train[used], f_other])
     labels = np.concatenate([np.zeros(len(used)), np.ones(len(f_other))])
+    if min(len(used), len(f_other)) < 3:
+        # Three folds need three rows of each class. With fewer, every
+        # composition gets probability 0.5, which means no detectable shift.
+        return labels, np.full(len(labels), 0.5), used
     folds = StratifiedKFold(n_splits=3, shuffle=True, random_state=int(rng.integers(2**31 - 1)))
     # A shrinkage LDA fits in closed form, far faster than an iterative
     # logistic regression, and is enough for a linear shift detector.
