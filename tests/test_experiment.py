@@ -573,3 +573,24 @@ def test_method_order_keeps_results(finished_run, tmp_path, agent_file):
         for key in ("test_rmse", "chemsys_rmse", "robustness_radius", "config"):
             assert row[key] == first[row["method"]][key], (row["method"], key)
     Experiment(spec, out, resume=True).prepare()
+
+
+@pytest.mark.parametrize("rows", [5, 10])
+def test_pools_reject_tiny_data(rows):
+    from dvmrl.datasets import load
+    from dvmrl.experiment import make_pools
+
+    df = load("mp-formation-energy").sample(n=rows, random_state=1)
+    df = df.reset_index(drop=True)
+    with pytest.raises(ValueError, match=f"random split of the {rows} compositions"):
+        make_pools(df, "random", 0, PRESETS["quick"])
+
+
+def test_pools_accept_twenty_rows():
+    from dvmrl.datasets import load
+    from dvmrl.experiment import make_pools
+
+    df = load("mp-formation-energy").sample(n=20, random_state=1).reset_index(drop=True)
+    pools = make_pools(df, "random", 0, PRESETS["quick"])
+    assert len(pools.test_index) >= 2
+    assert len(pools.val_index) >= 2

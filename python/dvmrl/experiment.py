@@ -511,6 +511,18 @@ def make_pools(df, kind: str, seed: int, preset: Preset) -> Pools:
     from dvmrl.splits import make_split
 
     split = make_split(df, kind, seed)
+    sizes = {"training": len(split.train), "validation": len(split.val)}
+    sizes["test"] = len(split.test)
+    small = [f"{part} {count}" for part, count in sizes.items() if count < 2]
+    if small:
+        # Validation scores and test metrics (R^2, the GCV score) need two or
+        # more compositions per part.
+        raise ValueError(
+            f"the {kind} split of the {len(df)} compositions leaves too few in "
+            f"some parts ({', '.join(small)}); dvmrl run needs at least 2 in each, "
+            "so pass a data set with more compositions (20 or more for the "
+            "random split)"
+        )
     train = subsample(split.train, preset.max_train, derive_seed(seed, 1))
     val = subsample(split.val, preset.max_val, derive_seed(seed, 2))
     test = np.asarray(split.test, dtype=np.int64)
