@@ -25,3 +25,25 @@ requires_cuda = pytest.mark.skipif(
 def device(request) -> torch.device:
     """Each device that both PyTorch and the compiled core can use."""
     return torch.device(request.param)
+
+
+@pytest.fixture(scope="session")
+def make_untrained_agent():
+    """Return a function that saves an untrained agent of the tuning environment."""
+    from dvmrl.agent import DQNAgent
+    from dvmrl.env import ModelTuningEnv
+
+    def make(path) -> str:
+        # The smallest environment gives the observation and action sizes.
+        env = ModelTuningEnv(
+            train_size=60,
+            val_pool_size=60,
+            val_size=20,
+            reward_size=20,
+            probe_size=4,
+            budget_epochs=1,
+        )
+        DQNAgent(env.observation_space.shape[0], env.action_space.n).save(path)
+        return str(path)
+
+    return make

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 
 import dvmrl
-from dvmrl.agent import PRETRAINED_AGENT, DQNAgent
+from dvmrl.agent import PRETRAINED_AGENT
 from dvmrl.cli import main
-from dvmrl.env import ModelTuningEnv
 
 # Small enough that an uninterrupted run takes seconds, large enough that
 # each method has several units to interrupt between.
@@ -58,21 +57,11 @@ def budget_file(workdir):
 
 
 @pytest.fixture(scope="module")
-def agent_args(workdir):
+def agent_args(workdir, make_untrained_agent):
     """Use the shipped agent when the package has it, else an untrained one."""
     if PRETRAINED_AGENT.is_file():
         return []
-    env = ModelTuningEnv(
-        train_size=60,
-        val_pool_size=60,
-        val_size=20,
-        reward_size=20,
-        probe_size=4,
-        budget_epochs=1,
-    )
-    path = workdir / "agent.pt"
-    DQNAgent(env.observation_space.shape[0], env.action_space.n).save(path)
-    return ["--agent", str(path)]
+    return ["--agent", make_untrained_agent(workdir / "agent.pt")]
 
 
 def test_quick_smoke(workdir, agent_args):

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from dvmrl import env as env_module
-from dvmrl.agent import DQNAgent
 from dvmrl.experiment import (
     PRESETS,
     Experiment,
@@ -42,23 +41,9 @@ TINY = Preset(
 )
 
 
-def fresh_agent(path):
-    env = env_module.ModelTuningEnv(
-        train_size=60,
-        val_pool_size=60,
-        val_size=20,
-        reward_size=20,
-        probe_size=4,
-        budget_epochs=1,
-    )
-    agent = DQNAgent(env.observation_space.shape[0], env.action_space.n)
-    agent.save(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
-def agent_file(tmp_path_factory):
-    return fresh_agent(tmp_path_factory.mktemp("agent") / "agent.pt")
+def agent_file(tmp_path_factory, make_untrained_agent):
+    return make_untrained_agent(tmp_path_factory.mktemp("agent") / "agent.pt")
 
 
 @pytest.fixture(scope="module")

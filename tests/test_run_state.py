@@ -13,9 +13,7 @@ import numpy as np
 import pytest
 
 from dvmrl import experiment_agent
-from dvmrl.agent import DQNAgent
 from dvmrl.cli import main
-from dvmrl.env import ModelTuningEnv
 from dvmrl.experiment import Preset, RunSpec, run_experiment
 
 TINY = Preset(
@@ -54,18 +52,8 @@ def random_run(base):
 
 
 @pytest.fixture(scope="module")
-def agent_file(base):
-    env = ModelTuningEnv(
-        train_size=60,
-        val_pool_size=60,
-        val_size=20,
-        reward_size=20,
-        probe_size=4,
-        budget_epochs=1,
-    )
-    path = base / "agent.pt"
-    DQNAgent(env.observation_space.shape[0], env.action_space.n).save(path)
-    return str(path)
+def agent_file(base, make_untrained_agent):
+    return make_untrained_agent(base / "agent.pt")
 
 
 @pytest.fixture(scope="module")
