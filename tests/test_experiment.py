@@ -133,6 +133,16 @@ def test_markdown_names_winners(finished_run):
     assert "inverse square" in text
 
 
+def test_markdown_points_to_unit_metrics(finished_run):
+    out, report = finished_run
+    text = (out / "report.md").read_text()
+    assert "within 0.05 eV/atom of the target" in text
+    row = report["results"][0]
+    # The metrics the sentence names are in report.json for every unit.
+    for key in ("test_max_error", "test_accuracy", "test_f1", "robustness_radius_l2"):
+        assert math.isfinite(row[key]), key
+
+
 def test_markdown_states_baseline_win(finished_run):
     out, report = finished_run
     text = (out / "report.md").read_text()

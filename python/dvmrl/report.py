@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from dvmrl._files import write_text_atomic
+from dvmrl.metrics import DEFAULT_TOLERANCE
 
 logger = logging.getLogger(__name__)
 
@@ -491,7 +492,12 @@ def _results_lines(report: dict[str, Any]) -> list[str]:
         "## Results",
         "",
         "Mean ± sample standard deviation over seeds"
-        + (" (one seed: no spread)." if len(report["seeds"]) == 1 else "."),
+        + (" (one seed: no spread)." if len(report["seeds"]) == 1 else ".")
+        + " The results in report.json also give, for each method and seed, the "
+        "largest test error (eV/atom), the test accuracy (fraction of "
+        f"predictions within {DEFAULT_TOLERANCE:g} eV/atom of the target), the "
+        "F1 score of the stability call and the robustness radius in the L2 "
+        "norm.",
         "",
         "| metric | "
         + " | ".join(METHOD_LABELS.get(m, m) for m in methods)
