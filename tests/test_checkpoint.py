@@ -189,6 +189,45 @@ def test_garbage_file(tmp_path):
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"", "the file is empty"),
+        (b"hello world\n", "it is not the zip archive that torch.save writes"),
+        (pickle.dumps({"a": 1}), "it is a bare pickle stream"),
+    ],
+)
+def test_unreadable_file_named(tmp_path, content, problem):
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert problem in message
+    # PyTorch's hint to load with weights_only=False would run the file's code.
+    assert "weights_only" not in message
+
+
+def test_truncated_file_names_zip(saved, tmp_path):
+    data = saved[1].read_bytes()
+    path = tmp_path / "truncated.pt"
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match="its zip archive is truncated"):
+        load_checkpoint(path)
+
+
+def test_cli_predict_text_file(tmp_path, capsys):
+    from dvmrl.cli import main
+
+    path = tmp_path / "text.pt"
+    path.write_text("hello world")
+    assert main(["predict", str(path), "AlNi2"]) == 2
+    err = capsys.readouterr().err
+    assert "internal error" not in err
+    assert f"checkpoint {path} is corrupt or not a dvmrl checkpoint" in err
+
+
 def test_foreign_torch_file(tmp_path):
     path = tmp_path / "foreign.pt"
     torch.save({"weight": torch.zeros(3)}, path)

@@ -185,21 +185,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             # rejection below reports the file instead.
             warnings.simplefilter("ignore", UserWarning)
             document = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if _builds_objects(path):
-            raise CheckpointError(
-                f"checkpoint {path} was rejected without being loaded: it carries a "
-                "pickled Python object that is not a tensor or plain data, which "
-                "could run code; dvmrl checkpoints never contain one"
-            ) from None
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt: it is not a readable PyTorch file "
-            f"({str(err).strip().splitlines()[-1][:200]})"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or truncated: {type(err).__name__}: {err}"
-        ) from None
+    except Exception as err:  # noqa: BLE001 - any failed load means a bad file
+        # PyTorch's own message suggests weights_only=False, which would run
+        # the code in the file, so it is neither chained nor quoted.
+        raise _unreadable_checkpoint(path, err) from None
 
     if not isinstance(document, dict) or HEADER_KEY not in document:
         raise CheckpointError(
@@ -285,6 +274,35 @@ def _pickle_bytes(path: Path) -> bytes:
     # A raw pickle of protocol 2 or later starts with the PROTO opcode; other
     # bytes (a truncated archive, say) are not scanned as a pickle.
     return data if data[:1] == b"\x80" else b""
+
+
+def _unreadable_checkpoint(path: Path, err: Exception) -> CheckpointError:
+    """Return the error for a file that ``torch.load(weights_only=True)`` rejected."""
+    if isinstance(err, pickle.UnpicklingError) and _builds_objects(path):
+        return CheckpointError(
+            f"checkpoint {path} was rejected without being loaded: it carries a "
+            "pickled Python object that is not a tensor or plain data, which "
+            "could run code; dvmrl checkpoints never contain one"
+        )
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(4)
+    except OSError as read_error:
+        return CheckpointError(
+            f"checkpoint {path} cannot be read: {read_error.strerror or read_error}"
+        )
+    if not head:
+        problem = "the file is empty"
+    elif head.startswith(b"PK"):
+        problem = "its zip archive is truncated or corrupt"
+    elif head[0] == 0x80:
+        problem = "it is a bare pickle stream, not the zip archive torch.save writes"
+    else:
+        problem = "it is not the zip archive that torch.save writes"
+    return CheckpointError(
+        f"checkpoint {path} is corrupt or not a dvmrl checkpoint: {problem} "
+        f"({type(err).__name__}); pass a model.pt written by dvmrl train"
+    )
 
 
 def _builds_objects(path: Path) -> bool:
