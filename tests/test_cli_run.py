@@ -324,3 +324,17 @@ def test_resume_with_methods_reordered(workdir, budget_file, agent_args, capsys)
     # The stored order is kept, and the finished units are not rerun.
     assert after["methods"] == ["random", "bayesian", "agent"]
     assert after["results"] == json.loads(before)["results"]
+
+
+def test_tiny_data_leaves_no_folder(tmp_path, capsys):
+    from dvmrl.datasets import load
+
+    data = tmp_path / "ten.csv"
+    rows = load("mp-formation-energy").sample(n=10, random_state=1)
+    rows[["formula", "target"]].to_csv(data, index=False)
+    out = tmp_path / "run"
+    argv = ["run", "--budget", "quick", "--data", str(data), "--methods", "random"]
+    assert main([*argv, "--out", str(out), "--no-progress"]) == 2
+    assert "leaves too few in some parts" in capsys.readouterr().err
+    # Nothing is written, so the same --out works once the data is fixed.
+    assert not out.exists()

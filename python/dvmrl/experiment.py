@@ -506,23 +506,29 @@ def subsample(index: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
     return np.sort(rng.choice(index, size=int(limit), replace=False))
 
 
+def check_split_sizes(split, kind: str, rows: int) -> None:
+    """Raise ValueError when a part of ``split`` has fewer than 2 compositions.
+
+    Validation scores and test metrics (R^2, the GCV score) need two or more
+    compositions per part.
+    """
+    sizes = {"training": len(split.train), "validation": len(split.val)}
+    sizes["test"] = len(split.test)
+    small = [f"{part} {count}" for part, count in sizes.items() if count < 2]
+    if small:
+        raise ValueError(
+            f"the {kind} split of the {rows} compositions leaves too few in some "
+            f"parts ({', '.join(small)}); dvmrl run needs at least 2 in each, so "
+            "pass a data set with more compositions"
+        )
+
+
 def make_pools(df, kind: str, seed: int, preset: Preset) -> Pools:
     """Split ``df``, subsample the training and validation pools, featurise them."""
     from dvmrl.splits import make_split
 
     split = make_split(df, kind, seed)
-    sizes = {"training": len(split.train), "validation": len(split.val)}
-    sizes["test"] = len(split.test)
-    small = [f"{part} {count}" for part, count in sizes.items() if count < 2]
-    if small:
-        # Validation scores and test metrics (R^2, the GCV score) need two or
-        # more compositions per part.
-        raise ValueError(
-            f"the {kind} split of the {len(df)} compositions leaves too few in "
-            f"some parts ({', '.join(small)}); dvmrl run needs at least 2 in each, "
-            "so pass a data set with more compositions (20 or more for the "
-            "random split)"
-        )
+    check_split_sizes(split, kind, len(df))
     train = subsample(split.train, preset.max_train, derive_seed(seed, 1))
     val = subsample(split.val, preset.max_val, derive_seed(seed, 2))
     test = np.asarray(split.test, dtype=np.int64)
@@ -1006,6 +1012,7 @@ class Experiment:
                 "a dvmrl run folder, so choose another --out"
             )
         self.df, self.data_info = load_data(self.spec.data)
+        self._check_data_size()
         if "agent" in self.spec.methods:
             # Fail before any work when the agent file is missing or invalid.
             from dvmrl.experiment_agent import load_agent
@@ -1035,6 +1042,15 @@ class Experiment:
         )
         self.state = {"format": STATE_FORMAT, "version": STATE_VERSION, "units": {}}
         self._write_state()
+
+    def _check_data_size(self) -> None:
+        """Raise ValueError, before anything is written, when a split is too small."""
+        from dvmrl.splits import make_split
+
+        for seed in self.spec.seeds:
+            for kind in ("random", "chemsys"):
+                split = make_split(self.df, kind, seed)
+                check_split_sizes(split, kind, len(self.df))
 
     def _check_writable(self) -> None:
         """Create the output folder if needed, and raise if it is not writable."""
