@@ -317,7 +317,7 @@ def test_cli_members_named_in_trainer_log(tmp_path, data_csv, monkeypatch, caplo
     monkeypatch.setattr(Trainer, "fit", fit_and_log)
     out = tmp_path / "run"
     argv = ["train", "--data", str(data_csv), "--epochs", "1", "--members", "2"]
-    with caplog.at_level(logging.INFO, logger=trainer_module.logger.name):
+    with caplog.at_level(logging.DEBUG):
         assert main([*argv, *TINY, "--out", str(out)]) == 0
         # The prefix is gone once the members are done.
         trainer_module.logger.info("after")
@@ -326,3 +326,7 @@ def test_cli_members_named_in_trainer_log(tmp_path, data_csv, monkeypatch, caplo
     assert "member 0: early stop after epoch 1" in lines
     assert "member 1: early stop after epoch 1" in lines
     assert lines[-1] == "after"
+    # The per-epoch lines of the command name the member too.
+    epochs = [r.getMessage() for r in caplog.records if r.name == "dvmrl"]
+    assert any(line.startswith("member 0: epoch 1: ") for line in epochs)
+    assert any(line.startswith("member 1: epoch 1: ") for line in epochs)

@@ -1080,7 +1080,8 @@ def _fit_member(
             val_rmse=_format_optional(record.get("val_rmse")),
             val_mae=_format_optional(record.get("val_mae")),
         )
-        logger.debug("epoch %s: %s", record.get("epoch"), record)
+        prefix = "" if label is None else f"{label}: "
+        logger.debug("%sepoch %s: %s", prefix, record.get("epoch"), record)
 
     try:
         # Trainer.fit rewrites last.pt after every epoch, so after Ctrl-C it
