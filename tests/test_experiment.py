@@ -226,7 +226,8 @@ def test_budget_without_trial_rejected():
 
 
 def test_budget_without_agent_step_rejected():
-    preset = Preset(**{**TINY.to_dict(), "epochs": 2, "agent_slice": 3})
+    changes = {"epochs": 2, "trial_epochs": 1, "agent_slice": 3}
+    preset = Preset(**{**TINY.to_dict(), **changes})
     with pytest.raises(ValueError, match="cannot fit one agent step"):
         preset.check()
 
@@ -485,6 +486,15 @@ def write_budget(tmp_path, text):
             {"epochs": 8, "trial_epochs": 20},
             "epochs 8 cannot fit one trial of trial_epochs 20 .*half of "
             "trial_epochs, 10 epochs",
+        ),
+        (
+            {"epochs": 16, "trial_epochs": 32},
+            "epochs 16 fit only one trial of trial_epochs 32",
+        ),
+        (
+            {"epochs": 16, "trial_epochs": 12},
+            "epochs 16 fit only one trial of trial_epochs 12, so the baselines "
+            "would compare no configurations; raise epochs to at least 18",
         ),
     ],
 )

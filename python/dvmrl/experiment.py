@@ -206,6 +206,16 @@ class Preset:
                 f"to half of trial_epochs, {shortest} epochs, but no shorter); "
                 f"raise epochs to at least {shortest} or lower trial_epochs"
             ) from err
+        two_trials = self.trial_epochs + max(1, self.trial_epochs // 2)
+        if self.epochs < two_trials:
+            # One trial would make random search and Bayesian optimisation
+            # return their first random configuration, with nothing compared.
+            raise ValueError(
+                f"budget {self.name!r}: epochs {self.epochs} fit only one trial of "
+                f"trial_epochs {self.trial_epochs}, so the baselines would compare "
+                f"no configurations; raise epochs to at least {two_trials} (one "
+                "full trial and one cut to half) or lower trial_epochs"
+            )
         if self.epochs < self.agent_slice:
             raise ValueError(
                 f"budget {self.name!r}: {self.epochs} epochs cannot fit one agent "
