@@ -292,6 +292,10 @@ def test_cli_split_screen(tmp_path, capsys):
             "leaves the test part of the 18400 compositions empty",
         ),
         (["--split", "chemsys", "--test-fraction", "0"], "leaves the test part"),
+        (
+            ["--split", "random", "--val-fraction", "1e-6"],
+            "--val-fraction 1e-06 leaves the validation part empty",
+        ),
     ],
 )
 def test_cli_split_errors(tmp_path, capsys, extra, message):

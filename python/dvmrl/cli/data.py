@@ -304,6 +304,12 @@ def run_split(args: argparse.Namespace) -> int:
             f"the {args.split} split of {info.get('name')} has an empty test part "
             "(nothing was written); choose another split or data set"
         )
+    if sizes["val"] == 0 and args.val_fraction > 0:
+        raise UsageError(
+            f"--val-fraction {args.val_fraction:g} leaves the validation part "
+            "empty; pass a larger share, such as 0.1, or 0 for no validation part "
+            "(nothing was written)"
+        )
     split.save(args.out)
     screen = " (Hume-Rothery screen on)" if info.get("hume_rothery_screen") else ""
     print(
