@@ -483,3 +483,14 @@ def test_cli_fetch_unreachable_service(tmp_path, monkeypatch, capsys):
     assert KEY not in err
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_fetch_out_folder_before_query(tmp_path, monkeypatch, capsys, cli_stand_in):
+    monkeypatch.setenv("MP_API_KEY", KEY)
+    folder = tmp_path / "d.csv"
+    folder.mkdir()
+    argv = ["data", "fetch", "--property", "energy_above_hull", "--out", str(folder)]
+    assert main(argv) == 2
+    assert f"output path {str(folder)!r} is a folder" in capsys.readouterr().err
+    # The path is rejected before any client is made.
+    assert StandInMPRester.instances == []

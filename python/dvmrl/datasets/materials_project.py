@@ -217,7 +217,15 @@ def _out_paths(out: str | os.PathLike) -> tuple[Path, Path]:
             f"output path {str(out)!r} must end in .csv or .csv.gz (gzip-compressed)"
         )
     stem = name[: -len(".csv.gz")] if name.endswith(".csv.gz") else name[: -len(".csv")]
-    return out, out.with_name(f"{stem}.json")
+    metadata = out.with_name(f"{stem}.json")
+    for path in (out, metadata):
+        # Checked before the query, so that no download is wasted.
+        if path.is_dir():
+            raise ValueError(
+                f"output path {str(path)!r} is a folder; choose a file name that "
+                "no folder has"
+            )
+    return out, metadata
 
 
 def fetch_materials_project(
