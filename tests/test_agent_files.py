@@ -310,3 +310,17 @@ def test_buffer_of_other_agent_rejected(saved):
     ReplayBuffer(5, 2, 4).save(buffer_path)
     with pytest.raises(AgentFileError, match="belongs to another agent"):
         DQNAgent.load(agent_path, buffer_path=buffer_path)
+
+
+def test_agent_missing_weight_one_line(saved):
+    path, _ = saved
+    state = torch.load(path, weights_only=True)
+    del state["online"]["trunk.0.weight"]
+    torch.save(state, path)
+    with pytest.raises(AgentFileError) as info:
+        DQNAgent.load(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"incompatible agent file {path}: RuntimeError:" in message
+    assert "trunk.0.weight" in message
+    assert "retrain the agent" in message

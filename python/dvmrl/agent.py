@@ -948,7 +948,15 @@ class DQNAgent:
             agent.episode_returns = [float(v) for v in state["episode_returns"]]
             agent.metadata = json.loads(state.get("metadata_json", "{}"))
         except (KeyError, RuntimeError, TypeError, json.JSONDecodeError) as err:
-            raise AgentFileError(f"incompatible agent file {path}: {err}") from err
+            # load_state_dict lists every missing key on its own line, so the
+            # message keeps the lines joined into one.
+            detail = " ".join(str(err).split())
+            if len(detail) > 300:
+                detail = detail[:300] + " ..."
+            raise AgentFileError(
+                f"incompatible agent file {path}: {type(err).__name__}: {detail}; "
+                f"the file is corrupt or from another dvmrl version, so {_AGENT_FIX}"
+            ) from err
         if buffer_path is not None:
             agent.load_buffer(buffer_path)
         return agent
