@@ -317,7 +317,8 @@ def test_cli_members_named_in_trainer_log(tmp_path, data_csv, monkeypatch, caplo
     monkeypatch.setattr(Trainer, "fit", fit_and_log)
     out = tmp_path / "run"
     argv = ["train", "--data", str(data_csv), "--epochs", "1", "--members", "2"]
-    with caplog.at_level(logging.DEBUG):
+    # Other tests may leave the "dvmrl" logger at INFO, so set its level too.
+    with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, "dvmrl"):
         assert main([*argv, *TINY, "--out", str(out)]) == 0
         # The prefix is gone once the members are done.
         trainer_module.logger.info("after")
