@@ -178,7 +178,7 @@ def test_truncated_file(saved, tmp_path):
     data = saved[1].read_bytes()
     path = tmp_path / "truncated.pt"
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(CheckpointError, match="corrupt.*its zip archive is truncated"):
         load_checkpoint(path)
 
 
@@ -207,14 +207,6 @@ def test_unreadable_file_named(tmp_path, content, problem):
     assert problem in message
     # PyTorch's hint to load with weights_only=False would run the file's code.
     assert "weights_only" not in message
-
-
-def test_truncated_file_names_zip(saved, tmp_path):
-    data = saved[1].read_bytes()
-    path = tmp_path / "truncated.pt"
-    path.write_bytes(data[: len(data) // 3])
-    with pytest.raises(CheckpointError, match="its zip archive is truncated"):
-        load_checkpoint(path)
 
 
 def test_cli_predict_text_file(tmp_path, capsys):
