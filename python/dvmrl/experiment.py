@@ -1342,39 +1342,7 @@ class Experiment:
     def _agent_search(self, unit: dict[str, Any], seed: int) -> None:
         from dvmrl.experiment_agent import run_agent_unit
 
-        self._forget_broken_snapshot(unit, seed)
         run_agent_unit(self, unit, seed)
-
-    def _forget_broken_snapshot(self, unit: dict[str, Any], seed: int) -> None:
-        """Restart the agent's episode when its stored snapshot cannot be restored.
-
-        The snapshot is restored once into a scratch environment. Any failure
-        (a truncated or hand-edited file) drops the snapshot and its steps, so
-        the episode replays from its first step, which gives the same result
-        with the same seed.
-        """
-        from dvmrl.agent import DQNAgent
-        from dvmrl.experiment_agent import make_env, restore_episode
-
-        name = unit.get("episode", {}).get("snapshot")
-        if name is None:
-            return
-        folder = self.unit_paths("agent", seed).root / name
-        try:
-            restore_episode(make_env(self, seed), folder)
-            if self.spec.agent_learn:
-                DQNAgent.load(folder / "agent.pt", folder / "buffer.npz")
-        except Exception as err:  # noqa: BLE001 - any failure means a damaged snapshot
-            logger.warning(
-                "agent seed %d: the episode snapshot %s is corrupt (%s: %s); "
-                "restarting the episode from its first step (same seed, same result)",
-                seed,
-                folder,
-                type(err).__name__,
-                err,
-            )
-            unit.pop("episode", None)
-            unit.pop("steps", None)
 
     # -- scoring ------------------------------------------------------------
 

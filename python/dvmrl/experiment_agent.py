@@ -300,26 +300,28 @@ def run_agent_unit(experiment, unit: dict[str, Any], seed: int) -> None:
     folder_name = episode.get("snapshot")
     restored = False
     if folder_name is not None:
+        folder = paths.root / folder_name
         try:
-            extra = restore_episode(env, paths.root / folder_name)
-        except (EpisodeStateError, OSError, ValueError, KeyError) as err:
+            extra = restore_episode(env, folder)
+            obs = np.asarray(extra["obs"], dtype=np.float32)
+            info = {"action_mask": np.asarray(extra["action_mask"], dtype=bool)}
+            done = bool(extra["done"])
+            if spec.agent_learn:
+                agent = agent.load(folder / "agent.pt", folder / "buffer.npz")
+        except Exception as err:  # noqa: BLE001 - any failure means a damaged snapshot
+            # A snapshot only saves time. env.reset below starts the episode
+            # afresh, which gives the same result with the same seed.
             logger.warning(
-                "agent seed %d: cannot restore %s (%s); restarting the episode",
+                "agent seed %d: the episode snapshot %s is corrupt (%s: %s); "
+                "restarting the episode from its first step (same seed, same result)",
                 seed,
-                folder_name,
+                folder,
+                type(err).__name__,
                 err,
             )
             steps.clear()
             episode.clear()
         else:
-            obs = np.asarray(extra["obs"], dtype=np.float32)
-            info = {"action_mask": np.asarray(extra["action_mask"], dtype=bool)}
-            done = bool(extra["done"])
-            if spec.agent_learn:
-                agent = agent.load(
-                    paths.root / folder_name / "agent.pt",
-                    paths.root / folder_name / "buffer.npz",
-                )
             restored = True
             logger.info(
                 "agent seed %d: resuming the episode after step %d", seed, len(steps)
