@@ -1015,7 +1015,12 @@ def _ensemble_pool_metadata(metadata: dict, df, splits, pools: list) -> dict:
 
 @contextlib.contextmanager
 def _member_log_prefix(label: str | None):
-    """Prefix the trainer's log lines (such as its early stop) with ``label``."""
+    """Prefix ``label`` to the log lines of a member's training.
+
+    Those are the trainer's own lines (such as its early stop) and the
+    per-epoch lines of this command. A logger's filter does not see the
+    records of its child loggers, so both loggers get one.
+    """
     if label is None:
         yield
         return
@@ -1025,12 +1030,14 @@ def _member_log_prefix(label: str | None):
         record.msg = f"{label}: {record.msg}"
         return True
 
-    target = trainer_module.logger
-    target.addFilter(prefix)
+    targets = (trainer_module.logger, logger)
+    for target in targets:
+        target.addFilter(prefix)
     try:
         yield
     finally:
-        target.removeFilter(prefix)
+        for target in targets:
+            target.removeFilter(prefix)
 
 
 def _fit_member(
@@ -1080,8 +1087,7 @@ def _fit_member(
             val_rmse=_format_optional(record.get("val_rmse")),
             val_mae=_format_optional(record.get("val_mae")),
         )
-        prefix = "" if label is None else f"{label}: "
-        logger.debug("%sepoch %s: %s", prefix, record.get("epoch"), record)
+        logger.debug("epoch %s: %s", record.get("epoch"), record)
 
     try:
         # Trainer.fit rewrites last.pt after every epoch, so after Ctrl-C it
@@ -1479,11 +1485,12 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"dvmrl predict: warning: {warning}", file=sys.stderr)
     mean, std = _predict(model, featurize(compositions), device, _has_variance(model))
 
+    # The CSV keeps the exact fractions, and the printed table rounds them.
+    digits = None if args.output else 4
     table = pd.DataFrame(
         {
             "formula": formulas,
-            # Exact fractions in the CSV; the printed table rounds them below.
-            "composition": [format_formula(c) for c in compositions],
+            "composition": [format_formula(c, digits=digits) for c in compositions],
             "prediction_ev_per_atom": mean,
             "prediction_kj_per_mol": mean * EV_TO_KJ_PER_MOL,
         }
@@ -1496,6 +1503,5 @@ def run_predict(args: argparse.Namespace) -> int:
         )
         print(f"wrote {len(table)} predictions to {args.output}")
     else:
-        table["composition"] = [format_formula(c, digits=4) for c in compositions]
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return 0
