@@ -1,4 +1,4 @@
-"""Atomic file writes, shared by every module that writes results or data."""
+"""Atomic file writes and file-type checks, shared by the modules that use files."""
 
 from __future__ import annotations
 
@@ -98,3 +98,23 @@ def _default_mode() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return 0o666 & ~mask
+
+
+def file_kind(path: str | os.PathLike) -> str:
+    """Classify a file by its first bytes: "empty", "zip", "pickle" or "other".
+
+    ``torch.save`` and ``np.savez`` both write zip archives. A file that
+    starts with the pickle PROTO opcode (protocol 2 to 5) is a bare pickle.
+
+    Raises:
+        OSError: when the file cannot be read.
+    """
+    with open(path, "rb") as stream:
+        head = stream.read(4)
+    if not head:
+        return "empty"
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return "zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    return "other"

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from dvmrl._files import file_kind
+
 logger = logging.getLogger(__name__)
 
 AGENT_FORMAT = "dvmrl-dqn-agent"
@@ -399,23 +401,6 @@ def _buffer_error(path: Path, field_name: str, problem: str) -> AgentFileError:
     )
 
 
-def _file_kind(path: Path) -> str:
-    """Classify a file by its first bytes: "empty", "zip", "pickle" or "other".
-
-    ``torch.save`` and ``np.savez`` both write zip archives. A file that
-    starts with the pickle PROTO opcode (protocol 2 to 5) is a bare pickle.
-    """
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if not head:
-        return "empty"
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
-        return "zip"
-    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
-        return "pickle"
-    return "other"
-
-
 def _pickle_rejected(path: Path, file_type: str, detail: str = "") -> AgentFileError:
     detail = f" ({detail})" if detail else ""
     return AgentFileError(
@@ -443,7 +428,7 @@ def _read_buffer_arrays(path: Path) -> dict[str, np.ndarray]:
     """Read every field of a replay-buffer npz file, without unpickling anything."""
     file_type = "replay buffer file"
     try:
-        kind = _file_kind(path)
+        kind = file_kind(path)
     except OSError as err:
         raise AgentFileError(
             f"cannot read replay buffer file {path}: {err.strerror or err}"
@@ -1016,7 +1001,7 @@ def _read_agent_state(path: Path) -> Any:
         load_error = err
     # PyTorch's message advises loading with weights_only=False, which would
     # run the code in the file, so the errors below do not chain to it.
-    kind = _file_kind(path)
+    kind = file_kind(path)
     # The weights-only unpickler names the class or function it will not import.
     found = re.search(r"Unsupported global: GLOBAL (\S+)", str(load_error))
     if found:

@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from dvmrl._files import file_kind
+
 FORMAT_NAME = "dvmrl-checkpoint"
 FORMAT_VERSION = 1
 HEADER_KEY = "dvmrl_checkpoint"
@@ -285,20 +287,17 @@ def _unreadable_checkpoint(path: Path, err: Exception) -> CheckpointError:
             "could run code; dvmrl checkpoints never contain one"
         )
     try:
-        with open(path, "rb") as stream:
-            head = stream.read(4)
+        kind = file_kind(path)
     except OSError as read_error:
         return CheckpointError(
             f"checkpoint {path} cannot be read: {read_error.strerror or read_error}"
         )
-    if not head:
-        problem = "the file is empty"
-    elif head.startswith(b"PK"):
-        problem = "its zip archive is truncated or corrupt"
-    elif head[0] == 0x80:
-        problem = "it is a bare pickle stream, not the zip archive torch.save writes"
-    else:
-        problem = "it is not the zip archive that torch.save writes"
+    problem = {
+        "empty": "the file is empty",
+        "zip": "its zip archive is truncated or corrupt",
+        "pickle": "it is a bare pickle stream, not the zip archive torch.save writes",
+        "other": "it is not the zip archive that torch.save writes",
+    }[kind]
     return CheckpointError(
         f"checkpoint {path} is corrupt or not a dvmrl checkpoint: {problem} "
         f"({type(err).__name__}); pass a model.pt written by dvmrl train"
