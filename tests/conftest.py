@@ -47,3 +47,23 @@ def make_untrained_agent():
         return str(path)
 
     return make
+
+
+@pytest.fixture
+def fifo_reader(tmp_path):
+    """Return a named pipe, the list its reader thread appends to, and the thread.
+
+    The reader starts before the test writes, because opening a pipe for
+    writing blocks until it has a reader.
+    """
+    import os
+    import threading
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    received: list[str] = []
+    reader = threading.Thread(
+        target=lambda: received.append(fifo.read_text()), daemon=True
+    )
+    reader.start()
+    return fifo, received, reader

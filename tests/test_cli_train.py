@@ -440,16 +440,8 @@ def test_predict_output_through_symlink(trained, tmp_path):
     assert pd.read_csv(real)["formula"].tolist() == ["Al3Ni"]
 
 
-def test_predict_output_into_fifo(trained, tmp_path):
-    import threading
-
-    fifo = tmp_path / "fifo"
-    os.mkfifo(fifo)
-    received = []
-    reader = threading.Thread(
-        target=lambda: received.append(fifo.read_text()), daemon=True
-    )
-    reader.start()
+def test_predict_output_into_fifo(trained, fifo_reader):
+    fifo, received, reader = fifo_reader
     code = _predict_to(trained, fifo)
     reader.join(timeout=60)
     assert code == 0

@@ -1,7 +1,6 @@
 import errno
 import os
 import stat
-import threading
 
 import pytest
 
@@ -34,14 +33,8 @@ def test_symlink_target_written(tmp_path):
     assert written == real.resolve()
 
 
-def test_fifo_written_directly(tmp_path):
-    fifo = tmp_path / "fifo"
-    os.mkfifo(fifo)
-    received = []
-    reader = threading.Thread(
-        target=lambda: received.append(fifo.read_text()), daemon=True
-    )
-    reader.start()
+def test_fifo_written_directly(fifo_reader):
+    fifo, received, reader = fifo_reader
     write_text_atomic(fifo, "through the pipe\n")
     reader.join(timeout=30)
     assert received == ["through the pipe\n"]
