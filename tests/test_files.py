@@ -87,11 +87,11 @@ def test_full_device_names_path(tmp_path):
 def test_unwritable_folder_named(tmp_path, monkeypatch):
     # Root ignores folder permissions, so the refusal comes from a stand-in
     # for mkstemp that fails as it does in a read-only folder.
-    def refuse(dir, prefix, suffix):  # noqa: A002 - mkstemp's own name
+    def reject(dir, prefix, suffix):  # noqa: A002 - mkstemp's own name
         path = os.path.join(dir, f"{prefix}abc{suffix}")
         raise PermissionError(errno.EACCES, "Permission denied", path)
 
-    monkeypatch.setattr(_files.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(_files.tempfile, "mkstemp", reject)
     with pytest.raises(PermissionError) as caught:
         write_text_atomic(tmp_path / "run.json", "{}")
     assert caught.value.filename == str(tmp_path)

@@ -817,7 +817,7 @@ def check_state(state: dict[str, Any], preset: Preset, path: Path, fix: str) -> 
 
     Checks what the run and its report read: the types of every part of a
     unit, and the sign or range of the epochs, errors, scores and seconds.
-    ``fix`` says how to go on when the state as a whole is unusable.
+    ``fix`` is the way out that the message gives when the whole state is unusable.
     """
     checker = _StateChecker(path, fix, preset.epochs)
     units = checker.obj(state.get("units"), '"units"')
