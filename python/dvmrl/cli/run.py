@@ -55,8 +55,9 @@ def add_parser(subparsers) -> None:
             "on the chemsys split, and write report.json, report.md and figures. "
             "Progress is saved after every trial or agent step, so an interrupted "
             "run continues with --resume. Budgets: " + _preset_help() + ". "
-            "On 2 CPU cores quick took 17 s and small about 2 to 5 minutes "
-            "(measured); full is meant for GPU nodes."
+            "Measured on 2 CPU cores: quick took 17 s, and small about 2 minutes "
+            "on a quiet machine and up to 7 on a shared one; full is meant for "
+            "GPU nodes."
         ),
     )
     parser.add_argument(
