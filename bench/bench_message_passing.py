@@ -15,7 +15,24 @@ Variants, interleaved in every repeat:
 Each measurement is one forward and one backward of a batch, with
 node_table and flat as leaves that require gradients (a training step
 without the optimiser). Compositions have 2 to 5 elements (uniform), so
-K = 5. The FLOP count is that of the per-node (decomposed) formulation,
+K = 5.
+
+Every repeat runs each variant for a block of consecutive steps, in a
+shuffled order. The first step of a block (when the block has more than
+one) finds the caches, TLB and branch predictors holding another
+variant's state, or the CPU waking from idle; it is reported apart as
+``cold_ms`` and left out of ``ms``, so ``ms`` is the steady per-step time
+of a stream of batches, which is what graphs/s means. ``--block 1`` times
+every step, the first of each block included (per-step interleaving).
+
+The PyTorch variants run at each count in ``--torch-threads`` (default 1
+and all cores). With two threads, every small parallel region of PyTorch
+wakes the second thread, which made small batches 4-7 times slower than
+on one thread on a 2-core VM. The speed-up column divides the fastest
+PyTorch time over variants and thread counts by each row's time. fused
+and noop run with --threads for dvmrl and PyTorch alike.
+
+The FLOP count is that of the per-node (decomposed) formulation,
 forward plus backward (3x the forward), and floor_fraction is the time
 those FLOPs would take at the machine's measured float32 matmul rate
 divided by the measured time.
@@ -224,21 +241,46 @@ def step(variant, inputs, dims, graph):
     out.sum().backward()
 
 
-def repeats_for(batch: int, hidden: int, requested: int | None) -> int:
+def repeats_for(batch: int, requested: int | None) -> int:
     if requested is not None:
         return requested
     if batch >= 4096:
         return 5
     if batch >= 256:
         return 9
-    return 41
+    return 15
+
+
+def block_for(batch: int, requested: int | None) -> int:
+    """Consecutive steps per variant and repeat; the first is cold when > 1."""
+    if requested is not None:
+        return requested
+    if batch >= 4096:
+        return 1
+    if batch >= 256:
+        return 4
+    return 11
+
+
+def timed_runs(variants, torch_threads, threads):
+    """Return (variant, PyTorch threads) pairs: PyTorch variants at each count."""
+    runs = []
+    for v in variants:
+        if v in TORCH_VARIANTS:
+            runs.extend((v, t) for t in torch_threads)
+        else:
+            runs.append((v, threads))
+    return runs
 
 
 def run(args) -> list[dict]:
     device = torch.device(args.device)
     dtype = torch.float32
-    if args.threads is not None:
-        dvmrl.set_num_threads(args.threads)
+    threads = dvmrl.set_num_threads(args.threads)
+    torch_threads = args.torch_threads or sorted({1, threads})
+    if device.type == "cuda":
+        # The PyTorch variants compute on the GPU, so one host thread count is timed.
+        torch_threads = [threads]
     rate_before = matmul_gflops(device)
     rows = []
     rng = random.Random(0)
@@ -255,27 +297,40 @@ def run(args) -> list[dict]:
             scale = b.abs().max().item()
             assert (a - b).abs().max().item() <= 1e-4 * scale, "edge model differs"
             assert (c - b).abs().max().item() <= 1e-4 * scale, "fused model differs"
-            variants = list(args.variants)
-            times = {v: [] for v in variants}
-            for v in variants:
+            runs = timed_runs(args.variants, torch_threads, threads)
+            block = block_for(batch, args.block)
+            times = {r: [] for r in runs}
+            cold = {r: [] for r in runs}
+            for v, t in runs:
+                torch.set_num_threads(t)
                 step(v, inputs, dims, graph)  # warm-up
-            for _ in range(repeats_for(batch, hidden, args.repeats)):
-                rng.shuffle(variants)
-                for v in variants:
-                    synchronize(device)
-                    t0 = time.perf_counter()
-                    step(v, inputs, dims, graph)
-                    synchronize(device)
-                    times[v].append(time.perf_counter() - t0)
+            order = list(runs)
+            for _ in range(repeats_for(batch, args.repeats)):
+                rng.shuffle(order)
+                for v, t in order:
+                    torch.set_num_threads(t)
+                    for i in range(block):
+                        synchronize(device)
+                        t0 = time.perf_counter()
+                        step(v, inputs, dims, graph)
+                        synchronize(device)
+                        elapsed = time.perf_counter() - t0
+                        kept = cold if block > 1 and i == 0 else times
+                        kept[(v, t)].append(elapsed)
+            torch.set_num_threads(threads)
             gflop = gflop_count(inputs[5], dims)
-            for v in args.variants:
-                ms = statistics.median(times[v]) * 1e3
+            for v, t in runs:
+                ms = statistics.median(times[(v, t)]) * 1e3
+                cold_ms = statistics.median(cold[(v, t)]) * 1e3 if block > 1 else None
                 rows.append(
                     {
                         "batch": batch,
                         "hidden": hidden,
                         "variant": v,
+                        "threads": t,
                         "ms": ms,
+                        "cold_ms": cold_ms,
+                        "block": block,
                         "graphs_per_s": batch / (ms / 1e3),
                         "gflop": gflop,
                         "floor_fraction": (gflop / rate_before) / (ms / 1e3),
@@ -283,7 +338,7 @@ def run(args) -> list[dict]:
                         "device": device.type,
                     }
                 )
-            print_rows(rows[-len(args.variants) :], header=not rows[:-len(args.variants)])
+            print_rows(rows[-len(runs) :], header=len(rows) == len(runs))
     rate_after = matmul_gflops(device)
     print(
         f"\nfloat32 {2048}^2 matmul: {rate_before:.0f} GFLOP/s before, "
@@ -295,17 +350,18 @@ def run(args) -> list[dict]:
 def print_rows(rows, header):
     if header:
         print(
-            f"{'B':>5} {'H':>4} {'variant':>7} {'ms':>10} {'graphs/s':>11} "
-            f"{'GFLOP':>8} {'floor':>6} {'vs best torch':>13}"
+            f"{'B':>5} {'H':>4} {'variant':>7} {'thr':>3} {'ms':>10} {'cold ms':>9} "
+            f"{'graphs/s':>11} {'GFLOP':>8} {'floor':>6} {'vs best torch':>13}"
         )
     torch_ms = [r["ms"] for r in rows if r["variant"] in TORCH_VARIANTS]
     best_torch = min(torch_ms) if torch_ms else None
     for r in rows:
         speedup = "n/a" if best_torch is None else f"{best_torch / r['ms']:.2f}x"
+        cold = "-" if r["cold_ms"] is None else f"{r['cold_ms']:.3f}"
         print(
-            f"{r['batch']:>5} {r['hidden']:>4} {r['variant']:>7} {r['ms']:>10.3f} "
-            f"{r['graphs_per_s']:>11.0f} {r['gflop']:>8.3f} {r['floor_fraction']:>6.1%} "
-            f"{speedup:>13}"
+            f"{r['batch']:>5} {r['hidden']:>4} {r['variant']:>7} {r['threads']:>3} "
+            f"{r['ms']:>10.3f} {cold:>9} {r['graphs_per_s']:>11.0f} {r['gflop']:>8.3f} "
+            f"{r['floor_fraction']:>6.1%} {speedup:>13}"
         )
     sys.stdout.flush()
 
@@ -340,11 +396,36 @@ def main(argv=None) -> int:
         "--variants", nargs="+", default=["fused", "dense", "edge"],
         choices=["fused", "dense", "edge", "noop"],
     )
-    parser.add_argument("--repeats", type=int, default=None, help="timed steps per variant")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    parser.add_argument(
+        "--repeats", type=int, default=None,
+        help="blocks per variant (default: 15 for B <= 16, 9 for B <= 256, else 5)",
+    )
+    parser.add_argument(
+        "--block", type=int, default=None,
+        help="consecutive steps per block; the first is timed apart as cold when the "
+        "block has more than one (default: 11 for B <= 16, 4 for B <= 256, else 1)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="CPU threads of dvmrl, and of PyTorch for fused and noop "
+        "(default: all cores)",
+    )
+    parser.add_argument(
+        "--torch-threads", type=int, nargs="+", default=None,
+        help="PyTorch thread counts at which dense and edge are timed (default: 1 and "
+        "--threads)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--json", default=None, help="write the measurements to this file")
     args = parser.parse_args(argv)
+    for name in ("repeats", "block", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name}: expected an integer >= 1, got {value}")
+    if args.torch_threads is not None and min(args.torch_threads) < 1:
+        parser.error(
+            f"--torch-threads: expected integers >= 1, got {args.torch_threads}"
+        )
     device = torch.device(args.device)
     print(machine_line(device))
     print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
