@@ -5,15 +5,17 @@ dvmrl/defaults.py) through the Trainer on the random and the chemsys split
 of ``mp-formation-energy`` (test = 10 % of the compositions or of the
 chemical systems, as dvmrl.splits cuts it), then prints the test RMSE and
 MAE (eV/atom), the epochs and the training time for each split, and the
-reference models of docs/benchmarks.md for comparison. ``--members N``
-trains N seeds on each split and scores the mean of their predictions;
+reference models of docs/benchmarks.md for comparison. The default model
+is an ensemble of ``defaults.MEMBERS`` seeds, as ``dvmrl train`` trains it:
+``--members N`` trains N seeds on each split and scores each of them and
+the mean of their predictions;
 ``--references`` also fits a random forest and gradient boosting on the
 same splits, so the comparison does not depend on another test cut.
 
 Usage:
     OMP_WAIT_POLICY=PASSIVE PYTHONPATH=python .venv/bin/python \
         bench/bench_accuracy.py [--splits random chemsys] [--threads 2] \
-        [--seed 0] [--members 1] [--divisions own|shared] [--references] \
+        [--seed 0] [--members 3] [--divisions own|shared] [--references] \
         [--json results.json] \
         [--set train.epochs=50 ...]
 """
@@ -31,7 +33,7 @@ import time
 import numpy as np
 import torch
 
-from dvmrl import build_info, set_num_threads
+from dvmrl import build_info, defaults, set_num_threads
 from dvmrl.datasets import dataset_info, load
 from dvmrl.featurize import FEATURE_STATS, composition_features, featurize
 from dvmrl.metrics import regression_metrics
@@ -229,9 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--members",
         type=int,
-        default=1,
+        default=defaults.MEMBERS,
         help="models per split, with training seeds SEED .. SEED + N - 1; more "
-        "than 1 also scores the mean of their predictions (default: 1)",
+        "than 1 also scores the mean of their predictions (default: "
+        f"{defaults.MEMBERS}, as dvmrl train)",
     )
     parser.add_argument(
         "--divisions",

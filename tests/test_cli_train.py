@@ -23,7 +23,11 @@ METRIC_KEYS = (
     "recall",
     "f1",
 )
-TINY = ["--hidden", "8", "--layers", "1", "--batch-size", "64", "--threads", "1"]
+# One small model: the default ensemble would train every run several times.
+TINY = [
+    "--hidden", "8", "--layers", "1", "--batch-size", "64", "--threads", "1",
+    "--members", "1",
+]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dvmrl import datasets
+from dvmrl import datasets, defaults
 from dvmrl.cli import main
 from dvmrl.featurize import featurize
 from dvmrl.model import CompositionMPNN, ModelConfig
@@ -181,6 +181,19 @@ def test_cli_train_members(tmp_path, data_csv, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert "uncertainty_ev_per_atom" in lines[0]
     assert float(lines[1].split()[4]) > 0.0
+
+
+def test_cli_train_default_members(tmp_path, data_csv):
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(data_csv), "--epochs", "1", *TINY, "--out", str(out)]
+    assert main(argv) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["members"] == defaults.MEMBERS
+    assert run["member_divisions"] == "own"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["member_seeds"] == list(range(defaults.MEMBERS))
+    model, _ = load_checkpoint(out / "model.pt")
+    assert len(model) == defaults.MEMBERS
 
 
 def _interrupt_second_member(monkeypatch):

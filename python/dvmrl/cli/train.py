@@ -315,7 +315,7 @@ def _add_train_parser(subparsers) -> None:
             "(each in OUT/member<i>/; see --member-divisions); OUT/model.pt "
             "then predicts their mean, with their spread as the uncertainty, "
             "and metrics.json also scores each member alone (member_metrics); "
-            "default: 1"
+            f"--members 1 trains a single model; default: {defaults.MEMBERS}"
         ),
     )
     parser.add_argument(
@@ -668,7 +668,7 @@ def _build_run_config(requested: dict[str, Any]) -> dict[str, Any]:
         "model": model_config.to_dict(),
         "train": train_config.to_dict(),
         "objective": objective,
-        "members": int(requested.get("members", 1)),
+        "members": int(requested.get("members", defaults.MEMBERS)),
         "member_divisions": requested.get("member_divisions", "own"),
     }
 
