@@ -3,6 +3,7 @@
 import logging
 import os
 import pickle
+import stat
 
 import numpy as np
 import pytest
@@ -324,3 +325,14 @@ def test_agent_missing_weight_one_line(saved):
     assert f"incompatible agent file {path}: RuntimeError:" in message
     assert "trunk.0.weight" in message
     assert "retrain the agent" in message
+
+
+def test_agent_files_mode_follows_umask(tmp_path):
+    agent = make_agent()
+    previous = os.umask(0o027)
+    try:
+        agent.save(tmp_path / "a.pt", buffer_path=tmp_path / "b.npz")
+    finally:
+        os.umask(previous)
+    for name in ("a.pt", "b.npz"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import stat
 
 import numpy as np
 import pytest
@@ -377,3 +379,13 @@ def test_failed_write_keeps_its_error(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         checkpoint_module.write_checkpoint(tmp_path / "x.pt", {"model_config": {}})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_mode_follows_umask(data, tmp_path):
+    trainer = _trainer(data)
+    previous = os.umask(0o027)
+    try:
+        trainer.save(tmp_path / "model.pt")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "model.pt").stat().st_mode) == 0o640

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import stat
+
 import matplotlib
 import numpy as np
 import pytest
@@ -79,3 +82,13 @@ def test_parity_figure_rejects_empty():
 )
 def test_composition_class(count, label):
     assert composition_class(count) == label
+
+
+def test_parity_plot_mode_follows_umask(tmp_path):
+    truth, prediction, counts = _points()
+    previous = os.umask(0o027)
+    try:
+        path = parity_plot(tmp_path / "parity.png", truth, prediction, counts)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640

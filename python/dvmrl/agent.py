@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dvmrl._files import file_kind
+from dvmrl._files import file_kind, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -344,7 +343,7 @@ class ReplayBuffer:
             "terminated": self.terminated[:n],
             "next_mask": self.next_mask[:n],
         }
-        atomic_write(path, lambda f: np.savez(f, **arrays))
+        write_atomic(path, lambda f: np.savez(f, **arrays), binary=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ReplayBuffer:
@@ -876,7 +875,7 @@ class DQNAgent:
         """
         state = self.state_dict()
         state["metadata_json"] = json.dumps(metadata or {})
-        atomic_write(path, lambda f: torch.save(state, f))
+        write_atomic(path, lambda f: torch.save(state, f), binary=True)
         if buffer_path is not None:
             self.buffer.save(buffer_path)
 
@@ -1029,25 +1028,6 @@ def _first_non_finite(value: Any, name: str) -> str | None:
         if found is not None:
             return found
     return None
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(file)`` on a temp file next to ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        # mkstemp creates the file with mode 0600, so apply the umask mode instead.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_pretrained() -> DQNAgent:

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from dvmrl.agent import AgentConfig, AgentFileError, DQNAgent, atomic_write, run_episode
+from dvmrl._files import write_atomic
+from dvmrl.agent import AgentConfig, AgentFileError, DQNAgent, run_episode
 
 logger = logging.getLogger(__name__)
 
@@ -337,7 +338,7 @@ def meta_train(
             "rng_state": rng.bit_generator.state,
         }
         text = json.dumps(document, indent=1)
-        atomic_write(paths["progress"], lambda f: f.write(text.encode()))
+        write_atomic(paths["progress"], lambda f: f.write(text.encode()), binary=True)
         saved_episodes = len(history)
 
     bar = tqdm(
@@ -546,7 +547,7 @@ def plot_learning_curve(history: Sequence[dict[str, Any]], path: str | os.PathLi
     axes.set_title("Meta-training of the DQN agent")
     axes.legend(loc="lower right")
     figure.tight_layout()
-    atomic_write(path, lambda f: figure.savefig(f, format="png"))
+    write_atomic(path, lambda f: figure.savefig(f, format="png"), binary=True)
     plt.close(figure)
 
 
@@ -582,5 +583,5 @@ def export_pretrained(out: str | os.PathLike, dest: str | os.PathLike | None = N
     # so training can continue from the shipped file.
     agent.save(dest / "agent.pt", metadata=agent.metadata)
     text = json.dumps(metadata, indent=1)
-    atomic_write(dest / "agent.json", lambda f: f.write(text.encode()))
+    write_atomic(dest / "agent.json", lambda f: f.write(text.encode()), binary=True)
     return dest

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from dvmrl._files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -159,16 +160,11 @@ def save_figure(figure, path: str | os.PathLike) -> Path:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     image_format = target.suffix.lstrip(".").lower() or "png"
-    handle, temporary = tempfile.mkstemp(
-        dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
+    write_atomic(
+        target,
+        lambda stream: figure.savefig(stream, format=image_format),
+        binary=True,
     )
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            figure.savefig(stream, format=image_format)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
     logger.debug("wrote %s", target)
     return target
 

@@ -30,7 +30,6 @@ import os
 import pickle
 import pickletools
 import sys
-import tempfile
 import warnings
 import zipfile
 from datetime import UTC, datetime
@@ -39,7 +38,7 @@ from typing import Any
 
 import torch
 
-from dvmrl._files import file_kind
+from dvmrl._files import file_kind, write_atomic
 
 FORMAT_NAME = "dvmrl-checkpoint"
 FORMAT_VERSION = 1
@@ -123,17 +122,11 @@ def write_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
             document[key] = json.dumps(value, default=_json_default, allow_nan=True)
         else:
             document[key] = value
-    handle = tempfile.NamedTemporaryFile(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
     try:
-        with handle:
-            torch.save(document, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
+        write_atomic(
+            path, lambda stream: torch.save(document, stream), binary=True, fsync=True
+        )
     except BaseException as err:
-        Path(handle.name).unlink(missing_ok=True)
         # Ctrl-C inside torch.save makes its zip writer fail on exit with a
         # RuntimeError that hides the KeyboardInterrupt. Re-raise the
         # interrupt, so that callers stop as for any other Ctrl-C.
