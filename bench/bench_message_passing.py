@@ -322,6 +322,8 @@ def run(args) -> list[dict]:
             for v, t in runs:
                 ms = statistics.median(times[(v, t)]) * 1e3
                 cold_ms = statistics.median(cold[(v, t)]) * 1e3 if block > 1 else None
+                # noop computes nothing, so it has no FLOPs and no floor fraction.
+                work = None if v == "noop" else gflop
                 rows.append(
                     {
                         "batch": batch,
@@ -332,8 +334,10 @@ def run(args) -> list[dict]:
                         "cold_ms": cold_ms,
                         "block": block,
                         "graphs_per_s": batch / (ms / 1e3),
-                        "gflop": gflop,
-                        "floor_fraction": (gflop / rate_before) / (ms / 1e3),
+                        "gflop": work,
+                        "floor_fraction": (
+                            None if work is None else (work / rate_before) / (ms / 1e3)
+                        ),
                         "matmul_gflops": rate_before,
                         "device": device.type,
                     }
@@ -350,18 +354,21 @@ def run(args) -> list[dict]:
 def print_rows(rows, header):
     if header:
         print(
-            f"{'B':>5} {'H':>4} {'variant':>7} {'thr':>3} {'ms':>10} {'cold ms':>9} "
-            f"{'graphs/s':>11} {'GFLOP':>8} {'floor':>6} {'vs best torch':>13}"
+            f"{'B':>5} {'H':>4} {'variant':>7} {'threads':>7} {'ms':>10} "
+            f"{'cold ms':>9} {'graphs/s':>11} {'GFLOP':>8} {'floor':>6} "
+            f"{'vs faster PyTorch':>17}"
         )
     torch_ms = [r["ms"] for r in rows if r["variant"] in TORCH_VARIANTS]
     best_torch = min(torch_ms) if torch_ms else None
     for r in rows:
         speedup = "n/a" if best_torch is None else f"{best_torch / r['ms']:.2f}x"
         cold = "-" if r["cold_ms"] is None else f"{r['cold_ms']:.3f}"
+        gflop = "-" if r["gflop"] is None else f"{r['gflop']:.3f}"
+        floor = "-" if r["floor_fraction"] is None else f"{r['floor_fraction']:.1%}"
         print(
-            f"{r['batch']:>5} {r['hidden']:>4} {r['variant']:>7} {r['threads']:>3} "
-            f"{r['ms']:>10.3f} {cold:>9} {r['graphs_per_s']:>11.0f} {r['gflop']:>8.3f} "
-            f"{r['floor_fraction']:>6.1%} {speedup:>13}"
+            f"{r['batch']:>5} {r['hidden']:>4} {r['variant']:>7} {r['threads']:>7} "
+            f"{r['ms']:>10.3f} {cold:>9} {r['graphs_per_s']:>11.0f} {gflop:>8} "
+            f"{floor:>6} {speedup:>17}"
         )
     sys.stdout.flush()
 
@@ -388,45 +395,75 @@ def machine_line(device) -> str:
     return text
 
 
+def positive_int(text: str) -> int:
+    """Parse an integer >= 1 for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        message = f"expected an integer >= 1, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 256, 4096])
-    parser.add_argument("--hidden", type=int, nargs="+", default=[64, 128])
+    parser.add_argument(
+        "--batches", type=positive_int, nargs="+", default=[1, 16, 256, 4096],
+        metavar="B", help="batch sizes in compositions (default: 1 16 256 4096)",
+    )
+    parser.add_argument(
+        "--hidden", type=positive_int, nargs="+", default=[64, 128], metavar="H",
+        help="hidden widths H = Hg = Hm (default: 64 128)",
+    )
     parser.add_argument(
         "--variants", nargs="+", default=["fused", "dense", "edge"],
         choices=["fused", "dense", "edge", "noop"],
+        help="variants to time (default: fused dense edge)",
     )
     parser.add_argument(
-        "--repeats", type=int, default=None,
+        "--repeats", type=positive_int, default=None,
         help="blocks per variant (default: 15 for B <= 16, 9 for B <= 256, else 5)",
     )
     parser.add_argument(
-        "--block", type=int, default=None,
+        "--block", type=positive_int, default=None,
         help="consecutive steps per block; the first is timed apart as cold when the "
         "block has more than one (default: 11 for B <= 16, 4 for B <= 256, else 1)",
     )
+    cores = len(os.sched_getaffinity(0))
     parser.add_argument(
-        "--threads", type=int, default=None,
-        help="CPU threads of dvmrl, and of PyTorch for fused and noop "
-        "(default: all cores)",
+        "--threads", type=positive_int, default=None,
+        help="CPU threads of dvmrl, and of PyTorch for fused and noop, at most the "
+        f"{cores} cores available (default: all of them)",
     )
     parser.add_argument(
-        "--torch-threads", type=int, nargs="+", default=None,
-        help="PyTorch thread counts at which dense and edge are timed (default: 1 and "
-        "--threads)",
+        "--torch-threads", type=positive_int, nargs="+", default=None,
+        help="PyTorch thread counts at which dense and edge are timed, at most the "
+        "cores available (default: 1 and --threads)",
     )
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)"
+    )
     parser.add_argument("--json", default=None, help="write the measurements to this file")
     args = parser.parse_args(argv)
-    for name in ("repeats", "block", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name}: expected an integer >= 1, got {value}")
-    if args.torch_threads is not None and min(args.torch_threads) < 1:
+    requested = (("threads", [args.threads]), ("torch-threads", args.torch_threads))
+    for name, values in requested:
+        if values is not None and values[0] is not None and max(values) > cores:
+            parser.error(
+                f"--{name}: {max(values)} threads exceed the {cores} cores available; "
+                f"pass at most {cores}, or the timings measure oversubscription"
+            )
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(
-            f"--torch-threads: expected integers >= 1, got {args.torch_threads}"
+            f"--device {args.device}: PyTorch sees no CUDA GPU here; pass --device cpu"
         )
-    device = torch.device(args.device)
     print(machine_line(device))
     print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     try:
