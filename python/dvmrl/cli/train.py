@@ -332,7 +332,10 @@ def _add_train_parser(subparsers) -> None:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="continue the interrupted run in OUT from OUT/last.pt",
+        help=(
+            "continue the interrupted run in OUT from OUT/last.pt "
+            "(OUT/member<i>/last.pt for each member of an ensemble)"
+        ),
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     add_compute_options(parser)
@@ -1100,9 +1103,11 @@ def _fit_member(
             )
     except KeyboardInterrupt:
         bar.close()
+        done = trainer.epochs_done
+        who = "" if label is None else f"{label}: "
         print(
-            f"interrupted after {trainer.epochs_done} epochs; the state is in "
-            f"{folder / STATE_FILE}",
+            f"{who}interrupted after {done} epoch{'' if done == 1 else 's'}; "
+            f"the state is in {folder / STATE_FILE}",
             file=sys.stderr,
         )
         return None
