@@ -11,6 +11,7 @@ import pytest
 import dvmrl
 from dvmrl.agent import PRETRAINED_AGENT
 from dvmrl.cli import main
+from dvmrl.cli import run as run_cli
 
 # Small enough that an uninterrupted run takes seconds, large enough that
 # each method has several units to interrupt between.
@@ -338,3 +339,12 @@ def test_tiny_data_leaves_no_folder(tmp_path, capsys):
     assert "leaves too few in some parts" in capsys.readouterr().err
     # Nothing is written, so the same --out works once the data is fixed.
     assert not out.exists()
+
+
+def test_summary_line_names_methods():
+    tie = {"winner": "random", "tie": True, "tied_with": ["bayesian", "agent"]}
+    assert run_cli._describe(tie) == "tie: random search, Bayesian optimisation and DQN agent"
+    win = {"winner": "agent", "tie": False, "tied_with": []}
+    assert run_cli._describe(win) == "DQN agent wins"
+    none = {"winner": None, "tie": False, "tied_with": []}
+    assert run_cli._describe(none) == "n/a"

@@ -399,7 +399,8 @@ def _cell(summary: dict[str, Any], digits: int = 4) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def _join_names(methods: list[str]) -> str:
+def join_method_names(methods: list[str]) -> str:
+    """Return the methods' labels joined as "a, b and c"."""
     names = [METHOD_LABELS.get(m, m) for m in methods]
     if len(names) < 2:
         return "".join(names)
@@ -555,7 +556,7 @@ def _winner_text(winner: dict[str, Any]) -> str:
         return "n/a"
     label = METHOD_LABELS.get(winner["winner"], winner["winner"])
     if winner["tie"]:
-        return "tie: " + _join_names([winner["winner"], *winner["tied_with"]])
+        return "tie: " + join_method_names([winner["winner"], *winner["tied_with"]])
     if not winner["spread_assessed"]:
         resolution = _percent(_resolution(winner))
         return f"{label} (one seed: ties judged at {resolution} only)"
@@ -625,7 +626,7 @@ def _verdict_lines(report: dict[str, Any]) -> list[str]:
             if winner["spread_assessed"]:
                 rule = f"the spread over seeds or {rule}"
             lines.append(
-                f"- {label}: a tie between {_join_names(group)} (differences smaller "
+                f"- {label}: a tie between {join_method_names(group)} (differences smaller "
                 f"than {rule}, or invisible at the printed precision). The best "
                 f"mean is {name}'s."
                 + (outside if "agent" in methods and "agent" not in group else "")

@@ -239,8 +239,11 @@ def _interrupt(signum, frame) -> None:
 
 
 def _describe(winner: dict) -> str:
+    """Return one line on a comparison's winner, with the method names of report.md."""
+    from dvmrl.report import METHOD_LABELS, join_method_names
+
     if winner["winner"] is None:
         return "n/a"
     if winner["tie"]:
-        return f"tie between {winner['winner']} and {', '.join(winner['tied_with'])}"
-    return f"{winner['winner']} wins"
+        return f"tie: {join_method_names([winner['winner'], *winner['tied_with']])}"
+    return f"{METHOD_LABELS.get(winner['winner'], winner['winner'])} wins"
