@@ -547,7 +547,7 @@ def test_cli_info_csv(tmp_path, capsys):
 def test_cli_info_unknown(capsys):
     assert main(["data", "info", "no-such-set"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("dvmrl data: error: unknown data set 'no-such-set'")
+    assert err.startswith("dvmrl data info: error: unknown data set 'no-such-set'")
 
 
 def test_cli_info_bad_csv(tmp_path, capsys):

@@ -403,7 +403,7 @@ def test_cli_fetch_missing_key(tmp_path, capsys, cli_stand_in):
     ]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("dvmrl data: error: no Materials Project API key found")
+    assert err.startswith("dvmrl data fetch: error: no Materials Project API key found")
     assert "https://next-gen.materialsproject.org/api" in err
     assert StandInMPRester.instances == []
 

@@ -309,7 +309,7 @@ def test_cli_split_errors(tmp_path, capsys, extra, message):
     ]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("dvmrl data: error:")
+    assert err.startswith("dvmrl data split: error:")
     assert re.search(message, err)
     assert not (tmp_path / "s.npz").exists()
 

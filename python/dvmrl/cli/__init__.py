@@ -124,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def _command_name(args: argparse.Namespace) -> str:
+    """Return the command for messages, with its action: "train", "data split"."""
+    action = getattr(args, f"{args.command}_command", None)
+    return args.command if action is None else f"{args.command} {action}"
+
+
 def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv
@@ -131,6 +137,7 @@ def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = _parse(parser, argv)
     args.verbose = verbose
+    command = _command_name(args)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
@@ -146,7 +153,7 @@ def _main(argv: list[str] | None) -> int:
         # Bad input from the user: one line that names the value and the fix.
         if verbose:
             traceback.print_exc()
-        print(f"dvmrl {args.command}: error: {err}", file=sys.stderr)
+        print(f"dvmrl {command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except (FileExistsError, NotADirectoryError, IsADirectoryError) as err:
         # An output path that cannot be used, such as a file where a folder
@@ -160,10 +167,10 @@ def _main(argv: list[str] | None) -> int:
                 f"cannot use path {err.filename!r}: {err.strerror}; "
                 "choose another path"
             )
-        print(f"dvmrl {args.command}: error: {message}", file=sys.stderr)
+        print(f"dvmrl {command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"dvmrl {args.command}: interrupted", file=sys.stderr)
+        print(f"dvmrl {command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader has gone (``| head``): stop quietly, as a pipeline stage
@@ -179,13 +186,13 @@ def _main(argv: list[str] | None) -> int:
         message = err.strerror or str(err)
         if err.filename is not None:
             message = f"{message}: {err.filename}"
-        print(f"dvmrl {args.command}: error: {message}", file=sys.stderr)
+        print(f"dvmrl {command}: error: {message}", file=sys.stderr)
         return EXIT_FAILURE
     except Exception as err:  # noqa: BLE001 - the CLI reports every failure
         if verbose:
             traceback.print_exc()
         print(
-            f"dvmrl {args.command}: internal error: {type(err).__name__}: {err} "
+            f"dvmrl {command}: internal error: {type(err).__name__}: {err} "
             "(rerun with --verbose for the traceback)",
             file=sys.stderr,
         )
