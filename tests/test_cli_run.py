@@ -343,7 +343,8 @@ def test_tiny_data_leaves_no_folder(tmp_path, capsys):
 
 def test_summary_line_names_methods():
     tie = {"winner": "random", "tie": True, "tied_with": ["bayesian", "agent"]}
-    assert run_cli._describe(tie) == "tie: random search, Bayesian optimisation and DQN agent"
+    expected = "tie: random search, Bayesian optimisation and DQN agent"
+    assert run_cli._describe(tie) == expected
     win = {"winner": "agent", "tie": False, "tied_with": []}
     assert run_cli._describe(win) == "DQN agent wins"
     none = {"winner": None, "tie": False, "tied_with": []}
