@@ -315,8 +315,8 @@ def run(args) -> list[dict]:
                         step(v, inputs, dims, graph)
                         synchronize(device)
                         elapsed = time.perf_counter() - t0
-                        kept = cold if block > 1 and i == 0 else times
-                        kept[(v, t)].append(elapsed)
+                        samples = cold if block > 1 and i == 0 else times
+                        samples[(v, t)].append(elapsed)
             torch.set_num_threads(threads)
             gflop = gflop_count(inputs[5], dims)
             for v, t in runs:

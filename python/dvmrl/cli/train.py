@@ -1104,9 +1104,9 @@ def _fit_member(
     except KeyboardInterrupt:
         bar.close()
         done = trainer.epochs_done
-        who = "" if label is None else f"{label}: "
+        prefix = "" if label is None else f"{label}: "
         print(
-            f"{who}interrupted after {done} epoch{'' if done == 1 else 's'}; "
+            f"{prefix}interrupted after {done} epoch{'' if done == 1 else 's'}; "
             f"the state is in {folder / STATE_FILE}",
             file=sys.stderr,
         )
