@@ -336,6 +336,20 @@ def test_load_csv_repeats_warn(tmp_path, caplog):
     assert "1 row(s) repeat the composition" in caplog.text
 
 
+def test_load_csv_warns_on_kj_per_mol(tmp_path, caplog):
+    path = _write(tmp_path, "formula,target\nNi3Al,-41.2\nFeNi,-4.5\nCuZn,0.1\n")
+    frame = datasets.load_csv(path)
+    assert len(frame) == 3
+    assert "1 of 3 target(s) exceed 10 eV/atom in magnitude (largest 41.2)" in caplog.text
+    assert "divide by 96.485" in caplog.text
+
+
+def test_load_csv_plausible_targets_quiet(tmp_path, caplog):
+    path = _write(tmp_path, "formula,target\nNi3Al,-0.41\nFeNi,-9.9\n")
+    datasets.load_csv(path)
+    assert "exceed" not in caplog.text
+
+
 # ---------------------------------------------------------------------------
 # resolve_data
 

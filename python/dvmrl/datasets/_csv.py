@@ -20,6 +20,10 @@ MAX_LISTED_ERRORS = 5
 # uranium is about -8e5 eV (estimate), so no per-atom energy comes near it.
 # It also keeps squared errors below the float32 limit of 3.4e38.
 MAX_ABS_TARGET = 1e7
+# Formation enthalpies and energies above the hull of alloys lie within a few
+# eV/atom, so larger targets are more likely in kJ/mol or meV/atom. They get
+# a warning, not an error, because a user's property may be another one.
+PLAUSIBLE_ABS_TARGET = 10.0
 
 
 def _check_target(text: str) -> tuple[float | None, str | None]:
@@ -166,6 +170,19 @@ def load_csv(
     frame = pd.DataFrame(rows, columns=COLUMNS)
     frame["n_elements"] = frame["n_elements"].astype(np.int64)
     frame["target"] = frame["target"].astype(np.float64)
+    large = np.abs(frame["target"].to_numpy()) > PLAUSIBLE_ABS_TARGET
+    if large.any():
+        largest = float(frame["target"].abs().max())
+        logger.warning(
+            "%s: %d of %d target(s) exceed %g eV/atom in magnitude (largest %g); "
+            "dvmrl reads targets in eV/atom, so convert kJ/mol (divide by 96.485) "
+            "or meV/atom (divide by 1000) first",
+            path,
+            int(large.sum()),
+            len(frame),
+            PLAUSIBLE_ABS_TARGET,
+            largest,
+        )
     repeats = int(pd.Series(keys).duplicated().sum())
     if repeats:
         logger.warning(
