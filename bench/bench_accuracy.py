@@ -276,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads: expected an integer >= 1, got {args.threads}")
+    if args.seed < 0:
+        parser.error(f"--seed: expected an integer >= 0, got {args.seed}")
+    if args.members < 1:
+        parser.error(f"--members: expected an integer >= 1, got {args.members}")
 
     set_num_threads(args.threads)
     model_fields = {
@@ -315,8 +319,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"train {dataclasses.asdict(train_config)}")
     sys.stdout.flush()
 
-    if args.members < 1:
-        parser.error(f"--members must be at least 1, got {args.members}")
     results = []
     measured_references = {}
     for kind in args.splits:

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 
 import dvmrl
 from dvmrl import ops, reference
+from dvmrl._runtime import _available_cores as available_cores
 from dvmrl.layout import ModelDims, parameter_count, unflatten
 
 ROWS = 103
@@ -277,7 +278,7 @@ def run(args) -> list[dict]:
     device = torch.device(args.device)
     dtype = torch.float32
     threads = dvmrl.set_num_threads(args.threads)
-    torch_threads = args.torch_threads or sorted({1, threads})
+    torch_threads = sorted(set(args.torch_threads or [1, threads]))
     if device.type == "cuda":
         # The PyTorch variants compute on the GPU, so one host thread count is timed.
         torch_threads = [threads]
@@ -306,7 +307,11 @@ def run(args) -> list[dict]:
                 step(v, inputs, dims, graph)  # warm-up
             order = list(runs)
             for _ in range(repeats_for(batch, args.repeats)):
+                last = order[-1]
                 rng.shuffle(order)
+                if len(order) > 1 and order[0] == last:
+                    # The first step of a block must follow another run's steps.
+                    order.append(order.pop(0))
                 for v, t in order:
                     torch.set_num_threads(t)
                     for i in range(block):
@@ -424,14 +429,14 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--repeats", type=positive_int, default=None,
-        help="blocks per variant (default: 15 for B <= 16, 9 for B <= 256, else 5)",
+        help="blocks per variant (default: 15 for B < 256, 9 for B < 4096, else 5)",
     )
     parser.add_argument(
         "--block", type=positive_int, default=None,
         help="consecutive steps per block; the first is timed apart as cold when the "
-        "block has more than one (default: 11 for B <= 16, 4 for B <= 256, else 1)",
+        "block has more than one (default: 11 for B < 256, 4 for B < 4096, else 1)",
     )
-    cores = len(os.sched_getaffinity(0))
+    cores = available_cores()
     parser.add_argument(
         "--threads", type=positive_int, default=None,
         help="CPU threads of dvmrl, and of PyTorch for fused and noop, at most the "
