@@ -389,3 +389,17 @@ def test_checkpoint_mode_follows_umask(data, tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "model.pt").stat().st_mode) == 0o640
+
+
+def test_checkpoint_through_symlink_keeps_link(data, tmp_path):
+    trainer = _trainer(data)
+    target = tmp_path / "store" / "model.pt"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    link = tmp_path / "model.pt"
+    link.symlink_to(target)
+    trainer.save(link)
+    assert link.is_symlink()
+    assert target.read_bytes()[:2] == b"PK"
+    model, _ = load_checkpoint(link)
+    assert model.config == trainer.model.config

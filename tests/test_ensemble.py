@@ -216,7 +216,8 @@ def test_cli_members_resume(tmp_path, data_csv, monkeypatch, capsys):
     argv = ["train", "--data", str(data_csv), "--epochs", "1", "--members", "2"]
     original_fit = _interrupt_second_member(monkeypatch)
     assert main([*argv, *TINY, "--out", str(out)]) == 130
-    message = f"member 1: interrupted after 0 epochs; the state is in {out / 'member1'}"
+    state = out / "member1" / "last.pt"
+    message = f"member 1: interrupted after 0 epochs; the state is in {state}\n"
     assert message in capsys.readouterr().err
     assert (out / "member0" / "model.pt").is_file()
     assert not (out / "model.pt").exists()

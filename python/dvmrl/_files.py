@@ -95,9 +95,23 @@ def write_bytes_atomic(
 
 def _default_mode() -> int:
     """Return 0o666 less the process umask, the mode ``open`` gives new files."""
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """Return the process umask without changing it where Linux reports it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    # Elsewhere, read it by setting it, which other threads could observe
+    # for an instant.
     mask = os.umask(0o022)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
 
 
 def file_kind(path: str | os.PathLike) -> str:
