@@ -12,23 +12,9 @@ import dvmrl
 from dvmrl.agent import PRETRAINED_AGENT
 from dvmrl.cli import main
 from dvmrl.cli import run as run_cli
+from tiny_run import TINY
 
-# Small enough that an uninterrupted run takes seconds, large enough that
-# each method has several units to interrupt between.
-TINY_BUDGET = {
-    "name": "tiny",
-    "epochs": 6,
-    "trial_epochs": 2,
-    "seeds": 1,
-    "max_train": 200,
-    "max_val": 120,
-    "retrain_epochs": 2,
-    "robust_n": 4,
-    "n_initial_points": 2,
-    "agent_slice": 2,
-    "adversarial_steps": 4,
-    "adversarial_starts": 1,
-}
+TINY_BUDGET = TINY.to_dict()
 
 
 def environment():

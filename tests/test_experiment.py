@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import shutil
@@ -6,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import tiny_run
 from dvmrl import env as env_module
 from dvmrl.experiment import (
     PRESETS,
@@ -25,19 +27,9 @@ from dvmrl.experiment_agent import (
 from dvmrl.report import _winner_text, find_winner, summarise
 from dvmrl.search import SEARCH_SPACE
 
-TINY = Preset(
-    name="tiny",
-    epochs=6,
-    trial_epochs=2,
-    seeds=2,
-    max_train=300,
-    max_val=200,
-    retrain_epochs=2,
-    robust_n=6,
-    n_initial_points=2,
-    agent_slice=2,
-    adversarial_steps=4,
-    adversarial_starts=1,
+# Two seeds and larger parts than the shared budget, for per-seed results.
+TINY = dataclasses.replace(
+    tiny_run.TINY, seeds=2, max_train=300, max_val=200, robust_n=6
 )
 
 

@@ -14,22 +14,8 @@ import pytest
 
 from dvmrl import experiment_agent
 from dvmrl.cli import main
-from dvmrl.experiment import Preset, RunSpec, run_experiment
-
-TINY = Preset(
-    name="tiny",
-    epochs=6,
-    trial_epochs=2,
-    seeds=1,
-    max_train=200,
-    max_val=120,
-    retrain_epochs=2,
-    robust_n=4,
-    n_initial_points=2,
-    agent_slice=2,
-    adversarial_steps=4,
-    adversarial_starts=1,
-)
+from dvmrl.experiment import RunSpec, run_experiment
+from tiny_run import TINY
 
 
 @pytest.fixture(scope="module")
