@@ -551,16 +551,21 @@ def _notes_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _winner_text(winner: dict[str, Any]) -> str:
+def winner_label(winner: dict[str, Any]) -> str:
+    """Return "n/a", "tie: " and the tied methods, or the winning method's label."""
     if winner["winner"] is None:
         return "n/a"
-    label = METHOD_LABELS.get(winner["winner"], winner["winner"])
     if winner["tie"]:
         return "tie: " + join_method_names([winner["winner"], *winner["tied_with"]])
-    if not winner["spread_assessed"]:
-        resolution = _percent(_resolution(winner))
-        return f"{label} (one seed: ties judged at {resolution} only)"
-    return label
+    return METHOD_LABELS.get(winner["winner"], winner["winner"])
+
+
+def _winner_text(winner: dict[str, Any]) -> str:
+    label = winner_label(winner)
+    if winner["winner"] is None or winner["tie"] or winner["spread_assessed"]:
+        return label
+    resolution = _percent(_resolution(winner))
+    return f"{label} (one seed: ties judged at {resolution} only)"
 
 
 def _resolution(winner: dict[str, Any]) -> float:

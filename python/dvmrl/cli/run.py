@@ -240,10 +240,9 @@ def _interrupt(signum, frame) -> None:
 
 def _describe(winner: dict) -> str:
     """Return one line on a comparison's winner, with the method names of report.md."""
-    from dvmrl.report import METHOD_LABELS, join_method_names
+    from dvmrl.report import winner_label
 
-    if winner["winner"] is None:
-        return "n/a"
-    if winner["tie"]:
-        return f"tie: {join_method_names([winner['winner'], *winner['tied_with']])}"
-    return f"{METHOD_LABELS.get(winner['winner'], winner['winner'])} wins"
+    label = winner_label(winner)
+    if winner["winner"] is None or winner["tie"]:
+        return label
+    return f"{label} wins"
