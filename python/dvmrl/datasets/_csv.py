@@ -170,9 +170,9 @@ def load_csv(
     frame = pd.DataFrame(rows, columns=COLUMNS)
     frame["n_elements"] = frame["n_elements"].astype(np.int64)
     frame["target"] = frame["target"].astype(np.float64)
-    large = np.abs(frame["target"].to_numpy()) > PLAUSIBLE_ABS_TARGET
+    magnitude = frame["target"].abs()
+    large = magnitude > PLAUSIBLE_ABS_TARGET
     if large.any():
-        largest = float(frame["target"].abs().max())
         logger.warning(
             "%s: %d of %d target(s) exceed %g eV/atom in magnitude (largest %g); "
             "dvmrl reads targets in eV/atom, so convert kJ/mol (divide by 96.485) "
@@ -181,7 +181,7 @@ def load_csv(
             int(large.sum()),
             len(frame),
             PLAUSIBLE_ABS_TARGET,
-            largest,
+            float(magnitude.max()),
         )
     repeats = int(pd.Series(keys).duplicated().sum())
     if repeats:
