@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from dvmrl._files import write_atomic
+from dvmrl._files import write_atomic, write_text_atomic
 from dvmrl.agent import AgentConfig, AgentFileError, DQNAgent, run_episode
 
 logger = logging.getLogger(__name__)
@@ -338,7 +338,7 @@ def meta_train(
             "rng_state": rng.bit_generator.state,
         }
         text = json.dumps(document, indent=1)
-        write_atomic(paths["progress"], lambda f: f.write(text.encode()), binary=True)
+        write_text_atomic(paths["progress"], text)
         saved_episodes = len(history)
 
     bar = tqdm(
@@ -583,5 +583,5 @@ def export_pretrained(out: str | os.PathLike, dest: str | os.PathLike | None = N
     # so training can continue from the shipped file.
     agent.save(dest / "agent.pt", metadata=agent.metadata)
     text = json.dumps(metadata, indent=1)
-    write_atomic(dest / "agent.json", lambda f: f.write(text.encode()), binary=True)
+    write_text_atomic(dest / "agent.json", text)
     return dest
