@@ -12,11 +12,18 @@ the mean of their predictions;
 ``--references`` also fits a random forest and gradient boosting on the
 same splits, so the comparison does not depend on another test cut.
 
+``--score-on dev`` leaves the test part out altogether: it cuts a
+development part of the same kind from the training pool (train and
+validation rows) and scores there, with every training and validation row
+drawn from the rest of the pool. Compare settings that way and score only
+the chosen one on the test part, so the test numbers stay an unbiased
+estimate.
+
 Usage:
     OMP_WAIT_POLICY=PASSIVE PYTHONPATH=python .venv/bin/python \
         bench/bench_accuracy.py [--splits random chemsys] [--threads 2] \
         [--seed 0] [--members 3] [--divisions own|shared] [--references] \
-        [--json results.json] \
+        [--score-on test|dev] [--json results.json] \
         [--set train.epochs=50 ...]
 """
 
@@ -102,6 +109,18 @@ def score(y_test: np.ndarray, predictions: np.ndarray) -> dict:
     }
 
 
+def development_frame(df, kind: str):
+    """Return the training pool of the ``kind`` split as its own data frame.
+
+    ``make_split`` on the returned frame cuts its test part (the development
+    part) from the pool alone with the fixed test seed. So the development
+    part does not move with the split seed, and it holds no original test row.
+    """
+    split = make_split(df, kind, 0)
+    pool = np.sort(np.concatenate([split.train, split.val]))
+    return df.iloc[pool].reset_index(drop=True)
+
+
 def run_split(
     df,
     kind: str,
@@ -110,6 +129,7 @@ def run_split(
     train_config,
     members: int = 1,
     divisions: str = "own",
+    part: str = "test",
 ) -> dict:
     """Train on one split kind and score the best-validation models on its test part.
 
@@ -155,11 +175,12 @@ def run_split(
                 "best_val_rmse": best["val_rmse"],
                 "best_val_mae": best["val_mae"],
                 "seconds": seconds,
+                "test_predictions": predictions.tolist(),
             }
         )
         if members > 1:
             print(
-                f"{kind:>8} member {member}: test RMSE {runs[-1]['rmse']:.4f} MAE "
+                f"{kind:>8} member {member}: {part} RMSE {runs[-1]['rmse']:.4f} MAE "
                 f"{runs[-1]['mae']:.4f} ({seconds:.0f} s)",
                 flush=True,
             )
@@ -179,7 +200,9 @@ def run_split(
     return result
 
 
-def run_references(df, kind: str, seed: int, threads: int) -> dict:
+def run_references(
+    df, kind: str, seed: int, threads: int, part: str = "test"
+) -> dict:
     """Fit scikit-learn baselines on the same split and score them on its test part.
 
     Features: ``dvmrl.featurize.composition_features`` with every statistic
@@ -217,7 +240,7 @@ def run_references(df, kind: str, seed: int, threads: int) -> dict:
             "seconds": time.perf_counter() - started,
         }
         print(
-            f"{kind:>8} {name}: test RMSE {results[name]['rmse']:.4f} MAE "
+            f"{kind:>8} {name}: {part} RMSE {results[name]['rmse']:.4f} MAE "
             f"{results[name]['mae']:.4f} ({results[name]['seconds']:.0f} s)",
             flush=True,
         )
@@ -273,6 +296,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SECTION.FIELD=VALUE",
         help="override a default, such as model.hidden=96 or train.epochs=50",
     )
+    parser.add_argument(
+        "--score-on",
+        choices=("test", "dev"),
+        default="test",
+        help="part to score on: the split's test part, or a development part "
+        "cut the same way from the training pool, for choosing settings "
+        "without looking at the test part (default: test)",
+    )
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads: expected an integer >= 1, got {args.threads}")
@@ -315,22 +346,29 @@ def main(argv: list[str] | None = None) -> int:
         f"{platform.processor() or platform.machine()}, load {os.getloadavg()[0]:.2f}; "
         f"torch {torch.__version__}, cpu_isa {info.get('cpu_isa')}"
     )
+    if args.score_on == "dev":
+        print(
+            "scoring on development parts cut from the training pools; the "
+            "test parts are not used"
+        )
     print(f"model {model_config.to_dict()}")
     print(f"train {dataclasses.asdict(train_config)}")
     sys.stdout.flush()
 
+    part = args.score_on
     results = []
     measured_references = {}
     for kind in args.splits:
+        frame = development_frame(df, kind) if args.score_on == "dev" else df
         result = run_split(
-            df, kind, args.seed, model_config, train_config, args.members,
-            args.divisions,
+            frame, kind, args.seed, model_config, train_config, args.members,
+            args.divisions, part,
         )
         result["load_after"] = os.getloadavg()[0]
         results.append(result)
         label = "" if args.members == 1 else f" ensemble of {args.members}"
         print(
-            f"{kind:>8}{label}: test RMSE {result['rmse']:.4f}  MAE "
+            f"{kind:>8}{label}: {part} RMSE {result['rmse']:.4f}  MAE "
             f"{result['mae']:.4f} eV/atom  R2 {result['r2']:.4f}  "
             f"({result['epochs']} epochs, best {result['best_epoch']}, val RMSE "
             f"{result['best_val_rmse']:.4f} MAE {result['best_val_mae']:.4f}, "
@@ -340,14 +378,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.references:
             measured_references[kind] = run_references(
-                df, kind, args.seed, args.threads
+                frame, kind, args.seed, args.threads, part
             )
 
-    if any(result["split"] in ("random", "chemsys") for result in results):
+    if args.score_on == "dev":
+        # The reference table has test-part numbers, so it does not apply.
+        results_for_table = []
+    else:
+        results_for_table = results
+    if any(result["split"] in ("random", "chemsys") for result in results_for_table):
         print("\nreferences (test RMSE / MAE, eV/atom):")
     for name, by_split in REFERENCES.items():
         cells = []
-        for result in results:
+        for result in results_for_table:
             if result["split"] not in by_split:
                 continue  # the reference table has the random and chemsys splits only
             ref_rmse, ref_mae = by_split[result["split"]]
@@ -384,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             "data": DATA,
             "data_info": dataset_info(DATA).get("name"),
             "threads": args.threads,
+            "scored_on": args.score_on,
             "model": model_config.to_dict(),
             "train": dataclasses.asdict(train_config),
             "results": results,
