@@ -12,7 +12,13 @@ import torch
 from dvmrl.agent import PRETRAINED_AGENT, DQNAgent, load_pretrained
 from dvmrl.cli import main
 from dvmrl.env import ModelTuningEnv
-from dvmrl.meta import EVALUATION_DATASET, default_tasks, parse_task, state_paths
+from dvmrl.meta import (
+    EVALUATION_DATASET,
+    default_tasks,
+    parse_task,
+    plot_learning_curve,
+    state_paths,
+)
 from dvmrl.metrics import DEFAULT_TOLERANCE
 
 TRAIN = [
@@ -242,6 +248,26 @@ def test_train_out_folder(tmp_path, capsys):
     assert code == 2
     assert "--out must be a file path" in err
     assert "already exists" not in err
+
+
+def test_train_rejects_curve_format(tmp_path, capsys):
+    out = tmp_path / "agent.pt"
+    code = main([*TRAIN, "--episodes", "1", "--out", str(out), "--curve", "c.txt"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--curve" in err
+    assert ".txt is not an image format" in err
+    assert ".svg" in err
+    # The suffix is checked before meta-training, so nothing was written.
+    assert not out.exists()
+
+
+def test_learning_curve_format_follows_suffix(trained, tmp_path):
+    history = json.loads(state_paths(trained)["progress"].read_text())["history"]
+    plot_learning_curve(history, tmp_path / "curve.svg")
+    plot_learning_curve(history, tmp_path / "curve")
+    assert b"<svg" in (tmp_path / "curve.svg").read_bytes()[:500]
+    assert (tmp_path / "curve").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_resume_rejects_bad_buffer(trained, tmp_path, capsys):

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from dvmrl._files import write_atomic, write_text_atomic
+from dvmrl._files import write_text_atomic
 from dvmrl.agent import AgentConfig, AgentFileError, DQNAgent, run_episode
 
 logger = logging.getLogger(__name__)
@@ -528,8 +528,14 @@ def _log_interrupt(
 
 
 def plot_learning_curve(history: Sequence[dict[str, Any]], path: str | os.PathLike, window: int = 10) -> None:
-    """Plot episode return and its moving average against the episode, as a PNG (atomic write)."""
+    """Plot episode return and its moving average against the episode.
+
+    The image format follows the suffix of ``path`` (PNG without one), and
+    the file is written atomically.
+    """
     import matplotlib
+
+    from dvmrl.plotting import save_figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -547,7 +553,7 @@ def plot_learning_curve(history: Sequence[dict[str, Any]], path: str | os.PathLi
     axes.set_title("Meta-training of the DQN agent")
     axes.legend(loc="lower right")
     figure.tight_layout()
-    write_atomic(path, lambda f: figure.savefig(f, format="png"), binary=True)
+    save_figure(figure, path)
     plt.close(figure)
 
 

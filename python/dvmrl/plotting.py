@@ -147,6 +147,26 @@ def parity_figure(
     return figure
 
 
+def image_formats() -> list[str]:
+    """Return the file suffixes (without the dot) that matplotlib can write."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return sorted(FigureCanvasBase.get_supported_filetypes())
+
+
+def check_image_path(path: str | os.PathLike) -> None:
+    """Raise ValueError unless matplotlib can write the format of ``path``'s suffix.
+
+    A path without a suffix is written as PNG, so it passes.
+    """
+    suffix = Path(path).suffix.lstrip(".").lower()
+    if suffix and suffix not in image_formats():
+        raise ValueError(
+            f"cannot write an image to {str(path)!r}: .{suffix} is not an image "
+            f"format; use one of {', '.join('.' + name for name in image_formats())}"
+        )
+
+
 def save_figure(figure, path: str | os.PathLike) -> Path:
     """Write a figure to ``path`` atomically, in the format its suffix names.
 

@@ -6,7 +6,12 @@ import argparse
 import shlex
 import sys
 
-from dvmrl.cli._common import add_compute_options, positive_int, setup_compute
+from dvmrl.cli._common import (
+    UsageError,
+    add_compute_options,
+    positive_int,
+    setup_compute,
+)
 
 # Smallest --train-size of ``agent evaluate``: one minibatch of the
 # environment's default batch size (dvmrl.env.DEFAULT_TRAIN["batch_size"]).
@@ -66,7 +71,12 @@ def add_parser(subparsers) -> None:
         help="training epochs per episode; default: the environment's (24)",
     )
     train.add_argument(
-        "--curve", default=None, help="also write the learning curve to this PNG file"
+        "--curve",
+        default=None,
+        metavar="PATH",
+        help="also write the learning curve to this image file, in the format "
+        "its suffix names (.png, .pdf, .svg and the other matplotlib formats; "
+        "PNG without a suffix)",
     )
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_compute_options(train)
@@ -106,7 +116,14 @@ def add_parser(subparsers) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """Meta-train an agent and print where it was written."""
     from dvmrl.meta import meta_train, parse_task, plot_learning_curve
+    from dvmrl.plotting import check_image_path
 
+    if args.curve:
+        # Meta-training can take hours, so a bad suffix fails before it starts.
+        try:
+            check_image_path(args.curve)
+        except ValueError as err:
+            raise UsageError(f"--curve: {err}") from err
     device = setup_compute(args)
     tasks = None if args.tasks is None else [parse_task(text) for text in args.tasks]
     env_options = {"device": str(device)}
