@@ -167,6 +167,24 @@ def test_agent_pickled_object_named(tmp_path):
     assert "trust" not in message
 
 
+def test_agent_pickled_object_other_wording(tmp_path, monkeypatch):
+    # Another PyTorch version may not name the global in its error, so the
+    # loader must still call the file pickled rather than corrupt.
+    path = tmp_path / "obj.pt"
+    torch.save({"obj": Payload()}, path, pickle_module=pickle)
+
+    def load(*args, **kwargs):
+        raise pickle.UnpicklingError("Weights only load failed")
+
+    monkeypatch.setattr(torch, "load", load)
+    with pytest.raises(AgentFileError) as info:
+        DQNAgent.load(path)
+    message = str(info.value)
+    assert "pickled Python objects" in message
+    assert "not plain data" in message
+    assert "corrupt" not in message
+
+
 # ------------------------------------------------------------ buffer file values
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import pickletools
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -132,3 +134,38 @@ def file_kind(path: str | os.PathLike) -> str:
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         return "pickle"
     return "other"
+
+
+# Pickle opcodes that import a global or call one to build an object.
+_OBJECT_OPCODES = frozenset(
+    {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "REDUCE", "BUILD"}
+)
+
+
+def _pickle_bytes(path: str | os.PathLike) -> bytes:
+    """Return the pickle stream of a torch.save archive or a bare pickle file."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = [name for name in archive.namelist() if name.endswith("data.pkl")]
+            return archive.read(names[0]) if names else b""
+    data = Path(path).read_bytes()
+    # A raw pickle of protocol 2 or later starts with the PROTO opcode; other
+    # bytes, such as a truncated archive, are not scanned as a pickle.
+    return data if data[:1] == b"\x80" else b""
+
+
+def builds_objects(path: str | os.PathLike) -> bool:
+    """Tell whether a file's pickle stream imports or builds Python objects.
+
+    The file is a ``torch.save`` zip archive (its ``data.pkl`` is scanned) or
+    a bare pickle. Only the opcodes are parsed (``pickletools.genops``), which
+    never executes them. The result is False for a file without a valid pickle.
+    """
+    try:
+        stream = _pickle_bytes(path)
+        return any(
+            opcode.name in _OBJECT_OPCODES
+            for opcode, _, _ in pickletools.genops(stream)
+        )
+    except (ValueError, KeyError, EOFError, OSError, zipfile.BadZipFile, IndexError):
+        return False

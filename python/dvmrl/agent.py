@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dvmrl._files import file_kind, write_atomic
+from dvmrl._files import builds_objects, file_kind, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -1008,6 +1008,12 @@ def _read_agent_state(path: Path) -> Any:
         raise _pickle_rejected(path, file_type, detail) from None
     if kind == "pickle":
         raise _pickle_rejected(path, file_type, "a bare pickle stream") from None
+    # Another PyTorch version may word its message differently, so the
+    # opcodes tell a pickled object apart from a corrupt archive as well.
+    if builds_objects(path):
+        raise _pickle_rejected(
+            path, file_type, "an object that is not plain data"
+        ) from None
     raise _unreadable(path, kind, file_type, _AGENT_FIX) from None
 
 

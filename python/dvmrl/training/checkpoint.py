@@ -28,17 +28,15 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import pickletools
 import sys
 import warnings
-import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dvmrl._files import file_kind, write_atomic
+from dvmrl._files import builds_objects, file_kind, write_atomic
 
 FORMAT_NAME = "dvmrl-checkpoint"
 FORMAT_VERSION = 1
@@ -254,26 +252,9 @@ def _is_tensor_dict(value: Any) -> bool:
     )
 
 
-# Pickle opcodes that import a global or call one to build an object.
-_OBJECT_OPCODES = frozenset(
-    {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "REDUCE", "BUILD"}
-)
-
-
-def _pickle_bytes(path: Path) -> bytes:
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            names = [name for name in archive.namelist() if name.endswith("data.pkl")]
-            return archive.read(names[0]) if names else b""
-    data = path.read_bytes()
-    # A raw pickle of protocol 2 or later starts with the PROTO opcode; other
-    # bytes (a truncated archive, say) are not scanned as a pickle.
-    return data if data[:1] == b"\x80" else b""
-
-
 def _unreadable_checkpoint(path: Path, err: Exception) -> CheckpointError:
     """Return the error for a file that ``torch.load(weights_only=True)`` rejected."""
-    if isinstance(err, pickle.UnpicklingError) and _builds_objects(path):
+    if isinstance(err, pickle.UnpicklingError) and builds_objects(path):
         return CheckpointError(
             f"checkpoint {path} was rejected without being loaded: it carries a "
             "pickled Python object that is not a tensor or plain data, which "
@@ -295,22 +276,6 @@ def _unreadable_checkpoint(path: Path, err: Exception) -> CheckpointError:
         f"checkpoint {path} is corrupt or not a dvmrl checkpoint: {problem} "
         f"({type(err).__name__}); pass a model.pt written by dvmrl train"
     )
-
-
-def _builds_objects(path: Path) -> bool:
-    """Tell whether a file parses as a pickle that imports or builds objects.
-
-    Only parses the opcodes (``pickletools.genops``), which never executes
-    them. A file that is not a valid pickle returns False.
-    """
-    try:
-        stream = _pickle_bytes(path)
-        return any(
-            opcode.name in _OBJECT_OPCODES
-            for opcode, _, _ in pickletools.genops(stream)
-        )
-    except (ValueError, KeyError, EOFError, OSError, zipfile.BadZipFile, IndexError):
-        return False
 
 
 def load_checkpoint(
