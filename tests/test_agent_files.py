@@ -80,6 +80,23 @@ def test_agent_inf_target_rejected(tmp_path):
         DQNAgent.load(tmp_path / "inf.pt")
 
 
+@pytest.mark.parametrize("scale", [1e38, 1e6])
+def test_agent_huge_weights_rejected(tmp_path, scale):
+    # Finite weights whose Q-values overflow, or exceed q_limit, which
+    # training never lets them reach.
+    agent = make_agent()
+    with torch.no_grad():
+        for parameter in agent.target.parameters():
+            parameter.mul_(scale)
+    agent.save(tmp_path / "huge.pt")
+    with pytest.raises(AgentFileError) as info:
+        DQNAgent.load(tmp_path / "huge.pt")
+    message = str(info.value)
+    assert "the target network gives |Q| = " in message
+    assert "q_limit 10000" in message
+    assert "corrupt" in message
+
+
 def test_agent_nan_optimizer_state_rejected(tmp_path):
     agent = make_agent()
     state = agent.optimizer.state[agent.optimizer.param_groups[0]["params"][0]]

@@ -941,6 +941,7 @@ class DQNAgent:
                 f"incompatible agent file {path}: {type(err).__name__}: {detail}; "
                 f"the file is corrupt or from another dvmrl version, so {_AGENT_FIX}"
             ) from err
+        _check_q_range(agent, path)
         if buffer_path is not None:
             agent.load_buffer(buffer_path)
         return agent
@@ -977,6 +978,33 @@ class DQNAgent:
 
 
 _AGENT_FIX = "retrain the agent with dvmrl agent train, or use another agent file"
+
+# Probe observations for the Q-value check of a loaded agent: [N, obs_dim]
+# draws from N(0, 1), well inside the [-10, 10] that ModelTuningEnv clips to.
+_PROBE_COUNT = 64
+_PROBE_SEED = 0
+
+
+def _check_q_range(agent: DQNAgent, path: Path) -> None:
+    """Raise AgentFileError when the networks give Q-values that training never keeps.
+
+    Training stops with DivergenceError once any |Q| exceeds
+    ``config.q_limit``, so finite but absurd weights (1e38, say) that give
+    infinite or larger values on ordinary observations mean a corrupt file.
+    """
+    generator = torch.Generator().manual_seed(_PROBE_SEED)
+    probes = torch.randn(_PROBE_COUNT, agent.obs_dim, generator=generator)
+    for name, network in (("online", agent.online), ("target", agent.target)):
+        with torch.no_grad():
+            q = network(probes.to(next(network.parameters()).dtype))
+        largest = float(q.abs().max())
+        if not math.isfinite(largest) or largest > agent.config.q_limit:
+            raise AgentFileError(
+                f"invalid agent file {path}: the {name} network gives |Q| = "
+                f"{largest:.3g} on standard-normal observations, beyond q_limit "
+                f"{agent.config.q_limit:g} that training allows, so the file is "
+                f"corrupt; {_AGENT_FIX}"
+            )
 
 
 def _read_agent_state(path: Path) -> Any:
