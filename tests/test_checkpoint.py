@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import stat
+import struct
+import zipfile
 
 import numpy as np
 import pytest
@@ -249,6 +252,71 @@ def test_weights_do_not_fit_config(saved, tmp_path):
     torch.save(document, path)
     with pytest.raises(CheckpointError, match="do not fit its config"):
         load_checkpoint(path)
+
+
+def _data_offset(archive_path, member):
+    """Return the file offset of a stored (uncompressed) zip member's data."""
+    with zipfile.ZipFile(archive_path) as archive:
+        info = archive.getinfo(member)
+    with open(archive_path, "rb") as stream:
+        stream.seek(info.header_offset)
+        header = stream.read(30)
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_length + extra_length, info.file_size
+
+
+def test_flipped_weight_bytes_rejected(saved, tmp_path):
+    # torch.load does not check the zip checksums, so a damaged weight would
+    # otherwise load and predict silently wrong numbers.
+    path = tmp_path / "flipped.pt"
+    shutil.copy(saved[1], path)
+    with zipfile.ZipFile(path) as archive:
+        members = [info for info in archive.infolist() if "/data/" in info.filename]
+    largest = max(members, key=lambda info: info.file_size).filename
+    offset, size = _data_offset(path, largest)
+    with open(path, "r+b") as stream:
+        stream.seek(offset + size // 2)
+        byte = stream.read(1)
+        stream.seek(offset + size // 2)
+        stream.write(bytes([byte[0] ^ 0x01]))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert "differ from the digest" in message
+    assert "retrain with dvmrl train" in message
+
+
+def test_changed_weights_rejected(saved, tmp_path):
+    document = torch.load(saved[1], weights_only=True)
+    document["model_state"]["flat"][0] += 1.0
+    path = tmp_path / "changed.pt"
+    torch.save(document, path)
+    with pytest.raises(CheckpointError, match="differ from the digest"):
+        load_checkpoint(path)
+
+
+def test_nan_weights_without_digest_rejected(saved, tmp_path):
+    # Files written before the digest existed are still checked for NaN.
+    document = torch.load(saved[1], weights_only=True)
+    document[HEADER_KEY] = json.dumps({"format": "dvmrl-checkpoint", "format_version": 1})
+    document["model_state"]["flat"][3] = float("nan")
+    path = tmp_path / "nan.pt"
+    torch.save(document, path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert "tensor 'flat' of member 0 contains NaN or infinite values" in message
+
+
+def test_file_without_digest_loads(saved, tmp_path):
+    document = torch.load(saved[1], weights_only=True)
+    document[HEADER_KEY] = json.dumps({"format": "dvmrl-checkpoint", "format_version": 1})
+    path = tmp_path / "old.pt"
+    torch.save(document, path)
+    model, _ = load_checkpoint(path)
+    reference, _ = load_checkpoint(saved[1])
+    assert torch.equal(model.flat, reference.flat)
 
 
 def test_pickled_object_in_torch_file(tmp_path):

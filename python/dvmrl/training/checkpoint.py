@@ -10,7 +10,11 @@ rejected before the object is built, and no code from the file runs.
 Layout of format version 1 (keys of the top-level dict):
 
 - ``dvmrl_checkpoint``: JSON ``{"format": "dvmrl-checkpoint",
-  "format_version": 1}``.
+  "format_version": 1, "tensors_sha256": "..."}``. The digest covers every
+  tensor of the file (names, dtypes, shapes and bytes), so loading detects
+  weights changed or damaged after writing; the zip archive's own checksums
+  are not checked by ``torch.load``. Files written before the digest existed
+  load without that check.
 - ``model_config``, ``train_config``, ``target_scaling``, ``element_table``,
   ``data_fingerprint``, ``training_domain``, ``provenance``, ``metadata``,
   ``history``: JSON strings.
@@ -25,6 +29,7 @@ Layout of format version 1 (keys of the top-level dict):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -110,16 +115,19 @@ def write_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    document: dict[str, Any] = {
-        HEADER_KEY: json.dumps(
-            {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
-        )
-    }
+    document: dict[str, Any] = {}
     for key, value in payload.items():
         if key in JSON_KEYS:
             document[key] = json.dumps(value, default=_json_default, allow_nan=True)
         else:
             document[key] = value
+    document[HEADER_KEY] = json.dumps(
+        {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "tensors_sha256": tensors_digest(document),
+        }
+    )
     try:
         write_atomic(
             path, lambda stream: torch.save(document, stream), binary=True, fsync=True
@@ -132,6 +140,34 @@ def write_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
             raise KeyboardInterrupt from err
         raise
     return path
+
+
+def tensors_digest(document: dict[str, Any]) -> str:
+    """Return the SHA-256 of every tensor in a checkpoint dict, as hex.
+
+    Entries are visited in sorted key order (lists in order), and each
+    tensor contributes its path of keys, dtype, shape and raw bytes, so any
+    change to a tensor changes the digest. The header and the JSON strings
+    are not covered.
+    """
+    digest = hashlib.sha256()
+
+    def visit(value: Any, name: str) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                visit(value[key], f"{name}/{key}")
+        elif isinstance(value, (list, tuple)):
+            for position, item in enumerate(value):
+                visit(item, f"{name}/{position}")
+
+    for key in sorted(document):
+        if key != HEADER_KEY:
+            visit(document[key], key)
+    return digest.hexdigest()
 
 
 def _interrupted(err: BaseException) -> bool:
@@ -209,6 +245,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"this dvmrl (format version {FORMAT_VERSION}) cannot read; {hint}"
         )
 
+    stored_digest = header.get("tensors_sha256")
+    if stored_digest is not None and stored_digest != tensors_digest(document):
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: its tensors differ from the digest "
+            "stored when it was written, so the file was changed or damaged "
+            "since; restore a copy or retrain with dvmrl train"
+        )
+
     parsed: dict[str, Any] = {"format_version": version}
     for key, value in document.items():
         if key == HEADER_KEY:
@@ -243,6 +287,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                 f"checkpoint {path} is corrupt: the state of member {position} is "
                 "not a dict of tensors"
             )
+    # NaN or infinite weights would make every prediction NaN. The digest
+    # cannot catch them in files written without one, so they are checked here.
+    for position, member_state in enumerate([parsed["model_state"], *members]):
+        for name, tensor in member_state.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise CheckpointError(
+                    f"checkpoint {path} is corrupt: tensor {name!r} of member "
+                    f"{position} contains NaN or infinite values; restore a copy "
+                    "or retrain with dvmrl train"
+                )
     return parsed
 
 
