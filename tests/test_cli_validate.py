@@ -167,12 +167,41 @@ def test_validate_prints_table(checkpoint, tmp_path, capsys):
         (["--tau", "-0.1"], "--tau must be a positive"),
         (["--floor", "0.5"], "K \\* floor"),
         (["--strategy", "newest"], "unknown --strategy 'newest'"),
+        (["--shift-samples", "5"], "--shift-samples must be >= 10, got 5"),
+        (
+            ["--validation-size", "10", "--shift-folds", "20"],
+            "--shift-folds 20 exceeds --validation-size 10",
+        ),
     ],
 )
 def test_validate_bad_input(checkpoint, tmp_path, capsys, option, message):
     code = main(["validate", str(checkpoint), "--out", str(tmp_path), *FAST, *option])
     assert code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_validate_checks_out_first(checkpoint, tmp_path, capsys, monkeypatch):
+    # The path is checked before the minutes of attacks, so a typo fails at once.
+    import dvmrl.cli.validate as validate_cli
+
+    def never(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before --out was checked")
+
+    monkeypatch.setattr(validate_cli, "_load_model", never)
+    blocker = tmp_path / "base.csv"
+    blocker.write_text("formula,target\n")
+    code = main(["validate", str(checkpoint), "--out", str(blocker / "x"), *FAST])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--out" in err
+    assert "is a file" in err
+
+
+def test_min_shift_samples_matches_shift():
+    from dvmrl.cli.validate import MIN_SHIFT_SAMPLES
+    from dvmrl.shift import MIN_SAMPLES
+
+    assert MIN_SHIFT_SAMPLES == MIN_SAMPLES
 
 
 def test_validate_corrupt_checkpoint(tmp_path, capsys):

@@ -26,6 +26,8 @@ import pandas as pd
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_SAMPLES = 1000
+# Smallest max_samples (rows per set) that shift_auc accepts.
+MIN_SAMPLES = 10
 DEFAULT_FOLDS = 5
 
 
@@ -122,8 +124,10 @@ def shift_auc(
         )
     if int(folds) != folds or folds < 2:
         raise ValueError(f"folds must be an integer >= 2, got {folds!r}")
-    if int(max_samples) != max_samples or max_samples < 10:
-        raise ValueError(f"max_samples must be an integer >= 10, got {max_samples!r}")
+    if int(max_samples) != max_samples or max_samples < MIN_SAMPLES:
+        raise ValueError(
+            f"max_samples must be an integer >= {MIN_SAMPLES}, got {max_samples!r}"
+        )
     for name, rows in (("reference", reference), ("other", other)):
         if len(rows) < folds:
             raise ValueError(

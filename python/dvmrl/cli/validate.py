@@ -50,6 +50,9 @@ VULNERABLE_FILE = "most_vulnerable.png"
 FALLBACK_MC_DROPOUT = 0.1
 MC_SAMPLES = 20
 TOP_VULNERABLE = 10
+# dvmrl.shift.MIN_SAMPLES, repeated so that building the parser does not
+# import pandas; a test keeps the two equal.
+MIN_SHIFT_SAMPLES = 10
 
 
 def add_parser(subparsers) -> None:
@@ -169,7 +172,8 @@ def add_parser(subparsers) -> None:
         "--shift-samples",
         type=positive_int,
         default=500,
-        help="rows per set in shift detection, at most; default 500",
+        help=f"rows per set in shift detection, at most (>= {MIN_SHIFT_SAMPLES}); "
+        "default 500",
     )
     parser.add_argument(
         "--shift-folds",
@@ -206,6 +210,24 @@ def _check_arguments(args: argparse.Namespace) -> list[str]:
         raise UsageError(f"--r-max must lie in (0, 1), got {args.r_max}")
     if args.shift_folds < 2:
         raise UsageError(f"--shift-folds must be >= 2, got {args.shift_folds}")
+    if args.shift_samples < MIN_SHIFT_SAMPLES:
+        raise UsageError(
+            f"--shift-samples must be >= {MIN_SHIFT_SAMPLES}, got "
+            f"{args.shift_samples}; pass a larger number of rows per set"
+        )
+    # Each validation set is one side of a shift test, split into the folds.
+    if args.shift_folds > args.validation_size:
+        raise UsageError(
+            f"--shift-folds {args.shift_folds} exceeds --validation-size "
+            f"{args.validation_size}: each validation set is split into the folds; "
+            "lower --shift-folds or raise --validation-size"
+        )
+    from dvmrl.cli.train import _check_output_folder
+
+    try:
+        _check_output_folder(Path(args.out), "--out")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     if args.strategy == "all":
         return list(STRATEGIES)
     if args.strategy not in STRATEGIES:
