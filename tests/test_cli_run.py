@@ -133,7 +133,7 @@ def test_kill_and_resume_matches(workdir, budget_file, agent_args):
     sent, code, stderr = run_until(resume, out, "bayesian/seed0", 2, signal.SIGTERM)
     assert sent
     assert code == 130, stderr[-2000:]
-    assert "--resume" in stderr
+    assert f"continue with: dvmrl run --resume --out {out}" in stderr
     sent, code, stderr = run_until(resume, out, "agent/seed0", 1, signal.SIGINT)
     assert sent
     assert code == 130, stderr[-2000:]
@@ -311,6 +311,29 @@ def test_resume_with_methods_reordered(workdir, budget_file, agent_args, capsys)
     # The stored order is kept, and the finished units are not rerun.
     assert after["methods"] == ["random", "bayesian", "agent"]
     assert after["results"] == json.loads(before)["results"]
+
+
+def test_resume_takes_recorded_settings(workdir, capsys):
+    # Only --resume and --out: the budget file, agent and methods come from
+    # run.json, so the default budget does not clash with the recorded one.
+    out = workdir / "reference"
+    if not (out / "report.json").is_file():
+        pytest.skip("needs the reference run of test_kill_and_resume_matches")
+    before = json.loads((out / "report.json").read_text())
+    code = main(["run", "--out", str(out), "--resume", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    after = json.loads((out / "report.json").read_text())
+    assert after["results"] == before["results"]
+    assert after["methods"] == before["methods"]
+
+
+def test_resume_option_still_checked(workdir, capsys):
+    out = workdir / "reference"
+    if not (out / "report.json").is_file():
+        pytest.skip("needs the reference run of test_kill_and_resume_matches")
+    code = main(["run", "--out", str(out), "--resume", "--budget", "quick"])
+    assert code == 2
+    assert "other settings" in capsys.readouterr().err
 
 
 def test_tiny_data_leaves_no_folder(tmp_path, capsys):

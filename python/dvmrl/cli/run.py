@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import shlex
 import signal
 import sys
 import time
@@ -62,14 +64,14 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--data",
-        default=DEFAULT_DATA,
+        default=None,
         metavar="NAME|PATH",
         help=f"vendored data set name or a CSV file with formula and target columns; "
         f"default: {DEFAULT_DATA}",
     )
     parser.add_argument(
         "--budget",
-        default="small",
+        default=None,
         metavar="quick|small|full|FILE.json",
         help="budget preset (epoch counts above) or a JSON file with the fields of "
         "dvmrl.experiment.Preset; default: small",
@@ -87,7 +89,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=list(METHODS),
+        default=None,
         metavar="METHOD",
         help=f"methods to compare, from {', '.join(METHODS)}; default: all",
     )
@@ -101,6 +103,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--agent-learn",
         action="store_true",
+        default=None,
         help="let the agent keep learning during its episodes "
         "(default: greedy, frozen)",
     )
@@ -115,7 +118,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --out from its last completed trial or step",
+        help="continue the run in --out from its last completed trial or step; "
+        "--data, --budget, --seeds, --methods, --agent and --agent-learn default "
+        "to the values the run was started with",
     )
     parser.add_argument(
         "--no-progress", action="store_true", help="hide the progress bars"
@@ -155,10 +160,57 @@ def _attach_log_file(out_dir: Path) -> logging.Handler:
     return handler
 
 
+def _recorded_run(out_dir: Path) -> dict | None:
+    """Return the settings that the run in ``out_dir`` was started with, if readable.
+
+    A missing or corrupt run.json gives None; Experiment.prepare then
+    reports the problem with its fix.
+    """
+    from dvmrl.experiment import RUN_FILE
+
+    try:
+        recorded = json.loads((out_dir / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(recorded, dict) or not isinstance(
+        recorded.get("signature"), dict
+    ):
+        return None
+    return {"data": recorded.get("data"), **recorded["signature"]}
+
+
+def _fill_defaults(args: argparse.Namespace) -> None:
+    """Set the options not given: the recorded run's with --resume, else the defaults."""
+    from dvmrl.experiment import DEFAULT_DATA, METHODS, Preset
+
+    recorded = _recorded_run(Path(args.out)) if args.resume else None
+    if recorded is not None:
+        if args.data is None:
+            args.data = recorded.get("data")
+        if args.budget is None and isinstance(recorded.get("preset"), dict):
+            try:
+                args.budget = Preset.from_dict(recorded["preset"])
+            except (TypeError, ValueError):
+                args.budget = None  # prepare() names the difference instead
+        if args.seeds is None and isinstance(recorded.get("seeds"), list):
+            args.seeds = recorded["seeds"]
+        if args.methods is None and isinstance(recorded.get("methods"), list):
+            args.methods = list(recorded["methods"])
+        if args.agent is None:
+            args.agent = recorded.get("agent_path")
+        if args.agent_learn is None:
+            args.agent_learn = bool(recorded.get("agent_learn"))
+    args.data = DEFAULT_DATA if args.data is None else args.data
+    args.budget = "small" if args.budget is None else args.budget
+    args.methods = list(METHODS) if args.methods is None else args.methods
+    args.agent_learn = bool(args.agent_learn)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the comparison and print where the report went."""
     from dvmrl.experiment import Experiment, RunSpec, resolve_preset
 
+    _fill_defaults(args)
     if "agent" not in args.methods:
         # As elsewhere in the CLI, an option without effect is rejected.
         for option, value in (
@@ -171,7 +223,10 @@ def run(args: argparse.Namespace) -> int:
                     f"--methods or drop {option}"
                 )
     preset = resolve_preset(args.budget)
-    seeds = list(range(args.seeds if args.seeds is not None else preset.seeds))
+    if isinstance(args.seeds, list):
+        seeds = args.seeds  # the recorded seeds of a resumed run
+    else:
+        seeds = list(range(args.seeds if args.seeds is not None else preset.seeds))
     spec = RunSpec(
         data=args.data,
         preset=preset,
@@ -218,9 +273,10 @@ def run(args: argparse.Namespace) -> int:
         logger.info("finished in %.1f s", time.perf_counter() - started)
     except KeyboardInterrupt:
         logger.warning(
-            "interrupted; every completed trial and step is saved in %s, so rerun "
-            "the same command with --resume to continue",
+            "interrupted; every completed trial and step is saved in %s; continue "
+            "with: dvmrl run --resume --out %s",
             out_dir,
+            shlex.quote(str(out_dir)),
         )
         raise
     finally:
