@@ -718,3 +718,170 @@ def test_interrupt_while_parser_loads(monkeypatch, capsys):
     assert main(["train", "--out", "x"]) == 130
     err = capsys.readouterr().err
     assert err == "dvmrl: interrupted\n"
+
+
+# Metallic binaries and a ternary, as a user's small CSV would list them.
+SMALL_ROWS = [
+    ("FeNi", -0.05), ("Ni3Al", -0.42), ("CuZn", -0.12), ("AlNi", -0.6),
+    ("Fe3Al", -0.2), ("CoTi", -0.4), ("NiTi", -0.35), ("Cu3Au", -0.07),
+    ("AlCo", -0.55), ("FeCo", -0.03), ("NiZr", -0.5), ("CuTi", -0.15),
+    ("AlCuNi", -0.3),
+]
+
+
+@pytest.mark.parametrize(
+    ("rows", "sizes", "need"),
+    [
+        (13, "11 training, 1 validation and 1 test rows", "at least 2 test rows"),
+        (4, "4 training, 0 validation and 0 test rows", "at least 1 validation row"),
+    ],
+)
+def test_train_too_few_rows(tmp_path, capsys, rows, sizes, need):
+    path = tmp_path / "small.csv"
+    frame = pd.DataFrame(SMALL_ROWS[:rows], columns=["formula", "target"])
+    frame.to_csv(path, index=False)
+    out = tmp_path / "run"
+    args = ["--data", str(path), "--epochs", "2", *TINY, "--out", str(out)]
+    code = main(["train", *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{path}: the random split of {rows} rows has {sizes}" in err
+    assert need in err
+    assert "it needs at least 15 rows" in err
+    assert "--split element --holdout-element X" in err
+    assert not out.exists()
+
+
+def test_train_too_few_rows_element_split(tmp_path, capsys):
+    path = tmp_path / "small.csv"
+    pd.DataFrame(SMALL_ROWS, columns=["formula", "target"]).to_csv(path, index=False)
+    out = tmp_path / "run"
+    split = ["--split", "element", "--holdout-element", "Au"]
+    code = main(["train", "--data", str(path), *split, *TINY, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "1 test rows" in err
+    assert "pass a --holdout-element that at least 2 rows contain" in err
+    assert not out.exists()
+
+
+def test_train_diverged_is_usage_error(tmp_path, data_csv, capsys):
+    out = tmp_path / "run"
+    args = ["--data", str(data_csv), "--epochs", "1", "--lr", "1e6", *TINY]
+    code = main(["train", *args, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "internal error" not in err
+    assert "training diverged" in err
+    assert "with --lr 1e+06" in err
+    assert "gradient clipping is already on at norm 5" in err
+    assert "enable gradient clipping" not in err
+    assert f"lower --lr (default 0.001) in another --out, or delete {out}" in err
+
+
+def test_evaluate_warns_other_target_kind(trained, tmp_path, capsys):
+    model = str(trained / "model.pt")
+    data = ["--data", "mp-energy-above-hull", "--threads", "1"]
+    code = main(["evaluate", model, *data, "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+    assert code == 0
+    assert "(formation energy), but --data mp-energy-above-hull" in captured.err
+    assert "has energy above hull targets" in captured.err
+    assert "stable means target <= 0.025 eV/atom" in captured.out
+    assert evaluation["stability_threshold"] == 0.025
+
+
+def test_evaluate_warns_other_data(trained, data_csv, tmp_path, capsys):
+    copy = _copy_csv(data_csv, tmp_path)
+    code = main(["evaluate", str(trained / "model.pt"), "--data", str(copy)])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert f"trained on {data_csv.resolve()} (formation energy)" in err
+    assert f"--data {copy} (formation energy) is other data" in err
+
+
+def test_evaluate_own_data_not_warned(trained, tmp_path, capsys):
+    main(["evaluate", str(trained / "model.pt"), "--out", str(tmp_path)])
+    assert "other data" not in capsys.readouterr().err
+
+
+@pytest.fixture
+def changed_run(tmp_path, data_csv):
+    """A run whose CSV is then rewritten with its rows in reverse order."""
+    copy = _copy_csv(data_csv, tmp_path)
+    out = tmp_path / "run"
+    args = ["--data", str(copy), "--epochs", "1", *TINY, "--out", str(out)]
+    assert main(["train", *args]) == 0
+    frame = pd.read_csv(copy)
+    frame.iloc[::-1].to_csv(copy, index=False)
+    return out, copy
+
+
+def test_evaluate_rejects_changed_data(changed_run, capsys):
+    out, copy = changed_run
+    capsys.readouterr()
+    code = main(["evaluate", str(out / "model.pt")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{copy}: the data changed since training" in err
+    assert "restore the data as they were for training" in err
+    assert "pass --split random" in err
+    assert not (out / "evaluation.json").exists()
+
+
+def test_evaluate_changed_data_explicit_split(changed_run, capsys):
+    out, _ = changed_run
+    capsys.readouterr()
+    code = main(["evaluate", str(out / "model.pt"), "--split", "random"])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "have a composition of the training pool" in err
+
+
+@pytest.mark.parametrize(
+    ("formula", "element"),
+    [("FeNiAr", "Ar is not a metal"), ("FeNiHe", "He is not a metal"),
+     ("FeNi3.H2O", "H, O are not metals")],
+)
+def test_predict_rejects_non_metal(trained, capsys, formula, element):
+    code = main(["predict", str(trained / "model.pt"), "Al3Ni", formula])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert f"argument 2 ({formula!r})" in captured.err
+    assert element in captured.err
+    assert captured.out == ""
+
+
+def test_predict_rejects_non_metal_csv(trained, tmp_path, capsys):
+    source = tmp_path / "in.csv"
+    source.write_text("formula\nAl3Ni\nFeNiAr\n")
+    code = main(["predict", str(trained / "model.pt"), "--input", str(source)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "row 2 ('FeNiAr')" in err
+    assert "Ar is not a metal" in err
+
+
+def test_predict_without_arguments(capsys):
+    code = main(["predict"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "missing CHECKPOINT and FORMULA... or --input FILE.csv" in err
+    assert "required: CHECKPOINT, FORMULA" not in err
+
+
+def test_predict_input_is_folder(trained, tmp_path, capsys):
+    code = main(["predict", str(trained / "model.pt"), "--input", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"--input {tmp_path}: the path is a folder" in err
+    assert "not found" not in err
+
+
+def test_predict_empty_output_path(trained, capsys):
+    code = main(["predict", str(trained / "model.pt"), "Al3Ni", "--output", ""])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "--output is empty" in captured.err
+    assert captured.out == ""

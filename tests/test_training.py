@@ -524,3 +524,23 @@ def test_one_torch_thread_same_bits(data, monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(_weights(single), _weights(both))
+
+
+@pytest.mark.parametrize("grad_clip", [5.0, 0.0])
+def test_divergence_error_advice(data, grad_clip):
+    from dvmrl.training import TrainingDivergedError
+
+    trainer = _trainer(data, epochs=1, lr=1e6, grad_clip=grad_clip)
+    with pytest.raises(TrainingDivergedError) as caught:
+        trainer.fit()
+    error = caught.value
+    assert not math.isfinite(error.loss)
+    assert error.epoch == 1
+    assert error.lr == 1e6
+    assert error.grad_clip == grad_clip
+    assert "lower the learning rate (now 1e+06)" in str(error)
+    if grad_clip:
+        assert "gradient clipping is already on at norm 5" in str(error)
+        assert "enable gradient clipping" not in str(error)
+    else:
+        assert "set grad_clip" in str(error)

@@ -137,6 +137,7 @@ def _add_data_options(parser: argparse.ArgumentParser, with_defaults: bool) -> N
         metavar="X",
         help="element left out with --split element (symbol, such as Ni)",
     )
+    data_sets = "(0 for formation energies, 0.025 for energy above hull)"
     parser.add_argument(
         "--stability-threshold",
         type=finite_float,
@@ -144,8 +145,11 @@ def _add_data_options(parser: argparse.ArgumentParser, with_defaults: bool) -> N
         metavar="X",
         help=(
             "a composition counts as stable when its target is at most X eV/atom; "
-            "default: the data set's (0 for formation energies, 0.025 for energy "
-            "above hull)"
+            f"default: the data set's {data_sets}"
+            if with_defaults
+            else "a composition counts as stable when its target is at most X "
+            "eV/atom; default: the training run's for the checkpoint's own data, "
+            f"else the data set's {data_sets}"
         ),
     )
     parser.add_argument(
@@ -382,6 +386,9 @@ def _add_evaluate_parser(subparsers) -> None:
 def _add_predict_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "predict",
+        usage=(
+            "%(prog)s [options] CHECKPOINT (FORMULA [FORMULA ...] | --input FILE.csv)"
+        ),
         help="predict the target of compositions with a checkpoint",
         description=(
             "Predict the target of each composition in eV/atom and kJ/mol "
@@ -396,8 +403,18 @@ def _add_predict_parser(subparsers) -> None:
             "stderr, because their predictions are extrapolations."
         ),
     )
-    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a model.pt file")
-    parser.add_argument("formulas", nargs="*", metavar="FORMULA", help="such as Al3Ni")
+    # Both positionals are optional to argparse, so that run_predict can name
+    # the alternative --input when formulas are missing.
+    parser.add_argument(
+        "checkpoint", nargs="?", metavar="CHECKPOINT", help="a model.pt file"
+    )
+    parser.add_argument(
+        "formulas",
+        nargs="*",
+        default=[],
+        metavar="FORMULA",
+        help="such as Al3Ni; or pass --input FILE.csv instead",
+    )
     parser.add_argument(
         "--input", default=None, metavar="FILE.csv", help="CSV with a formula column"
     )
@@ -507,19 +524,30 @@ def _data_reference(source: str) -> str:
 
 
 def _parse_formulas(
-    formulas, alloy_notation: bool, where: str, item: str = "row"
+    formulas,
+    alloy_notation: bool,
+    where: str,
+    item: str = "row",
+    metals_only: bool = False,
 ) -> list[dict]:
     """Parse formulas, raising one error that lists every bad one.
 
     ``item`` names a formula's position in the messages: "row" for a file,
-    "argument" for the command line.
+    "argument" for the command line. ``metals_only`` rejects non-metals, as
+    the data loader does for the rows of a data set.
     """
     from dvmrl.compositions import CompositionError, parse
 
     parsed, errors = [], []
     for position, formula in enumerate(formulas):
         try:
-            parsed.append(parse(str(formula), alloy_notation=alloy_notation))
+            parsed.append(
+                parse(
+                    str(formula),
+                    alloy_notation=alloy_notation,
+                    metals_only=metals_only,
+                )
+            )
         except CompositionError as err:
             errors.append(f"{item} {position + 1} ({formula!r}): {err}")
     if errors:
@@ -581,6 +609,119 @@ def _split_rows(df, kind: str, seed: int, holdout_element: str | None):
     if kind != "element" and holdout_element:
         raise UsageError("--holdout-element applies only to --split element")
     return make_split(df, kind, seed, holdout_element=holdout_element)
+
+
+# Rows that each part of a training split needs: the trainer selects the
+# best epoch on the validation pool (one composition at least), and
+# regression_metrics scores the test part (two values at least, because
+# gcv_score divides by n - 1).
+MIN_VALIDATION_ROWS = 1
+MIN_TEST_ROWS = 2
+
+
+def _min_random_split_rows() -> int:
+    """Find the fewest rows whose random split has enough validation and test rows.
+
+    Cuts the random split of growing frames with make_split's default
+    fractions, so the count follows make_split rather than a copy of its
+    rounding.
+    """
+    import pandas as pd
+
+    from dvmrl.splits import make_split
+
+    rows = 3
+    while True:
+        frame = pd.DataFrame(
+            {
+                "formula": ["AlNi"] * rows,
+                "chemsys": [f"system{row}" for row in range(rows)],
+                "n_elements": [2] * rows,
+                "target": [0.0] * rows,
+            }
+        )
+        split = make_split(frame, "random")
+        if len(split.val) >= MIN_VALIDATION_ROWS and len(split.test) >= MIN_TEST_ROWS:
+            return rows
+        rows += 1
+
+
+def _check_row_count(source: str, df, kind: str) -> None:
+    """Raise ValueError when ``df`` has fewer rows than make_split accepts."""
+    if len(df) >= 3:
+        return
+    raise ValueError(
+        f"{source}: {len(df)} rows are too few to split into training, validation "
+        f"and test parts for --split {kind}; add rows (the random split needs at "
+        f"least {_min_random_split_rows()})"
+    )
+
+
+def _check_split_sizes(source: str, df, splits: list) -> None:
+    """Raise ValueError when a split has too few validation or test rows.
+
+    ``splits`` contains the split of every train/validation division of the
+    run; they share the test part. The message names the data, the size of
+    each part, the minimum and what to change.
+    """
+    for split in splits:
+        val_short = len(split.val) < MIN_VALIDATION_ROWS
+        test_short = len(split.test) < MIN_TEST_ROWS
+        if not (val_short or test_short):
+            continue
+        needs = []
+        if val_short:
+            needs.append(
+                f"training needs at least {MIN_VALIDATION_ROWS} validation row"
+            )
+        if test_short:
+            needs.append(f"the test metrics need at least {MIN_TEST_ROWS} test rows")
+        raise ValueError(
+            f"{source}: the {split.kind} split of {len(df)} rows has "
+            f"{len(split.train)} training, {len(split.val)} validation and "
+            f"{len(split.test)} test rows, but {' and '.join(needs)}; "
+            f"{_split_size_fix(split, val_short, test_short)}"
+        )
+
+
+def _split_size_fix(split, val_short: bool, test_short: bool) -> str:
+    """Say how to get enough validation and test rows from a split kind."""
+    if split.kind == "element":
+        element = split.holdout_element
+        fixes = []
+        if test_short:
+            fixes.append(
+                f"pass a --holdout-element that at least {MIN_TEST_ROWS} rows "
+                f"contain, or add rows that contain {element}"
+            )
+        if val_short:
+            fixes.append(f"add rows without {element}")
+        return "; ".join(fixes)
+    if split.kind == "binary-to-ternary":
+        fixes = []
+        if test_short:
+            fixes.append("add ternary rows, which form the test part")
+        if val_short:
+            fixes.append(
+                "add binary rows, because 10% of them form the validation pool"
+            )
+        return ", and ".join(fixes)
+    if split.kind == "chemsys":
+        fix = (
+            "add rows of more chemical systems (the chemsys split puts whole "
+            "systems with about 10% of the rows in each of the validation and test "
+            "parts)"
+        )
+    else:
+        fix = (
+            "add rows (the random split puts about 10% of the rows in each of the "
+            "validation and test parts, so it needs at least "
+            f"{_min_random_split_rows()} rows)"
+        )
+    return (
+        f"{fix}, or pass --split element --holdout-element X with an element X "
+        f"that at least {MIN_TEST_ROWS} rows contain"
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -758,6 +899,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     from dvmrl import __version__, build_info
     from dvmrl.metrics import regression_metrics
+    from dvmrl.training import TrainingDivergedError
 
     out = Path(args.out)
     _check_output_folder(out, "--out")
@@ -781,20 +923,27 @@ def run_train(args: argparse.Namespace) -> int:
 
     device = setup_compute(args)
     df, info = _load_data(run_config["data"], run_config["alloy_notation"])
+    _check_row_count(run_config["data"], df, run_config["split"])
     split = _split_rows(
         df, run_config["split"], run_config["seed"], run_config["holdout_element"]
     )
-    x_test = _featurize_rows(df, split.test)
-    targets = df["target"].to_numpy(dtype=np.float64)
-    y_test = targets[split.test]
     seeds = [int(run_config["seed"]) + member for member in range(members)]
     if own_divisions:
-        # Member i divides the pool with split seed SEED + i. The rows are
-        # featurised and keyed once, and each division takes its part.
+        # Member i divides the pool with split seed SEED + i.
         member_splits = [
             _split_rows(df, run_config["split"], seed, run_config["holdout_element"])
             for seed in seeds
         ]
+    # Checked before anything is trained or written, so that too small a
+    # data set leaves no run folder behind.
+    _check_split_sizes(
+        run_config["data"], df, member_splits if own_divisions else [split]
+    )
+    x_test = _featurize_rows(df, split.test)
+    targets = df["target"].to_numpy(dtype=np.float64)
+    y_test = targets[split.test]
+    if own_divisions:
+        # The rows are featurised and keyed once, and each division takes its part.
         every_row = _featurize_rows(df, np.arange(len(df)))
         keys = np.asarray(_composition_keys(df["formula"].to_numpy()))
         member_pools = [_pool_compositions(df, s, keys) for s in member_splits]
@@ -825,6 +974,9 @@ def run_train(args: argparse.Namespace) -> int:
             "split": run_config["split"],
             "holdout_element": run_config["holdout_element"],
             "split_fingerprint": split.fingerprint(),
+            # dvmrl.splits.data_fingerprint: the formulas and targets in row
+            # order, which dvmrl evaluate compares with the data it loads.
+            "data_rows_fingerprint": split.data_fingerprint,
             "seed": run_config["seed"],
             "stability_threshold": threshold,
             "target_kind": info.get("target_kind"),
@@ -860,9 +1012,13 @@ def run_train(args: argparse.Namespace) -> int:
         else:
             data = shared_data
             member_metadata = metadata
-        trainer = _fit_member(
-            folder, member_config, data, member_metadata, device, label
-        )
+        try:
+            trainer = _fit_member(
+                folder, member_config, data, member_metadata, device, label
+            )
+        except TrainingDivergedError as err:
+            # An --lr that is too large is a bad setting, not a failure of dvmrl.
+            raise UsageError(_diverged_message(err, out, label)) from err
         if trainer is None:
             print(f"continue with: dvmrl train --resume --out {out}", file=sys.stderr)
             return 130
@@ -937,6 +1093,24 @@ def run_train(args: argparse.Namespace) -> int:
     print(_format_metrics(test_metrics, title, threshold))
     print(f"wrote {out / MODEL_FILE} and {out / METRICS_FILE}")
     return 0
+
+
+def _diverged_message(err, out: Path, label: str | None) -> str:
+    """Describe a diverged training with the options that can prevent it."""
+    from dvmrl import defaults
+
+    prefix = "" if label is None else f"{label}: "
+    clipping = (
+        f"; gradient clipping is already on at norm {err.grad_clip:g}"
+        if err.grad_clip
+        else ""
+    )
+    return (
+        f"{prefix}training diverged: the training loss is {err.loss} in epoch "
+        f"{err.epoch} with --lr {err.lr:g}{clipping}. Start a new run with a "
+        f"lower --lr (default {defaults.TRAIN['lr']:g}) in another --out, or "
+        f"delete {out} first, because --resume keeps the learning rate of that run"
+    )
 
 
 def _member_test_metrics(member_files, x_test, y_test, device, threshold) -> list:
@@ -1291,6 +1465,76 @@ def _check_pool_overlap(
     return rows, counts
 
 
+def _target_kind_text(kind: str | None) -> str:
+    return "unknown target kind" if kind is None else kind.replace("_", " ")
+
+
+def _warn_other_data(metadata: dict, trained_on: str, data: str, info: dict) -> None:
+    """Warn on stderr that ``data`` is not the data the checkpoint trained on."""
+    trained_kind = metadata.get("target_kind") or (metadata.get("data_info") or {}).get(
+        "target_kind"
+    )
+    kind = info.get("target_kind")
+    trained = f"{trained_on} ({_target_kind_text(trained_kind)})"
+    if trained_kind is not None and kind is not None and trained_kind != kind:
+        message = (
+            f"the checkpoint was trained on {trained}, but --data {data} has "
+            f"{_target_kind_text(kind)} targets, so the metrics compare "
+            "predictions of one property with targets of another"
+        )
+    else:
+        message = (
+            f"the checkpoint was trained on {trained}, and --data {data} "
+            f"({_target_kind_text(kind)}) is other data, so the metrics measure "
+            "how the model transfers to it"
+        )
+    print(f"dvmrl evaluate: warning: {message}", file=sys.stderr)
+
+
+def _check_data_unchanged(df, data: str, metadata: dict) -> None:
+    """Raise ValueError when the checkpoint's own data changed since training.
+
+    The test part is cut again from the loaded rows. After rows were added,
+    removed, edited or reordered it is no longer the part that training held
+    out, and the model may have trained on some of its rows. The split
+    fingerprint covers the formulas and targets in row order and the
+    indices of every part. Checkpoints without it are not checked.
+    """
+    from dvmrl.splits import data_fingerprint
+
+    kind, stored = metadata.get("split"), metadata.get("split_fingerprint")
+    if kind is None or stored is None:
+        return
+    try:
+        split = _split_rows(
+            df, kind, int(metadata.get("seed", 0)), metadata.get("holdout_element")
+        )
+    except ValueError:
+        split = None
+    if split is not None and split.fingerprint() == stored:
+        return
+    rows_fingerprint = metadata.get("data_rows_fingerprint")
+    if rows_fingerprint is not None and rows_fingerprint == data_fingerprint(df):
+        # Same rows, other parts: the split itself is cut differently now.
+        reason = (
+            f"the {kind} split of these rows differs from the one of training, so "
+            "its test part is not the one that training held out"
+        )
+        fix = "retrain the model"
+    else:
+        reason = (
+            "the data changed since training (their formulas, targets or row order "
+            f"differ), so the test part of the {kind} split is not the one that "
+            "training held out"
+        )
+        fix = "restore the data as they were for training"
+    raise ValueError(
+        f"{data}: {reason}; {fix}, or pass --split {kind} to score the test "
+        "part of the current rows (rows that the model trained on then get a "
+        "warning, and --exclude-training drops them)"
+    )
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     """Score a checkpoint, print the table and write the parity plot."""
     from dvmrl.metrics import regression_metrics
@@ -1311,6 +1555,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     df, info = _load_data(data, alloy)
 
     same_data = trained_on is not None and _data_reference(data) == trained_on
+    if trained_on is not None and not same_data:
+        _warn_other_data(metadata, trained_on, data, info)
+    if same_data and args.split is None:
+        _check_data_unchanged(df, data, metadata)
     kind = args.split or (metadata.get("split") if same_data else None)
     if kind is None:
         rows = np.arange(len(df))
@@ -1340,7 +1588,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     predictions, _ = _predict(model, batch, device, with_variance=False)
     y_true = df["target"].to_numpy(dtype=np.float64)[rows]
     threshold = args.stability_threshold
-    if threshold is None:
+    if threshold is None and same_data:
         threshold = metadata.get("stability_threshold")
     if threshold is None:
         threshold = float(info.get("stability_threshold", 0.0))
@@ -1384,6 +1632,11 @@ def _read_formula_csv(path: str, column: str) -> list[str]:
     import pandas as pd
 
     source = Path(path)
+    if source.is_dir():
+        raise ValueError(
+            f"--input {source}: the path is a folder; pass a CSV file with a "
+            f"{column!r} column"
+        )
     if not source.is_file():
         raise FileNotFoundError(f"input file {source} not found")
     try:
@@ -1459,6 +1712,36 @@ def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
+def _check_predict_arguments(args: argparse.Namespace) -> None:
+    """Raise UsageError unless a checkpoint and exactly one formula source are given.
+
+    argparse cannot express "FORMULA... or --input", so the parser makes
+    every positional optional and this check names both alternatives.
+    """
+    sources = "FORMULA... or --input FILE.csv"
+    if args.checkpoint is None:
+        missing = "CHECKPOINT" if args.input else f"CHECKPOINT and {sources}"
+        raise UsageError(
+            f"missing {missing}; pass a model.pt file first, as in 'dvmrl predict "
+            "runs/x/model.pt Al3Ni' or 'dvmrl predict runs/x/model.pt --input "
+            "FILE.csv'"
+        )
+    if args.input is not None and not args.input.strip():
+        raise UsageError("--input is empty; pass the path of a CSV file")
+    if args.output is not None and not args.output.strip():
+        raise UsageError(
+            "--output is empty; pass a file path, such as predictions.csv, or drop "
+            "--output to print the table"
+        )
+    if args.formulas and args.input:
+        raise UsageError(f"pass {sources}, not both (exactly one)")
+    if not args.formulas and not args.input:
+        raise UsageError(
+            f"missing {sources}; pass formulas such as Al3Ni after the checkpoint, "
+            "or --input FILE.csv (exactly one)"
+        )
+
+
 def run_predict(args: argparse.Namespace) -> int:
     """Predict compositions given on the command line or in a CSV."""
     import pandas as pd
@@ -1466,8 +1749,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from dvmrl.compositions import format_formula
     from dvmrl.featurize import featurize
 
-    if bool(args.formulas) == bool(args.input):
-        raise UsageError("pass either FORMULA... or --input FILE.csv (exactly one)")
+    _check_predict_arguments(args)
     if args.output:
         _check_output_file(Path(args.output), "--output")
     formulas = (
@@ -1475,11 +1757,19 @@ def run_predict(args: argparse.Namespace) -> int:
         if args.input
         else [str(f) for f in args.formulas]
     )
+    # The model learned from data sets of metals only, which the data loader
+    # enforces, so a composition with a non-metal is rejected here too.
     if args.input:
-        compositions = _parse_formulas(formulas, args.alloy_notation, args.input)
+        compositions = _parse_formulas(
+            formulas, args.alloy_notation, args.input, metals_only=True
+        )
     else:
         compositions = _parse_formulas(
-            formulas, args.alloy_notation, "command line", item="argument"
+            formulas,
+            args.alloy_notation,
+            "command line",
+            item="argument",
+            metals_only=True,
         )
 
     device = setup_compute(args)

@@ -55,7 +55,30 @@ MC_SAMPLES = 30
 
 
 class TrainingDivergedError(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss became NaN or infinite.
+
+    Attributes:
+        loss (float or None): the epoch's training loss (NaN or infinite).
+        epoch (int or None): the epoch, counted from 1.
+        lr (float or None): the peak learning rate of the run.
+        grad_clip (float or None): the gradient-norm clipping threshold;
+            None or 0 when clipping is off.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        loss: float | None = None,
+        epoch: int | None = None,
+        lr: float | None = None,
+        grad_clip: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.loss = loss
+        self.epoch = epoch
+        self.lr = lr
+        self.grad_clip = grad_clip
 
 
 def _seed_streams(seed: int) -> dict[str, int]:
@@ -373,10 +396,23 @@ class Trainer:
         train_loss, lr = self._optimise_epoch()
         self.epochs_done += 1
         if not math.isfinite(train_loss):
+            lr, clip = self.train_config.lr, self.train_config.grad_clip
+            if clip:
+                advice = (
+                    f"lower the learning rate (now {lr:g}); gradient clipping is "
+                    f"already on at norm {clip:g}"
+                )
+            else:
+                advice = (
+                    f"lower the learning rate (now {lr:g}) or set grad_clip, such "
+                    "as 5.0"
+                )
             raise TrainingDivergedError(
-                f"training loss is {train_loss} in epoch {self.epochs_done}; lower the "
-                f"learning rate (now {self.train_config.lr}) or enable gradient "
-                "clipping"
+                f"training loss is {train_loss} in epoch {self.epochs_done}; {advice}",
+                loss=train_loss,
+                epoch=self.epochs_done,
+                lr=lr,
+                grad_clip=clip,
             )
 
         val_rmse, val_mae = self._validation_errors()
