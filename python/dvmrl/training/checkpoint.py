@@ -245,14 +245,6 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"this dvmrl (format version {FORMAT_VERSION}) cannot read; {hint}"
         )
 
-    stored_digest = header.get("tensors_sha256")
-    if stored_digest is not None and stored_digest != tensors_digest(document):
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt: its tensors differ from the digest "
-            "stored when it was written, so the file was changed or damaged "
-            "since; restore a copy or retrain with dvmrl train"
-        )
-
     parsed: dict[str, Any] = {"format_version": version}
     for key, value in document.items():
         if key == HEADER_KEY:
@@ -287,6 +279,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                 f"checkpoint {path} is corrupt: the state of member {position} is "
                 "not a dict of tensors"
             )
+    stored_digest = header.get("tensors_sha256")
+    if stored_digest is not None and stored_digest != tensors_digest(document):
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: its tensors differ from the digest "
+            "stored when it was written, so the file was changed or damaged "
+            "since; restore a copy or retrain with dvmrl train"
+        )
+
     # NaN or infinite weights would make every prediction NaN. The digest
     # cannot catch them in files written without one, so they are checked here.
     for position, member_state in enumerate([parsed["model_state"], *members]):
