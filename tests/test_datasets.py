@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import hashlib
 import json
+import lzma
 import math
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,8 @@ import pytest
 from dvmrl import datasets
 from dvmrl.cli import main
 from dvmrl.datasets import build
+from dvmrl.datasets._csv import read_text_table
+from dvmrl.datasets.filters import hume_rothery_passing_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 RAW_DIR = Path(os.environ.get("DVMRL_RAW_DATA", ROOT.parent / "shared" / "data"))
@@ -324,6 +329,145 @@ def test_load_csv_both_reasons(tmp_path):
         datasets.load_csv(path)
 
 
+def test_load_csv_lines_count_blank_lines(tmp_path):
+    path = _write(tmp_path, "formula,target\nFeNi,0.1\n\n\nCoNi,0.2\nFeXx,0.3\n")
+    with pytest.raises(ValueError, match=r"line 6: .*'Xx'") as caught:
+        datasets.load_csv(path)
+    assert "line 4" not in str(caught.value)
+
+
+def test_load_csv_line_after_quoted_line_break(tmp_path):
+    text = 'formula,target,note\nFeNi,0.1,"two\nlines"\nFeXx,0.3,x\n'
+    path = _write(tmp_path, text)
+    with pytest.raises(ValueError, match=r"line 4: .*'Xx'"):
+        datasets.load_csv(path)
+
+
+def test_load_csv_line_of_row_spanning_lines(tmp_path):
+    text = 'formula,target,note\nFeNi,0.1,x\nFeXx,0.3,"two\nlines"\n'
+    path = _write(tmp_path, text)
+    with pytest.raises(ValueError, match=r"line 3: .*'Xx'"):
+        datasets.load_csv(path)
+
+
+def test_load_csv_gzip_line_numbers(tmp_path):
+    path = tmp_path / "data.csv.gz"
+    path.write_bytes(gzip.compress(b"formula,target\n\nAlNi,-0.6\n\nAlNi,1_0\n"))
+    with pytest.raises(ValueError, match=r"line 5: non-numeric target '1_0'"):
+        datasets.load_csv(path)
+
+
+def test_read_text_table_lines(tmp_path):
+    text = '\nformula,target\r\nAlNi,0.1\r\n  \r\n"Fe\nNi",0.2\nCoNi,0.3\n'
+    path = _write(tmp_path, text)
+    table, lines = read_text_table(path)
+    assert list(table.columns) == ["formula", "target"]
+    assert table["formula"].tolist() == ["AlNi", "Fe\nNi", "CoNi"]
+    assert lines == [3, 5, 7]
+
+
+def test_read_text_table_keeps_text(tmp_path):
+    path = _write(tmp_path, "\ufeffformula , target,note\nNaN, 1e-3\n")
+    table, lines = read_text_table(path)
+    assert list(table.columns) == ["formula", "target", "note"]
+    assert table.iloc[0].tolist() == ["NaN", "1e-3", ""]
+    assert lines == [2]
+
+
+@pytest.mark.parametrize(
+    ("suffix", "compress"),
+    [(".bz2", bz2.compress), (".xz", lzma.compress)],
+)
+def test_load_csv_other_compression(tmp_path, suffix, compress):
+    path = tmp_path / f"data.csv{suffix}"
+    path.write_bytes(compress(b"formula,target\nAlNi,-0.6\n"))
+    assert datasets.load_csv(path)["target"].tolist() == [-0.6]
+
+
+def test_load_csv_zip(tmp_path):
+    path = tmp_path / "data.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("data.csv", "formula,target\nAlNi,-0.6\n")
+    assert datasets.load_csv(path)["target"].tolist() == [-0.6]
+
+
+def test_load_csv_corrupt_gzip(tmp_path):
+    path = tmp_path / "data.csv.gz"
+    path.write_bytes(b"formula,target\nAlNi,-0.6\n")
+    with pytest.raises(ValueError, match=r"data\.csv\.gz is not a valid \.gz file"):
+        datasets.load_csv(path)
+
+
+@pytest.mark.parametrize("text", ["1_0", "1_000", "-0_5", "\uff11", "0x10", "1.0.0"])
+def test_load_csv_rejects_non_plain_number(tmp_path, text):
+    path = _write(tmp_path, f"formula,target\nAlNi,0.1\n\nFeNi,{text}\n")
+    with pytest.raises(ValueError, match=rf"line 4: non-numeric target {text!r}"):
+        datasets.load_csv(path)
+
+
+@pytest.mark.parametrize("text", ["-0.25", "+1", "1.", ".5", "1.5E-3", "-2e+2"])
+def test_load_csv_accepts_plain_number(tmp_path, text):
+    path = _write(tmp_path, f"formula,target\nAlNi,{text}\n")
+    assert datasets.load_csv(path)["target"].tolist() == [float(text)]
+
+
+@pytest.mark.parametrize(
+    ("text", "name"),
+    [
+        ("formula;target\nAlNi;0.1\n", "semicolons"),
+        ("formula\ttarget\nAlNi\t0.1\n", "tabs"),
+    ],
+)
+def test_load_csv_other_separator(tmp_path, text, name):
+    path = _write(tmp_path, text)
+    with pytest.raises(ValueError) as caught:
+        datasets.load_csv(path)
+    message = str(caught.value)
+    assert f"seems to separate its fields with {name}" in message
+    assert "dvmrl reads comma-separated files" in message
+    assert "rename" not in message
+
+
+def test_load_csv_column_message_names_real_options(tmp_path):
+    path = _write(tmp_path, "comp,energy\nAlNi,0.1\n")
+    with pytest.raises(ValueError) as caught:
+        datasets.load_csv(path)
+    message = str(caught.value)
+    assert "dvmrl data info and dvmrl data split take other names" in message
+    assert "--formula-column and --target-column" in message
+    assert "predict" not in message
+
+
+def test_load_csv_extra_field(tmp_path):
+    path = _write(tmp_path, "formula,target\nAlNi,0.1\nFe,Ni,0.2\n")
+    with pytest.raises(ValueError, match=r"line 3 has 3 fields, but the header"):
+        datasets.load_csv(path)
+
+
+def test_load_csv_first_row_extra_field(tmp_path):
+    # pandas.read_csv read such a first row as index, formula and target.
+    path = _write(tmp_path, "formula,target\nFe,Ni,0.2\n")
+    with pytest.raises(ValueError, match=r"line 2 has 3 fields"):
+        datasets.load_csv(path)
+
+
+def test_load_csv_trailing_empty_field(tmp_path):
+    path = _write(tmp_path, "formula,target\nAlNi,0.1,\n")
+    assert datasets.load_csv(path)["target"].tolist() == [0.1]
+
+
+def test_load_csv_unclosed_quote(tmp_path):
+    path = _write(tmp_path, 'formula,target\nAlNi,0.1\nFeNi,"0.2\nCoNi,0.3\n')
+    with pytest.raises(ValueError, match=r"row that starts on line 3 is malformed"):
+        datasets.load_csv(path)
+
+
+def test_load_csv_repeated_column(tmp_path):
+    path = _write(tmp_path, "formula,target, target\nAlNi,0.1,0.2\n")
+    with pytest.raises(ValueError, match=r"has 2 columns named 'target'"):
+        datasets.load_csv(path)
+
+
 def test_load_csv_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         datasets.load_csv(tmp_path / "absent.csv")
@@ -442,6 +586,15 @@ def test_hume_rothery_screen_filters():
     assert kept.attrs["hume_rothery_screen"]["rows_unknown_property"] == 1
     loose = datasets.hume_rothery_screen(frame, 1.0, 2.0)
     assert loose["formula"].tolist() == ["CsLi", "Ni3Al", "AuCs"]
+
+
+def test_hume_rothery_passing_rows():
+    frame = datasets.load("mp-energy-above-hull")
+    rows, record = hume_rothery_passing_rows(frame)
+    kept = datasets.hume_rothery_screen(frame)
+    assert rows.dtype == np.int64
+    assert record == kept.attrs["hume_rothery_screen"]
+    assert frame["formula"].iloc[rows].tolist() == kept["formula"].tolist()
 
 
 def test_hume_rothery_threshold_boundary():
@@ -568,3 +721,56 @@ def test_cli_info_bad_csv(tmp_path, capsys):
     path = _write(tmp_path, "formula,target\nAlNi,abc\n")
     assert main(["data", "info", str(path)]) == 2
     assert "line 2: non-numeric target 'abc'" in capsys.readouterr().err
+
+
+def _strict_json(text: str):
+    """Parse JSON as strict parsers do, which reject NaN and Infinity."""
+
+    def reject(name):
+        raise ValueError(f"{name} is not valid JSON")
+
+    return json.loads(text, parse_constant=reject)
+
+
+def test_cli_info_json_one_row(tmp_path, capsys):
+    path = _write(tmp_path, "formula,target\nFeNi,0.1\n")
+    assert main(["data", "info", str(path), "--json"]) == 0
+    summary = _strict_json(capsys.readouterr().out)
+    assert summary["target_statistics"]["std"] is None
+    assert summary["target_statistics"]["mean"] == 0.1
+
+
+def test_cli_info_text_one_row(tmp_path, capsys):
+    path = _write(tmp_path, "formula,target\nFeNi,0.1\n")
+    assert main(["data", "info", str(path)]) == 0
+    assert "std undefined" in capsys.readouterr().out
+
+
+def test_cli_list_json_strict(capsys):
+    assert main(["data", "list", "--json"]) == 0
+    assert len(_strict_json(capsys.readouterr().out)) == len(datasets.DATASETS)
+
+
+def test_cli_info_blank_lines(tmp_path, capsys):
+    path = _write(tmp_path, "formula,target\nFeNi,0.1\n\n\nCoNi,0.2\nFeXx,0.3\n")
+    assert main(["data", "info", str(path)]) == 2
+    assert "line 6: invalid composition 'FeXx'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "option", ["--max-size-mismatch", "--max-electronegativity-spread"]
+)
+def test_cli_screen_threshold_needs_screen(tmp_path, capsys, option):
+    path = _write(tmp_path, "formula,target\nFeNi,0.1\nCoNi,0.2\n")
+    assert main(["data", "info", str(path), option, "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert f"{option} 0.01 applies only with --hume-rothery" in err
+    assert f"drop {option}" in err
+
+
+def test_cli_screen_threshold_applies(capsys):
+    argv = ["data", "info", "mp-energy-above-hull", "--hume-rothery"]
+    assert main([*argv, "--max-size-mismatch", "0.01", "--json"]) == 0
+    screen = _strict_json(capsys.readouterr().out)["hume_rothery_screen"]
+    assert screen["max_size_mismatch"] == 0.01
+    assert screen["max_electronegativity_spread"] == 0.4

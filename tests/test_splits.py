@@ -11,6 +11,7 @@ import pytest
 
 from dvmrl import datasets, splits
 from dvmrl.cli import main
+from dvmrl.datasets.filters import hume_rothery_passing_rows
 
 CASES = [
     ("random", None),
@@ -191,11 +192,55 @@ def test_save_bad_suffix(frame, tmp_path):
             {"test_fraction": 0.5, "val_fraction": 0.5},
             "must be below 1 to leave training rows",
         ),
+        ("random", None, {"seed": -1}, "seed must be an integer >= 0, got -1"),
     ],
 )
 def test_split_errors(frame, kind, holdout, kwargs, message):
     with pytest.raises(ValueError, match=message):
         splits.make_split(frame, kind, holdout_element=holdout, **kwargs)
+
+
+def test_binary_to_ternary_ignores_test_share(frame):
+    # The test part is every ternary, so only the validation share limits training.
+    split = splits.make_split(frame, "binary-to-ternary", val_fraction=0.9)
+    binaries = int((frame["n_elements"] == 2).sum())
+    assert len(split.val) == round(0.9 * binaries)
+    assert len(split.train) == binaries - len(split.val)
+
+
+def test_split_rows_subset(frame):
+    rows = np.arange(0, len(frame), 3)
+    split = splits.make_split(frame, "chemsys", seed=2, rows=rows)
+    direct = splits.make_split(frame.iloc[rows].reset_index(drop=True), "chemsys", 2)
+    np.testing.assert_array_equal(split.train, rows[direct.train])
+    np.testing.assert_array_equal(split.val, rows[direct.val])
+    np.testing.assert_array_equal(split.test, rows[direct.test])
+    assert split.data_fingerprint == splits.data_fingerprint(frame)
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([0, 1, 1, 2], "must not repeat a position"),
+        ([0, 1, 10**9], "must be positions in the data frame"),
+        ([-1, 0, 1], "must be positions in the data frame"),
+        ([0.5, 1.0, 2.0], "1-D array of integer positions"),
+    ],
+)
+def test_split_rows_invalid(frame, rows, message):
+    with pytest.raises(ValueError, match=message):
+        splits.make_split(frame, "random", rows=np.array(rows))
+
+
+def test_save_json_strict(frame, tmp_path):
+    path = tmp_path / "split.json"
+    splits.make_split(frame, "random").save(path)
+
+    def reject(name):
+        raise ValueError(f"{name} is not valid JSON")
+
+    record = json.loads(path.read_text(), parse_constant=reject)
+    assert record["kind"] == "random"
 
 
 def test_binary_to_ternary_needs_ternaries(frame):
@@ -260,7 +305,105 @@ def test_cli_split_screen(tmp_path, capsys):
         "--hume-rothery",
     ]
     assert main([*argv, "--out", str(out)]) == 0
-    assert "(Hume-Rothery screen on)" in capsys.readouterr().out
+    assert "Hume-Rothery screen on: kept" in capsys.readouterr().out
+    full = datasets.load("mp-energy-above-hull")
+    passing, screen = hume_rothery_passing_rows(full)
+    loaded = splits.load_split(out)
+    indices = np.concatenate([loaded.train, loaded.val, loaded.test])
+    # The indices are rows of the whole data set, not of the screened table.
+    assert indices.max() >= len(passing)
+    np.testing.assert_array_equal(np.sort(indices), passing)
+    assert loaded.data_fingerprint == splits.data_fingerprint(full)
+    assert loaded.params["hume_rothery_screen"] == screen
+
+
+def test_cli_split_screen_csv_rows(tmp_path):
+    # Rows 0 and 2 (Al-Ca, Cs-Fe) fail the screen on size and electronegativity.
+    formulas = ["AlCa", "FeNi", "CsFe", "CoNi", "CrFe", "CuNi", "FeMn", "CoFe"]
+    text = "".join(f"{formula},-0.{i}\n" for i, formula in enumerate(formulas))
+    path = tmp_path / "alloys.csv"
+    path.write_text("formula,target\n" + text)
+    out = tmp_path / "split.json"
+    argv = ["data", "split", str(path), "--split", "random", "--hume-rothery"]
+    assert main([*argv, "--test-fraction", "0.2", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    indices = sorted(record["train"] + record["val"] + record["test"])
+    assert indices == [1, 3, 4, 5, 6, 7]
+    assert record["params"]["hume_rothery_screen"]["rows_before"] == 8
+    assert record["params"]["hume_rothery_screen"]["rows_after"] == 6
+
+
+def test_cli_split_records_screen_off(tmp_path):
+    out = tmp_path / "split.json"
+    argv = ["data", "split", "mp-formation-energy", "--split", "random"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["params"]["hume_rothery_screen"] is None
+
+
+def test_cli_split_threshold_needs_screen(tmp_path, capsys):
+    out = tmp_path / "split.json"
+    argv = ["data", "split", "mp-formation-energy", "--split", "random"]
+    assert main([*argv, "--max-size-mismatch", "0.01", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--max-size-mismatch 0.01 applies only with --hume-rothery" in err
+    assert not out.exists()
+
+
+def test_cli_split_too_few_rows(tmp_path, capsys):
+    path = tmp_path / "n3.csv"
+    path.write_text("formula,target\nFeNi,0.1\nCoNi,0.2\nAlNi,0.3\n")
+    out = tmp_path / "x.json"
+    argv = ["data", "split", str(path), "--split", "random", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "the 3 compositions are too few for a test part" in err
+    assert "pass --test-fraction 0.17 or more" in err
+    assert "at least 6 compositions" in err
+    assert "such as 0.1" not in err
+    assert main([*argv, "--test-fraction", "0.17", "--val-fraction", "0.17"]) == 0
+    sizes = {
+        part: len(rows)
+        for part, rows in json.loads(out.read_text()).items()
+        if part in ("train", "val", "test")
+    }
+    assert sizes == {"train": 1, "val": 1, "test": 1}
+
+
+def test_cli_split_too_few_for_validation(tmp_path, capsys):
+    path = tmp_path / "n3.csv"
+    path.write_text("formula,target\nFeNi,0.1\nCoNi,0.2\nAlNi,0.3\n")
+    argv = ["data", "split", str(path), "--split", "random", "--test-fraction", "0.3"]
+    assert main([*argv, "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert "too few for a validation part at --val-fraction 0.1" in err
+    assert "pass --val-fraction 0.17 or more, or 0 for no validation part" in err
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("-1", "argument --seed: expected an integer >= 0, got -1"),
+        ("-1e3", "argument --seed: expected an integer, got '-1e3'"),
+        ("x", "argument --seed: expected an integer, got 'x'"),
+    ],
+)
+def test_cli_split_bad_seed(tmp_path, capsys, value, message):
+    argv = ["data", "split", "mp-formation-energy", "--split", "random"]
+    with pytest.raises(SystemExit) as caught:
+        main([*argv, "--seed", value, "--out", str(tmp_path / "s.json")])
+    assert caught.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_split_negative_threshold(tmp_path, capsys):
+    argv = ["data", "split", "mp-formation-energy", "--split", "random"]
+    argv += ["--hume-rothery", "--max-size-mismatch", "-1e-3"]
+    with pytest.raises(SystemExit) as caught:
+        main([*argv, "--out", str(tmp_path / "s.json")])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --max-size-mismatch: expected a finite number >= 0" in err
+    assert "expected one argument" not in err
 
 
 @pytest.mark.parametrize(
@@ -277,7 +420,8 @@ def test_cli_split_screen(tmp_path, capsys):
         ),
         (
             ["--split", "random", "--test-fraction", "0.6", "--val-fraction", "0.5"],
-            "must be below 1 to leave training rows",
+            "--test-fraction 0.6 and --val-fraction 0.5 add up to 1.1, which "
+            "leaves no training rows",
         ),
         (
             ["--split", "binary-to-ternary", "--test-fraction", "0.3"],
@@ -289,12 +433,17 @@ def test_cli_split_screen(tmp_path, capsys):
         ),
         (
             ["--split", "random", "--test-fraction", "1e-6"],
-            "leaves the test part of the 18400 compositions empty",
+            r"the 18400 compositions are too few for a test part at --test-fraction "
+            r"1e-06.*pass --test-fraction 0\.01 or more, or use at least 500001",
         ),
-        (["--split", "chemsys", "--test-fraction", "0"], "leaves the test part"),
+        (
+            ["--split", "chemsys", "--test-fraction", "0"],
+            "--test-fraction 0 gives an empty test part",
+        ),
         (
             ["--split", "random", "--val-fraction", "1e-6"],
-            "--val-fraction 1e-06 leaves the validation part empty",
+            r"too few for a validation part at --val-fraction 1e-06.*"
+            r"pass --val-fraction 0\.01 or more",
         ),
     ],
 )

@@ -93,7 +93,8 @@ class Split:
         if suffix not in (".npz", ".json"):
             raise ValueError(f"split file {str(path)!r} must end in .npz or .json")
         if suffix == ".json":
-            write_text_atomic(path, json.dumps(self.to_dict()) + "\n")
+            # allow_nan=False keeps the file valid JSON (NaN is not JSON).
+            write_text_atomic(path, json.dumps(self.to_dict(), allow_nan=False) + "\n")
             return
         meta = {
             k: v for k, v in self.to_dict().items() if k not in ("train", "val", "test")
@@ -105,7 +106,7 @@ class Split:
                 train=self.train,
                 val=self.val,
                 test=self.test,
-                meta=np.array(json.dumps(meta)),
+                meta=np.array(json.dumps(meta, allow_nan=False)),
             ),
             binary=True,
         )
@@ -152,14 +153,18 @@ def data_fingerprint(df: pd.DataFrame) -> str:
     return digest.hexdigest()
 
 
-def _check_fractions(test_fraction: float, val_fraction: float) -> None:
+# Kinds whose test part is a share of the rows set by test_fraction.
+FRACTION_KINDS = ("random", "chemsys")
+
+
+def _check_fractions(kind: str, test_fraction: float, val_fraction: float) -> None:
     for name, value in (
         ("test_fraction", test_fraction),
         ("val_fraction", val_fraction),
     ):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-    if test_fraction + val_fraction >= 1.0:
+    if kind in FRACTION_KINDS and test_fraction + val_fraction >= 1.0:
         raise ValueError(
             f"test_fraction + val_fraction must be below 1 to leave training rows, "
             f"got {test_fraction} + {val_fraction}"
@@ -258,6 +263,7 @@ def make_split(
     holdout_element: str | None = None,
     test_fraction: float = 0.1,
     val_fraction: float = 0.1,
+    rows: np.ndarray | None = None,
 ) -> Split:
     """Split a data frame into train, validation pool and test rows.
 
@@ -273,14 +279,21 @@ def make_split(
         val_fraction: share of all rows in the validation pool. The
             ``chemsys`` kind takes whole systems here too, and
             ``binary-to-ternary`` takes the share of the binaries.
+        rows: positions in ``df`` of the rows to split, such as those that
+            pass a screen; default: every row. The split is made as if
+            ``df.iloc[rows]`` were the data, but its indices are positions
+            in ``df``, its data fingerprint is that of all of ``df``, and
+            the other rows are in no part.
 
     Returns:
         The :class:`Split`; its three parts are disjoint.
 
     Raises:
-        ValueError: for an unknown kind, a fraction outside [0, 1), a missing
-            or unknown ``holdout_element``, or data that leave a part empty
-            that must not be.
+        ValueError: for an unknown kind, a negative seed, a fraction outside
+            [0, 1), a test and validation share that add up to 1 or more
+            for ``random`` and ``chemsys``, a missing or unknown
+            ``holdout_element``, ``rows`` that are not distinct positions in
+            ``df``, or data that leave a part empty that must not be.
     """
     if kind not in KINDS:
         raise ValueError(
@@ -289,9 +302,13 @@ def make_split(
     missing = {"formula", "chemsys", "n_elements", "target"} - set(df.columns)
     if missing:
         raise ValueError(f"data frame lacks the column(s) {sorted(missing)}")
+    if rows is not None:
+        return _split_rows(
+            df, rows, kind, seed, holdout_element, test_fraction, val_fraction
+        )
     if len(df) < 3:
         raise ValueError(f"cannot split {len(df)} row(s): need at least 3")
-    _check_fractions(test_fraction, val_fraction)
+    _check_fractions(kind, test_fraction, val_fraction)
     if kind == "element":
         holdout_element = _check_holdout_element(df, holdout_element)
     elif holdout_element is not None:
@@ -300,6 +317,8 @@ def make_split(
             f"not to {kind!r}"
         )
     seed = int(seed)
+    if seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed}")
 
     test, rest = _test_part(df, kind, holdout_element, test_fraction)
     rng = np.random.default_rng(seed)
@@ -313,9 +332,14 @@ def make_split(
     val = np.sort(val)
     train = np.setdiff1d(rest, val, assume_unique=True)
     if len(train) == 0:
+        shares = (
+            "test_fraction (--test-fraction) or val_fraction (--val-fraction)"
+            if kind in FRACTION_KINDS
+            else "val_fraction (--val-fraction)"
+        )
         raise ValueError(
             f"the {kind} split of {len(df)} rows leaves no training rows: lower "
-            "test_fraction or val_fraction, or use more data"
+            f"{shares}, or use more data"
         )
     params = {"test_fraction": test_fraction, "val_fraction": val_fraction}
     return Split(
@@ -327,4 +351,39 @@ def make_split(
         data_fingerprint=data_fingerprint(df),
         holdout_element=holdout_element,
         params=params,
+    )
+
+
+def _split_rows(
+    df: pd.DataFrame,
+    rows: np.ndarray,
+    kind: str,
+    seed: int,
+    holdout_element: str | None,
+    test_fraction: float,
+    val_fraction: float,
+) -> Split:
+    """Split ``df.iloc[rows]`` and give the parts as positions in ``df``."""
+    rows = np.asarray(rows)
+    if rows.ndim != 1 or (rows.size and not np.issubdtype(rows.dtype, np.integer)):
+        raise ValueError("rows must be a 1-D array of integer positions")
+    rows = rows.astype(np.int64)
+    if rows.size and (rows.min() < 0 or rows.max() >= len(df)):
+        raise ValueError(
+            f"rows must be positions in the data frame, 0 to {len(df) - 1}, got "
+            f"{int(rows.min())} to {int(rows.max())}"
+        )
+    if len(np.unique(rows)) != len(rows):
+        raise ValueError("rows must not repeat a position")
+    subset = df.iloc[rows].reset_index(drop=True)
+    split = make_split(subset, kind, seed, holdout_element, test_fraction, val_fraction)
+    return Split(
+        train=np.sort(rows[split.train]),
+        val=np.sort(rows[split.val]),
+        test=np.sort(rows[split.test]),
+        kind=split.kind,
+        seed=split.seed,
+        data_fingerprint=data_fingerprint(df),
+        holdout_element=split.holdout_element,
+        params=split.params,
     )

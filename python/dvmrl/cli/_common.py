@@ -5,12 +5,22 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import re
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 logger = logging.getLogger("dvmrl")
+
+# An option value that is a negative number, in any form that float() reads
+# as a number or as infinity / NaN. argparse (CPython 3.11) matches only
+# -1 and -0.5, so it reads -1e9 as an unknown option and reports "expected
+# one argument" for the option before it.
+NEGATIVE_NUMBER = re.compile(
+    r"^-(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)$",
+    re.IGNORECASE,
+)
 
 
 class UsageError(Exception):
@@ -26,6 +36,29 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
     return value
+
+
+def non_negative_int(text: str) -> int:
+    """Parse an integer >= 0 for argparse (a seed)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def accept_negative_numbers(parser: argparse.ArgumentParser) -> None:
+    """Let ``parser`` read every :data:`NEGATIVE_NUMBER` as an option value.
+
+    Call it before adding options. No option name of ``parser`` may look
+    like a negative number.
+    """
+    # NOTE: _negative_number_matcher is a private attribute of argparse
+    # parsers, checked on CPython 3.11 only. A Python whose argparse drops it
+    # ignores this assignment, and "--option=-1e9" then still works.
+    parser._negative_number_matcher = NEGATIVE_NUMBER
 
 
 def _parse_float(text: str, valid, expected: str, unparsable: str) -> float:

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
 import traceback
 
-from dvmrl.cli._common import EXIT_FAILURE, UsageError, fraction
+from dvmrl.cli._common import (
+    EXIT_FAILURE,
+    UsageError,
+    accept_negative_numbers,
+    fraction,
+    non_negative_float,
+    non_negative_int,
+)
+from dvmrl.datasets.filters import (
+    DEFAULT_MAX_ELECTRONEGATIVITY_SPREAD,
+    DEFAULT_MAX_SIZE_MISMATCH,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -42,6 +54,7 @@ def add_parser(subparsers) -> None:
             "source and attribution of a data set or CSV file."
         ),
     )
+    accept_negative_numbers(info)
     _add_data_arguments(info)
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(func=run_info)
@@ -50,17 +63,25 @@ def add_parser(subparsers) -> None:
         "split",
         help="write the train / validation / test indices of a split",
         description=(
-            "Write the row indices (positions, 0-based) of the train, validation "
-            "pool and test parts of a split to .npz or .json. The test part does "
-            "not depend on --seed."
+            "Write the row indices of the train, validation pool and test parts "
+            "of a split to .npz or .json. An index is the 0-based position of a "
+            "data row of the CSV file (the header line and blank lines not "
+            "counted) or of the vendored data set. With --hume-rothery the "
+            "indices still refer to those rows, the rows that fail the screen "
+            "are in no part, and the file records the screen's settings under "
+            "params. The test part does not depend on --seed."
         ),
     )
+    accept_negative_numbers(split)
     _add_data_arguments(split)
     from dvmrl.splits import KINDS
 
     split.add_argument("--split", required=True, choices=KINDS, help="split kind")
     split.add_argument(
-        "--seed", type=int, default=0, help="seed of the train / validation division"
+        "--seed",
+        type=non_negative_int,
+        default=0,
+        help="seed of the train / validation division (an integer >= 0; default: 0)",
     )
     split.add_argument(
         "--holdout-element",
@@ -143,32 +164,81 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep only compositions that pass the Hume-Rothery screen",
     )
+    # Both thresholds default to None, so that a threshold passed without
+    # --hume-rothery is distinguished from the default and rejected.
     parser.add_argument(
         "--max-size-mismatch",
-        type=float,
-        default=0.15,
-        help="largest atomic-size mismatch delta (a fraction; default 0.15)",
+        type=non_negative_float,
+        default=None,
+        help=(
+            "largest atomic-size mismatch delta of the --hume-rothery screen "
+            f"(a fraction; default {DEFAULT_MAX_SIZE_MISMATCH:g})"
+        ),
     )
     parser.add_argument(
         "--max-electronegativity-spread",
-        type=float,
-        default=0.4,
-        help="largest Pauling electronegativity spread of the screen (default 0.4)",
+        type=non_negative_float,
+        default=None,
+        help=(
+            "largest Pauling electronegativity spread of the --hume-rothery "
+            f"screen (default {DEFAULT_MAX_ELECTRONEGATIVITY_SPREAD:g})"
+        ),
     )
 
 
-def _resolve(args: argparse.Namespace):
+def _screen_thresholds(args: argparse.Namespace) -> tuple[float, float]:
+    """Return the two thresholds of the screen, with the defaults filled in.
+
+    Raises:
+        UsageError: when a threshold is given without --hume-rothery.
+    """
+    thresholds = {
+        "--max-size-mismatch": args.max_size_mismatch,
+        "--max-electronegativity-spread": args.max_electronegativity_spread,
+    }
+    for option, value in thresholds.items():
+        if value is not None and not args.hume_rothery:
+            raise UsageError(
+                f"{option} {value:g} applies only with --hume-rothery: add "
+                f"--hume-rothery to apply the screen, or drop {option}"
+            )
+    size = args.max_size_mismatch
+    spread = args.max_electronegativity_spread
+    return (
+        DEFAULT_MAX_SIZE_MISMATCH if size is None else size,
+        DEFAULT_MAX_ELECTRONEGATIVITY_SPREAD if spread is None else spread,
+    )
+
+
+def _resolve(args: argparse.Namespace, hume_rothery: bool | None = None):
+    """Load the data of ``args``; ``hume_rothery`` overrides --hume-rothery."""
     from dvmrl.datasets import resolve_data
 
+    max_size_mismatch, max_electronegativity_spread = _screen_thresholds(args)
     return resolve_data(
         args.data,
         formula_column=args.formula_column,
         target_column=args.target_column,
         alloy_notation=args.alloy_notation,
-        hume_rothery=args.hume_rothery,
-        max_size_mismatch=args.max_size_mismatch,
-        max_electronegativity_spread=args.max_electronegativity_spread,
+        hume_rothery=args.hume_rothery if hume_rothery is None else hume_rothery,
+        max_size_mismatch=max_size_mismatch,
+        max_electronegativity_spread=max_electronegativity_spread,
     )
+
+
+def _json_text(payload) -> str:
+    """Format ``payload`` as strict JSON, with NaN and infinities as null."""
+    return json.dumps(_finite_or_none(payload), indent=2, allow_nan=False)
+
+
+def _finite_or_none(value):
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def run_list(args: argparse.Namespace) -> int:
@@ -181,7 +251,7 @@ def run_list(args: argparse.Namespace) -> int:
             {key: info[key] for key in ("name", "rows", "target", "units", "source")}
             for info in infos
         ]
-        print(json.dumps(rows, indent=2))
+        print(_json_text(rows))
         return 0
     width = max(len(info["name"]) for info in infos)
     for info in infos:
@@ -194,8 +264,12 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def _statistics(df) -> dict:
+    """Return the target statistics, None for an undefined one.
+
+    The standard deviation (ddof 1) of one row is undefined.
+    """
     target = df["target"]
-    return {
+    values = {
         "mean": float(target.mean()),
         "std": float(target.std()),
         "min": float(target.min()),
@@ -204,6 +278,13 @@ def _statistics(df) -> dict:
         "q75": float(target.quantile(0.75)),
         "max": float(target.max()),
     }
+    return {
+        key: value if math.isfinite(value) else None for key, value in values.items()
+    }
+
+
+def _format_statistic(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:.4f}"
 
 
 def run_info(args: argparse.Namespace) -> int:
@@ -229,7 +310,7 @@ def run_info(args: argparse.Namespace) -> int:
         "attribution": info.get("attribution"),
     }
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(_json_text(summary))
         return 0
     units = summary["units"]
     print(f"{summary['name']}: {summary['source']}")
@@ -238,10 +319,13 @@ def run_info(args: argparse.Namespace) -> int:
         f"{summary['ternaries']} ternaries), {summary['chemical_systems']} chemical "
         f"systems, {summary['elements']} elements"
     )
-    stats = summary["target_statistics"]
+    stats = {
+        key: _format_statistic(value)
+        for key, value in summary["target_statistics"].items()
+    }
     print(
-        f"target ({units}): mean {stats['mean']:.4f}, std {stats['std']:.4f}, "
-        f"min {stats['min']:.4f}, median {stats['median']:.4f}, max {stats['max']:.4f}"
+        f"target ({units}): mean {stats['mean']}, std {stats['std']}, "
+        f"min {stats['min']}, median {stats['median']}, max {stats['max']}"
     )
     if stable is not None:
         print(
@@ -262,9 +346,94 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _smallest_share(count: int) -> float:
+    """Return the smallest share, in steps of 0.01, with round(share * count) >= 1.
+
+    make_split takes round(share * count) rows, and Python rounds 0.5 to 0.
+    """
+    share = math.ceil(50 / count) / 100
+    while round(share * count) < 1:
+        share = round(share + 0.01, 2)
+    return share
+
+
+def _fewest_rows(share: float) -> int:
+    """Return the smallest row count n with round(share * n) >= 1."""
+    count = max(1, math.floor(0.5 / share))
+    while round(share * count) < 1:
+        count += 1
+    return count
+
+
+def _check_shares(kind: str, test_fraction: float, val_fraction: float) -> None:
+    """Reject a test and validation share that leave no training rows."""
+    from dvmrl.splits import FRACTION_KINDS
+
+    if kind in FRACTION_KINDS and test_fraction + val_fraction >= 1.0:
+        raise UsageError(
+            f"--test-fraction {test_fraction:g} and --val-fraction {val_fraction:g} "
+            f"add up to {test_fraction + val_fraction:g}, which leaves no training "
+            "rows: choose shares that add up to less than 1, such as the defaults "
+            "0.1 and 0.1"
+        )
+
+
+def _check_parts(args, split, df, rows, test_fraction: float) -> None:
+    """Reject a split with an empty test part or an unwanted empty validation part.
+
+    The validation part may be empty only with --val-fraction 0.
+    """
+    sizes = split.sizes()
+    count = len(df) if rows is None else len(rows)
+    of_rows = f"{count} compositions" + (
+        "" if rows is None else " that pass the Hume-Rothery screen"
+    )
+    if sizes["test"] == 0 and args.split in ("random", "chemsys"):
+        if test_fraction == 0:
+            raise UsageError(
+                "--test-fraction 0 gives an empty test part: pass a share above 0, "
+                "such as 0.1 (nothing was written)"
+            )
+        raise UsageError(
+            f"the {of_rows} are too few for a test part at --test-fraction "
+            f"{test_fraction:g}, which takes round({test_fraction:g} x {count}) = 0 "
+            f"rows: pass --test-fraction {_smallest_share(count):g} or more, or use "
+            f"at least {_fewest_rows(test_fraction)} compositions (nothing was "
+            "written)"
+        )
+    if sizes["test"] == 0:
+        raise UsageError(
+            f"the {args.split} split of {args.data} has an empty test part "
+            "(nothing was written); choose another split or data set"
+        )
+    if sizes["val"] > 0 or args.val_fraction == 0:
+        return
+    if args.split == "binary-to-ternary":
+        screened = df if rows is None else df.iloc[rows]
+        base = int((screened["n_elements"] == 2).sum())
+        of_rows = f"{base} binaries" + (
+            "" if rows is None else " that pass the Hume-Rothery screen"
+        )
+    else:
+        base = count
+    if base == 0 or args.split == "chemsys":
+        raise UsageError(
+            f"the {args.split} split of {args.data} has an empty validation part "
+            "(nothing was written); pass --val-fraction 0 for no validation part, "
+            "or choose another split or data set"
+        )
+    raise UsageError(
+        f"the {of_rows} are too few for a validation part at --val-fraction "
+        f"{args.val_fraction:g}, which takes round({args.val_fraction:g} x {base}) "
+        f"= 0 rows: pass --val-fraction {_smallest_share(base):g} or more, or 0 for "
+        "no validation part (nothing was written)"
+    )
+
+
 def run_split(args: argparse.Namespace) -> int:
     """Write the index arrays of a split."""
-    from dvmrl.splits import make_split
+    from dvmrl.datasets.filters import hume_rothery_passing_rows
+    from dvmrl.splits import FRACTION_KINDS, make_split
 
     if not args.out.lower().endswith((".npz", ".json")):
         raise UsageError(f"--out {args.out!r} must end in .npz or .json")
@@ -272,18 +441,21 @@ def run_split(args: argparse.Namespace) -> int:
         raise UsageError("--split element needs --holdout-element X (such as Ni)")
     if args.split != "element" and args.holdout_element:
         raise UsageError("--holdout-element applies only to --split element")
-    if args.test_fraction is not None and args.split not in ("random", "chemsys"):
+    if args.test_fraction is not None and args.split not in FRACTION_KINDS:
         raise UsageError(
             f"--test-fraction applies only to --split random and chemsys; the "
             f"{args.split} split puts every composition of its held-out chemistry "
             "in the test part, so drop --test-fraction"
         )
     test_fraction = 0.1 if args.test_fraction is None else args.test_fraction
-    shares = (("test-fraction", test_fraction), ("val-fraction", args.val_fraction))
-    for name, value in shares:
-        if not math.isfinite(value):
-            raise UsageError(f"--{name} must be a finite number")
-    df, info = _resolve(args)
+    _check_shares(args.split, test_fraction, args.val_fraction)
+    # The split is made on the rows that pass the screen, but its indices
+    # are positions among all rows of the user's file, which is what a
+    # reader of the split file can look up.
+    df, info = _resolve(args, hume_rothery=False)
+    rows, screen = None, None
+    if args.hume_rothery:
+        rows, screen = hume_rothery_passing_rows(df, *_screen_thresholds(args))
     split = make_split(
         df,
         args.split,
@@ -291,29 +463,23 @@ def run_split(args: argparse.Namespace) -> int:
         holdout_element=args.holdout_element,
         test_fraction=test_fraction,
         val_fraction=args.val_fraction,
+        rows=rows,
     )
-    sizes = split.sizes()
-    if sizes["test"] == 0 and args.split in ("random", "chemsys"):
-        raise UsageError(
-            f"--test-fraction {test_fraction:g} leaves the test part of the "
-            f"{len(df)} compositions empty; pass a larger share, such as 0.1 "
-            "(nothing was written)"
-        )
-    if sizes["test"] == 0:
-        raise UsageError(
-            f"the {args.split} split of {info.get('name')} has an empty test part "
-            "(nothing was written); choose another split or data set"
-        )
-    if sizes["val"] == 0 and args.val_fraction > 0:
-        raise UsageError(
-            f"--val-fraction {args.val_fraction:g} leaves the validation part "
-            "empty; pass a larger share, such as 0.1, or 0 for no validation part "
-            "(nothing was written)"
-        )
+    _check_parts(args, split, df, rows, test_fraction)
+    split = dataclasses.replace(
+        split, params={**split.params, "hume_rothery_screen": screen}
+    )
     split.save(args.out)
-    screen = " (Hume-Rothery screen on)" if info.get("hume_rothery_screen") else ""
+    sizes = split.sizes()
+    screen_note = ""
+    if screen is not None:
+        screen_note = (
+            f" (Hume-Rothery screen on: kept {screen['rows_after']} of "
+            f"{screen['rows_before']} rows; the indices are positions among all "
+            f"{screen['rows_before']} rows)"
+        )
     print(
-        f"wrote {args.out}: {args.split} split of {info.get('name')}{screen}, "
+        f"wrote {args.out}: {args.split} split of {info.get('name')}{screen_note}, "
         f"train {sizes['train']}, val {sizes['val']}, test {sizes['test']}, "
         f"fingerprint {split.fingerprint()[:12]}"
     )

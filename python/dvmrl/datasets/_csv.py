@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import bz2
+import contextlib
+import csv
+import gzip
+import io
 import logging
+import lzma
 import math
 import os
+import re
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +33,16 @@ MAX_ABS_TARGET = 1e7
 # eV/atom, so larger targets are more likely in kJ/mol or meV/atom. They get
 # a warning, not an error, because a user's property may be another one.
 PLAUSIBLE_ABS_TARGET = 10.0
+# Separators that a one-cell header line suggests, with their names.
+OTHER_SEPARATORS = {";": "semicolons", "\t": "tabs", "|": "vertical bars"}
+
+_DECOMPRESSORS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+# A number as a CSV file writes it: an optional sign, digits with an optional
+# decimal point, and an optional exponent. float() also reads "1_000",
+# "infinity" and digits of other scripts, which a CSV cell should not contain.
+CSV_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 def _check_target(text: str) -> tuple[float | None, str | None]:
@@ -38,6 +57,11 @@ def _check_target(text: str) -> tuple[float | None, str | None]:
         return None, f"target {text!r} is NaN"
     if not math.isfinite(value):
         return None, f"target {text!r} is not finite"
+    if not CSV_NUMBER.fullmatch(text):
+        return None, (
+            f"non-numeric target {text!r}: expected a plain decimal number such "
+            "as -0.25 or 1.5e-3"
+        )
     if abs(value) > MAX_ABS_TARGET:
         return None, (
             f"target {text!r} is beyond +-{MAX_ABS_TARGET:g} eV/atom, no per-atom "
@@ -61,24 +85,151 @@ def _check_formula(
     return fractions, None
 
 
-def _read_text_table(path: Path) -> pd.DataFrame:
-    try:
-        # Every cell stays text: pandas would otherwise read the formula "NaN"
-        # (sodium nitride) as a missing value.
-        return pd.read_csv(
-            path, dtype=str, keep_default_na=False, skipinitialspace=True
-        )
-    except pd.errors.EmptyDataError:
+def _open_text(path: Path, stack: contextlib.ExitStack):
+    """Open a CSV file as text, decompressing it by its suffix."""
+    suffix = path.suffix.lower()
+    options = {"encoding": "utf-8-sig", "newline": ""}
+    if suffix in _DECOMPRESSORS:
+        return stack.enter_context(_DECOMPRESSORS[suffix](path, "rt", **options))
+    if suffix == ".zip":
+        archive = stack.enter_context(zipfile.ZipFile(path))
+        names = [info.filename for info in archive.infolist() if not info.is_dir()]
+        if len(names) != 1:
+            raise ValueError(
+                f"{path} contains {len(names)} files: a zipped CSV file must "
+                "contain exactly one file"
+            )
+        binary = stack.enter_context(archive.open(names[0]))
+        return stack.enter_context(io.TextIOWrapper(binary, **options))
+    return stack.enter_context(open(path, **options))
+
+
+def _is_blank(row: list[str]) -> bool:
+    """Tell whether a parsed row came from an empty or whitespace-only line."""
+    return len(row) == 0 or (len(row) == 1 and row[0].strip() == "")
+
+
+def _read_rows(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
+    """Read the header cells, the data rows and the line where each row starts."""
+    header: list[str] | None = None
+    header_line = 0
+    rows: list[list[str]] = []
+    lines: list[int] = []
+    with contextlib.ExitStack() as stack:
+        handle = _open_text(path, stack)
+        reader = csv.reader(handle, skipinitialspace=True, strict=True)
+        while True:
+            # line_num counts the physical lines read so far, so a row that
+            # spans lines (a quoted field with a line break) starts one after.
+            start = reader.line_num + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as err:
+                raise ValueError(
+                    f"{path} is not a valid CSV file: the row that starts on line "
+                    f"{start} is malformed ({err}); check its quotes: a quoted "
+                    'field must end with a " followed by a comma or a line break'
+                ) from None
+            if _is_blank(row):
+                continue
+            if header is None:
+                header = [cell.strip() for cell in row]
+                header_line = start
+                continue
+            if len(row) > len(header):
+                if any(cell.strip() for cell in row[len(header) :]):
+                    raise ValueError(
+                        f"{path}: line {start} has {len(row)} fields, but the "
+                        f"header (line {header_line}) has {len(header)}: quote "
+                        'fields that contain a comma ("Fe,Ni") or add a header '
+                        "cell for the extra column"
+                    )
+                row = row[: len(header)]
+            elif len(row) < len(header):
+                row = row + [""] * (len(header) - len(row))
+            rows.append(row)
+            lines.append(start)
+    if header is None:
         raise ValueError(
             f"{path} is empty: expected a header line naming a formula and a target "
             "column, then one composition per line"
-        ) from None
-    except pd.errors.ParserError as err:
-        raise ValueError(f"{path} is not a valid CSV file: {err}") from None
+        )
+    return header, rows, lines
+
+
+def read_text_table(path: str | os.PathLike) -> tuple[pd.DataFrame, list[int]]:
+    """Read a CSV file into a table of text cells, with each row's line number.
+
+    Every cell stays text, so the formula "NaN" (sodium nitride) is not read
+    as a missing value. Header cells are stripped of surrounding spaces,
+    empty and whitespace-only lines are skipped, spaces after a comma are
+    dropped, and rows with fewer fields than the header get empty cells.
+    Files ending in .gz, .bz2, .xz or .zip (one file inside) are
+    decompressed, and a UTF-8 byte order mark is dropped.
+
+    Returns:
+        (table, lines): the table, with the stripped header cells as columns
+        (repeats kept) and a RangeIndex, and for each of its rows the
+        1-based line of the file where the row starts. Line 1 is the
+        file's first line, and lines count after decompression.
+
+    Raises:
+        ValueError: when the file is empty, is not valid UTF-8 CSV text or
+            not a valid compressed file, or a row has more non-empty fields
+            than the header.
+    """
+    path = Path(path)
+    try:
+        header, rows, lines = _read_rows(path)
     except UnicodeDecodeError as err:
         raise ValueError(
             f"{path} is not UTF-8 text ({err}): save it as UTF-8 CSV"
         ) from None
+    except (EOFError, zlib.error, lzma.LZMAError, zipfile.BadZipFile) as err:
+        raise ValueError(
+            f"{path} is not a valid {path.suffix} file ({err}): compress it again "
+            "or pass the uncompressed CSV file"
+        ) from None
+    except OSError as err:
+        # Decompressors report corrupt data as an OSError without an errno,
+        # while a failed read of the disk carries one and is not an input error.
+        if err.errno is not None or path.suffix.lower() not in _DECOMPRESSORS:
+            raise
+        raise ValueError(
+            f"{path} is not a valid {path.suffix} file ({err}): compress it again "
+            "or pass the uncompressed CSV file"
+        ) from None
+    table = pd.DataFrame(rows, columns=header, dtype=object)
+    return table, lines
+
+
+def _missing_columns_message(
+    path: Path,
+    columns: list[str],
+    missing: list[str],
+    formula_column: str,
+    target_column: str,
+) -> str:
+    """Explain a missing formula or target column and how to fix it."""
+    if len(columns) == 1:
+        for separator, name in OTHER_SEPARATORS.items():
+            if separator in columns[0]:
+                return (
+                    f"{path} has one column, {columns[0]!r}: the file seems to "
+                    f"separate its fields with {name}, but dvmrl reads "
+                    "comma-separated files; save it as CSV with commas between "
+                    f"the fields and the columns {formula_column!r} and "
+                    f"{target_column!r}"
+                )
+    return (
+        f"{path} has no column(s) {', '.join(repr(m) for m in missing)}; its "
+        f"columns are {columns}: rename the formula and target columns to "
+        f"{formula_column!r} and {target_column!r} (dvmrl data info and dvmrl "
+        "data split take other names with --formula-column and "
+        "--target-column, and load_csv with formula_column= and target_column=)"
+    )
 
 
 def load_csv(
@@ -112,29 +263,33 @@ def load_csv(
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
-        ValueError: for an empty file, a missing column, or rows with a
-            missing, NaN, non-numeric or implausibly large target (above
-            1e7 eV/atom in magnitude) or an invalid formula. The
-            message names the file lines (line 1 is the header).
+        ValueError: for an empty or malformed file, a missing or repeated
+            column, or rows with a missing, NaN, non-numeric or implausibly
+            large target (above 1e7 eV/atom in magnitude) or an invalid
+            formula. A target must be written as a plain decimal number,
+            so "1_000" is rejected. The message names the line of the file
+            where each bad row starts, counting blank lines (line 1 is the
+            file's first line).
     """
     from dvmrl.compositions import format_formula
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"CSV file {str(path)!r} not found: check the path")
-    table = _read_text_table(path)
-    columns = [str(column).strip() for column in table.columns]
-    table.columns = columns
+    table, lines = read_text_table(path)
+    columns = list(table.columns)
     missing = [name for name in (formula_column, target_column) if name not in columns]
     if missing:
-        raise ValueError(
-            f"{path} has no column(s) {', '.join(repr(m) for m in missing)}; its "
-            f"columns are {columns}: rename the formula and target columns to "
-            f"{formula_column!r} and "
-            f"{target_column!r} (dvmrl data and dvmrl predict also take "
-            "--formula-column and --target-column, load_csv takes formula_column= "
-            "and target_column=)"
+        message = _missing_columns_message(
+            path, columns, missing, formula_column, target_column
         )
+        raise ValueError(message)
+    for name in dict.fromkeys((formula_column, target_column)):
+        if columns.count(name) > 1:
+            raise ValueError(
+                f"{path} has {columns.count(name)} columns named {name!r}: rename "
+                "or remove all but one of them"
+            )
     if len(table) == 0:
         raise ValueError(f"{path} has a header line but no data rows")
 
@@ -143,8 +298,7 @@ def load_csv(
     errors = []
     formulas = table[formula_column].astype(str).str.strip()
     targets = table[target_column].astype(str).str.strip()
-    for row, (formula, target_text) in enumerate(zip(formulas, targets, strict=True)):
-        line = row + 2
+    for line, formula, target_text in zip(lines, formulas, targets, strict=True):
         fractions, formula_error = _check_formula(formula, metals_only, alloy_notation)
         target, target_error = _check_target(target_text)
         reasons = [reason for reason in (formula_error, target_error) if reason]

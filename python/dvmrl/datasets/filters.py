@@ -107,6 +107,57 @@ def hume_rothery_metrics(df: pd.DataFrame) -> pd.DataFrame:
     return metrics.astype(np.float64)
 
 
+def hume_rothery_passing_rows(
+    df: pd.DataFrame,
+    max_size_mismatch: float = DEFAULT_MAX_SIZE_MISMATCH,
+    max_electronegativity_spread: float = DEFAULT_MAX_ELECTRONEGATIVITY_SPREAD,
+) -> tuple[np.ndarray, dict]:
+    """Find the rows that pass the Hume-Rothery screen.
+
+    Args:
+        df: a data set frame with a ``formula`` column.
+        max_size_mismatch: largest atomic-size mismatch delta kept (fraction).
+        max_electronegativity_spread: largest Pauling electronegativity spread
+            kept.
+
+    Returns:
+        (rows, record): the positions (``df.iloc``) of the passing rows,
+        int64 and sorted, and a dict of the thresholds and the row counts
+        before and after, for reports.
+
+    Raises:
+        ValueError: when a threshold is negative or not finite.
+    """
+    for name, value in (
+        ("max_size_mismatch", max_size_mismatch),
+        ("max_electronegativity_spread", max_electronegativity_spread),
+    ):
+        if not (math.isfinite(value) and value >= 0.0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    metrics = hume_rothery_metrics(df)
+    # NaN compares False, so rows with an unknown radius or electronegativity fail.
+    passes = (metrics["size_mismatch"] <= max_size_mismatch) & (
+        metrics["electronegativity_spread"] <= max_electronegativity_spread
+    )
+    rows = np.flatnonzero(passes.to_numpy()).astype(np.int64)
+    record = {
+        "max_size_mismatch": float(max_size_mismatch),
+        "max_electronegativity_spread": float(max_electronegativity_spread),
+        "rows_before": len(df),
+        "rows_after": len(rows),
+        "rows_unknown_property": int(metrics.isna().any(axis=1).sum()),
+    }
+    logger.info(
+        "Hume-Rothery screen (delta <= %g, electronegativity spread <= %g) kept %d "
+        "of %d rows",
+        max_size_mismatch,
+        max_electronegativity_spread,
+        len(rows),
+        len(df),
+    )
+    return rows, record
+
+
 def hume_rothery_screen(
     df: pd.DataFrame,
     max_size_mismatch: float = DEFAULT_MAX_SIZE_MISMATCH,
@@ -123,39 +174,17 @@ def hume_rothery_screen(
     Returns:
         The passing rows as a new frame with a RangeIndex. Its
         ``attrs["hume_rothery_screen"]`` records the thresholds and the row
-        counts before and after, for reports.
+        counts before and after, for reports. :func:`hume_rothery_passing_rows`
+        returns the positions of these rows in ``df``.
 
     Raises:
         ValueError: when a threshold is negative or not finite.
     """
-    for name, value in (
-        ("max_size_mismatch", max_size_mismatch),
-        ("max_electronegativity_spread", max_electronegativity_spread),
-    ):
-        if not (math.isfinite(value) and value >= 0.0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    metrics = hume_rothery_metrics(df)
-    # NaN compares False, so rows with an unknown radius or electronegativity fail.
-    passes = (metrics["size_mismatch"] <= max_size_mismatch) & (
-        metrics["electronegativity_spread"] <= max_electronegativity_spread
+    rows, record = hume_rothery_passing_rows(
+        df, max_size_mismatch, max_electronegativity_spread
     )
-    kept = df.loc[passes.to_numpy()].reset_index(drop=True)
-    record = {
-        "max_size_mismatch": float(max_size_mismatch),
-        "max_electronegativity_spread": float(max_electronegativity_spread),
-        "rows_before": len(df),
-        "rows_after": len(kept),
-        "rows_unknown_property": int(metrics.isna().any(axis=1).sum()),
-    }
+    kept = df.iloc[rows].reset_index(drop=True)
     kept.attrs["hume_rothery_screen"] = record
-    logger.info(
-        "Hume-Rothery screen (delta <= %g, electronegativity spread <= %g) kept %d "
-        "of %d rows",
-        max_size_mismatch,
-        max_electronegativity_spread,
-        len(kept),
-        len(df),
-    )
     return kept
 
 

@@ -1,0 +1,74 @@
+"""Shared option types and parsing rules of the command-line interface."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from dvmrl.cli._common import (
+    NEGATIVE_NUMBER,
+    accept_negative_numbers,
+    finite_float,
+    non_negative_int,
+)
+
+
+def _threshold_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="test", exit_on_error=False)
+    accept_negative_numbers(parser)
+    parser.add_argument("--stability-threshold", type=finite_float)
+    parser.add_argument("--flag", action="store_true")
+    return parser
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("-1", -1.0), ("-1e9", -1e9), ("-2.5E-3", -2.5e-3), ("-.5", -0.5), ("-1.", -1.0)],
+)
+def test_negative_number_option_value(text, value):
+    args = _threshold_parser().parse_args(["--stability-threshold", text])
+    assert args.stability_threshold == value
+
+
+def test_negative_infinity_reaches_type():
+    with pytest.raises(argparse.ArgumentError, match="expected a finite number"):
+        _threshold_parser().parse_args(["--stability-threshold", "-inf"])
+
+
+def test_plain_parser_misreads_exponent():
+    # The rule that accept_negative_numbers replaces, as CPython 3.11 has it.
+    parser = argparse.ArgumentParser(prog="test", exit_on_error=False)
+    parser.add_argument("--stability-threshold", type=finite_float)
+    with pytest.raises(argparse.ArgumentError, match="expected one argument"):
+        parser.parse_args(["--stability-threshold", "-1e9"])
+
+
+def test_options_parse_beside_negative_values():
+    args = _threshold_parser().parse_args(["--flag", "--stability-threshold=-1e9"])
+    assert args.flag
+    assert args.stability_threshold == -1e9
+
+
+@pytest.mark.parametrize("text", ["-1e9", "-0.5", "-7", "-.5e+3", "-inf", "-NaN"])
+def test_negative_number_pattern_matches(text):
+    assert NEGATIVE_NUMBER.match(text)
+
+
+@pytest.mark.parametrize("text", ["--seed", "-e9", "-1e", "-1_000", "-x", "1e9"])
+def test_negative_number_pattern_rejects(text):
+    assert not NEGATIVE_NUMBER.match(text)
+
+
+def test_non_negative_int_accepts():
+    assert non_negative_int("0") == 0
+    assert non_negative_int("42") == 42
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("-1", "expected an integer >= 0, got -1"), ("1.5", "expected an integer")],
+)
+def test_non_negative_int_rejects(text, message):
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        non_negative_int(text)
