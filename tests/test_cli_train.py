@@ -495,7 +495,7 @@ def test_predict_unknown_element_csv(trained, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "2 invalid formulas:" in err
-    assert "row 3" in err
+    assert "line 4 ('Zz')" in err
 
 
 def test_predict_warns_single_element(trained, capsys):
@@ -859,8 +859,31 @@ def test_predict_rejects_non_metal_csv(trained, tmp_path, capsys):
     code = main(["predict", str(trained / "model.pt"), "--input", str(source)])
     err = capsys.readouterr().err
     assert code == 2
-    assert "row 2 ('FeNiAr')" in err
+    assert "line 3 ('FeNiAr')" in err
     assert "Ar is not a metal" in err
+
+
+def test_predict_input_names_file_lines(trained, tmp_path, capsys):
+    # Blank lines count, so the message points at the line an editor shows.
+    source = tmp_path / "in.csv"
+    source.write_text("formula\nAl3Ni\n\n\nFeXx\n")
+    code = main(["predict", str(trained / "model.pt"), "--input", str(source)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "line 5 ('FeXx')" in err
+
+
+def test_negative_threshold_in_exponent_form(trained, tmp_path, capsys):
+    # argparse alone reads -1e9 as an option name.
+    model = str(trained / "model.pt")
+    code = main(
+        ["evaluate", model, "--stability-threshold", "-1e9", "--out", str(tmp_path)]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "expected one argument" not in captured.err
+    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+    assert evaluation["stability_threshold"] == -1e9
 
 
 def test_predict_without_arguments(capsys):

@@ -23,7 +23,13 @@ import logging
 import sys
 import traceback
 
-from dvmrl.cli._common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError
+from dvmrl.cli._common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    accept_negative_numbers,
+)
 
 # 128 + the signal number, as a shell reports a process ended by the signal.
 EXIT_INTERRUPTED = 130  # SIGINT
@@ -44,7 +50,14 @@ logger = logging.getLogger("dvmrl")
 
 
 class _Parser(argparse.ArgumentParser):
-    """Argument parser whose errors are one line with a pointer to --help."""
+    """Argument parser whose errors are one line with a pointer to --help.
+
+    It reads negative numbers such as -1e9 as option values, as it reads -1.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        accept_negative_numbers(self)
 
     def error(self, message: str):
         hint = f"see '{self.prog} --help'"

@@ -12,7 +12,6 @@ import traceback
 from dvmrl.cli._common import (
     EXIT_FAILURE,
     UsageError,
-    accept_negative_numbers,
     fraction,
     non_negative_float,
     non_negative_int,
@@ -54,7 +53,6 @@ def add_parser(subparsers) -> None:
             "source and attribution of a data set or CSV file."
         ),
     )
-    accept_negative_numbers(info)
     _add_data_arguments(info)
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(func=run_info)
@@ -72,7 +70,6 @@ def add_parser(subparsers) -> None:
             "params. The test part does not depend on --seed."
         ),
     )
-    accept_negative_numbers(split)
     _add_data_arguments(split)
     from dvmrl.splits import KINDS
 

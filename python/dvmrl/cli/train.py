@@ -529,17 +529,23 @@ def _parse_formulas(
     where: str,
     item: str = "row",
     metals_only: bool = False,
+    lines: list[int] | None = None,
 ) -> list[dict]:
     """Parse formulas, raising one error that lists every bad one.
 
     ``item`` names a formula's position in the messages: "row" for a file,
-    "argument" for the command line. ``metals_only`` rejects non-metals, as
-    the data loader does for the rows of a data set.
+    "argument" for the command line. ``lines`` (for a file) gives each
+    formula's line in it, which the messages then name instead.
+    ``metals_only`` rejects non-metals, as the data loader does for the rows
+    of a data set.
     """
     from dvmrl.compositions import CompositionError, parse
 
     parsed, errors = [], []
     for position, formula in enumerate(formulas):
+        where_in = (
+            f"{item} {position + 1}" if lines is None else f"line {lines[position]}"
+        )
         try:
             parsed.append(
                 parse(
@@ -549,7 +555,7 @@ def _parse_formulas(
                 )
             )
         except CompositionError as err:
-            errors.append(f"{item} {position + 1} ({formula!r}): {err}")
+            errors.append(f"{where_in} ({formula!r}): {err}")
     if errors:
         shown = "; ".join(errors[:5])
         more = f"; and {len(errors) - 5} more" if len(errors) > 5 else ""
@@ -1628,8 +1634,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
 # dvmrl predict
 
 
-def _read_formula_csv(path: str, column: str) -> list[str]:
-    import pandas as pd
+def _read_formula_csv(path: str, column: str) -> tuple[list[str], list[int]]:
+    """Read the formula column of a CSV file, with the line of each row.
+
+    The lines are those of the file (line 1 is the header), counting blank
+    lines, so that messages point at the right place.
+    """
+    from dvmrl.datasets._csv import read_text_table
 
     source = Path(path)
     if source.is_dir():
@@ -1639,12 +1650,7 @@ def _read_formula_csv(path: str, column: str) -> list[str]:
         )
     if not source.is_file():
         raise FileNotFoundError(f"input file {source} not found")
-    try:
-        frame = pd.read_csv(source, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise ValueError(
-            f"{source} is empty; expected a CSV with a {column!r} column"
-        ) from None
+    frame, lines = read_text_table(source)
     if column not in frame.columns:
         raise ValueError(
             f"{source}: missing column {column!r} (columns: {list(frame.columns)}); "
@@ -1652,12 +1658,12 @@ def _read_formula_csv(path: str, column: str) -> list[str]:
         )
     if len(frame) == 0:
         raise ValueError(f"{source} has a header but no rows")
-    formulas = frame[column].str.strip()
+    formulas = frame[column].astype(str).str.strip()
     blank = np.flatnonzero((formulas == "").to_numpy())
     if len(blank):
-        rows = ", ".join(str(r + 1) for r in blank[:10])
-        raise ValueError(f"{source}: empty {column!r} in rows {rows}")
-    return formulas.tolist()
+        where = ", ".join(str(lines[r]) for r in blank[:10])
+        raise ValueError(f"{source}: empty {column!r} on lines {where}")
+    return formulas.tolist(), lines
 
 
 def _domain_warnings(
@@ -1752,18 +1758,15 @@ def run_predict(args: argparse.Namespace) -> int:
     _check_predict_arguments(args)
     if args.output:
         _check_output_file(Path(args.output), "--output")
-    formulas = (
-        _read_formula_csv(args.input, args.formula_column)
-        if args.input
-        else [str(f) for f in args.formulas]
-    )
     # The model learned from data sets of metals only, which the data loader
     # enforces, so a composition with a non-metal is rejected here too.
     if args.input:
+        formulas, lines = _read_formula_csv(args.input, args.formula_column)
         compositions = _parse_formulas(
-            formulas, args.alloy_notation, args.input, metals_only=True
+            formulas, args.alloy_notation, args.input, metals_only=True, lines=lines
         )
     else:
+        formulas = [str(f) for f in args.formulas]
         compositions = _parse_formulas(
             formulas,
             args.alloy_notation,
