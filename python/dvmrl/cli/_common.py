@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import re
+from pathlib import Path
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -149,3 +151,43 @@ def setup_compute(args: argparse.Namespace):
         )
     logger.info("device %s%s, %d CPU threads", device, info_cuda, threads)
     return device
+
+
+def check_output_folder(
+    folder: Path, option: str, reported_path: Path | None = None
+) -> None:
+    """Raise ValueError unless ``folder`` is, or can be created as, a writable folder.
+
+    Runs before any work, so that a bad path fails at once and not after
+    training or scoring. ``reported_path`` is the path that the messages name.
+    """
+    reported = folder if reported_path is None else reported_path
+    if reported == folder and folder.exists() and not folder.is_dir():
+        raise ValueError(
+            f"{option} {reported}: the path is a file, not a folder; pass a folder path"
+        )
+    # The first component that exists must be a writable folder, because
+    # every missing one below it is created there.
+    ancestor = folder
+    while not ancestor.exists() and ancestor.parent != ancestor:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(
+            f"{option} {reported}: {ancestor} is a file, so nothing can be written "
+            "under it; pass a path in a folder"
+        )
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"{option} {reported}: the folder {ancestor} is not writable; pass a "
+            "path in a writable folder"
+        )
+
+
+def check_output_file(path: Path, option: str) -> None:
+    """Raise ValueError unless ``path`` can be written as a file."""
+    if path.is_dir():
+        raise ValueError(
+            f"{option} {path}: the path is a folder; pass a file path such as "
+            f"{path / 'predictions.csv'}"
+        )
+    check_output_folder(path.parent, option, reported_path=path)

@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,8 @@ from dvmrl._files import write_text_atomic
 from dvmrl.cli._common import (
     UsageError,
     add_compute_options,
+    check_output_file,
+    check_output_folder,
     finite_float,
     fraction,
     non_negative_float,
@@ -440,46 +441,6 @@ def _add_predict_parser(subparsers) -> None:
 
 # ----------------------------------------------------------------------------
 # Files
-
-
-def _check_output_folder(
-    folder: Path, option: str, reported_path: Path | None = None
-) -> None:
-    """Raise ValueError unless ``folder`` is, or can be created as, a writable folder.
-
-    Runs before any work, so that a bad path fails at once and not after
-    training or scoring. ``reported_path`` is the path that the messages name.
-    """
-    reported = folder if reported_path is None else reported_path
-    if reported == folder and folder.exists() and not folder.is_dir():
-        raise ValueError(
-            f"{option} {reported}: the path is a file, not a folder; pass a folder path"
-        )
-    # The first component that exists must be a writable folder, because
-    # every missing one below it is created there.
-    ancestor = folder
-    while not ancestor.exists() and ancestor.parent != ancestor:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise ValueError(
-            f"{option} {reported}: {ancestor} is a file, so nothing can be written "
-            "under it; pass a path in a folder"
-        )
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ValueError(
-            f"{option} {reported}: the folder {ancestor} is not writable; pass a "
-            "path in a writable folder"
-        )
-
-
-def _check_output_file(path: Path, option: str) -> None:
-    """Raise ValueError unless ``path`` can be written as a file."""
-    if path.is_dir():
-        raise ValueError(
-            f"{option} {path}: the path is a folder; pass a file path such as "
-            f"{path / 'predictions.csv'}"
-        )
-    _check_output_folder(path.parent, option, reported_path=path)
 
 
 def _write_json_atomic(path: Path, payload: Any) -> None:
@@ -908,7 +869,7 @@ def run_train(args: argparse.Namespace) -> int:
     from dvmrl.training import TrainingDivergedError
 
     out = Path(args.out)
-    _check_output_folder(out, "--out")
+    check_output_folder(out, "--out")
     requested = _requested_settings(args)
     if args.resume:
         run_config = _resumed_run_config(out, requested)
@@ -1547,7 +1508,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from dvmrl.plotting import parity_plot
 
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent
-    _check_output_folder(out, "--out")
+    check_output_folder(out, "--out")
     device = setup_compute(args)
     model, metadata = _load_model(args.checkpoint, device)
     run = metadata.get("run", {})
@@ -1757,7 +1718,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     _check_predict_arguments(args)
     if args.output:
-        _check_output_file(Path(args.output), "--output")
+        check_output_file(Path(args.output), "--output")
     # The model learned from data sets of metals only, which the data loader
     # enforces, so a composition with a non-metal is rejected here too.
     if args.input:

@@ -36,6 +36,7 @@ from dvmrl._files import write_text_atomic
 from dvmrl.cli._common import (
     UsageError,
     add_compute_options,
+    check_output_folder,
     positive_int,
     setup_compute,
 )
@@ -222,10 +223,8 @@ def _check_arguments(args: argparse.Namespace) -> list[str]:
             f"{args.validation_size}: each validation set is split into the folds; "
             "lower --shift-folds or raise --validation-size"
         )
-    from dvmrl.cli.train import _check_output_folder
-
     try:
-        _check_output_folder(Path(args.out), "--out")
+        check_output_folder(Path(args.out), "--out")
     except ValueError as err:
         raise UsageError(str(err)) from None
     if args.strategy == "all":
