@@ -29,26 +29,27 @@ class UsageError(Exception):
     """Bad command-line input; the CLI prints it and exits with code 2."""
 
 
-def positive_int(text: str) -> int:
-    """Parse an integer >= 1 for argparse."""
+def _int_at_least(text: str, minimum: int) -> int:
+    """Parse an integer >= ``minimum`` for argparse, naming the text when invalid."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer >= {minimum}, got {value}"
+        )
     return value
+
+
+def positive_int(text: str) -> int:
+    """Parse an integer >= 1 for argparse."""
+    return _int_at_least(text, 1)
 
 
 def non_negative_int(text: str) -> int:
     """Parse an integer >= 0 for argparse (a seed)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+    return _int_at_least(text, 0)
 
 
 def accept_negative_numbers(parser: argparse.ArgumentParser) -> None:
