@@ -74,10 +74,24 @@ def test_quick_smoke(workdir, agent_args):
     assert elapsed < 240
 
 
+def _default_sigint():
+    """Give the child the default SIGINT action before it starts Python.
+
+    A shell without job control starts background commands with SIGINT
+    ignored, and Python then keeps ignoring it, so the Ctrl-C of the test
+    would be lost when the suite itself runs in the background.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_until(cmd, out, unit, count, sig):
     """Start ``cmd`` and send ``sig`` once ``unit`` has ``count`` trials or steps."""
     process = subprocess.Popen(
-        cmd, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        cmd,
+        env=environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=_default_sigint,
     )
     sent = False
     deadline = time.monotonic() + 200
