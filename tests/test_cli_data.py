@@ -6,6 +6,7 @@ import argparse
 
 import pytest
 
+from dvmrl.cli import main
 from dvmrl.cli._common import (
     NEGATIVE_NUMBER,
     accept_negative_numbers,
@@ -72,3 +73,22 @@ def test_non_negative_int_accepts():
 def test_non_negative_int_rejects(text, message):
     with pytest.raises(argparse.ArgumentTypeError, match=message):
         non_negative_int(text)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train", "--out", ""],
+        ["evaluate", "model.pt", "--out", " "],
+        ["validate", "model.pt", "--out", ""],
+        ["run", "--out", ""],
+        ["data", "split", "mp-formation-energy", "--split", "random", "--out", ""],
+    ],
+)
+def test_empty_output_path_rejected(command, capsys):
+    # An empty path means the current folder, which the user did not ask for.
+    with pytest.raises(SystemExit) as info:
+        main(command)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--out: expected a path, got" in err

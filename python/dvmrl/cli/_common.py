@@ -42,6 +42,18 @@ def _int_at_least(text: str, minimum: int) -> int:
     return value
 
 
+def path_text(text: str) -> str:
+    """Accept a file or folder path for argparse, rejecting an empty one.
+
+    Path("") means the current folder, so an empty --out would write there.
+    """
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            f"expected a path, got {text!r}; pass a file or folder name"
+        )
+    return text
+
+
 def positive_int(text: str) -> int:
     """Parse an integer >= 1 for argparse."""
     return _int_at_least(text, 1)

@@ -9,6 +9,7 @@ import sys
 from dvmrl.cli._common import (
     UsageError,
     add_compute_options,
+    path_text,
     positive_int,
     setup_compute,
 )
@@ -55,6 +56,7 @@ def add_parser(subparsers) -> None:
     train.add_argument("--episodes", type=positive_int, required=True, help="total episodes")
     train.add_argument(
         "--out",
+        type=path_text,
         required=True,
         help="agent file to write, such as agent.pt (not a folder); the replay buffer "
         "and progress files are written next to it",
@@ -72,6 +74,7 @@ def add_parser(subparsers) -> None:
     )
     train.add_argument(
         "--curve",
+        type=path_text,
         default=None,
         metavar="PATH",
         help="also write the learning curve to this image file, in the format "

@@ -15,6 +15,7 @@ from dvmrl.cli._common import (
     fraction,
     non_negative_float,
     non_negative_int,
+    path_text,
 )
 from dvmrl.datasets.filters import (
     DEFAULT_MAX_ELECTRONEGATIVITY_SPREAD,
@@ -99,7 +100,11 @@ def add_parser(subparsers) -> None:
         help="validation-pool share (default: 0.1)",
     )
     split.add_argument(
-        "--out", required=True, metavar="PATH", help="output file, .npz or .json"
+        "--out",
+        type=path_text,
+        required=True,
+        metavar="PATH",
+        help="output file, .npz or .json",
     )
     split.set_defaults(func=run_split)
 
@@ -123,7 +128,11 @@ def add_parser(subparsers) -> None:
         "--property", required=True, choices=list(PROPERTIES), help="target property"
     )
     fetch.add_argument(
-        "--out", required=True, metavar="PATH", help="output CSV (.csv or .csv.gz)"
+        "--out",
+        type=path_text,
+        required=True,
+        metavar="PATH",
+        help="output CSV (.csv or .csv.gz)",
     )
     fetch.add_argument(
         "--api-key-file",

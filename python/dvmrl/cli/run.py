@@ -14,6 +14,7 @@ from pathlib import Path
 from dvmrl.cli._common import (
     UsageError,
     add_compute_options,
+    path_text,
     positive_int,
     setup_compute,
 )
@@ -110,6 +111,7 @@ def add_parser(subparsers) -> None:
     add_compute_options(parser)
     parser.add_argument(
         "--out",
+        type=path_text,
         default="dvmrl-run",
         metavar="DIR",
         help="output folder for the report, checkpoints, resume state and run.log; "

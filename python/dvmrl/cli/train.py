@@ -34,6 +34,7 @@ from dvmrl.cli._common import (
     finite_float,
     fraction,
     non_negative_float,
+    path_text,
     positive_float,
     positive_int,
     setup_compute,
@@ -342,7 +343,9 @@ def _add_train_parser(subparsers) -> None:
             "(OUT/member<i>/last.pt for each member of an ensemble)"
         ),
     )
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument(
+        "--out", type=path_text, required=True, metavar="DIR", help="output folder"
+    )
     add_compute_options(parser)
     parser.set_defaults(func=run_train)
 
@@ -364,6 +367,7 @@ def _add_evaluate_parser(subparsers) -> None:
     _add_data_options(parser, with_defaults=False)
     parser.add_argument(
         "--out",
+        type=path_text,
         default=None,
         metavar="DIR",
         help=(

@@ -37,6 +37,7 @@ from dvmrl.cli._common import (
     UsageError,
     add_compute_options,
     check_output_folder,
+    path_text,
     positive_int,
     setup_compute,
 )
@@ -186,7 +187,10 @@ def add_parser(subparsers) -> None:
         "--seed", type=int, default=0, help="seed of every draw; default 0"
     )
     parser.add_argument(
-        "--out", default="validation", help="output folder; default ./validation"
+        "--out",
+        type=path_text,
+        default="validation",
+        help="output folder; default ./validation",
     )
     add_compute_options(parser)
     parser.set_defaults(func=run)
