@@ -364,6 +364,21 @@ def test_tiny_data_leaves_no_folder(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_small_data_warns_about_winners(tmp_path, capsys):
+    from dvmrl.datasets import load
+
+    data = tmp_path / "small.csv"
+    rows = load("mp-formation-energy").sample(n=80, random_state=1)
+    rows[["formula", "target"]].to_csv(data, index=False)
+    out = tmp_path / "run"
+    argv = ["run", "--budget", "quick", "--data", str(data), "--methods", "random"]
+    code = main([*argv, "--out", str(out), "--no-progress", "--threads", "1"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "warning: a test part has only" in err
+    assert "Test parts: 8 compositions (random split)" in (out / "report.md").read_text()
+
+
 def test_summary_line_names_methods():
     tie = {"winner": "random", "tie": True, "tied_with": ["bayesian", "agent"]}
     expected = "tie: random search, Bayesian optimisation and DQN agent"

@@ -558,6 +558,34 @@ def test_report_robustness_count_used(finished_run, tmp_path):
     assert {row["robust_n"] for row in report["results"]} == {TINY.robust_n}
 
 
+def test_report_states_test_sizes(finished_run, tmp_path):
+    from dvmrl.report import SMALL_TEST_PART, write_report
+
+    out, report = finished_run
+    random_n = {row["test_n"] for row in report["results"]}
+    chemsys_n = {row["chemsys_n"] for row in report["results"]}
+    assert len(random_n) == 1
+    assert len(chemsys_n) == 1
+    text = (out / "report.md").read_text()
+    expected = (
+        f"Test parts: {random_n.pop()} compositions (random split), "
+        f"{chemsys_n.pop()} compositions (chemsys split)."
+    )
+    assert expected in text
+    assert "rough guide" not in text
+    # With a small user data set, the report warns how few compositions rank them.
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    state = json.loads((copy / "state.json").read_text())
+    for unit in state["units"].values():
+        unit["test"]["n"] = 3
+    (copy / "state.json").write_text(json.dumps(state))
+    write_report(copy)
+    text = (copy / "report.md").read_text()
+    assert "Test parts: 3 compositions (random split)" in text
+    assert f"With fewer than {SMALL_TEST_PART} test compositions" in text
+
+
 def test_method_order_keeps_results(finished_run, tmp_path, agent_file):
     # Every unit seeds its own generators, so a resumed run may list the
     # methods in another order.

@@ -77,12 +77,14 @@ def unit_row(unit: dict[str, Any]) -> dict[str, Any]:
         "test_gcv_score": test.get("gcv_score"),
         "test_accuracy": test.get("accuracy"),
         "test_f1": test.get("f1"),
+        "test_n": test.get("n"),
         "robustness_radius": robust.get("robustness_radius"),
         "robustness_radius_l2": robust.get("robustness_radius_l2"),
         "vulnerability": robust.get("vulnerability"),
         "robust_n": robust.get("n_compositions"),
         "chemsys_rmse": chemsys.get("rmse"),
         "chemsys_mae": chemsys.get("mae"),
+        "chemsys_n": chemsys.get("n"),
         "val_rmse": chosen.get("val_rmse"),
         "epochs": unit.get("epochs_used"),
         "seconds": seconds,
@@ -467,7 +469,36 @@ def _budget_lines(report: dict[str, Any]) -> list[str]:
         f"measured on {_robust_count(report)} "
         "(epsilon 0.05, tau 0.05 eV/atom, r_max 0.25).",
         "",
+        *_test_size_lines(report),
     ]
+
+
+# Below this many test compositions (a rule of thumb), report.md and dvmrl run
+# warn that a few compositions decide the ranking of the methods.
+SMALL_TEST_PART = 100
+
+
+def _test_size_lines(report: dict[str, Any]) -> list[str]:
+    """State the sizes of the test parts, with a warning when they are small."""
+    sizes = {}
+    for key, name in (("test_n", "random"), ("chemsys_n", "chemsys")):
+        counts = sorted({r[key] for r in report["results"] if r.get(key)})
+        if counts:
+            sizes[name] = counts
+    if not sizes:
+        return []
+    text = "Test parts: " + ", ".join(
+        f"{' or '.join(str(n) for n in counts)} compositions ({name} split)"
+        for name, counts in sizes.items()
+    ) + "."
+    smallest = min(min(counts) for counts in sizes.values())
+    if smallest < SMALL_TEST_PART:
+        text += (
+            f" With fewer than {SMALL_TEST_PART} test compositions, a few "
+            "compositions decide the ranking below, so read it as a rough guide "
+            "and use more data for a comparison that counts."
+        )
+    return [text, ""]
 
 
 def _robust_count(report: dict[str, Any]) -> str:

@@ -288,7 +288,27 @@ def run(args: argparse.Namespace) -> int:
     for key in ("test_rmse", "chemsys_rmse", "robustness_radius"):
         winner = report["winners"][key]
         print(f"{key}: {_describe(winner)}")
+    _warn_small_test_parts(report)
     return 0
+
+
+def _warn_small_test_parts(report: dict) -> None:
+    """Print a warning when few test compositions decide the winners above."""
+    from dvmrl.report import SMALL_TEST_PART
+
+    sizes = [
+        row[key]
+        for row in report["results"]
+        for key in ("test_n", "chemsys_n")
+        if row.get(key)
+    ]
+    if sizes and min(sizes) < SMALL_TEST_PART:
+        print(
+            f"dvmrl run: warning: a test part has only {min(sizes)} compositions, so "
+            "a few compositions decide these winners; use more data for a "
+            "comparison that counts",
+            file=sys.stderr,
+        )
 
 
 def _interrupt(signum, frame) -> None:
