@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -908,3 +909,18 @@ def test_predict_empty_output_path(trained, capsys):
     assert code == 2
     assert "--output is empty" in captured.err
     assert captured.out == ""
+
+
+def test_train_logs_epochs_without_bar(tmp_path, data_csv, caplog, monkeypatch):
+    # stderr is not a terminal under pytest, so no bar is drawn and the
+    # epochs reach the log instead (here every epoch, with no time limit).
+    import dvmrl.cli.train as train_cli
+
+    monkeypatch.setattr(train_cli, "PROGRESS_LOG_SECONDS", 0)
+    args = ["--data", str(data_csv), "--epochs", "2", *TINY, "--no-progress"]
+    with caplog.at_level(logging.INFO, logger="dvmrl"):
+        code = main(["train", *args, "--out", str(tmp_path / "run")])
+    messages = [record.getMessage() for record in caplog.records]
+    assert code == 0
+    assert any(m.startswith("epoch 1 of at most 2: train loss") for m in messages)
+    assert any(m.startswith("epoch 2 of at most 2: train loss") for m in messages)

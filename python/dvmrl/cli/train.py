@@ -346,6 +346,14 @@ def _add_train_parser(subparsers) -> None:
     parser.add_argument(
         "--out", type=path_text, required=True, metavar="DIR", help="output folder"
     )
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help=(
+            "hide the progress bar; without the bar (also when stderr is not a "
+            f"terminal) an epoch line is logged at most every {PROGRESS_LOG_SECONDS} s"
+        ),
+    )
     add_compute_options(parser)
     parser.set_defaults(func=run_train)
 
@@ -850,7 +858,12 @@ def _format_optional(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def _progress_bar(total: int, initial: int):
+# Without a progress bar, an epoch line is logged at most this often (seconds),
+# so that logs of batch jobs show the training advance without an epoch flood.
+PROGRESS_LOG_SECONDS = 30
+
+
+def _progress_bar(total: int, initial: int, enabled: bool = True):
     from tqdm import tqdm
 
     return tqdm(
@@ -858,7 +871,7 @@ def _progress_bar(total: int, initial: int):
         initial=initial,
         unit="epoch",
         file=sys.stderr,
-        disable=not sys.stderr.isatty(),
+        disable=not (enabled and sys.stderr.isatty()),
         dynamic_ncols=True,
         leave=True,
     )
@@ -985,7 +998,13 @@ def run_train(args: argparse.Namespace) -> int:
             member_metadata = metadata
         try:
             trainer = _fit_member(
-                folder, member_config, data, member_metadata, device, label
+                folder,
+                member_config,
+                data,
+                member_metadata,
+                device,
+                label,
+                show_bar=not args.no_progress,
             )
         except TrainingDivergedError as err:
             # An --lr that is too large is a bad setting, not a failure of dvmrl.
@@ -1189,7 +1208,13 @@ def _member_log_prefix(label: str | None):
 
 
 def _fit_member(
-    folder: Path, run_config: dict, data, metadata, device, label: str | None
+    folder: Path,
+    run_config: dict,
+    data,
+    metadata,
+    device,
+    label: str | None,
+    show_bar: bool = True,
 ):
     """Train one model in ``folder`` (resuming from its state file when present).
 
@@ -1224,9 +1249,11 @@ def _fit_member(
         # A state before the first epoch lets a run interrupted at once resume.
         trainer.save(folder / STATE_FILE, metadata=metadata)
 
-    bar = _progress_bar(int(run_config["train"]["epochs"]), int(trainer.epochs_done))
+    total = int(run_config["train"]["epochs"])
+    bar = _progress_bar(total, int(trainer.epochs_done), show_bar)
     if label is not None:
         bar.set_description(label)
+    last_logged = [time.monotonic()]
 
     def on_epoch(record: dict) -> None:
         bar.update(1)
@@ -1236,6 +1263,18 @@ def _fit_member(
             val_mae=_format_optional(record.get("val_mae")),
         )
         logger.debug("epoch %s: %s", record.get("epoch"), record)
+        now = time.monotonic()
+        if bar.disable and now - last_logged[0] >= PROGRESS_LOG_SECONDS:
+            last_logged[0] = now
+            logger.info(
+                "epoch %s of at most %d: train loss %.4f, validation RMSE %s, "
+                "MAE %s eV/atom",
+                record.get("epoch"),
+                total,
+                record["train_loss"],
+                _format_optional(record.get("val_rmse")),
+                _format_optional(record.get("val_mae")),
+            )
 
     try:
         # Trainer.fit rewrites last.pt after every epoch, so after Ctrl-C it
