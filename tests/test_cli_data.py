@@ -92,3 +92,14 @@ def test_empty_output_path_rejected(command, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "--out: expected a path, got" in err
+
+
+@pytest.mark.parametrize(
+    "command", [["train"], ["evaluate"], ["predict"], ["data", "info"], ["data", "split"]]
+)
+def test_alloy_notation_help_states_rules(command, capsys):
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the shares sum to 100 (at.%) or 1" in text
+    assert "so Ni60Al10 is Ni6Al" in text

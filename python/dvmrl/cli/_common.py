@@ -25,6 +25,15 @@ NEGATIVE_NUMBER = re.compile(
 )
 
 
+# The rules of --alloy-notation (dvmrl.compositions), for the help of every
+# command that has the option. "%%" is argparse's escape for "%".
+ALLOY_NOTATION_RULES = (
+    "next to a group every part needs its share, and the shares sum to 100 "
+    "(at.%%) or 1; a formula without a group reads as usual, so Ni60Al10 is "
+    "Ni6Al"
+)
+
+
 class UsageError(Exception):
     """Bad command-line input; the CLI prints it and exits with code 2."""
 

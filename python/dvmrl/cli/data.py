@@ -10,6 +10,7 @@ import sys
 import traceback
 
 from dvmrl.cli._common import (
+    ALLOY_NOTATION_RULES,
     EXIT_FAILURE,
     UsageError,
     fraction,
@@ -162,7 +163,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help=(
             "read a CSV file's group amounts as at.%% shares, so that "
-            "(CoCrFeNi)90Al10 has 10%% Al"
+            "(CoCrFeNi)90Al10 has 10%% Al; " + ALLOY_NOTATION_RULES
         ),
     )
     parser.add_argument(

@@ -27,6 +27,7 @@ import numpy as np
 
 from dvmrl._files import write_text_atomic
 from dvmrl.cli._common import (
+    ALLOY_NOTATION_RULES,
     UsageError,
     add_compute_options,
     check_output_file,
@@ -160,7 +161,8 @@ def _add_data_options(parser: argparse.ArgumentParser, with_defaults: bool) -> N
         default=None,
         help=(
             "read the formulas of a CSV in alloy notation, where a group's amount is "
-            "its at.%% share: (CoCrFeNi)90Al10 is 90 at.%% CoCrFeNi and 10 at.%% Al"
+            "its at.%% share: (CoCrFeNi)90Al10 is 90 at.%% CoCrFeNi and 10 at.%% Al; "
+            + ALLOY_NOTATION_RULES
         ),
     )
 
@@ -445,7 +447,8 @@ def _add_predict_parser(subparsers) -> None:
     parser.add_argument(
         "--alloy-notation",
         action="store_true",
-        help="read the formulas in alloy notation ((CoCrFeNi)90Al10 is 10 at.%% Al)",
+        help="read the formulas in alloy notation ((CoCrFeNi)90Al10 is 10 at.%% Al); "
+        + ALLOY_NOTATION_RULES,
     )
     add_compute_options(parser)
     parser.set_defaults(func=run_predict)
