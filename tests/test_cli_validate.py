@@ -216,3 +216,13 @@ def test_validate_missing_checkpoint(tmp_path, capsys):
     code = main(["validate", str(tmp_path / "none.pt"), "--out", str(tmp_path), *FAST])
     assert code == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_validate_help_names_values(capsys):
+    with pytest.raises(SystemExit):
+        main(["validate", "--help"])
+    text = capsys.readouterr().out
+    assert "CHECKPOINT" in text
+    assert "--data NAME|PATH.csv" in text
+    assert "--split {random,chemsys,element,binary-to-ternary}" in text
+    assert "--holdout-element X" in text

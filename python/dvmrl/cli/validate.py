@@ -78,22 +78,31 @@ def add_parser(subparsers) -> None:
             "for every split kind and validation strategy."
         ),
     )
+    from dvmrl.splits import KINDS
+
     parser.add_argument(
-        "checkpoint", help="model file written by dvmrl train (model.pt)"
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="model file written by dvmrl train (model.pt)",
     )
     parser.add_argument(
         "--data",
         default=None,
+        metavar="NAME|PATH.csv",
         help="data set name or CSV path; default: the checkpoint's training data",
     )
     parser.add_argument(
         "--split",
         default=None,
+        choices=KINDS,
         help="split whose test part is attacked; default: the checkpoint's split, "
         "else random",
     )
     parser.add_argument(
-        "--holdout-element", default=None, help="element left out by --split element"
+        "--holdout-element",
+        default=None,
+        metavar="X",
+        help="element left out by --split element (symbol, such as Ni)",
     )
     parser.add_argument(
         "--strategy",
@@ -190,6 +199,7 @@ def add_parser(subparsers) -> None:
         "--out",
         type=path_text,
         default="validation",
+        metavar="DIR",
         help="output folder; default ./validation",
     )
     add_compute_options(parser)
