@@ -924,3 +924,16 @@ def test_train_logs_epochs_without_bar(tmp_path, data_csv, caplog, monkeypatch):
     assert code == 0
     assert any(m.startswith("epoch 1 of at most 2: train loss") for m in messages)
     assert any(m.startswith("epoch 2 of at most 2: train loss") for m in messages)
+
+
+def test_threads_above_cores_warned(trained, caplog):
+    from dvmrl._runtime import _available_cores
+
+    too_many = _available_cores() + 1
+    with caplog.at_level(logging.WARNING, logger="dvmrl"):
+        code = main(
+            ["predict", str(trained / "model.pt"), "Al3Ni", "--threads", str(too_many)]
+        )
+    messages = " ".join(record.getMessage() for record in caplog.records)
+    assert code == 0
+    assert f"--threads {too_many} exceeds the {too_many - 1} CPU cores" in messages

@@ -156,9 +156,20 @@ def setup_compute(args: argparse.Namespace):
     Raises:
         UsageError: when the device name is unknown or CUDA is not usable.
     """
-    from dvmrl._runtime import resolve_device, set_num_threads
+    from dvmrl._runtime import _available_cores, resolve_device, set_num_threads
 
     threads = set_num_threads(args.threads)
+    cores = _available_cores()
+    if args.threads is not None and args.threads > cores:
+        # More threads than cores only wait for each other.
+        logger.warning(
+            "--threads %d exceeds the %d CPU cores this process may use, so the "
+            "extra threads share cores and slow each other; pass --threads %d or "
+            "fewer",
+            args.threads,
+            cores,
+            cores,
+        )
     try:
         device = resolve_device(args.device)
     except (ValueError, RuntimeError) as err:
