@@ -937,3 +937,17 @@ def test_threads_above_cores_warned(trained, caplog):
     messages = " ".join(record.getMessage() for record in caplog.records)
     assert code == 0
     assert f"--threads {too_many} exceeds the {too_many - 1} CPU cores" in messages
+
+
+def test_predict_output_keeps_input_columns(trained, tmp_path):
+    source = tmp_path / "in.csv"
+    source.write_text("sample,formula,composition\nS1,Al3Ni,cast\nS2,Fe2Ti,milled\n")
+    target = tmp_path / "out.csv"
+    argv = ["predict", str(trained / "model.pt"), "--input", str(source)]
+    code = main([*argv, "--output", str(target)])
+    table = pd.read_csv(target)
+    assert code == 0
+    assert table["sample"].tolist() == ["S1", "S2"]
+    # The input's "composition" would clash with the predictions' own column.
+    assert table["composition_input"].tolist() == ["cast", "milled"]
+    assert table["composition"].tolist()[0] == "Al0.75Ni0.25"

@@ -442,7 +442,8 @@ def _add_predict_parser(subparsers) -> None:
         "--output",
         default=None,
         metavar="FILE.csv",
-        help="write the predictions as CSV instead of a table on stdout",
+        help="write the predictions as CSV instead of a table on stdout; with "
+        "--input, the CSV also keeps the input's other columns",
     )
     parser.add_argument(
         "--alloy-notation",
@@ -1641,11 +1642,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
 # dvmrl predict
 
 
-def _read_formula_csv(path: str, column: str) -> tuple[list[str], list[int]]:
+def _read_formula_csv(path: str, column: str) -> tuple[list[str], list[int], Any]:
     """Read the formula column of a CSV file, with the line of each row.
 
     The lines are those of the file (line 1 is the header), counting blank
     lines, so that messages point at the right place.
+
+    Returns:
+        (formulas, lines, frame): the stripped formulas, their lines, and
+        the whole table as text, whose other columns the --output CSV keeps.
     """
     from dvmrl.datasets._csv import read_text_table
 
@@ -1670,7 +1675,24 @@ def _read_formula_csv(path: str, column: str) -> tuple[list[str], list[int]]:
     if len(blank):
         where = ", ".join(str(lines[r]) for r in blank[:10])
         raise ValueError(f"{source}: empty {column!r} on lines {where}")
-    return formulas.tolist(), lines
+    return formulas.tolist(), lines, frame
+
+
+def _with_input_columns(table, input_frame, formula_column: str):
+    """Append the input CSV's other columns to the predictions, row for row.
+
+    A column whose name the predictions already use gets the suffix
+    "_input", so that no value is overwritten.
+    """
+    table = table.copy()
+    for name in input_frame.columns:
+        if name == formula_column:
+            continue
+        target = name
+        while target in table.columns:
+            target = f"{target}_input"
+        table[target] = input_frame[name].to_numpy()
+    return table
 
 
 def _domain_warnings(
@@ -1768,7 +1790,9 @@ def run_predict(args: argparse.Namespace) -> int:
     # The model learned from data sets of metals only, which the data loader
     # enforces, so a composition with a non-metal is rejected here too.
     if args.input:
-        formulas, lines = _read_formula_csv(args.input, args.formula_column)
+        formulas, lines, input_frame = _read_formula_csv(
+            args.input, args.formula_column
+        )
         compositions = _parse_formulas(
             formulas, args.alloy_notation, args.input, metals_only=True, lines=lines
         )
@@ -1802,6 +1826,8 @@ def run_predict(args: argparse.Namespace) -> int:
     )
     if std is not None:
         table["uncertainty_ev_per_atom"] = std
+    if args.output and args.input:
+        table = _with_input_columns(table, input_frame, args.formula_column)
     if args.output:
         write_text_atomic(
             Path(args.output), table.to_csv(index=False, float_format="%.6f")
