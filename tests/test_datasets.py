@@ -438,34 +438,29 @@ def test_load_csv_column_message_names_real_options(tmp_path):
     assert "predict" not in message
 
 
-def test_load_csv_extra_field(tmp_path):
-    path = _write(tmp_path, "formula,target\nAlNi,0.1\nFe,Ni,0.2\n")
-    with pytest.raises(ValueError, match=r"line 3 has 3 fields, but the header"):
-        datasets.load_csv(path)
-
-
-def test_load_csv_first_row_extra_field(tmp_path):
-    # pandas.read_csv read such a first row as index, formula and target.
-    path = _write(tmp_path, "formula,target\nFe,Ni,0.2\n")
-    with pytest.raises(ValueError, match=r"line 2 has 3 fields"):
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("formula,target\nAlNi,0.1\nFe,Ni,0.2\n", r"line 3 has 3 fields, but the header"),
+        # pandas.read_csv read such a first row as index, formula and target.
+        ("formula,target\nFe,Ni,0.2\n", r"line 2 has 3 fields"),
+        (
+            'formula,target\nAlNi,0.1\nFeNi,"0.2\nCoNi,0.3\n',
+            r"row that starts on line 3 is malformed",
+        ),
+        ("formula,target, target\nAlNi,0.1,0.2\n", r"has 2 columns named 'target'"),
+    ],
+    ids=["extra-field", "first-row-extra-field", "unclosed-quote", "repeated-column"],
+)
+def test_load_csv_malformed_rows(tmp_path, text, message):
+    path = _write(tmp_path, text)
+    with pytest.raises(ValueError, match=message):
         datasets.load_csv(path)
 
 
 def test_load_csv_trailing_empty_field(tmp_path):
     path = _write(tmp_path, "formula,target\nAlNi,0.1,\n")
     assert datasets.load_csv(path)["target"].tolist() == [0.1]
-
-
-def test_load_csv_unclosed_quote(tmp_path):
-    path = _write(tmp_path, 'formula,target\nAlNi,0.1\nFeNi,"0.2\nCoNi,0.3\n')
-    with pytest.raises(ValueError, match=r"row that starts on line 3 is malformed"):
-        datasets.load_csv(path)
-
-
-def test_load_csv_repeated_column(tmp_path):
-    path = _write(tmp_path, "formula,target, target\nAlNi,0.1,0.2\n")
-    with pytest.raises(ValueError, match=r"has 2 columns named 'target'"):
-        datasets.load_csv(path)
 
 
 def test_load_csv_missing_file(tmp_path):
