@@ -475,6 +475,13 @@ def test_load_csv_repeats_warn(tmp_path, caplog):
     assert "1 row(s) repeat the composition" in caplog.text
 
 
+def test_load_csv_repeats_named(tmp_path, caplog):
+    text = "formula,target\nNi3Al,-0.5\nFeNi,0.1\n\nAlNi3,0.7\n"
+    datasets.load_csv(_write(tmp_path, text))
+    assert "Ni3Al on lines 2, 5, targets -0.5 to 0.7 eV/atom" in caplog.text
+    assert "keep one row per composition" in caplog.text
+
+
 def test_load_csv_warns_on_kj_per_mol(tmp_path, caplog):
     path = _write(tmp_path, "formula,target\nNi3Al,-41.2\nFeNi,-4.5\nCuZn,0.1\n")
     frame = datasets.load_csv(path)

@@ -295,6 +295,7 @@ def load_csv(
 
     rows = []
     keys = []
+    key_lines = []  # file line of each entry of keys
     errors = []
     formulas = table[formula_column].astype(str).str.strip()
     targets = table[target_column].astype(str).str.strip()
@@ -308,6 +309,7 @@ def load_csv(
         symbols = sorted(fractions)
         key = format_formula(fractions)
         keys.append(key)
+        key_lines.append(line)
         text = key if alloy_notation else formula
         rows.append((text, "-".join(symbols), len(symbols), target))
 
@@ -340,9 +342,39 @@ def load_csv(
     repeats = int(pd.Series(keys).duplicated().sum())
     if repeats:
         logger.warning(
-            "%s: %d row(s) repeat the composition of an earlier row; random splits "
-            "may put the same composition in train and test",
+            "%s: %d row(s) repeat the composition of an earlier row (%s); random "
+            "splits may put the same composition in train and test, so keep one "
+            "row per composition, such as the lowest-energy polymorph",
             path,
             repeats,
+            _repeat_examples(
+                keys, key_lines, frame["formula"].tolist(), frame["target"].to_numpy()
+            ),
         )
     return frame
+
+
+def _repeat_examples(
+    keys: list[str], lines: list[int], formulas: list[str], targets: np.ndarray
+) -> str:
+    """Describe the first repeated compositions: their lines and target range.
+
+    A composition is named by the formula of its first row, as the file
+    writes it.
+    """
+    groups: dict[str, list[int]] = {}
+    for position, key in enumerate(keys):
+        groups.setdefault(key, []).append(position)
+    examples = []
+    for positions in groups.values():
+        if len(positions) < 2:
+            continue
+        values = targets[positions]
+        where = ", ".join(str(lines[p]) for p in positions[:MAX_LISTED_ERRORS])
+        examples.append(
+            f"{formulas[positions[0]]} on lines {where}, targets {values.min():g} "
+            f"to {values.max():g} eV/atom"
+        )
+        if len(examples) == 3:
+            break
+    return "; ".join(examples)
