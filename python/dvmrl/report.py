@@ -478,13 +478,19 @@ def _budget_lines(report: dict[str, Any]) -> list[str]:
 SMALL_TEST_PART = 100
 
 
-def _test_size_lines(report: dict[str, Any]) -> list[str]:
-    """State the sizes of the test parts, with a warning when they are small."""
+def sizes_of_test_parts(report: dict[str, Any]) -> dict[str, list[int]]:
+    """Return the distinct test part sizes of the units, by split ("random", "chemsys")."""
     sizes = {}
     for key, name in (("test_n", "random"), ("chemsys_n", "chemsys")):
         counts = sorted({r[key] for r in report["results"] if r.get(key)})
         if counts:
             sizes[name] = counts
+    return sizes
+
+
+def _test_size_lines(report: dict[str, Any]) -> list[str]:
+    """State the sizes of the test parts, with a warning when they are small."""
+    sizes = sizes_of_test_parts(report)
     if not sizes:
         return []
     text = "Test parts: " + ", ".join(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -155,6 +156,22 @@ def data_fingerprint(df: pd.DataFrame) -> str:
 
 # Kinds whose test part is a share of the rows set by test_fraction.
 FRACTION_KINDS = ("random", "chemsys")
+# Default shares of the test part and the validation pool (make_split).
+TEST_FRACTION = 0.1
+VAL_FRACTION = 0.1
+
+
+def fewest_rows(share: float, needed: int = 1) -> int:
+    """Return the smallest row count n for which round(share * n) >= needed.
+
+    The random split draws round(share * n) rows for its test part and its
+    validation pool, and Python rounds halves to even, so 15 rows give a
+    10 % share 2 rows and 14 rows give it 1.
+    """
+    count = max(1, math.floor((needed - 0.5) / share) - 1)
+    while round(share * count) < needed:
+        count += 1
+    return count
 
 
 def _check_fractions(kind: str, test_fraction: float, val_fraction: float) -> None:
@@ -261,8 +278,8 @@ def make_split(
     kind: str,
     seed: int = 0,
     holdout_element: str | None = None,
-    test_fraction: float = 0.1,
-    val_fraction: float = 0.1,
+    test_fraction: float = TEST_FRACTION,
+    val_fraction: float = VAL_FRACTION,
     rows: np.ndarray | None = None,
 ) -> Split:
     """Split a data frame into train, validation pool and test rows.

@@ -364,14 +364,6 @@ def _smallest_share(count: int) -> float:
     return share
 
 
-def _fewest_rows(share: float) -> int:
-    """Return the smallest row count n with round(share * n) >= 1."""
-    count = max(1, math.floor(0.5 / share))
-    while round(share * count) < 1:
-        count += 1
-    return count
-
-
 def _check_shares(kind: str, test_fraction: float, val_fraction: float) -> None:
     """Reject a test and validation share that leave no training rows."""
     from dvmrl.splits import FRACTION_KINDS
@@ -390,6 +382,8 @@ def _check_parts(args, split, df, rows, test_fraction: float) -> None:
 
     The validation part may be empty only with --val-fraction 0.
     """
+    from dvmrl.splits import fewest_rows
+
     sizes = split.sizes()
     count = len(df) if rows is None else len(rows)
     of_rows = f"{count} compositions" + (
@@ -405,7 +399,7 @@ def _check_parts(args, split, df, rows, test_fraction: float) -> None:
             f"the {of_rows} are too few for a test part at --test-fraction "
             f"{test_fraction:g}, which takes round({test_fraction:g} x {count}) = 0 "
             f"rows: pass --test-fraction {_smallest_share(count):g} or more, or use "
-            f"at least {_fewest_rows(test_fraction)} compositions (nothing was "
+            f"at least {fewest_rows(test_fraction)} compositions (nothing was "
             "written)"
         )
     if sizes["test"] == 0:
@@ -440,7 +434,7 @@ def _check_parts(args, split, df, rows, test_fraction: float) -> None:
 def run_split(args: argparse.Namespace) -> int:
     """Write the index arrays of a split."""
     from dvmrl.datasets.filters import hume_rothery_passing_rows
-    from dvmrl.splits import FRACTION_KINDS, make_split
+    from dvmrl.splits import FRACTION_KINDS, TEST_FRACTION, make_split
 
     if not args.out.lower().endswith((".npz", ".json")):
         raise UsageError(f"--out {args.out!r} must end in .npz or .json")
@@ -454,7 +448,7 @@ def run_split(args: argparse.Namespace) -> int:
             f"{args.split} split puts every composition of its held-out chemistry "
             "in the test part, so drop --test-fraction"
         )
-    test_fraction = 0.1 if args.test_fraction is None else args.test_fraction
+    test_fraction = TEST_FRACTION if args.test_fraction is None else args.test_fraction
     _check_shares(args.split, test_fraction, args.val_fraction)
     # The split is made on the rows that pass the screen, but its indices
     # are positions among all rows of the user's file, which is what a

@@ -294,14 +294,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _warn_small_test_parts(report: dict) -> None:
     """Print a warning when few test compositions decide the winners above."""
-    from dvmrl.report import SMALL_TEST_PART
+    from dvmrl.report import SMALL_TEST_PART, sizes_of_test_parts
 
-    sizes = [
-        row[key]
-        for row in report["results"]
-        for key in ("test_n", "chemsys_n")
-        if row.get(key)
-    ]
+    sizes = [n for counts in sizes_of_test_parts(report).values() for n in counts]
     if sizes and min(sizes) < SMALL_TEST_PART:
         print(
             f"dvmrl run: warning: a test part has only {min(sizes)} compositions, so "

@@ -603,30 +603,13 @@ MIN_TEST_ROWS = 2
 
 
 def _min_random_split_rows() -> int:
-    """Find the fewest rows whose random split has enough validation and test rows.
+    """Return the fewest rows whose random split has enough validation and test rows."""
+    from dvmrl.splits import TEST_FRACTION, VAL_FRACTION, fewest_rows
 
-    Cuts the random split of growing frames with make_split's default
-    fractions, so the count follows make_split rather than a copy of its
-    rounding.
-    """
-    import pandas as pd
-
-    from dvmrl.splits import make_split
-
-    rows = 3
-    while True:
-        frame = pd.DataFrame(
-            {
-                "formula": ["AlNi"] * rows,
-                "chemsys": [f"system{row}" for row in range(rows)],
-                "n_elements": [2] * rows,
-                "target": [0.0] * rows,
-            }
-        )
-        split = make_split(frame, "random")
-        if len(split.val) >= MIN_VALIDATION_ROWS and len(split.test) >= MIN_TEST_ROWS:
-            return rows
-        rows += 1
+    return max(
+        fewest_rows(TEST_FRACTION, MIN_TEST_ROWS),
+        fewest_rows(VAL_FRACTION, MIN_VALIDATION_ROWS),
+    )
 
 
 def _check_row_count(source: str, df, kind: str) -> None:
@@ -644,7 +627,7 @@ def _check_split_sizes(source: str, df, splits: list) -> None:
     """Raise ValueError when a split has too few validation or test rows.
 
     ``splits`` contains the split of every train/validation division of the
-    run; they share the test part. The message names the data, the size of
+    run, and they share the test part. The message names the data, the size of
     each part, the minimum and what to change.
     """
     for split in splits:
