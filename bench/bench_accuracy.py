@@ -114,7 +114,7 @@ def development_frame(df, kind: str):
 
     ``make_split`` on the returned frame cuts its test part (the development
     part) from the pool alone with the fixed test seed. So the development
-    part does not move with the split seed, and it holds no original test row.
+    part does not move with the split seed, and it contains no original test row.
     """
     split = make_split(df, kind, 0)
     pool = np.sort(np.concatenate([split.train, split.val]))

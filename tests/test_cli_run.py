@@ -350,12 +350,17 @@ def test_resume_option_still_checked(workdir, capsys):
     assert "other settings" in capsys.readouterr().err
 
 
-def test_tiny_data_leaves_no_folder(tmp_path, capsys):
+def sample_csv(path, rows: int):
+    """Write ``rows`` compositions of the vendored data to ``path``; return it."""
     from dvmrl.datasets import load
 
-    data = tmp_path / "ten.csv"
-    rows = load("mp-formation-energy").sample(n=10, random_state=1)
-    rows[["formula", "target"]].to_csv(data, index=False)
+    sample = load("mp-formation-energy").sample(n=rows, random_state=1)
+    sample[["formula", "target"]].to_csv(path, index=False)
+    return path
+
+
+def test_tiny_data_leaves_no_folder(tmp_path, capsys):
+    data = sample_csv(tmp_path / "ten.csv", 10)
     out = tmp_path / "run"
     argv = ["run", "--budget", "quick", "--data", str(data), "--methods", "random"]
     assert main([*argv, "--out", str(out), "--no-progress"]) == 2
@@ -365,11 +370,7 @@ def test_tiny_data_leaves_no_folder(tmp_path, capsys):
 
 
 def test_small_data_warns_about_winners(tmp_path, capsys):
-    from dvmrl.datasets import load
-
-    data = tmp_path / "small.csv"
-    rows = load("mp-formation-energy").sample(n=80, random_state=1)
-    rows[["formula", "target"]].to_csv(data, index=False)
+    data = sample_csv(tmp_path / "small.csv", 80)
     out = tmp_path / "run"
     argv = ["run", "--budget", "quick", "--data", str(data), "--methods", "random"]
     code = main([*argv, "--out", str(out), "--no-progress", "--threads", "1"])

@@ -593,10 +593,10 @@ def test_hume_rothery_screen_filters():
 def test_hume_rothery_passing_rows():
     frame = datasets.load("mp-energy-above-hull")
     rows, record = hume_rothery_passing_rows(frame)
-    kept = datasets.hume_rothery_screen(frame)
+    screened = datasets.hume_rothery_screen(frame)
     assert rows.dtype == np.int64
-    assert record == kept.attrs["hume_rothery_screen"]
-    assert frame["formula"].iloc[rows].tolist() == kept["formula"].tolist()
+    assert record == screened.attrs["hume_rothery_screen"]
+    assert frame["formula"].iloc[rows].tolist() == screened["formula"].tolist()
 
 
 def test_hume_rothery_threshold_boundary():

@@ -149,7 +149,7 @@ def _pickle_bytes(path: str | os.PathLike) -> bytes:
             names = [name for name in archive.namelist() if name.endswith("data.pkl")]
             return archive.read(names[0]) if names else b""
     data = Path(path).read_bytes()
-    # A raw pickle of protocol 2 or later starts with the PROTO opcode; other
+    # A raw pickle of protocol 2 or later starts with the PROTO opcode. Other
     # bytes, such as a truncated archive, are not scanned as a pickle.
     return data if data[:1] == b"\x80" else b""
 

@@ -183,9 +183,9 @@ def hume_rothery_screen(
     rows, record = hume_rothery_passing_rows(
         df, max_size_mismatch, max_electronegativity_spread
     )
-    kept = df.iloc[rows].reset_index(drop=True)
-    kept.attrs["hume_rothery_screen"] = record
-    return kept
+    screened = df.iloc[rows].reset_index(drop=True)
+    screened.attrs["hume_rothery_screen"] = record
+    return screened
 
 
 def _in_family(symbol: str, family: str) -> bool:
