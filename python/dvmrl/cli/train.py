@@ -327,6 +327,18 @@ def _add_train_parser(subparsers) -> None:
         ),
     )
     parser.add_argument(
+        "--jobs",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help=(
+            "ensemble members to train at once, each in its own process with "
+            "THREADS / N threads; the results do not depend on it; default: "
+            "as many as --threads on a CPU (members on one core each train "
+            "faster together than one after another on all cores), 1 on CUDA"
+        ),
+    )
+    parser.add_argument(
         "--member-divisions",
         choices=("own", "shared"),
         default=None,
@@ -850,7 +862,9 @@ def _format_optional(value) -> str:
 PROGRESS_LOG_SECONDS = 30
 
 
-def _progress_bar(total: int, initial: int, enabled: bool = True):
+def _progress_bar(
+    total: int, initial: int, enabled: bool = True, position: int | None = None
+):
     from tqdm import tqdm
 
     return tqdm(
@@ -860,8 +874,106 @@ def _progress_bar(total: int, initial: int, enabled: bool = True):
         file=sys.stderr,
         disable=not (enabled and sys.stderr.isatty()),
         dynamic_ncols=True,
-        leave=True,
+        leave=position is None,
+        position=position,
     )
+
+
+class _EpochReporter:
+    """Show a model's epochs: a progress bar, or without one a log line every 30 s.
+
+    ``label`` names the ensemble member on the bar (None for a single
+    model); ``position`` is the bar's line when several members train at
+    once, and ``prefix`` starts the log lines (the serial loop prefixes
+    them with a log filter instead).
+    """
+
+    def __init__(
+        self,
+        total: int,
+        done: int,
+        label: str | None,
+        show_bar: bool,
+        position: int | None = None,
+        prefix: str = "",
+    ) -> None:
+        self.total = total
+        self.prefix = prefix
+        self.bar = _progress_bar(total, done, show_bar, position)
+        if label is not None:
+            self.bar.set_description(label)
+        self.last_logged = time.monotonic()
+
+    def __call__(self, record: dict) -> None:
+        # The record's epoch counts from the start of the training, so a
+        # bar that began at 0 for a resumed member catches up at once.
+        epoch = record.get("epoch")
+        self.bar.update(epoch - self.bar.n if isinstance(epoch, int) else 1)
+        self.bar.set_postfix(
+            loss=f"{record['train_loss']:.4f}",
+            val_rmse=_format_optional(record.get("val_rmse")),
+            val_mae=_format_optional(record.get("val_mae")),
+        )
+        prefix = self.prefix
+        logger.debug("%sepoch %s: %s", prefix, record.get("epoch"), record)
+        now = time.monotonic()
+        if self.bar.disable and now - self.last_logged >= PROGRESS_LOG_SECONDS:
+            self.last_logged = now
+            logger.info(
+                "%sepoch %s of at most %d: train loss %.4f, validation RMSE %s, "
+                "MAE %s eV/atom",
+                prefix,
+                record.get("epoch"),
+                self.total,
+                record["train_loss"],
+                _format_optional(record.get("val_rmse")),
+                _format_optional(record.get("val_mae")),
+            )
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class _MembersProgress:
+    """Progress of members that train in their own processes, drawn here."""
+
+    def __init__(self, total: int, show_bar: bool) -> None:
+        self.total = total
+        self.show_bar = show_bar
+        self.reporters: dict[int, _EpochReporter] = {}
+
+    def start(self, member: int, slot: int) -> None:
+        label = f"member {member}"
+        self.reporters[member] = _EpochReporter(
+            self.total,
+            0,
+            label,
+            self.show_bar,
+            position=slot,
+            prefix=f"{label}: ",
+        )
+
+    def epoch(self, member: int, record: dict) -> None:
+        self.reporters[member](record)
+
+    def finish(self, member: int, summary: dict) -> None:
+        reporter = self.reporters.pop(member)
+        reporter.close()
+        # The monitors are val_rmse and val_mae, in eV/atom.
+        score = summary["monitor"].removeprefix("val_").upper()
+        logger.info(
+            "member %d: trained %d epochs; best epoch %s, validation %s %s eV/atom",
+            member,
+            summary["epochs_done"],
+            summary["best_epoch"],
+            score,
+            _format_optional(summary["best_score"]),
+        )
+
+    def close(self) -> None:
+        for reporter in self.reporters.values():
+            reporter.close()
+        self.reporters.clear()
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -967,13 +1079,13 @@ def run_train(args: argparse.Namespace) -> int:
         _write_json_atomic(out / RUN_FILE, run_config)
 
     started = time.perf_counter()
+    jobs = []
     for member, seed in enumerate(seeds):
         folder = out if members == 1 else out / f"member{member}"
         if members > 1 and (folder / MODEL_FILE).exists():
             logger.info("member %d is complete in %s", member, folder)
             continue
         member_config = {**run_config, "train": {**run_config["train"], "seed": seed}}
-        label = None if members == 1 else f"member {member}"
         if own_divisions:
             member_split = member_splits[member]
             data = _division_data(every_row, targets, member_split)
@@ -983,12 +1095,31 @@ def run_train(args: argparse.Namespace) -> int:
         else:
             data = shared_data
             member_metadata = metadata
+        jobs.append(
+            {
+                "member": member,
+                "folder": str(folder),
+                "run_config": member_config,
+                "data": data,
+                "metadata": member_metadata,
+                "device": device,
+                "label": None if members == 1 else f"member {member}",
+            }
+        )
+    processes = _member_processes(args, len(jobs), device)
+    if processes > 1:
+        finished = _train_in_processes(args, jobs, processes, run_config, out)
+        if len(finished) < len(jobs):
+            print(f"continue with: dvmrl train --resume --out {out}", file=sys.stderr)
+            return 130
+    for job in jobs if processes == 1 else []:
+        folder, label = Path(job["folder"]), job["label"]
         try:
             trainer = _fit_member(
                 folder,
-                member_config,
-                data,
-                member_metadata,
+                job["run_config"],
+                job["data"],
+                job["metadata"],
                 device,
                 label,
                 show_bar=not args.no_progress,
@@ -999,8 +1130,8 @@ def run_train(args: argparse.Namespace) -> int:
         if trainer is None:
             print(f"continue with: dvmrl train --resume --out {out}", file=sys.stderr)
             return 130
-        trainer.save(folder / MODEL_FILE, metadata=member_metadata)
-        trainer.save(folder / STATE_FILE, metadata=member_metadata)
+        trainer.save(folder / MODEL_FILE, metadata=job["metadata"])
+        trainer.save(folder / STATE_FILE, metadata=job["metadata"])
     seconds = time.perf_counter() - started
 
     if members == 1:
@@ -1059,6 +1190,7 @@ def run_train(args: argparse.Namespace) -> int:
         "train_seconds_this_session": seconds,
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "member_processes": processes,
         **_metric_settings(threshold),
         "model": run_config["model"],
         "train": run_config["train"],
@@ -1088,6 +1220,62 @@ def _diverged_message(err, out: Path, label: str | None) -> str:
         f"lower --lr (default {defaults.TRAIN['lr']:g}) in another --out, or "
         f"delete {out} first, because --resume keeps the learning rate of that run"
     )
+
+
+def _member_processes(args: argparse.Namespace, pending: int, device) -> int:
+    """Return how many members train at once, each in its own process.
+
+    ``--jobs`` sets it; by default a CPU run trains as many members at once
+    as it has threads (at most the members left to train), and a CUDA run
+    one at a time. One means the members train one after another in this
+    process.
+    """
+    import torch
+
+    if pending < 2:
+        return 1
+    if args.jobs is not None:
+        return min(args.jobs, pending)
+    if device.type != "cpu":
+        return 1
+    return max(1, min(pending, torch.get_num_threads()))
+
+
+def _train_in_processes(
+    args: argparse.Namespace, jobs: list[dict], processes: int, run_config: dict, out
+) -> list[int]:
+    """Train ``jobs`` in ``processes`` member processes; return the members finished.
+
+    The threads of this process are shared out: each member process gets
+    threads // processes of them, at least one.
+    """
+    import torch
+
+    from dvmrl.cli import _member_processes
+    from dvmrl.training import TrainingDivergedError
+
+    threads = max(1, torch.get_num_threads() // processes)
+    logger.info(
+        "training %d members, %d at a time in their own processes with %d "
+        "thread%s each",
+        len(jobs),
+        processes,
+        threads,
+        "" if threads == 1 else "s",
+    )
+    progress = _MembersProgress(
+        int(run_config["train"]["epochs"]), show_bar=not args.no_progress
+    )
+    try:
+        return _member_processes.train_members(
+            [{**job, "threads": threads} for job in jobs], processes, progress
+        )
+    except TrainingDivergedError as err:
+        member = getattr(err, "member", None)
+        label = None if member is None else f"member {member}"
+        raise UsageError(_diverged_message(err, out, label)) from err
+    finally:
+        progress.close()
 
 
 def _member_test_metrics(member_files, x_test, y_test, device, threshold) -> list:
@@ -1202,11 +1390,14 @@ def _fit_member(
     device,
     label: str | None,
     show_bar: bool = True,
+    report=None,
 ):
     """Train one model in ``folder`` (resuming from its state file when present).
 
     ``label`` names the ensemble member on the progress bar (None for a
-    single model).
+    single model). ``report``, when given, receives every epoch's record
+    instead of the progress bar (a member process sends them to the main
+    process).
 
     Returns:
         Trainer or None: the trainer on its best-validation weights, or None
@@ -1236,32 +1427,20 @@ def _fit_member(
         # A state before the first epoch lets a run interrupted at once resume.
         trainer.save(folder / STATE_FILE, metadata=metadata)
 
-    total = int(run_config["train"]["epochs"])
-    bar = _progress_bar(total, int(trainer.epochs_done), show_bar)
-    if label is not None:
-        bar.set_description(label)
-    last_logged = [time.monotonic()]
+    if report is None:
+        total = int(run_config["train"]["epochs"])
+        reporter = _EpochReporter(total, int(trainer.epochs_done), label, show_bar)
+        report, close = reporter, reporter.close
+    else:
+        close = _no_op
+    # Trainer.fit reports an epoch after it has written the epoch's state, so
+    # the last epoch reported is the one that a resumed run continues from;
+    # trainer.epochs_done already counts an epoch whose state Ctrl-C stopped.
+    saved = [int(trainer.epochs_done)]
 
-    def on_epoch(record: dict) -> None:
-        bar.update(1)
-        bar.set_postfix(
-            loss=f"{record['train_loss']:.4f}",
-            val_rmse=_format_optional(record.get("val_rmse")),
-            val_mae=_format_optional(record.get("val_mae")),
-        )
-        logger.debug("epoch %s: %s", record.get("epoch"), record)
-        now = time.monotonic()
-        if bar.disable and now - last_logged[0] >= PROGRESS_LOG_SECONDS:
-            last_logged[0] = now
-            logger.info(
-                "epoch %s of at most %d: train loss %.4f, validation RMSE %s, "
-                "MAE %s eV/atom",
-                record.get("epoch"),
-                total,
-                record["train_loss"],
-                _format_optional(record.get("val_rmse")),
-                _format_optional(record.get("val_mae")),
-            )
+    def report_saved(record: dict) -> None:
+        saved[0] = int(record["epoch"])
+        report(record)
 
     try:
         # Trainer.fit rewrites last.pt after every epoch, so after Ctrl-C it
@@ -1270,11 +1449,13 @@ def _fit_member(
         # from a checkpoint continues to its original target.
         with _member_log_prefix(label):
             trainer.fit(
-                progress=on_epoch, checkpoint=folder / STATE_FILE, metadata=metadata
+                progress=report_saved,
+                checkpoint=folder / STATE_FILE,
+                metadata=metadata,
             )
     except KeyboardInterrupt:
-        bar.close()
-        done = trainer.epochs_done
+        close()
+        done = saved[0]
         prefix = "" if label is None else f"{label}: "
         print(
             f"{prefix}interrupted after {done} epoch{'' if done == 1 else 's'}; "
@@ -1283,8 +1464,12 @@ def _fit_member(
         )
         return None
     finally:
-        bar.close()
+        close()
     return trainer
+
+
+def _no_op() -> None:
+    return None
 
 
 # ----------------------------------------------------------------------------
