@@ -8,10 +8,12 @@ process boundary.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -100,11 +102,35 @@ def test_default_is_one_process_per_thread(data_csv, tmp_path):
     assert metrics["member_processes"] == 2
 
 
-def test_interrupt_and_resume_match_serial(serial_run, data_csv, tmp_path):
-    out = tmp_path / "run"
-    argv = [*_train_args(data_csv, 200), "--threads", "2", "--jobs", "2", "--verbose"]
-    command = [sys.executable, "-m", "dvmrl", *argv, "--out", str(out)]
-    process = subprocess.Popen(
+def _children(pid: int) -> list[int]:
+    """Return the process ids whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The fields after the command name, which is in parentheses.
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Return whether ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _start_training(argv: list[str]) -> subprocess.Popen:
+    command = [sys.executable, "-m", "dvmrl", *argv]
+    return subprocess.Popen(
         command,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -112,15 +138,31 @@ def test_interrupt_and_resume_match_serial(serial_run, data_csv, tmp_path):
         env=_environment(),
         preexec_fn=_default_sigint,
     )
-    lines = []
+
+
+def _read_until(process: subprocess.Popen, *texts: str) -> list[str]:
+    """Read stderr lines until each of ``texts`` has appeared in one."""
+    lines, missing = [], set(texts)
+    for line in process.stderr:
+        lines.append(line)
+        missing = {text for text in missing if text not in line}
+        if not missing:
+            break
+    return lines
+
+
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"]
+)
+def test_interrupt_and_resume_match_serial(serial_run, data_csv, tmp_path, signum):
+    out = tmp_path / "run"
+    argv = [*_train_args(data_csv, 200), "--threads", "2", "--jobs", "2", "--verbose"]
+    process = _start_training([*argv, "--out", str(out)])
     try:
         # --verbose logs every epoch record that a member process reports.
-        for line in process.stderr:
-            lines.append(line)
-            if "member 1: epoch 3: " in line:
-                break
-        # SIGINT to the main process alone: it must stop its members itself.
-        process.send_signal(signal.SIGINT)
+        lines = _read_until(process, "member 1: epoch 3: ")
+        # The signal goes to the main process alone: it must stop its members.
+        process.send_signal(signum)
         rest = process.stderr.read()
         code = process.wait(timeout=120)
     finally:
@@ -137,6 +179,32 @@ def test_interrupt_and_resume_match_serial(serial_run, data_csv, tmp_path):
     _same_members(serial_run, out)
 
 
+def test_members_stop_when_main_is_killed(data_csv, tmp_path):
+    out = tmp_path / "run"
+    argv = [*_train_args(data_csv, 200), "--threads", "2", "--jobs", "2", "--verbose"]
+    process = _start_training([*argv, "--out", str(out)])
+    try:
+        # Both members are training (a member that is still starting when
+        # the main process dies stops before it writes any file).
+        _read_until(process, "member 0: epoch 3: ", "member 1: epoch 3: ")
+        members = _children(process.pid)
+        process.kill()
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    # The spawn method also starts a resource tracker, which is not a member.
+    assert len(members) >= 2
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(_running(pid) for pid in members):
+        time.sleep(0.2)
+    assert not any(_running(pid) for pid in members)
+    # They stopped with their states saved, not after finishing on their own.
+    for member in (0, 1):
+        assert (out / f"member{member}" / "last.pt").is_file()
+        assert not (out / f"member{member}" / "model.pt").exists()
+
+
 def test_diverged_member_is_usage_error(data_csv, tmp_path, capsys):
     out = tmp_path / "run"
     argv = [*_train_args(data_csv, 1), "--lr", "1e6", "--threads", "2", "--jobs", "2"]
@@ -150,10 +218,12 @@ def test_diverged_member_is_usage_error(data_csv, tmp_path, capsys):
 class _Progress:
     """Progress that records the calls, and can kill a member when it starts."""
 
-    def __init__(self, kill: int | None = None) -> None:
+    def __init__(self, kill: int | None = None, interrupt_at_end: bool = False) -> None:
         self.kill = kill
+        self.interrupt_at_end = interrupt_at_end
         self.started: list[int] = []
         self.finished: list[int] = []
+        self.closed = False
 
     def start(self, member: int, slot: int) -> None:
         self.started.append(member)
@@ -167,6 +237,11 @@ class _Progress:
 
     def finish(self, member: int, summary: dict) -> None:
         self.finished.append(member)
+        if self.interrupt_at_end and len(self.finished) == len(self.started):
+            raise KeyboardInterrupt  # as Ctrl-C there would
+
+    def close(self) -> None:
+        self.closed = True
 
 
 def _jobs(data_csv, tmp_path, count: int) -> list[dict]:
@@ -204,6 +279,25 @@ def test_train_members_reports_each_member(data_csv, tmp_path):
         assert (tmp_path / f"member{member}" / "model.pt").is_file()
 
 
+def test_members_log_through_main(data_csv, tmp_path, caplog):
+    jobs = _jobs(data_csv, tmp_path, 2)
+    _member_processes.train_members(jobs, 2, _Progress())
+    # A second run finds the state files and logs that it resumes them.
+    with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, "dvmrl"):
+        _member_processes.train_members(jobs, 2, _Progress())
+    lines = [r.getMessage() for r in caplog.records if r.name == "dvmrl"]
+    for member in (0, 1):
+        folder = tmp_path / f"member{member}"
+        assert f"resuming {folder} after 2 epochs" in lines
+
+
+def test_interrupt_as_last_member_ends(data_csv, tmp_path):
+    progress = _Progress(interrupt_at_end=True)
+    with pytest.raises(KeyboardInterrupt):
+        _member_processes.train_members(_jobs(data_csv, tmp_path, 2), 2, progress)
+    assert progress.closed
+
+
 def test_exception_in_member_reaches_caller(data_csv, tmp_path):
     jobs = _jobs(data_csv, tmp_path, 2)
     jobs[1]["run_config"] = {**jobs[1]["run_config"], "model": {"hidden": -4}}
@@ -215,7 +309,7 @@ def test_exception_in_member_reaches_caller(data_csv, tmp_path):
 def test_killed_member_is_reported(data_csv, tmp_path):
     jobs = _jobs(data_csv, tmp_path, 2)
     failed = _member_processes.MemberFailed
-    with pytest.raises(failed, match="member 1 ended with exit code -9"):
+    with pytest.raises(failed, match="member 1 ended with signal SIGKILL"):
         _member_processes.train_members(jobs, 2, _Progress(kill=1))
 
 

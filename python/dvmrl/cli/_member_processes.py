@@ -2,9 +2,9 @@
 
 On a CPU the members of an ensemble are independent trainings, and one
 member gains little from a second core. On a 2-core VM an epoch of the
-default model took 1.81 s on two threads and 1.74 s on one, while two
-members on one core each took 2.0-2.2 s per epoch, so the ensemble
-trained about 1.7 times faster. The kernels give bitwise the same numbers
+default model took 1.81 s on two threads and 1.74 s on one. Two members on
+one core each took 2.0-2.2 s per epoch, so the ensemble trained about 1.7
+times faster. The kernels give bitwise the same numbers
 for any thread count, so a member trained in its own process equals the
 one trained in the main process.
 
@@ -48,8 +48,52 @@ POLL_SECONDS = 0.2
 STOP_SECONDS = 60.0
 
 
-class MemberFailed(RuntimeError):
-    """A member process ended without a result and without an exception to report."""
+class MemberFailed(ChildProcessError):
+    """A member process that ended without a result or an exception to report.
+
+    The system killed it (out of memory, or a signal from outside), so the
+    CLI reports an environment failure (exit code 1) and not a bug.
+    """
+
+
+class _QueueLogHandler(logging.Handler):
+    """Log handler of a member process: sends each record to the main process.
+
+    The main process logs it through its own handlers, which write above
+    its progress bars instead of across them.
+    """
+
+    def __init__(self, messages, member: int) -> None:
+        super().__init__()
+        self.messages = messages
+        self.member = member
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            payload = (record.levelno, record.name, record.getMessage())
+            self.messages.put(("log", self.member, payload))
+        except Exception:  # noqa: BLE001 - logging must not stop the training
+            self.handleError(record)
+
+
+def _follow_parent(parent: int) -> None:
+    """Make this member process stop when the main process ``parent`` ends.
+
+    On Linux the kernel sends SIGINT when the parent dies, so the member
+    saves its state and exits. Elsewhere the member notices at its next
+    epoch, when its epoch callback compares the parent's process id.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            pr_set_pdeathsig = 1  # from <sys/prctl.h>
+            libc.prctl(pr_set_pdeathsig, int(signal.SIGINT))
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:
+        raise KeyboardInterrupt  # the parent ended before the line above
 
 
 def _interrupt_once() -> None:
@@ -82,14 +126,15 @@ def _portable_error(err: BaseException) -> BaseException:
 def _member_process(job: dict[str, Any], messages) -> None:
     """Train one member (the target of a member process); exit with its outcome."""
     _interrupt_once()
-    logging.basicConfig(
-        level=job["log_level"],
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     member = job["member"]
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(_QueueLogHandler(messages, member))
+    root.setLevel(job["log_level"])
     code = EXIT_FAILED
     try:
+        _follow_parent(job["parent"])
         from dvmrl import set_num_threads
         from dvmrl.cli.train import MODEL_FILE, STATE_FILE, _fit_member
 
@@ -97,6 +142,9 @@ def _member_process(job: dict[str, Any], messages) -> None:
         folder = Path(job["folder"])
 
         def report(record: dict) -> None:
+            if os.getppid() != job["parent"]:
+                # The main process ended: stop after this saved epoch.
+                raise KeyboardInterrupt
             messages.put(("epoch", member, record))
 
         trainer = _fit_member(
@@ -142,12 +190,29 @@ def _member_process(job: dict[str, Any], messages) -> None:
     sys.exit(code)
 
 
+def _describe_exit(code: int | None) -> str:
+    """Describe a process exit code: "exit code 1" or "signal SIGKILL"."""
+    if code is not None and code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+def _raise_interrupt(signum, frame) -> None:  # noqa: ARG001 - signal handler
+    raise KeyboardInterrupt
+
+
 def train_members(
     jobs: list[dict[str, Any]],
     processes: int,
     progress,
 ) -> list[int]:
     """Train the members of ``jobs`` in up to ``processes`` processes at once.
+
+    SIGTERM stops the members as Ctrl-C does, so a batch system's time
+    limit leaves every state saved and no member process running.
 
     Args:
         jobs: one dict per member with ``member``, ``folder``, ``run_config``,
@@ -156,14 +221,15 @@ def train_members(
         processes: the maximum number of member processes running at once, at
             least 1.
         progress: an object with ``start(member, slot)``, ``epoch(member,
-            record)`` and ``finish(member, summary)``, called in this process.
+            record)``, ``finish(member, summary)`` and ``close()``, called in
+            this process.
 
     Returns:
-        list[int]: the members that finished, in the order they finished.
-        When the list misses some members, Ctrl-C interrupted the training
-        and the missing members' state files hold their last finished epochs.
+        list[int]: the members, in the order they finished.
 
     Raises:
+        KeyboardInterrupt: after Ctrl-C or SIGTERM, once every member has
+            stopped; each state file contains its member's last finished epoch.
         Exception: the exception that a member's training raised (such as
             TrainingDivergedError), with the member's index in its ``member``
             attribute, after the other members stopped and saved their states.
@@ -175,6 +241,7 @@ def train_members(
     context = multiprocessing.get_context("spawn")
     messages = context.Queue()
     pending = list(jobs)
+    folders = {job["member"]: job["folder"] for job in jobs}
     running: dict[int, Any] = {}
     slots: dict[int, int] = {}
     reported: set[int] = set()
@@ -185,11 +252,15 @@ def train_members(
 
     def handle(kind: str, member: int, payload) -> None:
         nonlocal failure, interrupted
-        if kind != "epoch":
-            reported.add(member)
+        if kind == "log":
+            level, name, text = payload
+            logging.getLogger(name).log(level, "%s", text)
+            return
         if kind == "epoch":
             progress.epoch(member, payload)
-        elif kind == "done":
+            return
+        reported.add(member)
+        if kind == "done":
             finished.append(member)
             progress.finish(member, payload)
         elif kind == "interrupted":
@@ -218,12 +289,14 @@ def train_members(
             del running[member]
             if member not in reported and failure is None:
                 failure = MemberFailed(
-                    f"the process of member {member} ended with exit code "
-                    f"{process.exitcode} and no result; its state is in "
-                    f"{jobs_by_member[member]['folder']}"
+                    f"the process of member {member} ended with "
+                    f"{_describe_exit(process.exitcode)} before it finished (out "
+                    f"of memory, or killed from outside); its state is in "
+                    f"{folders[member]}"
                 )
 
     def stop_all() -> None:
+        progress.close()
         # The interrupt is sent again every POLL_SECONDS: a process that is
         # still starting (importing PyTorch) has no handler for it yet. A
         # member's handler acts on the first one only.
@@ -243,7 +316,27 @@ def train_members(
         drain(None)
         running.clear()
 
-    jobs_by_member = {job["member"]: job for job in jobs}
+    def start(job: dict[str, Any]) -> None:
+        member = job["member"]
+        slot = min(set(range(processes)) - {slots[m] for m in running})
+        slots[member] = slot
+        process = context.Process(
+            target=_member_process,
+            args=({**job, "log_level": log_level, "parent": os.getpid()}, messages),
+            name=f"dvmrl-member-{member}",
+        )
+        # The child inherits the ignored SIGINT across exec until it
+        # installs its handler, so Ctrl-C during its imports prints no
+        # traceback. The repeated signals of stop_all reach it later.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            process.start()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        running[member] = process
+        progress.start(member, slot)
+
+    previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         while running or (pending and failure is None and not interrupted):
             while (
@@ -252,25 +345,7 @@ def train_members(
                 and failure is None
                 and not interrupted
             ):
-                job = pending.pop(0)
-                member = job["member"]
-                slot = min(set(range(processes)) - set(slots[m] for m in running))
-                slots[member] = slot
-                process = context.Process(
-                    target=_member_process,
-                    args=({**job, "log_level": log_level}, messages),
-                    name=f"dvmrl-member-{member}",
-                )
-                # The child inherits the ignored SIGINT across exec until it
-                # installs its handler, so Ctrl-C during its imports prints
-                # no traceback. The repeated signals of stop_all reach it later.
-                previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-                try:
-                    process.start()
-                finally:
-                    signal.signal(signal.SIGINT, previous)
-                running[member] = process
-                progress.start(member, slot)
+                start(pending.pop(0))
             drain(POLL_SECONDS)
             reap()
             if (failure is not None or interrupted) and running:
@@ -283,7 +358,10 @@ def train_members(
         finally:
             signal.signal(signal.SIGINT, previous)
     finally:
+        signal.signal(signal.SIGTERM, previous_term)
         messages.close()
     if failure is not None:
         raise failure
+    if interrupted:
+        raise KeyboardInterrupt
     return finished

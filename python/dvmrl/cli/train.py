@@ -333,7 +333,8 @@ def _add_train_parser(subparsers) -> None:
         metavar="N",
         help=(
             "ensemble members to train at once, each in its own process with "
-            "THREADS / N threads; the results do not depend on it; default: "
+            "THREADS / N threads (at least one); the results do not depend on "
+            "it; default: "
             "as many as --threads on a CPU (members on one core each train "
             "faster together than one after another on all cores), 1 on CUDA"
         ),
@@ -954,11 +955,14 @@ class _MembersProgress:
         )
 
     def epoch(self, member: int, record: dict) -> None:
-        self.reporters[member](record)
+        reporter = self.reporters.get(member)
+        if reporter is not None:
+            reporter(record)
 
     def finish(self, member: int, summary: dict) -> None:
-        reporter = self.reporters.pop(member)
-        reporter.close()
+        reporter = self.reporters.pop(member, None)
+        if reporter is not None:  # None once close() ended the bars
+            reporter.close()
         # The monitors are val_rmse and val_mae, in eV/atom.
         score = summary["monitor"].removeprefix("val_").upper()
         logger.info(
@@ -1108,8 +1112,9 @@ def run_train(args: argparse.Namespace) -> int:
         )
     processes = _member_processes(args, len(jobs), device)
     if processes > 1:
-        finished = _train_in_processes(args, jobs, processes, run_config, out)
-        if len(finished) < len(jobs):
+        try:
+            _train_in_processes(args, jobs, processes, run_config, out)
+        except KeyboardInterrupt:
             print(f"continue with: dvmrl train --resume --out {out}", file=sys.stderr)
             return 130
     for job in jobs if processes == 1 else []:
@@ -1248,13 +1253,29 @@ def _train_in_processes(
 
     The threads of this process are shared out: each member process gets
     threads // processes of them, at least one.
+
+    Raises:
+        KeyboardInterrupt: after Ctrl-C or SIGTERM, once every member saved
+            its state.
     """
     import torch
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from dvmrl.cli import _member_processes
     from dvmrl.training import TrainingDivergedError
 
-    threads = max(1, torch.get_num_threads() // processes)
+    total_threads = torch.get_num_threads()
+    threads = max(1, total_threads // processes)
+    if processes > total_threads:
+        logger.warning(
+            "--jobs %d with %d thread%s: each member process still runs one "
+            "thread, so %d threads share the cores; pass --jobs %d or fewer",
+            processes,
+            total_threads,
+            "" if total_threads == 1 else "s",
+            processes,
+            total_threads,
+        )
     logger.info(
         "training %d members, %d at a time in their own processes with %d "
         "thread%s each",
@@ -1267,9 +1288,11 @@ def _train_in_processes(
         int(run_config["train"]["epochs"]), show_bar=not args.no_progress
     )
     try:
-        return _member_processes.train_members(
-            [{**job, "threads": threads} for job in jobs], processes, progress
-        )
+        # Log lines (this process's and the members') go above the bars.
+        with logging_redirect_tqdm(loggers=[logging.getLogger()]):
+            return _member_processes.train_members(
+                [{**job, "threads": threads} for job in jobs], processes, progress
+            )
     except TrainingDivergedError as err:
         member = getattr(err, "member", None)
         label = None if member is None else f"member {member}"
