@@ -313,6 +313,31 @@ def test_killed_member_is_reported(data_csv, tmp_path):
         _member_processes.train_members(jobs, 2, _Progress(kill=1))
 
 
+def test_killed_member_exit_code(data_csv, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    original = _member_processes.train_members
+
+    def kill_member_one(jobs, processes, progress):
+        # The CLI's own progress object, wrapped so that member 1 is killed.
+        class Killing:
+            def __getattr__(self, name):
+                return getattr(progress, name)
+
+            def start(self, member, slot):
+                progress.start(member, slot)
+                _Progress(kill=1).start(member, slot)
+
+        return original(jobs, processes, Killing())
+
+    monkeypatch.setattr(_member_processes, "train_members", kill_member_one)
+    argv = [*_train_args(data_csv, 200), "--threads", "2", "--jobs", "2"]
+    assert main([*argv, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "internal error" not in err
+    assert "member 1 ended with signal SIGKILL" in err
+    assert f"continue with: dvmrl train --resume --out {out}" in err
+
+
 def test_jobs_must_be_positive(data_csv, tmp_path, capsys):
     argv = [*_train_args(data_csv, 1), "--jobs", "0", "--out", str(tmp_path / "run")]
     with pytest.raises(SystemExit) as raised:

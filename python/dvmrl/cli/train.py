@@ -1293,6 +1293,11 @@ def _train_in_processes(
             return _member_processes.train_members(
                 [{**job, "threads": threads} for job in jobs], processes, progress
             )
+    except _member_processes.MemberFailed as err:
+        raise _member_processes.MemberFailed(
+            f"{err}; the other members stopped after their last finished epoch; "
+            f"continue with: dvmrl train --resume --out {out}"
+        ) from err
     except TrainingDivergedError as err:
         member = getattr(err, "member", None)
         label = None if member is None else f"member {member}"
