@@ -1,4 +1,4 @@
-"""Shared fixtures: the device list and a seeded generator."""
+"""Shared fixtures: the device list, an untrained agent, a FIFO reader, a small CSV."""
 
 from __future__ import annotations
 
@@ -67,3 +67,17 @@ def fifo_reader(tmp_path):
     )
     reader.start()
     return fifo, received, reader
+
+
+@pytest.fixture(scope="session")
+def alloys_csv(tmp_path_factory):
+    """Write a CSV of 240 random compositions of mp-formation-energy; return its path.
+
+    The ensemble tests train several small members on it.
+    """
+    from dvmrl import datasets
+
+    df = datasets.load("mp-formation-energy").sample(n=240, random_state=3)
+    path = tmp_path_factory.mktemp("data") / "alloys.csv"
+    df[["formula", "target"]].to_csv(path, index=False)
+    return path

@@ -147,20 +147,12 @@ def test_combine_rejects_other_config(data, tmp_path):
         combine_checkpoints([first, second], tmp_path / "ensemble.pt")
 
 
-@pytest.fixture(scope="module")
-def data_csv(tmp_path_factory):
-    df = datasets.load("mp-formation-energy").sample(n=240, random_state=3)
-    path = tmp_path_factory.mktemp("data") / "alloys.csv"
-    df[["formula", "target"]].to_csv(path, index=False)
-    return path
-
-
 TINY = ["--hidden", "8", "--layers", "1", "--batch-size", "64", "--threads", "1"]
 
 
-def test_cli_train_members(tmp_path, data_csv, capsys):
+def test_cli_train_members(tmp_path, alloys_csv, capsys):
     out = tmp_path / "run"
-    argv = ["train", "--data", str(data_csv), "--epochs", "1", "--members", "2"]
+    argv = ["train", "--data", str(alloys_csv), "--epochs", "1", "--members", "2"]
     assert main([*argv, *TINY, "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["members"] == 2
@@ -183,9 +175,18 @@ def test_cli_train_members(tmp_path, data_csv, capsys):
     assert float(lines[1].split()[4]) > 0.0
 
 
-def test_cli_train_default_members(tmp_path, data_csv):
+def test_cli_train_default_members(tmp_path, alloys_csv):
     out = tmp_path / "run"
-    argv = ["train", "--data", str(data_csv), "--epochs", "1", *TINY, "--out", str(out)]
+    argv = [
+        "train",
+        "--data",
+        str(alloys_csv),
+        "--epochs",
+        "1",
+        *TINY,
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     run = json.loads((out / "run.json").read_text())
     assert run["members"] == defaults.MEMBERS
@@ -211,9 +212,9 @@ def _interrupt_second_member(monkeypatch):
     return original_fit
 
 
-def test_cli_members_resume(tmp_path, data_csv, monkeypatch, capsys):
+def test_cli_members_resume(tmp_path, alloys_csv, monkeypatch, capsys):
     out = tmp_path / "run"
-    argv = ["train", "--data", str(data_csv), "--epochs", "1", "--members", "2"]
+    argv = ["train", "--data", str(alloys_csv), "--epochs", "1", "--members", "2"]
     original_fit = _interrupt_second_member(monkeypatch)
     assert main([*argv, *TINY, "--out", str(out)]) == 130
     state = out / "member1" / "last.pt"
@@ -269,9 +270,9 @@ def _member_metadata(out, member):
     return metadata
 
 
-def test_cli_members_own_divisions(tmp_path, data_csv):
+def test_cli_members_own_divisions(tmp_path, alloys_csv):
     out = tmp_path / "run"
-    argv = ["train", "--data", str(data_csv), "--epochs", "1", "--members", "2"]
+    argv = ["train", "--data", str(alloys_csv), "--epochs", "1", "--members", "2"]
     assert main([*argv, *TINY, "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["member_divisions"] == "own"
@@ -293,9 +294,9 @@ def test_cli_members_own_divisions(tmp_path, data_csv):
     assert training | set(ensemble["validation_compositions"]) == pool
 
 
-def test_cli_members_shared_division(tmp_path, data_csv):
+def test_cli_members_shared_division(tmp_path, alloys_csv):
     out = tmp_path / "run"
-    argv = ["train", "--data", str(data_csv), "--epochs", "1", "--members", "2"]
+    argv = ["train", "--data", str(alloys_csv), "--epochs", "1", "--members", "2"]
     shared = ["--member-divisions", "shared"]
     assert main([*argv, *shared, *TINY, "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -304,11 +305,11 @@ def test_cli_members_shared_division(tmp_path, data_csv):
     assert first["split_fingerprint"] == second["split_fingerprint"]
 
 
-def test_cli_resume_ensemble_before_divisions(tmp_path, data_csv, monkeypatch):
+def test_cli_resume_ensemble_before_divisions(tmp_path, alloys_csv, monkeypatch):
     # A run.json written before --member-divisions existed: its members
     # shared one division, and the resumed member must get that division.
     out = tmp_path / "run"
-    argv = ["train", "--data", str(data_csv), "--epochs", "1", "--members", "2"]
+    argv = ["train", "--data", str(alloys_csv), "--epochs", "1", "--members", "2"]
     shared = ["--member-divisions", "shared"]
     original_fit = _interrupt_second_member(monkeypatch)
     assert main([*argv, *shared, *TINY, "--out", str(out)]) == 130
@@ -322,7 +323,7 @@ def test_cli_resume_ensemble_before_divisions(tmp_path, data_csv, monkeypatch):
     assert metrics["member_divisions"] == "shared"
 
 
-def test_cli_members_named_in_trainer_log(tmp_path, data_csv, monkeypatch, caplog):
+def test_cli_members_named_in_trainer_log(tmp_path, alloys_csv, monkeypatch, caplog):
     original_fit = Trainer.fit
 
     def fit_and_log(self, *args, **kwargs):
@@ -332,7 +333,7 @@ def test_cli_members_named_in_trainer_log(tmp_path, data_csv, monkeypatch, caplo
 
     monkeypatch.setattr(Trainer, "fit", fit_and_log)
     out = tmp_path / "run"
-    argv = ["train", "--data", str(data_csv), "--epochs", "1", "--members", "2"]
+    argv = ["train", "--data", str(alloys_csv), "--epochs", "1", "--members", "2"]
     # Other tests may leave the "dvmrl" logger at INFO, so set its level too.
     with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, "dvmrl"):
         assert main([*argv, *TINY, "--out", str(out)]) == 0

@@ -28,26 +28,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--hidden", "8", "--layers", "1", "--batch-size", "16"]
 
 
-@pytest.fixture(scope="module")
-def data_csv(tmp_path_factory):
-    df = datasets.load("mp-formation-energy").sample(n=240, random_state=3)
-    path = tmp_path_factory.mktemp("data") / "alloys.csv"
-    df[["formula", "target"]].to_csv(path, index=False)
-    return path
-
-
-def _train_args(data_csv, epochs: int) -> list[str]:
+def _train_args(alloys_csv, epochs: int) -> list[str]:
     return [
-        "train", "--data", str(data_csv), "--epochs", str(epochs), "--members", "3",
+        "train", "--data", str(alloys_csv), "--epochs", str(epochs), "--members", "3",
         *SMALL, "--no-progress",
     ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def serial_run(tmp_path_factory, data_csv):
+def serial_run(tmp_path_factory, alloys_csv):
     """Three members trained one after another in this process (one thread)."""
     out = tmp_path_factory.mktemp("serial") / "run"
-    argv = [*_train_args(data_csv, 200), "--threads", "1", "--out", str(out)]
+    argv = [*_train_args(alloys_csv, 200), "--threads", "1", "--out", str(out)]
     assert main(argv) == 0
     return out
 
@@ -83,9 +75,9 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_processes_match_serial_run(serial_run, data_csv, tmp_path):
+def test_processes_match_serial_run(serial_run, alloys_csv, tmp_path):
     out = tmp_path / "run"
-    argv = [*_train_args(data_csv, 200), "--threads", "2", "--jobs", "2"]
+    argv = [*_train_args(alloys_csv, 200), "--threads", "2", "--jobs", "2"]
     assert main([*argv, "--out", str(out)]) == 0
     _same_members(serial_run, out)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -94,9 +86,9 @@ def test_processes_match_serial_run(serial_run, data_csv, tmp_path):
     assert serial["member_processes"] == 1
 
 
-def test_default_is_one_process_per_thread(data_csv, tmp_path):
+def test_default_is_one_process_per_thread(alloys_csv, tmp_path):
     out = tmp_path / "run"
-    argv = [*_train_args(data_csv, 1), "--threads", "2", "--out", str(out)]
+    argv = [*_train_args(alloys_csv, 1), "--threads", "2", "--out", str(out)]
     assert main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["member_processes"] == 2
@@ -140,6 +132,11 @@ def _start_training(argv: list[str]) -> subprocess.Popen:
     )
 
 
+def _parallel_args(alloys_csv) -> list[str]:
+    """Return a 200-epoch run of two member processes that logs every epoch."""
+    return [*_train_args(alloys_csv, 200), "--threads", "2", "--jobs", "2", "--verbose"]
+
+
 def _read_until(process: subprocess.Popen, *texts: str) -> list[str]:
     """Read stderr lines until each of ``texts`` has appeared in one."""
     lines, missing = [], set(texts)
@@ -154,10 +151,9 @@ def _read_until(process: subprocess.Popen, *texts: str) -> list[str]:
 @pytest.mark.parametrize(
     "signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"]
 )
-def test_interrupt_and_resume_match_serial(serial_run, data_csv, tmp_path, signum):
+def test_interrupt_and_resume_match_serial(serial_run, alloys_csv, tmp_path, signum):
     out = tmp_path / "run"
-    argv = [*_train_args(data_csv, 200), "--threads", "2", "--jobs", "2", "--verbose"]
-    process = _start_training([*argv, "--out", str(out)])
+    process = _start_training([*_parallel_args(alloys_csv), "--out", str(out)])
     try:
         # --verbose logs every epoch record that a member process reports.
         lines = _read_until(process, "member 1: epoch 3: ")
@@ -179,10 +175,9 @@ def test_interrupt_and_resume_match_serial(serial_run, data_csv, tmp_path, signu
     _same_members(serial_run, out)
 
 
-def test_members_stop_when_main_is_killed(data_csv, tmp_path):
+def test_members_stop_when_main_is_killed(alloys_csv, tmp_path):
     out = tmp_path / "run"
-    argv = [*_train_args(data_csv, 200), "--threads", "2", "--jobs", "2", "--verbose"]
-    process = _start_training([*argv, "--out", str(out)])
+    process = _start_training([*_parallel_args(alloys_csv), "--out", str(out)])
     try:
         # Both members are training (a member that is still starting when
         # the main process dies stops before it writes any file).
@@ -205,9 +200,17 @@ def test_members_stop_when_main_is_killed(data_csv, tmp_path):
         assert not (out / f"member{member}" / "model.pt").exists()
 
 
-def test_diverged_member_is_usage_error(data_csv, tmp_path, capsys):
+def test_diverged_member_is_usage_error(alloys_csv, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = [*_train_args(data_csv, 1), "--lr", "1e6", "--threads", "2", "--jobs", "2"]
+    argv = [
+        *_train_args(alloys_csv, 1),
+        "--lr",
+        "1e6",
+        "--threads",
+        "2",
+        "--jobs",
+        "2",
+    ]
     assert main([*argv, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "internal error" not in err
@@ -244,7 +247,7 @@ class _Progress:
         self.closed = True
 
 
-def _jobs(data_csv, tmp_path, count: int) -> list[dict]:
+def _jobs(alloys_csv, tmp_path, count: int) -> list[dict]:
     from dvmrl.featurize import featurize
 
     df = datasets.load("mp-formation-energy").sample(n=120, random_state=1)
@@ -268,9 +271,9 @@ def _jobs(data_csv, tmp_path, count: int) -> list[dict]:
     ]
 
 
-def test_train_members_reports_each_member(data_csv, tmp_path):
+def test_train_members_reports_each_member(alloys_csv, tmp_path):
     progress = _Progress()
-    jobs = _jobs(data_csv, tmp_path, 3)
+    jobs = _jobs(alloys_csv, tmp_path, 3)
     finished = _member_processes.train_members(jobs, 2, progress)
     assert sorted(finished) == [0, 1, 2]
     assert progress.started == [0, 1, 2]
@@ -279,8 +282,8 @@ def test_train_members_reports_each_member(data_csv, tmp_path):
         assert (tmp_path / f"member{member}" / "model.pt").is_file()
 
 
-def test_members_log_through_main(data_csv, tmp_path, caplog):
-    jobs = _jobs(data_csv, tmp_path, 2)
+def test_members_log_through_main(alloys_csv, tmp_path, caplog):
+    jobs = _jobs(alloys_csv, tmp_path, 2)
     _member_processes.train_members(jobs, 2, _Progress())
     # A second run finds the state files and logs that it resumes them.
     with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, "dvmrl"):
@@ -291,29 +294,29 @@ def test_members_log_through_main(data_csv, tmp_path, caplog):
         assert f"resuming {folder} after 2 epochs" in lines
 
 
-def test_interrupt_as_last_member_ends(data_csv, tmp_path):
+def test_interrupt_as_last_member_ends(alloys_csv, tmp_path):
     progress = _Progress(interrupt_at_end=True)
     with pytest.raises(KeyboardInterrupt):
-        _member_processes.train_members(_jobs(data_csv, tmp_path, 2), 2, progress)
+        _member_processes.train_members(_jobs(alloys_csv, tmp_path, 2), 2, progress)
     assert progress.closed
 
 
-def test_exception_in_member_reaches_caller(data_csv, tmp_path):
-    jobs = _jobs(data_csv, tmp_path, 2)
+def test_exception_in_member_reaches_caller(alloys_csv, tmp_path):
+    jobs = _jobs(alloys_csv, tmp_path, 2)
     jobs[1]["run_config"] = {**jobs[1]["run_config"], "model": {"hidden": -4}}
     with pytest.raises(ValueError, match="hidden") as raised:
         _member_processes.train_members(jobs, 2, _Progress())
     assert raised.value.member == 1
 
 
-def test_killed_member_is_reported(data_csv, tmp_path):
-    jobs = _jobs(data_csv, tmp_path, 2)
+def test_killed_member_is_reported(alloys_csv, tmp_path):
+    jobs = _jobs(alloys_csv, tmp_path, 2)
     failed = _member_processes.MemberFailed
     with pytest.raises(failed, match="member 1 ended with signal SIGKILL"):
         _member_processes.train_members(jobs, 2, _Progress(kill=1))
 
 
-def test_killed_member_exit_code(data_csv, tmp_path, capsys, monkeypatch):
+def test_killed_member_exit_code(alloys_csv, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     original = _member_processes.train_members
 
@@ -330,7 +333,7 @@ def test_killed_member_exit_code(data_csv, tmp_path, capsys, monkeypatch):
         return original(jobs, processes, Killing())
 
     monkeypatch.setattr(_member_processes, "train_members", kill_member_one)
-    argv = [*_train_args(data_csv, 200), "--threads", "2", "--jobs", "2"]
+    argv = [*_train_args(alloys_csv, 200), "--threads", "2", "--jobs", "2"]
     assert main([*argv, "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert "internal error" not in err
@@ -338,8 +341,14 @@ def test_killed_member_exit_code(data_csv, tmp_path, capsys, monkeypatch):
     assert f"continue with: dvmrl train --resume --out {out}" in err
 
 
-def test_jobs_must_be_positive(data_csv, tmp_path, capsys):
-    argv = [*_train_args(data_csv, 1), "--jobs", "0", "--out", str(tmp_path / "run")]
+def test_jobs_must_be_positive(alloys_csv, tmp_path, capsys):
+    argv = [
+        *_train_args(alloys_csv, 1),
+        "--jobs",
+        "0",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     with pytest.raises(SystemExit) as raised:
         main(argv)
     assert raised.value.code == 2
