@@ -23,6 +23,7 @@ its members, for a SIGINT sent to it alone.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import multiprocessing
 import os
@@ -76,6 +77,35 @@ class _QueueLogHandler(logging.Handler):
             self.handleError(record)
 
 
+class _QueueStream(io.TextIOBase):
+    """Standard error of a member process: sends each line to the main process.
+
+    The main process writes the lines above its progress bar, so a member's
+    message after Ctrl-C does not break the bar's line.
+    """
+
+    def __init__(self, messages, member: int) -> None:
+        super().__init__()
+        self.messages = messages
+        self.member = member
+        self.pending = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        while "\n" in self.pending:
+            line, self.pending = self.pending.split("\n", 1)
+            self.messages.put(("text", self.member, line))
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.messages.put(("text", self.member, self.pending))
+            self.pending = ""
+
+
 def _follow_parent(parent: int) -> None:
     """Make this member process stop when the main process ``parent`` ends.
 
@@ -127,6 +157,7 @@ def _member_process(job: dict[str, Any], messages) -> None:
     """Train one member (the target of a member process); exit with its outcome."""
     _interrupt_once()
     member = job["member"]
+    sys.stderr = _QueueStream(messages, member)
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -185,6 +216,7 @@ def _member_process(job: dict[str, Any], messages) -> None:
         # Flush the messages before the exit code becomes visible; an
         # interrupt from now on would only break the exit.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        sys.stderr.flush()
         messages.close()
         messages.join_thread()
     sys.exit(code)
@@ -255,6 +287,11 @@ def train_members(
         if kind == "log":
             level, name, text = payload
             logging.getLogger(name).log(level, "%s", text)
+            return
+        if kind == "text":
+            from tqdm import tqdm
+
+            tqdm.write(payload, file=sys.stderr)
             return
         if kind == "epoch":
             progress.epoch(member, payload)

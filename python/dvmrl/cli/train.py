@@ -863,9 +863,7 @@ def _format_optional(value) -> str:
 PROGRESS_LOG_SECONDS = 30
 
 
-def _progress_bar(
-    total: int, initial: int, enabled: bool = True, position: int | None = None
-):
+def _progress_bar(total: int, initial: int, enabled: bool = True):
     from tqdm import tqdm
 
     return tqdm(
@@ -875,8 +873,7 @@ def _progress_bar(
         file=sys.stderr,
         disable=not (enabled and sys.stderr.isatty()),
         dynamic_ncols=True,
-        leave=position is None,
-        position=position,
+        leave=True,
     )
 
 
@@ -884,23 +881,14 @@ class _EpochReporter:
     """Show a model's epochs: a progress bar, or without one a log line every 30 s.
 
     ``label`` names the ensemble member on the bar (None for a single
-    model); ``position`` is the bar's line when several members train at
-    once, and ``prefix`` starts the log lines (the serial loop prefixes
-    them with a log filter instead).
+    model); a log filter of the serial loop prefixes the log lines with it.
     """
 
     def __init__(
-        self,
-        total: int,
-        done: int,
-        label: str | None,
-        show_bar: bool,
-        position: int | None = None,
-        prefix: str = "",
+        self, total: int, done: int, label: str | None, show_bar: bool
     ) -> None:
         self.total = total
-        self.prefix = prefix
-        self.bar = _progress_bar(total, done, show_bar, position)
+        self.bar = _progress_bar(total, done, show_bar)
         if label is not None:
             self.bar.set_description(label)
         self.last_logged = time.monotonic()
@@ -915,15 +903,13 @@ class _EpochReporter:
             val_rmse=_format_optional(record.get("val_rmse")),
             val_mae=_format_optional(record.get("val_mae")),
         )
-        prefix = self.prefix
-        logger.debug("%sepoch %s: %s", prefix, record.get("epoch"), record)
+        logger.debug("epoch %s: %s", record.get("epoch"), record)
         now = time.monotonic()
         if self.bar.disable and now - self.last_logged >= PROGRESS_LOG_SECONDS:
             self.last_logged = now
             logger.info(
-                "%sepoch %s of at most %d: train loss %.4f, validation RMSE %s, "
+                "epoch %s of at most %d: train loss %.4f, validation RMSE %s, "
                 "MAE %s eV/atom",
-                prefix,
                 record.get("epoch"),
                 self.total,
                 record["train_loss"],
@@ -936,33 +922,54 @@ class _EpochReporter:
 
 
 class _MembersProgress:
-    """Progress of members that train in their own processes, drawn here."""
+    """Progress of members that train in their own processes, drawn here.
 
-    def __init__(self, total: int, show_bar: bool) -> None:
-        self.total = total
-        self.show_bar = show_bar
-        self.reporters: dict[int, _EpochReporter] = {}
+    One bar counts the epochs of all members against their maximum; a
+    member that stops early adds its remaining epochs when it finishes.
+    Without the bar, each member's epoch line is logged at most every
+    ``PROGRESS_LOG_SECONDS``.
+    """
 
-    def start(self, member: int, slot: int) -> None:
-        label = f"member {member}"
-        self.reporters[member] = _EpochReporter(
-            self.total,
-            0,
-            label,
-            self.show_bar,
-            position=slot,
-            prefix=f"{label}: ",
-        )
+    def __init__(self, members: int, epochs: int, show_bar: bool) -> None:
+        self.epochs = epochs
+        self.bar = _progress_bar(members * epochs, 0, show_bar)
+        self.bar.set_description(f"{members} members")
+        self.seen: dict[int, int] = {}
+        self.logged: dict[int, float] = {}
+
+    def start(self, member: int, slot: int) -> None:  # noqa: ARG002 - protocol
+        self.seen[member] = 0
+        self.logged[member] = time.monotonic()
 
     def epoch(self, member: int, record: dict) -> None:
-        reporter = self.reporters.get(member)
-        if reporter is not None:
-            reporter(record)
+        epoch = int(record["epoch"])
+        self.bar.update(max(0, epoch - self.seen.get(member, 0)))
+        self.seen[member] = epoch
+        self.bar.set_postfix(
+            member=member,
+            epoch=epoch,
+            val_mae=_format_optional(record.get("val_mae")),
+        )
+        logger.debug("member %d: epoch %s: %s", member, epoch, record)
+        now = time.monotonic()
+        if self.bar.disable and now - self.logged.get(member, 0.0) >= (
+            PROGRESS_LOG_SECONDS
+        ):
+            self.logged[member] = now
+            logger.info(
+                "member %d: epoch %d of at most %d: train loss %.4f, validation "
+                "RMSE %s, MAE %s eV/atom",
+                member,
+                epoch,
+                self.epochs,
+                record["train_loss"],
+                _format_optional(record.get("val_rmse")),
+                _format_optional(record.get("val_mae")),
+            )
 
     def finish(self, member: int, summary: dict) -> None:
-        reporter = self.reporters.pop(member, None)
-        if reporter is not None:  # None once close() ended the bars
-            reporter.close()
+        self.bar.update(max(0, self.epochs - self.seen.get(member, 0)))
+        self.seen[member] = self.epochs
         # The monitors are val_rmse and val_mae, in eV/atom.
         score = summary["monitor"].removeprefix("val_").upper()
         logger.info(
@@ -975,9 +982,7 @@ class _MembersProgress:
         )
 
     def close(self) -> None:
-        for reporter in self.reporters.values():
-            reporter.close()
-        self.reporters.clear()
+        self.bar.close()
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -1268,13 +1273,14 @@ def _train_in_processes(
     threads = max(1, total_threads // processes)
     if processes > total_threads:
         logger.warning(
-            "--jobs %d with %d thread%s: each member process still runs one "
-            "thread, so %d threads share the cores; pass --jobs %d or fewer",
+            "--jobs %d with --threads %d: each member process still runs one "
+            "thread, so %d threads share the cores; pass --jobs %d or fewer, "
+            "or --threads %d",
             processes,
             total_threads,
-            "" if total_threads == 1 else "s",
             processes,
             total_threads,
+            processes,
         )
     logger.info(
         "training %d members, %d at a time in their own processes with %d "
@@ -1285,7 +1291,7 @@ def _train_in_processes(
         "" if threads == 1 else "s",
     )
     progress = _MembersProgress(
-        int(run_config["train"]["epochs"]), show_bar=not args.no_progress
+        len(jobs), int(run_config["train"]["epochs"]), show_bar=not args.no_progress
     )
     try:
         # Log lines (this process's and the members') go above the bars.
