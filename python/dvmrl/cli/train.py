@@ -1115,7 +1115,7 @@ def run_train(args: argparse.Namespace) -> int:
                 "label": None if members == 1 else f"member {member}",
             }
         )
-    processes = _member_processes(args, len(jobs), device)
+    processes = _processes_at_once(args, len(jobs), device)
     if processes > 1:
         try:
             _train_in_processes(args, jobs, processes, run_config, out)
@@ -1232,7 +1232,7 @@ def _diverged_message(err, out: Path, label: str | None) -> str:
     )
 
 
-def _member_processes(args: argparse.Namespace, pending: int, device) -> int:
+def _processes_at_once(args: argparse.Namespace, pending: int, device) -> int:
     """Return how many members train at once, each in its own process.
 
     ``--jobs`` sets it; by default a CPU run trains as many members at once
@@ -1294,7 +1294,7 @@ def _train_in_processes(
         len(jobs), int(run_config["train"]["epochs"]), show_bar=not args.no_progress
     )
     try:
-        # Log lines (this process's and the members') go above the bars.
+        # Log lines (this process's and the members') go above the bar.
         with logging_redirect_tqdm(loggers=[logging.getLogger()]):
             return _member_processes.train_members(
                 [{**job, "threads": threads} for job in jobs], processes, progress
