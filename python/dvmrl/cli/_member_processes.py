@@ -4,15 +4,16 @@ On a CPU the members of an ensemble are independent trainings, and one
 member gains little from a second core. On a 2-core VM an epoch of the
 default model took 1.81 s on two threads and 1.74 s on one. Two members on
 one core each took 2.0-2.2 s per epoch, so the ensemble trained about 1.7
-times faster. The kernels give bitwise the same numbers
-for any thread count, so a member trained in its own process equals the
-one trained in the main process.
+times faster. The kernels give bitwise the same numbers for any thread
+count, so a member trained in its own process equals the one trained in
+the main process.
 
 Each process trains one member with ``dvmrl.cli.train._fit_member``, writes
 its ``model.pt`` and ``last.pt`` as the serial loop does, and sends its
-epoch records to the main process, which draws the progress. Processes
-start with the ``spawn`` method: forking a process whose PyTorch thread
-pools are running is unsafe.
+epoch records, log records and standard error to the main process, which
+draws the progress bar and writes the lines above it. Processes start with
+the ``spawn`` method, because forking a process whose PyTorch thread pools
+are running is unsafe.
 
 Ctrl-C reaches every process of the terminal's process group. A member
 process saves the state of its last finished epoch, as a serial run does,
