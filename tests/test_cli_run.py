@@ -4,27 +4,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-import dvmrl
+from child_env import child_environment
 from dvmrl.agent import PRETRAINED_AGENT
 from dvmrl.cli import main
 from dvmrl.cli import run as run_cli
 from tiny_run import TINY
 
 TINY_BUDGET = TINY.to_dict()
-
-
-def environment():
-    # The subprocesses import the same dvmrl as the tests: the source tree
-    # under PYTHONPATH=python, or the installed package in CI.
-    env = dict(os.environ)
-    package_root = str(Path(dvmrl.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_WAIT_POLICY"] = "PASSIVE"
-    return env
 
 
 def command(*args):
@@ -56,7 +45,7 @@ def test_quick_smoke(workdir, agent_args):
     started = time.perf_counter()
     result = subprocess.run(
         command("--budget", "quick", "--out", str(out), *agent_args),
-        env=environment(),
+        env=child_environment(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -88,7 +77,7 @@ def run_until(cmd, out, unit, count, sig):
     """Start ``cmd`` and send ``sig`` once ``unit`` has ``count`` trials or steps."""
     process = subprocess.Popen(
         cmd,
-        env=environment(),
+        env=child_environment(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         preexec_fn=_default_sigint,
@@ -131,7 +120,7 @@ def test_kill_and_resume_matches(workdir, budget_file, agent_args):
     reference = workdir / "reference"
     result = subprocess.run(
         command(*base, "--out", str(reference)),
-        env=environment(),
+        env=child_environment(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -152,7 +141,7 @@ def test_kill_and_resume_matches(workdir, budget_file, agent_args):
     assert sent
     assert code == 130, stderr[-2000:]
     final = subprocess.run(
-        resume, env=environment(), capture_output=True, text=True, timeout=300
+        resume, env=child_environment(), capture_output=True, text=True, timeout=300
     )
     assert final.returncode == 0, final.stderr[-2000:]
 
@@ -377,7 +366,9 @@ def test_small_data_warns_about_winners(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 0, err
     assert "warning: a test part has only" in err
-    assert "Test parts: 8 compositions (random split)" in (out / "report.md").read_text()
+    assert (
+        "Test parts: 8 compositions (random split)" in (out / "report.md").read_text()
+    )
 
 
 def test_summary_line_names_methods():

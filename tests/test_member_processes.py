@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 
+from child_env import child_environment
 from dvmrl import datasets
 from dvmrl.cli import _member_processes, main
 from dvmrl.training import load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--hidden", "8", "--layers", "1", "--batch-size", "16"]
 
 
@@ -58,15 +58,6 @@ def _same_members(first: Path, second: Path) -> None:
     metrics = [json.loads((o / "metrics.json").read_text()) for o in (first, second)]
     for key in ("rmse", "mae", "member_metrics"):
         assert metrics[0][key] == metrics[1][key]
-
-
-def _environment() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT / "python"), *filter(None, [env.get("PYTHONPATH")])]
-    )
-    env["OMP_WAIT_POLICY"] = "PASSIVE"
-    return env
 
 
 def _default_sigint() -> None:
@@ -127,7 +118,7 @@ def _start_training(argv: list[str]) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env=_environment(),
+        env=child_environment(),
         preexec_fn=_default_sigint,
     )
 
