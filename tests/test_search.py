@@ -122,8 +122,8 @@ def test_bayesian_replay_proposes_same_next_point():
 
 def test_bayesian_improves_on_random():
     # With the GP surrogate, the best value over 20 trials beats random
-    # search's on a smooth bowl for most seeds. With 12 trials it did not:
-    # seeds 0-7 gave 2 wins on an Intel Xeon VM (6 with 20 trials).
+    # search's on a smooth bowl for most seeds. With 12 trials it won for 2
+    # of 8 seeds on an Intel Xeon VM, and with 20 trials for 6 of 8.
     wins = 0
     for seed in range(5):
         bayes, _, _ = search("bayesian", total=80, seed=seed)

@@ -159,8 +159,8 @@ def test_other_seed_differs(data):
 @pytest.mark.parametrize("use_fused", [False, True])
 def test_thread_count_bitwise(data, use_fused):
     # The fused path must match bit for bit. The reference path inherits
-    # PyTorch's CPU kernels, which split some products by the thread count:
-    # on an AMD EPYC VM these weights matched, on an Intel Xeon VM they
+    # PyTorch's CPU kernels, whose results can depend on the thread count.
+    # On an AMD EPYC VM these weights matched, and on an Intel Xeon VM they
     # differed by up to 1.3e-5 after two epochs.
     previous = dvmrl.get_num_threads()
     results = []
