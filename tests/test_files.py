@@ -110,3 +110,26 @@ def test_read_only_folder_named(tmp_path):
     finally:
         folder.chmod(0o700)
     assert caught.value.filename == str(folder)
+
+
+def test_json_ready_converts_for_strict_json(tmp_path):
+    import json
+    import math
+
+    import numpy as np
+
+    value = {
+        1: [float("nan"), math.inf, 0.5],
+        "array": np.array([1.0, np.nan]),
+        "scalars": (np.int64(3), np.float32(0.25), np.bool_(True)),
+        "path": tmp_path,
+    }
+    ready = _files.json_ready(value)
+    assert ready == {
+        "1": [None, None, 0.5],
+        "array": [1.0, None],
+        "scalars": [3, 0.25, True],
+        "path": str(tmp_path),
+    }
+    assert type(ready["scalars"][0]) is int
+    json.dumps(ready, allow_nan=False)

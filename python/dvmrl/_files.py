@@ -1,7 +1,8 @@
-"""Atomic file writes and file-type checks, shared by the modules that use files."""
+"""Atomic file writes, strict JSON values and file-type checks, shared by modules."""
 
 from __future__ import annotations
 
+import math
 import os
 import pickletools
 import tempfile
@@ -9,6 +10,30 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
+
+import numpy as np
+
+
+def json_ready(value: Any) -> Any:
+    """Return ``value`` converted for strict JSON.
+
+    NaN and infinities become None, because ``json.dumps(...,
+    allow_nan=False)`` rejects them. NumPy arrays and scalars become Python
+    lists and numbers, paths become strings and dict keys become strings.
+    """
+    if isinstance(value, dict):
+        return {str(key): json_ready(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return json_ready(value.tolist())
+    if isinstance(value, np.generic):
+        return json_ready(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
 def write_atomic(

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from dvmrl._files import json_ready
+
 logger = logging.getLogger(__name__)
 
 KINDS = ("kfold", "chemsys")
@@ -180,7 +182,7 @@ class CrossValResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict; NaN and infinite numbers become ``None``."""
-        return _json_safe(
+        return json_ready(
             {
                 "kind": self.kind,
                 "n_folds": self.n_folds,
@@ -201,18 +203,6 @@ class CrossValResult:
                     f"  {name:<10} {self.mean[name]:.4f} +- {self.std[name]:.4f}"
                 )
         return "\n".join(lines)
-
-
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    return value
 
 
 def cross_validate(

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from dvmrl._files import write_text_atomic
+from dvmrl._files import json_ready, write_text_atomic
 from dvmrl.metrics import DEFAULT_TOLERANCE
 
 logger = logging.getLogger(__name__)
@@ -357,26 +357,11 @@ def write_report(out_dir: str | os.PathLike) -> dict[str, Any]:
     report = build_report(out_dir)
     figures = write_figures(out_dir, report)
     report["figures"] = figures
-    text = json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n"
+    text = json.dumps(json_ready(report), indent=2, allow_nan=False) + "\n"
     write_text_atomic(out_dir / "report.json", text)
     write_text_atomic(out_dir / "report.md", render_markdown(report))
     logger.info("wrote %s and %s", out_dir / "report.json", out_dir / "report.md")
     return report
-
-
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
 
 
 def _format(value, digits: int = 4) -> str:

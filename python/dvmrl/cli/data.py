@@ -9,6 +9,7 @@ import math
 import sys
 import traceback
 
+from dvmrl._files import json_ready
 from dvmrl.cli._common import (
     ALLOY_NOTATION_RULES,
     EXIT_FAILURE,
@@ -235,17 +236,7 @@ def _resolve(args: argparse.Namespace, hume_rothery: bool | None = None):
 
 def _json_text(payload) -> str:
     """Format ``payload`` as strict JSON, with NaN and infinities as null."""
-    return json.dumps(_finite_or_none(payload), indent=2, allow_nan=False)
-
-
-def _finite_or_none(value):
-    if isinstance(value, dict):
-        return {key: _finite_or_none(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(item) for item in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+    return json.dumps(json_ready(payload), indent=2, allow_nan=False)
 
 
 def run_list(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from dvmrl._files import write_text_atomic
+from dvmrl._files import json_ready, write_text_atomic
 from dvmrl.cli._common import (
     ALLOY_NOTATION_RULES,
     UsageError,
@@ -473,25 +473,8 @@ def _add_predict_parser(subparsers) -> None:
 
 
 def _write_json_atomic(path: Path, payload: Any) -> None:
-    text = json.dumps(_json_ready(payload), indent=2, sort_keys=True, allow_nan=False)
+    text = json.dumps(json_ready(payload), indent=2, sort_keys=True, allow_nan=False)
     write_text_atomic(path, text + "\n")
-
-
-def _json_ready(value: Any) -> Any:
-    """Make a value JSON-serialisable: NaN/inf become None, numpy becomes Python."""
-    if isinstance(value, dict):
-        return {str(key): _json_ready(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(item) for item in value]
-    if isinstance(value, np.ndarray):
-        return _json_ready(value.tolist())
-    if isinstance(value, np.generic):
-        return _json_ready(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 # ----------------------------------------------------------------------------
@@ -1059,7 +1042,7 @@ def run_train(args: argparse.Namespace) -> int:
     if threshold is None:
         threshold = float(info.get("stability_threshold", 0.0))
     # Trainer.save adds the software provenance and the training domain.
-    metadata = _json_ready(
+    metadata = json_ready(
         {
             "data": run_config["data"],
             "data_info": info,
@@ -1351,7 +1334,7 @@ def _member_metadata(metadata: dict, df, split, seed: int, pools: dict) -> dict:
 
     ``pools`` is ``_pool_compositions`` of that division.
     """
-    return _json_ready(
+    return json_ready(
         {
             **metadata,
             "split_fingerprint": split.fingerprint(),
@@ -1376,7 +1359,7 @@ def _ensemble_pool_metadata(metadata: dict, df, splits, pools: list) -> dict:
     training = set().union(*(pool["training_compositions"] for pool in pools))
     validation = set().union(*(pool["validation_compositions"] for pool in pools))
     n_elements = df["n_elements"].to_numpy()
-    return _json_ready(
+    return json_ready(
         {
             **metadata,
             "member_divisions": "own",

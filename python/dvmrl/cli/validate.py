@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from dvmrl._files import write_text_atomic
+from dvmrl._files import json_ready, write_text_atomic
 from dvmrl.cli._common import (
     UsageError,
     add_compute_options,
@@ -444,27 +444,13 @@ def _vulnerable_plot(rows: list[dict], epsilon: float, path: Path) -> None:
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
-    text = json.dumps(_json_ready(payload), indent=2, sort_keys=True, allow_nan=False)
+    text = json.dumps(json_ready(payload), indent=2, sort_keys=True, allow_nan=False)
     write_text_atomic(path, text + "\n")
-
-
-def _json_ready(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(key): _json_ready(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_ready(item) for item in value]
-    if isinstance(value, np.ndarray):
-        return _json_ready(value.tolist())
-    if isinstance(value, np.generic):
-        return _json_ready(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _records(frame) -> list[dict]:
     return [
-        {key: _json_ready(value) for key, value in row.items()}
+        {key: json_ready(value) for key, value in row.items()}
         for row in frame.to_dict(orient="records")
     ]
 
