@@ -71,7 +71,7 @@ def fifo_reader(tmp_path):
 
 @pytest.fixture(scope="session")
 def alloys_csv(tmp_path_factory):
-    """Write a CSV of 240 random compositions of mp-formation-energy; return its path.
+    """Write a CSV of 240 random compositions of mp-formation-energy, return its path.
 
     The ensemble tests train several small members on it.
     """

@@ -1,7 +1,7 @@
 """Ensemble members trained in their own processes (dvmrl train --jobs).
 
 The member processes are real spawned Python processes that import dvmrl
-and train with the compiled core; nothing here is mocked across the
+and train with the compiled core. Nothing here is mocked across the
 process boundary.
 """
 
@@ -62,7 +62,7 @@ def _same_members(first: Path, second: Path) -> None:
 
 def _default_sigint() -> None:
     # A test runner started without job control ignores SIGINT, and a child
-    # would inherit that; the command must see Ctrl-C as a terminal sends it.
+    # would inherit that. The command must see Ctrl-C as a terminal sends it.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
@@ -219,7 +219,7 @@ class _Progress:
         self.finished: list[int] = []
         self.closed = False
 
-    def start(self, member: int, slot: int) -> None:
+    def start(self, member: int) -> None:
         self.started.append(member)
         if member == self.kill:
             processes = _member_processes.multiprocessing.active_children()
@@ -317,9 +317,9 @@ def test_killed_member_exit_code(alloys_csv, tmp_path, capsys, monkeypatch):
             def __getattr__(self, name):
                 return getattr(progress, name)
 
-            def start(self, member, slot):
-                progress.start(member, slot)
-                _Progress(kill=1).start(member, slot)
+            def start(self, member):
+                progress.start(member)
+                _Progress(kill=1).start(member)
 
         return original(jobs, processes, Killing())
 

@@ -8,10 +8,10 @@ times faster. The kernels give bitwise the same numbers for any thread
 count, so a member trained in its own process equals the one trained in
 the main process.
 
-Each process trains one member with ``dvmrl.cli.train._fit_member``, writes
-its ``model.pt`` and ``last.pt`` as the serial loop does, and sends its
-epoch records, log records and standard error to the main process, which
-draws the progress bar and writes the lines above it. Processes start with
+Each process trains one member with ``dvmrl.cli.train._fit_member`` and
+writes its ``model.pt`` and ``last.pt`` as the serial loop does. It sends
+its epoch records, log records and standard error to the main process,
+which draws the progress bar and writes the lines above it. Processes start with
 the ``spawn`` method, because forking a process whose PyTorch thread pools
 are running is unsafe.
 
@@ -53,8 +53,9 @@ STOP_SECONDS = 60.0
 class MemberFailed(ChildProcessError):
     """A member process that ended without a result or an exception to report.
 
-    The system killed it (out of memory, or a signal from outside), so the
-    CLI reports an environment failure (exit code 1) and not a bug.
+    Something outside dvmrl killed it, such as the kernel when memory ran
+    out or a signal, so the CLI reports an environment failure (exit code 1)
+    and not a bug.
     """
 
 
@@ -62,7 +63,7 @@ class _QueueLogHandler(logging.Handler):
     """Log handler of a member process: sends each record to the main process.
 
     The main process logs it through its own handlers, which write above
-    its progress bars instead of across them.
+    its progress bar instead of across it.
     """
 
     def __init__(self, messages, member: int) -> None:
@@ -155,7 +156,7 @@ def _portable_error(err: BaseException) -> BaseException:
 
 
 def _member_process(job: dict[str, Any], messages) -> None:
-    """Train one member (the target of a member process); exit with its outcome."""
+    """Train one member and exit with its outcome (the target of a member process)."""
     _interrupt_once()
     member = job["member"]
     sys.stderr = _QueueStream(messages, member)
@@ -204,8 +205,8 @@ def _member_process(job: dict[str, Any], messages) -> None:
             messages.put(("done", member, summary))
             code = EXIT_DONE
     except KeyboardInterrupt:
-        # Ctrl-C outside the epochs (while PyTorch loads or a file is
-        # written): the state file contains the last finished epoch.
+        # Ctrl-C outside the epochs, such as while PyTorch loads or a file is
+        # written. The state file contains the last finished epoch.
         messages.put(("interrupted", member, None))
         code = EXIT_INTERRUPTED
     except BaseException as err:  # noqa: BLE001 - reported to the main process
@@ -214,7 +215,7 @@ def _member_process(job: dict[str, Any], messages) -> None:
         messages.put(("error", member, _portable_error(err)))
         code = EXIT_FAILED
     finally:
-        # Flush the messages before the exit code becomes visible; an
+        # Flush the messages before the exit code becomes visible. An
         # interrupt from now on would only break the exit.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         sys.stderr.flush()
@@ -253,7 +254,7 @@ def train_members(
             thread count of its process), as ``_fit_member`` takes them.
         processes: the maximum number of member processes running at once, at
             least 1.
-        progress: an object with ``start(member, slot)``, ``epoch(member,
+        progress: an object with ``start(member)``, ``epoch(member,
             record)``, ``finish(member, summary)`` and ``close()``, called in
             this process.
 
@@ -276,7 +277,6 @@ def train_members(
     pending = list(jobs)
     folders = {job["member"]: job["folder"] for job in jobs}
     running: dict[int, Any] = {}
-    slots: dict[int, int] = {}
     reported: set[int] = set()
     finished: list[int] = []
     failure: BaseException | None = None
@@ -356,8 +356,6 @@ def train_members(
 
     def start(job: dict[str, Any]) -> None:
         member = job["member"]
-        slot = min(set(range(processes)) - {slots[m] for m in running})
-        slots[member] = slot
         process = context.Process(
             target=_member_process,
             args=({**job, "log_level": log_level, "parent": os.getpid()}, messages),
@@ -372,7 +370,7 @@ def train_members(
         finally:
             signal.signal(signal.SIGINT, previous)
         running[member] = process
-        progress.start(member, slot)
+        progress.start(member)
 
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:

@@ -863,8 +863,8 @@ def _progress_bar(total: int, initial: int, enabled: bool = True):
 class _EpochReporter:
     """Show a model's epochs: a progress bar, or without one a log line every 30 s.
 
-    ``label`` names the ensemble member on the bar (None for a single
-    model); a log filter of the serial loop prefixes the log lines with it.
+    ``label`` names the ensemble member on the bar, and is None for a single
+    model. A log filter of the serial loop prefixes the log lines with it.
     """
 
     def __init__(
@@ -890,18 +890,23 @@ class _EpochReporter:
         now = time.monotonic()
         if self.bar.disable and now - self.last_logged >= PROGRESS_LOG_SECONDS:
             self.last_logged = now
-            logger.info(
-                "epoch %s of at most %d: train loss %.4f, validation RMSE %s, "
-                "MAE %s eV/atom",
-                record.get("epoch"),
-                self.total,
-                record["train_loss"],
-                _format_optional(record.get("val_rmse")),
-                _format_optional(record.get("val_mae")),
-            )
+            _log_epoch_line("", record, self.total)
 
     def close(self) -> None:
         self.bar.close()
+
+
+def _log_epoch_line(prefix: str, record: dict, total: int) -> None:
+    """Log an epoch's training loss and validation errors, for runs without a bar."""
+    logger.info(
+        "%sepoch %s of at most %d: train loss %.4f, validation RMSE %s, MAE %s eV/atom",
+        prefix,
+        record.get("epoch"),
+        total,
+        record["train_loss"],
+        _format_optional(record.get("val_rmse")),
+        _format_optional(record.get("val_mae")),
+    )
 
 
 class _MembersProgress:
@@ -920,7 +925,7 @@ class _MembersProgress:
         self.seen: dict[int, int] = {}
         self.logged: dict[int, float] = {}
 
-    def start(self, member: int, slot: int) -> None:  # noqa: ARG002 - protocol
+    def start(self, member: int) -> None:
         self.seen[member] = 0
         self.logged[member] = time.monotonic()
 
@@ -939,16 +944,7 @@ class _MembersProgress:
             PROGRESS_LOG_SECONDS
         ):
             self.logged[member] = now
-            logger.info(
-                "member %d: epoch %d of at most %d: train loss %.4f, validation "
-                "RMSE %s, MAE %s eV/atom",
-                member,
-                epoch,
-                self.epochs,
-                record["train_loss"],
-                _format_optional(record.get("val_rmse")),
-                _format_optional(record.get("val_mae")),
-            )
+            _log_epoch_line(f"member {member}: ", record, self.epochs)
 
     def finish(self, member: int, summary: dict) -> None:
         self.bar.update(max(0, self.epochs - self.seen.get(member, 0)))
@@ -1218,10 +1214,10 @@ def _diverged_message(err, out: Path, label: str | None) -> str:
 def _processes_at_once(args: argparse.Namespace, pending: int, device) -> int:
     """Return how many members train at once, each in its own process.
 
-    ``--jobs`` sets it; by default a CPU run trains as many members at once
-    as it has threads (at most the members left to train), and a CUDA run
-    one at a time. One means the members train one after another in this
-    process.
+    ``--jobs`` sets it. By default a CPU run trains as many members at once
+    as it has threads, at most the members left to train, and a CUDA run
+    trains one at a time. One means that the members train one after
+    another in this process.
     """
     import torch
 
@@ -1236,8 +1232,8 @@ def _processes_at_once(args: argparse.Namespace, pending: int, device) -> int:
 
 def _train_in_processes(
     args: argparse.Namespace, jobs: list[dict], processes: int, run_config: dict, out
-) -> list[int]:
-    """Train ``jobs`` in ``processes`` member processes; return the members finished.
+) -> None:
+    """Train ``jobs`` in ``processes`` member processes.
 
     The threads of this process are shared out: each member process gets
     threads // processes of them, at least one.
@@ -1279,7 +1275,7 @@ def _train_in_processes(
     try:
         # Log lines (this process's and the members') go above the bar.
         with logging_redirect_tqdm(loggers=[logging.getLogger()]):
-            return _member_processes.train_members(
+            _member_processes.train_members(
                 [{**job, "threads": threads} for job in jobs], processes, progress
             )
     except _member_processes.MemberFailed as err:
@@ -1451,8 +1447,8 @@ def _fit_member(
     else:
         close = _no_op
     # Trainer.fit reports an epoch after it has written the epoch's state, so
-    # the last epoch reported is the one that a resumed run continues from;
-    # trainer.epochs_done already counts an epoch whose state Ctrl-C stopped.
+    # a resumed run continues from the last epoch reported. trainer.epochs_done
+    # would also count an epoch whose state Ctrl-C stopped.
     saved = [int(trainer.epochs_done)]
 
     def report_saved(record: dict) -> None:
