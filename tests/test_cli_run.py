@@ -379,3 +379,33 @@ def test_summary_line_names_methods():
     assert run_cli._describe(win) == "DQN agent wins"
     none = {"winner": None, "tie": False, "tied_with": []}
     assert run_cli._describe(none) == "n/a"
+
+
+def test_csv_with_other_column_names(tmp_path, capsys):
+    """The run records --formula-column and --target-column for --resume."""
+    import pandas as pd
+
+    data = sample_csv(tmp_path / "small.csv", 80)
+    renamed = tmp_path / "renamed.csv"
+    pd.read_csv(data).rename(
+        columns={"formula": "composition", "target": "e_form"}
+    ).to_csv(renamed, index=False)
+    budget = tmp_path / "budget.json"
+    budget.write_text(json.dumps(TINY_BUDGET))
+    out = tmp_path / "run"
+    argv = [
+        "run", "--budget", str(budget), "--data", str(renamed), "--methods", "random",
+        "--no-progress", "--threads", "1", "--out", str(out),
+    ]
+    assert main(argv) == 2
+    assert "--formula-column and --target-column" in capsys.readouterr().err
+    columns = ["--formula-column", "composition", "--target-column", "e_form"]
+    assert main([*argv, *columns]) == 0, capsys.readouterr().err
+    run = json.loads((out / "run.json").read_text())
+    assert (run["formula_column"], run["target_column"]) == ("composition", "e_form")
+    before = (out / "report.json").read_text()
+    code = main(["run", "--out", str(out), "--resume", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((out / "report.json").read_text())["results"] == json.loads(
+        before
+    )["results"]

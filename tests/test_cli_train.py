@@ -951,3 +951,65 @@ def test_predict_output_keeps_input_columns(trained, tmp_path):
     # The input's "composition" would clash with the predictions' own column.
     assert table["composition_input"].tolist() == ["cast", "milled"]
     assert table["composition"].tolist()[0] == "Al0.75Ni0.25"
+
+
+def test_csv_with_other_column_names(tmp_path, data_csv, capsys):
+    """Train, evaluate and resume on a CSV whose columns have other names.
+
+    The run and the checkpoint record the names, so evaluate and --resume
+    read the same file without the options.
+    """
+    frame = pd.read_csv(data_csv).rename(
+        columns={"formula": "composition", "target": "e_form"}
+    )
+    frame["note"] = "made up"
+    path = tmp_path / "renamed.csv"
+    frame[["note", "e_form", "composition"]].to_csv(path, index=False)
+    out = tmp_path / "run"
+    columns = ["--formula-column", "composition", "--target-column", "e_form"]
+    args = ["--data", str(path), "--epochs", "1", *TINY, "--out", str(out)]
+    assert main(["train", *args, *columns]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert (run["formula_column"], run["target_column"]) == ("composition", "e_form")
+    metrics = json.loads((out / "metrics.json").read_text())
+
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "model.pt"), "--out", str(tmp_path)]) == 0
+    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+    assert evaluation["rmse"] == pytest.approx(metrics["rmse"], rel=1e-5)
+
+    assert main(["train", "--resume", "--out", str(out)]) == 0
+    assert "is complete" in capsys.readouterr().out
+    code = main(["train", "--resume", "--target-column", "target", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--target-column 'target' (the run in" in err
+    assert "used 'e_form'" in err
+
+
+def test_csv_column_names_needed(tmp_path, data_csv, capsys):
+    """Without the options the error names the missing columns and the options."""
+    path = tmp_path / "renamed.csv"
+    pd.read_csv(data_csv).rename(columns={"target": "e_form"}).to_csv(path, index=False)
+    code = main(["train", "--data", str(path), *TINY, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "no column(s) 'target'" in err
+    assert "--formula-column and --target-column" in err
+    assert not (tmp_path / "out" / "run.json").exists()
+
+
+def test_resume_run_without_column_fields(trained, tmp_path, capsys):
+    """A run.json from before the column options reads the default columns."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(trained, copy)
+    run = json.loads((copy / "run.json").read_text())
+    del run["formula_column"], run["target_column"]
+    (copy / "run.json").write_text(json.dumps(run))
+    code = main(
+        ["train", "--resume", "--formula-column", "formula", "--out", str(copy)]
+    )
+    assert code == 0
+    assert "is complete" in capsys.readouterr().out

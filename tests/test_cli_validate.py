@@ -226,3 +226,36 @@ def test_validate_help_names_values(capsys):
     assert "--data NAME|PATH.csv" in text
     assert "--split {random,chemsys,element,binary-to-ternary}" in text
     assert "--holdout-element X" in text
+
+
+def test_validate_csv_with_other_column_names(checkpoint, tmp_path, capsys):
+    import pandas as pd
+
+    original = checkpoint.parent / "alloys.csv"
+    renamed = tmp_path / "renamed.csv"
+    pd.read_csv(original).rename(
+        columns={"formula": "composition", "target": "e_form"}
+    ).to_csv(renamed, index=False)
+    base = ["validate", str(checkpoint), "--data", str(renamed), *FAST]
+    code = main([*base, "--out", str(tmp_path / "without")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "no column(s) 'formula', 'target'" in err
+    assert "--formula-column and --target-column" in err
+    columns = ["--formula-column", "composition", "--target-column", "e_form"]
+    code = main([*base, *columns, "--out", str(tmp_path / "with")])
+    assert code == 0
+    assert (tmp_path / "with" / "report.json").is_file()
+
+
+def test_validate_own_data_by_relative_path(checkpoint, tmp_path, capsys, monkeypatch):
+    """The checkpoint's data file named by a relative path is its own data."""
+    monkeypatch.chdir(checkpoint.parent)
+    code = main(
+        [
+            "validate", str(checkpoint), "--data", "alloys.csv",
+            "--out", str(tmp_path), *FAST,
+        ]
+    )
+    assert code == 0
+    assert "may share rows" not in capsys.readouterr().err

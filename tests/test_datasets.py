@@ -433,9 +433,9 @@ def test_load_csv_column_message_names_real_options(tmp_path):
     with pytest.raises(ValueError) as caught:
         datasets.load_csv(path)
     message = str(caught.value)
-    assert "dvmrl data info and dvmrl data split take other names" in message
+    assert "name its formula and target columns with" in message
     assert "--formula-column and --target-column" in message
-    assert "predict" not in message
+    assert "rename them to 'formula' and 'target'" in message
 
 
 @pytest.mark.parametrize(

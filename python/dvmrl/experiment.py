@@ -351,6 +351,8 @@ class RunSpec:
 
     Attributes:
         data: vendored data set name or CSV path.
+        formula_column: formula column of a CSV file.
+        target_column: target column of a CSV file (eV/atom).
         preset: the budget.
         seeds: the seeds, one search per method and seed.
         methods: method names, a subset of ``METHODS``.
@@ -360,6 +362,8 @@ class RunSpec:
     """
 
     data: str = DEFAULT_DATA
+    formula_column: str = "formula"
+    target_column: str = "target"
     preset: Preset = field(default_factory=lambda: PRESETS["small"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     methods: list[str] = field(default_factory=lambda: list(METHODS))
@@ -477,13 +481,20 @@ class Pools:
     val_size: int
 
 
-def load_data(data: str):
-    """Load a vendored data set by name or a user's CSV; return (df, info)."""
+def load_data(
+    data: str, formula_column: str = "formula", target_column: str = "target"
+):
+    """Load a vendored data set by name or a user's CSV; return (df, info).
+
+    ``formula_column`` and ``target_column`` name the columns of a CSV file.
+    """
     from dvmrl import datasets
 
     resolve = getattr(datasets, "resolve_data", None)
     if resolve is not None:
-        df, info = resolve(data)
+        df, info = resolve(
+            data, formula_column=formula_column, target_column=target_column
+        )
     elif data in datasets.list_datasets():
         df, info = datasets.load(data), datasets.dataset_info(data)
     else:
@@ -1021,7 +1032,9 @@ class Experiment:
                 "it is not "
                 "a dvmrl run folder, so choose another --out"
             )
-        self.df, self.data_info = load_data(self.spec.data)
+        self.df, self.data_info = load_data(
+            self.spec.data, self.spec.formula_column, self.spec.target_column
+        )
         self._check_data_size()
         if "agent" in self.spec.methods:
             # Fail before any work when the agent file is missing or invalid.
@@ -1045,6 +1058,8 @@ class Experiment:
                 "format": "dvmrl-run",
                 "signature": signature,
                 "data": self.spec.data,
+                "formula_column": self.spec.formula_column,
+                "target_column": self.spec.target_column,
                 "data_info": finite_or_none(self.data_info),
                 "command_line": self.command_line,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -224,3 +224,54 @@ def check_output_file(path: Path, option: str) -> None:
             f"{path / 'predictions.csv'}"
         )
     check_output_folder(path.parent, option, reported_path=path)
+
+
+def add_csv_column_options(
+    parser: argparse.ArgumentParser, default_note: str = ""
+) -> None:
+    """Add --formula-column and --target-column for a CSV given as --data.
+
+    Both default to None, so that :func:`csv_columns` can tell an option
+    given from one left out. ``default_note`` goes before the default name
+    in the help, such as "the checkpoint's for its own data, else ".
+    """
+    for option, column in (
+        ("--formula-column", "formula"),
+        ("--target-column", "target"),
+    ):
+        unit = " (eV/atom)" if column == "target" else ""
+        parser.add_argument(
+            option,
+            default=None,
+            metavar="NAME",
+            help=f"{column}{unit} column of a CSV --data file; default: "
+            f"{default_note}{column}",
+        )
+
+
+def csv_columns(
+    settings: dict, args: argparse.Namespace | None = None
+) -> dict[str, str]:
+    """Return the CSV column names as keywords of ``dvmrl.datasets.resolve_data``.
+
+    Each name is the option given in ``args``, else the one stored in
+    ``settings`` (a run configuration or checkpoint metadata), else the
+    default, "formula" or "target". Runs from before the column options
+    stored no names, so they get the defaults.
+    """
+    columns = {}
+    for key, default in (("formula_column", "formula"), ("target_column", "target")):
+        given = getattr(args, key, None) if args is not None else None
+        columns[key] = given or settings.get(key) or default
+    return columns
+
+
+def data_reference(source: str) -> str:
+    """Return a CSV path absolute, so a checkpoint finds its data from any folder.
+
+    A vendored data set name is returned as given.
+    """
+    path = Path(source)
+    if path.suffix.lower() in (".csv", ".gz") or path.exists():
+        return str(path.resolve())
+    return source

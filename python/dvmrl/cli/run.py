@@ -14,6 +14,7 @@ from pathlib import Path
 from dvmrl.cli._common import (
     UsageError,
     add_compute_options,
+    add_csv_column_options,
     path_text,
     positive_int,
     setup_compute,
@@ -70,6 +71,7 @@ def add_parser(subparsers) -> None:
         help=f"vendored data set name or a CSV file with formula and target columns; "
         f"default: {DEFAULT_DATA}",
     )
+    add_csv_column_options(parser, "the resumed run's, else ")
     parser.add_argument(
         "--budget",
         default=None,
@@ -178,7 +180,12 @@ def _recorded_run(out_dir: Path) -> dict | None:
         recorded.get("signature"), dict
     ):
         return None
-    return {"data": recorded.get("data"), **recorded["signature"]}
+    return {
+        "data": recorded.get("data"),
+        "formula_column": recorded.get("formula_column"),
+        "target_column": recorded.get("target_column"),
+        **recorded["signature"],
+    }
 
 
 def _fill_defaults(args: argparse.Namespace) -> None:
@@ -189,6 +196,9 @@ def _fill_defaults(args: argparse.Namespace) -> None:
     if recorded is not None:
         if args.data is None:
             args.data = recorded.get("data")
+        for key in ("formula_column", "target_column"):
+            if getattr(args, key) is None:
+                setattr(args, key, recorded.get(key))
         if args.budget is None and isinstance(recorded.get("preset"), dict):
             try:
                 args.budget = Preset.from_dict(recorded["preset"])
@@ -203,6 +213,8 @@ def _fill_defaults(args: argparse.Namespace) -> None:
         if args.agent_learn is None:
             args.agent_learn = bool(recorded.get("agent_learn"))
     args.data = DEFAULT_DATA if args.data is None else args.data
+    args.formula_column = args.formula_column or "formula"
+    args.target_column = args.target_column or "target"
     args.budget = "small" if args.budget is None else args.budget
     args.methods = list(METHODS) if args.methods is None else args.methods
     args.agent_learn = bool(args.agent_learn)
@@ -231,6 +243,8 @@ def run(args: argparse.Namespace) -> int:
         seeds = list(range(args.seeds if args.seeds is not None else preset.seeds))
     spec = RunSpec(
         data=args.data,
+        formula_column=args.formula_column,
+        target_column=args.target_column,
         preset=preset,
         seeds=seeds,
         methods=list(args.methods),

@@ -30,8 +30,11 @@ from dvmrl.cli._common import (
     ALLOY_NOTATION_RULES,
     UsageError,
     add_compute_options,
+    add_csv_column_options,
     check_output_file,
     check_output_folder,
+    csv_columns,
+    data_reference,
     finite_float,
     fraction,
     non_negative_float,
@@ -62,6 +65,8 @@ _RUN_OPTIONS = {
     "seed": "--seed",
     "stability_threshold": "--stability-threshold",
     "alloy_notation": "--alloy-notation",
+    "formula_column": "--formula-column",
+    "target_column": "--target-column",
     "model.hidden": "--hidden",
     "model.layers": "--layers",
     "model.dropout": "--dropout",
@@ -122,6 +127,10 @@ def _add_data_options(parser: argparse.ArgumentParser, with_defaults: bool) -> N
             else "a vendored data set or a CSV with formula and target (eV/atom) "
             f"columns{note}"
         ),
+    )
+    add_csv_column_options(
+        parser,
+        "" if with_defaults else "the checkpoint's for its own data, else ",
     )
     parser.add_argument(
         "--split",
@@ -481,19 +490,17 @@ def _write_json_atomic(path: Path, payload: Any) -> None:
 # Data
 
 
-def _load_data(source: str, alloy_notation: bool):
-    """Return ``(df, info)`` for a vendored name or a CSV path."""
+def _load_data(
+    source: str, alloy_notation: bool, columns: dict[str, str] | None = None
+):
+    """Return ``(df, info)`` for a vendored name or a CSV path.
+
+    ``columns`` holds the CSV column names (``formula_column`` and
+    ``target_column``, from ``csv_columns``); vendored data ignores them.
+    """
     from dvmrl.datasets import resolve_data
 
-    return resolve_data(source, alloy_notation=alloy_notation)
-
-
-def _data_reference(source: str) -> str:
-    """Store CSV paths absolute, so a checkpoint finds its data from any folder."""
-    path = Path(source)
-    if path.suffix.lower() in (".csv", ".gz") or path.exists():
-        return str(path.resolve())
-    return source
+    return resolve_data(source, alloy_notation=alloy_notation, **(columns or {}))
 
 
 def _parse_formulas(
@@ -699,6 +706,8 @@ def _requested_settings(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "stability_threshold": args.stability_threshold,
         "alloy_notation": args.alloy_notation,
+        "formula_column": args.formula_column,
+        "target_column": args.target_column,
         "model.hidden": args.hidden,
         "model.layers": args.layers,
         "model.dropout": args.dropout,
@@ -765,12 +774,13 @@ def _build_run_config(requested: dict[str, Any]) -> dict[str, Any]:
     else:
         objective = train_config.loss
     return {
-        "data": _data_reference(requested.get("data", DEFAULT_DATA)),
+        "data": data_reference(requested.get("data", DEFAULT_DATA)),
         "split": requested.get("split", "random"),
         "holdout_element": requested.get("holdout_element"),
         "seed": int(train_config.seed),
         "stability_threshold": requested.get("stability_threshold"),
         "alloy_notation": bool(requested.get("alloy_notation", False)),
+        **csv_columns(requested),
         "model": model_config.to_dict(),
         "train": train_config.to_dict(),
         "objective": objective,
@@ -806,10 +816,12 @@ def _resumed_run_config(out: Path, requested: dict[str, Any]) -> dict[str, Any]:
     stored["train"] = TrainConfig.from_dict(stored.get("train", {})).to_dict()
     # Ensembles from before the option shared one division.
     stored.setdefault("member_divisions", "shared")
+    # Runs from before the column options read the default columns.
+    stored.update(csv_columns(stored))
     conflicts = []
     for key, value in requested.items():
         if key == "data":
-            value = _data_reference(value)
+            value = data_reference(value)
         if _flat_get(stored, key) != value:
             conflicts.append(
                 f"{_RUN_OPTIONS[key]} {value!r} (the run in {out} used "
@@ -993,7 +1005,9 @@ def run_train(args: argparse.Namespace) -> int:
         logger.info("%s has no training state yet; starting the training", out)
 
     device = setup_compute(args)
-    df, info = _load_data(run_config["data"], run_config["alloy_notation"])
+    df, info = _load_data(
+        run_config["data"], run_config["alloy_notation"], csv_columns(run_config)
+    )
     _check_row_count(run_config["data"], df, run_config["split"])
     split = _split_rows(
         df, run_config["split"], run_config["seed"], run_config["holdout_element"]
@@ -1052,6 +1066,7 @@ def run_train(args: argparse.Namespace) -> int:
             "stability_threshold": threshold,
             "target_kind": info.get("target_kind"),
             "alloy_notation": run_config["alloy_notation"],
+            **csv_columns(run_config),
             "run": run_config,
         }
     )
@@ -1591,7 +1606,11 @@ def _recorded_pools(metadata: dict, df, same_data: bool) -> dict | None:
         return None
     try:
         if not same_data:
-            df, _ = _load_data(trained_on, bool(metadata.get("alloy_notation")))
+            df, _ = _load_data(
+                trained_on,
+                bool(metadata.get("alloy_notation")),
+                csv_columns(metadata),
+            )
         split = _split_rows(
             df, kind, int(metadata.get("seed", 0)), metadata.get("holdout_element")
         )
@@ -1747,9 +1766,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
             "the checkpoint records no data set; pass --data NAME|PATH.csv"
         )
     alloy = bool(args.alloy_notation or metadata.get("alloy_notation", False))
-    df, info = _load_data(data, alloy)
+    same_data = trained_on is not None and data_reference(data) == trained_on
+    # The checkpoint's column names belong to its own data file.
+    columns = csv_columns(metadata if same_data else {}, args)
+    df, info = _load_data(data, alloy, columns)
 
-    same_data = trained_on is not None and _data_reference(data) == trained_on
     if trained_on is not None and not same_data:
         _warn_other_data(metadata, trained_on, data, info)
     if same_data and args.split is None:

@@ -36,7 +36,10 @@ from dvmrl._files import json_ready, write_text_atomic
 from dvmrl.cli._common import (
     UsageError,
     add_compute_options,
+    add_csv_column_options,
     check_output_folder,
+    csv_columns,
+    data_reference,
     path_text,
     positive_int,
     setup_compute,
@@ -91,6 +94,7 @@ def add_parser(subparsers) -> None:
         metavar="NAME|PATH.csv",
         help="data set name or CSV path; default: the checkpoint's training data",
     )
+    add_csv_column_options(parser, "the checkpoint's for its own data, else ")
     parser.add_argument(
         "--split",
         default=None,
@@ -277,7 +281,11 @@ def _resolve_split(args, df, metadata):
     if kind == "element" and holdout is None:
         raise UsageError("--split element needs --holdout-element X (such as Ni)")
     split = make_split(df, kind, seed, holdout_element=holdout)
-    same = trained_on is None or args.data is None or args.data == trained_on
+    same = (
+        trained_on is None
+        or args.data is None
+        or data_reference(args.data) == trained_on
+    )
     if not same:
         logger.warning(
             "the checkpoint was trained on %s; the %s split of %s may share rows "
@@ -476,8 +484,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(
             "the checkpoint records no data set; pass --data NAME|PATH.csv"
         )
+    # The checkpoint's column names belong to its own data file.
+    own_data = data_reference(data) == metadata.get("data")
     df, info = resolve_data(
-        data, alloy_notation=bool(metadata.get("alloy_notation", False))
+        data,
+        alloy_notation=bool(metadata.get("alloy_notation", False)),
+        **csv_columns(metadata if own_data else {}, args),
     )
     split, kind, split_holdout = _resolve_split(args, df, metadata)
     # The shift table's element split holds out the same element as the

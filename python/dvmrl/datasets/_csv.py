@@ -225,10 +225,10 @@ def _missing_columns_message(
                 )
     return (
         f"{path} has no column(s) {', '.join(repr(m) for m in missing)}; its "
-        f"columns are {columns}: rename the formula and target columns to "
-        f"{formula_column!r} and {target_column!r} (dvmrl data info and dvmrl "
-        "data split take other names with --formula-column and "
-        "--target-column, and load_csv with formula_column= and target_column=)"
+        f"columns are {columns}: name its formula and target columns with "
+        "--formula-column and --target-column (formula_column= and "
+        "target_column= in Python), or rename them to "
+        f"{formula_column!r} and {target_column!r}"
     )
 
 
