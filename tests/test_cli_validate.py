@@ -259,3 +259,25 @@ def test_validate_own_data_by_relative_path(checkpoint, tmp_path, capsys, monkey
     )
     assert code == 0
     assert "may share rows" not in capsys.readouterr().err
+
+
+def test_validate_rejects_changed_data(tmp_path, capsys):
+    """After the checkpoint's data changed, its test part is not the held-out one."""
+    data = tmp_path / "alloys.csv"
+    frame = load("mp-formation-energy").sample(n=200, random_state=4)
+    frame[["formula", "target"]].to_csv(data, index=False)
+    out = tmp_path / "run"
+    tiny = ["--hidden", "8", "--layers", "1", "--members", "1", "--threads", "1"]
+    args = ["train", "--data", str(data), "--epochs", "1", *tiny, "--out", str(out)]
+    assert main(args) == 0
+    frame.iloc[::-1][["formula", "target"]].to_csv(data, index=False)
+    capsys.readouterr()
+    base = ["validate", str(out / "model.pt"), *FAST]
+    code = main([*base, "--out", str(tmp_path / "refused")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "the data changed since training" in err
+    assert "pass --split random to attack the test part of the current rows" in err
+    assert not (tmp_path / "refused" / "report.json").exists()
+    code = main([*base, "--split", "random", "--out", str(tmp_path / "explicit")])
+    assert code == 0, capsys.readouterr().err

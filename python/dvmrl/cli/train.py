@@ -1705,7 +1705,9 @@ def _warn_other_data(metadata: dict, trained_on: str, data: str, info: dict) -> 
     print(f"dvmrl evaluate: warning: {message}", file=sys.stderr)
 
 
-def _check_data_unchanged(df, data: str, metadata: dict) -> None:
+def check_data_unchanged(
+    df, data: str, metadata: dict, command: str = "evaluate"
+) -> None:
     """Raise ValueError when the checkpoint's own data changed since training.
 
     The test part is cut again from the loaded rows. After rows were added,
@@ -1713,6 +1715,7 @@ def _check_data_unchanged(df, data: str, metadata: dict) -> None:
     out, and the model may have trained on some of its rows. The split
     fingerprint covers the formulas and targets in row order and the
     indices of every part. Checkpoints without it are not checked.
+    ``command`` ("evaluate" or "validate") chooses the advice of the message.
     """
     from dvmrl.splits import data_fingerprint
 
@@ -1742,11 +1745,18 @@ def _check_data_unchanged(df, data: str, metadata: dict) -> None:
             "training held out"
         )
         fix = "restore the data as they were for training"
-    raise ValueError(
-        f"{data}: {reason}; {fix}, or pass --split {kind} to score the test "
-        "part of the current rows (rows that the model trained on then get a "
-        "warning, and --exclude-training drops them)"
-    )
+    if command == "validate":
+        instead = (
+            f"pass --split {kind} to attack the test part of the current rows "
+            "(some of them may be compositions the model trained on)"
+        )
+    else:
+        instead = (
+            f"pass --split {kind} to score the test part of the current rows "
+            "(rows that the model trained on then get a warning, and "
+            "--exclude-training drops them)"
+        )
+    raise ValueError(f"{data}: {reason}; {fix}, or {instead}")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -1774,7 +1784,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if trained_on is not None and not same_data:
         _warn_other_data(metadata, trained_on, data, info)
     if same_data and args.split is None:
-        _check_data_unchanged(df, data, metadata)
+        check_data_unchanged(df, data, metadata)
     kind = args.split or (metadata.get("split") if same_data else None)
     if kind is None:
         rows = np.arange(len(df))

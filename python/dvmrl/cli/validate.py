@@ -491,6 +491,12 @@ def run(args: argparse.Namespace) -> int:
         alloy_notation=bool(metadata.get("alloy_notation", False)),
         **csv_columns(metadata if own_data else {}, args),
     )
+    if own_data and args.split is None:
+        # The same check as dvmrl evaluate: after the rows changed, the test
+        # part cut again may hold compositions that the model trained on.
+        from dvmrl.cli.train import check_data_unchanged
+
+        check_data_unchanged(df, data, metadata, command="validate")
     split, kind, split_holdout = _resolve_split(args, df, metadata)
     # The shift table's element split holds out the same element as the
     # checkpoint's split, or else --holdout-element or the default choice.
