@@ -246,8 +246,39 @@ def test_train_out_folder(tmp_path, capsys):
     code = main([*TRAIN, "--episodes", "1", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2
-    assert "--out must be a file path" in err
+    assert f"--out {tmp_path}: the path is a folder" in err
+    assert f"such as {tmp_path / 'agent.pt'}" in err
     assert "already exists" not in err
+
+
+def test_train_checks_out_before_training(tmp_path, capsys, monkeypatch):
+    """An --out that cannot be written fails before the first episode."""
+    import os
+
+    import dvmrl.meta
+
+    def never(*args, **kwargs):
+        raise AssertionError("meta-training started before --out was checked")
+
+    monkeypatch.setattr(dvmrl.meta, "meta_train", never)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    # Root may write anywhere, so the test makes the folder read-only for
+    # the check itself.
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: path != locked and real_access(path, mode)
+    )
+    code = main([*TRAIN, "--episodes", "1", "--out", str(locked / "agent.pt")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"the folder {locked} is not writable" in err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code = main([*TRAIN, "--episodes", "1", "--out", str(blocker / "agent.pt")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{blocker} is a file, so nothing can be written under it" in err
 
 
 def test_train_rejects_curve_format(tmp_path, capsys):

@@ -454,6 +454,17 @@ def test_cli_fetch_rejects_key_option(tmp_path, capsys, cli_stand_in):
     assert StandInMPRester.instances == []
 
 
+def test_cli_fetch_checks_out_first(tmp_path, capsys, cli_stand_in):
+    """An --out that cannot be written fails before the service is asked."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    out = str(blocker / "x.csv")
+    argv = ["data", "fetch", "--property", "energy_above_hull", "--out", out]
+    assert main(argv) == 2
+    assert f"{blocker} is a file, so nothing can be written" in capsys.readouterr().err
+    assert StandInMPRester.instances == []
+
+
 def test_key_file_given_key(tmp_path, capsys, cli_stand_in):
     out = str(tmp_path / "x.csv")
     argv = ["data", "fetch", "--property", "energy_above_hull", "--out", out]
@@ -491,6 +502,6 @@ def test_cli_fetch_out_folder_before_query(tmp_path, monkeypatch, capsys, cli_st
     folder.mkdir()
     argv = ["data", "fetch", "--property", "energy_above_hull", "--out", str(folder)]
     assert main(argv) == 2
-    assert f"output path {str(folder)!r} is a folder" in capsys.readouterr().err
+    assert f"--out {folder}: the path is a folder" in capsys.readouterr().err
     # The path is rejected before any client is made.
     assert StandInMPRester.instances == []

@@ -284,6 +284,30 @@ def test_cli_split_npz(frame, tmp_path, capsys):
     assert meta["fingerprint"] == expected.fingerprint()
 
 
+def test_cli_split_unwritable_out(tmp_path, capsys, monkeypatch):
+    """An --out that cannot be written exits 2 and names the reason."""
+    import os
+
+    argv = ["data", "split", "mp-formation-energy", "--split", "random", "--out"]
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main([*argv, str(blocker / "split.json")]) == 2
+    assert f"{blocker} is a file, so nothing can be written" in capsys.readouterr().err
+    folder = tmp_path / "split.json"
+    folder.mkdir()
+    assert main([*argv, str(folder)]) == 2
+    assert f"such as {folder / 'split.json'}" in capsys.readouterr().err
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    # Root may write anywhere, so the folder is made read-only for the check.
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: path != locked and real_access(path, mode)
+    )
+    assert main([*argv, str(locked / "split.json")]) == 2
+    assert f"the folder {locked} is not writable" in capsys.readouterr().err
+
+
 def test_cli_split_json(tmp_path):
     out = tmp_path / "split.json"
     argv = ["data", "split", "oqmd-formation-energy", "--split", "element"]

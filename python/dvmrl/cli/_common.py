@@ -216,12 +216,17 @@ def check_output_folder(
         )
 
 
-def check_output_file(path: Path, option: str) -> None:
-    """Raise ValueError unless ``path`` can be written as a file."""
+def check_output_file(
+    path: Path, option: str, example: str = "predictions.csv"
+) -> None:
+    """Raise ValueError unless ``path`` can be written as a file.
+
+    ``example`` is the file name that the message suggests inside a folder.
+    """
     if path.is_dir():
         raise ValueError(
             f"{option} {path}: the path is a folder; pass a file path such as "
-            f"{path / 'predictions.csv'}"
+            f"{path / example}"
         )
     check_output_folder(path.parent, option, reported_path=path)
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
 from dvmrl.cli._common import (
     UsageError,
     add_compute_options,
+    check_output_file,
     path_text,
     positive_int,
     setup_compute,
@@ -127,6 +129,11 @@ def run_train(args: argparse.Namespace) -> int:
             check_image_path(args.curve)
         except ValueError as err:
             raise UsageError(f"--curve: {err}") from err
+    # The agent and its progress files are written after the first
+    # episodes, so an unwritable path fails now and not after the training.
+    check_output_file(Path(args.out), "--out", example="agent.pt")
+    if args.curve:
+        check_output_file(Path(args.curve), "--curve", example="curve.png")
     device = setup_compute(args)
     tasks = None if args.tasks is None else [parse_task(text) for text in args.tasks]
     env_options = {"device": str(device)}

@@ -8,12 +8,14 @@ import json
 import math
 import sys
 import traceback
+from pathlib import Path
 
 from dvmrl._files import json_ready
 from dvmrl.cli._common import (
     ALLOY_NOTATION_RULES,
     EXIT_FAILURE,
     UsageError,
+    check_output_file,
     fraction,
     non_negative_float,
     non_negative_int,
@@ -429,6 +431,7 @@ def run_split(args: argparse.Namespace) -> int:
 
     if not args.out.lower().endswith((".npz", ".json")):
         raise UsageError(f"--out {args.out!r} must end in .npz or .json")
+    check_output_file(Path(args.out), "--out", example="split.json")
     if args.split == "element" and not args.holdout_element:
         raise UsageError("--split element needs --holdout-element X (such as Ni)")
     if args.split != "element" and args.holdout_element:
@@ -492,6 +495,7 @@ def run_fetch(args: argparse.Namespace) -> int:
             "the process list and the shell history: set MP_API_KEY or pass "
             "--api-key-file FILE"
         )
+    check_output_file(Path(args.out), "--out", example="alloys.csv")
     try:
         metadata = fetch_materials_project(
             args.property, args.out, api_key_file=args.api_key_file
