@@ -135,3 +135,20 @@ def test_unknown_option_after_positionals_rejected():
     result = _run_cli("predict", "model.pt", "Ni3Al", "--bogus")
     assert result.returncode == 2
     assert "unrecognized arguments: --bogus" in result.stderr
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_internal_error_hint(monkeypatch, capsys, verbose):
+    """The traceback hint appears only when --verbose did not print it already."""
+    from dvmrl.cli import main
+
+    def broken():
+        raise RuntimeError("stand-in fault")
+
+    monkeypatch.setattr(dvmrl, "build_info", broken)
+    code = main(["info", *(["--verbose"] if verbose else [])])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "internal error: RuntimeError: stand-in fault" in err
+    assert ("rerun with --verbose" in err) is not verbose
+    assert ("Traceback" in err) is verbose

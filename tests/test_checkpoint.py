@@ -164,6 +164,43 @@ def test_atomic_write_leaves_no_temp(data, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
 
 
+class _FullDisk:
+    """A binary stream that fails like a full disk after ``room`` bytes."""
+
+    def __init__(self, stream, room: int):
+        self.stream, self.room = stream, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(28, "No space left on device")
+        self.room -= len(data)
+        return self.stream.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def test_failed_write_is_os_error(data, tmp_path, monkeypatch):
+    """torch.save hides a failed write in a RuntimeError; the OSError comes back."""
+    import dvmrl.training.checkpoint as ckpt
+
+    real_write_atomic = ckpt.write_atomic
+
+    def full_disk(path, write, **options):
+        return real_write_atomic(
+            path, lambda stream: write(_FullDisk(stream, 4096)), **options
+        )
+
+    monkeypatch.setattr(ckpt, "write_atomic", full_disk)
+    path = tmp_path / "model.pt"
+    with pytest.raises(OSError) as caught:
+        _trainer(data).save(path)
+    assert caught.value.errno == 28
+    assert caught.value.filename == str(path)
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointNotFoundError, match="not found"):
         load_checkpoint(tmp_path / "absent.pt")

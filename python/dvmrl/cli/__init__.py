@@ -204,9 +204,9 @@ def _main(argv: list[str] | None) -> int:
     except Exception as err:  # noqa: BLE001 - the CLI reports every failure
         if verbose:
             traceback.print_exc()
+        hint = "" if verbose else " (rerun with --verbose for the traceback)"
         print(
-            f"dvmrl {command}: internal error: {type(err).__name__}: {err} "
-            "(rerun with --verbose for the traceback)",
+            f"dvmrl {command}: internal error: {type(err).__name__}: {err}{hint}",
             file=sys.stderr,
         )
         return EXIT_FAILURE

@@ -138,6 +138,12 @@ def write_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
         # interrupt, so that callers stop as for any other Ctrl-C.
         if not isinstance(err, KeyboardInterrupt) and _interrupted(err):
             raise KeyboardInterrupt from err
+        # A failed write (a full disk, the file size limit) reaches torch.save
+        # as an OSError of the stream, which its zip writer replaces with a
+        # RuntimeError that names no file. Raise the OSError for this path.
+        system = _cause_of_type(err, OSError)
+        if system is not None and not isinstance(err, OSError):
+            raise OSError(system.errno, system.strerror, str(path)) from err
         raise
     return path
 
@@ -172,14 +178,19 @@ def tensors_digest(document: dict[str, Any]) -> str:
 
 def _interrupted(err: BaseException) -> bool:
     """Return whether a KeyboardInterrupt is among the causes of ``err``."""
+    return _cause_of_type(err, KeyboardInterrupt) is not None
+
+
+def _cause_of_type(err: BaseException, kind: type) -> BaseException | None:
+    """Return the first exception of type ``kind`` in the cause chain of ``err``."""
     seen = set()
     cause: BaseException | None = err
     while cause is not None and id(cause) not in seen:
-        if isinstance(cause, KeyboardInterrupt):
-            return True
+        if isinstance(cause, kind):
+            return cause
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
-    return False
+    return None
 
 
 def _json_default(value: Any) -> Any:
