@@ -103,3 +103,20 @@ def test_alloy_notation_help_states_rules(command, capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "the shares sum to 100 (at.%) or 1" in text
     assert "so Ni60Al10 is Ni6Al" in text
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train", "--out", "unused"],
+        ["validate", "model.pt"],
+        ["agent", "train", "--episodes", "1", "--out", "unused.pt"],
+        ["agent", "evaluate"],
+        ["data", "split", "mp-formation-energy", "--split", "random", "--out", "s.json"],
+    ],
+)
+def test_negative_seed_names_the_option(command, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main([*command, "--seed", "-1"])
+    assert caught.value.code == 2
+    assert "argument --seed: expected an integer >= 0, got -1" in capsys.readouterr().err

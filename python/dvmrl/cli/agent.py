@@ -11,6 +11,7 @@ from dvmrl.cli._common import (
     UsageError,
     add_compute_options,
     check_output_file,
+    non_negative_int,
     path_text,
     positive_int,
     setup_compute,
@@ -67,7 +68,12 @@ def add_parser(subparsers) -> None:
     train.add_argument(
         "--checkpoint-every", type=positive_int, default=5, help="episodes between checkpoints; default: 5"
     )
-    train.add_argument("--seed", type=int, default=0, help="seed of tasks, splits and agent; default: 0")
+    train.add_argument(
+        "--seed",
+        type=non_negative_int,
+        default=0,
+        help="seed of tasks, splits and agent (an integer >= 0); default: 0",
+    )
     train.add_argument(
         "--budget-epochs",
         type=positive_int,
@@ -101,7 +107,12 @@ def add_parser(subparsers) -> None:
         "--agent", default=None, help="agent file; default: the pretrained agent shipped with dvmrl"
     )
     evaluate.add_argument("--episodes", type=positive_int, default=1, help="episodes to run; default: 1")
-    evaluate.add_argument("--seed", type=int, default=0, help="seed of the first episode; default: 0")
+    evaluate.add_argument(
+        "--seed",
+        type=non_negative_int,
+        default=0,
+        help="seed of the first episode (an integer >= 0); default: 0",
+    )
     evaluate.add_argument(
         "--train-size",
         type=positive_int,

@@ -38,6 +38,7 @@ from dvmrl.cli._common import (
     finite_float,
     fraction,
     non_negative_float,
+    non_negative_int,
     path_text,
     positive_float,
     positive_int,
@@ -202,7 +203,7 @@ def _add_train_parser(subparsers) -> None:
     _add_data_options(parser, with_defaults=True)
     parser.add_argument(
         "--seed",
-        type=int,
+        type=non_negative_int,
         default=None,
         help="seed of the validation pool, the initialisation and the batches; "
         f"default: {defaults.TRAIN['seed']}",

@@ -40,6 +40,7 @@ from dvmrl.cli._common import (
     check_output_folder,
     csv_columns,
     data_reference,
+    non_negative_int,
     path_text,
     positive_int,
     setup_compute,
@@ -197,7 +198,10 @@ def add_parser(subparsers) -> None:
         help="cross-validation folds of shift detection (>= 2); default 5",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="seed of every draw; default 0"
+        "--seed",
+        type=non_negative_int,
+        default=0,
+        help="seed of every draw (an integer >= 0); default 0",
     )
     parser.add_argument(
         "--out",
