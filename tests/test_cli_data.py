@@ -112,11 +112,12 @@ def test_alloy_notation_help_states_rules(command, capsys):
         ["validate", "model.pt"],
         ["agent", "train", "--episodes", "1", "--out", "unused.pt"],
         ["agent", "evaluate"],
-        ["data", "split", "mp-formation-energy", "--split", "random", "--out", "s.json"],
+        ["data", "split", "mp-formation-energy", "--split", "chemsys", "--out", "x"],
     ],
 )
 def test_negative_seed_names_the_option(command, capsys):
     with pytest.raises(SystemExit) as caught:
         main([*command, "--seed", "-1"])
     assert caught.value.code == 2
-    assert "argument --seed: expected an integer >= 0, got -1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "argument --seed: expected an integer >= 0, got -1" in err
