@@ -547,8 +547,10 @@ def test_predict_empty_file(trained, tmp_path, capsys):
     path = tmp_path / "empty.csv"
     path.write_text("")
     code = main(["predict", str(trained / "model.pt"), "--input", str(path)])
+    err = capsys.readouterr().err
     assert code == 2
-    assert "empty" in capsys.readouterr().err
+    assert "is empty: expected a header line naming a 'formula' column" in err
+    assert "target" not in err
 
 
 def test_predict_missing_column(trained, tmp_path, capsys):

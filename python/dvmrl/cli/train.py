@@ -1875,7 +1875,7 @@ def _read_formula_csv(path: str, column: str) -> tuple[list[str], list[int], Any
         )
     if not source.is_file():
         raise FileNotFoundError(f"input file {source} not found")
-    frame, lines = read_text_table(source)
+    frame, lines = read_text_table(source, columns=f"a {column!r} column")
     if column not in frame.columns:
         raise ValueError(
             f"{source}: missing column {column!r} (columns: {list(frame.columns)}); "

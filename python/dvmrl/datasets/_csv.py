@@ -109,7 +109,9 @@ def _is_blank(row: list[str]) -> bool:
     return len(row) == 0 or (len(row) == 1 and row[0].strip() == "")
 
 
-def _read_rows(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
+def _read_rows(
+    path: Path, columns: str
+) -> tuple[list[str], list[list[str]], list[int]]:
     """Read the header cells, the data rows and the line where each row starts."""
     header: list[str] | None = None
     header_line = 0
@@ -153,13 +155,15 @@ def _read_rows(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
             lines.append(start)
     if header is None:
         raise ValueError(
-            f"{path} is empty: expected a header line naming a formula and a target "
-            "column, then one composition per line"
+            f"{path} is empty: expected a header line naming {columns}, then one "
+            "composition per line"
         )
     return header, rows, lines
 
 
-def read_text_table(path: str | os.PathLike) -> tuple[pd.DataFrame, list[int]]:
+def read_text_table(
+    path: str | os.PathLike, columns: str = "a formula and a target column"
+) -> tuple[pd.DataFrame, list[int]]:
     """Read a CSV file into a table of text cells, with each row's line number.
 
     Every cell stays text, so the formula "NaN" (sodium nitride) is not read
@@ -175,6 +179,9 @@ def read_text_table(path: str | os.PathLike) -> tuple[pd.DataFrame, list[int]]:
         1-based line of the file where the row starts. Line 1 is the
         file's first line, and lines count after decompression.
 
+    ``columns`` describes the columns that the message of an empty file asks
+    for.
+
     Raises:
         ValueError: when the file is empty, is not valid UTF-8 CSV text or
             not a valid compressed file, or a row has more non-empty fields
@@ -182,7 +189,7 @@ def read_text_table(path: str | os.PathLike) -> tuple[pd.DataFrame, list[int]]:
     """
     path = Path(path)
     try:
-        header, rows, lines = _read_rows(path)
+        header, rows, lines = _read_rows(path, columns)
     except UnicodeDecodeError as err:
         raise ValueError(
             f"{path} is not UTF-8 text ({err}): save it as UTF-8 CSV"
