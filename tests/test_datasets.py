@@ -713,6 +713,20 @@ def test_cli_info_csv(tmp_path, capsys):
     assert "rows 2 (1 binaries, 1 ternaries)" in capsys.readouterr().out
 
 
+def test_cli_info_element_counts(tmp_path, capsys):
+    """Each element with the compositions that contain it, in periodic order."""
+    path = _write(tmp_path, "formula,target\nCuNi,-0.1\nAlNi,-0.6\nAlNi2Ti,-0.5\n")
+    assert main(["data", "info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "compositions per element: Al 2, Ti 1, Ni 3, Cu 1\n" in out
+    assert main(["data", "info", str(path), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["elements"] == 4
+    assert list(summary["element_counts"].items()) == [
+        ("Al", 2), ("Ti", 1), ("Ni", 3), ("Cu", 1)
+    ]
+
+
 def test_cli_info_unknown(capsys):
     assert main(["data", "info", "no-such-set"]) == 2
     err = capsys.readouterr().err

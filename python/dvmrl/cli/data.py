@@ -292,6 +292,7 @@ def run_info(args: argparse.Namespace) -> int:
     df, info = _resolve(args)
     threshold = info.get("stability_threshold")
     stable = None if threshold is None else int((df["target"] <= threshold).sum())
+    counts = _element_counts(df)
     summary = {
         "name": info.get("name"),
         "source": info.get("source"),
@@ -299,7 +300,10 @@ def run_info(args: argparse.Namespace) -> int:
         "binaries": int((df["n_elements"] == 2).sum()),
         "ternaries": int((df["n_elements"] == 3).sum()),
         "chemical_systems": int(df["chemsys"].nunique()),
-        "elements": len(set("-".join(df["chemsys"]).split("-"))),
+        "elements": len(counts),
+        # Compositions that contain each element, in the order of the
+        # periodic table: the sizes of the test parts of --split element.
+        "element_counts": counts,
         "units": info.get("units", "eV/atom"),
         "target_kind": info.get("target_kind"),
         "stability_threshold": threshold,
@@ -319,6 +323,16 @@ def run_info(args: argparse.Namespace) -> int:
         f"{summary['ternaries']} ternaries), {summary['chemical_systems']} chemical "
         f"systems, {summary['elements']} elements"
     )
+    # Wrapped by hand, so that no line break falls between a symbol and its
+    # count.
+    line = "compositions per element:"
+    for symbol, count in counts.items():
+        item = f" {symbol} {count},"
+        if len(line) + len(item) > 79:
+            print(line)
+            line = " "
+        line += item
+    print(line.rstrip(","))
     stats = {
         key: _format_statistic(value)
         for key, value in summary["target_statistics"].items()
@@ -344,6 +358,17 @@ def run_info(args: argparse.Namespace) -> int:
         print(f"licence: {summary['licence']}")
     print(f"attribution: {summary['attribution']}")
     return 0
+
+
+def _element_counts(df) -> dict[str, int]:
+    """Return the compositions that contain each element, in periodic-table order."""
+    from dvmrl.elements import ELEMENT_INDEX
+
+    counts: dict[str, int] = {}
+    for system in df["chemsys"]:
+        for symbol in system.split("-"):
+            counts[symbol] = counts.get(symbol, 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: ELEMENT_INDEX[item[0]]))
 
 
 def _smallest_share(count: int) -> float:
