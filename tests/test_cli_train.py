@@ -401,6 +401,21 @@ def test_predict_warns_unseen_element(trained, data_csv, capsys):
     assert f"never seen in training ({unseen})" in err
 
 
+def test_predict_caps_domain_warnings(trained, tmp_path, capsys):
+    """A long input prints ten domain warnings and the count of the others."""
+    from dvmrl.cli.train import MAX_DOMAIN_WARNINGS
+
+    path = tmp_path / "many.csv"
+    rows = [f"Al{a}Co{b}Cr{c}FeNi" for a in range(1, 5) for b in (1, 2) for c in (1, 2)]
+    path.write_text("formula\n" + "\n".join(rows) + "\n")
+    assert main(["predict", str(trained / "model.pt"), "--input", str(path)]) == 0
+    captured = capsys.readouterr()
+    shown = captured.err.count("but training compositions have at most")
+    assert shown == MAX_DOMAIN_WARNINGS
+    assert f"{len(rows) - MAX_DOMAIN_WARNINGS} more warnings" in captured.err
+    assert all(row in captured.out for row in rows)
+
+
 def test_predict_warns_element_count(trained, capsys):
     main(["predict", str(trained / "model.pt"), "AlCoCrFeNi"])
     assert "5 elements" in capsys.readouterr().err

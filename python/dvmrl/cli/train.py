@@ -48,6 +48,9 @@ from dvmrl.cli._common import (
 logger = logging.getLogger("dvmrl")
 
 EV_TO_KJ_PER_MOL = 96.485
+# Warnings about compositions outside the training domain that predict
+# prints; a long input file would otherwise bury the table in them.
+MAX_DOMAIN_WARNINGS = 10
 DEFAULT_DATA = "mp-formation-energy"
 SPLIT_KINDS = ("random", "chemsys", "element", "binary-to-ternary")
 
@@ -2023,8 +2026,15 @@ def run_predict(args: argparse.Namespace) -> int:
     model, metadata = _load_model(args.checkpoint, device)
     # Printed, not logged, so that the warnings reach stderr whatever the
     # logging configuration.
-    for warning in _domain_warnings(compositions, formulas, metadata):
+    warnings = _domain_warnings(compositions, formulas, metadata)
+    for warning in warnings[:MAX_DOMAIN_WARNINGS]:
         print(f"dvmrl predict: warning: {warning}", file=sys.stderr)
+    if len(warnings) > MAX_DOMAIN_WARNINGS:
+        print(
+            f"dvmrl predict: warning: {len(warnings) - MAX_DOMAIN_WARNINGS} more "
+            "warnings of this kind are not shown",
+            file=sys.stderr,
+        )
     mean, std = _predict(model, featurize(compositions), device, _has_variance(model))
 
     # The CSV keeps the exact fractions, and the printed table rounds them.
