@@ -293,3 +293,17 @@ def test_search_rejects_zero_starts():
     predict, _ = _linear_model(0)
     with pytest.raises(ValueError, match="starts must be an integer >= 2"):
         adversarial_search(predict, batch, 0.05, starts=0)
+
+
+def test_formulas_of_float32_fractions_have_their_precision():
+    from dvmrl.adversarial import compositions_to_formulas
+
+    index = torch.tensor([[27, 40], [12, 27]])
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    frac = torch.tensor([[0.38333333, 0.61666667], [0.5, 0.5]])
+    assert compositions_to_formulas(index, frac, mask) == [
+        "Ni0.3833333Nb0.6166667",
+        "Al0.5Ni0.5",
+    ]
+    exact = compositions_to_formulas(index, frac.double(), mask)
+    assert exact[0] == "Ni0.38333332538604736Nb0.6166666746139526"

@@ -228,7 +228,13 @@ def _batch_tensors(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def compositions_to_formulas(
     element_index: torch.Tensor, frac: torch.Tensor, mask: torch.Tensor
 ) -> list[str]:
-    """Write each row as a formula with plain decimal amounts."""
+    """Write each row as a formula with plain decimal amounts.
+
+    Float32 fractions get 7 significant digits, their precision, so that
+    0.38333333 is not written as 0.38333332538604736; float64 fractions get
+    the shortest decimal that reads back as the same value.
+    """
+    digits = 7 if frac.dtype == torch.float32 else None
     index = element_index.cpu().numpy()
     values = frac.detach().cpu().double().numpy()
     real = mask.cpu().numpy()
@@ -239,7 +245,7 @@ def compositions_to_formulas(
             for e, v, m in zip(index[row], values[row], real[row], strict=True)
             if m
         }
-        formulas.append(format_formula(mapping))
+        formulas.append(format_formula(mapping, digits=digits))
     return formulas
 
 
