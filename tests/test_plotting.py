@@ -92,3 +92,35 @@ def test_parity_plot_mode_follows_umask(tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "xlabel", "ylabel"),
+    [
+        (
+            "mp-formation-energy",
+            "formation_energy",
+            "DFT formation energy (eV/atom)",
+            "predicted formation energy (eV/atom)",
+        ),
+        (
+            "mp-energy-above-hull",
+            "energy_above_hull",
+            "DFT energy above hull (eV/atom)",
+            "predicted energy above hull (eV/atom)",
+        ),
+        (
+            "my_alloys.csv",
+            "formation_energy",
+            "reference formation energy (eV/atom)",
+            "predicted formation energy (eV/atom)",
+        ),
+    ],
+)
+def test_parity_axis_labels_follow_the_data(name, kind, xlabel, ylabel):
+    from dvmrl.plotting import axis_labels
+
+    truth, prediction, counts = _points()
+    labels = axis_labels({"name": name, "target_kind": kind})
+    axes = parity_figure(truth, prediction, counts, **labels).axes[0]
+    assert (axes.get_xlabel(), axes.get_ylabel()) == (xlabel, ylabel)

@@ -28,6 +28,28 @@ _OTHER_LABEL = "4+ elements"
 _OTHER_COLOUR = "#2ca02c"
 
 
+# Axis names of the target kinds of dvmrl.datasets.
+_QUANTITIES = {
+    "formation_energy": "formation energy",
+    "energy_above_hull": "energy above hull",
+}
+
+
+def axis_labels(data_info: Mapping) -> dict[str, str]:
+    """Return the ``quantity`` and ``reference`` of a parity plot of a data set.
+
+    ``data_info`` is the metadata dict of ``dvmrl.datasets.resolve_data``.
+    The vendored data sets hold DFT values; a user's file may hold
+    measurements or other calculations, so its values are named "reference".
+    """
+    from dvmrl.datasets import DATASETS
+
+    return {
+        "quantity": _QUANTITIES.get(str(data_info.get("target_kind")), "target"),
+        "reference": "DFT" if data_info.get("name") in DATASETS else "reference",
+    }
+
+
 def composition_class(n_elements: int) -> str:
     """Return the class label ("unary", "binary", "ternary", "4+ elements")."""
     for count, label, _ in _CLASSES:
@@ -53,6 +75,7 @@ def parity_figure(
     metrics: Mapping[str, float | None] | None = None,
     unit: str = "eV/atom",
     quantity: str = "formation energy",
+    reference: str = "DFT",
 ):
     """Draw a parity plot and return the matplotlib Figure (Agg canvas).
 
@@ -66,6 +89,8 @@ def parity_figure(
             are shown when present.
         unit: unit of both axes.
         quantity: name of the target on the axis labels.
+        reference: the source of ``y_true`` on the horizontal axis label
+            (see :func:`axis_labels`).
 
     Returns:
         matplotlib.figure.Figure: the figure, attached to an Agg canvas.
@@ -119,7 +144,7 @@ def parity_figure(
     axes.set_xlim(limits)
     axes.set_ylim(limits)
     axes.set_aspect("equal")
-    axes.set_xlabel(f"DFT {quantity} ({unit})")
+    axes.set_xlabel(f"{reference} {quantity} ({unit})")
     axes.set_ylabel(f"predicted {quantity} ({unit})")
     if title:
         axes.set_title(title)
@@ -203,8 +228,8 @@ def parity_plot(
         y_true: DFT values [N], as in :func:`parity_figure`.
         y_pred: predictions [N].
         n_elements: element count of each composition [N].
-        **options: ``title``, ``metrics``, ``unit`` and ``quantity`` of
-            :func:`parity_figure`.
+        **options: ``title``, ``metrics``, ``unit``, ``quantity`` and
+            ``reference`` of :func:`parity_figure`.
 
     Returns:
         Path: the written image.

@@ -701,6 +701,16 @@ def _config_lines(report: dict[str, Any]) -> list[str]:
 # Figures
 
 
+def _data_info(out_dir: Path) -> dict[str, Any]:
+    """Return the data set metadata that run.json records (empty if unreadable)."""
+    try:
+        run = json.loads((out_dir / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    info = run.get("data_info") if isinstance(run, dict) else None
+    return info if isinstance(info, dict) else {}
+
+
 def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
     """Draw the figures into ``out_dir/figures`` and return name -> relative path."""
     import matplotlib
@@ -708,7 +718,7 @@ def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dvmrl.plotting import parity_plot, save_figure
+    from dvmrl.plotting import axis_labels, parity_plot, save_figure
 
     folder = out_dir / "figures"
     folder.mkdir(parents=True, exist_ok=True)
@@ -816,6 +826,7 @@ def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
                     f"{METHOD_LABELS.get(best['method'], best['method'])}, seed "
                     f"{best['seed']}: lowest test RMSE"
                 ),
+                **axis_labels(_data_info(out_dir)),
             )
             written["parity plot of the best model"] = "figures/parity_best.png"
     return written

@@ -1766,7 +1766,7 @@ def check_data_unchanged(
 def run_evaluate(args: argparse.Namespace) -> int:
     """Score a checkpoint, print the table and write the parity plot."""
     from dvmrl.metrics import regression_metrics
-    from dvmrl.plotting import parity_plot
+    from dvmrl.plotting import axis_labels, parity_plot
 
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent
     check_output_folder(out, "--out")
@@ -1836,6 +1836,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         df["n_elements"].to_numpy()[rows],
         title=f"{name}: {part}",
         metrics=metrics,
+        **axis_labels(info),
     )
     _write_json_atomic(
         out / "evaluation.json",
