@@ -619,3 +619,17 @@ def test_pools_accept_twenty_rows():
     pools = make_pools(df, "random", 0, PRESETS["quick"])
     assert len(pools.test_index) >= 2
     assert len(pools.val_index) >= 2
+
+
+def test_readme_budget_example_is_the_small_preset():
+    """The budget file that README.md shows loads and equals the small preset."""
+    import re
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    if not readme.is_file():
+        pytest.skip("README.md is not beside the tests")
+    block = re.search(r"```json\n(.*?)```", readme.read_text(), re.S)
+    assert block is not None
+    example = Preset.from_dict(json.loads(block.group(1)))
+    assert {**example.to_dict(), "name": "small"} == PRESETS["small"].to_dict()
