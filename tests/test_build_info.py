@@ -116,8 +116,24 @@ def test_output_path_under_a_file_exits_2(tmp_path):
         "--out", str(blocker / "split.json"),
     )
     assert result.returncode == 2
-    assert "choose another path" in result.stderr
+    assert f"{blocker} is a file, so nothing can be written under it" in result.stderr
     assert "internal error" not in result.stderr
+
+
+def test_unusable_path_error_exits_2(tmp_path, monkeypatch, capsys):
+    """A path error that no check caught before the work still exits 2."""
+    from dvmrl.cli import main
+
+    blocker = tmp_path / "a_file"
+
+    def refused():
+        raise NotADirectoryError(20, "Not a directory", str(blocker / "x"))
+
+    monkeypatch.setattr(dvmrl, "build_info", refused)
+    assert main(["info"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot use path '{blocker / 'x'}': Not a directory" in err
+    assert "choose another path" in err
 
 
 def test_positionals_after_options_are_kept():
