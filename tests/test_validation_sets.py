@@ -108,6 +108,25 @@ def test_pool_with_test_rows_raises(data):
         select_validation_set("random", pool, 10, 0, test_indices=split.test)
 
 
+@pytest.mark.parametrize("strategy", ["random", "gp-uncertainty"])
+def test_negative_pool_indices_raise(strategy, data):
+    """-1 would read as the last row and carry a test row past the check."""
+    df, split = data[0], data[1]
+    pool = split.test[:5] - len(df)
+    options = _options(strategy, data)
+    with pytest.raises(ValueError, match="pool_indices holds negative row indices"):
+        select_validation_set(strategy, pool, 3, 0, **options)
+
+
+@pytest.mark.parametrize("strategy", ["random", "gp-uncertainty"])
+def test_pool_indices_beyond_the_data_raise(strategy, data):
+    df = data[0]
+    pool = np.array([len(df), len(df) + 1])
+    options = _options(strategy, data)
+    with pytest.raises(ValueError, match=f"beyond the {len(df)} rows of the data"):
+        select_validation_set(strategy, pool, 1, 0, **options)
+
+
 def test_pool_with_train_rows_raises(data):
     split = data[1]
     pool = np.concatenate([split.val, split.train[:2]])

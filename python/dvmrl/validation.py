@@ -54,6 +54,13 @@ def _index_array(name: str, values) -> np.ndarray:
         raise TypeError(
             f"{name} must hold integer row indices, got dtype {array.dtype}"
         )
+    # NumPy reads -1 as the last row, which would slip a test row past the
+    # checks below under another number.
+    if array.size and array.min() < 0:
+        raise ValueError(
+            f"{name} holds negative row indices, such as "
+            f"{array[array < 0][:5].tolist()}; pass 0-based positions of rows"
+        )
     return array.astype(np.int64)
 
 
@@ -91,6 +98,14 @@ def check_pool(
                 f"as {shared[:5].tolist()}; pass a pool disjoint from training"
             )
     return pool, train
+
+
+def _row_count(batch, features, targets) -> int | None:
+    """Return the number of data rows that the given arrays hold, if any is given."""
+    for values in (batch, features, targets):
+        if values is not None:
+            return len(values)
+    return None
 
 
 def _features(rows: np.ndarray, features, batch, feature_fn=None) -> np.ndarray:
@@ -455,6 +470,17 @@ def select_validation_set(
             f"{', '.join(STRATEGIES)}"
         )
     pool, train = check_pool(pool_indices, test_indices, train_indices)
+    rows = _row_count(batch, features, targets)
+    if rows is not None:
+        beyond = pool[pool >= rows]
+        if train is not None:
+            beyond = np.concatenate([beyond, train[train >= rows]])
+        if beyond.size:
+            raise ValueError(
+                f"row indices {beyond[:5].tolist()} are beyond the {rows} rows of the "
+                "data (batch, features or targets); pass indices below "
+                f"{rows}"
+            )
     if int(size) != size or not 1 <= size <= len(pool):
         raise ValueError(
             f"size must be an integer in 1 .. {len(pool)} (the pool size), got {size!r}"
