@@ -402,6 +402,45 @@ def test_frac_dtype_mismatch():
         model(batch.element_index, batch.frac, batch.mask)
 
 
+@pytest.mark.parametrize("fraction_hidden", [0, 8])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("index -1", r"element_index holds rows outside 0 \.\. 102, such as \[-1\]"),
+        ("index 200", r"element_index holds rows outside 0 \.\. 102, such as \[200\]"),
+        ("nan", r"got values in \[nan, nan\]"),
+        ("negative", r"each in \[0, 1\]"),
+        ("times 3", r"sums in \[1, 3\]"),
+        ("empty row", r"rows \[2\] of mask have no real slot"),
+    ],
+)
+def test_invalid_values_named(fraction_hidden, change, message):
+    """Values that no composition has raise instead of giving a prediction."""
+    model = _model(fraction_hidden=fraction_hidden)
+    batch = _batch()
+    index, frac = batch.element_index.clone(), batch.frac.clone()
+    mask = batch.mask.clone()
+    if change.startswith("index"):
+        index[1, 0] = int(change.split()[1])
+    elif change == "nan":
+        frac[:] = float("nan")
+    elif change == "negative":
+        frac[0, 0], frac[0, 1] = -0.5, 1.5
+    elif change == "times 3":
+        frac[4] *= 3
+    else:
+        mask[2] = False
+    with pytest.raises(ValueError, match=message):
+        model(index, frac, mask)
+
+
+def test_empty_batch_gives_empty_output():
+    model = _model()
+    batch = _batch()
+    out = model(batch.element_index[:0], batch.frac[:0], batch.mask[:0])
+    assert out.shape == (0,)
+
+
 def test_target_scaling_invalid():
     model = _model()
     with pytest.raises(ValueError, match="positive finite std"):

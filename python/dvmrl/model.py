@@ -260,6 +260,10 @@ def _default_descriptors() -> np.ndarray:
     return elements.descriptor_matrix()
 
 
+# Largest deviation from 1 that the forward accepts in a composition's
+# fraction sum; float32 rounding of featurized fractions stays below 1e-6.
+SUM_TOLERANCE = 1e-3
+
 class CompositionMPNN(nn.Module):
     """Weighted soft-attention message passing over alloy compositions.
 
@@ -468,6 +472,49 @@ class CompositionMPNN(nn.Module):
                 "element_index, frac and mask must share one [B, K] shape, got "
                 f"{list(element_index.shape)}, {list(frac.shape)}, {list(mask.shape)}"
             )
+        if element_index.device.type == "cpu" and element_index.numel():
+            self._check_values(element_index, frac, mask)
+
+    def _check_values(
+        self, element_index: torch.Tensor, frac: torch.Tensor, mask: torch.Tensor
+    ) -> None:
+        """Raise ValueError for element rows or fractions that no composition has.
+
+        Only the real slots count. Tensor indexing would read -1 as the last
+        element, so a bad row would give a prediction instead of an error.
+        Runs on CPU tensors only, where it costs a few microseconds; on a GPU
+        it would wait for the device at every forward.
+        """
+        rows = self.descriptors.shape[0]
+        index_low, index_high = torch.aminmax(torch.where(mask, element_index, 0))
+        if index_low < 0 or index_high >= rows:
+            bad = element_index[mask & ((element_index < 0) | (element_index >= rows))]
+            raise ValueError(
+                f"element_index holds rows outside 0 .. {rows - 1}, such as "
+                f"{bad[:5].tolist()}; build batches with dvmrl.featurize, whose rows "
+                "are atomic numbers minus 1"
+            )
+        filled = mask.any(dim=1)
+        if not bool(filled.all()):
+            empty = torch.nonzero(~filled).flatten()
+            raise ValueError(
+                f"rows {empty[:5].tolist()} of mask have no real slot (all false), "
+                "so they hold no composition; drop them or build batches with "
+                "dvmrl.featurize"
+            )
+        real = torch.where(mask, frac, 0)
+        frac_low, frac_high = torch.aminmax(real)
+        sum_low, sum_high = torch.aminmax(real.sum(dim=1))
+        # NaN fails every comparison, so it is caught here too.
+        valid = frac_low >= 0 and frac_high <= 1
+        if not (valid and sum_low > 1 - SUM_TOLERANCE and sum_high < 1 + SUM_TOLERANCE):
+            raise ValueError(
+                "frac must hold atomic fractions of the real slots, each in [0, 1] "
+                "and summing to 1 per composition; got values in "
+                f"[{float(frac_low):g}, {float(frac_high):g}] and sums in "
+                f"[{float(sum_low):g}, {float(sum_high):g}]; build batches with "
+                "dvmrl.featurize, which normalises the amounts"
+            )
 
     def forward_standardised(
         self, element_index: torch.Tensor, frac: torch.Tensor, mask: torch.Tensor
@@ -478,6 +525,10 @@ class CompositionMPNN(nn.Module):
         heteroscedastic head column 1 is the log-variance in the same units.
         """
         self._check_inputs(element_index, frac, mask)
+        if element_index.shape[0] == 0:
+            # The kernels need at least one composition; an empty batch has
+            # an empty output.
+            return frac.new_zeros((0, self.dims.n_out))
         dropout_mask = self.draw_dropout_mask(element_index.shape[0])
         if self.use_fused:
             from dvmrl import ops
