@@ -298,6 +298,18 @@ def test_intact_snapshot_resumes(agent_run, tmp_path, budget_file, agent_file, c
     assert same_results(out, agent_run)
 
 
+def test_agent_checkpoint_records_its_training(agent_run):
+    """The agent's chosen model records the epochs of its episode."""
+    from dvmrl.training.checkpoint import read_checkpoint
+
+    document = read_checkpoint(agent_run / "units" / "agent-seed0" / "best.pt")
+    history = document["history"]
+    assert len(history) > 0
+    assert [record["epoch"] for record in history] == list(
+        range(1, len(history) + 1)
+    )
+
+
 def test_agent_checkpoint_corrupt(agent_run, tmp_path, budget_file, agent_file, capsys):
     out = copy_of(agent_run, tmp_path)
 

@@ -510,4 +510,8 @@ def _chosen_trainer(env, best: dict[str, Any]):
         device=env.device,
     )
     trainer.load_state(best["state"])
+    # The weights come from the episode's trainer, so its epoch count and
+    # history describe them; a fresh trainer would record 0 epochs.
+    trainer.epochs_done = int(env.trainer.epochs_done)
+    trainer.history = list(env.trainer.history)
     return trainer
