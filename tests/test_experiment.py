@@ -24,7 +24,7 @@ from dvmrl.experiment_agent import (
     restore_episode,
     save_episode,
 )
-from dvmrl.report import _winner_text, find_winner, summarise
+from dvmrl.report import METHOD_LABELS, _winner_text, find_winner, summarise
 from dvmrl.search import SEARCH_SPACE
 
 # Two seeds and larger parts than the shared budget, for per-seed results.
@@ -544,7 +544,7 @@ def test_report_robustness_count_used(finished_run, tmp_path):
     from dvmrl.report import write_report
 
     out, _ = finished_run
-    assert f"measured on {TINY.robust_n} fixed test compositions (epsilon" in (
+    assert f"measured on {TINY.robust_n} fixed test compositions (box radius" in (
         (out / "report.md").read_text()
     )
     copy = tmp_path / "copy"
@@ -556,6 +556,21 @@ def test_report_robustness_count_used(finished_run, tmp_path):
     text = (copy / "report.md").read_text()
     assert "measured on 6 fixed test compositions (the budget asks for 100000" in text
     assert {row["robust_n"] for row in report["results"]} == {TINY.robust_n}
+
+
+def test_report_states_capped_radii_and_base_model(finished_run):
+    """report.md counts the radii at r_max and names the fixed base model."""
+    out, report = finished_run
+    text = (out / "report.md").read_text()
+    assert "in fraction units, tau 0.05 eV/atom)" in text
+    for method in ("random", "bayesian", "agent"):
+        rows = [r for r in report["results"] if r["method"] == method]
+        capped = sum(r["robust_capped"] for r in rows)
+        counted = sum(r["robust_n"] for r in rows)
+        label = METHOD_LABELS[method]
+        assert f"{label} {capped} of {counted}" in text
+    assert "which is not the default model of `dvmrl train`" in text
+    assert "| epochs used by the method |" in text
 
 
 def test_report_states_test_sizes(finished_run, tmp_path):

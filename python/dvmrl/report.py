@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from dvmrl._files import json_ready, write_text_atomic
+from dvmrl.experiment import BASE_MODEL, ROBUST_EPSILON, ROBUST_R_MAX, ROBUST_TAU
 from dvmrl.metrics import DEFAULT_TOLERANCE
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,9 @@ def unit_row(unit: dict[str, Any]) -> dict[str, Any]:
         "robustness_radius_l2": robust.get("robustness_radius_l2"),
         "vulnerability": robust.get("vulnerability"),
         "robust_n": robust.get("n_compositions"),
+        # Compositions that no change within r_max moved by tau; the mean
+        # radius counts them at r_max.
+        "robust_capped": robust.get("n_not_reached"),
         "chemsys_rmse": chemsys.get("rmse"),
         "chemsys_mae": chemsys.get("mae"),
         "chemsys_n": chemsys.get("n"),
@@ -451,11 +455,47 @@ def _budget_lines(report: dict[str, Any]) -> list[str]:
         f"Training pool: {train_pool}. Validation pool: {val_pool}. Every method sees "
         "the same pools. Chosen configurations are retrained for "
         f"{budget['retrain_epochs']} epochs on the chemsys split. Robustness is "
-        f"measured on {_robust_count(report)} "
-        "(epsilon 0.05, tau 0.05 eV/atom, r_max 0.25).",
+        f"measured on {_robust_count(report)} (box radius epsilon "
+        f"{ROBUST_EPSILON:g} and cap r_max {ROBUST_R_MAX:g} in fraction units, "
+        f"tau {ROBUST_TAU:g} eV/atom).{_capped_text(report)}",
+        "",
+        _base_model_text(),
         "",
         *_test_size_lines(report),
     ]
+
+
+def _capped_text(report: dict[str, Any]) -> str:
+    """Say how many robustness radii sit at the cap r_max, by method."""
+    parts = []
+    for method in report["methods"]:
+        rows = [r for r in report["results"] if r["method"] == method]
+        capped = [r.get("robust_capped") for r in rows]
+        counted = [r.get("robust_n") for r in rows]
+        if any(c is None for c in capped) or any(n is None for n in counted):
+            continue
+        label = METHOD_LABELS.get(method, method)
+        parts.append(f"{label} {sum(capped)} of {sum(counted)}")
+    if not parts:
+        return ""
+    return (
+        " A composition that no change within r_max moves by tau counts as "
+        f"r_max in the mean radius, so the means are lower bounds; such "
+        f"compositions: {', '.join(parts)}."
+    )
+
+
+def _base_model_text() -> str:
+    """Describe the model sizes and training settings that no method tunes."""
+    return (
+        "Every method tunes the same base model, which is not the default model "
+        "of `dvmrl train`: gate and message MLPs "
+        f"{BASE_MODEL['gate_hidden']} and {BASE_MODEL['msg_hidden']} wide, a "
+        f"{BASE_MODEL['head_layers']} x {BASE_MODEL['head_hidden']} head, no "
+        "fraction encoder and no weight average, trained on the squared error "
+        "and selected on the validation RMSE, the settings that the shipped "
+        "agent was meta-trained with."
+    )
 
 
 # Below this many test compositions (a rule of thumb), report.md and dvmrl run
@@ -680,7 +720,7 @@ def _config_lines(report: dict[str, Any]) -> list[str]:
         "## Chosen configurations",
         "",
         "| method | seed | lr | batch size | weight decay | dropout | layers | hidden "
-        "| epochs | seconds |",
+        "| epochs used by the method | seconds |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in report["results"]:
@@ -788,14 +828,26 @@ def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
         values = table.get("radius") or table.get("robustness_radius") or []
         if unit["method"] in radii:
             radii[unit["method"]].extend(v for v in values if v is not None)
-    figure, axes = plt.subplots(figsize=(6, 4))
+    figure, axes = plt.subplots(figsize=(7.5, 4))
     data = [radii[m] if radii[m] else [np.nan] for m in methods]
-    axes.boxplot(data, showmeans=True)
+    boxes = axes.boxplot(data, showmeans=True)
+    # Radii at the cap are compositions that no change within r_max moved.
+    cap = axes.axhline(ROBUST_R_MAX, color="0.5", linestyle="--", linewidth=1)
+    axes.legend(
+        [boxes["medians"][0], boxes["means"][0], cap],
+        ["median", "mean", f"cap r_max = {ROBUST_R_MAX:g}"],
+        # Outside the axes, so that it never covers a box.
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+        frameon=False,
+    )
     axes.set_xticks(
         range(1, len(methods) + 1), [METHOD_LABELS.get(m, m) for m in methods]
     )
     axes.set_ylabel("robustness radius (fraction)")
-    axes.set_title("Robustness radii of the chosen models (tau 0.05 eV/atom)")
+    axes.set_title(
+        f"Robustness radii of the chosen models (tau {ROBUST_TAU:g} eV/atom)"
+    )
     figure.tight_layout()
     save_figure(figure, folder / "robustness_radii.png")
     plt.close(figure)
