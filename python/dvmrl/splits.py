@@ -310,7 +310,10 @@ def make_split(
             [0, 1), a test and validation share that add up to 1 or more
             for ``random`` and ``chemsys``, a missing or unknown
             ``holdout_element``, ``rows`` that are not distinct positions in
-            ``df``, or data that leave a part empty that must not be.
+            ``df``, or data that leave the training part empty. The test
+            and validation parts of a few rows may be empty (5 rows at the
+            default shares give none), so callers that need them check
+            their sizes, as the command line does.
     """
     if kind not in KINDS:
         raise ValueError(
