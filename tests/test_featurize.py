@@ -187,3 +187,18 @@ def test_feature_names_match_stats():
     )
     with pytest.raises(ValueError, match="stats must be"):
         composition_feature_names(stats=("median",))
+
+
+@pytest.mark.parametrize(
+    ("value", "fix"),
+    [
+        ("NiAl", "such as featurize(['NiAl'])"),
+        ({"Ni": 1}, "such as featurize([{'Ni': 1}])"),
+        (None, "pass a list of formulas"),
+    ],
+)
+def test_single_composition_rejected(value, fix):
+    """A string would otherwise be read one character at a time."""
+    with pytest.raises(TypeError, match="must be a sequence of formulas") as caught:
+        featurize(value)
+    assert fix in str(caught.value)

@@ -147,7 +147,22 @@ def featurize(
     Raises:
         CompositionError: for an invalid composition, with its position.
         ValueError: when k_max is out of range.
+        TypeError: when ``compositions`` is one formula or mapping, or not
+            iterable, instead of a sequence of them.
     """
+    # A string or a mapping is iterable too, and its characters or keys would
+    # be read as compositions.
+    single = isinstance(compositions, str | Mapping)
+    if single or not isinstance(compositions, Iterable):
+        fix = (
+            f"wrap one composition in a list, such as featurize([{compositions!r}])"
+            if single
+            else "pass a list of formulas, such as ['Ni3Al', 'FeNi']"
+        )
+        raise TypeError(
+            "compositions must be a sequence of formulas or mappings, got "
+            f"{type(compositions).__name__} {compositions!r}; {fix}"
+        )
     parsed = [
         _as_fractions(item, position, alloy_notation, metals_only)
         for position, item in enumerate(compositions)
