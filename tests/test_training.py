@@ -547,3 +547,23 @@ def test_divergence_error_advice(data, grad_clip):
         assert "enable gradient clipping" not in str(error)
     else:
         assert "set grad_clip" in str(error)
+
+
+def test_text_targets_named():
+    from dvmrl.featurize import featurize
+
+    x = featurize(["NiAl", "FeNi", "CuZn", "AlCu"])
+    with pytest.raises(ValueError, match="targets of x_train must be numbers"):
+        Trainer(None, None, x, ["a", "b", "c", "d"])
+
+
+def test_unusable_cuda_named():
+    import torch
+
+    from dvmrl.featurize import featurize
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is usable here")
+    x = featurize(["NiAl", "FeNi", "CuZn", "AlCu"])
+    with pytest.raises(RuntimeError, match="PyTorch sees no CUDA GPU; use the CPU"):
+        Trainer(None, None, x, [0.1, 0.2, 0.3, 0.4], device="cuda")

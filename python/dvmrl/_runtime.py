@@ -138,7 +138,8 @@ def resolve_device(device: str | None = "auto"):
         if not torch.cuda.is_available():
             raise RuntimeError(
                 f"device {device!r} requested but PyTorch sees no CUDA GPU; "
-                "pass --device cpu or run on a GPU node"
+                "use the CPU (--device cpu, or device='cpu' in Python) or run on "
+                "a GPU node"
             )
         return torch.device(name)
     raise ValueError(f"unknown device {device!r}; expected cpu, cuda, cuda:N or auto")

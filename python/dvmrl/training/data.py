@@ -28,9 +28,16 @@ def check_targets(y: Any, count: int, name: str) -> np.ndarray:
     """Return targets as a float64 array [count], rejecting NaN and infinities.
 
     Raises:
-        ValueError: for a wrong length or non-finite values, with positions.
+        ValueError: for values that are not numbers, a wrong length or
+            non-finite values, with positions.
     """
-    values = np.asarray(y, dtype=np.float64).reshape(-1)
+    try:
+        values = np.asarray(y, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"{name} must be numbers in eV/atom ({err}); convert them with "
+            "float() or drop the rows that are not numbers"
+        ) from None
     if values.shape[0] != count:
         raise ValueError(
             f"{name} has {values.shape[0]} values for {count} compositions"

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dvmrl._runtime import torch_threads
+from dvmrl._runtime import resolve_device, torch_threads
 from dvmrl.layout import parameter_layout, unflatten
 from dvmrl.model import LOG_VARIANCE_MAX, LOG_VARIANCE_MIN, CompositionMPNN, ModelConfig
 from dvmrl.training import checkpoint as ckpt
@@ -135,7 +135,9 @@ class Trainer:
             raise TypeError(
                 f"dtype must be torch.float32 or torch.float64, got {dtype}"
             )
-        self.device = torch.device(device)
+        # resolve_device names the fix when CUDA is asked for but unusable,
+        # where moving a tensor would fail with a bare AssertionError.
+        self.device = resolve_device(str(torch.device(device)))
         self.dtype = dtype
         self._train = DeviceSet(x_train, y_train, "x_train", self.device, dtype)
         self._val: DeviceSet | None = None
