@@ -431,3 +431,19 @@ def test_train_interrupt_before_checkpoint(tmp_path, monkeypatch, caplog):
     assert "nothing was saved" in caplog.text
     assert "without --resume" in caplog.text
     assert not out.exists()
+
+
+def test_evaluate_warns_train_size_above_data(trained, capsys, monkeypatch):
+    """A --train-size above the data is named before the episode starts."""
+    import dvmrl.agent
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dvmrl.agent, "run_episode", stop)
+    argv = ["agent", "evaluate", "--agent", str(trained), "--train-size", "100000"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert re.search(
+        r"--train-size 100000 exceeds the \d+ compositions of the training part", err
+    )

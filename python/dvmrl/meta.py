@@ -539,6 +539,7 @@ def plot_learning_curve(history: Sequence[dict[str, Any]], path: str | os.PathLi
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     returns = np.array([row["return"] for row in history], dtype=float)
     episodes = np.arange(1, len(returns) + 1)
@@ -548,6 +549,8 @@ def plot_learning_curve(history: Sequence[dict[str, Any]], path: str | os.PathLi
         average = np.convolve(returns, np.ones(window) / window, mode="valid")
         axes.plot(episodes[window - 1 :], average, "-", label=f"moving average ({window})")
     axes.axhline(0.0, color="grey", lw=0.8)
+    # Episodes are whole numbers, also on the axis of a short run.
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("episode")
     axes.set_ylabel("return (accuracy gain + vulnerability drop)")
     axes.set_title("Meta-training of the DQN agent")

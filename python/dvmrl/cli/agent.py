@@ -166,9 +166,11 @@ def run_train(args: argparse.Namespace) -> int:
         plot_learning_curve(result.history, args.curve)
     returns = [row["return"] for row in result.history]
     tail = returns[-10:]
+    episodes = f"{len(returns)} episode{'' if len(returns) == 1 else 's'}"
+    last = "the episode" if len(tail) == 1 else f"the last {len(tail)} episodes"
     print(
-        f"wrote {args.out}: {len(returns)} episodes, {result.agent.env_steps} steps, "
-        f"{result.wall_time_s:.0f} s; mean return of the last {len(tail)} episodes "
+        f"wrote {args.out}: {episodes}, {result.agent.env_steps} steps, "
+        f"{result.wall_time_s:.0f} s; mean return of {last} "
         f"{sum(tail) / len(tail):.4f}"
     )
     return 0
@@ -197,6 +199,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
             f"the agent expects {agent.obs_dim} observations and {agent.n_actions} actions, "
             f"the environment has {env.observation_space.shape[0]} and {env.action_space.n}; "
             "retrain the agent with this dvmrl version"
+        )
+    available = len(env.train_formulas)
+    if args.train_size > available:
+        print(
+            f"dvmrl agent evaluate: warning: --train-size {args.train_size} exceeds "
+            f"the {available} compositions of the training part of "
+            f"{EVALUATION_DATASET}, so the episodes train on all {available}",
+            file=sys.stderr,
         )
     for episode in range(args.episodes):
         result = run_episode(agent, env, learn=False, seed=args.seed + episode)
