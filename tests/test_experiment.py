@@ -573,6 +573,23 @@ def test_report_states_capped_radii_and_base_model(finished_run):
     assert "| epochs used by the method |" in text
 
 
+def test_report_keeps_global_backend(finished_run, tmp_path):
+    import matplotlib
+
+    from dvmrl.report import write_report
+
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run[0], copy)
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")
+    try:
+        write_report(copy)
+        assert matplotlib.get_backend() == "pdf"
+    finally:
+        matplotlib.use(before)
+    assert (copy / "figures" / "robustness_radii.png").is_file()
+
+
 def test_report_states_test_sizes(finished_run, tmp_path):
     from dvmrl.report import SMALL_TEST_PART, write_report
 

@@ -124,3 +124,18 @@ def test_parity_axis_labels_follow_the_data(name, kind, xlabel, ylabel):
     labels = axis_labels({"name": name, "target_kind": kind})
     axes = parity_figure(truth, prediction, counts, **labels).axes[0]
     assert (axes.get_xlabel(), axes.get_ylabel()) == (xlabel, ylabel)
+
+
+def test_learning_curve_keeps_global_backend(tmp_path):
+    """Figures are drawn on their own canvas, whatever backend the caller chose."""
+    from dvmrl.meta import plot_learning_curve
+
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")
+    try:
+        path = tmp_path / "curve.png"
+        plot_learning_curve([{"return": 0.1}, {"return": 0.3}], path)
+        assert matplotlib.get_backend() == "pdf"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        matplotlib.use(before)

@@ -533,31 +533,28 @@ def plot_learning_curve(history: Sequence[dict[str, Any]], path: str | os.PathLi
     The image format follows the suffix of ``path`` (PNG without one), and
     the file is written atomically.
     """
-    import matplotlib
-
-    from dvmrl.plotting import save_figure
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
+    from dvmrl.plotting import new_figure, save_figure
 
     returns = np.array([row["return"] for row in history], dtype=float)
     episodes = np.arange(1, len(returns) + 1)
-    figure, axes = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    figure, axes = new_figure((6.4, 3.6), dpi=120)
     axes.plot(episodes, returns, ".", alpha=0.4, label="episode return")
     if len(returns) >= window:
         average = np.convolve(returns, np.ones(window) / window, mode="valid")
         axes.plot(episodes[window - 1 :], average, "-", label=f"moving average ({window})")
     axes.axhline(0.0, color="grey", lw=0.8)
-    # Episodes are whole numbers, also on the axis of a short run.
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    # Episodes are whole numbers, also on the axis of a short run, whose
+    # automatic limits would hold a single integer.
+    axes.set_xlim(0.5, len(returns) + 0.5)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     axes.set_xlabel("episode")
     axes.set_ylabel("return (accuracy gain + vulnerability drop)")
     axes.set_title("Meta-training of the DQN agent")
     axes.legend(loc="lower right")
     figure.tight_layout()
     save_figure(figure, path)
-    plt.close(figure)
 
 
 def export_pretrained(out: str | os.PathLike, dest: str | os.PathLike | None = None) -> Path:

@@ -192,6 +192,21 @@ def check_image_path(path: str | os.PathLike) -> None:
         )
 
 
+def new_figure(figsize: tuple[float, float], ncols: int = 1, dpi: int = 100):
+    """Return ``(figure, axes)`` on an Agg canvas of its own, one row of ``ncols``.
+
+    Unlike ``pyplot.subplots``, this touches no global matplotlib state: the
+    backend a caller chose stays, and nothing needs closing. ``axes`` is one
+    Axes for ``ncols`` = 1, else an array of them.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(figure)
+    return figure, figure.subplots(1, ncols)
+
+
 def save_figure(figure, path: str | os.PathLike) -> Path:
     """Write a figure to ``path`` atomically, in the format its suffix names.
 

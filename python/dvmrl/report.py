@@ -753,12 +753,7 @@ def _data_info(out_dir: Path) -> dict[str, Any]:
 
 def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
     """Draw the figures into ``out_dir/figures`` and return name -> relative path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from dvmrl.plotting import axis_labels, parity_plot, save_figure
+    from dvmrl.plotting import axis_labels, new_figure, parity_plot, save_figure
 
     folder = out_dir / "figures"
     folder.mkdir(parents=True, exist_ok=True)
@@ -767,7 +762,7 @@ def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
     written: dict[str, str] = {}
 
     # Best-so-far validation RMSE against epochs.
-    figure, axes = plt.subplots(figsize=(6, 4))
+    figure, axes = new_figure((6, 4))
     for key, points in report["curves"].items():
         method = key.split("/")[0]
         if not points or method not in colours:
@@ -790,7 +785,6 @@ def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
     axes.set_title("Search progress (one line per seed)")
     figure.tight_layout()
     save_figure(figure, folder / "search_progress.png")
-    plt.close(figure)
     written["best-so-far validation RMSE against epochs"] = (
         "figures/search_progress.png"
     )
@@ -802,7 +796,7 @@ def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
         ("chemsys_rmse", "chemsys RMSE"),
         ("chemsys_mae", "chemsys MAE"),
     )
-    figure, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.5))
+    figure, axes = new_figure((3 * len(panels), 3.5), ncols=len(panels))
     for ax, (key, label) in zip(axes, panels, strict=True):
         means = [report["summary"][key][m]["mean"] or 0.0 for m in methods]
         errors = [report["summary"][key][m]["std"] or 0.0 for m in methods]
@@ -817,7 +811,6 @@ def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
         ax.set_title(f"{label} (eV/atom)")
     figure.tight_layout()
     save_figure(figure, folder / "test_metrics.png")
-    plt.close(figure)
     written["test metrics per method"] = "figures/test_metrics.png"
 
     # Robustness radii per composition, pooled over seeds.
@@ -828,7 +821,7 @@ def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
         values = table.get("radius") or table.get("robustness_radius") or []
         if unit["method"] in radii:
             radii[unit["method"]].extend(v for v in values if v is not None)
-    figure, axes = plt.subplots(figsize=(7.5, 4))
+    figure, axes = new_figure((7.5, 4))
     data = [radii[m] if radii[m] else [np.nan] for m in methods]
     boxes = axes.boxplot(data, showmeans=True)
     # Radii at the cap are compositions that no change within r_max moved.
@@ -850,7 +843,6 @@ def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
     )
     figure.tight_layout()
     save_figure(figure, folder / "robustness_radii.png")
-    plt.close(figure)
     written["robustness radii"] = "figures/robustness_radii.png"
 
     # Parity plot of the model with the lowest test RMSE.
