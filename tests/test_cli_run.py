@@ -409,3 +409,22 @@ def test_csv_with_other_column_names(tmp_path, capsys):
     assert json.loads((out / "report.json").read_text())["results"] == json.loads(
         before
     )["results"]
+
+
+def test_relative_data_path_resumes_elsewhere(tmp_path, monkeypatch, capsys):
+    data = sample_csv(tmp_path / "small.csv", 80)
+    budget = tmp_path / "budget.json"
+    budget.write_text(json.dumps(TINY_BUDGET))
+    out = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)
+    argv = [
+        "run", "--budget", str(budget), "--data", "small.csv", "--methods", "random",
+        "--no-progress", "--threads", "1", "--out", str(out),
+    ]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert json.loads((out / "run.json").read_text())["data"] == str(data.resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code = main(["run", "--out", str(out), "--resume", "--no-progress"])
+    assert code == 0, capsys.readouterr().err

@@ -15,6 +15,7 @@ from dvmrl.cli._common import (
     UsageError,
     add_compute_options,
     add_csv_column_options,
+    data_reference,
     path_text,
     positive_int,
     setup_compute,
@@ -212,7 +213,8 @@ def _fill_defaults(args: argparse.Namespace) -> None:
             args.agent = recorded.get("agent_path")
         if args.agent_learn is None:
             args.agent_learn = bool(recorded.get("agent_learn"))
-    args.data = DEFAULT_DATA if args.data is None else args.data
+    # A CSV path is stored absolute, so that --resume finds it from any folder.
+    args.data = data_reference(DEFAULT_DATA if args.data is None else args.data)
     args.formula_column = args.formula_column or "formula"
     args.target_column = args.target_column or "target"
     args.budget = "small" if args.budget is None else args.budget
