@@ -287,6 +287,9 @@ def provenance(run: dict[str, Any]) -> dict[str, Any]:
         "data_file_sha256": info.get("file_sha256") or info.get("sha256"),
         "data_csv_sha256": info.get("csv_sha256"),
         "data_rows": info.get("rows"),
+        # The parity plot names its axes from these (dvmrl.plotting.axis_labels).
+        "data_name": info.get("name"),
+        "data_target_kind": info.get("target_kind"),
         "command_line": run.get("command_line"),
         "started": run.get("started"),
         "reported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -741,16 +744,6 @@ def _config_lines(report: dict[str, Any]) -> list[str]:
 # Figures
 
 
-def _data_info(out_dir: Path) -> dict[str, Any]:
-    """Return the data set metadata that run.json records (empty if unreadable)."""
-    try:
-        run = json.loads((out_dir / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    info = run.get("data_info") if isinstance(run, dict) else None
-    return info if isinstance(info, dict) else {}
-
-
 def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
     """Draw the figures into ``out_dir/figures`` and return name -> relative path."""
     from dvmrl.plotting import axis_labels, new_figure, parity_plot, save_figure
@@ -870,7 +863,12 @@ def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
                     f"{METHOD_LABELS.get(best['method'], best['method'])}, seed "
                     f"{best['seed']}: lowest test RMSE"
                 ),
-                **axis_labels(_data_info(out_dir)),
+                **axis_labels(
+                    {
+                        "name": report["provenance"]["data_name"],
+                        "target_kind": report["provenance"]["data_target_kind"],
+                    }
+                ),
             )
             written["parity plot of the best model"] = "figures/parity_best.png"
     return written
