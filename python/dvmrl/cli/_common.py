@@ -63,6 +63,11 @@ def path_text(text: str) -> str:
     return text
 
 
+def plural(count: int, noun: str) -> str:
+    """Return the count with its noun, such as "1 element" or "3 elements"."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def positive_int(text: str) -> int:
     """Parse an integer >= 1 for argparse."""
     return _int_at_least(text, 1)

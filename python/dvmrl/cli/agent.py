@@ -13,6 +13,7 @@ from dvmrl.cli._common import (
     check_output_file,
     non_negative_int,
     path_text,
+    plural,
     positive_int,
     setup_compute,
 )
@@ -166,10 +167,10 @@ def run_train(args: argparse.Namespace) -> int:
         plot_learning_curve(result.history, args.curve)
     returns = [row["return"] for row in result.history]
     tail = returns[-10:]
-    episodes = f"{len(returns)} episode{'' if len(returns) == 1 else 's'}"
     last = "the episode" if len(tail) == 1 else f"the last {len(tail)} episodes"
     print(
-        f"wrote {args.out}: {episodes}, {result.agent.env_steps} steps, "
+        f"wrote {args.out}: {plural(len(returns), 'episode')}, "
+        f"{result.agent.env_steps} steps, "
         f"{result.wall_time_s:.0f} s; mean return of {last} "
         f"{sum(tail) / len(tail):.4f}"
     )

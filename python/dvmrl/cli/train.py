@@ -40,6 +40,7 @@ from dvmrl.cli._common import (
     non_negative_float,
     non_negative_int,
     path_text,
+    plural,
     positive_float,
     positive_int,
     setup_compute,
@@ -1937,14 +1938,14 @@ def _domain_warnings(
         unseen = [symbol for symbol in composition if symbol not in known]
         if unseen:
             warnings.append(
-                f"{formula}: {_plural(len(unseen), 'element')} never seen in "
+                f"{formula}: {plural(len(unseen), 'element')} never seen in "
                 f"training ({', '.join(unseen)}); {extrapolation}, and the model "
                 "has learned nothing about these elements"
             )
         count = len(composition)
         if count > int(max_elements):
             warnings.append(
-                f"{formula}: {_plural(count, 'element')}, but training compositions "
+                f"{formula}: {plural(count, 'element')}, but training compositions "
                 f"have at most {int(max_elements)}; {extrapolation}"
             )
         if min_elements is not None and count < int(min_elements):
@@ -1954,14 +1955,10 @@ def _domain_warnings(
                 else ""
             )
             warnings.append(
-                f"{formula}: {_plural(count, 'element')}, but training compositions "
+                f"{formula}: {plural(count, 'element')}, but training compositions "
                 f"have at least {int(min_elements)}; {extrapolation}{reason}"
             )
     return warnings
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _check_predict_arguments(args: argparse.Namespace) -> None:
