@@ -295,7 +295,7 @@ def test_search_rejects_zero_starts():
         adversarial_search(predict, batch, 0.05, starts=0)
 
 
-def test_formulas_of_float32_fractions_have_their_precision():
+def test_float32_formulas_have_seven_digits():
     from dvmrl.adversarial import compositions_to_formulas
 
     index = torch.tensor([[27, 40], [12, 27]])

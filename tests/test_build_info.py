@@ -126,10 +126,10 @@ def test_unusable_path_error_exits_2(tmp_path, monkeypatch, capsys):
 
     blocker = tmp_path / "a_file"
 
-    def refused():
+    def raise_not_a_directory():
         raise NotADirectoryError(20, "Not a directory", str(blocker / "x"))
 
-    monkeypatch.setattr(dvmrl, "build_info", refused)
+    monkeypatch.setattr(dvmrl, "build_info", raise_not_a_directory)
     assert main(["info"]) == 2
     err = capsys.readouterr().err
     assert f"cannot use path '{blocker / 'x'}': Not a directory" in err

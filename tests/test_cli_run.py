@@ -402,7 +402,8 @@ def test_csv_with_other_column_names(tmp_path, capsys):
     columns = ["--formula-column", "composition", "--target-column", "e_form"]
     assert main([*argv, *columns]) == 0, capsys.readouterr().err
     run = json.loads((out / "run.json").read_text())
-    assert (run["formula_column"], run["target_column"]) == ("composition", "e_form")
+    assert run["formula_column"] == "composition"
+    assert run["target_column"] == "e_form"
     before = (out / "report.json").read_text()
     code = main(["run", "--out", str(out), "--resume", "--no-progress"])
     assert code == 0, capsys.readouterr().err

@@ -410,8 +410,8 @@ def test_predict_caps_domain_warnings(trained, tmp_path, capsys):
     path.write_text("formula\n" + "\n".join(rows) + "\n")
     assert main(["predict", str(trained / "model.pt"), "--input", str(path)]) == 0
     captured = capsys.readouterr()
-    shown = captured.err.count("but training compositions have at most")
-    assert shown == MAX_DOMAIN_WARNINGS
+    warning_count = captured.err.count("but training compositions have at most")
+    assert warning_count == MAX_DOMAIN_WARNINGS
     assert f"{len(rows) - MAX_DOMAIN_WARNINGS} more warnings" in captured.err
     assert all(row in captured.out for row in rows)
 
@@ -987,7 +987,8 @@ def test_csv_with_other_column_names(tmp_path, data_csv, capsys):
     args = ["--data", str(path), "--epochs", "1", *TINY, "--out", str(out)]
     assert main(["train", *args, *columns]) == 0
     run = json.loads((out / "run.json").read_text())
-    assert (run["formula_column"], run["target_column"]) == ("composition", "e_form")
+    assert run["formula_column"] == "composition"
+    assert run["target_column"] == "e_form"
     metrics = json.loads((out / "metrics.json").read_text())
 
     capsys.readouterr()

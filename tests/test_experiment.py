@@ -558,7 +558,7 @@ def test_report_robustness_count_used(finished_run, tmp_path):
     assert {row["robust_n"] for row in report["results"]} == {TINY.robust_n}
 
 
-def test_report_states_capped_radii_and_base_model(finished_run):
+def test_report_capped_radii_and_base_model(finished_run):
     """report.md counts the radii at r_max and names the fixed base model."""
     out, report = finished_run
     text = (out / "report.md").read_text()
@@ -653,7 +653,7 @@ def test_pools_accept_twenty_rows():
     assert len(pools.val_index) >= 2
 
 
-def test_readme_budget_example_is_the_small_preset():
+def test_readme_budget_equals_small_preset():
     """The budget file that README.md shows loads and equals the small preset."""
     import re
     from pathlib import Path

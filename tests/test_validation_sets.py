@@ -114,16 +114,17 @@ def test_negative_pool_indices_raise(strategy, data):
     df, split = data[0], data[1]
     pool = split.test[:5] - len(df)
     options = _options(strategy, data)
-    with pytest.raises(ValueError, match="pool_indices holds negative row indices"):
+    with pytest.raises(ValueError, match="pool_indices contains negative row indices"):
         select_validation_set(strategy, pool, 3, 0, **options)
 
 
 @pytest.mark.parametrize("strategy", ["random", "gp-uncertainty"])
-def test_pool_indices_beyond_the_data_raise(strategy, data):
+def test_pool_indices_out_of_range_raise(strategy, data):
     df = data[0]
     pool = np.array([len(df), len(df) + 1])
     options = _options(strategy, data)
-    with pytest.raises(ValueError, match=f"beyond the {len(df)} rows of the data"):
+    message = f"out of range for the {len(df)} rows of the data"
+    with pytest.raises(ValueError, match=message):
         select_validation_set(strategy, pool, 1, 0, **options)
 
 

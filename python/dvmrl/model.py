@@ -261,8 +261,10 @@ def _default_descriptors() -> np.ndarray:
 
 
 # Largest deviation from 1 that the forward accepts in a composition's
-# fraction sum; float32 rounding of featurized fractions stays below 1e-6.
+# fraction sum. Float32 rounding of featurized fractions moves it by about
+# 1e-6 at most (an estimate for 8 elements), far below this bound.
 SUM_TOLERANCE = 1e-3
+
 
 class CompositionMPNN(nn.Module):
     """Weighted soft-attention message passing over alloy compositions.
@@ -472,6 +474,8 @@ class CompositionMPNN(nn.Module):
                 "element_index, frac and mask must share one [B, K] shape, got "
                 f"{list(element_index.shape)}, {list(frac.shape)}, {list(mask.shape)}"
             )
+        # NOTE: CUDA tensors are not checked, so there a row of -1 still reads
+        # the last element and bad fractions still give a prediction.
         if element_index.device.type == "cpu" and element_index.numel():
             self._check_values(element_index, frac, mask)
 
@@ -482,15 +486,15 @@ class CompositionMPNN(nn.Module):
 
         Only the real slots count. Tensor indexing would read -1 as the last
         element, so a bad row would give a prediction instead of an error.
-        Runs on CPU tensors only, where it costs a few microseconds; on a GPU
-        it would wait for the device at every forward.
+        Runs on CPU tensors only, where it costs a few small reductions. On a
+        GPU it would wait for the device at every forward.
         """
         rows = self.descriptors.shape[0]
         index_low, index_high = torch.aminmax(torch.where(mask, element_index, 0))
         if index_low < 0 or index_high >= rows:
             bad = element_index[mask & ((element_index < 0) | (element_index >= rows))]
             raise ValueError(
-                f"element_index holds rows outside 0 .. {rows - 1}, such as "
+                f"element_index contains rows outside 0 .. {rows - 1}, such as "
                 f"{bad[:5].tolist()}; build batches with dvmrl.featurize, whose rows "
                 "are atomic numbers minus 1"
             )
@@ -499,7 +503,7 @@ class CompositionMPNN(nn.Module):
             empty = torch.nonzero(~filled).flatten()
             raise ValueError(
                 f"rows {empty[:5].tolist()} of mask have no real slot (all false), "
-                "so they hold no composition; drop them or build batches with "
+                "so they contain no composition; drop them or build batches with "
                 "dvmrl.featurize"
             )
         real = torch.where(mask, frac, 0)
@@ -509,7 +513,7 @@ class CompositionMPNN(nn.Module):
         valid = frac_low >= 0 and frac_high <= 1
         if not (valid and sum_low > 1 - SUM_TOLERANCE and sum_high < 1 + SUM_TOLERANCE):
             raise ValueError(
-                "frac must hold atomic fractions of the real slots, each in [0, 1] "
+                "frac must contain atomic fractions of the real slots, each in [0, 1] "
                 "and summing to 1 per composition; got values in "
                 f"[{float(frac_low):g}, {float(frac_high):g}] and sums in "
                 f"[{float(sum_low):g}, {float(sum_high):g}]; build batches with "

@@ -39,7 +39,7 @@ def axis_labels(data_info: Mapping) -> dict[str, str]:
     """Return the ``quantity`` and ``reference`` of a parity plot of a data set.
 
     ``data_info`` is the metadata dict of ``dvmrl.datasets.resolve_data``.
-    The vendored data sets hold DFT values; a user's file may hold
+    The vendored data sets contain DFT values. A user's file may contain
     measurements or other calculations, so its values are named "reference".
     """
     from dvmrl.datasets import DATASETS
@@ -195,8 +195,8 @@ def check_image_path(path: str | os.PathLike) -> None:
 def new_figure(figsize: tuple[float, float], ncols: int = 1, dpi: int = 100):
     """Return ``(figure, axes)`` on an Agg canvas of its own, one row of ``ncols``.
 
-    Unlike ``pyplot.subplots``, this touches no global matplotlib state: the
-    backend a caller chose stays, and nothing needs closing. ``axes`` is one
+    Unlike ``pyplot.subplots``, this changes no global matplotlib state, so
+    the caller's backend stays and nothing needs closing. ``axes`` is one
     Axes for ``ncols`` = 1, else an array of them.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -83,7 +83,7 @@ def unit_row(unit: dict[str, Any]) -> dict[str, Any]:
         "robustness_radius_l2": robust.get("robustness_radius_l2"),
         "vulnerability": robust.get("vulnerability"),
         "robust_n": robust.get("n_compositions"),
-        # Compositions that no change within r_max moved by tau; the mean
+        # Compositions that no change within r_max moved by tau. The mean
         # radius counts them at r_max.
         "robust_capped": robust.get("n_not_reached"),
         "chemsys_rmse": chemsys.get("rmse"),
@@ -469,7 +469,7 @@ def _budget_lines(report: dict[str, Any]) -> list[str]:
 
 
 def _capped_text(report: dict[str, Any]) -> str:
-    """Say how many robustness radii sit at the cap r_max, by method."""
+    """Return the sentence that counts the radii at the cap r_max, by method."""
     parts = []
     for method in report["methods"]:
         rows = [r for r in report["results"] if r["method"] == method]
@@ -489,7 +489,7 @@ def _capped_text(report: dict[str, Any]) -> str:
 
 
 def _base_model_text() -> str:
-    """Describe the model sizes and training settings that no method tunes."""
+    """Return the sentence that describes the model settings no method tunes."""
     return (
         "Every method tunes the same base model, which is not the default model "
         "of `dvmrl train`: gate and message MLPs "

@@ -58,7 +58,7 @@ def _index_array(name: str, values) -> np.ndarray:
     # checks below under another number.
     if array.size and array.min() < 0:
         raise ValueError(
-            f"{name} holds negative row indices, such as "
+            f"{name} contains negative row indices, such as "
             f"{array[array < 0][:5].tolist()}; pass 0-based positions of rows"
         )
     return array.astype(np.int64)
@@ -101,7 +101,7 @@ def check_pool(
 
 
 def _row_count(batch, features, targets) -> int | None:
-    """Return the number of data rows that the given arrays hold, if any is given."""
+    """Return the length of the first array that is not None, or None if all are."""
     for values in (batch, features, targets):
         if values is not None:
             return len(values)
@@ -477,8 +477,8 @@ def select_validation_set(
             beyond = np.concatenate([beyond, train[train >= rows]])
         if beyond.size:
             raise ValueError(
-                f"row indices {beyond[:5].tolist()} are beyond the {rows} rows of the "
-                "data (batch, features or targets); pass indices below "
+                f"row indices {beyond[:5].tolist()} are out of range for the {rows} "
+                "rows of the data (batch, features or targets); pass indices below "
                 f"{rows}"
             )
     if int(size) != size or not 1 <= size <= len(pool):

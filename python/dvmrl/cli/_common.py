@@ -271,13 +271,13 @@ def csv_columns(
     """
     columns = {}
     for key, default in (("formula_column", "formula"), ("target_column", "target")):
-        given = getattr(args, key, None) if args is not None else None
-        columns[key] = given or settings.get(key) or default
+        option_value = getattr(args, key, None) if args is not None else None
+        columns[key] = option_value or settings.get(key) or default
     return columns
 
 
 def data_reference(source: str) -> str:
-    """Return a CSV path absolute, so a checkpoint finds its data from any folder.
+    """Return a CSV path as an absolute path, so that a checkpoint finds its data.
 
     A vendored data set name is returned as given.
     """

@@ -49,8 +49,8 @@ from dvmrl.cli._common import (
 logger = logging.getLogger("dvmrl")
 
 EV_TO_KJ_PER_MOL = 96.485
-# Warnings about compositions outside the training domain that predict
-# prints; a long input file would otherwise bury the table in them.
+# Largest number of warnings about compositions outside the training domain
+# that predict prints, because a long input file would bury the table in them.
 MAX_DOMAIN_WARNINGS = 10
 DEFAULT_DATA = "mp-formation-energy"
 SPLIT_KINDS = ("random", "chemsys", "element", "binary-to-ternary")
