@@ -171,6 +171,9 @@ static inline void rows_nn(int64_t rows, int64_t kd, const T* a, int64_t sa_n,
   }
 }
 
+// Rows of B in one packed panel of gemm_nn: 128 rows of 4 vectors, 32 KB.
+constexpr int64_t kPanelRows = 128;
+
 // C [N, M] (+)= A [N, Kd] B [Kd, M]; A is read through strides, so A^T
 // costs nothing; B and C are row-major with leading dimensions ldb, ldc.
 template <class T>
@@ -179,9 +182,30 @@ static void gemm_nn(int64_t n_rows, int64_t m_cols, int64_t kd, const T* a, int6
                     bool accumulate) {
   if (n_rows <= 0 || m_cols <= 0) return;
   constexpr int W = Simd<T>::W;
+  constexpr int64_t panel_width = 4 * W;
+  // B's column blocks are copied into a contiguous panel of at most
+  // kPanelRows rows (32 KB) when more than 6 rows of A read them. Read in
+  // place, a block's rows lie ldb apart, and at the usual power-of-two
+  // widths (2 KB for 512 floats) they map onto a few L1 sets, so every row
+  // tile streamed B again from L2. Splitting the reduction into panels
+  // keeps each output's sum in order of k (the partial sum passes through C
+  // between panels), so the result is bitwise that of one pass.
+  const bool pack = n_rows > 6 && kd > 0 && ldb != panel_width;
   int64_t m = 0;
-  for (; m + 4 * W <= m_cols; m += 4 * W)
-    rows_nn<T, 4>(n_rows, kd, a, sa_n, sa_k, b + m, ldb, c + m, ldc, accumulate);
+  for (; m + panel_width <= m_cols; m += panel_width) {
+    if (!pack) {
+      rows_nn<T, 4>(n_rows, kd, a, sa_n, sa_k, b + m, ldb, c + m, ldc, accumulate);
+      continue;
+    }
+    alignas(64) T panel[kPanelRows * panel_width];
+    for (int64_t k0 = 0; k0 < kd; k0 += kPanelRows) {
+      const int64_t kc = kd - k0 < kPanelRows ? kd - k0 : kPanelRows;
+      for (int64_t k = 0; k < kc; ++k)
+        std::memcpy(panel + k * panel_width, b + (k0 + k) * ldb + m, sizeof(T) * panel_width);
+      rows_nn<T, 4>(n_rows, kc, a + k0 * sa_k, sa_n, sa_k, panel, panel_width, c + m, ldc,
+                    accumulate || k0 > 0);
+    }
+  }
   for (; m + W <= m_cols; m += W)
     rows_nn<T, 1>(n_rows, kd, a, sa_n, sa_k, b + m, ldb, c + m, ldc, accumulate);
   for (; m < m_cols; ++m) {
