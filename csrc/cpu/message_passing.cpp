@@ -10,6 +10,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "dvmrl/thread_pool.h"
 #include "message_passing_cpu.h"
 
@@ -215,8 +219,28 @@ Ctx<T> make_ctx(const Dims& d, const Buffers& buf, const NodeIndex& ni) {
 }
 
 
+// Ask Linux to back a large buffer with transparent huge pages before its
+// first write. dvmrl.ops allocates the workspace per call, and above
+// glibc's mmap threshold (at most 32 MB) every call maps fresh pages: a
+// B = 4096, H = 128 forward wrote its 197 MB workspace in 4 KB pages, about
+// 34,000 page faults per step. Advice only: with transparent huge pages set
+// to "never" the kernel ignores it, and pages written before keep their size.
+void advise_huge_pages(uintptr_t address, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+  if (bytes < int64_t(4 * kHugePage)) return;
+  const uintptr_t begin = (address + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t end = (address + static_cast<uintptr_t>(bytes)) & ~(kHugePage - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)address;
+  (void)bytes;
+#endif
+}
+
 template <class T>
 void forward_typed(const Dims& d, const Buffers& buf) {
+  advise_huge_pages(buf.ws, make_ws_layout(d).total * static_cast<int64_t>(sizeof(T)));
   const NodeIndex ni = build_node_index(d, reinterpret_cast<const int64_t*>(buf.index),
                                         reinterpret_cast<const bool*>(buf.mask),
                                         "model_forward");
