@@ -291,6 +291,18 @@ def test_evaluate_out_under_file(trained, tmp_path, capsys):
     assert "rmse" not in captured.out
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs the Linux /proc")
+def test_evaluate_out_where_nothing_can_be_created(trained, capsys):
+    # /proc takes no new folders, not even from root, for whom os.access
+    # answers yes; the check must find that out before scoring.
+    code = main(["evaluate", str(trained / "model.pt"), "--out", "/proc/dvmrl-eval"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "--out /proc/dvmrl-eval" in captured.err
+    assert "pass a path in a writable folder" in captured.err
+    assert "rmse" not in captured.out
+
+
 def _copy_csv(source, folder):
     copy = folder / "copy.csv"
     copy.write_bytes(source.read_bytes())

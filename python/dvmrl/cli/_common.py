@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+import tempfile
 from pathlib import Path
 
 EXIT_OK = 0
@@ -219,6 +220,16 @@ def check_output_folder(
             f"{option} {reported}: the folder {ancestor} is not writable; pass a "
             "path in a writable folder"
         )
+    # os.access answers yes for root in folders such as /sys or /proc, where
+    # creating anything fails, so try it: a folder made and removed at once.
+    try:
+        probe = tempfile.mkdtemp(prefix=".dvmrl-write-test.", dir=ancestor)
+    except OSError as err:
+        raise ValueError(
+            f"{option} {reported}: nothing can be created in the folder {ancestor} "
+            f"({err.strerror or err}); pass a path in a writable folder"
+        ) from None
+    os.rmdir(probe)
 
 
 def check_output_file(
