@@ -1,4 +1,5 @@
 import json
+import logging
 import re
 
 import numpy as np
@@ -157,6 +158,31 @@ def test_validate_prints_table(checkpoint, tmp_path, capsys):
     assert code == 0
     assert "vulnerability" in printed
     assert "random: train vs validation set" in printed
+
+
+def test_validate_warns_when_strategies_take_the_whole_pool(
+    checkpoint, tmp_path, caplog
+):
+    # The validation pool of the 400 rows holds 40 compositions.
+    with caplog.at_level(logging.WARNING, logger="dvmrl"):
+        code = main(
+            [
+                "validate",
+                str(checkpoint),
+                "--out",
+                str(tmp_path),
+                *FAST,
+                "--validation-size",
+                "500",
+            ]
+        )
+    assert code == 0
+    assert "every strategy selects the whole pool" in caplog.text
+    assert "pass a --validation-size below 40" in caplog.text
+    report = json.loads((tmp_path / "report.json").read_text())
+    sets = [sorted(indices) for indices in report["validation_sets"].values()]
+    assert len(sets) == 4
+    assert all(chosen == sets[0] for chosen in sets)
 
 
 @pytest.mark.parametrize(

@@ -42,6 +42,7 @@ from dvmrl.cli._common import (
     data_reference,
     non_negative_int,
     path_text,
+    plural,
     positive_int,
     setup_compute,
 )
@@ -374,6 +375,17 @@ def _select_sets(args, strategies, model, split, batch, features, targets):
     from dvmrl.validation import select_validation_set
 
     size = min(args.validation_size, len(split.val))
+    if len(strategies) > 1 and len(split.val) <= args.validation_size:
+        # Every strategy then takes the whole pool, so their shift scores
+        # compare the same set.
+        logger.warning(
+            "the validation pool has %s, no more than --validation-size %d, so "
+            "every strategy selects the whole pool and their results coincide; "
+            "pass a --validation-size below %d to compare the strategies",
+            plural(len(split.val), "composition"),
+            args.validation_size,
+            len(split.val),
+        )
     selections, seconds = {}, {}
     for strategy in strategies:
         start = time.perf_counter()
