@@ -439,6 +439,23 @@ def test_load_csv_column_message_names_real_options(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("target_column", "guess"),
+    [("dh", "'dH' for 'dh'"), ("enrgy", "'energy' for 'enrgy'")],
+)
+def test_load_csv_column_message_guesses_a_typo(tmp_path, target_column, guess):
+    path = _write(tmp_path, "composition,dH,energy\nAlNi,0.1,0.2\n")
+    with pytest.raises(ValueError) as caught:
+        datasets.load_csv(
+            path, formula_column="composition", target_column=target_column
+        )
+    message = str(caught.value)
+    assert f"did you mean {guess}?" in message
+    assert "Column names are case-sensitive" in message
+    # Renaming the file's column to the misspelt name would not help.
+    assert "rename" not in message
+
+
+@pytest.mark.parametrize(
     ("text", "message"),
     [
         ("formula,target\nAlNi,0.1\nFe,Ni,0.2\n", r"line 3 has 3 fields, but the header"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bz2
 import contextlib
 import csv
+import difflib
 import gzip
 import io
 import logging
@@ -230,8 +231,26 @@ def _missing_columns_message(
                     f"the fields and the columns {formula_column!r} and "
                     f"{target_column!r}"
                 )
+    # A name that differs from a column only in case or by a typo is most
+    # likely that column; renaming the file's column to the typo would not help.
+    guesses = []
+    for name in missing:
+        same_letters = [column for column in columns if column.lower() == name.lower()]
+        close = same_letters or difflib.get_close_matches(
+            name, columns, n=1, cutoff=0.6
+        )
+        if close:
+            guesses.append(f"{close[0]!r} for {name!r}")
+    listed = ", ".join(repr(m) for m in missing)
+    if guesses:
+        return (
+            f"{path} has no column(s) {listed}; its columns are {columns}: did you "
+            f"mean {' and '.join(guesses)}? Column names are case-sensitive; pass "
+            "them as the header spells them with --formula-column and "
+            "--target-column (formula_column= and target_column= in Python)"
+        )
     return (
-        f"{path} has no column(s) {', '.join(repr(m) for m in missing)}; its "
+        f"{path} has no column(s) {listed}; its "
         f"columns are {columns}: name its formula and target columns with "
         "--formula-column and --target-column (formula_column= and "
         "target_column= in Python), or rename them to "
