@@ -503,7 +503,9 @@ def test_load_csv_warns_on_kj_per_mol(tmp_path, caplog):
     path = _write(tmp_path, "formula,target\nNi3Al,-41.2\nFeNi,-4.5\nCuZn,0.1\n")
     frame = datasets.load_csv(path)
     assert len(frame) == 3
-    assert "1 of 3 target(s) exceed 10 eV/atom in magnitude (largest 41.2)" in caplog.text
+    # The largest keeps its sign and names its line of the file.
+    assert "1 of 3 target(s) exceed 10 eV/atom in magnitude" in caplog.text
+    assert "(largest -41.2, line 2)" in caplog.text
     assert "divide by 96.485" in caplog.text
 
 

@@ -355,15 +355,17 @@ def load_csv(
     magnitude = frame["target"].abs()
     large = magnitude > PLAUSIBLE_ABS_TARGET
     if large.any():
+        largest = int(magnitude.to_numpy().argmax())
         logger.warning(
-            "%s: %d of %d target(s) exceed %g eV/atom in magnitude (largest %g); "
-            "dvmrl reads targets in eV/atom, so convert kJ/mol (divide by 96.485) "
-            "or meV/atom (divide by 1000) first",
+            "%s: %d of %d target(s) exceed %g eV/atom in magnitude (largest %g, "
+            "line %d); dvmrl reads targets in eV/atom, so convert kJ/mol (divide "
+            "by 96.485) or meV/atom (divide by 1000) first",
             path,
             int(large.sum()),
             len(frame),
             PLAUSIBLE_ABS_TARGET,
-            float(magnitude.max()),
+            float(frame["target"].iloc[largest]),
+            key_lines[largest],
         )
     repeats = int(pd.Series(keys).duplicated().sum())
     if repeats:
