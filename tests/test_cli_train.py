@@ -63,6 +63,20 @@ def trained(tmp_path_factory, data_csv):
     return out
 
 
+def test_train_warns_of_ensemble_options_for_one_model(
+    data_csv, tmp_path, caplog
+):
+    argv = ["train", "--data", str(data_csv), "--epochs", "1", "--device", "cpu"]
+    argv += [*TINY, "--jobs", "2", "--member-divisions", "shared"]
+    with caplog.at_level(logging.WARNING, logger="dvmrl"):
+        code = main([*argv, "--out", str(tmp_path / "run")])
+    assert code == 0
+    assert (
+        "ignored --jobs and --member-divisions, which only an ensemble uses"
+        in caplog.text
+    )
+
+
 def _train_elements(path) -> set[str]:
     frame = pd.read_csv(path)
     from dvmrl.compositions import parse

@@ -1002,6 +1002,21 @@ def run_train(args: argparse.Namespace) -> int:
         run_config = _build_run_config(requested)
     members = int(run_config.get("members", 1))
     own_divisions = members > 1 and run_config.get("member_divisions") == "own"
+    if members == 1:
+        ignored = [
+            option
+            for option, value in (
+                ("--jobs", args.jobs),
+                ("--member-divisions", args.member_divisions),
+            )
+            if value is not None
+        ]
+        if ignored:
+            logger.warning(
+                "ignored %s, which only an ensemble uses; one model trains here "
+                "(--members 1)",
+                " and ".join(ignored),
+            )
     # A run interrupted before its first state was saved (while the model was
     # built) has run.json alone: resuming it starts the training, as for an
     # ensemble member without a state file. An ensemble keeps its state
