@@ -996,6 +996,26 @@ def test_predict_output_keeps_input_columns(trained, tmp_path):
     assert table["composition"].tolist()[0] == "Al0.75Ni0.25"
 
 
+@pytest.mark.parametrize(
+    ("column", "written_as"), [("alloy", "alloy"), ("composition", "composition_input")]
+)
+def test_predict_output_keeps_formula_column_name(
+    trained, tmp_path, column, written_as
+):
+    source = tmp_path / "in.csv"
+    source.write_text(f"id,{column},dH\n1,Al3Ni,-0.4\n2,Fe2Ti,-0.3\n")
+    target = tmp_path / "out.csv"
+    argv = ["predict", str(trained / "model.pt"), "--input", str(source)]
+    code = main([*argv, "--formula-column", column, "--output", str(target)])
+    table = pd.read_csv(target)
+    assert code == 0
+    assert list(table.columns)[0] == written_as
+    assert table[written_as].tolist() == ["Al3Ni", "Fe2Ti"]
+    assert table["composition"].tolist()[0] == "Al0.75Ni0.25"
+    assert "formula" not in table.columns
+    assert table["dH"].tolist() == [-0.4, -0.3]
+
+
 def test_csv_with_other_column_names(tmp_path, data_csv, capsys):
     """Train, evaluate and resume on a CSV whose columns have other names.
 

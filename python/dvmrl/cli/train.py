@@ -470,7 +470,9 @@ def _add_predict_parser(subparsers) -> None:
         default=None,
         metavar="FILE.csv",
         help="write the predictions as CSV instead of a table on stdout; with "
-        "--input, the CSV also keeps the input's other columns",
+        "--input, the formulas keep the name of their column and the CSV also "
+        "keeps the input's other columns (a name that the predictions use "
+        "gets the suffix _input)",
     )
     parser.add_argument(
         "--alloy-notation",
@@ -1911,6 +1913,13 @@ def _read_formula_csv(path: str, column: str) -> tuple[list[str], list[int], Any
     return formulas.tolist(), lines, frame
 
 
+def _free_name(name: str, used_names) -> str:
+    """Return ``name``, with "_input" appended until ``used_names`` lacks it."""
+    while name in used_names:
+        name = f"{name}_input"
+    return name
+
+
 def _with_input_columns(table, input_frame, formula_column: str):
     """Append the input CSV's other columns to the predictions, row for row.
 
@@ -1921,10 +1930,7 @@ def _with_input_columns(table, input_frame, formula_column: str):
     for name in input_frame.columns:
         if name == formula_column:
             continue
-        target = name
-        while target in table.columns:
-            target = f"{target}_input"
-        table[target] = input_frame[name].to_numpy()
+        table[_free_name(name, table.columns)] = input_frame[name].to_numpy()
     return table
 
 
@@ -2062,6 +2068,10 @@ def run_predict(args: argparse.Namespace) -> int:
     )
     if std is not None:
         table["uncertainty_ev_per_atom"] = std
+    if args.input:
+        table = table.rename(
+            columns={"formula": _free_name(args.formula_column, table.columns[1:])}
+        )
     if args.output and args.input:
         table = _with_input_columns(table, input_frame, args.formula_column)
     if args.output:
