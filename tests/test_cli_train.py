@@ -63,9 +63,7 @@ def trained(tmp_path_factory, data_csv):
     return out
 
 
-def test_train_warns_of_ensemble_options_for_one_model(
-    data_csv, tmp_path, caplog
-):
+def test_single_model_warns_ensemble_options(data_csv, tmp_path, caplog):
     argv = ["train", "--data", str(data_csv), "--epochs", "1", "--device", "cpu"]
     argv += [*TINY, "--jobs", "2", "--member-divisions", "shared"]
     with caplog.at_level(logging.WARNING, logger="dvmrl"):
@@ -306,9 +304,9 @@ def test_evaluate_out_under_file(trained, tmp_path, capsys):
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs the Linux /proc")
-def test_evaluate_out_where_nothing_can_be_created(trained, capsys):
-    # /proc takes no new folders, not even from root, for whom os.access
-    # answers yes; the check must find that out before scoring.
+def test_evaluate_out_uncreatable_folder(trained, capsys):
+    # os.access reports /proc writable to root, but no folder can be created
+    # there. The check must catch that before scoring.
     code = main(["evaluate", str(trained / "model.pt"), "--out", "/proc/dvmrl-eval"])
     captured = capsys.readouterr()
     assert code == 2
@@ -999,9 +997,7 @@ def test_predict_output_keeps_input_columns(trained, tmp_path):
 @pytest.mark.parametrize(
     ("column", "written_as"), [("alloy", "alloy"), ("composition", "composition_input")]
 )
-def test_predict_output_keeps_formula_column_name(
-    trained, tmp_path, column, written_as
-):
+def test_predict_keeps_formula_column_name(trained, tmp_path, column, written_as):
     source = tmp_path / "in.csv"
     source.write_text(f"id,{column},dH\n1,Al3Ni,-0.4\n2,Fe2Ti,-0.3\n")
     target = tmp_path / "out.csv"

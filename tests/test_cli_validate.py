@@ -160,10 +160,8 @@ def test_validate_prints_table(checkpoint, tmp_path, capsys):
     assert "random: train vs validation set" in printed
 
 
-def test_validate_warns_when_strategies_take_the_whole_pool(
-    checkpoint, tmp_path, caplog
-):
-    # The validation pool of the 400 rows holds 40 compositions.
+def test_validate_warns_whole_pool(checkpoint, tmp_path, caplog):
+    # The validation pool of the 400 rows contains 40 compositions.
     with caplog.at_level(logging.WARNING, logger="dvmrl"):
         code = main(
             [

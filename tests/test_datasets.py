@@ -442,7 +442,7 @@ def test_load_csv_column_message_names_real_options(tmp_path):
     ("target_column", "guess"),
     [("dh", "'dH' for 'dh'"), ("enrgy", "'energy' for 'enrgy'")],
 )
-def test_load_csv_column_message_guesses_a_typo(tmp_path, target_column, guess):
+def test_load_csv_guesses_misspelt_column(tmp_path, target_column, guess):
     path = _write(tmp_path, "composition,dH,energy\nAlNi,0.1,0.2\n")
     with pytest.raises(ValueError) as caught:
         datasets.load_csv(
@@ -503,7 +503,7 @@ def test_load_csv_warns_on_kj_per_mol(tmp_path, caplog):
     path = _write(tmp_path, "formula,target\nNi3Al,-41.2\nFeNi,-4.5\nCuZn,0.1\n")
     frame = datasets.load_csv(path)
     assert len(frame) == 3
-    # The largest keeps its sign and names its line of the file.
+    # The message gives the largest target with its sign and its line.
     assert "1 of 3 target(s) exceed 10 eV/atom in magnitude" in caplog.text
     assert "(largest -41.2, line 2)" in caplog.text
     assert "divide by 96.485" in caplog.text

@@ -221,11 +221,11 @@ Ctx<T> make_ctx(const Dims& d, const Buffers& buf, const NodeIndex& ni) {
 
 
 // Ask Linux to back a large buffer with transparent huge pages before its
-// first write. dvmrl.ops allocates the workspace per call, and above
-// glibc's mmap threshold (at most 32 MB) every call maps fresh pages: a
-// B = 4096, H = 128 forward wrote its 197 MB workspace in 4 KB pages, about
-// 34,000 page faults per step. Advice only: with transparent huge pages set
-// to "never" the kernel ignores it, and pages written before keep their size.
+// first write. dvmrl.ops allocates the workspace per call, and glibc maps
+// fresh pages for each allocation above its mmap threshold (32 MB at most).
+// The 197 MB workspace of B = 4096, H = 128 took about 34,000 page faults
+// per step in 4 KB pages. The kernel ignores the advice when transparent
+// huge pages are off, and pages written before keep their size.
 void advise_huge_pages(uintptr_t address, int64_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHugePage = uintptr_t(2) << 20;

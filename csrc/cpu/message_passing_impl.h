@@ -29,11 +29,8 @@ static inline void vstore(T* p, Vec<T> v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-// Every lane set to x. Written as x - 0, which IEEE arithmetic keeps
-// exact for every x, so the compiler folds it to a bare broadcast (one from
-// memory can feed an FMA directly). The form 0 + x is not an identity
-// (0 + -0 = +0), so it compiled to a scalar add and a register broadcast,
-// two extra uops per broadcast in the matrix-product inner loops.
+// Every lane set to x. x - 0 is exact for every x, so it compiles to a plain
+// broadcast; 0 + x is not (0 + -0 = +0) and cost a scalar add and a shuffle.
 template <class T>
 static inline Vec<T> vset(T x) {
   return x - Vec<T>{};

@@ -220,8 +220,8 @@ def check_output_folder(
             f"{option} {reported}: the folder {ancestor} is not writable; pass a "
             "path in a writable folder"
         )
-    # os.access answers yes for root in folders such as /sys or /proc, where
-    # creating anything fails, so try it: a folder made and removed at once.
+    # os.access reports /sys and /proc writable to root, although nothing can
+    # be created there, so the check creates a folder and removes it at once.
     try:
         probe = tempfile.mkdtemp(prefix=".dvmrl-write-test.", dir=ancestor)
     except OSError as err:

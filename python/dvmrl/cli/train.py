@@ -1914,7 +1914,7 @@ def _read_formula_csv(path: str, column: str) -> tuple[list[str], list[int], Any
 
 
 def _free_name(name: str, used_names) -> str:
-    """Return ``name``, with "_input" appended until ``used_names`` lacks it."""
+    """Return ``name`` with "_input" appended until it is not in ``used_names``."""
     while name in used_names:
         name = f"{name}_input"
     return name

@@ -231,8 +231,8 @@ def _missing_columns_message(
                     f"the fields and the columns {formula_column!r} and "
                     f"{target_column!r}"
                 )
-    # A name that differs from a column only in case or by a typo is most
-    # likely that column; renaming the file's column to the typo would not help.
+    # A name that differs from a column only in case or by a typo probably
+    # means that column, so the message names it instead of advising a rename.
     guesses = []
     for name in missing:
         same_letters = [column for column in columns if column.lower() == name.lower()]
