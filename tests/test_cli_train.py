@@ -600,6 +600,16 @@ def test_predict_missing_column(trained, tmp_path, capsys):
     assert "missing column 'formula'" in capsys.readouterr().err
 
 
+def test_predict_missing_column_guess(trained, tmp_path, capsys):
+    path = tmp_path / "in.csv"
+    path.write_text("Formula,note\nAl3Ni,x\n")
+    code = main(["predict", str(trained / "model.pt"), "--input", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "did you mean 'Formula'?" in err
+    assert "--formula-column Formula" in err
+
+
 def test_predict_needs_one_source(trained, capsys):
     code = main(["predict", str(trained / "model.pt")])
     assert code == 2

@@ -141,6 +141,20 @@ def _umask() -> int:
     return mask
 
 
+def probe_folder(folder: str | os.PathLike) -> None:
+    """Create a file in ``folder`` and remove it, raising OSError on failure.
+
+    os.access reports /sys and /proc writable to root, although nothing can
+    be created there, so only creating a file shows that results can be
+    written.
+    """
+    handle, probe = tempfile.mkstemp(
+        dir=folder, prefix=".dvmrl-write-test.", suffix=".tmp"
+    )
+    os.close(handle)
+    os.unlink(probe)
+
+
 def file_kind(path: str | os.PathLike) -> str:
     """Classify a file by its first bytes: "empty", "zip", "pickle" or "other".
 

@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Sequence
@@ -39,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from dvmrl._files import write_atomic, write_text_atomic
+from dvmrl._files import probe_folder, write_atomic, write_text_atomic
 from dvmrl.search import (
     SEARCH_SPACE,
     EpochBudget,
@@ -1081,9 +1080,7 @@ class Experiment:
         """Create the output folder if needed, and raise if it is not writable."""
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            handle, probe = tempfile.mkstemp(
-                dir=self.out_dir, prefix=".dvmrl-write-test.", suffix=".tmp"
-            )
+            probe_folder(self.out_dir)
         except OSError as err:
             if not isinstance(err, PermissionError) and err.errno != errno.EROFS:
                 raise
@@ -1091,8 +1088,6 @@ class Experiment:
                 f"output folder {self.out_dir} is not writable ({err.strerror}); "
                 "make it writable or choose another --out"
             ) from err
-        os.close(handle)
-        os.unlink(probe)
 
     def _check_signature(self, recorded: dict[str, Any], signature: dict) -> None:
         """Raise RunDirectoryError naming each setting that differs from the run."""

@@ -7,7 +7,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 
 EXIT_OK = 0
@@ -220,16 +219,15 @@ def check_output_folder(
             f"{option} {reported}: the folder {ancestor} is not writable; pass a "
             "path in a writable folder"
         )
-    # os.access reports /sys and /proc writable to root, although nothing can
-    # be created there, so the check creates a folder and removes it at once.
+    from dvmrl._files import probe_folder
+
     try:
-        probe = tempfile.mkdtemp(prefix=".dvmrl-write-test.", dir=ancestor)
+        probe_folder(ancestor)
     except OSError as err:
         raise ValueError(
             f"{option} {reported}: nothing can be created in the folder {ancestor} "
             f"({err.strerror or err}); pass a path in a writable folder"
         ) from None
-    os.rmdir(probe)
 
 
 def check_output_file(

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -1887,7 +1888,7 @@ def _read_formula_csv(path: str, column: str) -> tuple[list[str], list[int], Any
         (formulas, lines, frame): the stripped formulas, their lines, and
         the whole table as text, whose other columns the --output CSV keeps.
     """
-    from dvmrl.datasets._csv import read_text_table
+    from dvmrl.datasets._csv import guess_column, read_text_table
 
     source = Path(path)
     if source.is_dir():
@@ -1899,8 +1900,16 @@ def _read_formula_csv(path: str, column: str) -> tuple[list[str], list[int], Any
         raise FileNotFoundError(f"input file {source} not found")
     frame, lines = read_text_table(source, columns=f"a {column!r} column")
     if column not in frame.columns:
+        columns = list(frame.columns)
+        guess = guess_column(column, columns)
+        if guess is not None:
+            raise ValueError(
+                f"{source}: missing column {column!r} (columns: {columns}): did you "
+                f"mean {guess!r}? Column names are case-sensitive; pass "
+                f"--formula-column {shlex.quote(guess)}"
+            )
         raise ValueError(
-            f"{source}: missing column {column!r} (columns: {list(frame.columns)}); "
+            f"{source}: missing column {column!r} (columns: {columns}); "
             "pass --formula-column NAME"
         )
     if len(frame) == 0:

@@ -213,6 +213,18 @@ def read_text_table(
     return table, lines
 
 
+def guess_column(name: str, columns: list[str]) -> str | None:
+    """Return the column that a missing column name probably means, or None.
+
+    A name that differs from a column only in case, or by a typo (difflib
+    similarity of at least 0.6), probably means that column, so messages
+    name it instead of advising a rename.
+    """
+    same_letters = [column for column in columns if column.lower() == name.lower()]
+    close = same_letters or difflib.get_close_matches(name, columns, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def _missing_columns_message(
     path: Path,
     columns: list[str],
@@ -231,16 +243,11 @@ def _missing_columns_message(
                     f"the fields and the columns {formula_column!r} and "
                     f"{target_column!r}"
                 )
-    # A name that differs from a column only in case or by a typo probably
-    # means that column, so the message names it instead of advising a rename.
     guesses = []
     for name in missing:
-        same_letters = [column for column in columns if column.lower() == name.lower()]
-        close = same_letters or difflib.get_close_matches(
-            name, columns, n=1, cutoff=0.6
-        )
-        if close:
-            guesses.append(f"{close[0]!r} for {name!r}")
+        guess = guess_column(name, columns)
+        if guess is not None:
+            guesses.append(f"{guess!r} for {name!r}")
     listed = ", ".join(repr(m) for m in missing)
     if guesses:
         return (
