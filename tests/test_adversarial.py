@@ -242,6 +242,13 @@ def test_robustness_radius_linear():
                 expected, abs=2 * resolution
             )
     assert report.score == pytest.approx(float(report.table["radius"].mean()))
+    reached = report.table["reached"].to_numpy()
+    assert reached.any()
+    l2 = report.table["radius_l2"].to_numpy()
+    norms = report.table["delta_l2"].to_numpy()
+    assert np.array_equal(l2[reached], norms[reached])
+    assert bool((l2[~reached] == 0.25).all())
+    assert report.score_l2 == pytest.approx(float(l2.mean()))
 
 
 def test_robustness_radius_caps_unreached():
@@ -254,6 +261,10 @@ def test_robustness_radius_caps_unreached():
     assert report.n_not_reached == 5
     assert bool((report.table["radius"] == 0.2).all())
     assert not bool(report.table["reached"].any())
+    # The L2 radius of a capped composition is r_max too, not the norm of
+    # its own perturbation, which did not reach tau.
+    assert bool((report.table["radius_l2"] == 0.2).all())
+    assert report.score_l2 == pytest.approx(0.2)
 
 
 def test_robustness_radius_rejects_tau():

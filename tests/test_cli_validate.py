@@ -135,6 +135,11 @@ def test_validate_radius_is_mean(report):
     data = json.loads((report[1] / "report.json").read_text())
     radii = [row["robustness_radius"] for row in data["compositions"]]
     assert data["robustness_radius"] == pytest.approx(np.mean(radii))
+    radii_l2 = [row["robustness_radius_l2"] for row in data["compositions"]]
+    assert data["robustness_radius_l2"] == pytest.approx(np.mean(radii_l2))
+    for row in data["compositions"]:
+        if not row["reached_tau"]:
+            assert row["robustness_radius_l2"] == data["r_max"]
 
 
 def test_validate_writes_plots(report):

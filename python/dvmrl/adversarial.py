@@ -129,13 +129,18 @@ class RobustnessReport:
 
     Attributes:
         score (float): mean radius over compositions, fraction units.
-        score_l2 (float): mean L2 norm of the perturbation found at that
-            radius, fraction units.
+        score_l2 (float): mean L2 radius, fraction units: the L2 norm of
+            the perturbation found at the radius, or r_max for a composition
+            capped at r_max. Since ||delta||_2 >= ||delta||_inf, no
+            perturbation with an L2 norm up to r_max moves a capped
+            composition by tau either, so r_max bounds its L2 radius from
+            below as it bounds the box radius.
         tau (float): required |change|, eV/atom.
         r_max (float): cap of the radius; compositions that no perturbation
             within r_max moves by tau get r_max and ``reached = False``.
         table (DataFrame): per composition: ``formula``, ``radius``,
-            ``delta_l2``, ``change`` (eV/atom), ``reached`` and
+            ``radius_l2``, ``delta_l2`` (L2 norm of the perturbation found,
+            capped or not), ``change`` (eV/atom), ``reached`` and
             ``perturbed_formula``.
         n_not_reached (int): compositions capped at r_max.
     """
@@ -817,11 +822,15 @@ def robustness_radius(
         upper[rows] = high
     radius = torch.where(reached, upper, torch.full_like(upper, r_max))
     delta_l2 = best_delta.norm(dim=1)
+    # A capped composition's own perturbation did not reach tau, so its norm
+    # is no radius; r_max is the lower bound that the box radius uses too.
+    radius_l2 = torch.where(reached, delta_l2, torch.full_like(delta_l2, r_max))
     perturbed = torch.where(mask.cpu(), first.frac + best_delta, 0.0)
     table = pd.DataFrame(
         {
             "formula": first.formulas,
             "radius": radius.numpy(),
+            "radius_l2": radius_l2.numpy(),
             "delta_l2": delta_l2.numpy(),
             "change": best_change.numpy(),
             "reached": reached.numpy().astype(bool),
@@ -841,7 +850,7 @@ def robustness_radius(
         )
     return RobustnessReport(
         score=float(radius.mean()),
-        score_l2=float(delta_l2.mean()),
+        score_l2=float(radius_l2.mean()),
         tau=tau,
         r_max=r_max,
         table=table,

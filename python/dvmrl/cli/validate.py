@@ -146,8 +146,9 @@ def add_parser(subparsers) -> None:
         help="weight of the L2 penalty on the perturbation: the search maximises "
         "|prediction change|^2 - LAMBDA ||delta||_2^2, with the change in eV/atom "
         "and delta in fraction units, so it keeps only perturbations whose "
-        "change exceeds sqrt(LAMBDA) ||delta||; near 0.1 and above, most "
-        "compositions keep delta = 0 and a vulnerability of 0; default 0",
+        "change exceeds sqrt(LAMBDA) ||delta||; the larger LAMBDA, the more "
+        "compositions keep delta = 0 and a change of 0 (how many depends on "
+        "the model's gradients); default 0",
     )
     parser.add_argument(
         "--r-max",
@@ -596,7 +597,7 @@ def run(args: argparse.Namespace) -> int:
                 "perturbation": _format_delta(symbols, delta[position][: len(symbols)]),
                 "delta_l2": float(vt["delta_l2"][position]),
                 "robustness_radius": float(rt["radius"][position]),
-                "robustness_radius_l2": float(rt["delta_l2"][position]),
+                "robustness_radius_l2": float(rt["radius_l2"][position]),
                 "reached_tau": bool(rt["reached"][position]),
             }
         )
