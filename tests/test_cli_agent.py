@@ -356,6 +356,18 @@ def test_resume_rejects_changed_settings(trained, tmp_path, capsys, change, expe
     assert state_paths(out)["agent"].read_bytes() == agent
 
 
+def test_resume_reuses_stored_settings(trained, tmp_path):
+    out = copy_run(trained, tmp_path / "agent.pt")
+    bare = ["agent", "train", "--no-progress", "--threads", "1", "--device", "cpu"]
+    code = main([*bare, "--episodes", "3", "--out", str(out), "--resume"])
+    progress = json.loads(state_paths(out)["progress"].read_text())
+    assert code == 0
+    assert len(progress["history"]) == 3
+    assert progress["history"][2]["task"] == "mp-energy-above-hull/transition-metal@200"
+    assert progress["env_options"]["budget_epochs"] == 2
+    assert progress["seed"] == 0
+
+
 def test_resume_lists_every_change(trained, tmp_path, capsys):
     out = copy_run(trained, tmp_path / "agent.pt")
     change = ["--seed", "1", "--budget-epochs", "5"]

@@ -404,6 +404,27 @@ _PLACEMENT_ENV_OPTIONS = ("device",)
 _CLI_ENV_OPTIONS = ("budget_epochs",)
 
 
+def saved_settings(out: str | Path) -> dict[str, Any]:
+    """Return the settings that decide the episodes of the run saved at ``out``.
+
+    The keys are those the progress file records: ``tasks`` (task names),
+    ``seed`` and ``budget_epochs``. A missing progress file gives an empty
+    dict, so that :func:`meta_train` reports what is missing.
+
+    Raises:
+        AgentFileError: when the progress file is unreadable.
+    """
+    path = state_paths(out)["progress"]
+    if not path.is_file():
+        return {}
+    saved = _read_progress(path)
+    settings = {key: saved[key] for key in ("tasks", "seed") if key in saved}
+    env_options = saved.get("env_options")
+    if isinstance(env_options, dict) and "budget_epochs" in env_options:
+        settings["budget_epochs"] = env_options["budget_epochs"]
+    return settings
+
+
 def _read_progress(path: Path) -> dict[str, Any]:
     """Read a progress JSON file of :func:`meta_train`.
 
@@ -517,8 +538,8 @@ def _log_interrupt(
     logger.warning(
         "meta-training interrupted; %s, %s and %s contain the checkpoint after "
         "episode %d of %d, and later episodes were not saved; rerun the command "
-        "with --resume and the same --tasks, --seed and --budget-epochs to "
-        "continue from it",
+        "with --resume to continue from it (it keeps the run's --tasks, --seed "
+        "and --budget-epochs)",
         paths["agent"],
         paths["buffer"].name,
         paths["progress"].name,

@@ -44,7 +44,9 @@ def add_parser(subparsers) -> None:
         description=(
             "Train one agent across tasks drawn at random. A task reads "
             "DATASET[/FAMILY][@SIZE], e.g. oqmd-formation-energy/rare-earth@1000; "
-            "families: transition-metal, rare-earth, alkali-alkaline-earth. The "
+            "families: transition-metal, rare-earth, alkali-alkaline-earth. SIZE "
+            "caps the training compositions of an episode; a task with fewer uses "
+            "all it has. The "
             "agent, its replay buffer (.buffer.npz) and the history "
             "(.progress.json) are written atomically every --checkpoint-every "
             "episodes."
@@ -65,14 +67,19 @@ def add_parser(subparsers) -> None:
         help="agent file to write, such as agent.pt (not a folder); the replay buffer "
         "and progress files are written next to it",
     )
-    train.add_argument("--resume", action="store_true", help="continue the run saved at --out")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run saved at --out with its --tasks, --seed and "
+        "--budget-epochs unless they are given",
+    )
     train.add_argument(
         "--checkpoint-every", type=positive_int, default=5, help="episodes between checkpoints; default: 5"
     )
     train.add_argument(
         "--seed",
         type=non_negative_int,
-        default=0,
+        default=None,
         help="seed of tasks, splits and agent (an integer >= 0); default: 0",
     )
     train.add_argument(
@@ -132,7 +139,7 @@ def add_parser(subparsers) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Meta-train an agent and print where it was written."""
-    from dvmrl.meta import meta_train, parse_task, plot_learning_curve
+    from dvmrl.meta import meta_train, parse_task, plot_learning_curve, saved_settings
     from dvmrl.plotting import check_image_path
 
     if args.curve:
@@ -147,6 +154,18 @@ def run_train(args: argparse.Namespace) -> int:
     if args.curve:
         check_output_file(Path(args.curve), "--curve", example="curve.png")
     device = setup_compute(args)
+    if args.resume:
+        # As with dvmrl run --resume, the saved run's settings fill the
+        # options that are not given.
+        saved = saved_settings(args.out)
+        if args.tasks is None and isinstance(saved.get("tasks"), list):
+            args.tasks = [str(name) for name in saved["tasks"]]
+        if args.seed is None and isinstance(saved.get("seed"), int):
+            args.seed = saved["seed"]
+        if args.budget_epochs is None and isinstance(saved.get("budget_epochs"), int):
+            args.budget_epochs = saved["budget_epochs"]
+    if args.seed is None:
+        args.seed = 0
     tasks = None if args.tasks is None else [parse_task(text) for text in args.tasks]
     env_options = {"device": str(device)}
     if args.budget_epochs is not None:
