@@ -121,3 +121,41 @@ def test_negative_seed_names_the_option(command, capsys):
     assert caught.value.code == 2
     err = capsys.readouterr().err
     assert "argument --seed: expected an integer >= 0, got -1" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (
+            ["data", "info", "mp-formation-energy", "--formula-column", "f"],
+            "--formula-column",
+        ),
+        (
+            ["data", "split", "mp-formation-energy", "--split", "random"]
+            + ["--alloy-notation", "--out", "s.json"],
+            "--alloy-notation",
+        ),
+        (
+            ["train", "--target-column", "y", "--formula-column", "f", "--out", "t"],
+            "--formula-column and --target-column",
+        ),
+        (
+            ["run", "--formula-column", "f", "--budget", "quick", "--out", "r"],
+            "--formula-column",
+        ),
+    ],
+)
+def test_csv_options_rejected_for_vendored(argv, named, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"error: {named} " in err
+    assert "only to a CSV file passed with --data" in err
+    assert "vendored data set 'mp-formation-energy'" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_data_info_empty_name(capsys):
+    assert main(["data", "info", ""]) == 2
+    assert "the data set name is empty" in capsys.readouterr().err

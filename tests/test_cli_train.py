@@ -600,6 +600,57 @@ def test_predict_missing_column(trained, tmp_path, capsys):
     assert "missing column 'formula'" in capsys.readouterr().err
 
 
+def test_predict_warns_dilute_element(trained, capsys):
+    code = main(["predict", str(trained / "model.pt"), "Ni1e30Al", "Ni3Al"])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "Ni1e30Al: Al has an atomic fraction of 1e-30, below the smallest" in err
+    assert "Ni3Al:" not in err
+
+
+def test_evaluate_one_row_part(trained, data_csv, tmp_path, capsys):
+    small = tmp_path / "small.csv"
+    small.write_text("".join(data_csv.read_text().splitlines(keepends=True)[:8]))
+    argv = ["evaluate", str(trained / "model.pt"), "--data", str(small)]
+    code = main([*argv, "--split", "random", "--out", str(tmp_path / "ev")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "the test part of the random split has 1 composition" in err
+    assert "pass a larger --data file or another --split" in err
+
+
+def test_evaluate_alloy_notation_mismatch(trained, capsys):
+    code = main(["evaluate", str(trained / "model.pt"), "--alloy-notation"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "read in standard notation" in err
+    assert "leave --alloy-notation out" in err
+
+
+def test_recorded_data_moved(tmp_path):
+    from dvmrl.cli.train import check_recorded_data
+
+    check_recorded_data("mp-formation-energy")
+    with pytest.raises(FileNotFoundError, match="pass --data with its new path"):
+        check_recorded_data(str(tmp_path / "moved.csv"))
+
+
+def test_predict_formula_column_needs_input(trained, capsys):
+    argv = ["predict", str(trained / "model.pt"), "--formula-column", "f", "Al3Ni"]
+    code = main(argv)
+    assert code == 2
+    assert "names a column of an --input CSV file" in capsys.readouterr().err
+
+
+def test_evaluate_rejects_csv_options(trained, capsys):
+    argv = ["evaluate", str(trained / "model.pt"), "--data", "mp-formation-energy"]
+    argv += ["--target-column", "y"]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--target-column applies only to a CSV file passed with --data" in err
+
+
 def test_predict_missing_column_guess(trained, tmp_path, capsys):
     path = tmp_path / "in.csv"
     path.write_text("Formula,note\nAl3Ni,x\n")

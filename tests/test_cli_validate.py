@@ -211,12 +211,12 @@ def test_validate_bad_input(checkpoint, tmp_path, capsys, option, message):
 
 def test_validate_checks_out_first(checkpoint, tmp_path, capsys, monkeypatch):
     # The path is checked before the minutes of attacks, so a typo fails at once.
-    import dvmrl.cli.validate as validate_cli
+    import dvmrl.cli.train as train_cli
 
     def never(*args, **kwargs):
         raise AssertionError("the checkpoint was loaded before --out was checked")
 
-    monkeypatch.setattr(validate_cli, "_load_model", never)
+    monkeypatch.setattr(train_cli, "load_model", never)
     blocker = tmp_path / "base.csv"
     blocker.write_text("formula,target\n")
     code = main(["validate", str(checkpoint), "--out", str(blocker / "x"), *FAST])
@@ -224,6 +224,13 @@ def test_validate_checks_out_first(checkpoint, tmp_path, capsys, monkeypatch):
     assert code == 2
     assert "--out" in err
     assert "is a file" in err
+
+
+def test_validate_checkpoint_folder(checkpoint, tmp_path, capsys):
+    code = main(["validate", str(checkpoint.parent), "--out", str(tmp_path), *FAST])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"is a folder; pass the checkpoint file in it, such as {checkpoint}" in err
 
 
 def test_min_shift_samples_matches_shift():

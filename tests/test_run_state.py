@@ -102,6 +102,7 @@ def test_fixture_run_complete(random_run):
     ("name", "content", "message"),
     [
         ("state.json", b"[]", "contains an array, not the run state object"),
+        ("state.json", b"{}", "has no 'format' and 'version' fields"),
         ("state.json", bytes(range(256)), "not valid JSON .*utf-8"),
         ("state.json", b'{"format": "dvmrl-run-st', "not valid JSON .*Unterminated"),
         ("run.json", b'{"format": "dvmrl-r', "not valid JSON .*Unterminated"),

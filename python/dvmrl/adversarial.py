@@ -822,8 +822,8 @@ def robustness_radius(
         upper[rows] = high
     radius = torch.where(reached, upper, torch.full_like(upper, r_max))
     delta_l2 = best_delta.norm(dim=1)
-    # A capped composition's own perturbation did not reach tau, so its norm
-    # is no radius; r_max is the lower bound that the box radius uses too.
+    # A capped composition's perturbation did not reach tau, so its norm is
+    # not a radius. Its L2 radius gets the lower bound r_max, as the box does.
     radius_l2 = torch.where(reached, delta_l2, torch.full_like(delta_l2, r_max))
     perturbed = torch.where(mask.cpu(), first.frac + best_delta, 0.0)
     table = pd.DataFrame(

@@ -1131,10 +1131,15 @@ class Experiment:
                 f"{path} is corrupt: it contains {_json_type(state)}, not the run "
                 f"state object; {fix}"
             )
+        if "format" not in state and "version" not in state:
+            raise RunDirectoryError(
+                f"{path} is corrupt: it has no 'format' and 'version' fields; {fix}"
+            )
         if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
             raise RunDirectoryError(
                 f"{path} was written by another version of dvmrl "
-                f"(format {state.get('format')!r}, version {state.get('version')!r})"
+                f"(format {state.get('format')!r}, version {state.get('version')!r}, "
+                f"expected {STATE_FORMAT!r}, {STATE_VERSION!r}); {fix}"
             )
         check_state(state, self.spec.preset, path, fix)
         return state

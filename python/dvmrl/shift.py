@@ -130,9 +130,11 @@ def shift_auc(
         )
     for name, rows in (("reference", reference), ("other", other)):
         if len(rows) < folds:
+            count = f"{len(rows)} row" + ("" if len(rows) == 1 else "s")
             raise ValueError(
-                f"the {name} set has {len(rows)} rows; shift detection needs at "
-                f"least folds = {folds}"
+                f"the {name} set has {count}, but the {folds}-fold cross-validation "
+                f"of shift detection needs at least {folds}; lower folds "
+                "(--shift-folds of dvmrl validate) or use a larger data set"
             )
     n_features = reference.shape[1]
     if feature_names is None:

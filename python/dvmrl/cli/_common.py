@@ -268,6 +268,37 @@ def add_csv_column_options(
         )
 
 
+def reject_csv_options(args: argparse.Namespace, data: str) -> None:
+    """Raise ValueError for CSV-only options given with a vendored data set.
+
+    --formula-column, --target-column and --alloy-notation describe how to
+    read a user's CSV file. A vendored data set has fixed columns and
+    standard formulas, so these options would do nothing there.
+    """
+    from dvmrl.datasets import DATASETS
+
+    if data not in DATASETS:
+        return
+    options = [
+        option
+        for key, option in (
+            ("formula_column", "--formula-column"),
+            ("target_column", "--target-column"),
+        )
+        if getattr(args, key, None) is not None
+    ]
+    if getattr(args, "alloy_notation", False):
+        options.append("--alloy-notation")
+    if not options:
+        return
+    names = " and ".join(options)
+    verb, pronoun = ("applies", "it") if len(options) == 1 else ("apply", "them")
+    raise ValueError(
+        f"{names} {verb} only to a CSV file passed with --data, not to the "
+        f"vendored data set {data!r}; leave {pronoun} out"
+    )
+
+
 def csv_columns(
     settings: dict, args: argparse.Namespace | None = None
 ) -> dict[str, str]:

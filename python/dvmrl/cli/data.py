@@ -20,6 +20,7 @@ from dvmrl.cli._common import (
     non_negative_float,
     non_negative_int,
     path_text,
+    reject_csv_options,
 )
 from dvmrl.datasets.filters import (
     DEFAULT_MAX_ELECTRONEGATIVITY_SPREAD,
@@ -154,12 +155,16 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "data", metavar="NAME", help="vendored data set name or CSV path"
     )
     parser.add_argument(
-        "--formula-column", default="formula", help="formula column of a CSV file"
+        "--formula-column",
+        default=None,
+        metavar="NAME",
+        help="formula column of a CSV file; default: formula",
     )
     parser.add_argument(
         "--target-column",
-        default="target",
-        help="target column of a CSV file (eV/atom)",
+        default=None,
+        metavar="NAME",
+        help="target column of a CSV file (eV/atom); default: target",
     )
     parser.add_argument(
         "--alloy-notation",
@@ -224,11 +229,12 @@ def _resolve(args: argparse.Namespace, hume_rothery: bool | None = None):
     """Load the data of ``args``; ``hume_rothery`` overrides --hume-rothery."""
     from dvmrl.datasets import resolve_data
 
+    reject_csv_options(args, args.data)
     max_size_mismatch, max_electronegativity_spread = _screen_thresholds(args)
     return resolve_data(
         args.data,
-        formula_column=args.formula_column,
-        target_column=args.target_column,
+        formula_column=args.formula_column or "formula",
+        target_column=args.target_column or "target",
         alloy_notation=args.alloy_notation,
         hume_rothery=args.hume_rothery if hume_rothery is None else hume_rothery,
         max_size_mismatch=max_size_mismatch,

@@ -18,6 +18,7 @@ from dvmrl.cli._common import (
     data_reference,
     path_text,
     positive_int,
+    reject_csv_options,
     setup_compute,
 )
 
@@ -88,7 +89,7 @@ def add_parser(subparsers) -> None:
         help="run seeds 0 .. N-1; default: the preset's count "
         "(quick 1, small 3, full 5). Each seed runs every method once more: time "
         "and disk grow in proportion to N (with quick on 2 CPU cores, about 17 s "
-        "and 4 MB per seed)",
+        "and 4 to 8 MB per seed; wider chosen models take more disk)",
     )
     parser.add_argument(
         "--methods",
@@ -194,6 +195,10 @@ def _fill_defaults(args: argparse.Namespace) -> None:
     from dvmrl.experiment import DEFAULT_DATA, METHODS, Preset
 
     recorded = _recorded_run(Path(args.out)) if args.resume else None
+    data = args.data
+    if data is None and recorded is not None:
+        data = recorded.get("data")
+    reject_csv_options(args, DEFAULT_DATA if data is None else data)
     if recorded is not None:
         if args.data is None:
             args.data = recorded.get("data")

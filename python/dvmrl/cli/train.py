@@ -44,6 +44,7 @@ from dvmrl.cli._common import (
     plural,
     positive_float,
     positive_int,
+    reject_csv_options,
     setup_compute,
 )
 
@@ -463,7 +464,8 @@ def _add_predict_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--formula-column",
-        default="formula",
+        default=None,
+        metavar="NAME",
         help="name of the formula column of --input; default: formula",
     )
     parser.add_argument(
@@ -1003,6 +1005,7 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         _check_fresh_out(out)
         run_config = _build_run_config(requested)
+    reject_csv_options(args, run_config["data"])
     members = int(run_config.get("members", 1))
     own_divisions = members > 1 and run_config.get("member_divisions") == "own"
     if members == 1:
@@ -1557,7 +1560,27 @@ def _metric_settings(threshold: float) -> dict[str, float]:
     }
 
 
-def _load_model(path: str, device):
+def check_recorded_data(data: str) -> None:
+    """Raise FileNotFoundError when the checkpoint's own data file is gone.
+
+    ``data`` is the path or name that the checkpoint recorded, used when no
+    --data is given.
+    """
+    from dvmrl.datasets import DATASETS
+
+    if data not in DATASETS and not Path(data).exists():
+        raise FileNotFoundError(
+            f"the checkpoint's data file {data} not found: it was moved or deleted "
+            "after training; pass --data with its new path"
+        )
+
+
+def load_model(path: str, device):
+    """Load a checkpoint onto ``device`` in evaluation mode; return (model, metadata).
+
+    Raises:
+        FileNotFoundError: for a missing path or a folder, with the fix.
+    """
     from dvmrl.training import load_checkpoint
 
     checkpoint = Path(path)
@@ -1567,9 +1590,11 @@ def _load_model(path: str, device):
             f"it, such as {checkpoint / MODEL_FILE}"
         )
     if not checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} not found")
-    model, metadata = load_checkpoint(checkpoint)
-    model = model.to(device)
+        raise FileNotFoundError(
+            f"checkpoint {checkpoint} not found; pass a model.pt file written by "
+            "dvmrl train"
+        )
+    model, metadata = load_checkpoint(checkpoint, device=device)
     model.eval()
     return model, metadata
 
@@ -1790,7 +1815,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent
     check_output_folder(out, "--out")
     device = setup_compute(args)
-    model, metadata = _load_model(args.checkpoint, device)
+    model, metadata = load_model(args.checkpoint, device)
     run = metadata.get("run", {})
     trained_on = metadata.get("data", run.get("data"))
     data = args.data if args.data is not None else trained_on
@@ -1798,8 +1823,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise UsageError(
             "the checkpoint records no data set; pass --data NAME|PATH.csv"
         )
+    if args.data is None:
+        check_recorded_data(data)
+    reject_csv_options(args, data)
     alloy = bool(args.alloy_notation or metadata.get("alloy_notation", False))
     same_data = trained_on is not None and data_reference(data) == trained_on
+    if same_data and args.alloy_notation and not metadata.get("alloy_notation"):
+        raise UsageError(
+            f"--alloy-notation: the model trained on {data} read in standard "
+            "notation, and alloy notation would read its formulas as other "
+            "compositions; leave --alloy-notation out"
+        )
     # The checkpoint's column names belong to its own data file.
     columns = csv_columns(metadata if same_data else {}, args)
     df, info = _load_data(data, alloy, columns)
@@ -1811,7 +1845,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     kind = args.split or (metadata.get("split") if same_data else None)
     if kind is None:
         rows = np.arange(len(df))
-        part = "all rows"
+        part = "whole data set"
     else:
         holdout = args.holdout_element
         if holdout is None and kind == metadata.get("split"):
@@ -1821,14 +1855,20 @@ def run_evaluate(args: argparse.Namespace) -> int:
         part = f"test part of the {kind} split"
     if len(rows) == 0:
         raise ValueError(f"{data}: the {part} is empty; pass another --split")
+    if len(rows) < 2:
+        raise ValueError(
+            f"{data}: the {part} has 1 composition, and the metrics need at least "
+            "2; pass a larger --data file or another --split"
+        )
     rows, overlap = _check_pool_overlap(
         df, rows, metadata, same_data, args.exclude_training
     )
     if overlap.get("overlap_excluded") and len(rows) < 2:
+        remain = "remains" if len(rows) == 1 else "remain"
         raise ValueError(
-            f"{data}: {len(rows)} rows of the {part} remain after dropping the "
-            "training and validation compositions, and the metrics need at least "
-            "2; pass other --data or drop --exclude-training"
+            f"{data}: {plural(len(rows), 'row')} of the {part} {remain} after "
+            "dropping the training and validation compositions, and the metrics "
+            "need at least 2; pass other --data or drop --exclude-training"
         )
     if overlap.get("overlap_excluded"):
         part += " without training and validation compositions"
@@ -1949,7 +1989,8 @@ def _domain_warnings(
     """List a warning for each composition outside the training domain.
 
     A composition is outside when it has an element absent from the training
-    pool, or fewer or more elements than every training composition.
+    pool, fewer or more elements than every training composition, or an
+    atomic fraction below half the smallest one in training.
     """
     domain = metadata.get("training_domain") or {}
     elements = domain.get("elements")
@@ -1960,6 +2001,7 @@ def _domain_warnings(
         ]
     # Checkpoints that store no minimum element count skip the lower-bound check.
     min_elements = domain.get("min_elements", metadata.get("training_min_elements"))
+    min_fraction = domain.get("min_fraction")
     formation = metadata.get("target_kind") == "formation_energy"
     known = set(elements)
     extrapolation = "the prediction is an extrapolation outside the training domain"
@@ -1988,6 +2030,16 @@ def _domain_warnings(
                 f"{formula}: {plural(count, 'element')}, but training compositions "
                 f"have at least {int(min_elements)}; {extrapolation}{reason}"
             )
+        if min_fraction is not None and count > 1:
+            symbol, lowest = min(composition.items(), key=lambda item: item[1])
+            # Half the training minimum leaves room for compositions just
+            # beside the training ones.
+            if lowest < 0.5 * float(min_fraction):
+                warnings.append(
+                    f"{formula}: {symbol} has an atomic fraction of {lowest:.3g}, "
+                    f"below the smallest in training ({float(min_fraction):.3g}); "
+                    f"{extrapolation}"
+                )
     return warnings
 
 
@@ -2019,6 +2071,12 @@ def _check_predict_arguments(args: argparse.Namespace) -> None:
             f"missing {sources}; pass formulas such as Al3Ni after the checkpoint, "
             "or --input FILE.csv (exactly one)"
         )
+    if args.formula_column is not None and not args.input:
+        raise UsageError(
+            f"--formula-column {args.formula_column} names a column of an --input "
+            "CSV file; leave it out when the formulas follow the checkpoint"
+        )
+    args.formula_column = args.formula_column or "formula"
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -2051,7 +2109,7 @@ def run_predict(args: argparse.Namespace) -> int:
         )
 
     device = setup_compute(args)
-    model, metadata = _load_model(args.checkpoint, device)
+    model, metadata = load_model(args.checkpoint, device)
     # Printed, not logged, so that the warnings reach stderr whatever the
     # logging configuration.
     warnings = _domain_warnings(compositions, formulas, metadata)

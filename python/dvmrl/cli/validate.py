@@ -44,6 +44,7 @@ from dvmrl.cli._common import (
     path_text,
     plural,
     positive_int,
+    reject_csv_options,
     setup_compute,
 )
 
@@ -266,19 +267,6 @@ def _check_arguments(args: argparse.Namespace) -> list[str]:
     return [args.strategy]
 
 
-def _load_model(path: str, device):
-    from dvmrl.training import load_checkpoint
-
-    checkpoint = Path(path)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {checkpoint} not found; pass a model.pt file"
-        )
-    model, metadata = load_checkpoint(checkpoint, device=device)
-    model.eval()
-    return model, metadata
-
-
 def _resolve_split(args, df, metadata):
     """Return the split, its kind and its held-out element (None unless ``element``)."""
     from dvmrl.splits import make_split
@@ -379,13 +367,17 @@ def _select_sets(args, strategies, model, split, batch, features, targets):
     if len(strategies) > 1 and len(split.val) <= args.validation_size:
         # Every strategy then takes the whole pool, so their shift scores
         # compare the same set.
+        if len(split.val) > 1:
+            fix = f"pass a --validation-size below {len(split.val)}"
+        else:
+            fix = "use a larger data set"
         logger.warning(
             "the validation pool has %s, no more than --validation-size %d, so "
             "every strategy selects the whole pool and their results coincide; "
-            "pass a --validation-size below %d to compare the strategies",
+            "%s to compare the strategies",
             plural(len(split.val), "composition"),
             args.validation_size,
-            len(split.val),
+            fix,
         )
     selections, seconds = {}, {}
     for strategy in strategies:
@@ -500,12 +492,17 @@ def run(args: argparse.Namespace) -> int:
     strategies = _check_arguments(args)
     device = setup_compute(args)
     started = time.perf_counter()
-    model, metadata = _load_model(args.checkpoint, device)
+    from dvmrl.cli.train import check_recorded_data, load_model
+
+    model, metadata = load_model(args.checkpoint, device)
     data = args.data or metadata.get("data")
     if data is None:
         raise UsageError(
             "the checkpoint records no data set; pass --data NAME|PATH.csv"
         )
+    if not args.data:
+        check_recorded_data(data)
+    reject_csv_options(args, data)
     # The checkpoint's column names belong to its own data file.
     own_data = data_reference(data) == metadata.get("data")
     df, info = resolve_data(

@@ -106,6 +106,11 @@ def resolve_data(
             existing file, or the file's content is invalid.
     """
     text = os.fspath(name_or_path)
+    if not text.strip():
+        raise ValueError(
+            f"the data set name is empty: pass one of {', '.join(DATASETS)} or "
+            "the path of a CSV file"
+        )
     if text in DATASETS:
         frame = load(text)
         info = dataset_info(text)

@@ -362,7 +362,7 @@ def load_checkpoint(
         metadata=...)`` plus ``model_config``, ``train_config``,
         ``target_scaling`` (``mean``, ``std`` in eV/atom), ``element_table``,
         ``data_fingerprint``, ``training_domain`` (``elements``: symbols seen
-        in training, ``max_elements``), ``provenance``, ``history``,
+        in training, ``max_elements``, ``min_fraction``), ``provenance``, ``history``,
         ``epochs_done`` and ``format_version``.
 
     Raises:

@@ -975,13 +975,19 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------
 
     def training_domain(self) -> dict[str, Any]:
-        """Describe the training set: elements seen, max elements per composition."""
+        """Describe the training set: elements seen, max elements per composition.
+
+        ``min_fraction`` is the smallest atomic fraction of an element in a
+        training composition.
+        """
         from dvmrl import elements
 
-        rows = torch.unique(self._train.element_index[self._train.mask]).cpu().tolist()
+        mask = self._train.mask
+        rows = torch.unique(self._train.element_index[mask]).cpu().tolist()
         return {
             "elements": [elements.ELEMENTS[row] for row in rows],
-            "max_elements": int(self._train.mask.sum(dim=1).max()),
+            "max_elements": int(mask.sum(dim=1).max()),
+            "min_fraction": float(self._train.frac[mask].min()),
             "n_train": self.n_train,
         }
 
