@@ -4,6 +4,16 @@
 # Usage: bench/gpu_check.sh [output folder]   (default: $OUT, else build/gpu_check)
 # Needs .venv with a CUDA build of torch==2.13.0 and nvcc on PATH.
 set -euo pipefail
+usage="usage: bash bench/gpu_check.sh [OUTPUT_FOLDER]  (default: \$OUT, else build/gpu_check)"
+case "${1:-}" in
+  -h|--help) echo "$usage"; exit 0 ;;
+  -*) echo "bench/gpu_check.sh: unknown option '$1'; $usage" >&2; exit 2 ;;
+esac
+if ! command -v nvidia-smi >/dev/null; then
+  echo "bench/gpu_check.sh: nvidia-smi not found; run this on a machine with" \
+    "an NVIDIA GPU and its driver" >&2
+  exit 2
+fi
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="${1:-${OUT:-$root/build/gpu_check}}"
 mkdir -p "$out"
