@@ -124,14 +124,38 @@ def time_search(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=10_000)
-    parser.add_argument("--k", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=21)
-    parser.add_argument("--compositions", type=int, default=10_000)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--starts", type=int, default=4)
-    parser.add_argument("--paths", default="fused,reference")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="dvmrl CPU threads; default: 2"
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=10_000,
+        help="rows B of the projection problem; default: 10000",
+    )
+    parser.add_argument(
+        "--k", type=int, default=3, help="slots K of the projection problem; default: 3"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=21, help="projection repeats; default: 21"
+    )
+    parser.add_argument(
+        "--compositions",
+        type=int,
+        default=10_000,
+        help="compositions N of the search; default: 10000",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=50, help="gradient steps S per run; default: 50"
+    )
+    parser.add_argument(
+        "--starts", type=int, default=4, help="runs R per composition; default: 4"
+    )
+    parser.add_argument(
+        "--paths",
+        default="fused,reference",
+        help="comma-separated model paths of the search; default: fused,reference",
+    )
     parser.add_argument(
         "--train-epochs",
         type=int,
@@ -141,7 +165,9 @@ def main() -> None:
     parser.add_argument(
         "--device", default="cpu", help="device of the projection timing"
     )
-    parser.add_argument("--skip-search", action="store_true")
+    parser.add_argument(
+        "--skip-search", action="store_true", help="time the projection only"
+    )
     args = parser.parse_args()
 
     dvmrl.set_num_threads(args.threads)

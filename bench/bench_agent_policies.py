@@ -41,9 +41,15 @@ class FixedPolicy:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--agent", default=None)
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--agent", default=None, help="agent file to compare; default: the shipped one"
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=5, help="episode seeds per policy; default: 5"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=2, help="dvmrl CPU threads; default: 2"
+    )
     args = parser.parse_args()
     set_num_threads(args.threads)
 

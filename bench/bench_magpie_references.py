@@ -62,11 +62,21 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--splits", nargs="*", default=["random", "chemsys"])
+    parser.add_argument(
+        "--splits",
+        nargs="*",
+        default=["random", "chemsys"],
+        help="dvmrl splits to score; default: random chemsys",
+    )
     parser.add_argument(
         "--cuts", type=int, default=0, help="other random test cuts to score"
     )
-    parser.add_argument("--features", type=Path, default=None, help="cache file")
+    parser.add_argument(
+        "--features",
+        type=Path,
+        default=None,
+        help=".npy file that caches the Magpie features (written when missing)",
+    )
     args = parser.parse_args(argv)
 
     df = load(DATA)

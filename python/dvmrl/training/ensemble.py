@@ -188,12 +188,21 @@ def combine_checkpoints(
         shared_keys = ("model_config",)
     for member, document in zip(member_paths[1:], documents[1:], strict=True):
         for key in shared_keys:
-            if document.get(key) != first.get(key):
-                raise ckpt.CheckpointError(
-                    f"member checkpoint {member} has another {key} than "
-                    f"{member_paths[0]}; ensemble members must share the config, "
-                    "the data and the split"
+            if document.get(key) == first.get(key):
+                continue
+            if key == "model_config":
+                fix = "ensemble members must share the model config"
+            else:
+                # Members of dvmrl train --members N train on their own
+                # divisions, so they differ here while sharing data and split.
+                fix = (
+                    "pass same_division=False when the members trained on their "
+                    "own train/validation divisions of one data set and split"
                 )
+            raise ckpt.CheckpointError(
+                f"member checkpoint {member} has another {key} than "
+                f"{member_paths[0]}; {fix}"
+            )
     payload = {
         key: value
         for key, value in first.items()
