@@ -161,7 +161,8 @@ def test_thread_count_bitwise(data, use_fused):
     # The fused path must match bit for bit. The reference path inherits
     # PyTorch's CPU kernels, whose results can depend on the thread count.
     # On an AMD EPYC VM these weights matched, and on an Intel Xeon VM they
-    # differed by up to 1.3e-5 after two epochs.
+    # differed by up to 1.3e-5 after two epochs, and by up to 1.1e-4 with
+    # the fused AdamW (whose own steps are the same on 1 and 2 threads).
     previous = dvmrl.get_num_threads()
     results = []
     try:
@@ -177,7 +178,7 @@ def test_thread_count_bitwise(data, use_fused):
     if use_fused:
         assert torch.equal(results[0], results[1])
     else:
-        torch.testing.assert_close(results[0], results[1], rtol=0.0, atol=1e-4)
+        torch.testing.assert_close(results[0], results[1], rtol=0.0, atol=5e-4)
 
 
 def test_set_hyperparameters_keeps_state(data):
