@@ -191,7 +191,7 @@ def meta_train(
     out: str | os.PathLike,
     *,
     resume: bool = False,
-    checkpoint_every: int = 5,
+    checkpoint_every: int = 1,
     seed: int = 0,
     agent_config: dict[str, Any] | None = None,
     env_options: dict[str, Any] | None = None,
