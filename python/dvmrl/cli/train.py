@@ -1575,6 +1575,28 @@ def check_recorded_data(data: str) -> None:
         )
 
 
+def check_scored_data(
+    args: argparse.Namespace, data: str | None, from_checkpoint: bool
+) -> str:
+    """Check the data set that evaluate or validate scores, and return it.
+
+    ``data`` is --data, or the checkpoint's data when ``from_checkpoint``.
+
+    Raises:
+        UsageError: when neither names a data set.
+        FileNotFoundError: when the checkpoint's data file is gone.
+        ValueError: for CSV-only options given with a vendored data set.
+    """
+    if data is None:
+        raise UsageError(
+            "the checkpoint records no data set; pass --data NAME|PATH.csv"
+        )
+    if from_checkpoint:
+        check_recorded_data(data)
+    reject_csv_options(args, data)
+    return data
+
+
 def load_model(path: str, device):
     """Load a checkpoint onto ``device`` in evaluation mode; return (model, metadata).
 
@@ -1818,14 +1840,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     model, metadata = load_model(args.checkpoint, device)
     run = metadata.get("run", {})
     trained_on = metadata.get("data", run.get("data"))
-    data = args.data if args.data is not None else trained_on
-    if data is None:
-        raise UsageError(
-            "the checkpoint records no data set; pass --data NAME|PATH.csv"
-        )
-    if args.data is None:
-        check_recorded_data(data)
-    reject_csv_options(args, data)
+    data = check_scored_data(
+        args,
+        args.data if args.data is not None else trained_on,
+        from_checkpoint=args.data is None,
+    )
     alloy = bool(args.alloy_notation or metadata.get("alloy_notation", False))
     same_data = trained_on is not None and data_reference(data) == trained_on
     if same_data and args.alloy_notation and not metadata.get("alloy_notation"):

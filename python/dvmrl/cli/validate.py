@@ -44,7 +44,6 @@ from dvmrl.cli._common import (
     path_text,
     plural,
     positive_int,
-    reject_csv_options,
     setup_compute,
 )
 
@@ -492,17 +491,12 @@ def run(args: argparse.Namespace) -> int:
     strategies = _check_arguments(args)
     device = setup_compute(args)
     started = time.perf_counter()
-    from dvmrl.cli.train import check_recorded_data, load_model
+    from dvmrl.cli.train import check_scored_data, load_model
 
     model, metadata = load_model(args.checkpoint, device)
-    data = args.data or metadata.get("data")
-    if data is None:
-        raise UsageError(
-            "the checkpoint records no data set; pass --data NAME|PATH.csv"
-        )
-    if not args.data:
-        check_recorded_data(data)
-    reject_csv_options(args, data)
+    data = check_scored_data(
+        args, args.data or metadata.get("data"), from_checkpoint=not args.data
+    )
     # The checkpoint's column names belong to its own data file.
     own_data = data_reference(data) == metadata.get("data")
     df, info = resolve_data(
