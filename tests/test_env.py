@@ -152,6 +152,21 @@ def test_masked_action_acts_as_continue(frame, split):
     assert info["epochs_used"] == 1
 
 
+def test_spent_budget_stops_instead_of_training(env):
+    env.reset(seed=7)
+    truncated = False
+    while not truncated:
+        _, _, _, truncated, info = env.step(ACTION_INDEX["continue"])
+    assert info["budget_left"] == 0
+    # After truncation only stop is valid; any other action must not train.
+    _, reward, terminated, truncated, info = env.step(ACTION_INDEX["continue"])
+    assert info["invalid_action"]
+    assert terminated
+    assert reward == 0.0
+    assert info["epochs_used"] == SMALL["budget_epochs"]
+    assert info["budget_left"] == 0
+
+
 def test_actions_change_settings(env):
     env.reset(seed=8)
     before = env.hyperparameters()
@@ -228,3 +243,15 @@ def test_shift_detection_three_rows_fitted():
     f_other = rng.normal(size=(3, 6)) + 5.0
     # A shift this large is found with three rows of the other class.
     assert env_module._adversarial_validation_auc(f_train, f_other, rng) > 0.9
+
+
+def test_observation_subsample_spans_the_validation_set():
+    from dvmrl.env import _spread
+
+    rows = np.arange(100, 600)
+    picked = _spread(rows, 256)
+    assert len(picked) == len(np.unique(picked)) == 256
+    # Both ends of the (system-ordered) validation set are observed.
+    assert picked[0] == rows[0] and picked[-1] == rows[-1]
+    assert np.all(np.diff(picked) <= 2)
+    np.testing.assert_array_equal(_spread(rows[:50], 256), rows[:50])

@@ -122,10 +122,12 @@ class ModelTuningEnv(gym.Env):
 
     **Observation** (``Box`` of float32, entries clipped to [-10, 10]):
 
-    - on a fixed-size subsample of the current validation set: accuracy
-      (fraction of predictions within ``tolerance``), precision, recall and
-      F1 of the stability call (stable when the value <= the data set's
-      threshold), and log10 of the RMSE (eV/atom);
+    - on at most ``obs_size`` compositions of the current validation set,
+      evenly spread over its rows (so over the chemical systems of the
+      pool, which is ordered by system): accuracy (fraction of predictions
+      within ``tolerance``), precision, recall and F1 of the stability
+      call (stable when the value <= the data set's threshold); and log10
+      of the RMSE (eV/atom) on the whole validation set;
     - the accuracy on the fixed reward subsample of the validation pool;
     - adversarial vulnerability on the fixed probe set (mean largest change
       of the prediction, eV/atom, under fraction moves of at most
@@ -173,8 +175,8 @@ class ModelTuningEnv(gym.Env):
 
     Actions that would leave a setting's range, remove the last layer or
     exceed the budget are masked in ``info["action_mask"]`` (bool [18]). A
-    masked action passed to :meth:`step` acts as ``continue`` and sets
-    ``info["invalid_action"]``.
+    masked action passed to :meth:`step` acts as ``continue``, or as ``stop``
+    once the budget has no slice left, and sets ``info["invalid_action"]``.
 
     **Reward**: ``w_accuracy * (accuracy - previous accuracy) +
     w_vulnerability * (previous vulnerability - vulnerability)``, accuracy
@@ -402,9 +404,17 @@ class ModelTuningEnv(gym.Env):
             raise ValueError(f"action must be in 0 .. {len(ACTIONS) - 1}, got {action}")
         mask = self.action_mask()
         invalid = not bool(mask[action])
-        name = "continue" if invalid else ACTIONS[action]
+        name = ACTIONS[action]
         if invalid:
-            logger.debug("masked action %s at step %d treated as continue", ACTIONS[action], self.steps)
+            # With the budget spent only ``stop`` is valid, and continuing would
+            # train past the budget.
+            name = "stop" if self.budget_left < self.epochs_per_step else "continue"
+            logger.debug(
+                "masked action %s at step %d treated as %s",
+                ACTIONS[action],
+                self.steps,
+                name,
+            )
         self.steps += 1
         previous_accuracy = self.reward_accuracy
         previous_vulnerability = self.vulnerability
@@ -638,7 +648,7 @@ class ModelTuningEnv(gym.Env):
         self._snapshots.append(self._pool_prediction)
         self._snapshots = self._snapshots[-3:]
         y = self.task.y_pool
-        obs_index = self.val_index[: self.obs_size]
+        obs_index = _spread(self.val_index, self.obs_size)
         prediction = self._pool_prediction[obs_index]
         truth = y[obs_index]
         self.val_accuracy = metrics.accuracy_within(truth, prediction, self.tolerance)
@@ -780,6 +790,14 @@ def _training_and_validation_rows(
             "both parts must be non-empty"
         )
     return train, val
+
+
+def _spread(rows: np.ndarray, size: int) -> np.ndarray:
+    """Return ``size`` entries of ``rows`` at evenly spaced positions (all if fewer)."""
+    if len(rows) <= size:
+        return rows
+    # The spacing (len - 1) / (size - 1) exceeds 1, so the rounded positions differ.
+    return rows[np.linspace(0, len(rows) - 1, size).round().astype(np.int64)]
 
 
 def _subsample(rows: np.ndarray, size: int | None, rng: np.random.Generator) -> np.ndarray:
