@@ -1,5 +1,6 @@
 """Tests of the dueling double DQN agent on hand-computed targets and a chain MDP."""
 
+import json
 import pickle
 
 import numpy as np
@@ -332,6 +333,18 @@ def test_load_rejects_foreign(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(2)}, path)
     with pytest.raises(AgentFileError, match="not a dvmrl agent file"):
+        DQNAgent.load(path)
+
+
+def test_load_names_file_with_invalid_config(tmp_path):
+    path = tmp_path / "a.pt"
+    DQNAgent(3, 4, AgentConfig(hidden=(8,))).save(path)
+    state = torch.load(path, weights_only=True)
+    header = json.loads(state["header_json"])
+    header["config"]["gamma"] = 2.0
+    state["header_json"] = json.dumps(header)
+    torch.save(state, path)
+    with pytest.raises(AgentFileError, match=r"a\.pt: ValueError: gamma must be in"):
         DQNAgent.load(path)
 
 

@@ -931,7 +931,7 @@ class DQNAgent:
             )
             agent.episode_returns = [float(v) for v in state["episode_returns"]]
             agent.metadata = json.loads(state.get("metadata_json", "{}"))
-        except (KeyError, RuntimeError, TypeError, json.JSONDecodeError) as err:
+        except (KeyError, RuntimeError, TypeError, ValueError) as err:
             # load_state_dict lists every missing key on its own line, so the
             # message keeps the lines joined into one.
             detail = " ".join(str(err).split())
