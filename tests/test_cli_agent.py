@@ -434,6 +434,49 @@ def test_train_interrupt_names_checkpoint(tmp_path, monkeypatch, caplog, capsys)
     assert len(progress["history"]) == 5
 
 
+@pytest.mark.parametrize(
+    "moment", ["before the progress file", "after the progress file"]
+)
+def test_train_interrupt_inside_checkpoint(tmp_path, monkeypatch, moment):
+    """A checkpoint cut short leaves agent, buffer and progress of one episode."""
+    import os
+
+    import dvmrl.meta
+
+    out = tmp_path / "agent.pt"
+    paths = state_paths(out)
+    args = [*TRAIN, "--episodes", "3", "--out", str(out)]
+    if moment == "before the progress file":
+        real_write = dvmrl.meta.write_text_atomic
+
+        def write(path, text):
+            if len(json.loads(text)["history"]) == 2:
+                raise KeyboardInterrupt
+            real_write(path, text)
+
+        monkeypatch.setattr(dvmrl.meta, "write_text_atomic", write)
+    else:
+        real_replace = os.replace
+
+        def replace(source, target):
+            if str(source).endswith(".staged-2"):
+                raise KeyboardInterrupt
+            real_replace(source, target)
+
+        monkeypatch.setattr(dvmrl.meta.os, "replace", replace)
+    assert main(args) == 130
+    monkeypatch.undo()
+    committed = 1 if moment == "before the progress file" else 2
+    assert len(json.loads(paths["progress"].read_text())["history"]) == committed
+    assert DQNAgent.load(out).episodes == 1
+    assert main([*args, "--resume"]) == 0
+    history = json.loads(paths["progress"].read_text())["history"]
+    agent = DQNAgent.load(out, buffer_path=paths["buffer"])
+    assert len(history) == agent.episodes == 3
+    assert agent.env_steps == len(agent.buffer) == sum(row["steps"] for row in history)
+    assert not list(tmp_path.glob("*.staged-*"))
+
+
 def test_train_interrupt_before_checkpoint(tmp_path, monkeypatch, caplog):
     out = tmp_path / "agent.pt"
     interrupt_at_episode(monkeypatch, 1)

@@ -34,9 +34,9 @@ TASK_FAMILIES = ("transition-metal", "rare-earth", "alkali-alkaline-earth")
 TASK_TRAIN_SIZES = (500, 1000, 1500)
 EVALUATION_DATASET = "mp-formation-energy"
 
-# Agent settings for meta-training: episodes last up to 24 steps and the
-# shipped agent saw 600 episodes, so exploration decays over about the
-# first third of the run (3,000 steps).
+# Agent settings for meta-training: episodes last up to 24 steps, and the
+# shipped agent saw 400 episodes (7,459 steps), so exploration decays over
+# the first 40 % of its run (3,000 steps).
 META_AGENT_CONFIG = {
     "hidden": (128, 128),
     "stream_hidden": 64,
@@ -167,6 +167,48 @@ def state_paths(out: str | os.PathLike) -> dict[str, Path]:
     }
 
 
+def _staged_paths(paths: dict[str, Path], episodes: int) -> dict[str, Path]:
+    """Return where a checkpoint after ``episodes`` episodes writes agent and buffer."""
+    return {
+        key: paths[key].with_name(f"{paths[key].name}.staged-{episodes}")
+        for key in ("agent", "buffer")
+    }
+
+
+def _settle_checkpoint(paths: dict[str, Path]) -> None:
+    """Finish or undo a checkpoint that an interruption left half written.
+
+    Staged files of the episode count that the progress file records were
+    committed, so they replace the agent and buffer files. Any other staged
+    files belong to a checkpoint whose progress file was never written, and
+    are removed; the files beside them still hold the committed episode.
+    """
+    if not paths["agent"].parent.is_dir():
+        return
+    leftovers = {
+        key: [
+            entry
+            for entry in paths[key].parent.iterdir()
+            if entry.name.startswith(paths[key].name + ".staged-")
+        ]
+        for key in ("agent", "buffer")
+    }
+    if not any(leftovers.values()):
+        return
+    committed = None
+    if paths["progress"].is_file():
+        history = _read_progress(paths["progress"])["history"]
+        committed = _staged_paths(paths, len(history))
+    for key, staged_files in leftovers.items():
+        for staged in staged_files:
+            if committed is not None and staged == committed[key]:
+                logger.info("completing the checkpoint in %s", staged)
+                os.replace(staged, paths[key])
+            else:
+                logger.info("removing %s of an unfinished checkpoint", staged)
+                staged.unlink()
+
+
 def machine_description() -> str:
     """Describe this machine: CPU model, core count and platform."""
     cpu = platform.processor() or "unknown CPU"
@@ -253,6 +295,7 @@ def meta_train(
     options = dict(env_options or {})
     history: list[dict[str, Any]] = []
     elapsed_before = 0.0
+    _settle_checkpoint(paths)
     if resume:
         if not paths["agent"].is_file() or not paths["progress"].is_file():
             raise FileNotFoundError(
@@ -329,9 +372,14 @@ def meta_train(
     saved_episodes = len(history) if resume else None
 
     def checkpoint() -> None:
+        # The progress file commits a checkpoint: the agent and buffer go to
+        # staged files first and replace the old ones only after it, so an
+        # interruption at any point leaves three files of one episode (see
+        # _settle_checkpoint).
         nonlocal saved_episodes
         meta = metadata()
-        agent.save(paths["agent"], metadata=meta, buffer_path=paths["buffer"])
+        staged = _staged_paths(paths, len(history))
+        agent.save(staged["agent"], metadata=meta, buffer_path=staged["buffer"])
         document = {
             **meta,
             "history": history,
@@ -340,6 +388,8 @@ def meta_train(
         text = json.dumps(document, indent=1)
         write_text_atomic(paths["progress"], text)
         saved_episodes = len(history)
+        for key in ("agent", "buffer"):
+            os.replace(staged[key], paths[key])
 
     bar = tqdm(
         total=episodes,
