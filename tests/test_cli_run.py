@@ -429,3 +429,18 @@ def test_relative_data_path_resumes_elsewhere(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(elsewhere)
     code = main(["run", "--out", str(out), "--resume", "--no-progress"])
     assert code == 0, capsys.readouterr().err
+
+
+def test_agent_of_other_size_rejected_first(tmp_path, budget_file, capsys):
+    from dvmrl.agent import DQNAgent
+
+    agent_file = tmp_path / "small.pt"
+    DQNAgent(10, 18).save(agent_file)
+    out = tmp_path / "o"
+    argv = ["run", "--budget", budget_file, "--methods", "random", "agent"]
+    code = main([*argv, "--agent", str(agent_file), "--out", str(out), "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "the agent expects 10 observation entries and 18 actions" in err
+    # The check runs before any unit, so no search has started.
+    assert not (out / "state.json").exists()

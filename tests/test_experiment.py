@@ -10,7 +10,9 @@ import pytest
 import tiny_run
 from dvmrl import env as env_module
 from dvmrl.experiment import (
+    ONLINE_LEARNING_STARTS,
     PRESETS,
+    SHARED_TRAIN_KEYS,
     Experiment,
     Preset,
     RunDirectoryError,
@@ -24,7 +26,13 @@ from dvmrl.experiment_agent import (
     restore_episode,
     save_episode,
 )
-from dvmrl.report import METHOD_LABELS, _winner_text, find_winner, summarise
+from dvmrl.report import (
+    METHOD_LABELS,
+    _winner_text,
+    find_winner,
+    search_curve,
+    summarise,
+)
 from dvmrl.search import SEARCH_SPACE
 
 # Two seeds and larger parts than the shared budget, for per-seed results.
@@ -403,6 +411,9 @@ def test_agent_learning_online(tmp_path, agent_file):
     assert last["terminated"] or last["truncated"]
     assert unit["epochs_used"] <= TINY.epochs
     assert report["agent"] == {"path": agent_file, "learn": True}
+    # The agent updates from the first transition of the episode on.
+    assert ONLINE_LEARNING_STARTS == 1
+    assert unit["steps"][0]["agent_gradient_steps"] > 0
     # The user's agent file is read, never rewritten.
     assert Path(agent_file).read_bytes() == before
     assert not list((tmp_path / "out" / "units" / "agent-seed0").glob("episode-*"))
@@ -416,6 +427,10 @@ def test_env_model_matches_baselines(prepared):
     baseline_model, baseline_train = model_and_train_configs(START_CONFIG, 2, 0)
     assert env.trainer.model_config == baseline_model
     assert env.hyperparameters() == START_CONFIG
+    env_train = env.trainer.train_config
+    for key in SHARED_TRAIN_KEYS:
+        assert getattr(env_train, key) == getattr(baseline_train, key), key
+    assert baseline_train.schedule == "constant"
 
 
 def test_agent_without_snapshots(tmp_path, agent_file, monkeypatch, finished_run):
@@ -665,3 +680,24 @@ def test_readme_budget_equals_small_preset():
     assert block is not None
     example = Preset.from_dict(json.loads(block.group(1)))
     assert {**example.to_dict(), "name": "small"} == PRESETS["small"].to_dict()
+
+
+def test_agent_curve_ends_at_kept_model(finished_run):
+    out, _ = finished_run
+    state = json.loads((Path(out) / "state.json").read_text())
+    unit = state["units"]["agent/seed0"]
+    curve = search_curve(unit)
+    assert len(curve) == len(unit["steps"])
+    assert curve[-1][1] == pytest.approx(unit["chosen"]["val_rmse"], rel=1e-9)
+
+
+def test_agent_curve_follows_kept_model():
+    steps = [
+        {"epochs_spent": 2, "val_rmse": 0.5, "kept_val_rmse": 0.5},
+        {"epochs_spent": 4, "val_rmse": 0.3, "kept_val_rmse": 0.5},
+        {"epochs_spent": 6, "val_rmse": 0.4, "kept_val_rmse": 0.45},
+    ]
+    assert search_curve({"steps": steps}) == [(2, 0.5), (4, 0.5), (6, 0.45)]
+    # Steps recorded without the kept model's RMSE give the best so far.
+    old = [{k: v for k, v in step.items() if k != "kept_val_rmse"} for step in steps]
+    assert search_curve({"steps": old}) == [(2, 0.5), (4, 0.3), (6, 0.3)]

@@ -96,6 +96,10 @@ DEFAULT_TRAIN = {
 GP_MAX_TRAIN = 300
 ADVERSARIAL_ANCHORS = 64
 
+# Composition features of the task statistics, the validation strategies and
+# the shift detection: the fraction-weighted mean of every element descriptor.
+TASK_FEATURE_OPTIONS = {"stats": ("mean",), "stoichiometry": False}
+
 # Observation entries are clipped to this range.
 OBS_BOUND = 10.0
 
@@ -322,7 +326,7 @@ class ModelTuningEnv(gym.Env):
         self.probe_index = np.sort(rng.choice(len(pool_rows), min(probe_size, len(pool_rows)), replace=False))
         self.task_features = self._task_features()
 
-        n_obs = 6 + 1 + len(self.task_features) + 1 + 7 + 1 + len(VALIDATION_STRATEGIES)
+        n_obs = observation_size(self.task.f_train.shape[1], self.k_correlations)
         self.observation_space = spaces.Box(
             -OBS_BOUND, OBS_BOUND, shape=(n_obs,), dtype=np.float32
         )
@@ -792,6 +796,23 @@ def _training_and_validation_rows(
     return train, val
 
 
+def task_feature_count() -> int:
+    """Return the number of composition features that describe a task."""
+    from dvmrl.featurize import composition_features, featurize
+
+    return composition_features(featurize(["AlNi"]), **TASK_FEATURE_OPTIONS).shape[1]
+
+
+def observation_size(n_features: int, k_correlations: int = 5) -> int:
+    """Return the observation length for ``n_features`` composition features.
+
+    The task features are the mean and standard deviation of every feature
+    plus ``k_correlations`` correlations; the other entries are fixed.
+    """
+    task = 2 * int(n_features) + int(k_correlations)
+    return 6 + 1 + task + 1 + 7 + 1 + len(VALIDATION_STRATEGIES)
+
+
 def _spread(rows: np.ndarray, size: int) -> np.ndarray:
     """Return ``size`` entries of ``rows`` at evenly spaced positions (all if fewer)."""
     if len(rows) <= size:
@@ -825,11 +846,11 @@ def _featurize_task(df: pd.DataFrame, train_rows: np.ndarray, pool_rows: np.ndar
         features_all=composition_features(x_all),
         x_train=x_train,
         y_train=target[train_rows],
-        f_train=composition_features(x_train, stats=("mean",), stoichiometry=False),
+        f_train=composition_features(x_train, **TASK_FEATURE_OPTIONS),
         formulas_train=formulas[train_rows],
         x_pool=x_pool,
         y_pool=target[pool_rows],
-        f_pool=composition_features(x_pool, stats=("mean",), stoichiometry=False),
+        f_pool=composition_features(x_pool, **TASK_FEATURE_OPTIONS),
         formulas_pool=formulas[pool_rows],
     )
 

@@ -66,14 +66,22 @@ ROBUST_EPSILON = 0.05
 ROBUST_TAU = 0.05
 ROBUST_R_MAX = 0.25
 
+# Training settings that every method takes from the agent's environment.
+SHARED_TRAIN_KEYS = (
+    "grad_clip",
+    "schedule",
+    "warmup_epochs",
+    "ema_decay",
+    "loss",
+    "monitor",
+)
+
 # Model sizes that no method tunes, the same for every method. They are fixed
 # here rather than read from dvmrl.defaults so that the presets' wall times,
 # measured with these sizes, do not move when the default model changes. The
 # head is not heteroscedastic, so training minimises the squared error that
-# the validation RMSE selects on. The fraction encoder and the weight average
-# (TrainConfig.ema_decay) stay off, and the loss and the monitor stay the
-# squared error and the validation RMSE, as in the environment the shipped
-# agent was meta-trained on.
+# the validation RMSE selects on. The fraction encoder stays off. The
+# shipped agent was meta-trained on a smaller model (env.DEFAULT_MODEL).
 BASE_MODEL = {
     "gate_hidden": 64,
     "msg_hidden": 64,
@@ -82,6 +90,12 @@ BASE_MODEL = {
     "heteroscedastic": False,
     "fraction_hidden": 0,
 }
+
+# With --agent-learn the agent updates its Q-network once an episode has given
+# it this many transitions. A pretrained agent needs no warm-up of its replay
+# buffer, and the presets' episodes last at most 8 to 30 steps, fewer than the
+# 128 transitions that meta-training waits for.
+ONLINE_LEARNING_STARTS = 1
 
 # The agent's episode starts from this configuration (inside SEARCH_SPACE).
 START_CONFIG = {
@@ -575,7 +589,14 @@ def make_pools(df, kind: str, seed: int, preset: Preset) -> Pools:
 
 
 def model_and_train_configs(config: dict[str, Any], epochs: int, seed: int):
-    """Return (ModelConfig, TrainConfig) for a search-space configuration."""
+    """Return (ModelConfig, TrainConfig) for a search-space configuration.
+
+    The training procedure is that of the agent's environment
+    (``dvmrl.env.DEFAULT_TRAIN``): a constant learning rate without warm-up,
+    the same gradient clipping, the squared error and selection on the
+    validation RMSE. So the methods differ only in the settings they choose.
+    """
+    from dvmrl.env import DEFAULT_TRAIN
     from dvmrl.model import ModelConfig
     from dvmrl.training import TrainConfig
 
@@ -591,9 +612,7 @@ def model_and_train_configs(config: dict[str, Any], epochs: int, seed: int):
         weight_decay=float(config["weight_decay"]),
         epochs=int(epochs),
         seed=int(seed),
-        ema_decay=0.0,
-        loss="mse",
-        monitor="val_rmse",
+        **{key: DEFAULT_TRAIN[key] for key in SHARED_TRAIN_KEYS},
     )
     return model_config, train_config
 
@@ -1036,10 +1055,14 @@ class Experiment:
         )
         self._check_data_size()
         if "agent" in self.spec.methods:
-            # Fail before any work when the agent file is missing or invalid.
-            from dvmrl.experiment_agent import load_agent
+            # Fail before any work when the agent file is missing, invalid or
+            # made for an environment of other observation or action sizes.
+            from dvmrl.env import ACTIONS, observation_size, task_feature_count
+            from dvmrl.experiment_agent import check_agent_fits, load_agent
 
-            load_agent(self.spec.agent_path)
+            agent = load_agent(self.spec.agent_path)
+            n_obs = observation_size(task_feature_count())
+            check_agent_fits(agent, n_obs, len(ACTIONS))
         signature = self.spec.signature(self.data_info["frame_sha256"])
         if self.resume:
             recorded = _read_run_json(run_file, FRESH_RUN)

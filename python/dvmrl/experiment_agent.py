@@ -92,6 +92,24 @@ def make_env(experiment, seed: int):
     )
 
 
+def learn_online(agent) -> None:
+    """Let ``agent`` update during an episode, after ``ONLINE_LEARNING_STARTS`` steps."""
+    from dvmrl.experiment import ONLINE_LEARNING_STARTS
+
+    starts = min(agent.config.learning_starts, ONLINE_LEARNING_STARTS)
+    agent.config = dataclasses.replace(agent.config, learning_starts=starts)
+
+
+def check_agent_fits(agent, n_obs: int, n_actions: int) -> None:
+    """Raise ValueError unless ``agent`` has ``n_obs`` inputs and ``n_actions`` outputs."""
+    if agent.obs_dim != n_obs or agent.n_actions != n_actions:
+        raise ValueError(
+            f"the agent expects {agent.obs_dim} observation entries and "
+            f"{agent.n_actions} actions, but ModelTuningEnv has {n_obs} and "
+            f"{n_actions}; pass an agent trained on this dvmrl version"
+        )
+
+
 def load_agent(path: str | None):
     """Load the agent from ``path``, or the pretrained one shipped with dvmrl."""
     from dvmrl import agent as agent_module
@@ -288,12 +306,7 @@ def run_agent_unit(experiment, unit: dict[str, Any], seed: int) -> None:
     agent = load_agent(spec.agent_path)
     env = make_env(experiment, seed)
     n_obs = int(env.observation_space.shape[0])
-    if agent.obs_dim != n_obs or agent.n_actions != env.action_space.n:
-        raise ValueError(
-            f"the agent expects {agent.obs_dim} observation entries and "
-            f"{agent.n_actions} actions, but ModelTuningEnv has {n_obs} and "
-            f"{env.action_space.n}; pass an agent trained on this dvmrl version"
-        )
+    check_agent_fits(agent, n_obs, int(env.action_space.n))
     constructor = constructor_snapshot(env)
     episode = unit.setdefault("episode", {})
     steps = unit.setdefault("steps", [])
@@ -326,6 +339,8 @@ def run_agent_unit(experiment, unit: dict[str, Any], seed: int) -> None:
             logger.info(
                 "agent seed %d: resuming the episode after step %d", seed, len(steps)
             )
+    if spec.agent_learn:
+        learn_online(agent)
     if not restored:
         # Steps recorded without a snapshot are replayed from the start.
         steps.clear()
@@ -334,6 +349,8 @@ def run_agent_unit(experiment, unit: dict[str, Any], seed: int) -> None:
         episode["best_config"] = _config_of(env)
         episode["best_epochs"] = 0
         episode["seconds"] = 0.0
+        # The environment keeps the untrained model until a step beats it.
+        episode["kept_val_rmse"] = _rmse(env.trainer.predict(pools.x_val), pools.y_val)
     snapshots = True
     epochs_shown = int(env.epochs_used)
     bar = experiment._bar("agent", seed, epochs_shown)
@@ -363,7 +380,12 @@ def run_agent_unit(experiment, unit: dict[str, Any], seed: int) -> None:
         ):
             episode["best_config"] = _config_of(env)
             episode["best_epochs"] = int(env.epochs_used)
+            kept_now = True
+        else:
+            kept_now = False
         pool_rmse = _rmse(env.trainer.predict(pools.x_val), pools.y_val)
+        if kept_now:
+            episode["kept_val_rmse"] = pool_rmse
         step_seconds = time.perf_counter() - step_started
         episode_seconds += step_seconds
         steps.append(
@@ -374,12 +396,14 @@ def run_agent_unit(experiment, unit: dict[str, Any], seed: int) -> None:
                     "action_name": info.get("action_name"),
                     "reward": float(reward),
                     "val_rmse": pool_rmse,
+                    "kept_val_rmse": episode.get("kept_val_rmse"),
                     "env_val_rmse": info.get("val_rmse"),
                     "best_val_rmse": info.get("best_val_rmse"),
                     "vulnerability": info.get("vulnerability"),
                     "strategy": info.get("strategy"),
                     "epochs_spent": int(env.epochs_used),
                     "hyperparameters": env.hyperparameters(),
+                    "agent_gradient_steps": int(agent.gradient_steps),
                     "terminated": bool(terminated),
                     "truncated": bool(truncated),
                     "seconds": step_seconds,

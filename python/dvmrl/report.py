@@ -27,7 +27,13 @@ from typing import Any
 import numpy as np
 
 from dvmrl._files import json_ready, write_text_atomic
-from dvmrl.experiment import BASE_MODEL, ROBUST_EPSILON, ROBUST_R_MAX, ROBUST_TAU
+from dvmrl.experiment import (
+    BASE_MODEL,
+    ONLINE_LEARNING_STARTS,
+    ROBUST_EPSILON,
+    ROBUST_R_MAX,
+    ROBUST_TAU,
+)
 from dvmrl.metrics import DEFAULT_TOLERANCE
 
 logger = logging.getLogger(__name__)
@@ -228,17 +234,24 @@ def _difference(a, b) -> float | None:
 
 
 def search_curve(unit: dict[str, Any]) -> list[tuple[int, float]]:
-    """Return best-so-far validation RMSE (eV/atom) against epochs spent.
+    """Return the validation RMSE (eV/atom) of the chosen model against epochs spent.
 
     Baseline trials contribute one point per epoch (from their per-epoch
-    validation curve); agent steps one point per step.
+    validation curve), and a baseline chooses the best of them, so its
+    curve is the best so far. Agent steps contribute one point per step:
+    the RMSE of the model that the agent keeps, which it picks on its own
+    validation set, so its curve can rise. Runs recorded before steps
+    stored that RMSE give the best so far of the current models.
     """
     points: list[tuple[int, float]] = []
     best = math.inf
     if unit.get("steps"):
         for step in unit["steps"]:
+            kept_rmse = step.get("kept_val_rmse")
             value = step.get("val_rmse")
-            if value is not None:
+            if kept_rmse is not None:
+                best = float(kept_rmse)
+            elif value is not None:
                 best = min(best, float(value))
             if math.isfinite(best):
                 points.append((int(step["epochs_spent"]), best))
@@ -437,7 +450,12 @@ def _budget_lines(report: dict[str, Any]) -> list[str]:
         f"agent file `{agent['path']}`"
         if agent.get("path")
         else "the pretrained agent shipped with dvmrl"
-    ) + (", learning online" if agent.get("learn") else ", greedy and frozen")
+    ) + (
+        ", exploring and learning online (its Q-network updates once an "
+        f"episode has given it {ONLINE_LEARNING_STARTS} transitions)"
+        if agent.get("learn")
+        else ", greedy and frozen"
+    )
     return [
         f"Data: `{prov['data']}` (checksum {prov['data_checksum']}). "
         f"dvmrl {prov['dvmrl_version']}, PyTorch {prov['versions'].get('torch')}, "
@@ -490,14 +508,22 @@ def _capped_text(report: dict[str, Any]) -> str:
 
 def _base_model_text() -> str:
     """Return the sentence that describes the model settings no method tunes."""
+    from dvmrl.env import DEFAULT_MODEL
+
+    meta_model = DEFAULT_MODEL
     return (
         "Every method tunes the same base model, which is not the default model "
         "of `dvmrl train`: gate and message MLPs "
         f"{BASE_MODEL['gate_hidden']} and {BASE_MODEL['msg_hidden']} wide, a "
-        f"{BASE_MODEL['head_layers']} x {BASE_MODEL['head_hidden']} head, no "
-        "fraction encoder and no weight average, trained on the squared error "
-        "and selected on the validation RMSE, the settings that the shipped "
-        "agent was meta-trained with."
+        f"{BASE_MODEL['head_layers']} x {BASE_MODEL['head_hidden']} head and no "
+        "fraction encoder. Every method trains it the same way: a constant "
+        "learning rate without warm-up, no weight average, the squared error, "
+        "and selection on the validation RMSE. The shipped agent was "
+        "meta-trained with these training settings on a smaller model (node "
+        f"state {meta_model['hidden']} wide, {meta_model['layers']} layers, "
+        f"gate and message MLPs {meta_model['gate_hidden']} and "
+        f"{meta_model['msg_hidden']} wide, a {meta_model['head_layers']} x "
+        f"{meta_model['head_hidden']} head)."
     )
 
 
@@ -754,7 +780,7 @@ def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
     colours = {m: f"C{i}" for i, m in enumerate(methods)}
     written: dict[str, str] = {}
 
-    # Best-so-far validation RMSE against epochs.
+    # Validation RMSE of each method's chosen model against epochs.
     figure, axes = new_figure((6, 4))
     for key, points in report["curves"].items():
         method = key.split("/")[0]
@@ -774,11 +800,11 @@ def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
     if unique:
         axes.legend(unique.values(), unique.keys())
     axes.set_xlabel("training epochs spent")
-    axes.set_ylabel("best validation RMSE so far (eV/atom)")
+    axes.set_ylabel("validation RMSE of the chosen model (eV/atom)")
     axes.set_title("Search progress (one line per seed)")
     figure.tight_layout()
     save_figure(figure, folder / "search_progress.png")
-    written["best-so-far validation RMSE against epochs"] = (
+    written["validation RMSE of the chosen model against epochs"] = (
         "figures/search_progress.png"
     )
 

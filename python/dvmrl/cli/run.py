@@ -21,6 +21,7 @@ from dvmrl.cli._common import (
     reject_csv_options,
     setup_compute,
 )
+from dvmrl.experiment import ONLINE_LEARNING_STARTS
 
 logger = logging.getLogger("dvmrl")
 
@@ -109,8 +110,9 @@ def add_parser(subparsers) -> None:
         "--agent-learn",
         action="store_true",
         default=None,
-        help="let the agent keep learning during its episodes "
-        "(default: greedy, frozen)",
+        help="let the agent explore (epsilon-greedy) and update its Q-network "
+        "during its episodes, once an episode has given it "
+        f"{ONLINE_LEARNING_STARTS} transitions (default: greedy, frozen)",
     )
     add_compute_options(parser)
     parser.add_argument(
