@@ -203,6 +203,14 @@ def test_search_rejects_floor():
         adversarial_search(predict, batch, 0.05, floor=0.3)
 
 
+def test_search_rejects_zero_floor():
+    batch = featurize([{"Al": 0.5, "Ni": 0.5}])
+    predict, _ = _linear_model(0)
+    # A floor of 0 would let the search remove an element.
+    with pytest.raises(ValueError, match=r"floor must lie in \(0, 1\), got 0.0"):
+        adversarial_search(predict, batch, 0.05, floor=0.0)
+
+
 def test_search_rejects_bad_predictor_shape():
     batch = featurize(_compositions(3, seed=13))
     with pytest.raises(ValueError, match="must return a tensor of shape"):
@@ -247,7 +255,8 @@ def test_robustness_radius_linear():
     l2 = report.table["radius_l2"].to_numpy()
     norms = report.table["delta_l2"].to_numpy()
     assert np.array_equal(l2[reached], norms[reached])
-    assert bool((l2[~reached] == 0.25).all())
+    n_real = batch.mask.sum(dim=1).numpy()[~reached]
+    np.testing.assert_allclose(l2[~reached], 0.25 * np.sqrt(n_real / (n_real - 1)))
     assert report.score_l2 == pytest.approx(float(l2.mean()))
 
 
@@ -261,10 +270,32 @@ def test_robustness_radius_caps_unreached():
     assert report.n_not_reached == 5
     assert bool((report.table["radius"] == 0.2).all())
     assert not bool(report.table["reached"].any())
-    # The L2 radius of a capped composition is r_max too, not the norm of
-    # its own perturbation, which did not reach tau.
-    assert bool((report.table["radius_l2"] == 0.2).all())
-    assert report.score_l2 == pytest.approx(0.2)
+    # The L2 radius of a capped composition is the L2 norm that the r_max box
+    # contains, r_max * sqrt(K / (K - 1)), not the norm of its own
+    # perturbation, which did not reach tau.
+    n_real = batch.mask.sum(dim=1).numpy()
+    expected = 0.2 * np.sqrt(n_real / (n_real - 1))
+    np.testing.assert_allclose(report.table["radius_l2"].to_numpy(), expected)
+    assert report.score_l2 == pytest.approx(float(expected.mean()))
+
+
+def test_capped_binary_l2_radius_above_reached():
+    # A steep binary reaches tau inside the r_max box; a flat one does not.
+    batch = featurize(["Al0.5Ni0.5", "Fe0.5Co0.5"])
+    weights = torch.zeros(103, dtype=torch.float64)
+    steep, flat = batch.element_index[0], batch.element_index[1]
+    weights[steep[0]], weights[steep[1]] = 0.25, -0.25
+    weights[flat[0]], weights[flat[1]] = 0.05, -0.05
+
+    def predict(element_index, frac, mask):
+        return (weights[element_index] * frac * mask).sum(dim=1)
+
+    report = robustness_radius(predict, batch, tau=0.1, r_max=0.25, steps=20, starts=2)
+    reached = report.table["reached"].to_numpy()
+    l2 = report.table["radius_l2"].to_numpy()
+    assert reached.tolist() == [True, False]
+    # The flat binary is the more robust one, so its L2 radius is the larger.
+    assert l2[1] > l2[0]
 
 
 def test_robustness_radius_rejects_tau():

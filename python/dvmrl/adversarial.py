@@ -130,11 +130,12 @@ class RobustnessReport:
     Attributes:
         score (float): mean radius over compositions, fraction units.
         score_l2 (float): mean L2 radius, fraction units: the L2 norm of
-            the perturbation found at the radius, or r_max for a composition
-            capped at r_max. Since ||delta||_2 >= ||delta||_inf, no
-            perturbation with an L2 norm up to r_max moves a capped
-            composition by tau either, so r_max bounds its L2 radius from
-            below as it bounds the box radius.
+            the perturbation found at the radius, or, for a composition of
+            K >= 2 elements capped at r_max, r_max * sqrt(K / (K - 1)) (r_max
+            for one element). A zero-sum perturbation of that L2 norm has no
+            entry above r_max, so it lies in the box where no perturbation
+            moved the composition by tau: the value bounds the L2 radius
+            from below.
         tau (float): required |change|, eV/atom.
         r_max (float): cap of the radius; compositions that no perturbation
             within r_max moves by tau get r_max and ``reached = False``.
@@ -169,7 +170,7 @@ def feasible_bounds(
         frac (Tensor): fractions x [B, K], float64.
         mask (Tensor): bool [B, K].
         radius (Tensor or float): r per composition [B] or one value.
-        floor (float): minimum fraction, in [0, 1).
+        floor (float): minimum fraction, in (0, 1).
     """
     r = torch.as_tensor(radius, dtype=frac.dtype, device=frac.device)
     if r.dim() == 0:
@@ -192,9 +193,11 @@ def _check_scalar(name: str, value: float, low: float, high: float, fix: str) ->
 
 def _check_floor(floor: float, mask: torch.Tensor, formulas: list[str] | None) -> float:
     floor = float(floor)
-    if not (math.isfinite(floor) and 0.0 <= floor < 1.0):
+    # A floor of 0 would let the search remove an element, which changes the
+    # chemical system instead of the composition.
+    if not (math.isfinite(floor) and 0.0 < floor < 1.0):
         raise ValueError(
-            f"floor must lie in [0, 1), got {floor!r}; the default is 0.01"
+            f"floor must lie in (0, 1), got {floor!r}; the default is 0.01"
         )
     n_real = mask.sum(dim=1)
     if len(n_real) and float(n_real.max()) * floor > 1.0:
@@ -608,7 +611,7 @@ def adversarial_search(
         batch (CompositionBatch): B compositions.
         radius (float or Tensor): box radius r in (0, 1), fraction units;
             one value or one per composition [B]. Default: 0.05.
-        floor (float): minimum fraction of an element, in [0, 1). Default: 0.01.
+        floor (float): minimum fraction of an element, in (0, 1). Default: 0.01.
         lam (float): weight lambda >= 0 of the L2 penalty. Default: 0.
         steps (int): gradient steps per run (>= 1). Default: 50.
         starts (int): runs per composition in all, split between the two
@@ -626,7 +629,7 @@ def adversarial_search(
         SearchResult: float64 tensors on the CPU and the formulas.
 
     Raises:
-        ValueError: for a radius outside (0, 1), a floor outside [0, 1) or
+        ValueError: for a radius outside (0, 1), a floor outside (0, 1) or
             one that some composition cannot meet (K * floor > 1), lam < 0,
             steps, starts or chunk_size < 1, or a predictor that returns the
             wrong shape or no gradient.
@@ -823,8 +826,15 @@ def robustness_radius(
     radius = torch.where(reached, upper, torch.full_like(upper, r_max))
     delta_l2 = best_delta.norm(dim=1)
     # A capped composition's perturbation did not reach tau, so its norm is
-    # not a radius. Its L2 radius gets the lower bound r_max, as the box does.
-    radius_l2 = torch.where(reached, delta_l2, torch.full_like(delta_l2, r_max))
+    # not a radius. A zero-sum change of K fractions with L2 norm
+    # r_max * sqrt(K / (K - 1)) has no entry above r_max. So it lies in the
+    # box where the search found no change of tau, and that norm bounds the
+    # L2 radius from below. For a binary it is the largest norm in the box.
+    n_real = mask.sum(dim=1).cpu().to(torch.float64)
+    widening = torch.where(
+        n_real > 1, torch.sqrt(n_real / (n_real - 1).clamp(min=1)), 1.0
+    )
+    radius_l2 = torch.where(reached, delta_l2, r_max * widening)
     perturbed = torch.where(mask.cpu(), first.frac + best_delta, 0.0)
     table = pd.DataFrame(
         {
