@@ -107,6 +107,21 @@ def test_validate_names_holdout_element(report):
     assert rows[0]["holdout_element"] == element
 
 
+def test_validate_other_split_warns(checkpoint, tmp_path, caplog):
+    argv = ["validate", str(checkpoint), "--out", str(tmp_path), "--split", "chemsys"]
+    with caplog.at_level(logging.WARNING):
+        code = main([*argv, "--holdout-element", "Ni", "--strategy", "random", *FAST])
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert code == 0
+    # The checkpoint trained on the random split, so the chemsys test part overlaps.
+    pattern = r"trained on the random split, so \d+ of the \d+ test"
+    assert re.search(pattern, caplog.text)
+    assert "pass --split random" in caplog.text
+    # With a split other than element, --holdout-element sets the shift table's.
+    assert data["holdout_element"] is None
+    assert data["shift_holdout_element"] == "Ni"
+
+
 def test_validate_element_split_holdout(checkpoint, tmp_path, capsys):
     code = main(
         [
@@ -195,6 +210,11 @@ def test_validate_warns_whole_pool(checkpoint, tmp_path, caplog):
         (["--epsilon", "1"], "--epsilon must lie in"),
         (["--tau", "-0.1"], "--tau must be a positive"),
         (["--floor", "0.5"], "K \\* floor"),
+        (["--floor", "0"], "--floor must lie in \\(0, 1\\), got 0.0"),
+        (
+            ["--shift-samples", "10", "--shift-folds", "15"],
+            "--shift-folds 15 exceeds --shift-samples 10",
+        ),
         (["--strategy", "newest"], "unknown --strategy 'newest'"),
         (["--shift-samples", "5"], "--shift-samples must be >= 10, got 5"),
         (

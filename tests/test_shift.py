@@ -85,6 +85,14 @@ def test_tiny_set_raises():
         shift_auc(np.zeros((20, 3)), np.zeros((2, 3)))
 
 
+def test_fewer_samples_than_folds_raise():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="max_samples 10 is below folds 15"):
+        shift_auc(
+            rng.normal(size=(40, 3)), rng.normal(size=(40, 3)), max_samples=10, folds=15
+        )
+
+
 def test_split_table_covers_every_kind(data):
     df, features = data
     table = split_shift_table(df, features, importance=False, **FAST)

@@ -105,8 +105,8 @@ def shift_auc(
         ShiftResult: the AUC, its spread, the top features and the time.
 
     Raises:
-        ValueError: for sets with fewer than ``folds`` rows, mismatched
-            feature counts, or bad arguments.
+        ValueError: for sets with fewer than ``folds`` rows, ``max_samples``
+            below ``folds``, mismatched feature counts, or bad arguments.
     """
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.inspection import permutation_importance
@@ -127,6 +127,12 @@ def shift_auc(
     if int(max_samples) != max_samples or max_samples < MIN_SAMPLES:
         raise ValueError(
             f"max_samples must be an integer >= {MIN_SAMPLES}, got {max_samples!r}"
+        )
+    if max_samples < folds:
+        raise ValueError(
+            f"max_samples {max_samples} is below folds {folds}: each set is cut to "
+            "max_samples rows and split into the folds; raise max_samples "
+            "(--shift-samples of dvmrl validate) or lower folds"
         )
     for name, rows in (("reference", reference), ("other", other)):
         if len(rows) < folds:

@@ -283,6 +283,14 @@ def _select_ensemble(
     return _top(samples.var(axis=0), size, rng)
 
 
+def _module_device(predictor) -> torch.device | None:
+    """Return the device of a module's parameters, or None for a plain callable."""
+    if isinstance(predictor, torch.nn.Module):
+        for parameter in predictor.parameters():
+            return parameter.device
+    return None
+
+
 def _ensemble_predictions(predictors: Sequence[Callable], batch) -> np.ndarray:
     rows = []
     with torch.no_grad():
@@ -292,7 +300,8 @@ def _ensemble_predictions(predictors: Sequence[Callable], batch) -> np.ndarray:
                 dtype = next(
                     p.dtype for p in predictor.parameters() if p.is_floating_point()
                 )
-            out = predictor(batch.element_index, batch.frac.to(dtype), batch.mask)
+            on_device = batch.to(_module_device(predictor), dtype)
+            out = predictor(on_device.element_index, on_device.frac, on_device.mask)
             rows.append(out.detach().cpu().double().numpy())
     return np.stack(rows)
 
@@ -332,8 +341,15 @@ def _select_adversarial(
     anchor_rows = train[anchors]
     anchor_batch = batch[anchor_rows]
     options = {"steps": 20, "starts": 4, **(search_options or {})}
+    # The search runs on the batch's device, which must be the model's; its
+    # results come back on the CPU.
     result = adversarial_search(
-        predictor, anchor_batch, epsilon, floor=floor, seed=seed, **options
+        predictor,
+        anchor_batch.to(_module_device(predictor)),
+        epsilon,
+        floor=floor,
+        seed=seed,
+        **options,
     )
     examples = CompositionBatch(
         anchor_batch.element_index,

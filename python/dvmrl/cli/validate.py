@@ -232,8 +232,13 @@ def _check_arguments(args: argparse.Namespace) -> list[str]:
         )
     if not (math.isfinite(args.tau) and args.tau > 0.0):
         raise UsageError(f"--tau must be a positive number of eV/atom, got {args.tau}")
-    if not (math.isfinite(args.floor) and 0.0 <= args.floor < 1.0):
-        raise UsageError(f"--floor must lie in [0, 1), got {args.floor}")
+    if not (math.isfinite(args.floor) and 0.0 < args.floor < 1.0):
+        from dvmrl.adversarial import DEFAULT_FLOOR
+
+        raise UsageError(
+            f"--floor must lie in (0, 1), got {args.floor}; a floor of 0 would let "
+            f"the search remove an element (default {DEFAULT_FLOOR})"
+        )
     if not (math.isfinite(args.lam) and args.lam >= 0.0):
         raise UsageError(f"--lambda must be a number >= 0, got {args.lam}")
     if not (math.isfinite(args.r_max) and 0.0 < args.r_max < 1.0):
@@ -245,7 +250,14 @@ def _check_arguments(args: argparse.Namespace) -> list[str]:
             f"--shift-samples must be >= {MIN_SHIFT_SAMPLES}, got "
             f"{args.shift_samples}; pass a larger number of rows per set"
         )
-    # Each validation set is one side of a shift test, split into the folds.
+    # Each validation set is one side of a shift test, cut to --shift-samples
+    # rows and split into the folds.
+    if args.shift_folds > args.shift_samples:
+        raise UsageError(
+            f"--shift-folds {args.shift_folds} exceeds --shift-samples "
+            f"{args.shift_samples}: each set is cut to --shift-samples rows and "
+            "split into the folds; lower --shift-folds or raise --shift-samples"
+        )
     if args.shift_folds > args.validation_size:
         raise UsageError(
             f"--shift-folds {args.shift_folds} exceeds --validation-size "
@@ -278,7 +290,10 @@ def _resolve_split(args, df, metadata):
     seed = int(metadata.get("seed", 0))
     if kind == "element" and holdout is None:
         raise UsageError("--split element needs --holdout-element X (such as Ni)")
-    split = make_split(df, kind, seed, holdout_element=holdout)
+    # Other splits leave --holdout-element to the shift table's element split.
+    split = make_split(
+        df, kind, seed, holdout_element=holdout if kind == "element" else None
+    )
     same = (
         trained_on is None
         or args.data is None
@@ -292,7 +307,40 @@ def _resolve_split(args, df, metadata):
             kind,
             args.data,
         )
+    else:
+        _warn_other_split(df, split, kind, holdout, seed, metadata)
     return split, kind, holdout if kind == "element" else None
+
+
+def _warn_other_split(df, split, kind, holdout, seed, metadata) -> None:
+    """Warn when the attacked test part contains rows the checkpoint trained on."""
+    from dvmrl.splits import make_split
+
+    trained_kind = metadata.get("split")
+    trained_holdout = metadata.get("holdout_element")
+    if trained_kind is None:
+        return
+    if kind == trained_kind and (kind != "element" or holdout == trained_holdout):
+        return
+    trained = make_split(
+        df,
+        trained_kind,
+        seed,
+        holdout_element=trained_holdout if trained_kind == "element" else None,
+    )
+    # Every row outside the checkpoint's test part was in its training pool.
+    seen = np.setdiff1d(split.test, trained.test)
+    if len(seen):
+        logger.warning(
+            "the checkpoint was trained on the %s split, so %d of the %d test "
+            "compositions of the %s split were in its training pool; pass "
+            "--split %s to score unseen compositions only",
+            trained_kind,
+            len(seen),
+            len(split.test),
+            kind,
+            trained_kind,
+        )
 
 
 def _check_floor(floor: float, n_elements: np.ndarray, formulas: list[str]) -> None:
