@@ -152,9 +152,14 @@ def test_validate_radius_is_mean(report):
     assert data["robustness_radius"] == pytest.approx(np.mean(radii))
     radii_l2 = [row["robustness_radius_l2"] for row in data["compositions"]]
     assert data["robustness_radius_l2"] == pytest.approx(np.mean(radii_l2))
-    for row in data["compositions"]:
-        if not row["reached_tau"]:
-            assert row["robustness_radius_l2"] == data["r_max"]
+    # A capped composition of K elements gets the L2 norm that the r_max box
+    # contains, r_max * sqrt(K / (K - 1)).
+    capped = [row for row in data["compositions"] if not row["reached_tau"]]
+    assert capped
+    for row in capped:
+        k = int(featurize([row["formula"]]).mask.sum())
+        expected = data["r_max"] * np.sqrt(k / (k - 1))
+        assert row["robustness_radius_l2"] == pytest.approx(expected)
 
 
 def test_validate_writes_plots(report):
