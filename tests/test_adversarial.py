@@ -1,4 +1,5 @@
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -349,3 +350,26 @@ def test_float32_formulas_have_seven_digits():
     ]
     exact = compositions_to_formulas(index, frac.double(), mask)
     assert exact[0] == "Ni0.38333332538604736Nb0.6166666746139526"
+
+
+def test_search_finds_peak_of_oscillating_binary():
+    # sin(30 x_Al) has several peaks within r = 0.2; a full first step from a
+    # screened point overshoots them, so the screened runs take smaller steps.
+    formulas = ["Al0.5Ni0.5", "Al0.52Ni0.48", "Al0.3Ni0.7"]
+    batch = featurize(formulas)
+
+    def predict(element_index, frac, mask):
+        return torch.sin(30 * frac[:, 0])
+
+    result = adversarial_search(predict, batch, 0.2, floor=0.01, steps=50, starts=4)
+    lo, hi = feasible_bounds(batch.frac, batch.mask, 0.2, 0.01)
+    for row in range(len(formulas)):
+        start = float(batch.frac[row, 0])
+        grid = torch.linspace(
+            max(float(lo[row, 0]), 1 - float(hi[row, 1])),
+            min(float(hi[row, 0]), 1 - float(lo[row, 1])),
+            20001,
+            dtype=torch.float64,
+        )
+        best = float((torch.sin(30 * grid) - math.sin(30 * start)).abs().max())
+        assert abs(float(result.change[row])) == pytest.approx(best, rel=1e-3)
