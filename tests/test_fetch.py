@@ -182,6 +182,24 @@ def test_fetch_metadata_file(tmp_path):
     assert "APL Materials 1, 011002 (2013)" in metadata["attribution"]
 
 
+def test_fetched_file_keeps_target_kind(tmp_path, caplog):
+    _fetch(tmp_path, prop="energy_above_hull")
+    frame, info = datasets.resolve_data(tmp_path / "mp.csv")
+    assert len(frame) == 3
+    assert info["target_kind"] == "energy_above_hull"
+    assert info["stability_threshold"] == 0.025
+    assert info["database_version"] == "2025.09.25"
+    assert "CC BY 4.0" in info["licence"]
+    assert "APL Materials 1, 011002 (2013)" in info["attribution"]
+    # An edited CSV file no longer matches the metadata file's checksum.
+    with open(tmp_path / "mp.csv", "a") as handle:
+        handle.write("CoNi,Co-Ni,2,0.1\n")
+    _, edited = datasets.resolve_data(tmp_path / "mp.csv")
+    assert edited["target_kind"] == "formation_energy"
+    assert edited["attribution"] == "user-supplied data"
+    assert "describes another version of mp.csv" in caplog.text
+
+
 def test_fetch_query_arguments(tmp_path):
     _fetch(tmp_path)
     (client,) = StandInMPRester.instances
@@ -238,7 +256,7 @@ def test_fetch_bad_suffix(tmp_path):
 
 def test_fetch_no_metals(tmp_path):
     factory = lambda api_key: StandInMPRester(api_key, records=DOCUMENTS[4:7])  # noqa: E731
-    with pytest.raises(RuntimeError, match="returned 0 documents and none"):
+    with pytest.raises(mp.QueryError, match="returned 0 documents and none"):
         _fetch(tmp_path, rester=factory)
     assert not (tmp_path / "mp.csv").exists()
 
@@ -269,8 +287,8 @@ def test_key_missing(tmp_path):
         ("0123456789abcdef", "it is 16 characters long"),
         ("", "it is 0 characters long"),
         ("AbCdEfGhIjKlMnOpQrStUvWxYz0123456", "it is 33 characters long"),
-        ("AbCdEfGhIjKlMnOp-QrStUvWxYz01234", "contains characters other than letters"),
-        ("AbCdEfGhIjKlMnOp_rStUvWxYz012345", "contains characters other than letters"),
+        ("AbCdEfGhIjKlMnOp-QrStUvWxYz01234", "it contains characters other than letters"),
+        ("AbCdEfGhIjKlMnOp_rStUvWxYz012345", "it contains characters other than letters"),
     ],
 )
 def test_key_malformed(key, reason):

@@ -9,6 +9,10 @@ licence and attribution.
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import json
+import logging
 import os
 from pathlib import Path
 
@@ -52,6 +56,58 @@ __all__ = [
 ]
 
 
+logger = logging.getLogger(__name__)
+
+# Entries of the metadata file of `dvmrl data fetch` that describe its CSV
+# file's target and origin.
+_FETCH_FIELDS = (
+    "source",
+    "property",
+    "target_kind",
+    "stability_threshold",
+    "database_version",
+    "licence",
+    "citations",
+    "attribution",
+)
+
+
+def _fetch_metadata(path: Path) -> dict | None:
+    """Return the metadata that ``dvmrl data fetch`` wrote beside ``path``, if any.
+
+    The file ``<stem>.json`` counts only when its ``csv_sha256`` matches the
+    CSV text, so an edited CSV file or an unrelated JSON file is ignored.
+    """
+    name = path.name
+    stem = name[: -len(".csv.gz")] if name.endswith(".csv.gz") else path.stem
+    sidecar = path.with_name(f"{stem}.json")
+    if not sidecar.is_file():
+        return None
+    try:
+        metadata = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(metadata, dict) or "csv_sha256" not in metadata:
+        return None
+    raw = path.read_bytes()
+    if name.endswith(".gz"):
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError):
+            return None
+    if hashlib.sha256(raw).hexdigest() != metadata["csv_sha256"]:
+        logger.warning(
+            "%s describes another version of %s (its csv_sha256 differs), so its "
+            "target kind and attribution are not used",
+            sidecar,
+            path.name,
+        )
+        return None
+    if metadata.get("target_kind") not in STABILITY_THRESHOLDS:
+        return None
+    return {key: metadata[key] for key in _FETCH_FIELDS if key in metadata}
+
+
 def _user_file_info(path: Path, frame: pd.DataFrame, target_kind: str) -> dict:
     return {
         "name": path.name,
@@ -88,7 +144,9 @@ def resolve_data(
         formula_column: formula column of a CSV file.
         target_column: target column of a CSV file (eV/atom).
         target_kind: ``formation_energy`` or ``energy_above_hull``; sets the
-            stability threshold of a CSV file (vendored sets carry their own).
+            stability threshold of a CSV file (vendored sets carry their own,
+            and so does a CSV file of ``dvmrl data fetch`` through the
+            ``<stem>.json`` file written beside it).
         alloy_notation: read a CSV file's group amounts as at.% shares.
         hume_rothery: apply :func:`hume_rothery_screen` with the two
             thresholds below (off by default).
@@ -141,7 +199,13 @@ def resolve_data(
         frame = load_csv(
             path, formula_column, target_column, alloy_notation=alloy_notation
         )
+        fetched = _fetch_metadata(path)
+        if fetched is not None:
+            # A file from `dvmrl data fetch` states its own target kind.
+            target_kind = fetched["target_kind"]
         info = _user_file_info(path, frame, target_kind)
+        if fetched is not None:
+            info.update(fetched)
     info["hume_rothery_screen"] = None
     if hume_rothery:
         frame = hume_rothery_screen(

@@ -90,12 +90,12 @@ def check_api_key(key: str, source: str) -> str:
     key = key.strip()
     if not API_KEY_PATTERN.fullmatch(key):
         reason = (
-            f"{len(key)} characters long"
+            f"is {len(key)} characters long"
             if len(key) != 32
             else "contains characters other than letters and digits"
         )
         raise ApiKeyError(
-            f"the Materials Project API key from {source} is malformed: it is "
+            f"the Materials Project API key from {source} is malformed: it "
             f"{reason}, but current keys are 32 letters and digits; {_key_help()}"
         )
     return key
@@ -295,7 +295,7 @@ def fetch_materials_project(
     reduced = build.reduce_compositions(formulas, targets)
     frame = reduced.frame
     if frame.empty:
-        raise RuntimeError(
+        raise QueryError(
             f"the Materials Project returned {len(documents)} documents and none "
             "is a binary or ternary all-metal composition with a value; check the "
             "query"
