@@ -287,8 +287,8 @@ def test_key_missing(tmp_path):
         ("0123456789abcdef", "it is 16 characters long"),
         ("", "it is 0 characters long"),
         ("AbCdEfGhIjKlMnOpQrStUvWxYz0123456", "it is 33 characters long"),
-        ("AbCdEfGhIjKlMnOp-QrStUvWxYz01234", "it contains characters other than letters"),
-        ("AbCdEfGhIjKlMnOp_rStUvWxYz012345", "it contains characters other than letters"),
+        ("AbCdEfGhIjKlMnOp-QrStUvWxYz01234", "it contains characters other than"),
+        ("AbCdEfGhIjKlMnOp_rStUvWxYz012345", "it contains characters other than"),
     ],
 )
 def test_key_malformed(key, reason):
