@@ -151,7 +151,7 @@ def test_csv_options_rejected_for_vendored(argv, named, tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert code == 2
     assert f"error: {named} " in err
-    assert "only to a CSV file passed with --data" in err
+    assert "only to a CSV file, not to the vendored data set" in err
     assert "vendored data set 'mp-formation-energy'" in err
     assert list(tmp_path.iterdir()) == []
 

@@ -648,7 +648,7 @@ def test_evaluate_rejects_csv_options(trained, capsys):
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 2
-    assert "--target-column applies only to a CSV file passed with --data" in err
+    assert "--target-column applies only to a CSV file, not to the vendored" in err
 
 
 def test_predict_missing_column_guess(trained, tmp_path, capsys):

@@ -174,6 +174,14 @@ def test_parse_groups(formula, standard, alloy):
         _assert_fractions(parse(formula, alloy_notation=True), alloy)
 
 
+def test_alloy_shares_rounded_to_one_decimal():
+    # 33.3 * 3 sums to 99.89999999999999, at the edge of the 0.1 % tolerance.
+    shares = parse("(CoCr)33.3Fe33.3Ni33.3", alloy_notation=True)
+    _assert_fractions(shares, {"Cr": 1 / 6, "Fe": 1 / 3, "Co": 1 / 6, "Ni": 1 / 3})
+    with pytest.raises(CompositionError, match="they sum to 99.8"):
+        parse("(CoCr)33.3Fe33.3Ni33.2", alloy_notation=True)
+
+
 @pytest.mark.parametrize(("formula", "alloy_notation", "match"), INVALID)
 def test_parse_invalid(formula, alloy_notation, match):
     with pytest.raises(CompositionError, match=match):

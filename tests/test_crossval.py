@@ -144,6 +144,34 @@ def test_cross_validate_seeded(small_frame, tiny_configs):
     assert first.mean["rmse"] == second.mean["rmse"]
 
 
+def test_cross_validate_training_seeds(small_frame, tiny_configs, monkeypatch):
+    import dvmrl.training
+
+    model, train = tiny_configs
+    seeds = []
+    real = dvmrl.training.Trainer
+
+    def recording(model_config, train_config, *args, **kwargs):
+        seeds.append(train_config.seed)
+        return real(model_config, train_config, *args, **kwargs)
+
+    monkeypatch.setattr(dvmrl.training, "Trainer", recording)
+    cross_validate(
+        small_frame, n_folds=2, seed=7, model_config=model, train_config=train
+    )
+    assert seeds == [7, 8]
+
+
+def test_grouped_folds_keep_a_fit_part(small_frame, tiny_configs):
+    model, train = tiny_configs
+    systems = small_frame["chemsys"].value_counts().index[:2]
+    frame = small_frame[small_frame["chemsys"].isin(systems)].reset_index(drop=True)
+    with pytest.raises(ValueError, match="has 1 chemical system, too few"):
+        cross_validate(
+            frame, kind="chemsys", n_folds=2, model_config=model, train_config=train
+        )
+
+
 def test_cross_validate_rejects_kind(small_frame):
     with pytest.raises(ValueError, match="unknown cross-validation kind 'loo'"):
         cross_validate(small_frame, kind="loo")

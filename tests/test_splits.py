@@ -170,6 +170,21 @@ def test_load_tampered_split(frame, tmp_path):
         splits.load_split(path)
 
 
+@pytest.mark.parametrize("content", ['{"a": 1}', "[1, 2, 3]"])
+def test_load_foreign_json(tmp_path, content):
+    path = tmp_path / "other.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match="is not a split file of `dvmrl data split`"):
+        splits.load_split(path)
+
+
+def test_load_foreign_npz(tmp_path):
+    path = tmp_path / "other.npz"
+    np.savez(path, weights=np.zeros(3))
+    with pytest.raises(ValueError, match="is not a split file of `dvmrl data split`"):
+        splits.load_split(path)
+
+
 def test_save_bad_suffix(frame, tmp_path):
     with pytest.raises(ValueError, match=r"must end in \.npz or \.json"):
         _split(frame, "random", None).save(tmp_path / "split.txt")

@@ -318,8 +318,11 @@ def _alloy_amounts(text: str, items: list) -> dict[str, float]:
                 item.text,
             )
     total = _sum(item.amount for item in items)
+    # The slack above the tolerance keeps a sum at exactly the tolerance,
+    # such as 33.3 * 3 = 99.9 (stored as 99.89999999999999), inside it.
     if not any(
-        abs(total - basis) <= ALLOY_TOTAL_RTOL * basis for basis in (100.0, 1.0)
+        abs(total - basis) <= ALLOY_TOTAL_RTOL * basis * (1.0 + 1e-9)
+        for basis in (100.0, 1.0)
     ):
         raise CompositionError(
             text,

@@ -95,14 +95,28 @@ def _validation_rows(
     fraction: float,
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Split a fold's training rows into (fit rows, validation rows)."""
+    """Split a fold's training rows into (fit rows, validation rows).
+
+    Both parts keep at least one row (or chemical system).
+    """
     if groups is None:
+        if len(train_rows) < 2:
+            raise ValueError(
+                f"a fold's training part has {len(train_rows)} row, too few for a "
+                "fit and a validation part; pass fewer folds or more data"
+            )
         shuffled = rng.permutation(train_rows)
-        n_val = max(1, int(round(fraction * len(train_rows))))
+        n_val = min(max(1, int(round(fraction * len(train_rows)))), len(train_rows) - 1)
         return np.sort(shuffled[n_val:]), np.sort(shuffled[:n_val])
     fold_groups = groups[train_rows]
     unique = np.unique(fold_groups)
-    n_val_groups = max(1, int(round(fraction * len(unique))))
+    if len(unique) < 2:
+        raise ValueError(
+            f"a fold's training part has {len(unique)} chemical system, too few "
+            "for a fit and a validation part of whole systems; pass fewer folds "
+            "or data with more chemical systems"
+        )
+    n_val_groups = min(max(1, int(round(fraction * len(unique)))), len(unique) - 1)
     val_groups = rng.choice(unique, size=n_val_groups, replace=False)
     is_val = np.isin(fold_groups, val_groups)
     return train_rows[~is_val], train_rows[is_val]
@@ -114,9 +128,10 @@ def summarise_folds(
     """Compute the mean, sample standard deviation and standard error per metric.
 
     Only finite numbers enter a metric's summary, so a fold whose GCV score
-    is infinite (a perfect fit, stored as ``None``) or whose precision is
-    undefined is left out of that metric only. A metric with a single finite
-    value gets a spread of NaN.
+    is infinite (a perfect fit, stored as ``None``) is left out of that
+    metric only. An undefined precision, recall or F1 (no predicted or no
+    true stable composition) is 0 in the fold's metrics and enters the mean
+    as 0. A metric with a single finite value gets a spread of NaN.
 
     Returns:
         tuple: dicts ``mean``, ``std`` and ``sem`` keyed by metric name.
@@ -286,7 +301,7 @@ def cross_validate(
         fit_rows, val_rows = _validation_rows(
             rows[folds != fold], groups, val_fraction, rng
         )
-        config = dataclasses.replace(train_config, seed=int(train_config.seed) + fold)
+        config = dataclasses.replace(train_config, seed=int(seed) + fold)
         trainer = Trainer(
             model_config,
             config,

@@ -8,8 +8,8 @@ Kinds:
 - ``element``: every composition that contains ``holdout_element`` forms the
   test part; the validation pool is drawn at random from the rest.
 - ``binary-to-ternary``: the ternaries form the test part and the binaries
-  are divided into train and validation pool. Rows with more than three
-  elements are in no part.
+  are divided into train and validation pool. Rows with one element or
+  more than three are in no part.
 
 The test part is cut with the fixed seed :data:`TEST_SEED` and depends only
 on the data, the kind, ``holdout_element`` and ``test_fraction``. The
@@ -121,24 +121,36 @@ def load_split(path: str | os.PathLike) -> Split:
             does not match its indices.
     """
     path = Path(path)
-    if path.suffix.lower() == ".json":
-        record = json.loads(path.read_text(encoding="utf-8"))
-        arrays = {part: record[part] for part in ("train", "val", "test")}
-    elif path.suffix.lower() == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            record = json.loads(str(archive["meta"]))
-            arrays = {part: archive[part] for part in ("train", "val", "test")}
-    else:
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".npz"):
         raise ValueError(f"split file {str(path)!r} must end in .npz or .json")
-    split = Split(
-        **{part: np.asarray(values, dtype=np.int64) for part, values in arrays.items()},
-        kind=record["kind"],
-        seed=int(record["seed"]),
-        data_fingerprint=record["data_fingerprint"],
-        holdout_element=record.get("holdout_element"),
-        params=record.get("params", {}),
-    )
-    if split.fingerprint() != record["fingerprint"]:
+    try:
+        if suffix == ".json":
+            record = json.loads(path.read_text(encoding="utf-8"))
+            arrays = {part: record[part] for part in ("train", "val", "test")}
+        else:
+            with np.load(path, allow_pickle=False) as archive:
+                record = json.loads(str(archive["meta"]))
+                arrays = {part: archive[part] for part in ("train", "val", "test")}
+        split = Split(
+            **{
+                part: np.asarray(values, dtype=np.int64)
+                for part, values in arrays.items()
+            },
+            kind=record["kind"],
+            seed=int(record["seed"]),
+            data_fingerprint=record["data_fingerprint"],
+            holdout_element=record.get("holdout_element"),
+            params=record.get("params", {}),
+        )
+        stored = record["fingerprint"]
+    except (KeyError, TypeError, ValueError) as err:
+        # A JSON list, a foreign .npz archive or a missing entry all end here.
+        raise ValueError(
+            f"{str(path)!r} is not a split file of `dvmrl data split` "
+            f"({type(err).__name__}: {err}); write one with `dvmrl data split`"
+        ) from err
+    if split.fingerprint() != stored:
         raise ValueError(
             f"split file {str(path)!r} is corrupt: its fingerprint does not match "
             "its indices; write it again with `dvmrl data split`"

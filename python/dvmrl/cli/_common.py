@@ -294,8 +294,8 @@ def reject_csv_options(args: argparse.Namespace, data: str) -> None:
     names = " and ".join(options)
     verb, pronoun = ("applies", "it") if len(options) == 1 else ("apply", "them")
     raise ValueError(
-        f"{names} {verb} only to a CSV file passed with --data, not to the "
-        f"vendored data set {data!r}; leave {pronoun} out"
+        f"{names} {verb} only to a CSV file, not to the vendored data set "
+        f"{data!r}; leave {pronoun} out"
     )
 
 
