@@ -408,6 +408,44 @@ def test_resume_exact(data, tmp_path):
     assert history == [record["val_rmse"] for record in uninterrupted.history]
 
 
+def test_resume_after_early_stop_trains_no_further(data, tmp_path):
+    # A high learning rate and patience 1 stop the fit before its 30 epochs.
+    options = {"epochs": 30, "patience": 1, "lr": 3e-2}
+    uninterrupted = _trainer(data, **options)
+    uninterrupted.fit()
+    assert uninterrupted.epochs_done < 30
+    path = tmp_path / "stopped.pt"
+    stopped = _trainer(data, **options)
+    stopped.fit(checkpoint=path)
+    # The run was cut after its last checkpoint, before anything else ran.
+    resumed = Trainer.from_checkpoint(path, *data)
+    assert resumed.fit() == []
+    assert resumed.epochs_done == uninterrupted.epochs_done
+    assert torch.equal(_weights(resumed), _weights(uninterrupted))
+
+
+@pytest.mark.parametrize("ema_decay", [0.0, 0.99])
+@pytest.mark.parametrize("move", ["widen", "load_state"])
+def test_resume_after_move_matches(data, tmp_path, ema_decay, move):
+    def prepared():
+        trainer = _trainer(data, ema_decay=ema_decay)
+        trainer.train_epochs(1)
+        earlier = trainer.current_state()
+        trainer.train_epochs(1)
+        if move == "widen":
+            trainer.widen(hidden=20)
+        else:
+            trainer.load_state(earlier)
+        return trainer
+
+    uninterrupted = prepared()
+    path = prepared().save(tmp_path / "moved.pt")
+    uninterrupted.train_epochs(1)
+    resumed = Trainer.from_checkpoint(path, *data)
+    resumed.train_epochs(1)
+    assert torch.equal(_weights(resumed), _weights(uninterrupted))
+
+
 def test_resume_before_first_epoch(data, tmp_path):
     uninterrupted = _trainer(data)
     uninterrupted.fit()

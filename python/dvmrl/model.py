@@ -648,8 +648,10 @@ class CompositionMPNN(nn.Module):
         dims = config.dims
         n_elements, n_features = self.descriptors.shape
         self.config = config
+        # Column-major, as the QR factor of the constructor is, so a rebuilt
+        # model and a model built from its config run the same kernels.
         self.emb_w = nn.Parameter(
-            torch.empty(dims.hidden, n_features, device=device, dtype=dtype)
+            torch.empty(n_features, dims.hidden, device=device, dtype=dtype).T
         )
         self.emb_b = nn.Parameter(torch.empty(dims.hidden, device=device, dtype=dtype))
         self.emb_offset = nn.Parameter(

@@ -175,6 +175,11 @@ class Trainer:
         self._best_state: dict[str, torch.Tensor] | None = None
         self._bad_epochs = 0
         self._fit_target: int | None = None
+        # Whether the last fit ended (early stop or its target), stored in
+        # checkpoints so that fit() on a trainer restored from such a
+        # checkpoint trains no further, as the uninterrupted run did not.
+        self._fit_finished = False
+        self._restored_finished = False
         # Weight averaging (TrainConfig.ema_decay > 0): between epochs the
         # model contains the average and _raw_weights the optimiser's own
         # iterate. _given_average is a copy of the average the model was
@@ -273,8 +278,17 @@ class Trainer:
         (an architecture move, ``load_state``, the end of ``fit``), the
         average restarts from the current weights.
         """
+        if self._holds_given_average(parameters):
+            for parameter, raw in zip(parameters, self._raw_weights, strict=True):
+                parameter.copy_(raw)
+            return self._given_average
+        self._ema_updates = 0
+        return [p.detach().clone() for p in parameters]
+
+    def _holds_given_average(self, parameters: list[torch.nn.Parameter]) -> bool:
+        """Tell whether the model still contains the average the last epoch left."""
         given = self._given_average
-        unchanged = (
+        return (
             given is not None
             and self._raw_weights is not None
             and len(given) == len(parameters)
@@ -283,12 +297,6 @@ class Trainer:
                 for a, p in zip(given, parameters, strict=True)
             )
         )
-        if unchanged:
-            for parameter, raw in zip(parameters, self._raw_weights, strict=True):
-                parameter.copy_(raw)
-            return given
-        self._ema_updates = 0
-        return [p.detach().clone() for p in parameters]
 
     @torch.no_grad()
     def _update_average(self, average: list, parameters: list) -> None:
@@ -470,6 +478,7 @@ class Trainer:
         # A checkpoint written during a fit stores its target, so that a
         # resumed fit stops where the uninterrupted one would have.
         self._fit_target = target if early_stopping else None
+        self._fit_finished = False
         while self.epochs_done < target:
             record = self._run_epoch()
             records.append(record)
@@ -480,6 +489,7 @@ class Trainer:
             )
             if stop or self.epochs_done >= target:
                 self._fit_target = None
+                self._fit_finished = early_stopping
             if checkpoint is not None:
                 self.save(checkpoint, metadata=metadata)
             if progress is not None:
@@ -528,11 +538,18 @@ class Trainer:
             ``val_mae`` in eV/atom or None without validation set, ``lr``,
             ``time_s``).
         """
+        restored_finished, self._restored_finished = self._restored_finished, False
         if epochs is not None:
             if int(epochs) != epochs or epochs < 0:
                 raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
             target = self.epochs_done + int(epochs)
             self._bad_epochs = 0
+        elif restored_finished:
+            # The checkpoint's fit had ended, so the uninterrupted run trained
+            # no further.
+            if self._best_state is not None:
+                self.model.load_state_dict(self._best_state)
+            return []
         elif self._fit_target is not None:
             target = self._fit_target  # continue a fit restored from a checkpoint
         else:
@@ -762,6 +779,7 @@ class Trainer:
             self.train_config = dataclasses.replace(self.train_config, **changes)
         if dropout is not None:
             self.model.set_dropout(dropout)
+        self._fit_finished = False
         logger.debug(
             "hyperparameters now %s, dropout %s", changes, self.model.config.dropout
         )
@@ -809,6 +827,8 @@ class Trainer:
         self._best_epoch = None
         self._best_state = None
         self._bad_epochs = 0
+        # A changed model or validation set starts a new fit.
+        self._fit_finished = False
 
     # -- weights ---------------------------------------------------------
 
@@ -904,12 +924,8 @@ class Trainer:
                     exp_avg, exp_avg_sq = state.exp_avg[name], state.exp_avg_sq[name]
                 self._optimizer.state[parameter] = {
                     "step": steps[name],
-                    "exp_avg": exp_avg.to(
-                        parameter.device, parameter.dtype
-                    ).contiguous(),
-                    "exp_avg_sq": exp_avg_sq.to(
-                        parameter.device, parameter.dtype
-                    ).contiguous(),
+                    "exp_avg": _like(parameter, exp_avg),
+                    "exp_avg_sq": _like(parameter, exp_avg_sq),
                 }
         self._reset_best()
         logger.info("%s: model now %s", what, config.dims)
@@ -1027,6 +1043,7 @@ class Trainer:
             "best_epoch": self._best_epoch,
             "bad_epochs": self._bad_epochs,
             "fit_target": self._fit_target,
+            "fit_finished": self._fit_finished,
             "schedule": self._schedule.state_dict(),
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
@@ -1048,8 +1065,13 @@ class Trainer:
             }
         if self._weights is not None:
             resume["sample_weights"] = self._weights.detach().cpu()
-        if self._raw_weights is not None:
+        if self._raw_weights is not None and self._holds_given_average(
+            self._parameters()
+        ):
             # The optimiser's iterate; the model state contains the average.
+            # After a move, load_state or the end of fit the model contains
+            # other weights, and the next epoch restarts the average, so the
+            # iterate is not stored.
             resume["raw_weights"] = {
                 name: value.detach().cpu().clone()
                 for name, value in zip(
@@ -1200,10 +1222,8 @@ class Trainer:
                     continue
                 self._optimizer.state[parameter] = {
                     "step": entry["step"].clone(),
-                    "exp_avg": entry["exp_avg"].to(parameter.device, parameter.dtype),
-                    "exp_avg_sq": entry["exp_avg_sq"].to(
-                        parameter.device, parameter.dtype
-                    ),
+                    "exp_avg": _like(parameter, entry["exp_avg"]),
+                    "exp_avg_sq": _like(parameter, entry["exp_avg_sq"]),
                 }
             rng = resume["rng"]
             self._shuffle_generator.set_state(rng["shuffle"])
@@ -1249,8 +1269,21 @@ class Trainer:
         self._best_epoch = state.get("best_epoch")
         self._bad_epochs = int(state.get("bad_epochs", 0))
         self._fit_target = state.get("fit_target")
+        self._fit_finished = bool(state.get("fit_finished", False))
+        self._restored_finished = self._fit_finished
         self._schedule.load_state_dict(state["schedule"])
         self.history = list(document.get("history") or [])
+
+
+def _like(parameter: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Return ``values`` in a new tensor with the memory layout of ``parameter``.
+
+    With moments in another memory layout than the parameter (row-major
+    moments of the column-major ``emb_w``), one step of PyTorch's fused CPU
+    AdamW (torch 2.13) changed ``emb_w`` differently, and a run resumed
+    after ``widen`` differed by 0.01 eV/atom after one epoch.
+    """
+    return torch.empty_like(parameter).copy_(values)
 
 
 @contextlib.contextmanager
