@@ -50,6 +50,10 @@ def data():
     return x[:320], y[:320], x[320:], y[320:]
 
 
+# The header of a version-1 file written before the tensor digest existed.
+NO_DIGEST_HEADER = json.dumps({"format": "dvmrl-checkpoint", "format_version": 1})
+
+
 def _trainer(data, **options) -> Trainer:
     settings = {"epochs": 6, "batch_size": 64, "lr": 3e-3, "seed": 2, **options}
     return Trainer(SMALL, TrainConfig(**settings), *data)
@@ -363,6 +367,48 @@ def test_pickled_object_in_torch_file(tmp_path):
     with pytest.raises(CheckpointError, match="pickled Python object"):
         load_checkpoint(path)
     assert not marker.exists()
+
+
+def test_pickled_object_in_legacy_torch_file(tmp_path):
+    marker = tmp_path / "marker"
+    path = tmp_path / "legacy.pt"
+    payload = {HEADER_KEY: "x", "payload": _RunsCode(marker)}
+    torch.save(payload, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="pickled Python object"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_trainer_state_damaged(saved, tmp_path):
+    document = torch.load(saved[1], weights_only=True)
+    document["resume"] = {**document["resume"], "trainer": "{not json"}
+    path = tmp_path / "damaged.pt"
+    torch.save(document, path)
+    with pytest.raises(CheckpointError, match="its trainer state is not valid JSON"):
+        load_checkpoint(path)
+
+
+def test_integer_flat_rejected(saved, tmp_path):
+    document = torch.load(saved[1], weights_only=True)
+    document[HEADER_KEY] = NO_DIGEST_HEADER
+    flat = document["model_state"]["flat"]
+    document["model_state"] = {**document["model_state"], "flat": flat.to(torch.int32)}
+    path = tmp_path / "integer.pt"
+    torch.save(document, path)
+    with pytest.raises(CheckpointError, match="dtype torch.int32, not a floating"):
+        load_checkpoint(path)
+
+
+def test_ensemble_does_not_resume(saved, tmp_path, data):
+    from dvmrl.training.checkpoint import MEMBER_STATES_KEY
+
+    document = torch.load(saved[1], weights_only=True)
+    document[HEADER_KEY] = NO_DIGEST_HEADER
+    document[MEMBER_STATES_KEY] = [document["model_state"]]
+    path = tmp_path / "ensemble.pt"
+    torch.save(document, path)
+    with pytest.raises(CheckpointError, match="is an ensemble of 2 members"):
+        Trainer.from_checkpoint(path, *data)
 
 
 def test_plain_pickle_file(tmp_path):

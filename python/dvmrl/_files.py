@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import pickletools
@@ -201,10 +202,18 @@ def builds_objects(path: str | os.PathLike) -> bool:
     never executes them. The result is False for a file without a valid pickle.
     """
     try:
-        stream = _pickle_bytes(path)
-        return any(
-            opcode.name in _OBJECT_OPCODES
-            for opcode, _, _ in pickletools.genops(stream)
-        )
-    except (ValueError, KeyError, EOFError, OSError, zipfile.BadZipFile, IndexError):
+        data = _pickle_bytes(path)
+    except (KeyError, OSError, zipfile.BadZipFile, IndexError):
         return False
+    stream = io.BytesIO(data)
+    # A legacy (non-zip) torch.save file is several pickles in a row: the
+    # magic number, the protocol, the system information and then the
+    # object, so each one is scanned until the raw tensor bytes begin.
+    while stream.tell() < len(data):
+        try:
+            for opcode, _, _ in pickletools.genops(stream):
+                if opcode.name in _OBJECT_OPCODES:
+                    return True
+        except (ValueError, EOFError, IndexError):
+            return False
+    return False

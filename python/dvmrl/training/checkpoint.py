@@ -375,7 +375,7 @@ def load_checkpoint(
         model = model.to(dtype=dtype)
     model = model.to(device)
     model.eval()
-    return model, metadata_from_document(document)
+    return model, metadata_from_document(document, path)
 
 
 def model_from_document(document: dict[str, Any], path: str | os.PathLike):
@@ -392,6 +392,11 @@ def model_from_document(document: dict[str, Any], path: str | os.PathLike):
     if "descriptors" not in state:
         raise CheckpointError(f"checkpoint {path} is corrupt: no 'descriptors' buffer")
     dtype = state["flat"].dtype if "flat" in state else torch.float32
+    if not dtype.is_floating_point:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: its flat parameters have dtype {dtype}, "
+            "not a floating dtype"
+        )
     descriptors = state["descriptors"].to(torch.float64)
     states = [state, *document.get(MEMBER_STATES_KEY, [])]
     members = []
@@ -427,18 +432,32 @@ _DOCUMENT_KEYS = (
 )
 
 
-def metadata_from_document(document: dict[str, Any]) -> dict[str, Any]:
-    """Collect the metadata dict that :func:`load_checkpoint` returns."""
+def metadata_from_document(
+    document: dict[str, Any], path: str | os.PathLike | None = None
+) -> dict[str, Any]:
+    """Collect the metadata dict that :func:`load_checkpoint` returns.
+
+    Raises:
+        CheckpointError: when the stored trainer state is not a JSON object.
+    """
     metadata = dict(document.get("metadata") or {})
     for key in _DOCUMENT_KEYS:
         metadata[key] = document.get(key)
-    trainer_state = (document.get("resume") or {}).get("trainer")
+    resume = document.get("resume") or {}
+    trainer_state = resume.get("trainer") if isinstance(resume, dict) else None
     history = document.get("history") or []
     metadata["epochs_done"] = len(history)
     if trainer_state:
-        metadata["epochs_done"] = json.loads(trainer_state).get(
-            "epochs_done", len(history)
-        )
+        # The integrity digest covers tensors only, so this text may be damaged.
+        try:
+            trainer = json.loads(trainer_state)
+            epochs_done = trainer.get("epochs_done", len(history))
+        except (TypeError, ValueError, AttributeError) as err:
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: its trainer state is not valid "
+                f"JSON ({type(err).__name__}: {err})"
+            ) from None
+        metadata["epochs_done"] = epochs_done
     metadata["format_version"] = document["format_version"]
     return metadata
 

@@ -1162,6 +1162,13 @@ class Trainer:
         """
         document = ckpt.read_checkpoint(path)
         resume = document.get("resume")
+        if ckpt.MEMBER_STATES_KEY in document:
+            members = 1 + len(document[ckpt.MEMBER_STATES_KEY])
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} is an ensemble of {members} members, which "
+                "resumes member by member: pass a member's own state, such as "
+                "OUT/member0/last.pt of dvmrl train"
+            )
         if not isinstance(resume, dict) or "trainer" not in resume:
             raise ckpt.CheckpointError(
                 f"checkpoint {path} has no resume state (it was saved with "
