@@ -490,13 +490,15 @@ def test_load_csv_repeats_warn(tmp_path, caplog):
     frame = datasets.load_csv(path)
     assert len(frame) == 2
     assert "1 row(s) repeat the composition" in caplog.text
+    assert frame["composition"].tolist() == ["Al0.25Ni0.75", "Al0.25Ni0.75"]
 
 
 def test_load_csv_repeats_named(tmp_path, caplog):
     text = "formula,target\nNi3Al,-0.5\nFeNi,0.1\n\nAlNi3,0.7\n"
     datasets.load_csv(_write(tmp_path, text))
     assert "Ni3Al on lines 2, 5, targets -0.5 to 0.7 eV/atom" in caplog.text
-    assert "keep one row per composition" in caplog.text
+    assert "the splits keep such rows in one part" in caplog.text
+    assert "keeping one row per composition" in caplog.text
 
 
 def test_load_csv_warns_on_kj_per_mol(tmp_path, caplog):

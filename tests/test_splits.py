@@ -523,3 +523,32 @@ def test_cli_split_fraction_option_range(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "argument --test-fraction: expected a fraction in [0, 1), got 1.5" in err
+
+
+@pytest.mark.parametrize("kind", ["random", "element"])
+def test_repeated_compositions_stay_in_one_part(frame, tmp_path, kind):
+    # Each of 300 compositions appears twice (once written in reverse order),
+    # as polymorphs of a user's file would.
+    rows = frame.iloc[:300]
+    reversed_formulas = [
+        "".join(reversed(re.findall(r"[A-Z][a-z]?[0-9.]*", formula)))
+        for formula in rows["formula"]
+    ]
+    table = pd.DataFrame(
+        {
+            "formula": [*rows["formula"], *reversed_formulas],
+            "target": [*rows["target"], *(rows["target"] + 0.01)],
+        }
+    )
+    path = tmp_path / "polymorphs.csv"
+    table.to_csv(path, index=False)
+    data = datasets.load_csv(path)
+    holdout = "Ni" if kind == "element" else None
+    split = splits.make_split(data, kind, seed=3, holdout_element=holdout)
+    keys = data["composition"].to_numpy()
+    parts = [set(keys[split.train]), set(keys[split.val]), set(keys[split.test])]
+    assert not parts[0] & parts[1]
+    assert not parts[0] & parts[2]
+    assert not parts[1] & parts[2]
+    assert len(split.test) > 0
+    assert len(split.val) > 0

@@ -2,7 +2,9 @@
 
 Kinds:
 
-- ``random``: rows drawn at random.
+- ``random``: rows drawn at random. In data that repeat a composition
+  (polymorphs in a user's file), the rows of one composition are drawn
+  together, here and in the validation pools of every kind.
 - ``chemsys``: whole chemical systems held out. The test and the validation
   pool each get complete systems, so no system appears in two parts.
 - ``element``: every composition that contains ``holdout_element`` forms the
@@ -31,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from dvmrl._files import write_atomic, write_text_atomic
+from dvmrl.datasets._vendored import COMPOSITION_COLUMN
 
 KINDS = ("random", "chemsys", "element", "binary-to-ternary")
 
@@ -225,6 +228,17 @@ def _draw_groups(
     return rows[chosen[inverse]]
 
 
+def _repeated_compositions(df: pd.DataFrame) -> np.ndarray | None:
+    """Return the canonical composition of each row when the data repeat one.
+
+    ``load_csv`` adds that column only to data with repeated compositions,
+    so the vendored data sets keep their row-wise draws.
+    """
+    if COMPOSITION_COLUMN not in df.columns:
+        return None
+    return df[COMPOSITION_COLUMN].to_numpy(dtype=str)
+
+
 def _element_mask(df: pd.DataFrame, element: str) -> np.ndarray:
     pattern = rf"(?:^|-){re.escape(element)}(?:-|$)"
     return df["chemsys"].astype(str).str.contains(pattern, regex=True).to_numpy(bool)
@@ -253,7 +267,10 @@ def _test_part(
     n = len(df)
     rows = np.arange(n, dtype=np.int64)
     rng = np.random.default_rng(TEST_SEED)
-    if kind == "random":
+    compositions = _repeated_compositions(df)
+    if kind == "random" and compositions is not None:
+        test = _draw_groups(rows, compositions, test_fraction * n, rng)
+    elif kind == "random":
         test = _draw_rows(rows, int(round(test_fraction * n)), rng)
     elif kind == "chemsys":
         test = _draw_groups(
@@ -355,10 +372,13 @@ def make_split(
     test, rest = _test_part(df, kind, holdout_element, test_fraction)
     rng = np.random.default_rng(seed)
     base = len(rest) if kind == "binary-to-ternary" else len(df)
+    compositions = _repeated_compositions(df)
     if kind == "chemsys":
         val = _draw_groups(
             rest, df["chemsys"].to_numpy(dtype=str), val_fraction * base, rng
         )
+    elif compositions is not None:
+        val = _draw_groups(rest, compositions, val_fraction * base, rng)
     else:
         val = _draw_rows(rest, int(round(val_fraction * base)), rng)
     val = np.sort(val)

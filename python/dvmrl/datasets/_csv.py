@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dvmrl.datasets._vendored import COLUMNS
+from dvmrl.datasets._vendored import COLUMNS, COMPOSITION_COLUMN
 
 logger = logging.getLogger(__name__)
 
@@ -376,10 +376,14 @@ def load_csv(
         )
     repeats = int(pd.Series(keys).duplicated().sum())
     if repeats:
+        # The splits keep the rows of one composition in one part when this
+        # column exists, so no composition is in both training and test.
+        frame[COMPOSITION_COLUMN] = keys
         logger.warning(
-            "%s: %d row(s) repeat the composition of an earlier row (%s); random "
-            "splits may put the same composition in train and test, so keep one "
-            "row per composition, such as the lowest-energy polymorph",
+            "%s: %d row(s) repeat the composition of an earlier row (%s); the "
+            "splits keep such rows in one part, and training sees each of "
+            "their targets, so consider keeping one row per composition, such "
+            "as the lowest-energy polymorph",
             path,
             repeats,
             _repeat_examples(

@@ -13,6 +13,9 @@ import pandas as pd
 DATASETS = ("mp-formation-energy", "mp-energy-above-hull", "oqmd-formation-energy")
 DEFAULT_DATASET = "mp-formation-energy"
 COLUMNS = ["formula", "chemsys", "n_elements", "target"]
+# Extra column of a user's data with repeated compositions: the composition
+# written in one canonical form, which the splits group rows by.
+COMPOSITION_COLUMN = "composition"
 
 
 def list_datasets() -> list[str]:
