@@ -4,6 +4,7 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from dvmrl.crossval import (
@@ -180,3 +181,14 @@ def test_cross_validate_rejects_kind(small_frame):
 def test_cross_validate_rejects_missing_column(small_frame):
     with pytest.raises(ValueError, match="missing \\['chemsys'\\]"):
         cross_validate(small_frame.drop(columns=["chemsys"]), kind="chemsys")
+
+
+def test_kfold_keeps_repeated_compositions_together(small_frame, tiny_configs):
+    model, train = tiny_configs
+    frame = pd.concat([small_frame, small_frame], ignore_index=True)
+    frame["composition"] = frame["formula"]
+    result = cross_validate(
+        frame, kind="kfold", n_folds=3, model_config=model, train_config=train
+    )
+    folds_per_composition = frame.groupby(result.assignment)["composition"].nunique()
+    assert folds_per_composition.sum() == small_frame["formula"].nunique()
