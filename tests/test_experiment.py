@@ -21,6 +21,7 @@ from dvmrl.experiment import (
     run_experiment,
 )
 from dvmrl.experiment_agent import (
+    EpisodeStateError,
     constructor_snapshot,
     make_env,
     restore_episode,
@@ -315,6 +316,20 @@ def test_episode_snapshot_round_trip(prepared, tmp_path):
     assert info_copy["val_rmse"] == info["val_rmse"]
     assert info_copy["best_val_rmse"] == info["best_val_rmse"]
     assert np.array_equal(copy.trainer.model.flat.detach().numpy(), weights.numpy())
+
+
+def test_episode_snapshot_rejects_foreign_class(prepared, tmp_path):
+    env = make_env(prepared, 0)
+    constructor = constructor_snapshot(env)
+    env.reset(seed=3)
+    save_episode(env, constructor, tmp_path / "snap", {})
+    manifest_path = tmp_path / "snap" / "episode.json"
+    manifest = json.loads(manifest_path.read_text())
+    name = next(k for k, v in manifest["entries"].items() if v["kind"] == "config")
+    manifest["entries"][name]["class"] = "os:system"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(EpisodeStateError, match="is not a dvmrl config class"):
+        restore_episode(make_env(prepared, 0), tmp_path / "snap")
 
 
 def test_winner_tie_within_spread():

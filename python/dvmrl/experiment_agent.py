@@ -255,7 +255,13 @@ def restore_episode(env, folder: Path) -> dict:
         elif kind == "float":
             value = float(entry["value"])
         elif kind == "generator":
-            bit_generator = getattr(np.random, entry["state"]["bit_generator"])()
+            bit_class = getattr(np.random, str(entry["state"]["bit_generator"]), None)
+            valid = isinstance(bit_class, type) and issubclass(
+                bit_class, np.random.BitGenerator
+            )
+            if not valid:
+                raise EpisodeStateError(f"{folder}: {name} names no NumPy bit generator")
+            bit_generator = bit_class()
             bit_generator.state = entry["state"]
             value = np.random.Generator(bit_generator)
         elif kind == "array":
@@ -263,7 +269,13 @@ def restore_episode(env, folder: Path) -> dict:
         elif kind == "array_list":
             value = [arrays[f"{name}__{i}"] for i in range(entry["length"])]
         elif kind == "config":
-            module, qualname = entry["class"].split(":")
+            # A snapshot is data: only dvmrl's own config classes are built.
+            module, qualname = str(entry["class"]).split(":")
+            if not module.startswith("dvmrl.") or not qualname.endswith("Config"):
+                raise EpisodeStateError(
+                    f"{folder}: {name} names the class {entry['class']!r}, which "
+                    "is not a dvmrl config class"
+                )
             value = getattr(importlib.import_module(module), qualname).from_dict(
                 entry["value"]
             )
