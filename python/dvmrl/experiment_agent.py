@@ -260,7 +260,9 @@ def restore_episode(env, folder: Path) -> dict:
                 bit_class, np.random.BitGenerator
             )
             if not valid:
-                raise EpisodeStateError(f"{folder}: {name} names no NumPy bit generator")
+                raise EpisodeStateError(
+                    f"{folder}: {name} names no NumPy bit generator"
+                )
             bit_generator = bit_class()
             bit_generator.state = entry["state"]
             value = np.random.Generator(bit_generator)
