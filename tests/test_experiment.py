@@ -158,6 +158,55 @@ def test_markdown_states_baseline_win(finished_run):
         assert "agent" in group
 
 
+def test_agent_outside_tie_named_per_baseline():
+    from dvmrl.report import _agent_outside_text
+
+    # Bayesian optimisation and random search tie; the agent ties with random
+    # search by the spread rule but not with Bayesian optimisation.
+    summary = {
+        "random": {"mean": 0.4886, "std": 0.0178, "n": 2},
+        "bayesian": {"mean": 0.4847, "std": 0.0100, "n": 2},
+        "agent": {"mean": 0.4972, "std": 0.0084, "n": 2},
+    }
+    report = {"summary": {"chemsys_rmse": summary}}
+    winner = find_winner(summary, higher_is_better=False)
+    assert winner["winner"] == "bayesian"
+    assert winner["tied_with"] == ["random"]
+    text = _agent_outside_text(report, "chemsys_rmse", ["bayesian", "random"], False)
+    assert "Bayesian optimisation beats it" in text
+    assert "it ties with random search" in text
+
+
+def test_one_method_wins_nothing():
+    winner = find_winner({"agent": summarise([0.4, 0.5])}, higher_is_better=False)
+    assert winner["winner"] is None
+    assert _winner_text(winner) == "n/a"
+
+
+def test_caveat_for_data_the_shipped_agent_saw():
+    from dvmrl.report import _seen_data_lines
+
+    report = {"methods": ["random", "agent"], "agent": {"path": None}}
+    lines = _seen_data_lines(report, "mp-energy-above-hull")
+    assert "meta-trained on tasks drawn from `mp-energy-above-hull`" in lines[0]
+    assert _seen_data_lines(report, "mp-formation-energy") == []
+    # Another agent file, or no agent method, needs no caveat.
+    other_agent = {**report, "agent": {"path": "a.pt"}}
+    assert _seen_data_lines(other_agent, "mp-energy-above-hull") == []
+    no_agent = {**report, "methods": ["random"]}
+    assert _seen_data_lines(no_agent, "mp-energy-above-hull") == []
+
+
+def test_report_title_names_methods_run():
+    from dvmrl.report import _title
+
+    assert _title(["random", "bayesian", "agent"]) == (
+        "agent against random search and Bayesian optimisation"
+    )
+    assert _title(["agent", "random"]) == "agent against random search"
+    assert _title(["agent"]) == "DQN agent"
+
+
 def test_rerun_same_results(finished_run, tmp_path, agent_file):
     # The units are rolled back to mid-search (random), before scoring
     # (bayesian) and to the episode start (agent); resuming must rebuild the

@@ -171,8 +171,9 @@ class Preset:
             raise ValueError(
                 f"budget keys {missing} are missing; a budget gives every field "
                 "of dvmrl.experiment.Preset except adversarial_steps and "
-                "adversarial_starts (default 30 and 2); see the presets in "
-                "'dvmrl run --help'"
+                "adversarial_starts (default 30 and 2), and a budget file may "
+                "also leave out name (default: the file name); see the presets "
+                "in 'dvmrl run --help'"
             )
         return cls(**data)
 
@@ -586,6 +587,13 @@ def make_pools(df, kind: str, seed: int, preset: Preset) -> Pools:
 
 # ---------------------------------------------------------------------------
 # Training, scoring and robustness of one configuration
+
+
+def shipped_agent_saw(data: str | None, agent_path: str | None) -> bool:
+    """Tell whether the shipped agent was meta-trained on tasks of ``data``."""
+    from dvmrl.meta import TASK_DATASETS
+
+    return agent_path is None and data in TASK_DATASETS
 
 
 def model_and_train_configs(config: dict[str, Any], epochs: int, seed: int):
@@ -1063,6 +1071,13 @@ class Experiment:
             agent = load_agent(self.spec.agent_path)
             n_obs = observation_size(task_feature_count())
             check_agent_fits(agent, n_obs, len(ACTIONS))
+            if shipped_agent_saw(self.spec.data, self.spec.agent_path):
+                logger.warning(
+                    "the shipped agent was meta-trained on tasks drawn from %s, so "
+                    "it is not compared on unseen data; use mp-formation-energy or "
+                    "your own data for a fair comparison",
+                    self.spec.data,
+                )
         signature = self.spec.signature(self.data_info["frame_sha256"])
         if self.resume:
             recorded = _read_run_json(run_file, FRESH_RUN)

@@ -119,6 +119,7 @@ def find_winner(
 ) -> dict[str, Any]:
     """Name the best method of one metric and the methods tied with it.
 
+    With fewer than two methods that have a mean, there is no winner (None).
     A method ties with the best when the difference of their means is below
     ``RELATIVE_RESOLUTION`` times the best mean's magnitude or invisible at
     the report's printed precision. When every method has two or more
@@ -136,7 +137,8 @@ def find_winner(
         resolution used).
     """
     ranked = [(m, s) for m, s in summaries.items() if s["mean"] is not None]
-    if not ranked:
+    # One method alone wins nothing: there is no comparison.
+    if len(ranked) < 2:
         return {
             "winner": None,
             "tied_with": [],
@@ -414,9 +416,19 @@ def join_method_names(methods: list[str]) -> str:
     return ", ".join(names[:-1]) + " and " + names[-1]
 
 
+def _title(methods: list[str]) -> str:
+    """Return the report's title for the methods that ran."""
+    baselines = [m for m in methods if m != "agent"]
+    if "agent" in methods and baselines:
+        return f"agent against {join_method_names(baselines)}"
+    if len(methods) == 1:
+        return METHOD_LABELS.get(methods[0], methods[0])
+    return "comparison of " + join_method_names(methods)
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """Render report.md from the report data."""
-    lines = ["# dvmrl run: agent against random search and Bayesian optimisation", ""]
+    lines = [f"# dvmrl run: {_title(report['methods'])}", ""]
     if not report["complete"]:
         lines += [
             "**Incomplete run:** some units have not finished; rerun with --resume.",
@@ -452,7 +464,7 @@ def _budget_lines(report: dict[str, Any]) -> list[str]:
         else "the pretrained agent shipped with dvmrl"
     ) + (
         ", exploring and learning online (its Q-network updates once an "
-        f"episode has given it {ONLINE_LEARNING_STARTS} transitions)"
+        f"episode has given it {_count(ONLINE_LEARNING_STARTS, 'transition')})"
         if agent.get("learn")
         else ", greedy and frozen"
     )
@@ -470,7 +482,8 @@ def _budget_lines(report: dict[str, Any]) -> list[str]:
         "size), "
         f"{len(seeds)} seed(s) ({', '.join(str(s) for s in seeds)}). Baseline trials "
         f"train {budget['trial_epochs']} epochs each, and Bayesian optimisation starts "
-        f"with {budget['n_initial_points']} random trials. The agent ({agent_text}) "
+        f"with {_count(budget['n_initial_points'], 'random trial')}. The agent "
+        f"({agent_text}) "
         f"trains {budget['agent_slice']} epochs per step.",
         "",
         f"Training pool: {train_pool}. Validation pool: {val_pool}. Every method sees "
@@ -480,8 +493,11 @@ def _budget_lines(report: dict[str, Any]) -> list[str]:
         f"{ROBUST_EPSILON:g} and cap r_max {ROBUST_R_MAX:g} in fraction units, "
         f"tau {ROBUST_TAU:g} eV/atom).{_capped_text(report)}",
         "",
-        _base_model_text(),
+        _base_model_text(
+            shipped_agent="agent" in report["methods"] and not agent.get("path")
+        ),
         "",
+        *_seen_data_lines(report, prov["data"]),
         *_test_size_lines(report),
     ]
 
@@ -506,24 +522,53 @@ def _capped_text(report: dict[str, Any]) -> str:
     )
 
 
-def _base_model_text() -> str:
-    """Return the sentence that describes the model settings no method tunes."""
+def _seen_data_lines(report: dict[str, Any], data: str | None) -> list[str]:
+    """Return the caveat for data that the shipped agent was meta-trained on."""
+    from dvmrl.experiment import shipped_agent_saw
+
+    agent = report.get("agent") or {}
+    seen = shipped_agent_saw(data, agent.get("path"))
+    if "agent" not in report["methods"] or not seen:
+        return []
+    return [
+        f"**Caveat:** the shipped agent was meta-trained on tasks drawn from "
+        f"`{data}`, so this comparison is not on data unseen by the agent. "
+        "`mp-formation-energy`, which meta-training never uses, or your own "
+        "data gives a fair comparison.",
+        "",
+    ]
+
+
+def _count(number: int, noun: str) -> str:
+    """Return ``number`` and ``noun``, the noun in the plural unless number is 1."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def _base_model_text(shipped_agent: bool) -> str:
+    """Return the sentences that describe the model settings no method tunes.
+
+    ``shipped_agent`` adds the model that the shipped agent was meta-trained on.
+    """
     from dvmrl.env import DEFAULT_MODEL
 
-    meta_model = DEFAULT_MODEL
-    return (
+    text = (
         "Every method tunes the same base model, which is not the default model "
         "of `dvmrl train`: gate and message MLPs "
         f"{BASE_MODEL['gate_hidden']} and {BASE_MODEL['msg_hidden']} wide, a "
         f"{BASE_MODEL['head_layers']} x {BASE_MODEL['head_hidden']} head and no "
         "fraction encoder. Every method trains it the same way: a constant "
         "learning rate without warm-up, no weight average, the squared error, "
-        "and selection on the validation RMSE. The shipped agent was "
-        "meta-trained with these training settings on a smaller model (node "
-        f"state {meta_model['hidden']} wide, {meta_model['layers']} layers, "
-        f"gate and message MLPs {meta_model['gate_hidden']} and "
-        f"{meta_model['msg_hidden']} wide, a {meta_model['head_layers']} x "
-        f"{meta_model['head_hidden']} head)."
+        "and selection on the validation RMSE."
+    )
+    if not shipped_agent:
+        return text
+    meta_model = DEFAULT_MODEL
+    return text + (
+        " The shipped agent was meta-trained with these training settings on a "
+        f"smaller model (node state {meta_model['hidden']} wide, "
+        f"{meta_model['layers']} layers, gate and message MLPs "
+        f"{meta_model['gate_hidden']} and {meta_model['msg_hidden']} wide, a "
+        f"{meta_model['head_layers']} x {meta_model['head_hidden']} head)."
     )
 
 
@@ -695,6 +740,29 @@ def _ratio_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _agent_outside_text(
+    report: dict[str, Any], key: str, group: list[str], higher: bool
+) -> str:
+    """Say which methods of a tie the agent, outside it, loses to or ties with.
+
+    Each method of the tie is compared with the agent alone, by the tie rule
+    of :func:`find_winner`.
+    """
+    summary = report["summary"][key]
+    beaten_by, tied = [], []
+    for method in group:
+        pair = find_winner({method: summary[method], "agent": summary["agent"]}, higher)
+        (tied if pair["tie"] or pair["winner"] == "agent" else beaten_by).append(method)
+    if not tied:
+        return f" The agent is outside the tie: {join_method_names(beaten_by)} beat it."
+    return (
+        f" The agent is outside the tie with the best mean: "
+        f"{join_method_names(beaten_by)} beat"
+        f"{'s' if len(beaten_by) == 1 else ''} it, and it ties with "
+        f"{join_method_names(tied)}."
+    )
+
+
 def _verdict_lines(report: dict[str, Any]) -> list[str]:
     lines = ["## Verdict", ""]
     methods = report["methods"]
@@ -717,7 +785,9 @@ def _verdict_lines(report: dict[str, Any]) -> list[str]:
         name = METHOD_LABELS.get(winner["winner"], winner["winner"])
         if winner["tie"]:
             group = [winner["winner"], *winner["tied_with"]]
-            outside = " The agent is outside the tie, so the baselines beat it here."
+            outside = ""
+            if "agent" in methods and "agent" not in group:
+                outside = _agent_outside_text(report, key, group, _higher)
             rule = f"{_percent(_resolution(winner))} of the best mean"
             if winner["spread_assessed"]:
                 rule = f"the spread over seeds or {rule}"
@@ -725,7 +795,7 @@ def _verdict_lines(report: dict[str, Any]) -> list[str]:
                 f"- {label}: a tie between {join_method_names(group)} (differences smaller "
                 f"than {rule}, or invisible at the printed precision). The best "
                 f"mean is {name}'s."
-                + (outside if "agent" in methods and "agent" not in group else "")
+                + outside
             )
             continue
         baseline = winner["winner"] in ("random", "bayesian") and "agent" in methods

@@ -70,8 +70,9 @@ def add_parser(subparsers) -> None:
     train.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run saved at --out with its --tasks, --seed and "
-        "--budget-epochs unless they are given",
+        help="continue the run saved at --out with its stored --tasks, --seed "
+        "and --budget-epochs (given ones must match them); raise --episodes to "
+        "train longer",
     )
     # A checkpoint took about 9 ms against 1.2 s per episode (6 episodes of
     # 3 default tasks, 2-core Intel Xeon VM), so the default saves after
@@ -104,7 +105,12 @@ def add_parser(subparsers) -> None:
         "its suffix names (.png, .pdf, .svg and the other matplotlib formats; "
         "PNG without a suffix)",
     )
-    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="hide the progress bar (it is hidden anyway when stderr is not a "
+        "terminal)",
+    )
     add_compute_options(train)
     train.set_defaults(func=run_train)
 
@@ -186,7 +192,7 @@ def run_train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
         env_options=env_options,
-        progress=not args.no_progress,
+        progress=not args.no_progress and sys.stderr.isatty(),
         command=command,
     )
     if args.curve:

@@ -112,7 +112,8 @@ def add_parser(subparsers) -> None:
         default=None,
         help="let the agent explore (epsilon-greedy) and update its Q-network "
         "during its episodes, once an episode has given it "
-        f"{ONLINE_LEARNING_STARTS} transitions (default: greedy, frozen)",
+        f"{ONLINE_LEARNING_STARTS} transition"
+        f"{'' if ONLINE_LEARNING_STARTS == 1 else 's'} (default: greedy, frozen)",
     )
     add_compute_options(parser)
     parser.add_argument(
@@ -131,13 +132,17 @@ def add_parser(subparsers) -> None:
         "to the values the run was started with",
     )
     parser.add_argument(
-        "--no-progress", action="store_true", help="hide the progress bars"
+        "--no-progress",
+        action="store_true",
+        help="hide the progress bars (they are hidden anyway when stderr is not "
+        "a terminal)",
     )
     parser.set_defaults(func=run)
 
 
 def _progress_factory(enabled: bool):
-    if not enabled:
+    # Bars redrawn with carriage returns only clutter a redirected stderr.
+    if not (enabled and sys.stderr.isatty()):
         return None
     from tqdm import tqdm
 

@@ -97,7 +97,11 @@ _TABLE_METRICS = (
     ("mae", "eV/atom"),
     ("r2", ""),
     ("max_error", "eV/atom"),
-    ("gcv_score", "(eV/atom)^-2"),
+    (
+        "gcv_score",
+        "(eV/atom)^-2; (n - 1) / (n^2 MSE), higher is better, shrinks like 1/n; "
+        "not Wahba's GCV",
+    ),
     ("accuracy", "fraction of predictions within {tolerance:g} eV/atom of target"),
     ("precision", "fraction; stable means target <= {threshold:g} eV/atom"),
     ("recall", "fraction; stable means target <= {threshold:g} eV/atom"),
@@ -2164,7 +2168,8 @@ def run_predict(args: argparse.Namespace) -> int:
         write_text_atomic(
             Path(args.output), table.to_csv(index=False, float_format="%.6f")
         )
-        print(f"wrote {len(table)} predictions to {args.output}")
+        noun = "prediction" if len(table) == 1 else "predictions"
+        print(f"wrote {len(table)} {noun} to {args.output}")
     else:
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return 0
