@@ -1134,3 +1134,17 @@ def test_resume_run_without_column_fields(trained, tmp_path, capsys):
     )
     assert code == 0
     assert "is complete" in capsys.readouterr().out
+
+
+def test_metrics_table_marks_undefined_ratios():
+    from dvmrl.cli.train import _format_metrics
+    from dvmrl.metrics import regression_metrics
+
+    # Energies above hull scored at threshold 0 by a model that predicts
+    # nothing stable: precision is 0 / 0.
+    metrics = regression_metrics([0.0, 0.0, 0.1], [0.02, 0.03, 0.09])
+    table = _format_metrics(metrics, "test", threshold=0.0)
+    line = next(x for x in table.splitlines() if x.strip().startswith("precision"))
+    assert "(undefined: no composition predicted stable, shown as 0)" in line
+    recall = next(x for x in table.splitlines() if x.strip().startswith("recall"))
+    assert "undefined" not in recall

@@ -136,9 +136,13 @@ def test_regression_metrics_keys():
     result = metrics.regression_metrics(Y_TRUE, Y_PRED)
     assert set(result) == {
         "rmse", "mae", "r2", "max_error", "gcv_score", "gcv_score_infinite",
-        "accuracy", "precision", "recall", "f1", "n",
+        "accuracy", "precision", "recall", "f1", "n_predicted_stable", "n_stable",
+        "n",
     }  # fmt: skip
     assert result["n"] == 4
+    stability = metrics.stability_scores(Y_TRUE, Y_PRED)
+    assert result["n_predicted_stable"] == stability["tp"] + stability["fp"]
+    assert result["n_stable"] == stability["tp"] + stability["fn"]
     assert result["gcv_score"] == pytest.approx(5.0)
     assert result["gcv_score_infinite"] is False
 

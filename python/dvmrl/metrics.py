@@ -213,6 +213,10 @@ def regression_metrics(
         "precision": stability["precision"],
         "recall": stability["recall"],
         "f1": stability["f1"],
+        # Precision (recall) is 0 by convention when no composition is
+        # predicted (truly) stable; the counts tell such a 0 from a real one.
+        "n_predicted_stable": stability["tp"] + stability["fp"],
+        "n_stable": stability["tp"] + stability["fn"],
         "n": int(truth.size),
     }
 

@@ -1549,6 +1549,12 @@ def _format_metrics(metrics: dict, title: str, threshold: float) -> str:
             text = f"{value:.4g}"
         else:
             text = f"{value:.4f}"
+        undefined = {
+            "precision": ("n_predicted_stable", "no composition predicted stable"),
+            "recall": ("n_stable", "no composition stable"),
+        }.get(name)
+        if undefined is not None and metrics.get(undefined[0]) == 0:
+            unit += f" (undefined: {undefined[1]}, shown as 0)"
         lines.append(f"  {name:<10} {text:>10}  {unit}")
     return "\n".join(lines)
 
