@@ -468,6 +468,10 @@ def test_resume_after_early_stop_trains_no_further(data, tmp_path):
     assert resumed.fit() == []
     assert resumed.epochs_done == uninterrupted.epochs_done
     assert torch.equal(_weights(resumed), _weights(uninterrupted))
+    # Training on after the restore starts a new fit, as in the first process.
+    continued = Trainer.from_checkpoint(path, *data)
+    continued.train_epochs(1)
+    assert continued.fit(), "a fit after more training must run epochs"
 
 
 @pytest.mark.parametrize("ema_decay", [0.0, 0.99])

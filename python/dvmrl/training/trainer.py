@@ -479,6 +479,7 @@ class Trainer:
         # resumed fit stops where the uninterrupted one would have.
         self._fit_target = target if early_stopping else None
         self._fit_finished = False
+        self._restored_finished = False
         while self.epochs_done < target:
             record = self._run_epoch()
             records.append(record)
@@ -780,6 +781,7 @@ class Trainer:
         if dropout is not None:
             self.model.set_dropout(dropout)
         self._fit_finished = False
+        self._restored_finished = False
         logger.debug(
             "hyperparameters now %s, dropout %s", changes, self.model.config.dropout
         )
@@ -829,6 +831,7 @@ class Trainer:
         self._bad_epochs = 0
         # A changed model or validation set starts a new fit.
         self._fit_finished = False
+        self._restored_finished = False
 
     # -- weights ---------------------------------------------------------
 
