@@ -252,6 +252,7 @@ def test_observation_subsample_spans_the_validation_set():
     picked = _spread(rows, 256)
     assert len(picked) == len(np.unique(picked)) == 256
     # Both ends of the (system-ordered) validation set are observed.
-    assert picked[0] == rows[0] and picked[-1] == rows[-1]
+    assert picked[0] == rows[0]
+    assert picked[-1] == rows[-1]
     assert np.all(np.diff(picked) <= 2)
     np.testing.assert_array_equal(_spread(rows[:50], 256), rows[:50])

@@ -180,8 +180,9 @@ def _settle_checkpoint(paths: dict[str, Path]) -> None:
 
     Staged files of the episode count that the progress file records were
     committed, so they replace the agent and buffer files. Any other staged
-    files belong to a checkpoint whose progress file was never written, and
-    are removed; the files beside them still hold the committed episode.
+    files belong to a checkpoint whose progress file was never written, so
+    they are removed. The files beside them still contain the committed
+    episode.
     """
     if not paths["agent"].parent.is_dir():
         return
