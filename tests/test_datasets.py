@@ -536,6 +536,24 @@ def test_resolve_path(tmp_path):
     assert info["stability_threshold"] == 0.025
 
 
+def test_resolve_warns_on_hull_energies(tmp_path, caplog):
+    hull = datasets.load("mp-energy-above-hull").iloc[:200]
+    path = tmp_path / "hull.csv"
+    hull[["formula", "target"]].to_csv(path, index=False)
+    _, info = datasets.resolve_data(path)
+    assert info["target_kind"] == "formation_energy"
+    assert "as energies above the convex hull are" in caplog.text
+    assert "--stability-threshold 0.025" in caplog.text
+
+
+def test_resolve_formation_energies_no_hull_warning(tmp_path, caplog):
+    formation = datasets.load("mp-formation-energy").iloc[:200]
+    path = tmp_path / "formation.csv"
+    formation[["formula", "target"]].to_csv(path, index=False)
+    datasets.resolve_data(path)
+    assert "convex hull" not in caplog.text
+
+
 def test_resolve_unknown():
     with pytest.raises(ValueError, match="or the path of an existing CSV file"):
         datasets.resolve_data("no-such-set")

@@ -108,6 +108,17 @@ def _fetch_metadata(path: Path) -> dict | None:
     return {key: metadata[key] for key in _FETCH_FIELDS if key in metadata}
 
 
+def _looks_like_hull_energies(frame: pd.DataFrame) -> bool:
+    """Tell whether targets look like energies above the hull, not formation energies.
+
+    Hull energies are never negative and are exactly 0 for every stable
+    composition (51 % of mp-energy-above-hull); formation energies of
+    alloys are mostly negative.
+    """
+    target = frame["target"]
+    return len(target) > 0 and bool((target >= 0).all()) and (target == 0).mean() >= 0.2
+
+
 def _user_file_info(path: Path, frame: pd.DataFrame, target_kind: str) -> dict:
     return {
         "name": path.name,
@@ -206,6 +217,16 @@ def resolve_data(
         info = _user_file_info(path, frame, target_kind)
         if fetched is not None:
             info.update(fetched)
+        elif target_kind == "formation_energy" and _looks_like_hull_energies(frame):
+            logger.warning(
+                "%s: every target is >= 0 and %d of %d are exactly 0, as energies "
+                "above the convex hull are; dvmrl reads a CSV file as formation "
+                "energies (stable when <= 0 eV/atom), so for hull energies pass "
+                "--stability-threshold 0.025 to dvmrl train and evaluate",
+                path,
+                int((frame["target"] == 0).sum()),
+                len(frame),
+            )
     info["hume_rothery_screen"] = None
     if hume_rothery:
         frame = hume_rothery_screen(
