@@ -425,6 +425,18 @@ def test_predict_warns_unseen_element(trained, data_csv, capsys):
     assert f"never seen in training ({unseen})" in err
 
 
+def test_predict_hints_alloy_notation(trained, capsys):
+    model = str(trained / "model.pt")
+    assert main(["predict", model, "(CoNi)90Al10", "(CoNi)2Al"]) == 0
+    err = capsys.readouterr().err
+    assert "(CoNi)90Al10 was read in standard notation" in err
+    assert "pass --alloy-notation" in err
+    # (CoNi)2Al is no valid alloy notation, so it is not ambiguous.
+    assert "(CoNi)2Al was read" not in err
+    assert main(["predict", model, "--alloy-notation", "(CoNi)90Al10"]) == 0
+    assert "was read in standard notation" not in capsys.readouterr().err
+
+
 def test_predict_caps_domain_warnings(trained, tmp_path, capsys):
     """A long input prints ten domain warnings and the count of the others."""
     from dvmrl.cli.train import MAX_DOMAIN_WARNINGS

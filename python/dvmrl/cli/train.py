@@ -439,8 +439,9 @@ def _add_predict_parser(subparsers) -> None:
         ),
         help="predict the target of compositions with a checkpoint",
         description=(
-            "Predict the target of each composition in eV/atom and kJ/mol "
-            "(1 eV/atom = 96.485 kJ/mol), with an uncertainty (standard "
+            "Predict the target of each composition in eV/atom and kJ/mol, "
+            "per mole of atoms (1 eV/atom = 96.485 kJ/mol), with an "
+            "uncertainty (standard "
             "deviation) when the model is heteroscedastic or an ensemble: for an "
             "ensemble, the population spread of the member predictions (plus the "
             "mean predicted variance of heteroscedastic members). The table shows "
@@ -2108,6 +2109,30 @@ def _check_predict_arguments(args: argparse.Namespace) -> None:
     args.formula_column = args.formula_column or "formula"
 
 
+def _alloy_notation_hints(formulas: list[str]) -> list[str]:
+    """Return a warning for each grouped formula that also reads as alloy notation.
+
+    In standard notation "(CoCrFeNi)90Al10" has 2.7 at.% Al; as at.% shares
+    (--alloy-notation) it has 10. A formula valid both ways is ambiguous.
+    """
+    from dvmrl.compositions import CompositionError, parse
+
+    hints = []
+    for formula in formulas:
+        if "(" not in formula:
+            continue
+        try:
+            parse(formula, alloy_notation=True)
+        except CompositionError:
+            continue
+        hints.append(
+            f"{formula} was read in standard notation, where a group's number "
+            "multiplies each of its elements; if its numbers are at.% shares, "
+            "pass --alloy-notation"
+        )
+    return hints
+
+
 def run_predict(args: argparse.Namespace) -> int:
     """Predict compositions given on the command line or in a CSV."""
     import pandas as pd
@@ -2142,6 +2167,8 @@ def run_predict(args: argparse.Namespace) -> int:
     # Printed, not logged, so that the warnings reach stderr whatever the
     # logging configuration.
     warnings = _domain_warnings(compositions, formulas, metadata)
+    if not args.alloy_notation:
+        warnings = _alloy_notation_hints(formulas) + warnings
     for warning in warnings[:MAX_DOMAIN_WARNINGS]:
         print(f"dvmrl predict: warning: {warning}", file=sys.stderr)
     if len(warnings) > MAX_DOMAIN_WARNINGS:
