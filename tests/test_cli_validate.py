@@ -183,6 +183,10 @@ def test_validate_prints_table(checkpoint, tmp_path, capsys):
     assert code == 0
     assert "vulnerability" in printed
     assert "random: train vs validation set" in printed
+    # The checkpoint's random split names no element, so the default is explained.
+    report = json.loads((tmp_path / "report.json").read_text())
+    element = report["shift_holdout_element"]
+    assert f"The element split holds out {element}, the element whose" in printed
 
 
 def test_validate_warns_whole_pool(checkpoint, tmp_path, caplog):

@@ -562,6 +562,12 @@ def run(args: argparse.Namespace) -> int:
     # The shift table's element split holds out the same element as the
     # checkpoint's split, or else --holdout-element or the default choice.
     shift_holdout = split_holdout or args.holdout_element or default_holdout_element(df)
+    if split_holdout:
+        shift_holdout_source = "checkpoint split"
+    elif args.holdout_element:
+        shift_holdout_source = "--holdout-element"
+    else:
+        shift_holdout_source = "closest to 10 % of the rows"
     if len(split.test) == 0:
         raise ValueError(f"the test part of the {kind} split of {data} is empty")
 
@@ -661,6 +667,7 @@ def run(args: argparse.Namespace) -> int:
         "split": kind,
         "holdout_element": split_holdout,
         "shift_holdout_element": shift_holdout,
+        "shift_holdout_source": shift_holdout_source,
         "robustness_radius": robust.score,
         "robustness_radius_l2": robust.score_l2,
         "vulnerability": vuln.score,
@@ -735,3 +742,9 @@ def _print_report(report: dict, ranked: list[dict]) -> None:
     print(f"{'shift detection':<48} {'ROC AUC':>8}")
     for name, auc in report["shift_auc"].items():
         print(f"{name:<48} {auc:>8.3f}")
+    if report.get("shift_holdout_source") == "closest to 10 % of the rows":
+        print(
+            f"The element split holds out {report['shift_holdout_element']}, the "
+            "element whose compositions make up closest to 10 % of the rows; "
+            "--holdout-element X holds out another."
+        )
