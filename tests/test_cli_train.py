@@ -431,7 +431,7 @@ def test_predict_hints_alloy_notation(trained, capsys):
     err = capsys.readouterr().err
     assert "(CoNi)90Al10 was read in standard notation" in err
     assert "pass --alloy-notation" in err
-    # (CoNi)2Al is no valid alloy notation, so it is not ambiguous.
+    # (CoNi)2Al is not valid alloy notation, so it is not ambiguous.
     assert "(CoNi)2Al was read" not in err
     assert main(["predict", model, "--alloy-notation", "(CoNi)90Al10"]) == 0
     assert "was read in standard notation" not in capsys.readouterr().err
@@ -1160,3 +1160,24 @@ def test_metrics_table_marks_undefined_ratios():
     assert "(undefined: no composition predicted stable, shown as 0)" in line
     recall = next(x for x in table.splitlines() if x.strip().startswith("recall"))
     assert "undefined" not in recall
+
+
+def test_predict_flags_negative_hull_energies(trained, monkeypatch, capsys):
+    import numpy as np
+
+    import dvmrl.cli.train as train_cli
+
+    real_load = train_cli.load_model
+
+    def as_hull_model(*args, **kwargs):
+        model, metadata = real_load(*args, **kwargs)
+        return model, {**metadata, "target_kind": "energy_above_hull"}
+
+    def predict(model, batch, device, with_variance):
+        return np.array([-0.02, 0.05]), None
+
+    monkeypatch.setattr(train_cli, "load_model", as_hull_model)
+    monkeypatch.setattr(train_cli, "_predict", predict)
+    assert main(["predict", str(trained / "model.pt"), "Ni3Al", "NiAl"]) == 0
+    err = capsys.readouterr().err
+    assert "1 prediction of the energy above the hull lies below 0 eV/atom" in err

@@ -2178,6 +2178,17 @@ def run_predict(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     mean, std = _predict(model, featurize(compositions), device, _has_variance(model))
+    if metadata.get("target_kind") == "energy_above_hull":
+        negative = int((np.asarray(mean) < 0).sum())
+        if negative:
+            # Printed as they are: clipping would hide how far off the model is.
+            verb = "lies" if negative == 1 else "lie"
+            print(
+                f"dvmrl predict: warning: {plural(negative, 'prediction')} of the "
+                f"energy above the hull {verb} below 0 eV/atom, which no "
+                "composition can have; read such a value as about 0 (on the hull)",
+                file=sys.stderr,
+            )
 
     # The CSV keeps the exact fractions, and the printed table rounds them.
     digits = None if args.output else 4
