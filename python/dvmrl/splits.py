@@ -261,13 +261,19 @@ def _check_holdout_element(df: pd.DataFrame, element: str | None) -> str:
 
 
 def _test_part(
-    df: pd.DataFrame, kind: str, holdout_element: str | None, test_fraction: float
+    df: pd.DataFrame,
+    kind: str,
+    holdout_element: str | None,
+    test_fraction: float,
+    compositions: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Return (test rows, rows left for train and validation)."""
+    """Return (test rows, rows left for train and validation).
+
+    ``compositions`` is the output of :func:`_repeated_compositions`.
+    """
     n = len(df)
     rows = np.arange(n, dtype=np.int64)
     rng = np.random.default_rng(TEST_SEED)
-    compositions = _repeated_compositions(df)
     if kind == "random" and compositions is not None:
         test = _draw_groups(rows, compositions, test_fraction * n, rng)
     elif kind == "random":
@@ -369,10 +375,10 @@ def make_split(
     if seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed}")
 
-    test, rest = _test_part(df, kind, holdout_element, test_fraction)
+    compositions = _repeated_compositions(df)
+    test, rest = _test_part(df, kind, holdout_element, test_fraction, compositions)
     rng = np.random.default_rng(seed)
     base = len(rest) if kind == "binary-to-ternary" else len(df)
-    compositions = _repeated_compositions(df)
     if kind == "chemsys":
         val = _draw_groups(
             rest, df["chemsys"].to_numpy(dtype=str), val_fraction * base, rng
