@@ -100,6 +100,9 @@ ADVERSARIAL_ANCHORS = 64
 # the shift detection: the fraction-weighted mean of every element descriptor.
 TASK_FEATURE_OPTIONS = {"stats": ("mean",), "stoichiometry": False}
 
+# Feature-target correlations in the observation, by default.
+DEFAULT_K_CORRELATIONS = 5
+
 # Observation entries are clipped to this range.
 OBS_BOUND = 10.0
 
@@ -222,7 +225,7 @@ class ModelTuningEnv(gym.Env):
         tolerance: float = metrics.DEFAULT_TOLERANCE,
         epsilon: float = 0.05,
         stability_threshold: float | None = None,
-        k_correlations: int = 5,
+        k_correlations: int = DEFAULT_K_CORRELATIONS,
         split_kind: str = "random",
         seed: int = 0,
         device: str | torch.device = "cpu",
@@ -803,7 +806,9 @@ def task_feature_count() -> int:
     return composition_features(featurize(["AlNi"]), **TASK_FEATURE_OPTIONS).shape[1]
 
 
-def observation_size(n_features: int, k_correlations: int = 5) -> int:
+def observation_size(
+    n_features: int, k_correlations: int = DEFAULT_K_CORRELATIONS
+) -> int:
     """Return the observation length for ``n_features`` composition features.
 
     The task features are the mean and standard deviation of every feature
