@@ -386,6 +386,7 @@ def run_agent_unit(experiment, unit: dict[str, Any], seed: int) -> None:
             )
         obs = next_obs
         done = bool(terminated or truncated)
+        pool_rmse = _rmse(env.trainer.predict(pools.x_val), pools.y_val)
         best = env.best_state()
         if (
             best is not None
@@ -394,11 +395,6 @@ def run_agent_unit(experiment, unit: dict[str, Any], seed: int) -> None:
         ):
             episode["best_config"] = _config_of(env)
             episode["best_epochs"] = int(env.epochs_used)
-            kept_now = True
-        else:
-            kept_now = False
-        pool_rmse = _rmse(env.trainer.predict(pools.x_val), pools.y_val)
-        if kept_now:
             episode["kept_val_rmse"] = pool_rmse
         step_seconds = time.perf_counter() - step_started
         episode_seconds += step_seconds
