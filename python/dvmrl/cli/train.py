@@ -108,6 +108,13 @@ _TABLE_METRICS = (
     ("f1", "harmonic mean of precision and recall"),
 )
 
+# Ratios that are 0 by convention when their denominator is 0: the count that
+# is the denominator, and the reason printed with such a 0.
+_UNDEFINED_RATIOS = {
+    "precision": ("n_predicted_stable", "no composition predicted stable"),
+    "recall": ("n_stable", "no composition stable"),
+}
+
 
 # ----------------------------------------------------------------------------
 # Parsers
@@ -1550,12 +1557,10 @@ def _format_metrics(metrics: dict, title: str, threshold: float) -> str:
             text = f"{value:.4g}"
         else:
             text = f"{value:.4f}"
-        undefined = {
-            "precision": ("n_predicted_stable", "no composition predicted stable"),
-            "recall": ("n_stable", "no composition stable"),
-        }.get(name)
-        if undefined is not None and metrics.get(undefined[0]) == 0:
-            unit += f" (undefined: {undefined[1]}, shown as 0)"
+        if name in _UNDEFINED_RATIOS:
+            count, reason = _UNDEFINED_RATIOS[name]
+            if metrics.get(count) == 0:
+                unit += f" (undefined: {reason}, shown as 0)"
         lines.append(f"  {name:<10} {text:>10}  {unit}")
     return "\n".join(lines)
 
