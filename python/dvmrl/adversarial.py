@@ -58,12 +58,12 @@ DEFAULT_SCREEN = 16
 # at K = 3, so 4 starts take about 250 MB).
 DEFAULT_CHUNK_SIZE = 4096
 # Step size of the runs from screened random points, as a fraction of that
-# of the runs from delta = 0: they start near a good point and refine it.
-# With full steps such a run at r = 0.2 or 0.25 could jump to a box vertex
-# where the change had the wrong sign, and stop there. For 16 of 150 test
-# compositions of a model trained for 30 epochs, the best of 2,000 random
-# feasible points then beat the search; with a quarter step 5 to 6 did. At
-# r <= 0.1 the mean change found stayed the same.
+# of the runs from delta = 0, because they start near a good point and
+# refine it. With full steps such a run at r = 0.2 or 0.25 could jump to a
+# box vertex where the change had the wrong sign, and stop there. On 150
+# compositions and a model trained for 30 epochs, the best of 2,000 random
+# feasible points beat that search for 16 compositions, and beat the search
+# with quarter steps for 5 to 6. At r <= 0.1 the mean change stayed the same.
 SCREENED_STEP_FRACTION = 0.25
 
 

@@ -98,7 +98,8 @@ def _validation_rows(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split a fold's training rows into (fit rows, validation rows).
 
-    Both parts keep at least one row (or chemical system).
+    Both parts keep at least one row, or one group (a chemical system, or
+    the rows of one repeated composition) when ``groups`` is given.
     """
     if groups is None:
         if len(train_rows) < 2:
@@ -113,9 +114,9 @@ def _validation_rows(
     unique = np.unique(fold_groups)
     if len(unique) < 2:
         raise ValueError(
-            f"a fold's training part has {len(unique)} chemical system, too few "
-            "for a fit and a validation part of whole systems; pass fewer folds "
-            "or data with more chemical systems"
+            f"a fold's training part has {len(unique)} group (chemical system or "
+            "repeated composition), too few for a fit and a validation part of "
+            "whole groups; pass fewer folds or data with more groups"
         )
     n_val_groups = min(max(1, int(round(fraction * len(unique)))), len(unique) - 1)
     val_groups = rng.choice(unique, size=n_val_groups, replace=False)
