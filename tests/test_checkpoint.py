@@ -454,7 +454,7 @@ def test_resume_exact(data, tmp_path):
     assert history == [record["val_rmse"] for record in uninterrupted.history]
 
 
-def test_resume_after_early_stop_trains_no_further(data, tmp_path):
+def test_resume_after_early_stop(data, tmp_path):
     # A high learning rate and patience 1 stop the fit before its 30 epochs.
     options = {"epochs": 30, "patience": 1, "lr": 3e-2}
     uninterrupted = _trainer(data, **options)

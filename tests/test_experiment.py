@@ -183,7 +183,7 @@ def test_one_method_wins_nothing():
     assert _winner_text(winner) == "n/a"
 
 
-def test_caveat_for_data_the_shipped_agent_saw():
+def test_caveat_for_shipped_agent_data():
     from dvmrl.report import _seen_data_lines
 
     report = {"methods": ["random", "agent"], "agent": {"path": None}}
