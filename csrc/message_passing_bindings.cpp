@@ -79,7 +79,13 @@ void run(bool forward, int dtype, int device, uintptr_t stream, const mp::Dims& 
     return;
   }
 #if defined(DVMRL_WITH_CUDA)
-  (void)op;
+  const int64_t scratch = mp::cuda_scratch_size(d);
+  if (buf.scratch == 0 || buf.scratch_numel < scratch) {
+    throw std::invalid_argument(std::string(op) + ": a CUDA call needs a scratch buffer of " +
+                                std::to_string(scratch) + " elements on the device, got " +
+                                std::to_string(buf.scratch_numel) +
+                                "; pass scratch and scratch_numel (see mp_cuda_scratch_size)");
+  }
   py::gil_scoped_release release;
   if (forward) {
     mp::forward_cuda(dtype, d, buf, device, stream);
@@ -115,7 +121,7 @@ void register_message_passing(pybind11::module_& m) {
       [](int dtype, int device, uintptr_t stream, const std::vector<int64_t>& dims,
          uintptr_t table, int64_t table_numel, uintptr_t flat, int64_t flat_numel,
          uintptr_t index, uintptr_t frac, uintptr_t mask, uintptr_t dropout, uintptr_t out,
-         uintptr_t ws, int64_t ws_numel) {
+         uintptr_t ws, int64_t ws_numel, uintptr_t scratch, int64_t scratch_numel) {
         const char* op = "model_forward";
         check_dtype(op, dtype);
         const mp::Dims d = parse_dims(op, dims);
@@ -130,22 +136,25 @@ void register_message_passing(pybind11::module_& m) {
           check_pointer(op, "workspace", ws);
         }
         mp::Buffers buf{table, flat, index, frac, mask, dropout, out, ws, 0, 0, 0, 0,
-                        false, false};
+                        false, false, scratch, scratch_numel};
         run(true, dtype, device, stream, d, buf, op);
       },
       py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("dims"),
       py::arg("node_table"), py::arg("node_table_numel"), py::arg("flat"),
       py::arg("flat_numel"), py::arg("element_index"), py::arg("frac"), py::arg("mask"),
       py::arg("dropout_mask"), py::arg("out"), py::arg("workspace"),
-      py::arg("workspace_numel"),
-      "Fused forward of the composition MPNN on raw addresses; device -1 is the CPU.");
+      py::arg("workspace_numel"), py::arg("scratch") = 0, py::arg("scratch_numel") = 0,
+      "Fused forward of the composition MPNN on raw addresses; device -1 is the CPU.\n"
+      "A CUDA call also takes a device scratch buffer of mp_cuda_scratch_size(dims)\n"
+      "elements.");
   m.def(
       "mp_backward",
       [](int dtype, int device, uintptr_t stream, const std::vector<int64_t>& dims,
          uintptr_t table, int64_t table_numel, uintptr_t flat, int64_t flat_numel,
          uintptr_t index, uintptr_t frac, uintptr_t mask, uintptr_t dropout, uintptr_t ws,
          int64_t ws_numel, uintptr_t grad_out, uintptr_t grad_table, uintptr_t grad_flat,
-         uintptr_t grad_frac, bool table_grad, bool flat_grad) {
+         uintptr_t grad_frac, bool table_grad, bool flat_grad, uintptr_t scratch,
+         int64_t scratch_numel) {
         const char* op = "model_backward";
         check_dtype(op, dtype);
         if (flat_grad && !table_grad) {
@@ -167,7 +176,8 @@ void register_message_passing(pybind11::module_& m) {
           check_pointer(op, "grad_frac", grad_frac);
         }
         mp::Buffers buf{table, flat, index, frac, mask, dropout, 0, ws,
-                        grad_out, grad_table, grad_flat, grad_frac, table_grad, flat_grad};
+                        grad_out, grad_table, grad_flat, grad_frac, table_grad, flat_grad,
+                        scratch, scratch_numel};
         run(false, dtype, device, stream, d, buf, op);
       },
       py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("dims"),
@@ -176,10 +186,33 @@ void register_message_passing(pybind11::module_& m) {
       py::arg("dropout_mask"), py::arg("workspace"), py::arg("workspace_numel"),
       py::arg("grad_out"), py::arg("grad_node_table"), py::arg("grad_flat"),
       py::arg("grad_frac"), py::arg("table_grad") = true, py::arg("flat_grad") = true,
+      py::arg("scratch") = 0, py::arg("scratch_numel") = 0,
       "Fused backward: gradients for node_table, flat and frac from grad_out.\n"
       "grad_frac is always written, grad_node_table only with table_grad and grad_flat\n"
       "only with flat_grad (which requires table_grad). An unwritten gradient's address\n"
-      "may be 0. With table_grad alone the backward skips the weight-gradient sums.");
+      "may be 0. With table_grad alone the backward skips the weight-gradient sums.\n"
+      "A CUDA call also takes a device scratch buffer, as mp_forward.");
+#if defined(DVMRL_WITH_CUDA)
+  m.def(
+      "mp_cuda_scratch_size",
+      [](const std::vector<int64_t>& dims) {
+        return mp::cuda_scratch_size(parse_dims("mp_cuda_scratch_size", dims));
+      },
+      py::arg("dims"), "Elements of the device scratch buffer of a CUDA call.");
+  m.def(
+      "mp_cuda_kernels_available",
+      [](int device) {
+        std::string reason;
+        bool available;
+        {
+          py::gil_scoped_release release;
+          available = mp::cuda_kernels_available(device, &reason);
+        }
+        return py::make_tuple(available, reason);
+      },
+      py::arg("device"),
+      "(available, reason): whether this build has kernels for the GPU's architecture.");
+#endif
   m.def("mp_cpu_isa", [] { return std::string(mp::cpu_isa()); },
         "ISA variant the CPU message-passing kernels run.");
   m.def(

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import requires_cuda
 from test_ops_message_passing import (
     FLOAT32_CASES,
+    ROWS,
     SMALL,
     TABLE_FRAC_CASES,
     forward_and_grads,
     make_batch,
     make_dims,
     rel_error,
+    small_model,
     table_and_frac_grads,
     table_frac_case,
+    training_batches,
 )
 
 from dvmrl import ops, reference
+from dvmrl.layout import parameter_layout
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
 
@@ -134,3 +140,108 @@ def test_cuda_gradcheck_table_frac_mode_float64():
 
     inputs = tuple(t.clone().requires_grad_() for t in (node_table, frac))
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_cuda_rejects_index_outside_table():
+    args = list(make_batch(3, 4, SMALL, torch.float64, seed=12)[:5])
+    args[2] = args[2].clone()
+    args[2][1, 0] = ROWS + 5
+    with pytest.raises(
+        ValueError,
+        match=r"element_index\[1, 0\] = 108 is outside the node table with 103 rows",
+    ):
+        ops.model_forward(*to_cuda(args), SMALL)
+
+
+# Widths that are not multiples of the 32-wide weight tiles, and K = 8, the
+# largest shared-memory tile, in float64.
+@pytest.mark.parametrize(("batch", "slots", "hidden"), [(33, 8, 24), (50, 5, 36), (7, 3, 130)])
+def test_cuda_float64_odd_widths_match_reference(batch, slots, hidden):
+    dims = make_dims(hidden, gate_hidden=hidden - 4, msg_hidden=hidden + 2)
+    args = make_batch(batch, slots, dims, torch.float64, seed=batch + hidden)
+    ref = forward_and_grads(reference.model_forward, *args[:5], dims, None)
+    fused = forward_and_grads(ops.model_forward, *to_cuda(args[:5]), dims, None)
+    for name, a, b in zip(("out", "node_table", "flat", "frac"), fused, ref):
+        assert rel_error(a.cpu(), b) < 1e-11, name
+
+
+def test_cuda_large_gates_stay_finite_float32():
+    dims = make_dims(16)
+    node_table, flat, index, frac, mask, _ = make_batch(40, 5, dims, torch.float32, seed=6)
+    layout = {spec.name: spec for spec in parameter_layout(dims)}
+    flat = flat.clone()
+    for name in ("layer0.gate_u", "layer1.gate_u", "layer2.gate_u", "pool_gate_u"):
+        spec = layout[name]
+        flat[spec.offset : spec.offset + spec.numel] *= 400.0
+    node_table = node_table * 40.0
+    fused = forward_and_grads(
+        ops.model_forward, *to_cuda([node_table, flat, index, frac, mask]), dims, None
+    )
+    for name, value in zip(("out", "node_table", "flat", "frac"), fused):
+        assert torch.isfinite(value).all(), name
+    ref = reference.model_forward(
+        node_table.double(), flat.double(), index, frac.double(), mask, dims
+    )
+    assert rel_error(fused[0].cpu(), ref) <= 1e-4
+
+
+@pytest.mark.parametrize("floor", [1e-4, 0.0])
+def test_cuda_fractions_at_floor_and_single_elements(floor):
+    dims = make_dims(16)
+    node_table, flat, index, _, mask, _ = make_batch(
+        6, 4, dims, torch.float64, seed=8, sizes=[4, 1, 2, 4, 1, 3]
+    )
+    frac = torch.full(mask.shape, floor, dtype=torch.float64) * mask
+    frac[:, 0] = 1.0 - frac[:, 1:].sum(dim=1)
+    args = [node_table, flat, index, frac, mask]
+    ref = forward_and_grads(reference.model_forward, *args, dims, None)
+    fused = forward_and_grads(ops.model_forward, *to_cuda(args), dims, None)
+    for name, a, b in zip(("out", "node_table", "flat", "frac"), fused, ref):
+        assert torch.isfinite(a).all(), name
+        assert rel_error(a.cpu(), b) < 1e-12, name
+
+
+def test_cuda_adamw_step_matches_reference_float64():
+    fused = small_model(torch.float64, use_fused=True).cuda()
+    ref = copy.deepcopy(fused)
+    ref.use_fused = False
+    ((index, frac, mask, target),) = training_batches(torch.float64, 1, 48, seed=20)
+    index, frac, mask, target = to_cuda([index, frac, mask, target])
+    for model in (fused, ref):
+        optimiser = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-3)
+        loss = torch.nn.functional.mse_loss(model(index, frac, mask), target)
+        loss.backward()
+        optimiser.step()
+    for (name, a), (_, b) in zip(fused.named_parameters(), ref.named_parameters()):
+        assert (a - b).abs().max().item() <= 1e-10, name
+
+
+# atomicAdd sums in a varying order, so two backwards match twice one to
+# rounding, not bit for bit.
+def test_cuda_grads_accumulate_over_two_backwards():
+    dims = make_dims(24, gate_hidden=20, msg_hidden=18)
+    node_table, flat, index, frac, mask = to_cuda(
+        make_batch(300, 5, dims, torch.float64, seed=60)[:5]
+    )
+    leaves = [t.clone().requires_grad_() for t in (node_table, flat, frac)]
+    first = torch.autograd.grad(
+        ops.model_forward(leaves[0], leaves[1], index, leaves[2], mask, dims).sum(), leaves
+    )
+    for _ in range(2):
+        ops.model_forward(leaves[0], leaves[1], index, leaves[2], mask, dims).sum().backward()
+    for name, leaf, grad in zip(("node_table", "flat", "frac"), leaves, first):
+        assert torch.allclose(leaf.grad, 2 * grad, rtol=1e-12, atol=1e-14), name
+
+
+def test_cuda_scratch_counts_in_torch_memory():
+    dims = make_dims(64)
+    args = to_cuda(make_batch(2000, 5, dims, torch.float32, seed=3)[:5])
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    ops.model_forward(*args, dims)
+    torch.cuda.synchronize()
+    plan = next(p for p in ops._plans.values() if p.out_shape == (2000, 1))
+    peak = torch.cuda.max_memory_allocated() - before
+    assert plan.scratch_size > 0
+    assert peak >= 4 * (plan.scratch_size + plan.workspace_size)

@@ -370,6 +370,20 @@ def test_cuda_fallback_message_says_how_to_rebuild(monkeypatch):
         ops._warn_fallback(torch.device("cuda"))
 
 
+def test_gpu_without_kernel_image_falls_back(monkeypatch):
+    # A CUDA build for other GPU architectures: the core reports the missing
+    # kernel image, and the fallback warning names the rebuild option.
+    reason = "no kernel image is available for execution on the device"
+    monkeypatch.setattr(ops, "_warned_devices", set())
+    monkeypatch.setattr(ops, "_core_has_cuda", lambda: True)
+    monkeypatch.setattr(ops, "_cuda_kernels_missing", lambda index: reason)
+    device = torch.device("cuda", 0)
+    assert not ops.fused_backend_available(device)
+    with pytest.warns(RuntimeWarning, match="CMAKE_CUDA_ARCHITECTURES") as record:
+        ops._warn_fallback(device)
+    assert reason in str(record[0].message)
+
+
 # -- input validation ------------------------------------------------------
 
 

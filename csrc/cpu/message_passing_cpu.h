@@ -120,6 +120,10 @@ struct Buffers {
   uintptr_t table, flat, index, frac, mask, dropout, out, ws;
   uintptr_t grad_out, grad_table, grad_flat, grad_frac;
   bool table_grad, flat_grad;
+  // CUDA only: temporaries of one call, cuda_scratch_size(d) elements. The
+  // CPU kernels keep their own per-thread buffers.
+  uintptr_t scratch = 0;
+  int64_t scratch_numel = 0;
 };
 
 // Data type codes shared with dvmrl.ops.

@@ -251,8 +251,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params<T> P) {
     S.count[threadIdx.x] = n;
   }
   T* h0 = P.ws + P.w.hs + r0 * H;
-  // NOTE: element_index is not range-checked on the GPU (the CPU path
-  // raises ValueError); an index outside the node table reads out of bounds.
+  // The kernels trust element_index: dvmrl.ops checks it against the node
+  // table before a CUDA call, and direct callers of the core must do so.
   for (int e = threadIdx.x; e < rows * H; e += kThreads) {
     const int r = e / H, c = e % H;
     const int64_t g = r0 + r;
@@ -687,16 +687,31 @@ void check_cuda(cudaError_t status, const char* op, const char* what) {
 }
 
 // Selects the device for the duration of a call and restores the old one.
+// It switches only when the device differs: since CUDA 12, cudaSetDevice
+// creates the device's primary context, so an unconditional restore could
+// create a context on a device the process never used.
+// NOTE: a restore to a device without a context (device 0 in a thread that
+// only used another GPU) still creates one; only the driver API can tell.
 class DeviceGuard {
  public:
   DeviceGuard(int device, const char* op) {
     check_cuda(cudaGetDevice(&previous_), op, "cudaGetDevice");
-    check_cuda(cudaSetDevice(device), op, "cudaSetDevice");
+    if (previous_ != device) {
+      check_cuda(cudaSetDevice(device), op, "cudaSetDevice");
+      switched_ = true;
+    }
   }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
+  ~DeviceGuard() {
+    // A destructor cannot throw, so a failed restore is cleared here rather
+    // than left for the next call's cudaGetLastError to misreport.
+    if (switched_ && cudaSetDevice(previous_) != cudaSuccess) cudaGetLastError();
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
 
  private:
   int previous_ = 0;
+  bool switched_ = false;
 };
 
 template <class T>
@@ -752,11 +767,10 @@ void run(bool forward, const Dims& d, const Buffers& buf, int device, uintptr_t 
   DeviceGuard guard(device, op);
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_id);
   Params<T> P = make_params<T>(d, buf);
-  const int64_t scratch_elems = carve_scratch<T>(P, nullptr);
-  void* scratch = nullptr;
-  check_cuda(cudaMallocAsync(&scratch, sizeof(T) * scratch_elems, stream), op,
-             "cudaMallocAsync of the scratch buffer");
-  carve_scratch<T>(P, static_cast<T*>(scratch));
+  // The caller allocates the scratch (dvmrl.ops takes it from PyTorch's
+  // caching allocator, on the same stream), so it counts in PyTorch's memory
+  // statistics and its blocks are reused between calls.
+  carve_scratch<T>(P, reinterpret_cast<T*>(buf.scratch));
   const size_t smem = shared_bytes<T>(static_cast<int>(d.slots));
   const unsigned blocks = static_cast<unsigned>((d.batch + kTile - 1) / kTile);
   if (forward) {
@@ -772,12 +786,40 @@ void run(bool forward, const Dims& d, const Buffers& buf, int device, uintptr_t 
     }
     backward_kernel<T><<<blocks, kThreads, smem, stream>>>(P);
   }
-  const cudaError_t launch = cudaGetLastError();
-  cudaFreeAsync(scratch, stream);
-  check_cuda(launch, op, forward ? "launch of forward_kernel" : "launch of backward_kernel");
+  check_cuda(cudaGetLastError(), op,
+             forward ? "launch of forward_kernel" : "launch of backward_kernel");
 }
 
 }  // namespace
+
+int64_t cuda_scratch_size(const Dims& d) {
+  Params<float> P{};
+  P.d = d;
+  P.w = make_ws_layout(d);
+  return carve_scratch<float>(P, nullptr);
+}
+
+bool cuda_kernels_available(int device, std::string* reason) {
+  DeviceGuard guard(device, "cuda_kernels_available");
+  // cudaFuncGetAttributes fails when the binary has neither code for this
+  // device's architecture nor PTX that the driver can compile for it.
+  cudaFuncAttributes attributes{};
+  const cudaError_t status = cudaFuncGetAttributes(&attributes, forward_kernel<float>);
+  if (status == cudaSuccess) return true;
+  cudaGetLastError();
+  if (reason != nullptr) {
+    cudaDeviceProp prop{};
+    std::string arch = "unknown";
+    if (cudaGetDeviceProperties(&prop, device) == cudaSuccess) {
+      arch = std::to_string(prop.major) + std::to_string(prop.minor);
+    } else {
+      cudaGetLastError();
+    }
+    *reason = std::string(cudaGetErrorString(status)) + "; the GPU has compute capability " +
+              arch + ", dvmrl was built for " + DVMRL_CUDA_ARCHITECTURES;
+  }
+  return false;
+}
 
 void forward_cuda(int dtype, const Dims& d, const Buffers& buf, int device, uintptr_t stream) {
   if (d.batch == 0) return;

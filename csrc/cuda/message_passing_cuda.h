@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "../cpu/message_passing_cpu.h"
 
@@ -15,6 +16,14 @@ void forward_cuda(int dtype, const Dims& d, const Buffers& buf, int device,
                   uintptr_t stream);
 void backward_cuda(int dtype, const Dims& d, const Buffers& buf, int device,
                    uintptr_t stream);
+
+// Elements of the scratch buffer (in the call's dtype) that forward_cuda and
+// backward_cuda need, as Buffers::scratch.
+int64_t cuda_scratch_size(const Dims& d);
+
+// Whether the kernels can run on `device`: false, with the reason, when the
+// binary has no code for the GPU's architecture.
+bool cuda_kernels_available(int device, std::string* reason);
 
 }  // namespace mp
 }  // namespace dvmrl

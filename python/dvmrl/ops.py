@@ -46,12 +46,27 @@ def _core_has_cuda() -> bool:
     return _cuda_backend
 
 
+@functools.lru_cache(maxsize=16)
+def _cuda_kernels_missing(index: int) -> str | None:
+    """Return why the core's kernels cannot run on CUDA device ``index``, or None."""
+    available, reason = _core.mp_cuda_kernels_available(index)
+    return None if available else reason
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def fused_backend_available(device: torch.device) -> bool:
-    """Return whether the compiled core has kernels for ``device``."""
+    """Return whether the compiled core has kernels for ``device``.
+
+    For a CUDA device this also needs kernels compiled for the GPU's
+    architecture (``dvmrl info`` lists the architectures of the build).
+    """
     if device.type == "cpu":
         return True
     if device.type == "cuda":
-        return _core_has_cuda()
+        return _core_has_cuda() and _cuda_kernels_missing(_cuda_index(device)) is None
     return False
 
 
@@ -59,13 +74,19 @@ def _warn_fallback(device: torch.device) -> None:
     if device.type in _warned_devices:
         return
     _warned_devices.add(device.type)
-    if device.type == "cuda":
-        how = "rebuild with CUDA: DVMRL_CUDA=ON pip install ."
+    if device.type == "cuda" and _core_has_cuda():
+        reason = _cuda_kernels_missing(_cuda_index(device))
+        fix = (
+            f"{reason}; rebuild for this GPU with DVMRL_CUDA=ON pip install . "
+            "-Ccmake.define.CMAKE_CUDA_ARCHITECTURES=<its compute capability, e.g. 75>"
+        )
+    elif device.type == "cuda":
+        fix = "rebuild with CUDA: DVMRL_CUDA=ON pip install ."
     else:
-        how = "only CPU and CUDA kernels exist"
+        fix = "only CPU and CUDA kernels exist"
     message = (
         f"dvmrl._core has no fused kernels for device {device.type!r}; running the "
-        f"plain PyTorch reference instead ({how})"
+        f"plain PyTorch reference instead ({fix})"
     )
     warnings.warn(message, RuntimeWarning, stacklevel=3)
     logger.warning(message)
@@ -200,12 +221,20 @@ class _Plan:
         dims_list (list[int]): the core's dims, [B, K, E, H, Hg, Hm, L, Hh, D, n_out].
         dtype_code (int): 0 for float32, 1 for float64.
         workspace_size (int): elements of the saved-activation workspace.
+        scratch_size (int): elements of the temporaries of one CUDA call, 0
+            on the CPU.
         device_index (int): CUDA device index, -1 for the CPU.
         out_shape (tuple[int, int]): [B, n_out].
     """
 
     __slots__ = (
-        "dims", "dims_list", "dtype_code", "workspace_size", "device_index", "out_shape"
+        "dims",
+        "dims_list",
+        "dtype_code",
+        "workspace_size",
+        "scratch_size",
+        "device_index",
+        "out_shape",
     )
 
     def __init__(self, dims: ModelDims, batch: int, slots: int, rows: int, dtype, device):
@@ -214,10 +243,10 @@ class _Plan:
         self.dtype_code = _DTYPE_CODES[dtype]
         if device.type == "cpu":
             self.device_index = -1
+            self.scratch_size = 0
         else:
-            self.device_index = (
-                device.index if device.index is not None else torch.cuda.current_device()
-            )
+            self.device_index = _cuda_index(device)
+            self.scratch_size = int(_core.mp_cuda_scratch_size(self.dims_list))
         self.out_shape = (batch, dims.n_out)
 
     def stream(self, device: torch.device) -> int:
@@ -225,6 +254,35 @@ class _Plan:
         if self.device_index < 0:
             return 0
         return torch.cuda.current_stream(device).cuda_stream
+
+    def scratch(self, dtype, device: torch.device) -> tuple:
+        """Return the trailing (scratch, scratch_numel) arguments of a core call.
+
+        The tensor is returned too, to be kept alive until the call has been
+        queued. PyTorch's caching allocator orders its reuse on the current
+        stream, the stream the kernels run on.
+        """
+        if self.scratch_size == 0:
+            return None, ()
+        buffer = torch.empty(self.scratch_size, dtype=dtype, device=device)
+        return buffer, (buffer.data_ptr(), self.scratch_size)
+
+
+def _check_index_range(element_index: torch.Tensor, mask: torch.Tensor, rows: int) -> None:
+    """Raise ValueError for a real slot whose element_index lies outside the table.
+
+    The CPU core checks this itself. The CUDA kernels do not, and an index
+    outside the table would read outside it and add gradients outside
+    grad_node_table, so CUDA calls pay this check (one device synchronisation).
+    """
+    outside = mask & ((element_index < 0) | (element_index >= rows))
+    if not bool(outside.any()):
+        return
+    b, k = (int(v) for v in outside.nonzero()[0])
+    raise ValueError(
+        f"model_forward: element_index[{b}, {k}] = {int(element_index[b, k])} is outside "
+        f"the node table with {rows} rows"
+    )
 
 
 # Plans by (dims, dtype, device, node_table, flat, element_index and
@@ -329,9 +387,12 @@ class _FusedModel(torch.autograd.Function):
     def forward(ctx, node_table, flat, element_index, frac, mask, plan, dropout_mask):
         device = node_table.device
         dtype = node_table.dtype
+        if plan.device_index >= 0:
+            _check_index_range(element_index, mask, node_table.shape[0])
         out = torch.empty(plan.out_shape, dtype=dtype, device=device)
         workspace = torch.empty(plan.workspace_size, dtype=dtype, device=device)
         dropout_ptr = 0 if dropout_mask is None else dropout_mask.data_ptr()
+        _scratch, scratch_args = plan.scratch(dtype, device)
         _core.mp_forward(
             plan.dtype_code,
             plan.device_index,
@@ -348,6 +409,7 @@ class _FusedModel(torch.autograd.Function):
             out.data_ptr(),
             workspace.data_ptr(),
             plan.workspace_size,
+            *scratch_args,
         )
         ctx.plan = plan
         ctx.dropout_ptr = dropout_ptr
@@ -391,6 +453,7 @@ def _fused_backward(ctx, grad_out):
         if flat_grad:
             grad_flat.zero_()
     else:
+        _scratch, scratch_args = plan.scratch(node_table.dtype, node_table.device)
         _core.mp_backward(
             plan.dtype_code,
             plan.device_index,
@@ -412,6 +475,7 @@ def _fused_backward(ctx, grad_out):
             grad_frac.data_ptr(),
             table_grad,
             flat_grad,
+            *scratch_args,
         )
     return (
         grad_table if needs[0] else None,
