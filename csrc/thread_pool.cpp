@@ -1,5 +1,6 @@
 #include "dvmrl/thread_pool.h"
 
+#include <pthread.h>
 #include <sched.h>
 
 #include <stdexcept>
@@ -24,19 +25,44 @@ int default_num_threads() {
   return hw > 0 ? static_cast<int>(hw) : 1;
 }
 
+namespace {
+// Never deleted: destroying it at exit would join workers, and in a child
+// of fork() the inherited pool's workers do not exist.
+ThreadPool* process_pool = nullptr;
+std::once_flag process_pool_once;
+}  // namespace
+
 ThreadPool& ThreadPool::instance() {
-  static ThreadPool pool(default_num_threads());
-  return pool;
+  std::call_once(process_pool_once, [] {
+    process_pool = new ThreadPool(default_num_threads());
+    pthread_atfork(nullptr, nullptr, &ThreadPool::replace_after_fork);
+  });
+  return *process_pool;
 }
 
-ThreadPool::ThreadPool(int n) { start_workers(n - 1); }
+// Runs in the child right after fork(), where only the forking thread
+// exists. The inherited pool cannot be used or destroyed: its condition
+// variables count waiters that are gone, its mutexes may be held by them,
+// and its std::thread objects are joinable. So it is abandoned, and a new
+// pool without threads takes over; its workers start at the first job,
+// outside this handler.
+void ThreadPool::replace_after_fork() {
+  if (process_pool == nullptr) return;
+  const int threads = process_pool->threads_.load();
+  ThreadPool* pool = new ThreadPool(1);
+  pool->threads_.store(threads);
+  pool->pending_workers_ = threads - 1;
+  process_pool = pool;
+}
+
+ThreadPool::ThreadPool(int n) {
+  threads_.store(n);
+  start_workers(n - 1);
+}
 
 ThreadPool::~ThreadPool() { stop_workers(); }
 
-int ThreadPool::num_threads() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return static_cast<int>(workers_.size()) + 1;
-}
+int ThreadPool::num_threads() const { return threads_.load(); }
 
 void ThreadPool::set_num_threads(int n) {
   if (n < 1) {
@@ -45,6 +71,8 @@ void ThreadPool::set_num_threads(int n) {
   }
   std::lock_guard<std::mutex> run_lock(run_mutex_);
   stop_workers();
+  pending_workers_ = 0;
+  threads_.store(n);
   start_workers(n - 1);
 }
 
@@ -107,6 +135,10 @@ void ThreadPool::run(int64_t n_blocks, const std::function<void(int64_t)>& fn) {
     return;
   }
   std::lock_guard<std::mutex> run_lock(run_mutex_);
+  if (pending_workers_ > 0) {
+    start_workers(pending_workers_);
+    pending_workers_ = 0;
+  }
   if (workers_.empty()) {
     for (int64_t b = 0; b < n_blocks; ++b) fn(b);
     return;

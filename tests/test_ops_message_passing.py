@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from child_env import child_environment
 from conftest import requires_cuda
 
 import dvmrl
@@ -263,6 +268,45 @@ def test_threads_bitwise_equal(batch, slots, hidden, seed):
         dvmrl.set_num_threads(before)
     for name, a, b in zip(("out", "node_table", "flat", "frac"), one, two):
         assert torch.equal(a, b), name
+
+
+# The parent runs a parallel job on 2 threads and forks. The child inherits
+# the pool's state but not its worker threads; it must run parallel jobs,
+# resize the pool and exit without waiting on workers that do not exist.
+_FORK_SCRIPT = """
+import os, sys, torch
+import dvmrl
+from dvmrl import ops
+from test_ops_message_passing import forward_and_grads, make_batch, make_dims
+dims = make_dims(16)
+args = make_batch(300, 5, dims, torch.float32, seed=3)
+dvmrl.set_num_threads(2)
+parent = forward_and_grads(ops.model_forward, *args[:5], dims, None)
+pid = os.fork()
+if pid == 0:
+    threads = dvmrl.get_num_threads()
+    first = forward_and_grads(ops.model_forward, *args[:5], dims, None)
+    dvmrl.set_num_threads(2)
+    second = forward_and_grads(ops.model_forward, *args[:5], dims, None)
+    same = all(torch.equal(a, b) and torch.equal(a, c)
+               for a, b, c in zip(parent, first, second))
+    sys.exit(0 if threads == 2 and same else 3)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_forked_child_runs_and_exits():
+    env = child_environment()
+    env["PYTHONPATH"] = str(Path(__file__).parent) + os.pathsep + env["PYTHONPATH"]
+    result = subprocess.run(
+        [sys.executable, "-c", _FORK_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.parametrize("batch", [1, 16, 300])

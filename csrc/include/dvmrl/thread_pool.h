@@ -11,6 +11,7 @@
 // result bit.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
@@ -24,6 +25,9 @@ namespace dvmrl {
 class ThreadPool {
  public:
   // The process-wide pool, created on first use with default_num_threads().
+  // It is never destroyed, so process exit does not wait for its workers.
+  // A child of fork() gets a new pool with the parent's thread count, whose
+  // workers start at its first parallel job.
   static ThreadPool& instance();
 
   // Number of threads that run blocks, the calling thread included (>= 1).
@@ -42,11 +46,16 @@ class ThreadPool {
 
  private:
   explicit ThreadPool(int n);
+  static void replace_after_fork();
   void start_workers(int n_workers);
   void stop_workers();
   void worker_loop();
   void work_on_current_job();
 
+  // Thread count set by the constructor or set_num_threads, the caller
+  // included; atomic so that num_threads() needs no lock.
+  std::atomic<int> threads_{1};
+  int pending_workers_ = 0;  // workers to start at the next job (after fork)
   std::vector<std::thread> workers_;
   mutable std::mutex mutex_;
   std::condition_variable wake_;
