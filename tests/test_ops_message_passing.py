@@ -616,13 +616,27 @@ def test_loss_curves_match_reference_float32():
         assert abs(a - b) <= 1e-3 * abs(b), epoch
 
 
-def test_double_backward_raises():
+# A loss linear in the output gives a grad_out that does not require grad;
+# the gradient penalty must still fail instead of treating the gradient as a
+# constant.
+@pytest.mark.parametrize("loss", ["linear", "square"])
+def test_double_backward_raises(loss):
     args = make_batch(3, 3, SMALL, torch.float64, seed=13)
     frac = args[3].clone().requires_grad_()
-    out = ops.model_forward(args[0], args[1], args[2], frac, args[4], SMALL)
-    (grad,) = torch.autograd.grad(out.sum(), frac, create_graph=True)
-    with pytest.raises(RuntimeError, match="does not require grad"):
-        grad.sum().backward()
+    flat = args[1].clone().requires_grad_()
+    out = ops.model_forward(args[0], flat, args[2], frac, args[4], SMALL)
+    total = out.sum() if loss == "linear" else out.pow(2).sum()
+    grad_frac, grad_flat = torch.autograd.grad(total, (frac, flat), create_graph=True)
+    plain = torch.autograd.grad(
+        ops.model_forward(args[0], flat, args[2], frac, args[4], SMALL).sum(), (frac, flat)
+    )
+    if loss == "linear":
+        assert torch.equal(grad_frac, plain[0])
+        assert torch.equal(grad_flat, plain[1])
+    assert grad_frac.requires_grad
+    assert grad_flat.requires_grad
+    with pytest.raises(RuntimeError, match="no double backward"):
+        (total + grad_frac.pow(2).sum()).backward()
 
 
 # -- gradient for frac alone ---------------------------------------------------

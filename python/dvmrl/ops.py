@@ -17,7 +17,7 @@ import warnings
 
 import torch
 from torch._C._functorch import unwrap_if_dead
-from torch.autograd.function import once_differentiable
+from torch._C import _functions as autograd_functions
 
 from dvmrl import _core, reference
 from dvmrl.layout import ModelDims, parameter_count
@@ -424,10 +424,9 @@ class _FusedModel(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         # The engine runs backward with grad mode off unless create_graph is
-        # set. Only then is the once_differentiable wrapper needed, which adds
-        # a no_grad block and outputs whose backward raises.
+        # set. Only then are gradients needed whose own backward raises.
         if torch.is_grad_enabled():
-            return _fused_backward_once(ctx, grad_out)
+            return _fused_backward_create_graph(ctx, grad_out)
         return _fused_backward(ctx, grad_out)
 
 
@@ -488,7 +487,32 @@ def _fused_backward(ctx, grad_out):
     )
 
 
-_fused_backward_once = once_differentiable(_fused_backward)
+_NO_DOUBLE_BACKWARD = (
+    b"dvmrl's fused kernels have no double backward (a backward through "
+    b"gradients taken with create_graph=True); run the plain PyTorch reference "
+    b"with use_fused=False (model.use_fused = False) for that"
+)
+
+
+def _fused_backward_create_graph(ctx, grad_out):
+    """Return the gradients with a graph node that raises on a second backward.
+
+    torch's once_differentiable adds that node only when grad_out requires
+    grad. With a loss linear in the output it does not, and a gradient
+    penalty built on the returned gradients would silently miss its
+    dependence on the inputs. So every gradient gets the node here.
+    """
+    with torch.no_grad():
+        grads = _fused_backward(ctx, grad_out)
+    present = [g.detach().requires_grad_() for g in grads if g is not None]
+    if not present:
+        return grads
+    raise_on_backward = autograd_functions.DelayedError(_NO_DOUBLE_BACKWARD, len(present))
+    guarded = raise_on_backward(*present)
+    if isinstance(guarded, torch.Tensor):
+        guarded = (guarded,)
+    guarded = iter(guarded)
+    return tuple(None if g is None else next(guarded) for g in grads)
 
 # torch.autograd.Function.apply (torch 2.13) checks for functorch transforms
 # and unwraps dead functorch wrappers in Python before it calls the C++
