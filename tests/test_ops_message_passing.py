@@ -241,6 +241,40 @@ def test_fractions_at_floor(floor):
         assert rel_error(a, b) < 1e-12, name
 
 
+# Negative fractions (outside the model's domain, but accepted by the op)
+# can make a weighted-softmax denominator zero or negative. The reference
+# then divides by 1, and the fused backward must differentiate that branch.
+def test_negative_fractions_match_reference():
+    dims = make_dims(16)
+    node_table, flat, index, frac, mask, _ = make_batch(
+        5, 3, dims, torch.float64, seed=14, sizes=[3, 3, 3, 2, 3]
+    )
+    frac = torch.tensor(
+        [
+            [0.5, 0.3, -0.9],
+            [0.5, 0.6, -0.1],
+            [-0.2, -0.3, -0.5],
+            [0.4, -0.4, 0.0],
+            [0.0, 0.0, 0.0],
+        ],
+        dtype=torch.float64,
+    )
+    fused = forward_and_grads(ops.model_forward, node_table, flat, index, frac, mask, dims, None)
+    ref = forward_and_grads(
+        reference.model_forward, node_table, flat, index, frac, mask, dims, None
+    )
+    for name, a, b in zip(("out", "node_table", "flat", "frac"), fused, ref):
+        assert rel_error(a, b) < 1e-12, name
+
+    # Finite differences need denominators away from 0, where the branch
+    # changes: the first three rows.
+    def fn(table, params, fractions):
+        return ops.model_forward(table, params, index[:3], fractions, mask[:3], dims)
+
+    inputs = tuple(t.clone().requires_grad_() for t in (node_table, flat, frac[:3]))
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
 # B = 1 and 9 run serially, and 16 splits into two halves. B = 200 splits
 # into two backward chunks and seven forward blocks, and B = 700 into
 # several of each. H = 36 leaves scalar edges in the transposition and in

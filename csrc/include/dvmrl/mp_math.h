@@ -137,13 +137,16 @@ DVMRL_HD static inline WsLayout make_ws_layout(const Dims& d) {
 // Softmax state of one row: a_j = w_j exp(g_j - max) / denom.
 template <class T>
 struct SoftmaxRow {
-  T max;    // max of g over valid entries (0 when there are none)
-  T denom;  // sum of w_j exp(g_j - max), replaced by 1 when it is not > 0
+  T max;  // max of g over valid entries (0 when there are none)
+  // Sum of w_j exp(g_j - max) when it is > 0, else -1: the row was then
+  // divided by 1, so a_j = w_j exp(g_j - max) (zero or negative weights).
+  T denom;
 };
 
 // Weighted softmax over entries j < n with valid[j]; invalid entries get
 // a_j = 0. `expf_` is the exponential to use. Matches the reference: the
-// max is subtracted first and a zero denominator is replaced by 1.
+// max is subtracted first and a denominator that is not > 0 is replaced
+// by 1.
 template <class T, class Exp>
 DVMRL_HD static inline SoftmaxRow<T> weighted_softmax(const T* g, const T* w, const bool* valid,
                                                int n, T* a, Exp expf_) {
@@ -160,8 +163,9 @@ DVMRL_HD static inline SoftmaxRow<T> weighted_softmax(const T* g, const T* w, co
     a[j] = valid[j] ? w[j] * expf_(g[j] - row.max) : T(0);
     denom += a[j];
   }
-  row.denom = denom > T(0) ? denom : T(1);
-  for (int j = 0; j < n; ++j) a[j] = a[j] / row.denom;
+  row.denom = denom > T(0) ? denom : T(-1);
+  const T divisor = denom > T(0) ? denom : T(1);
+  for (int j = 0; j < n; ++j) a[j] = a[j] / divisor;
   return row;
 }
 
@@ -172,6 +176,7 @@ DVMRL_HD static inline void weighted_softmax_backward(const T* g, const T* w, co
                                                int n, const T* a, const T* da,
                                                SoftmaxRow<T> row, T* dg, T* dw,
                                                Exp expf_) {
+  const bool normalized = row.denom > T(0);
   T dot = T(0);
   for (int j = 0; j < n; ++j) dot += a[j] * da[j];
   for (int j = 0; j < n; ++j) {
@@ -179,11 +184,23 @@ DVMRL_HD static inline void weighted_softmax_backward(const T* g, const T* w, co
       dg[j] = T(0);
       continue;
     }
-    // score_j = w_j e_j with e_j = exp(g_j - max); a_j = score_j / denom.
-    const T dscore = (da[j] - dot) / row.denom;
+    // score_j = w_j e_j with e_j = exp(g_j - max); a_j = score_j / denom,
+    // or a_j = score_j where the denominator was replaced by 1.
+    const T dscore = normalized ? (da[j] - dot) / row.denom : da[j];
     const T e = expf_(g[j] - row.max);
     dw[j] += dscore * e;
     dg[j] = dscore * w[j] * e;
+  }
+  if (normalized) return;
+  // Without the division a_j = w_j exp(g_j - max) depends on the max
+  // itself, with d a_j / d max = -a_j. The max's gradient goes to the
+  // entries that attain it, in equal shares, as torch.amax's does.
+  int ties = 0;
+  for (int j = 0; j < n; ++j) ties += valid[j] && g[j] == row.max ? 1 : 0;
+  if (ties == 0) return;
+  const T share = -dot / T(ties);
+  for (int j = 0; j < n; ++j) {
+    if (valid[j] && g[j] == row.max) dg[j] += share;
   }
 }
 
