@@ -131,6 +131,26 @@ def test_reward_formula(frame, split):
     assert reward == pytest.approx(expected)
 
 
+def test_diverged_slice_ends_episode(frame, split, monkeypatch):
+    from dvmrl.training.trainer import Trainer
+
+    env = ModelTuningEnv(frame, split, w_accuracy=2.0, **SMALL)
+    _, info0 = env.reset(seed=4)
+    best = env.best_val_rmse
+
+    def nan_epoch(self):
+        return float("nan"), self.train_config.lr
+
+    monkeypatch.setattr(Trainer, "_optimise_epoch", nan_epoch)
+    _, reward, terminated, truncated, info = env.step(ACTION_INDEX["continue"])
+    assert terminated
+    assert not truncated
+    assert info["diverged"]
+    assert reward == pytest.approx(-2.0 * info0["reward_accuracy"])
+    assert info["epochs_used"] == env.epochs_per_step
+    assert env.best_val_rmse == best
+
+
 def test_mask_blocks_range_edges(frame, split):
     env = ModelTuningEnv(
         frame, split, model_config={"layers": 1, "dropout": 0.0}, **SMALL

@@ -235,6 +235,32 @@ def test_rerun_same_results(finished_run, tmp_path, agent_file):
         assert row["chemsys_rmse"] == reference["chemsys_rmse"], row["method"]
 
 
+def test_diverged_trial_skipped(tmp_path, agent_file, monkeypatch):
+    # The real trainer reports a NaN loss for the first random-search trial
+    # only; the run goes on, records the trial and chooses another one.
+    from dvmrl.experiment import derive_seed
+    from dvmrl.training.trainer import Trainer
+
+    first_trial_seed = derive_seed(0, 0, 7)
+    optimise_epoch = Trainer._optimise_epoch
+
+    def diverge_first_trial(self):
+        loss, lr = optimise_epoch(self)
+        return (math.nan if self.train_config.seed == first_trial_seed else loss), lr
+
+    monkeypatch.setattr(Trainer, "_optimise_epoch", diverge_first_trial)
+    spec = RunSpec(preset=tiny_run.TINY, seeds=[0], methods=["random"])
+    report = run_experiment(spec, tmp_path / "out")
+    state = json.loads((tmp_path / "out" / "state.json").read_text())
+    trials = state["units"]["random/seed0"]["trials"]
+    assert trials[0]["val_rmse"] is None
+    assert trials[0]["epochs"] == 1
+    assert all(t["val_rmse"] is not None for t in trials[1:])
+    (row,) = report["results"]
+    assert row["test_rmse"] is not None
+    assert row["chemsys_rmse"] is not None
+
+
 def test_occupied_folder_rejected(finished_run, tmp_path):
     out, _ = finished_run
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}

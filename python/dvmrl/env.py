@@ -429,7 +429,19 @@ class ModelTuningEnv(gym.Env):
             return self._observation(), 0.0, True, False, self._info(invalid, name)
 
         self._apply(name)
-        self.trainer.train_epochs(self.epochs_per_step)
+        diverged = _diverged_error_class()
+        try:
+            self.trainer.train_epochs(self.epochs_per_step)
+        except diverged as err:
+            # The weights are no longer finite, so the episode ends here; the
+            # best model so far stays the episode's result. A model that
+            # predicts NaN has accuracy 0, which sets the reward.
+            self.epochs_used += self.epochs_per_step
+            logger.warning("training diverged after action %s: %s", name, err)
+            info = self._info(invalid, name)
+            info["diverged"] = True
+            reward = -self.w_accuracy * previous_accuracy
+            return self._observation(), float(reward), True, False, info
         self.epochs_used += self.epochs_per_step
         self._measure()
         self._update_best()
@@ -920,6 +932,12 @@ def _trainer_classes():
         from dvmrl.training.config import TrainConfig
         from dvmrl.training.trainer import Trainer
     return TrainConfig, Trainer
+
+
+def _diverged_error_class() -> type[Exception]:
+    from dvmrl.training.trainer import TrainingDivergedError
+
+    return TrainingDivergedError
 
 
 def _copy_state(trainer) -> dict[str, Any]:

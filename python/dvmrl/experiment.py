@@ -1277,10 +1277,23 @@ class Experiment:
         state = {"best": best.score if best else math.inf}
 
         def objective(config: dict[str, Any], index: int, epochs: int) -> TrialResult:
+            from dvmrl.training import TrainingDivergedError
+
             started = time.perf_counter()
-            trainer, epoch_history = train_config_on(
-                pools, config, epochs, derive_seed(seed, index, 7), self.device
-            )
+            try:
+                trainer, epoch_history = train_config_on(
+                    pools, config, epochs, derive_seed(seed, index, 7), self.device
+                )
+            except TrainingDivergedError as err:
+                # A diverged trial counts its epochs and is never chosen; the
+                # search goes on with the next configuration.
+                logger.warning("%s seed %d trial %d diverged: %s", method, seed, index, err)
+                return TrialResult(
+                    val_rmse=math.nan,
+                    epochs=int(err.epoch or epochs),
+                    seconds=time.perf_counter() - started,
+                    extra={"val_curve": [], "diverged_epoch": err.epoch},
+                )
             curve = [finite_or_none(float(h["val_rmse"])) for h in epoch_history]
             finite = [v for v in curve if v is not None]
             val_rmse = min(finite) if finite else math.inf
@@ -1458,13 +1471,30 @@ class Experiment:
         started = time.perf_counter()
         pools = self.pools("chemsys", seed)
         config = unit["chosen"]["config"]
-        trainer, _ = train_config_on(
-            pools,
-            config,
-            self.spec.preset.retrain_epochs,
-            derive_seed(seed, 13),
-            self.device,
-        )
+        from dvmrl.training import TrainingDivergedError
+
+        try:
+            trainer, _ = train_config_on(
+                pools,
+                config,
+                self.spec.preset.retrain_epochs,
+                derive_seed(seed, 13),
+                self.device,
+            )
+        except TrainingDivergedError as err:
+            # Recorded as missing metrics: the report shows n/a for this unit
+            # instead of the whole run stopping.
+            logger.warning("%s seed %d: chemsys retraining diverged: %s", method, seed, err)
+            unit["chemsys"] = {
+                "rmse": None,
+                "mae": None,
+                "n": int(len(pools.y_test)),
+                "diverged_epoch": err.epoch,
+            }
+            unit["chemsys_epochs"] = int(err.epoch or 0)
+            unit["seconds"]["chemsys"] = time.perf_counter() - started
+            self._write_state()
+            return
         metrics, prediction = score(
             trainer, pools.x_test, pools.y_test, self.stability_threshold
         )
