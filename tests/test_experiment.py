@@ -134,6 +134,20 @@ def test_markdown_names_winners(finished_run):
     assert "inverse square" in text
 
 
+def test_r2_and_gcv_follow_rmse_verdict(finished_run):
+    out, report = finished_run
+    rmse = report["winners"]["test_rmse"]
+    for key in ("test_r2", "test_gcv_score"):
+        assert report["winners"][key]["follows"] == "test_rmse"
+        assert report["winners"][key]["winner"] == rmse["winner"]
+        assert report["winners"][key]["tied_with"] == rmse["tied_with"]
+    assert report["winners"]["val_rmse"]["selection_score"]
+    text = (out / "report.md").read_text()
+    assert "ties: " in text
+    assert "(of 6)" in text
+    assert "- best validation RMSE:" not in text
+
+
 def test_markdown_points_to_unit_metrics(finished_run):
     out, report = finished_run
     text = (out / "report.md").read_text()

@@ -52,6 +52,13 @@ METRICS: tuple[tuple[str, str, str, bool], ...] = (
     ("chemsys_mae", "chemsys hold-out MAE", "eV/atom", False),
     ("val_rmse", "best validation RMSE", "eV/atom", False),
 )
+# R^2 and the GCV score are monotone functions of the MSE on one test set,
+# so their winner is taken from test RMSE rather than judged again on their
+# own scales, where the tie resolution would draw other lines.
+FOLLOWS_TEST_RMSE = ("test_r2", "test_gcv_score")
+# The score that every method selects on, not a held-out result (the agent
+# also reweights training by validation errors), so it counts in no tally.
+SELECTION_METRICS = ("val_rmse",)
 # Differences below this fraction of the best mean's magnitude are ties,
 # with or without a spread over seeds.
 RELATIVE_RESOLUTION = 0.005
@@ -348,6 +355,10 @@ def build_report(out_dir: str | os.PathLike) -> dict[str, Any]:
         key: find_winner(summaries[key], higher)
         for key, _label, _unit, higher in METRICS
     }
+    for key in FOLLOWS_TEST_RMSE:
+        winners[key] = {**winners["test_rmse"], "follows": "test_rmse"}
+    for key in SELECTION_METRICS:
+        winners[key]["selection_score"] = True
     preset = signature["preset"]
 
     return {
@@ -697,6 +708,10 @@ def winner_label(winner: dict[str, Any]) -> str:
 
 
 def _winner_text(winner: dict[str, Any]) -> str:
+    if winner.get("follows"):
+        return "as test RMSE"
+    if winner.get("selection_score"):
+        return "not counted (selection score)"
     label = winner_label(winner)
     if winner["winner"] is None or winner["tie"] or winner["spread_assessed"]:
         return label
@@ -768,7 +783,13 @@ def _verdict_lines(report: dict[str, Any]) -> list[str]:
     methods = report["methods"]
     counts = {m: 0 for m in methods}
     ties = 0
-    for key, *_ in METRICS:
+    counted = [
+        metric
+        for metric in METRICS
+        if not report["winners"][metric[0]].get("follows")
+        and not report["winners"][metric[0]].get("selection_score")
+    ]
+    for key, *_ in counted:
         winner = report["winners"][key]
         if winner["winner"] is None:
             continue
@@ -777,8 +798,14 @@ def _verdict_lines(report: dict[str, Any]) -> list[str]:
         else:
             counts[winner["winner"]] += 1
     tally = ", ".join(f"{METHOD_LABELS.get(m, m)} {n}" for m, n in counts.items())
-    lines += [f"Metrics won outright: {tally}; ties: {ties} (of {len(METRICS)}).", ""]
-    for key, label, _unit, _higher in METRICS:
+    lines += [
+        f"Metrics won outright: {tally}; ties: {ties} (of {len(counted)}). Test "
+        "R^2 and the GCV score rank the methods as test RMSE does on the same "
+        "test set, and the best validation RMSE is the score the methods select "
+        "on, so these three are not counted.",
+        "",
+    ]
+    for key, label, _unit, _higher in counted:
         winner = report["winners"][key]
         if winner["winner"] is None:
             continue
