@@ -285,6 +285,26 @@ def test_occupied_folder_rejected(finished_run, tmp_path):
     assert before == after
 
 
+def test_folder_in_use_rejected(finished_run, tmp_path):
+    out, _ = finished_run
+    spec = RunSpec(preset=TINY, seeds=[0])
+    first = Experiment(spec, out, resume=True)
+    first._lock_folder()
+    try:
+        with pytest.raises(RunDirectoryError, match="in use by another dvmrl run"):
+            Experiment(spec, out, resume=True).prepare()
+        fresh = tmp_path / "fresh"
+        fresh.mkdir()
+        holder = Experiment(spec, fresh)
+        holder._lock_folder()
+        with pytest.raises(RunDirectoryError, match="in use by another dvmrl run"):
+            Experiment(spec, fresh).prepare()
+        holder.close()
+        assert not any(fresh.iterdir())
+    finally:
+        first.close()
+
+
 def test_resume_other_settings_rejected(finished_run):
     out, _ = finished_run
     spec = RunSpec(preset=TINY, seeds=[0, 1], methods=["random"])

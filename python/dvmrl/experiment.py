@@ -23,6 +23,7 @@ metrics and chosen configurations as an uninterrupted run.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -1020,6 +1021,7 @@ class Experiment:
         self.df = None
         self.data_info: dict[str, Any] = {}
         self._pools: dict[tuple[str, int], Pools] = {}
+        self._lock_fd: int | None = None
 
     # -- setup --------------------------------------------------------------
 
@@ -1030,8 +1032,16 @@ class Experiment:
             RunDirectoryError: when the folder contains another run (or any file)
                 and ``resume`` is false; when ``resume`` is true and the folder
                 contains no run, the recorded run differs from the request or a
-                state file is corrupt; or when the folder is not writable.
+                state file is corrupt; when the folder is not writable; or when
+                another process runs in it.
         """
+        try:
+            self._prepare()
+        except BaseException:
+            self.close()
+            raise
+
+    def _prepare(self) -> None:
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise RunDirectoryError(
                 f"--out {self.out_dir} is a file, but --out must be a folder; "
@@ -1058,6 +1068,8 @@ class Experiment:
                 "it is not "
                 "a dvmrl run folder, so choose another --out"
             )
+        if self.resume:
+            self._lock_folder()
         self.df, self.data_info = load_data(
             self.spec.data, self.spec.formula_column, self.spec.target_column
         )
@@ -1089,6 +1101,13 @@ class Experiment:
             logger.info("resuming the run in %s", self.out_dir)
             return
         self._check_writable()
+        self._lock_folder()
+        if any(self.out_dir.iterdir()):
+            # Another run filled the folder between the first check and the lock.
+            raise RunDirectoryError(
+                f"output folder {self.out_dir} is not empty (another run started "
+                "in it); pass --resume to continue that run, or choose another --out"
+            )
         write_json_atomic(
             run_file,
             {
@@ -1113,6 +1132,43 @@ class Experiment:
             for kind in ("random", "chemsys"):
                 split = make_split(self.df, kind, seed)
                 check_split_sizes(split, kind, len(self.df))
+
+    def _lock_folder(self) -> None:
+        """Take an exclusive lock on the output folder until close() or exit.
+
+        Two processes in one run folder would overwrite each other's state
+        and temporary files. The lock is flock() on the folder itself, so it
+        leaves no file behind and the kernel drops it when the process ends,
+        also after kill -9.
+        """
+        if self._lock_fd is not None:
+            return
+        fd = os.open(self.out_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunDirectoryError(
+                f"output folder {self.out_dir} is in use by another dvmrl run; wait "
+                "for it to end (pass --resume then to continue it) or choose "
+                "another --out"
+            ) from None
+        except OSError as err:
+            # Some network file systems do not support flock.
+            os.close(fd)
+            logger.warning(
+                "could not lock output folder %s (%s); start no second run in it",
+                self.out_dir,
+                err.strerror,
+            )
+            return
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        """Release the output folder's lock; the process exit also releases it."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _check_writable(self) -> None:
         """Create the output folder if needed, and raise if it is not writable."""
@@ -1547,8 +1603,11 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run the main job into ``out_dir`` (see ``Experiment``) and return the report."""
     experiment = Experiment(spec, out_dir, resume, device, command_line, progress)
-    experiment.prepare()
-    return experiment.run()
+    try:
+        experiment.prepare()
+        return experiment.run()
+    finally:
+        experiment.close()
 
 
 __all__ = [

@@ -312,6 +312,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         logging.getLogger("dvmrl").removeHandler(handler)
         handler.close()
+        experiment.close()
     print(f"report: {out_dir / 'report.md'} and {out_dir / 'report.json'}")
     for key in ("test_rmse", "chemsys_rmse", "robustness_radius"):
         winner = report["winners"][key]
