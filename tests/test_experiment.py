@@ -342,6 +342,14 @@ def test_budget_without_agent_step_rejected():
         preset.check()
 
 
+def test_bayesian_without_surrogate_rejected():
+    preset = Preset(**{**TINY.to_dict(), "epochs": 16, "trial_epochs": 4,
+                       "n_initial_points": 4})
+    with pytest.raises(ValueError, match="n_initial_points 4 is not below the 4 trials"):
+        RunSpec(preset=preset, seeds=[0], methods=["random", "bayesian"]).check()
+    RunSpec(preset=preset, seeds=[0], methods=["random", "agent"]).check()
+
+
 def test_unknown_budget_rejected():
     with pytest.raises(ValueError, match="unknown budget 'huge'"):
         resolve_preset("huge")
@@ -626,6 +634,15 @@ def write_budget(tmp_path, text):
             {"epochs": 16, "trial_epochs": 12},
             "epochs 16 fit only one trial of trial_epochs 12, so the baselines "
             "would compare no configurations; raise epochs to at least 18",
+        ),
+        (
+            {"epochs": 19, "trial_epochs": 4, "agent_slice": 10},
+            "epochs 19 is not a multiple of agent_slice 10, so the agent would "
+            "train 10 epochs",
+        ),
+        (
+            {"epochs": 9, "trial_epochs": 4, "agent_slice": 1},
+            "epochs 9 leave 1 epochs after the full trials of trial_epochs 4",
         ),
     ],
 )

@@ -237,6 +237,26 @@ class Preset:
                 "step of "
                 f"{self.agent_slice} epochs; raise epochs or lower agent_slice"
             )
+        # Every method must be able to spend the same epochs: the agent trains
+        # whole steps, and the baselines cut the last trial to no less than
+        # half of trial_epochs.
+        if self.epochs % self.agent_slice:
+            used = self.epochs - self.epochs % self.agent_slice
+            raise ValueError(
+                f"budget {self.name!r}: epochs {self.epochs} is not a multiple of "
+                f"agent_slice {self.agent_slice}, so the agent would train {used} "
+                f"epochs and the baselines {self.epochs}; make epochs a multiple of "
+                "agent_slice"
+            )
+        leftover = self.epochs % self.trial_epochs
+        if 0 < leftover < max(1, self.trial_epochs // 2):
+            raise ValueError(
+                f"budget {self.name!r}: epochs {self.epochs} leave {leftover} epochs "
+                f"after the full trials of trial_epochs {self.trial_epochs}, too few "
+                "for a last trial (at least half of trial_epochs), so the baselines "
+                f"would train {self.epochs - leftover} epochs and the agent "
+                f"{self.epochs}; make epochs a multiple of trial_epochs"
+            )
 
 
 def _is_int(value: Any) -> bool:
@@ -403,6 +423,16 @@ class RunSpec:
         if not self.seeds:
             raise ValueError("no seeds given; pass --seeds N with N >= 1")
         self.preset.check()
+        preset = self.preset
+        trials = -(-preset.epochs // preset.trial_epochs)
+        if "bayesian" in self.methods and preset.n_initial_points >= trials:
+            raise ValueError(
+                f"budget {preset.name!r}: n_initial_points {preset.n_initial_points} "
+                f"is not below the {trials} trials that epochs {preset.epochs} and "
+                f"trial_epochs {preset.trial_epochs} give, so Bayesian optimisation "
+                "would never fit its Gaussian process and would be random search; "
+                f"lower n_initial_points below {trials} or raise epochs"
+            )
 
     def signature(self, data_checksum: str) -> dict[str, Any]:
         """Return what must match for a resumed run to continue this one."""
