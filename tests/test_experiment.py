@@ -273,6 +273,10 @@ def test_diverged_trial_skipped(tmp_path, agent_file, monkeypatch):
     (row,) = report["results"]
     assert row["test_rmse"] is not None
     assert row["chemsys_rmse"] is not None
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "Baseline trials train 2 epochs each." in text
+    assert "Bayesian optimisation starts" not in text
+    assert "The agent (" not in text
 
 
 def test_occupied_folder_rejected(finished_run, tmp_path):
@@ -712,6 +716,28 @@ def test_report_robustness_count_used(finished_run, tmp_path):
     text = (copy / "report.md").read_text()
     assert "measured on 6 fixed test compositions (the budget asks for 100000" in text
     assert {row["robust_n"] for row in report["results"]} == {TINY.robust_n}
+
+
+def test_report_agent_without_result(finished_run, tmp_path):
+    # The agent's chemsys retraining left no metrics: the verdict must not
+    # say that a baseline beats it, and the figure must draw no bar for it.
+    from dvmrl.report import write_report
+
+    out, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    state = json.loads((copy / "state.json").read_text())
+    state["units"]["agent/seed0"]["chemsys"].update(rmse=None, mae=None)
+    (copy / "state.json").write_text(json.dumps(state))
+    report = write_report(copy)
+    assert report["summary"]["chemsys_rmse"]["agent"]["mean"] is None
+    verdict = (copy / "report.md").read_text().split("## Verdict")[1]
+    lines = [line for line in verdict.splitlines() if line.startswith("- chemsys")]
+    assert len(lines) == 2
+    for line in lines:
+        assert "The agent has no result for this metric." in line
+        assert "beat" not in line.split("The best mean")[-1]
+    assert (copy / "figures" / "test_metrics.png").stat().st_size > 0
 
 
 def test_report_capped_radii_and_base_model(finished_run):

@@ -479,6 +479,19 @@ def _budget_lines(report: dict[str, Any]) -> list[str]:
         if agent.get("learn")
         else ", greedy and frozen"
     )
+    methods = report["methods"]
+    method_parts = []
+    if any(m in methods for m in ("random", "bayesian")):
+        method_parts.append(f"Baseline trials train {budget['trial_epochs']} epochs each.")
+    if "bayesian" in methods:
+        method_parts.append(
+            "Bayesian optimisation starts with "
+            f"{_count(budget['n_initial_points'], 'random trial')}."
+        )
+    if "agent" in methods:
+        method_parts.append(
+            f"The agent ({agent_text}) trains {budget['agent_slice']} epochs per step."
+        )
     return [
         f"Data: `{prov['data']}` (checksum {prov['data_checksum']}). "
         f"dvmrl {prov['dvmrl_version']}, PyTorch {prov['versions'].get('torch')}, "
@@ -491,11 +504,8 @@ def _budget_lines(report: dict[str, Any]) -> list[str]:
         f"Preset `{budget['name']}`: {budget['epochs']} training epochs per method and "
         "seed (one epoch is one pass over the training pool, whatever the model "
         "size), "
-        f"{len(seeds)} seed(s) ({', '.join(str(s) for s in seeds)}). Baseline trials "
-        f"train {budget['trial_epochs']} epochs each, and Bayesian optimisation starts "
-        f"with {_count(budget['n_initial_points'], 'random trial')}. The agent "
-        f"({agent_text}) "
-        f"trains {budget['agent_slice']} epochs per step.",
+        f"{len(seeds)} seed(s) ({', '.join(str(s) for s in seeds)}). "
+        + " ".join(method_parts),
         "",
         f"Training pool: {train_pool}. Validation pool: {val_pool}. Every method sees "
         "the same pools. Chosen configurations are retrained for "
@@ -764,6 +774,8 @@ def _agent_outside_text(
     of :func:`find_winner`.
     """
     summary = report["summary"][key]
+    if summary["agent"]["mean"] is None:
+        return " The agent has no result for this metric."
     beaten_by, tied = [], []
     for method in group:
         pair = find_winner({method: summary[method], "agent": summary["agent"]}, higher)
@@ -826,7 +838,11 @@ def _verdict_lines(report: dict[str, Any]) -> list[str]:
             )
             continue
         baseline = winner["winner"] in ("random", "bayesian") and "agent" in methods
-        suffix = " A baseline beats the agent here." if baseline else ""
+        suffix = ""
+        if baseline and report["summary"][key]["agent"]["mean"] is None:
+            suffix = " The agent has no result for this metric."
+        elif baseline:
+            suffix = " A baseline beats the agent here."
         caveat = (
             ""
             if winner["spread_assessed"]
@@ -914,17 +930,33 @@ def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
     )
     figure, axes = new_figure((3 * len(panels), 3.5), ncols=len(panels))
     for ax, (key, label) in zip(axes, panels, strict=True):
-        means = [report["summary"][key][m]["mean"] or 0.0 for m in methods]
-        errors = [report["summary"][key][m]["std"] or 0.0 for m in methods]
+        summaries = [report["summary"][key][m] for m in methods]
+        # A method without a value gets no bar and an "n/a" mark, never a
+        # bar of height 0; one seed gives no error bar.
+        shown = [i for i, summary in enumerate(summaries) if summary["mean"] is not None]
+        errors = [summaries[i]["std"] for i in shown]
         ax.bar(
-            range(len(methods)),
-            means,
-            yerr=errors,
+            shown,
+            [summaries[i]["mean"] for i in shown],
+            yerr=errors if all(e is not None for e in errors) and errors else None,
             capsize=4,
-            color=[colours[m] for m in methods],
+            color=[colours[methods[i]] for i in shown],
         )
-        ax.set_xticks(range(len(methods)), methods, rotation=30)
-        ax.set_title(f"{label} (eV/atom)")
+        if not shown:
+            ax.set_ylim(0.0, 1.0)
+            ax.set_yticks([])
+        for i, summary in enumerate(summaries):
+            if summary["mean"] is None:
+                ax.text(i, 0.0, "n/a", ha="center", va="bottom")
+        ax.set_xticks(
+            range(len(methods)),
+            [METHOD_LABELS.get(m, m) for m in methods],
+            rotation=30,
+            ha="right",
+        )
+        ax.set_xlim(-0.6, len(methods) - 0.4)
+        ax.set_ylabel(f"{label} (eV/atom)")
+        ax.set_title(label)
     figure.tight_layout()
     save_figure(figure, folder / "test_metrics.png")
     written["test metrics per method"] = "figures/test_metrics.png"
