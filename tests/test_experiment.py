@@ -354,6 +354,14 @@ def test_bayesian_without_surrogate_rejected():
     RunSpec(preset=preset, seeds=[0], methods=["random", "agent"]).check()
 
 
+def test_budget_file_any_extension(tmp_path):
+    path = tmp_path / "mine.txt"
+    path.write_text(json.dumps({**TINY.to_dict(), "name": "mine"}))
+    assert resolve_preset(str(path)).epochs == TINY.epochs
+    with pytest.raises(FileNotFoundError, match="check the path, or pass quick"):
+        resolve_preset(str(tmp_path / "missing.json"))
+
+
 def test_unknown_budget_rejected():
     with pytest.raises(ValueError, match="unknown budget 'huge'"):
         resolve_preset("huge")

@@ -346,7 +346,8 @@ def resolve_preset(name_or_path: str | Preset) -> Preset:
         preset = name_or_path
     elif name_or_path in PRESETS:
         preset = PRESETS[name_or_path]
-    elif str(name_or_path).endswith(".json"):
+    elif str(name_or_path).endswith(".json") or Path(name_or_path).is_file():
+        # An existing file is read as JSON whatever its extension.
         return _read_budget_file(Path(name_or_path))
     else:
         raise ValueError(
@@ -365,7 +366,10 @@ def _read_budget_file(path: Path) -> Preset:
             "dvmrl.experiment.Preset, or quick, small or full"
         )
     if not path.is_file():
-        raise FileNotFoundError(f"budget file {path} not found")
+        raise FileNotFoundError(
+            f"budget file {path} not found; check the path, or pass quick, small or "
+            "full"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
