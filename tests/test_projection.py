@@ -66,6 +66,23 @@ def test_kernel_matches_twin():
     assert (a - b).abs().max() < 1e-14
 
 
+# From |x| of about 1e16, x - hi rounds to x - lo, so the piece that holds
+# the threshold shrinks to a point.
+@pytest.mark.parametrize("project", PROJECTIONS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("scale", [1e16, 1e20, 1e30])
+def test_projection_huge_entries(project, dtype, scale):
+    x = torch.tensor(
+        [[scale, -scale, 0.0], [scale, 0.5 * scale, 0.0], [0.3, 0.3, -scale]], dtype=dtype
+    )
+    lo = torch.zeros_like(x)
+    hi = torch.ones_like(x)
+    mask = torch.ones(x.shape, dtype=torch.bool)
+    out = project(x, lo, hi, mask)
+    expected = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.5, 0.5, 0.0]], dtype=dtype)
+    assert torch.equal(out, expected)
+
+
 def test_projection_of_feasible_point_is_identity():
     g = torch.Generator().manual_seed(5)
     x = torch.rand(100, 4, generator=g, dtype=torch.float64)

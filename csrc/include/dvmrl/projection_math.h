@@ -172,14 +172,17 @@ DVMRL_HD inline int32_t project_row(const T* x, const T* lo, const T* hi,
       ++n_free;
     }
   }
-  double t;
-  if (n_free > 0) {
-    t = rest / n_free;
-  } else {
-    // Unreachable in exact arithmetic; rounding can only get here when the
-    // piece is a single point, which is then the threshold.
-    t = t_right;
+  if (n_free == 0) {
+    // Unreachable in exact arithmetic. Rounding gets here when the piece is
+    // a single point, as for |x| of 1e16 and more, where x - hi rounds to
+    // x - lo. Then x - t cannot be trusted either (it rounds every entry to
+    // one bound), so each entry takes the bound it was classified at.
+    for (int i = 0; i < n; ++i) {
+      out[slot[i]] = static_cast<T>(xs[i] - upper[i] >= t_right ? upper[i] : lower[i]);
+    }
+    return kOk;
   }
+  const double t = rest / n_free;
   for (int i = 0; i < n; ++i) out[slot[i]] = static_cast<T>(clamp_to(xs[i] - t, lower[i], upper[i]));
   return kOk;
 }
