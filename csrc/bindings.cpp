@@ -5,6 +5,7 @@
 
 #include <string>
 
+#include "cpu/message_passing_cpu.h"
 #include "dvmrl/cuda_runtime_info.h"
 #include "dvmrl/registry.h"
 #include "dvmrl/thread_pool.h"
@@ -13,17 +14,6 @@ namespace py = pybind11;
 
 namespace {
 
-std::string cpu_isa() {
-#if defined(DVMRL_X86)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return "avx512";
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "avx2";
-  return "baseline";
-#else
-  return "baseline";
-#endif
-}
-
 py::dict build_info() {
   py::dict info;
   info["version"] = DVMRL_VERSION;
@@ -31,7 +21,9 @@ py::dict build_info() {
   info["cxx_standard"] = 17;
   info["thread_backend"] = "std::thread pool (no OpenMP)";
   info["num_threads"] = dvmrl::ThreadPool::instance().num_threads();
-  info["cpu_isa"] = cpu_isa();
+  // The variant the dispatcher runs: the best the CPU supports (AVX-512
+  // needs F, DQ, VL and BW), or the one a test forced.
+  info["cpu_isa"] = std::string(dvmrl::mp::cpu_isa());
 #if defined(DVMRL_WITH_CUDA)
   info["cuda_compiled"] = true;
   info["cuda_architectures"] = std::string(DVMRL_CUDA_ARCHITECTURES);
