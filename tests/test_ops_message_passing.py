@@ -525,6 +525,15 @@ def test_rejects_wrong_dropout_shape():
         ops.model_forward(*args, SMALL, drop)
 
 
+def test_rejects_dropout_mask_requiring_grad():
+    args = make_batch(3, 4, SMALL, torch.float64, seed=12, dropout=True)
+    drop = args[5].clone().requires_grad_()
+    with pytest.raises(ValueError, match="dropout_mask: the fused kernels give no gradient"):
+        ops.model_forward(*args[:5], SMALL, drop)
+    reference_out = ops.model_forward(*args[:5], SMALL, drop, use_fused=False)
+    assert reference_out.requires_grad
+
+
 def test_rejects_non_contiguous():
     args = valid_args()
     args[0] = torch.randn(SMALL.hidden, ROWS, dtype=torch.float64).T

@@ -210,6 +210,12 @@ def model_forward(
         return reference.model_forward(
             node_table, flat, element_index, frac, mask, dims, dropout_mask
         )
+    if dropout_mask is not None and dropout_mask.requires_grad:
+        raise ValueError(
+            "dropout_mask: the fused kernels give no gradient for it, but it "
+            "requires grad; pass dropout_mask.detach(), or use_fused=False for its "
+            "gradient"
+        )
     return _apply_fused(node_table, flat, element_index, frac, mask, plan, dropout_mask)
 
 
