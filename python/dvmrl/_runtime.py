@@ -88,7 +88,12 @@ def set_num_threads(n: int | None = None) -> int:
 
     Both pools get the same count. They take turns (a dvmrl kernel runs while
     PyTorch waits for it), so together they do not oversubscribe the cores.
-    Results of dvmrl's kernels do not depend on the count.
+    Results of dvmrl's kernels do not depend on the count. dvmrl's workers
+    sleep when idle, but PyTorch's OpenMP workers spin unless
+    OMP_WAIT_POLICY=PASSIVE is set before torch is imported; with more than
+    one thread, small PyTorch ops between dvmrl calls can then run 10 to 100
+    times slower on a loaded machine. dvmrl's trainer runs its small PyTorch
+    ops on one thread for that reason.
 
     Args:
         n (int, optional): threads, at least 1. Default: the cores this
