@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from conftest import requires_cuda
@@ -12,14 +10,13 @@ from test_ops_message_passing import (
     ROWS,
     SMALL,
     TABLE_FRAC_CASES,
+    adamw_step_differences,
     forward_and_grads,
     make_batch,
     make_dims,
     rel_error,
-    small_model,
     table_and_frac_grads,
     table_frac_case,
-    training_batches,
 )
 
 from dvmrl import ops, reference
@@ -202,18 +199,8 @@ def test_cuda_fractions_at_floor_and_single_elements(floor):
 
 
 def test_cuda_adamw_step_matches_reference_float64():
-    fused = small_model(torch.float64, use_fused=True).cuda()
-    ref = copy.deepcopy(fused)
-    ref.use_fused = False
-    ((index, frac, mask, target),) = training_batches(torch.float64, 1, 48, seed=20)
-    index, frac, mask, target = to_cuda([index, frac, mask, target])
-    for model in (fused, ref):
-        optimiser = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-3)
-        loss = torch.nn.functional.mse_loss(model(index, frac, mask), target)
-        loss.backward()
-        optimiser.step()
-    for (name, a), (_, b) in zip(fused.named_parameters(), ref.named_parameters()):
-        assert (a - b).abs().max().item() <= 1e-10, name
+    for name, difference in adamw_step_differences("cuda").items():
+        assert difference <= 1e-10, name
 
 
 # atomicAdd sums in a varying order, so two backwards match twice one to
