@@ -255,6 +255,19 @@ def test_validate_checks_out_first(checkpoint, tmp_path, capsys, monkeypatch):
     assert "is a file" in err
 
 
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [("run.json", "{}"), ("report.json", '{"format": "dvmrl-report"}')],
+)
+def test_validate_keeps_other_outputs(checkpoint, tmp_path, capsys, name, content):
+    (tmp_path / name).write_text(content)
+    code = main(["validate", str(checkpoint), "--out", str(tmp_path), *FAST])
+    assert code == 2
+    assert "validate would overwrite report.json" in capsys.readouterr().err
+    assert (tmp_path / name).read_text() == content
+    assert len(list(tmp_path.iterdir())) == 1
+
+
 def test_validate_checkpoint_folder(checkpoint, tmp_path, capsys):
     code = main(["validate", str(checkpoint.parent), "--out", str(tmp_path), *FAST])
     err = capsys.readouterr().err

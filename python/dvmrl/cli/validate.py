@@ -268,6 +268,7 @@ def _check_arguments(args: argparse.Namespace) -> list[str]:
         check_output_folder(Path(args.out), "--out")
     except ValueError as err:
         raise UsageError(str(err)) from None
+    _refuse_other_command_folder(Path(args.out))
     if args.strategy == "all":
         return list(STRATEGIES)
     if args.strategy not in STRATEGIES:
@@ -310,6 +311,31 @@ def _resolve_split(args, df, metadata):
     else:
         _warn_other_split(df, split, kind, holdout, seed, metadata)
     return split, kind, holdout if kind == "element" else None
+
+
+def _refuse_other_command_folder(folder: Path) -> None:
+    """Raise UsageError when ``folder`` holds the output of dvmrl train or run.
+
+    Both write run.json, and dvmrl run also writes its own report.json,
+    which validate would replace. An earlier validate report may be
+    replaced.
+    """
+    owner = None
+    if (folder / "run.json").is_file():
+        owner = "dvmrl train or dvmrl run (run.json)"
+    elif (folder / REPORT_FILE).is_file():
+        try:
+            report = json.loads((folder / REPORT_FILE).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            report = None
+        if isinstance(report, dict) and report.get("format") == "dvmrl-report":
+            owner = "dvmrl run (report.json)"
+    if owner is not None:
+        raise UsageError(
+            f"--out {folder} holds the output of {owner}, and validate would "
+            f"overwrite {REPORT_FILE} there; choose another --out, such as "
+            f"{folder / 'robustness'}"
+        )
 
 
 def _warn_other_split(df, split, kind, holdout, seed, metadata) -> None:
