@@ -295,13 +295,13 @@ def test_folder_in_use_rejected(finished_run, tmp_path):
     first = Experiment(spec, out, resume=True)
     first._lock_folder()
     try:
-        with pytest.raises(RunDirectoryError, match="in use by another dvmrl run"):
+        with pytest.raises(RunDirectoryError, match="in use by another dvmrl process"):
             Experiment(spec, out, resume=True).prepare()
         fresh = tmp_path / "fresh"
         fresh.mkdir()
         holder = Experiment(spec, fresh)
         holder._lock_folder()
-        with pytest.raises(RunDirectoryError, match="in use by another dvmrl run"):
+        with pytest.raises(RunDirectoryError, match="in use by another dvmrl process"):
             Experiment(spec, fresh).prepare()
         holder.close()
         assert not any(fresh.iterdir())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
+import logging
 import math
 import os
 import pickletools
@@ -13,6 +15,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 
 def json_ready(value: Any) -> Any:
@@ -154,6 +158,63 @@ def probe_folder(folder: str | os.PathLike) -> None:
     )
     os.close(handle)
     os.unlink(probe)
+
+
+class FolderInUseError(ValueError):
+    """Another process holds the lock of an output folder."""
+
+
+class FolderLock:
+    """Exclusive flock() on a folder, held from ``acquire`` (or ``with``) to release.
+
+    Two dvmrl processes writing one output folder overwrite each other's
+    files. The lock is taken on the folder itself, so it leaves no file
+    behind, and the kernel drops it when the process ends, also after
+    kill -9. Where the file system has no flock (some network file systems)
+    a warning is logged and the command runs unlocked.
+    """
+
+    def __init__(self, folder: str | os.PathLike, option: str = "--out") -> None:
+        self.folder = Path(folder)
+        self.option = option
+        self._fd: int | None = None
+
+    def acquire(self) -> FolderLock:
+        """Take the lock; raise FolderInUseError when another process holds it."""
+        if self._fd is not None:
+            return self
+        fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FolderInUseError(
+                f"{self.option} {self.folder} is in use by another dvmrl process; "
+                "wait for it to end (then pass --resume to continue its work) or "
+                f"choose another {self.option}"
+            ) from None
+        except OSError as err:
+            os.close(fd)
+            logger.warning(
+                "could not lock %s (%s); start no second dvmrl command in it",
+                self.folder,
+                err.strerror,
+            )
+            return self
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Release the lock; the end of the process also releases it."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
 
 
 def file_kind(path: str | os.PathLike) -> str:

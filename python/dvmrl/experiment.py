@@ -23,7 +23,6 @@ metrics and chosen configurations as an uninterrupted run.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -39,7 +38,13 @@ from typing import Any
 
 import numpy as np
 
-from dvmrl._files import probe_folder, write_atomic, write_text_atomic
+from dvmrl._files import (
+    FolderInUseError,
+    FolderLock,
+    probe_folder,
+    write_atomic,
+    write_text_atomic,
+)
 from dvmrl.search import (
     SEARCH_SPACE,
     EpochBudget,
@@ -800,6 +805,16 @@ def _read_run_json(path: Path, fix: str) -> Any:
 
 def _check_run_file(recorded: Any, path: Path) -> None:
     """Raise RunDirectoryError unless ``run.json`` has the parts the report reads."""
+    if (
+        isinstance(recorded, dict)
+        and "signature" not in recorded
+        and isinstance(recorded.get("train"), dict)
+    ):
+        folder = path.parent
+        raise RunDirectoryError(
+            f"{folder} holds a dvmrl train run, not a dvmrl run; continue it with "
+            f"dvmrl train --resume --out {folder}, or choose another --out"
+        )
     problem = None
     if not isinstance(recorded, dict):
         problem = f"it contains {_json_type(recorded)}, not an object"
@@ -1055,7 +1070,7 @@ class Experiment:
         self.df = None
         self.data_info: dict[str, Any] = {}
         self._pools: dict[tuple[str, int], Pools] = {}
-        self._lock_fd: int | None = None
+        self._lock: FolderLock | None = None
 
     # -- setup --------------------------------------------------------------
 
@@ -1168,41 +1183,21 @@ class Experiment:
                 check_split_sizes(split, kind, len(self.df))
 
     def _lock_folder(self) -> None:
-        """Take an exclusive lock on the output folder until close() or exit.
-
-        Two processes in one run folder would overwrite each other's state
-        and temporary files. The lock is flock() on the folder itself, so it
-        leaves no file behind and the kernel drops it when the process ends,
-        also after kill -9.
-        """
-        if self._lock_fd is not None:
+        """Take the output folder's lock (see FolderLock) until close() or exit."""
+        if self._lock is not None:
             return
-        fd = os.open(self.out_dir, os.O_RDONLY)
+        lock = FolderLock(self.out_dir)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RunDirectoryError(
-                f"output folder {self.out_dir} is in use by another dvmrl run; wait "
-                "for it to end (pass --resume then to continue it) or choose "
-                "another --out"
-            ) from None
-        except OSError as err:
-            # Some network file systems do not support flock.
-            os.close(fd)
-            logger.warning(
-                "could not lock output folder %s (%s); start no second run in it",
-                self.out_dir,
-                err.strerror,
-            )
-            return
-        self._lock_fd = fd
+            lock.acquire()
+        except FolderInUseError as err:
+            raise RunDirectoryError(str(err)) from None
+        self._lock = lock
 
     def close(self) -> None:
         """Release the output folder's lock; the process exit also releases it."""
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _check_writable(self) -> None:
         """Create the output folder if needed, and raise if it is not writable."""
