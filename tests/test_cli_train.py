@@ -1181,3 +1181,33 @@ def test_predict_flags_negative_hull_energies(trained, monkeypatch, capsys):
     assert main(["predict", str(trained / "model.pt"), "Ni3Al", "NiAl"]) == 0
     err = capsys.readouterr().err
     assert "1 prediction of the energy above the hull lies below 0 eV/atom" in err
+
+
+def test_train_folder_in_use_rejected(data_csv, tmp_path, capsys):
+    from dvmrl._files import FolderLock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    argv = ["train", "--data", str(data_csv), "--epochs", "1", "--device", "cpu"]
+    with FolderLock(out):
+        code = main([*argv, *TINY, "--out", str(out)])
+    assert code == 2
+    assert "is in use by another dvmrl process" in capsys.readouterr().err
+    assert not any(out.iterdir())
+    assert main([*argv, *TINY, "--out", str(out)]) == 0
+
+
+def test_resume_of_other_command_folder_rejected(tmp_path, capsys):
+    run_folder = tmp_path / "main-job"
+    run_folder.mkdir()
+    (run_folder / "run.json").write_text('{"format": "dvmrl-run", "signature": {}}')
+    code = main(["train", "--resume", "--out", str(run_folder)])
+    assert code == 2
+    assert "continue it with dvmrl run --resume --out" in capsys.readouterr().err
+
+    train_folder = tmp_path / "train"
+    train_folder.mkdir()
+    (train_folder / "run.json").write_text('{"data": "mp-formation-energy", "train": {}}')
+    code = main(["run", "--resume", "--out", str(train_folder)])
+    assert code == 2
+    assert "continue it with dvmrl train --resume --out" in capsys.readouterr().err

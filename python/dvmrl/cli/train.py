@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from dvmrl._files import json_ready, write_text_atomic
+from dvmrl._files import FolderLock, json_ready, write_text_atomic
 from dvmrl.cli._common import (
     ALLOY_NOTATION_RULES,
     UsageError,
@@ -831,6 +831,16 @@ def _resumed_run_config(out: Path, requested: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(
             f"--resume: {out / RUN_FILE} is not valid JSON ({err})"
         ) from err
+    if isinstance(stored, dict) and stored.get("format") == "dvmrl-run":
+        raise UsageError(
+            f"--resume: {out} holds a dvmrl run (the main job), not a dvmrl train "
+            f"run; continue it with dvmrl run --resume --out {out}"
+        )
+    if not isinstance(stored, dict) or not isinstance(stored.get("train", {}), dict):
+        raise ValueError(
+            f"--resume: {out / RUN_FILE} is not the run.json of dvmrl train; pass "
+            "the --out folder of a dvmrl train run"
+        )
     from dvmrl.training import TrainConfig
 
     # Fill the settings that runs from older versions did not store (ema_decay,
@@ -1000,6 +1010,11 @@ class _MembersProgress:
 
 def run_train(args: argparse.Namespace) -> int:
     """Train a model (or an ensemble) and write the run folder; return the exit code."""
+    with contextlib.ExitStack() as locks:
+        return _run_train(args, locks)
+
+
+def _run_train(args: argparse.Namespace, locks: contextlib.ExitStack) -> int:
     import torch
 
     from dvmrl import __version__, build_info
@@ -1115,8 +1130,13 @@ def run_train(args: argparse.Namespace) -> int:
             df["n_elements"].to_numpy()[split.train].min()
         )
         metadata.update(_pool_compositions(df, split))
+    # One process per run folder: a second train or resume in it would mix
+    # the two runs' files. The lock lasts until run_train returns.
+    out.mkdir(parents=True, exist_ok=True)
+    locks.enter_context(FolderLock(out))
     if not args.resume:
-        out.mkdir(parents=True, exist_ok=True)
+        # Another run may have started in the folder since the first check.
+        _check_fresh_out(out)
         _write_json_atomic(out / RUN_FILE, run_config)
 
     started = time.perf_counter()
