@@ -167,6 +167,9 @@ def _member_process(job: dict[str, Any], messages) -> None:
     root.setLevel(job["log_level"])
     code = EXIT_FAILED
     try:
+        # The main process started this one with SIGINT blocked; a Ctrl-C
+        # that arrived meanwhile is delivered here, to the handler above.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         _follow_parent(job["parent"])
         from dvmrl import set_num_threads
         from dvmrl.cli.train import MODEL_FILE, STATE_FILE, _fit_member
@@ -361,16 +364,25 @@ def train_members(
             args=({**job, "log_level": log_level, "parent": os.getpid()}, messages),
             name=f"dvmrl-member-{member}",
         )
-        # The child inherits the ignored SIGINT across exec until it
-        # installs its handler, so Ctrl-C during its imports prints no
-        # traceback. The repeated signals of stop_all reach it later.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # A Ctrl-C while the child starts is recorded and raised once the
+        # child is registered, so that stop_all stops it too. start() can
+        # take seconds, because it waits until the child has read its job.
+        # The handler records it in whichever thread the signal lands, and
+        # the blocked mask, which the child inherits across exec, keeps the
+        # child's copy pending until its own handler is installed, so
+        # Ctrl-C during its imports prints no traceback.
+        received = []
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             process.start()
+            running[member] = process
+            progress.start(member)
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             signal.signal(signal.SIGINT, previous)
-        running[member] = process
-        progress.start(member)
+        if received:
+            raise KeyboardInterrupt
 
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
