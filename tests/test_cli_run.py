@@ -444,3 +444,26 @@ def test_agent_of_other_size_rejected_first(tmp_path, budget_file, capsys):
     assert "the agent expects 10 observation entries and 18 actions" in err
     # The check runs before any unit, so no search has started.
     assert not (out / "state.json").exists()
+
+
+def test_sigterm_ends_command_like_ctrl_c(tmp_path):
+    # Every command, not only train and run, turns SIGTERM into the Ctrl-C
+    # exit: code 130 and one line on stderr. The signal goes out once the
+    # first checkpoint shows that the command is past its start-up.
+    out = tmp_path / "agent.pt"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dvmrl", "agent", "train", "--episodes", "200",
+         "--checkpoint-every", "1", "--out", str(out)],
+        env=child_environment(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "agent.progress.json").exists():
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "dvmrl agent train: interrupted" in err

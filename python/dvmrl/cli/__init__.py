@@ -2,8 +2,8 @@
 
 Exit codes: 0 on success, 2 on bad usage or bad input (the error names the
 value and the fix), 1 when dvmrl or its environment fails (a full disk, an
-unreachable service), 130 after Ctrl-C, 141 when the reader of standard
-output closed it early (``dvmrl predict ... | head``).
+unreachable service), 130 after Ctrl-C or SIGTERM, 141 when the reader of
+standard output closed it early (``dvmrl predict ... | head``).
 Errors go to stderr as one line; ``--verbose`` adds the traceback.
 """
 
@@ -20,7 +20,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import importlib
 import logging
+import signal
 import sys
+import threading
 import traceback
 
 from dvmrl.cli._common import (
@@ -137,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def _terminate(signum, frame) -> None:  # noqa: ARG001 - the signal module's signature
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _command_name(args: argparse.Namespace) -> str:
     """Return the command for messages, with its action: "train", "data split"."""
     action = getattr(args, f"{args.command}_command", None)
@@ -156,6 +162,12 @@ def _main(argv: list[str] | None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # SIGTERM (a batch system's time limit, kill) ends every command as
+    # Ctrl-C does, so that commands save their state and exit 130.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_term = None
+    if in_main_thread:
+        previous_term = signal.signal(signal.SIGTERM, _terminate)
     try:
         code = int(args.func(args) or EXIT_OK)
         # Output to a pipe is block-buffered: flush here, so that a reader
@@ -210,3 +222,6 @@ def _main(argv: list[str] | None) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILURE
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_term)
