@@ -289,6 +289,26 @@ def test_occupied_folder_rejected(finished_run, tmp_path):
     assert before == after
 
 
+def test_resume_removes_stale_temporaries(finished_run, tmp_path, agent_file):
+    # Files that a kill -9 left mid-write; a resume holds the folder's lock,
+    # so no other process can be writing them.
+    out, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    stale = [copy / ".state.json.k3j2.tmp", copy / "units" / "random-seed0" / ".best.pt.x.tmp"]
+    for path in stale:
+        path.write_bytes(b"partial")
+    keep = copy / "units" / "notes.tmp"
+    keep.write_text("not a staged file")
+    spec = RunSpec(preset=TINY, seeds=[0], agent_path=agent_file)
+    experiment = Experiment(spec, copy, resume=True)
+    experiment.prepare()
+    experiment.close()
+    for path in stale:
+        assert not path.exists(), path
+    assert keep.exists()
+
+
 def test_folder_in_use_rejected(finished_run, tmp_path):
     out, _ = finished_run
     spec = RunSpec(preset=TINY, seeds=[0])

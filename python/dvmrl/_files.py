@@ -160,6 +160,24 @@ def probe_folder(folder: str | os.PathLike) -> None:
     os.unlink(probe)
 
 
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete temporary files (``.NAME.*.tmp``) left under ``folder``; return the count.
+
+    write_atomic and the checkpoint writers stage files under such names and
+    rename them when complete, so a process killed mid-write (kill -9, power
+    loss) leaves one behind. Call this only while holding the folder's
+    FolderLock, when no other process can be writing one.
+    """
+    removed = 0
+    for path in Path(folder).rglob(".*.tmp"):
+        if path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        logger.info("removed %d unfinished temporary files under %s", removed, folder)
+    return removed
+
+
 class FolderInUseError(ValueError):
     """Another process holds the lock of an output folder."""
 
@@ -209,6 +227,11 @@ class FolderLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    def __del__(self) -> None:
+        # An owner that is dropped without release() must not keep the
+        # descriptor, and with it the lock, for the rest of the process.
+        self.release()
 
     def __enter__(self) -> FolderLock:
         return self.acquire()

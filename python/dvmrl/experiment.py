@@ -42,6 +42,7 @@ from dvmrl._files import (
     FolderInUseError,
     FolderLock,
     probe_folder,
+    remove_stale_temporaries,
     write_atomic,
     write_text_atomic,
 )
@@ -1119,6 +1120,7 @@ class Experiment:
             )
         if self.resume:
             self._lock_folder()
+            remove_stale_temporaries(self.out_dir)
         self.df, self.data_info = load_data(
             self.spec.data, self.spec.formula_column, self.spec.target_column
         )

@@ -26,7 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from dvmrl._files import FolderLock, json_ready, write_text_atomic
+from dvmrl._files import (
+    FolderLock,
+    json_ready,
+    remove_stale_temporaries,
+    write_text_atomic,
+)
 from dvmrl.cli._common import (
     ALLOY_NOTATION_RULES,
     UsageError,
@@ -1134,7 +1139,9 @@ def _run_train(args: argparse.Namespace, locks: contextlib.ExitStack) -> int:
     # the two runs' files. The lock lasts until run_train returns.
     out.mkdir(parents=True, exist_ok=True)
     locks.enter_context(FolderLock(out))
-    if not args.resume:
+    if args.resume:
+        remove_stale_temporaries(out)
+    else:
         # Another run may have started in the folder since the first check.
         _check_fresh_out(out)
         _write_json_atomic(out / RUN_FILE, run_config)
