@@ -295,7 +295,10 @@ def test_resume_removes_stale_temporaries(finished_run, tmp_path, agent_file):
     out, _ = finished_run
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    stale = [copy / ".state.json.k3j2.tmp", copy / "units" / "random-seed0" / ".best.pt.x.tmp"]
+    stale = [
+        copy / ".state.json.k3j2.tmp",
+        copy / "units" / "random-seed0" / ".best.pt.x.tmp",
+    ]
     for path in stale:
         path.write_bytes(b"partial")
     keep = copy / "units" / "notes.tmp"
