@@ -502,3 +502,14 @@ def test_evaluate_warns_train_size_above_data(trained, capsys, monkeypatch):
     assert re.search(
         r"--train-size 100000 exceeds the \d+ compositions of the training part", err
     )
+
+
+def test_agent_train_out_in_use_rejected(tmp_path, capsys):
+    from dvmrl._files import FolderLock
+
+    out = tmp_path / "agent.pt"
+    with FolderLock(tmp_path / "agent.lock", lock_file=True):
+        code = main(["agent", "train", "--episodes", "1", "--out", str(out)])
+    assert code == 2
+    assert f"--out {out} is in use by another dvmrl process" in capsys.readouterr().err
+    assert not out.exists()

@@ -190,24 +190,40 @@ class FolderLock:
     behind, and the kernel drops it when the process ends, also after
     kill -9. Where the file system has no flock (some network file systems)
     a warning is logged and the command runs unlocked.
+
+    Args:
+        folder: the folder to lock, or with ``lock_file`` a file that stands
+            for an output that is not a folder (created empty if missing).
+        option: the command-line option that named the output.
+        shown: the path that messages name (default: ``folder``).
+        lock_file: lock the file ``folder`` instead of a folder.
     """
 
-    def __init__(self, folder: str | os.PathLike, option: str = "--out") -> None:
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        option: str = "--out",
+        shown: str | os.PathLike | None = None,
+        lock_file: bool = False,
+    ) -> None:
         self.folder = Path(folder)
         self.option = option
+        self.shown = self.folder if shown is None else Path(shown)
+        self.lock_file = lock_file
         self._fd: int | None = None
 
     def acquire(self) -> FolderLock:
         """Take the lock; raise FolderInUseError when another process holds it."""
         if self._fd is not None:
             return self
-        fd = os.open(self.folder, os.O_RDONLY)
+        flags = os.O_RDONLY | (os.O_CREAT if self.lock_file else 0)
+        fd = os.open(self.folder, flags, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise FolderInUseError(
-                f"{self.option} {self.folder} is in use by another dvmrl process; "
+                f"{self.option} {self.shown} is in use by another dvmrl process; "
                 "wait for it to end (then pass --resume to continue its work) or "
                 f"choose another {self.option}"
             ) from None

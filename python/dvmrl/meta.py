@@ -164,6 +164,8 @@ def state_paths(out: str | os.PathLike) -> dict[str, Path]:
         "agent": out,
         "buffer": out.with_name(out.stem + ".buffer.npz"),
         "progress": out.with_name(out.stem + ".progress.json"),
+        # Empty; its flock() keeps a second meta-training off these files.
+        "lock": out.with_name(out.stem + ".lock"),
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import sys
 from pathlib import Path
@@ -49,7 +50,8 @@ def add_parser(subparsers) -> None:
             "all it has. The "
             "agent, its replay buffer (.buffer.npz) and the history "
             "(.progress.json) are written atomically every --checkpoint-every "
-            "episodes."
+            "episodes; an empty .lock file beside them keeps a second "
+            "meta-training off the same --out."
         ),
     )
     train.add_argument(
@@ -152,7 +154,14 @@ def add_parser(subparsers) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Meta-train an agent and print where it was written."""
-    from dvmrl.meta import meta_train, parse_task, plot_learning_curve, saved_settings
+    from dvmrl._files import FolderLock
+    from dvmrl.meta import (
+        meta_train,
+        parse_task,
+        plot_learning_curve,
+        saved_settings,
+        state_paths,
+    )
     from dvmrl.plotting import check_image_path
 
     if args.curve:
@@ -184,17 +193,25 @@ def run_train(args: argparse.Namespace) -> int:
     if args.budget_epochs is not None:
         env_options["budget_epochs"] = args.budget_epochs
     command = "dvmrl " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
-    result = meta_train(
-        tasks,
-        args.episodes,
-        args.out,
-        resume=args.resume,
-        checkpoint_every=args.checkpoint_every,
-        seed=args.seed,
-        env_options=env_options,
-        progress=not args.no_progress and sys.stderr.isatty(),
-        command=command,
-    )
+    # A second meta-training on the same --out would overwrite these files.
+    # A folder given as --out is left to meta_train's error.
+    out = Path(args.out)
+    lock = contextlib.nullcontext()
+    if not out.is_dir():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lock = FolderLock(state_paths(out)["lock"], shown=out, lock_file=True)
+    with lock:
+        result = meta_train(
+            tasks,
+            args.episodes,
+            args.out,
+            resume=args.resume,
+            checkpoint_every=args.checkpoint_every,
+            seed=args.seed,
+            env_options=env_options,
+            progress=not args.no_progress and sys.stderr.isatty(),
+            command=command,
+        )
     if args.curve:
         plot_learning_curve(result.history, args.curve)
     returns = [row["return"] for row in result.history]
