@@ -134,6 +134,16 @@ def test_markdown_names_winners(finished_run):
     assert "inverse square" in text
 
 
+def test_report_reads_robustness_with_accuracy(finished_run):
+    out, report = finished_run
+    with np.load(out / "units" / "random-seed0" / "predictions.npz") as arrays:
+        expected = float(np.std(arrays["y_true"]))
+    assert report["constant_test_rmse"] == pytest.approx(expected)
+    text = (out / "report.md").read_text()
+    assert "read them together with the test RMSE" in text
+    assert f"test RMSE of {expected:.4f} eV/atom (their standard deviation)" in text
+
+
 def test_r2_and_gcv_follow_rmse_verdict(finished_run):
     out, report = finished_run
     rmse = report["winners"]["test_rmse"]

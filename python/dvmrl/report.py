@@ -375,6 +375,7 @@ def build_report(out_dir: str | os.PathLike) -> dict[str, Any]:
         "results": rows,
         "summary": summaries,
         "ratios_vs_bayesian": ratios_against(rows, methods),
+        "constant_test_rmse": _constant_test_rmse(out_dir, state),
         "winners": winners,
         "curves": {
             f"{u['method']}/seed{u['seed']}": search_curve(u)
@@ -382,6 +383,27 @@ def build_report(out_dir: str | os.PathLike) -> dict[str, Any]:
         },
         "provenance": provenance(run),
     }
+
+
+def _constant_test_rmse(out_dir: Path, state: dict[str, Any]) -> float | None:
+    """Return the test RMSE of the best constant prediction (eV/atom), or None.
+
+    That is the standard deviation of the test targets, which every unit
+    shares (the test part does not depend on the seed). It is read from the
+    first unit with stored test predictions.
+    """
+    for unit in state["units"].values():
+        path = out_dir / "units" / f"{unit['method']}-seed{unit['seed']}" / "predictions.npz"
+        if not path.is_file():
+            continue
+        try:
+            with np.load(path) as arrays:
+                y_true = np.asarray(arrays["y_true"], dtype=np.float64)
+        except (OSError, ValueError, KeyError):
+            continue
+        if y_true.size:
+            return float(np.std(y_true))
+    return None
 
 
 def write_report(out_dir: str | os.PathLike) -> dict[str, Any]:
@@ -657,6 +679,7 @@ def _results_lines(report: dict[str, Any]) -> list[str]:
         "F1 score of the stability call and the robustness radius in the L2 "
         "norm.",
         "",
+        *_reading_lines(report),
         "| metric | "
         + " | ".join(METHOD_LABELS.get(m, m) for m in methods)
         + " | winner |",
@@ -788,6 +811,26 @@ def _agent_outside_text(
         f"{'s' if len(beaten_by) == 1 else ''} it, and it ties with "
         f"{join_method_names(tied)}."
     )
+
+
+def _reading_lines(report: dict[str, Any]) -> list[str]:
+    """Say what the robustness metrics mean and what a useless model scores."""
+    text = (
+        "The robustness radius is the mean, over the probed test compositions, "
+        "of the smallest box radius (fraction units) at which some allowed "
+        f"composition change moves the prediction by tau = {ROBUST_TAU:g} eV/atom; "
+        "the vulnerability is the mean largest prediction change (eV/atom) "
+        f"within epsilon = {ROBUST_EPSILON:g}. A smoother model scores better on "
+        "both whether or not it is more accurate (a constant prediction reaches "
+        "the cap r_max), so read them together with the test RMSE."
+    )
+    constant = report.get("constant_test_rmse")
+    if constant is not None:
+        text += (
+            " A constant prediction at the mean of the test targets would score "
+            f"a test RMSE of {constant:.4f} eV/atom (their standard deviation)."
+        )
+    return [text, ""]
 
 
 def _verdict_lines(report: dict[str, Any]) -> list[str]:

@@ -456,7 +456,8 @@ def _add_predict_parser(subparsers) -> None:
             "uncertainty (standard "
             "deviation) when the model is heteroscedastic or an ensemble: for an "
             "ensemble, the population spread of the member predictions (plus the "
-            "mean predicted variance of heteroscedastic members). The table shows "
+            "mean predicted variance of heteroscedastic members); it is not a "
+            "calibrated error bar. The table shows "
             "each input formula beside "
             "the normalised composition it was read as. Compositions with elements "
             "absent from the training data, or with fewer or more elements than "
@@ -2248,4 +2249,11 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"wrote {len(table)} {noun} to {args.output}")
     else:
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if std is not None:
+        logger.info(
+            "uncertainty_ev_per_atom is the spread of the model's predictions "
+            "(a standard deviation), not a calibrated error bar: ensemble members "
+            "share their data and architecture, so they can all be wrong the "
+            "same way"
+        )
     return 0
