@@ -254,8 +254,8 @@ def _check_holdout_element(df: pd.DataFrame, element: str | None) -> str:
     element = str(element).strip()
     if not Element.is_valid_symbol(element):
         raise ValueError(
-            f"unknown element symbol {element!r} for holdout_element: use a symbol "
-            "such as 'Ni' (case matters)"
+            f"unknown element symbol {element!r} for holdout_element "
+            "(--holdout-element): use a symbol such as 'Ni' (case matters)"
         )
     return element
 

@@ -1002,9 +1002,9 @@ class _MembersProgress:
         # The monitors are val_rmse and val_mae, in eV/atom.
         score = summary["monitor"].removeprefix("val_").upper()
         logger.info(
-            "member %d: trained %d epochs; best epoch %s, validation %s %s eV/atom",
+            "member %d: trained %s; best epoch %s, validation %s %s eV/atom",
             member,
-            summary["epochs_done"],
+            plural(int(summary["epochs_done"]), "epoch"),
             summary["best_epoch"],
             score,
             _format_optional(summary["best_score"]),
@@ -1506,7 +1506,7 @@ def _fit_member(
         trainer = Trainer.from_checkpoint(
             folder / STATE_FILE, x_train, y_train, x_val, y_val, device=device
         )
-        logger.info("resuming %s after %d epochs", folder, trainer.epochs_done)
+        logger.info("resuming %s after %s", folder, plural(trainer.epochs_done, "epoch"))
     else:
         folder.mkdir(parents=True, exist_ok=True)
         trainer = Trainer(
