@@ -348,8 +348,15 @@ def run_info(args: argparse.Namespace) -> int:
         f"min {stats['min']}, median {stats['median']}, max {stats['max']}"
     )
     if stable is not None:
+        # A negative formation energy means stable against the pure elements
+        # only; stability proper is the distance to the convex hull.
+        label = (
+            "stable against the elements"
+            if summary["target_kind"] == "formation_energy"
+            else "stable"
+        )
         print(
-            f"stable (target <= {threshold:g} {units}): {stable} of {summary['rows']}"
+            f"{label} (target <= {threshold:g} {units}): {stable} of {summary['rows']}"
         )
     screen = summary["hume_rothery_screen"]
     if screen:

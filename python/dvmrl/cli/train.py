@@ -108,8 +108,13 @@ _TABLE_METRICS = (
         "not Wahba's GCV",
     ),
     ("accuracy", "fraction of predictions within {tolerance:g} eV/atom of target"),
-    ("precision", "fraction; stable means target <= {threshold:g} eV/atom"),
-    ("recall", "fraction; stable means target <= {threshold:g} eV/atom"),
+    (
+        "precision",
+        "fraction of predicted stable that are stable; stable means target <= "
+        "{threshold:g} eV/atom (for formation energies: against the elements, "
+        "not the convex hull)",
+    ),
+    ("recall", "fraction of the stable compositions predicted stable"),
     ("f1", "harmonic mean of precision and recall"),
 )
 
