@@ -305,7 +305,7 @@ def test_threads_bitwise_equal(batch, slots, hidden, seed):
 
 
 # The parent runs a parallel job on 2 threads and forks. The child inherits
-# the pool's state but not its worker threads; it must run parallel jobs,
+# the pool's state but not its worker threads. It must run parallel jobs,
 # resize the pool and exit without waiting on workers that do not exist.
 _FORK_SCRIPT = """
 import os, sys, torch
@@ -669,9 +669,9 @@ def test_loss_curves_match_reference_float32():
         assert abs(a - b) <= 1e-3 * abs(b), epoch
 
 
-# A loss linear in the output gives a grad_out that does not require grad;
-# the gradient penalty must still fail instead of treating the gradient as a
-# constant.
+# A loss linear in the output gives a grad_out that does not require grad.
+# The gradient penalty must still fail instead of treating the gradient as
+# a constant.
 @pytest.mark.parametrize("loss", ["linear", "square"])
 def test_double_backward_raises(loss):
     args = make_batch(3, 3, SMALL, torch.float64, seed=13)

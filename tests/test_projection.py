@@ -66,7 +66,7 @@ def test_kernel_matches_twin():
     assert (a - b).abs().max() < 1e-14
 
 
-# From |x| of about 1e16, x - hi rounds to x - lo, so the piece that holds
+# From |x| of about 1e16, x - hi rounds to x - lo, so the piece that contains
 # the threshold shrinks to a point.
 @pytest.mark.parametrize("project", PROJECTIONS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

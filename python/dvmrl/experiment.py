@@ -813,7 +813,7 @@ def _check_run_file(recorded: Any, path: Path) -> None:
     ):
         folder = path.parent
         raise RunDirectoryError(
-            f"{folder} holds a dvmrl train run, not a dvmrl run; continue it with "
+            f"{folder} contains a dvmrl train run, not a dvmrl run; continue it with "
             f"dvmrl train --resume --out {folder}, or choose another --out"
         )
     problem = None

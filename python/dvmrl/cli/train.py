@@ -844,7 +844,7 @@ def _resumed_run_config(out: Path, requested: dict[str, Any]) -> dict[str, Any]:
         ) from err
     if isinstance(stored, dict) and stored.get("format") == "dvmrl-run":
         raise UsageError(
-            f"--resume: {out} holds a dvmrl run (the main job), not a dvmrl train "
+            f"--resume: {out} contains a dvmrl run (the main job), not a dvmrl train "
             f"run; continue it with dvmrl run --resume --out {out}"
         )
     if not isinstance(stored, dict) or not isinstance(stored.get("train", {}), dict):

@@ -268,7 +268,7 @@ def _check_arguments(args: argparse.Namespace) -> list[str]:
         check_output_folder(Path(args.out), "--out")
     except ValueError as err:
         raise UsageError(str(err)) from None
-    _refuse_other_command_folder(Path(args.out))
+    _reject_other_command_folder(Path(args.out))
     if args.strategy == "all":
         return list(STRATEGIES)
     if args.strategy not in STRATEGIES:
@@ -313,8 +313,8 @@ def _resolve_split(args, df, metadata):
     return split, kind, holdout if kind == "element" else None
 
 
-def _refuse_other_command_folder(folder: Path) -> None:
-    """Raise UsageError when ``folder`` holds the output of dvmrl train or run.
+def _reject_other_command_folder(folder: Path) -> None:
+    """Raise UsageError when ``folder`` contains the output of dvmrl train or run.
 
     Both write run.json, and dvmrl run also writes its own report.json,
     which validate would replace. An earlier validate report may be
@@ -332,7 +332,7 @@ def _refuse_other_command_folder(folder: Path) -> None:
             owner = "dvmrl run (report.json)"
     if owner is not None:
         raise UsageError(
-            f"--out {folder} holds the output of {owner}, and validate would "
+            f"--out {folder} contains the output of {owner}, and validate would "
             f"overwrite {REPORT_FILE} there; choose another --out, such as "
             f"{folder / 'robustness'}"
         )
