@@ -53,6 +53,16 @@ ALLOY_TOTAL_RTOL = 1e-3
 
 # pymatgen's amount syntax: decimals with an optional exponent such as 1e-3.
 _NUMBER_RE = re.compile(r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e-?[0-9]+)?")
+# Metallurgical alloy names such as Ni-20Cr or Fe-18Cr-8Ni: the balance
+# element, then the other elements' shares, usually in weight percent.
+_METALLURGICAL_RE = re.compile(
+    r"[A-Z][a-z]?(?:-(?:[0-9]+\.?[0-9]*|\.[0-9]+)[A-Z][a-z]?)+"
+)
+_METALLURGICAL_REASON = (
+    "alloy names with the balance element first (such as Ni-20Cr) are not "
+    "read, because their shares are usually weight percent; convert them to "
+    "atomic shares and write, for example, Ni80Cr20 for 20 at.% Cr"
+)
 _ASCII_LETTERS = frozenset(string.ascii_letters)
 _NUMBER_START = frozenset("0123456789.")
 _LETTERS_RE = re.compile(r"[A-Za-z]+")
@@ -213,6 +223,8 @@ class _FormulaReader:
                 self._read_amount()
             elif char == "-" and _NUMBER_RE.match(text, self.position + 1):
                 number = _NUMBER_RE.match(text, self.position + 1).group()
+                if _METALLURGICAL_RE.fullmatch(text.strip()):
+                    raise self.error(_METALLURGICAL_REASON, "-" + number)
                 raise self.error("amount is negative", "-" + number)
             else:
                 raise self.error(
