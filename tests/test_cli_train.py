@@ -1162,6 +1162,17 @@ def test_metrics_table_marks_undefined_ratios():
     assert "undefined" not in recall
 
 
+def test_metrics_table_flags_small_test_part():
+    from dvmrl.cli.train import _format_metrics
+    from dvmrl.metrics import regression_metrics
+
+    few = _format_metrics(regression_metrics([0.1, -0.2], [0.1, -0.1]), "test", 0.0)
+    assert "only 2 compositions scored" in few
+    targets = [0.01 * i for i in range(100)]
+    many = _format_metrics(regression_metrics(targets, targets), "test", 0.0)
+    assert "scored, so a few" not in many
+
+
 def test_predict_flags_negative_hull_energies(trained, monkeypatch, capsys):
     import numpy as np
 

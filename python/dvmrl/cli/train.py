@@ -1577,6 +1577,7 @@ def _no_op() -> None:
 
 def _format_metrics(metrics: dict, title: str, threshold: float) -> str:
     from dvmrl.metrics import DEFAULT_TOLERANCE
+    from dvmrl.report import SMALL_TEST_PART
 
     lines = [title]
     for name, unit_template in _TABLE_METRICS:
@@ -1595,6 +1596,12 @@ def _format_metrics(metrics: dict, title: str, threshold: float) -> str:
             if metrics.get(count) == 0:
                 unit += f" (undefined: {reason}, shown as 0)"
         lines.append(f"  {name:<10} {text:>10}  {unit}")
+    scored = metrics.get("n")
+    if isinstance(scored, int) and scored < SMALL_TEST_PART:
+        lines.append(
+            f"  only {plural(scored, 'composition')} scored, so a few of them decide "
+            "these numbers; use more data for metrics that count"
+        )
     return "\n".join(lines)
 
 
