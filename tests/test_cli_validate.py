@@ -183,6 +183,8 @@ def test_validate_prints_table(checkpoint, tmp_path, capsys):
     assert code == 0
     assert "vulnerability" in printed
     assert "random: train vs validation set" in printed
+    assert "shift detection (0.5: no shift, 1: full shift)" in printed
+    assert f"wrote {tmp_path / 'report.json'}, " in printed
     # The checkpoint's random split names no element, so the default is explained.
     report = json.loads((tmp_path / "report.json").read_text())
     element = report["shift_holdout_element"]
