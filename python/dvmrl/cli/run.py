@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import shlex
-import signal
 import sys
 import time
 from pathlib import Path
@@ -295,11 +294,8 @@ def run(args: argparse.Namespace) -> int:
             spec.methods,
             out_dir,
         )
-        previous = signal.signal(signal.SIGTERM, _interrupt)
-        try:
-            report = experiment.run()
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+        # dvmrl.cli.main turns SIGTERM into KeyboardInterrupt, as for Ctrl-C.
+        report = experiment.run()
         logger.info("finished in %.1f s", time.perf_counter() - started)
     except KeyboardInterrupt:
         logger.warning(
@@ -333,11 +329,6 @@ def _warn_small_test_parts(report: dict) -> None:
             "comparison that counts",
             file=sys.stderr,
         )
-
-
-def _interrupt(signum, frame) -> None:
-    """Turn SIGTERM into KeyboardInterrupt, so it ends the run like Ctrl-C."""
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _describe(winner: dict) -> str:
