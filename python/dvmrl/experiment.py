@@ -255,7 +255,8 @@ class Preset:
                 "agent_slice"
             )
         leftover = self.epochs % self.trial_epochs
-        if 0 < leftover < max(1, self.trial_epochs // 2):
+        shortest_trial = EpochBudget(self.epochs, self.trial_epochs).min_trial_epochs
+        if 0 < leftover < shortest_trial:
             raise ValueError(
                 f"budget {self.name!r}: epochs {self.epochs} leave {leftover} epochs "
                 f"after the full trials of trial_epochs {self.trial_epochs}, too few "
@@ -794,6 +795,11 @@ class UnitPaths:
         return self.root / "predictions.npz"
 
 
+def unit_files(out_dir: str | os.PathLike, method: str, seed: int) -> UnitPaths:
+    """Return the file paths of one (method, seed) unit of the run in ``out_dir``."""
+    return UnitPaths(Path(out_dir) / "units" / f"{method}-seed{seed}")
+
+
 def _read_run_json(path: Path, fix: str) -> Any:
     """Read a JSON file of the run folder, raising RunDirectoryError if corrupt."""
     try:
@@ -1278,8 +1284,7 @@ class Experiment:
         for unit in self.state["units"].values():
             if "test" not in unit:
                 continue
-            root = self.out_dir / "units" / f"{unit['method']}-seed{unit['seed']}"
-            path = UnitPaths(root).predictions
+            path = unit_files(self.out_dir, unit["method"], unit["seed"]).predictions
             if not path.is_file():
                 continue
             try:
@@ -1306,9 +1311,9 @@ class Experiment:
 
     def unit_paths(self, method: str, seed: int) -> UnitPaths:
         """Return the file paths of one unit, creating its folder."""
-        root = self.out_dir / "units" / f"{method}-seed{seed}"
-        root.mkdir(parents=True, exist_ok=True)
-        return UnitPaths(root)
+        paths = unit_files(self.out_dir, method, seed)
+        paths.root.mkdir(parents=True, exist_ok=True)
+        return paths
 
     def pools(self, kind: str, seed: int) -> Pools:
         """Return the featurised pools of one split kind and seed (cached)."""

@@ -33,6 +33,7 @@ from dvmrl.experiment import (
     ROBUST_EPSILON,
     ROBUST_R_MAX,
     ROBUST_TAU,
+    unit_files,
 )
 from dvmrl.metrics import DEFAULT_TOLERANCE
 
@@ -393,7 +394,7 @@ def _constant_test_rmse(out_dir: Path, state: dict[str, Any]) -> float | None:
     first unit with stored test predictions.
     """
     for unit in state["units"].values():
-        path = out_dir / "units" / f"{unit['method']}-seed{unit['seed']}" / "predictions.npz"
+        path = unit_files(out_dir, unit["method"], unit["seed"]).predictions
         if not path.is_file():
             continue
         try:
@@ -976,16 +977,18 @@ def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
         summaries = [report["summary"][key][m] for m in methods]
         # A method without a value gets no bar and an "n/a" mark, never a
         # bar of height 0; one seed gives no error bar.
-        shown = [i for i, summary in enumerate(summaries) if summary["mean"] is not None]
-        errors = [summaries[i]["std"] for i in shown]
+        with_mean = [
+            i for i, summary in enumerate(summaries) if summary["mean"] is not None
+        ]
+        errors = [summaries[i]["std"] for i in with_mean]
         ax.bar(
-            shown,
-            [summaries[i]["mean"] for i in shown],
+            with_mean,
+            [summaries[i]["mean"] for i in with_mean],
             yerr=errors if all(e is not None for e in errors) and errors else None,
             capsize=4,
-            color=[colours[methods[i]] for i in shown],
+            color=[colours[methods[i]] for i in with_mean],
         )
-        if not shown:
+        if not with_mean:
             ax.set_ylim(0.0, 1.0)
             ax.set_yticks([])
         for i, summary in enumerate(summaries):
@@ -1042,12 +1045,7 @@ def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
     ]
     if complete:
         best = min(complete, key=lambda r: r["test_rmse"])
-        path = (
-            out_dir
-            / "units"
-            / f"{best['method']}-seed{best['seed']}"
-            / "predictions.npz"
-        )
+        path = unit_files(out_dir, best["method"], best["seed"]).predictions
         if path.is_file():
             with np.load(path) as arrays:
                 y_true, y_pred = arrays["y_true"], arrays["y_pred"]
