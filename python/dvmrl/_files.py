@@ -195,7 +195,7 @@ class FolderLock:
         folder: the folder to lock, or with ``lock_file`` a file that stands
             for an output that is not a folder (created empty if missing).
         option: the command-line option that named the output.
-        shown: the path that messages name (default: ``folder``).
+        reported_path: the path that messages name (default: ``folder``).
         lock_file: lock the file ``folder`` instead of a folder.
     """
 
@@ -203,12 +203,12 @@ class FolderLock:
         self,
         folder: str | os.PathLike,
         option: str = "--out",
-        shown: str | os.PathLike | None = None,
+        reported_path: str | os.PathLike | None = None,
         lock_file: bool = False,
     ) -> None:
         self.folder = Path(folder)
         self.option = option
-        self.shown = self.folder if shown is None else Path(shown)
+        self.reported_path = Path(folder if reported_path is None else reported_path)
         self.lock_file = lock_file
         self._fd: int | None = None
 
@@ -223,7 +223,8 @@ class FolderLock:
         except BlockingIOError:
             os.close(fd)
             raise FolderInUseError(
-                f"{self.option} {self.shown} is in use by another dvmrl process; "
+                f"{self.option} {self.reported_path} is in use by another dvmrl "
+                "process; "
                 "wait for it to end (then pass --resume to continue its work) or "
                 f"choose another {self.option}"
             ) from None

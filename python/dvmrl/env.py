@@ -429,10 +429,11 @@ class ModelTuningEnv(gym.Env):
             return self._observation(), 0.0, True, False, self._info(invalid, name)
 
         self._apply(name)
-        diverged = _diverged_error_class()
+        from dvmrl.training.trainer import TrainingDivergedError
+
         try:
             self.trainer.train_epochs(self.epochs_per_step)
-        except diverged as err:
+        except TrainingDivergedError as err:
             # The weights are no longer finite, so the episode ends here; the
             # best model so far stays the episode's result. A model that
             # predicts NaN has accuracy 0, which sets the reward.
@@ -932,12 +933,6 @@ def _trainer_classes():
         from dvmrl.training.config import TrainConfig
         from dvmrl.training.trainer import Trainer
     return TrainConfig, Trainer
-
-
-def _diverged_error_class() -> type[Exception]:
-    from dvmrl.training.trainer import TrainingDivergedError
-
-    return TrainingDivergedError
 
 
 def _copy_state(trainer) -> dict[str, Any]:

@@ -199,7 +199,7 @@ def run_train(args: argparse.Namespace) -> int:
     lock = contextlib.nullcontext()
     if not out.is_dir():
         out.parent.mkdir(parents=True, exist_ok=True)
-        lock = FolderLock(state_paths(out)["lock"], shown=out, lock_file=True)
+        lock = FolderLock(state_paths(out)["lock"], reported_path=out, lock_file=True)
     with lock:
         result = meta_train(
             tasks,

@@ -2257,8 +2257,7 @@ def run_predict(args: argparse.Namespace) -> int:
         write_text_atomic(
             Path(args.output), table.to_csv(index=False, float_format="%.6f")
         )
-        noun = "prediction" if len(table) == 1 else "predictions"
-        print(f"wrote {len(table)} {noun} to {args.output}")
+        print(f"wrote {plural(len(table), 'prediction')} to {args.output}")
     else:
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if std is not None:
