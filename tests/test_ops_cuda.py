@@ -12,6 +12,7 @@ from test_ops_message_passing import (
     TABLE_FRAC_CASES,
     adamw_step_differences,
     forward_and_grads,
+    fractions_at_floor,
     make_batch,
     make_dims,
     rel_error,
@@ -188,9 +189,7 @@ def test_cuda_fractions_at_floor_and_single_elements(floor):
     node_table, flat, index, _, mask, _ = make_batch(
         6, 4, dims, torch.float64, seed=8, sizes=[4, 1, 2, 4, 1, 3]
     )
-    frac = torch.full(mask.shape, floor, dtype=torch.float64) * mask
-    frac[:, 0] = 1.0 - frac[:, 1:].sum(dim=1)
-    args = [node_table, flat, index, frac, mask]
+    args = [node_table, flat, index, fractions_at_floor(mask, floor), mask]
     ref = forward_and_grads(reference.model_forward, *args, dims, None)
     fused = forward_and_grads(ops.model_forward, *to_cuda(args), dims, None)
     for name, a, b in zip(("out", "node_table", "flat", "frac"), fused, ref):

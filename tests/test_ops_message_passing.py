@@ -221,14 +221,20 @@ def test_single_element_rows_are_finite():
         assert rel_error(a, b) < 1e-12, name
 
 
+def fractions_at_floor(mask: torch.Tensor, floor: float) -> torch.Tensor:
+    """Return float64 fractions [B, K]: every real slot but the first at ``floor``."""
+    frac = torch.full(mask.shape, floor, dtype=torch.float64) * mask
+    frac[:, 0] = 1.0 - frac[:, 1:].sum(dim=1)
+    return frac
+
+
 @pytest.mark.parametrize("floor", [0.01, 1e-4, 0.0])
 def test_fractions_at_floor(floor):
     dims = make_dims(16)
     node_table, flat, index, _, mask, _ = make_batch(
         6, 4, dims, torch.float64, seed=8, sizes=[4, 3, 2, 4, 1, 3]
     )
-    frac = torch.full(mask.shape, floor, dtype=torch.float64) * mask
-    frac[:, 0] = 1.0 - frac[:, 1:].sum(dim=1)
+    frac = fractions_at_floor(mask, floor)
     frac[3] = torch.tensor([floor, floor, floor, floor], dtype=torch.float64)
     fused = forward_and_grads(
         ops.model_forward, node_table, flat, index, frac, mask, dims, None

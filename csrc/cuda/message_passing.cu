@@ -690,8 +690,9 @@ void check_cuda(cudaError_t status, const char* op, const char* what) {
 // It switches only when the device differs: since CUDA 12, cudaSetDevice
 // creates the device's primary context, so an unconditional restore could
 // create a context on a device the process never used.
-// NOTE: a restore to a device without a context (device 0 in a thread that
-// only used another GPU) still creates one; only the driver API can tell.
+// NOTE: a restore to a device without a context still creates one, such as
+// device 0 in a thread that used only another GPU. Only the driver API can
+// tell whether a device has a context.
 class DeviceGuard {
  public:
   DeviceGuard(int device, const char* op) {
