@@ -513,3 +513,79 @@ def test_agent_train_out_in_use_rejected(tmp_path, capsys):
     assert code == 2
     assert f"--out {out} is in use by another dvmrl process" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_train_rejects_files_of_other_suffix(trained, tmp_path, capsys):
+    # agent.pt and agent.ckpt share agent.progress.json and agent.buffer.npz.
+    copy_run(trained, tmp_path / "agent.pt")
+    progress = state_paths(tmp_path / "agent.pt")["progress"].read_text()
+    code = main([*TRAIN, "--episodes", "1", "--out", str(tmp_path / "agent.ckpt")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "agent.progress.json already exists and belongs to another run" in err
+    assert not (tmp_path / "agent.ckpt").exists()
+    assert state_paths(tmp_path / "agent.pt")["progress"].read_text() == progress
+
+
+def test_resume_rejects_progress_of_other_run(trained, tmp_path, capsys):
+    out = copy_run(trained, tmp_path / "agent.pt")
+    progress = state_paths(out)["progress"]
+    saved = json.loads(progress.read_text())
+    saved["history"] = saved["history"][:1]
+    progress.write_text(json.dumps(saved))
+    code = main([*TRAIN, "--episodes", "3", "--out", str(out), "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "an agent trained for 2 episodes, but agent.progress.json records 1" in err
+
+
+def test_resume_rejects_agent_of_other_size(trained, tmp_path, capsys):
+    out = copy_run(trained, tmp_path / "agent.pt")
+    agent = DQNAgent.load(out)
+    smaller = DQNAgent(agent.obs_dim - 3, agent.n_actions, agent.config)
+    smaller.episodes = agent.episodes
+    smaller.save(out)
+    state_paths(out)["buffer"].unlink()
+    code = main([*TRAIN, "--episodes", "3", "--out", str(out), "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert (
+        f"its agent expects {agent.obs_dim - 3} observations and {agent.n_actions} "
+        f"actions, but the environment of this dvmrl version has {agent.obs_dim}"
+    ) in err
+
+
+def test_resume_treats_stored_default_budget_as_default():
+    import inspect
+
+    from dvmrl.meta import _resume_differences
+
+    default = inspect.signature(ModelTuningEnv).parameters["budget_epochs"].default
+    # A run started without --budget-epochs stores no value.
+    pairs = (({}, {"budget_epochs": default}), ({"budget_epochs": default}, {}))
+    for stored, requested in pairs:
+        saved = {"env_options": stored, "seed": 0}
+        assert _resume_differences(saved, [], 0, requested) == []
+    saved = {"env_options": {}, "seed": 0}
+    assert _resume_differences(saved, [], 0, {"budget_epochs": default + 1}) == [
+        f"--budget-epochs: stored {default}, requested {default + 1}"
+    ]
+
+
+def test_footer_names_divergence(capsys):
+    from types import SimpleNamespace
+
+    from dvmrl.cli.agent import _print_footer
+
+    rows = [
+        {"step": 1, "val_rmse": 0.31, "strategy": "random"},
+        {"step": 2, "val_rmse": 0.25, "strategy": "random"},
+        {"step": 3, "val_rmse": float("nan"), "strategy": "random", "diverged": True},
+    ]
+    result = SimpleNamespace(
+        trajectory=rows, total_return=-0.1, terminated=True, best_val_rmse=0.25
+    )
+    _print_footer(result)
+    out = capsys.readouterr().out
+    assert "ended by diverged training" in out
+    assert "lowest val_rmse in the table: 0.2500 eV/atom at step 2" in out

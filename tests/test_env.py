@@ -1,5 +1,7 @@
 """Tests of ModelTuningEnv: Gymnasium API, masks, seeding, rewards and the test-split guard."""
 
+import math
+
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
@@ -147,6 +149,10 @@ def test_diverged_slice_ends_episode(frame, split, monkeypatch):
     assert not truncated
     assert info["diverged"]
     assert reward == pytest.approx(-2.0 * info0["reward_accuracy"])
+    # The step's scores describe the diverged model, not the one before it.
+    assert math.isnan(info["val_rmse"])
+    assert math.isnan(info["vulnerability"])
+    assert info["reward_accuracy"] == 0.0
     assert info["epochs_used"] == env.epochs_per_step
     assert env.best_val_rmse == best
 

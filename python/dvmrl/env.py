@@ -233,8 +233,10 @@ class ModelTuningEnv(gym.Env):
         """Build the task: take the training and validation pools, drop the test part.
 
         Args:
-            data: a data frame (``formula``, ``target`` columns), a vendored
-                data set name, or None for :data:`dvmrl.datasets.DEFAULT_DATASET`.
+            data: a data frame with the ``formula`` and ``target`` columns
+                (and ``chemsys`` and ``n_elements`` when ``split`` is None, as
+                :func:`dvmrl.datasets.load_csv` adds them), a vendored data set
+                name, or None for :data:`dvmrl.datasets.DEFAULT_DATASET`.
             split: a :class:`dvmrl.splits.Split` of ``data``; None makes a
                 ``split_kind`` split with ``seed``. Only its ``train`` and
                 ``val`` rows are used, and they must not share a formula
@@ -440,7 +442,16 @@ class ModelTuningEnv(gym.Env):
             self.epochs_used += self.epochs_per_step
             logger.warning("training diverged after action %s: %s", name, err)
             info = self._info(invalid, name)
-            info["diverged"] = True
+            # The scores measured before this step describe a model that no
+            # longer exists.
+            nan = float("nan")
+            info.update(
+                diverged=True,
+                val_rmse=nan,
+                val_accuracy=0.0,
+                reward_accuracy=0.0,
+                vulnerability=nan,
+            )
             reward = -self.w_accuracy * previous_accuracy
             return self._observation(), float(reward), True, False, info
         self.epochs_used += self.epochs_per_step
@@ -503,9 +514,12 @@ class ModelTuningEnv(gym.Env):
     def best_state(self) -> dict[str, Any] | None:
         """Return the kept checkpoint: ``state`` (trainer weights), ``model_config``, ``val_rmse``.
 
-        The kept checkpoint has the lowest RMSE on the current validation
-        set among the states seen this episode. Changing the validation
-        strategy re-scores it on the new set.
+        The kept checkpoint is the state with the lowest RMSE on the
+        validation set it was scored on. A new validation set (a
+        ``validate-*`` action) re-scores the kept checkpoint alone, not the
+        earlier states, so another earlier state may score lower on the new
+        set; later states replace the kept one when they score lower than its
+        new RMSE.
         """
         return self._best
 

@@ -12,8 +12,10 @@ progress bar and periodic atomic checkpoints, and can resume from them.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+import math
 import os
 import platform
 import time
@@ -298,6 +300,7 @@ def meta_train(
     options = dict(env_options or {})
     history: list[dict[str, Any]] = []
     elapsed_before = 0.0
+    envs: dict[Task, Any] = {}
     _settle_checkpoint(paths)
     if resume:
         if not paths["agent"].is_file() or not paths["progress"].is_file():
@@ -307,6 +310,15 @@ def meta_train(
             )
         saved = _read_progress(paths["progress"])
         agent = DQNAgent.load(paths["agent"])
+        if agent.episodes != len(saved["history"]):
+            raise ValueError(
+                f"cannot resume {paths['agent']}: it contains an agent trained for "
+                f"{agent.episodes} episodes, but {paths['progress'].name} records "
+                f"{len(saved['history'])}, so the two files come from different "
+                "runs (agent files whose names differ only in the suffix share "
+                "the progress and buffer files); restore the files of one run, "
+                "or choose another --out to start a new run"
+            )
         differences = _resume_differences(saved, tasks, seed, options)
         differences += _agent_config_differences(agent.config, agent_config or {})
         if differences:
@@ -321,6 +333,16 @@ def meta_train(
                 f"the run at {paths['agent']} already has {len(history)} episodes, so "
                 f"--episodes {episodes} leaves nothing to train; pass --episodes "
                 f"larger than {len(history)} to train more"
+            )
+        probe = make_task_env(tasks[0], seed=seed, **options)
+        envs[tasks[0]] = probe
+        n_obs, n_actions = probe.observation_space.shape[0], int(probe.action_space.n)
+        if (agent.obs_dim, agent.n_actions) != (n_obs, n_actions):
+            raise ValueError(
+                f"cannot resume {paths['agent']}: its agent expects {agent.obs_dim} "
+                f"observations and {agent.n_actions} actions, but the environment "
+                f"of this dvmrl version has {n_obs} and {n_actions}; choose "
+                "another --out to start a new run"
             )
         agent.load_buffer(paths["buffer"])
         elapsed_before = float(saved.get("wall_time_s", 0.0))
@@ -338,12 +360,19 @@ def meta_train(
                 f"{paths['agent']} already exists; pass --resume to continue it or "
                 "choose another --out"
             )
+        for key in ("progress", "buffer"):
+            if paths[key].exists():
+                raise FileExistsError(
+                    f"{paths[key]} already exists and belongs to another run whose "
+                    f"agent file is named {paths['agent'].stem}.* (the progress and "
+                    "buffer files are named after the agent file without its "
+                    "suffix); resume that run with --resume, or choose an --out "
+                    "with another name"
+                )
         rng = np.random.default_rng(seed)
         agent = None
         commands = []
     commands.append(command)
-
-    envs: dict[Task, Any] = {}
 
     def env_of(task: Task):
         if task not in envs:
@@ -416,8 +445,9 @@ def meta_train(
                 "steps": len(result.trajectory),
                 "terminated": result.terminated,
                 "best_val_rmse": result.best_val_rmse,
-                "final_val_rmse": last.get("val_rmse"),
-                "final_vulnerability": last.get("vulnerability"),
+                # None after diverged training, whose scores are NaN.
+                "final_val_rmse": _finite_or_none(last.get("val_rmse")),
+                "final_vulnerability": _finite_or_none(last.get("vulnerability")),
                 "epsilon": round(agent.epsilon, 4),
                 "td_loss": None if agent.last_update is None else agent.last_update.td_loss,
                 "mean_q": None if agent.last_update is None else agent.last_update.mean_q,
@@ -548,11 +578,27 @@ def _resume_differences(
 
 
 def _episode_env_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Return the options that decide the episodes, with the CLI's defaults filled in.
+
+    A run started without ``--budget-epochs`` stores no value, and one that
+    passes the default stores it; both train the same episodes.
+    """
+    from dvmrl.env import ModelTuningEnv
+
+    parameters = inspect.signature(ModelTuningEnv).parameters
+    chosen = {key: parameters[key].default for key in _CLI_ENV_OPTIONS}
+    chosen.update(options)
     return {
         key: value
-        for key, value in options.items()
+        for key, value in chosen.items()
         if key not in _PLACEMENT_ENV_OPTIONS
     }
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _describe_setting(value: Any) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -310,9 +311,13 @@ def _print_trajectory(trajectory: list[dict]) -> None:
 
 def _print_footer(result) -> None:
     """Print the return, the lowest val_rmse in the table and the kept checkpoint's."""
-    end = "stop" if result.terminated else "budget spent"
+    if result.trajectory and result.trajectory[-1].get("diverged"):
+        end = "diverged training (the last row's model predicts NaN)"
+    else:
+        end = "stop" if result.terminated else "budget spent"
     print(f"return {result.total_return:.4f}, ended by {end}")
-    lowest = min(result.trajectory, key=lambda row: row["val_rmse"], default=None)
+    scored = [row for row in result.trajectory if math.isfinite(row["val_rmse"])]
+    lowest = min(scored, key=lambda row: row["val_rmse"], default=None)
     if lowest is not None:
         print(
             f"lowest val_rmse in the table: {lowest['val_rmse']:.4f} eV/atom at step "
