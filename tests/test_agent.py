@@ -371,3 +371,17 @@ def test_buffer_wraps_around():
 def test_config_rejects_bad_gamma():
     with pytest.raises(ValueError, match="gamma must be in"):
         AgentConfig(gamma=1.5)
+
+
+def test_agent_leaves_global_random_state():
+    # The networks draw from their own seeded stream, so building or loading
+    # an agent does not reseed the caller's PyTorch generator.
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    DQNAgent(4, 3, AgentConfig(seed=7))
+    assert torch.equal(torch.rand(3), expected)
+    first = DQNAgent(4, 3, AgentConfig(seed=7))
+    second = DQNAgent(4, 3, AgentConfig(seed=7))
+    for a, b in zip(first.online.parameters(), second.online.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -602,9 +602,12 @@ class DQNAgent:
         self.config = config or AgentConfig()
         self.obs_dim = int(obs_dim)
         self.n_actions = int(n_actions)
-        torch.manual_seed(self.config.seed)
-        self.online = self._build_network()
-        self.target = self._build_network()
+        # The networks draw their initial weights from a seeded stream. The
+        # fork keeps the caller's global PyTorch random state as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            self.online = self._build_network()
+            self.target = self._build_network()
         self.target.load_state_dict(self.online.state_dict())
         self.target.requires_grad_(False)
         self.optimizer = torch.optim.Adam(self.online.parameters(), lr=self.config.lr)
