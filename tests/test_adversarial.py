@@ -200,7 +200,7 @@ def test_search_rejects_radius():
 def test_search_rejects_floor():
     batch = featurize([{"Al": 0.25, "Co": 0.25, "Ni": 0.25, "Fe": 0.25}])
     predict, _ = _linear_model(0)
-    with pytest.raises(ValueError, match="K \\* floor = 1.2 > 1"):
+    with pytest.raises(ValueError, match="K \\* floor = 1.2 > 1.*may only grow"):
         adversarial_search(predict, batch, 0.05, floor=0.3)
 
 
@@ -216,6 +216,25 @@ def test_search_rejects_bad_predictor_shape():
     batch = featurize(_compositions(3, seed=13))
     with pytest.raises(ValueError, match="must return a tensor of shape"):
         adversarial_search(lambda e, f, m: f, batch, 0.05)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 64])
+def test_search_rejects_nan_prediction(chunk_size):
+    # A NaN change never beats the start's 0, so without the check such a
+    # composition would score as unmoved (perfectly robust).
+    batch = featurize(_compositions(4, seed=16))
+    predict, _ = _linear_model(17)
+
+    def nan_at_row_2(element_index, frac, mask):
+        value = predict(element_index, frac, mask)
+        bad = (element_index == batch.element_index[2]).all(dim=1)
+        return torch.where(bad, float("nan"), value)
+
+    expected = r"returned nan for compositions at rows \[2\]"
+    with pytest.raises(ValueError, match=expected):
+        vulnerability(nan_at_row_2, batch, steps=3, chunk_size=chunk_size)
+    with pytest.raises(ValueError, match="needs finite predictions"):
+        robustness_radius(nan_at_row_2, batch, steps=3, bisection_steps=1)
 
 
 def test_vulnerability_is_mean_abs_change():

@@ -361,3 +361,23 @@ def test_validate_rejects_changed_data(tmp_path, capsys):
     assert not (tmp_path / "refused" / "report.json").exists()
     code = main([*base, "--split", "random", "--out", str(tmp_path / "explicit")])
     assert code == 0, capsys.readouterr().err
+
+
+def test_validate_search_options_reach_every_search(checkpoint, tmp_path, monkeypatch):
+    import dvmrl.adversarial
+
+    real = dvmrl.adversarial.adversarial_search
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs.get("steps"), kwargs.get("starts"), kwargs.get("lam")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dvmrl.adversarial, "adversarial_search", recording)
+    argv = ["validate", str(checkpoint), "--out", str(tmp_path), *FAST]
+    code = main([*argv, "--strategy", "adversarial", "--steps", "3", "--lambda", "0.5"])
+    assert code == 0
+    # The vulnerability, the robustness bisection and the adversarial
+    # validation strategy all search with the command's settings.
+    assert len(seen) > 2
+    assert set(seen) == {(3, 1, 0.5)}

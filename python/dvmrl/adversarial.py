@@ -212,8 +212,10 @@ def _check_floor(floor: float, mask: torch.Tensor, formulas: list[str] | None) -
         row = int(torch.nonzero(n_real * floor > 1.0)[0, 0])
         name = formulas[row] if formulas else f"row {row}"
         raise ValueError(
-            f"floor {floor:g} cannot hold for {name} with {int(n_real[row])} elements "
-            f"(K * floor = {int(n_real[row]) * floor:g} > 1); pass floor <= "
+            f"floor {floor:g} exceeds 1/K for {name} with {int(n_real[row])} elements "
+            f"(K * floor = {int(n_real[row]) * floor:g} > 1), so some of its elements "
+            "lie below the floor and may only grow; the floor is meant as a small "
+            f"minimum fraction (default {DEFAULT_FLOOR}): pass floor <= "
             f"{1.0 / int(n_real.max()):g}"
         )
     return floor
@@ -415,8 +417,11 @@ def _search_chunk(
     screen: int,
     generator: torch.Generator,
     dtype: torch.dtype,
+    first_row: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Search one chunk of C compositions; return delta, base, change, objective.
+
+    ``first_row`` is the chunk's offset in the whole batch, for messages.
 
     The iterates live in ``dtype`` (the predictor's). All ``starts`` runs of
     the chunk go through the predictor together, C * starts rows per call.
@@ -431,6 +436,16 @@ def _search_chunk(
     x_c = frac.to(dtype)
     with torch.no_grad():
         base = _evaluate(predictor, element_index, x_c, mask, dtype)
+    bad = torch.nonzero(~torch.isfinite(base)).flatten()
+    if bad.numel():
+        # A NaN change never beats the start's change of 0, so the search
+        # would report such a composition as unmoved, the most robust score.
+        rows = (bad[:5] + first_row).tolist()
+        raise ValueError(
+            f"the predictor returned {base[bad[0]].item()} for compositions at rows "
+            f"{rows}{' ...' if bad.numel() > 5 else ''}; a search needs finite "
+            "predictions: check the model's weights and inputs"
+        )
     # Rows are grouped by composition: row c * runs + j is run j of composition
     # c. Even runs ascend on +change and odd runs on -change. Runs 0 and 1
     # start at delta = 0, the others at screened random points.
@@ -640,9 +655,10 @@ def adversarial_search(
 
     Raises:
         ValueError: for a radius outside (0, 1), a floor outside (0, 1) or
-            one that some composition cannot meet (K * floor > 1), lam < 0,
+            one above 1/K for a composition of K elements, lam < 0,
             steps, starts or chunk_size < 1, or a predictor that returns the
-            wrong shape or no gradient.
+            wrong shape, no gradient or a non-finite prediction at an
+            unperturbed composition.
         TypeError: for a batch without the three tensors.
     """
     element_index, frac, mask = _batch_tensors(batch)
@@ -704,6 +720,7 @@ def adversarial_search(
                 int(screen),
                 generator,
                 model_dtype,
+                begin,
             )
             for store, value in zip(
                 (deltas, bases, changes, objectives), out, strict=True

@@ -370,12 +370,16 @@ def _warn_other_split(df, split, kind, holdout, seed, metadata) -> None:
 
 
 def _check_floor(floor: float, n_elements: np.ndarray, formulas: list[str]) -> None:
+    from dvmrl.adversarial import DEFAULT_FLOOR
+
     if floor * int(n_elements.max()) > 1.0:
         row = int(np.argmax(n_elements))
         raise UsageError(
-            f"--floor {floor} cannot hold for {formulas[row]} with "
-            f"{int(n_elements[row])} "
-            f"elements (K * floor = {n_elements[row] * floor:g} > 1); pass --floor <= "
+            f"--floor {floor} exceeds 1/K for {formulas[row]} with "
+            f"{int(n_elements[row])} elements (K * floor = "
+            f"{n_elements[row] * floor:g} > 1), so some of its elements lie below "
+            "the floor and may only grow; the floor is meant as a small minimum "
+            f"fraction (default {DEFAULT_FLOOR}): pass --floor <= "
             f"{1.0 / int(n_elements.max()):g}"
         )
 
@@ -464,6 +468,12 @@ def _select_sets(args, strategies, model, split, batch, features, targets):
             options["predictor"] = model
             options["epsilon"] = args.epsilon
             options["floor"] = args.floor
+            # The same search settings as the vulnerability and robustness scores.
+            options["search_options"] = {
+                "lam": args.lam,
+                "steps": args.steps,
+                "starts": args.starts,
+            }
         selections[strategy] = select_validation_set(
             strategy,
             split.val,
