@@ -182,11 +182,14 @@ def test_validate_prints_table(checkpoint, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 0
     assert "vulnerability" in printed
+    assert re.search(r"formula +DFT +predicted +change eV/atom +radius", printed)
+    report = json.loads((tmp_path / "report.json").read_text())
+    top = max(report["compositions"], key=lambda row: abs(row["change"]))
+    assert f"{top['target']:>8.3f} {top['prediction']:>9.3f}" in printed
     assert "random: train vs validation set" in printed
     assert "shift detection (0.5: no shift, 1: full shift)" in printed
     assert f"wrote {tmp_path / 'report.json'}, " in printed
     # The checkpoint's random split names no element, so the default is explained.
-    report = json.loads((tmp_path / "report.json").read_text())
     element = report["shift_holdout_element"]
     assert f"The element split holds out {element}, the element whose" in printed
 

@@ -672,6 +672,7 @@ def run(args: argparse.Namespace) -> int:
         per_composition.append(
             {
                 "formula": formulas[position],
+                "target": float(targets[rows[position]]),
                 "prediction": float(vt["prediction"][position]),
                 "change": float(vt["change"][position]),
                 "perturbed_formula": vt["perturbed_formula"][position],
@@ -772,11 +773,17 @@ def _print_report(report: dict, ranked: list[dict]) -> None:
         f"{report['n_not_reached']} capped at r_max {report['r_max']:g})"
     )
     print()
-    print(f"{'formula':<24} {'change eV/atom':>14} {'radius':>8}  perturbation")
+    # DFT and prediction in eV/atom, so a large change can be read against
+    # the model's error on that composition.
+    print(
+        f"{'formula':<24} {'DFT':>8} {'predicted':>9} {'change eV/atom':>14} "
+        f"{'radius':>8}  perturbation"
+    )
     for row in ranked:
         print(
-            f"{row['formula']:<24} {row['change']:>+14.4f} "
-            f"{row['robustness_radius']:>8.4f}  {row['perturbation']}"
+            f"{row['formula']:<24} {row['target']:>8.3f} {row['prediction']:>9.3f} "
+            f"{row['change']:>+14.4f} {row['robustness_radius']:>8.4f}  "
+            f"{row['perturbation']}"
         )
     print()
     # 0.5 means the classifier cannot tell the two sets apart (no shift) and
