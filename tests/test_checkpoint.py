@@ -295,6 +295,35 @@ def test_weights_do_not_fit_config(saved, tmp_path):
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "kind"),
+    [
+        ("metadata", ["split", "random"], "a JSON array, not a JSON object"),
+        ("training_domain", "Ni Al", "a JSON string, not a JSON object"),
+        ("history", {"epoch": 1}, "a JSON object, not a JSON array"),
+    ],
+)
+def test_json_entry_of_wrong_kind(saved, tmp_path, key, value, kind):
+    # The digest covers tensors only, so a damaged JSON entry still loads.
+    document = torch.load(saved[1], weights_only=True)
+    document[key] = json.dumps(value)
+    path = tmp_path / "damaged.pt"
+    torch.save(document, path)
+    with pytest.raises(CheckpointError, match=f"entry '{key}' is {kind}"):
+        load_checkpoint(path)
+
+
+def test_trainer_state_without_epochs(saved, tmp_path, data):
+    document = torch.load(saved[1], weights_only=True)
+    state = json.loads(document["resume"]["trainer"])
+    del state["epochs_done"]
+    document["resume"]["trainer"] = json.dumps(state)
+    path = tmp_path / "damaged.pt"
+    torch.save(document, path)
+    with pytest.raises(CheckpointError, match="corrupt resume state: KeyError"):
+        Trainer.from_checkpoint(path, *data)
+
+
 def _data_offset(archive_path, member):
     """Return the file offset of a stored (uncompressed) zip member's data."""
     with zipfile.ZipFile(archive_path) as archive:

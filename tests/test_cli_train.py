@@ -1222,3 +1222,19 @@ def test_resume_of_other_command_folder_rejected(tmp_path, capsys):
     code = main(["run", "--resume", "--out", str(train_folder)])
     assert code == 2
     assert "continue it with dvmrl train --resume --out" in capsys.readouterr().err
+
+
+def test_train_single_composition_names_fix(tmp_path, capsys):
+    # Repeats of one composition form one group, which the test part takes.
+    path = tmp_path / "single.csv"
+    targets = [-0.4 + 0.01 * i for i in range(30)]
+    frame = pd.DataFrame({"formula": ["Ni3Al"] * 30, "target": targets})
+    frame.to_csv(path, index=False)
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(path), *TINY, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "the random split of 30 rows leaves no training rows" in err
+    assert "add rows of other compositions" in err
+    assert "--test-fraction" not in err
+    assert not out.exists()

@@ -192,3 +192,28 @@ def test_kfold_keeps_repeated_compositions_together(small_frame, tiny_configs):
     )
     folds_per_composition = frame.groupby(result.assignment)["composition"].nunique()
     assert folds_per_composition.sum() == small_frame["formula"].nunique()
+
+
+def test_cross_validate_rejects_one_row_fold(small_frame, tiny_configs):
+    # 12 rows in 7 folds leave two folds with one test row each. The check
+    # runs before the first fold trains.
+    model, train = tiny_configs
+    frame = small_frame.head(12).reset_index(drop=True)
+    seen = []
+    with pytest.raises(ValueError, match=r"would test on only 1 of the 12 rows"):
+        cross_validate(
+            frame,
+            n_folds=7,
+            model_config=model,
+            train_config=train,
+            fold_callback=lambda fold, metrics: seen.append(fold),
+        )
+    assert seen == []
+
+
+def test_cross_validate_accepts_integral_float_folds(small_frame, tiny_configs):
+    model, train = tiny_configs
+    result = cross_validate(
+        small_frame, n_folds=2.0, model_config=model, train_config=train
+    )
+    assert len(result.fold_metrics) == 2

@@ -11,6 +11,7 @@ import torch
 
 from dvmrl import datasets, defaults
 from dvmrl.cli import main
+from dvmrl.elements import ELEMENTS
 from dvmrl.featurize import featurize
 from dvmrl.model import CompositionMPNN, ModelConfig
 from dvmrl.training import (
@@ -259,7 +260,15 @@ def test_combine_members_of_other_divisions(data, tmp_path):
     with pytest.raises(CheckpointError, match=message):
         combine_checkpoints(paths, tmp_path / "ensemble.pt")
     combined = combine_checkpoints(paths, tmp_path / "ensemble.pt", same_division=False)
-    model, _ = load_checkpoint(combined)
+    model, metadata = load_checkpoint(combined)
+    # The ensemble's domain is the union of the members' domains.
+    domains = [trainer.training_domain() for trainer in trainers]
+    assert set(domains[0]["elements"]) != set(domains[1]["elements"])
+    domain = metadata["training_domain"]
+    union = set(domains[0]["elements"]) | set(domains[1]["elements"])
+    assert domain["elements"] == sorted(union, key=ELEMENTS.index)
+    assert domain["max_elements"] == max(d["max_elements"] for d in domains)
+    assert domain["min_fraction"] == min(d["min_fraction"] for d in domains)
     expected = np.mean([trainer.predict(x_val) for trainer in trainers], axis=0)
     with torch.no_grad():
         got = model(x_val.element_index, x_val.frac.float(), x_val.mask)

@@ -552,3 +552,20 @@ def test_repeated_compositions_stay_in_one_part(frame, tmp_path, kind):
     assert not parts[1] & parts[2]
     assert len(split.test) > 0
     assert len(split.val) > 0
+
+
+def test_empty_training_part_names_parameters():
+    # One composition repeated: the test part takes its only group.
+    frame = pd.DataFrame(
+        {
+            "formula": ["Ni3Al"] * 30,
+            "chemsys": ["Al-Ni"] * 30,
+            "n_elements": [2] * 30,
+            "target": np.linspace(-0.4, -0.1, 30),
+        }
+    )
+    expected = "leaves no training rows"
+    with pytest.raises(splits.EmptyTrainingPartError, match=expected) as err:
+        splits.make_split(frame, "chemsys", seed=0)
+    assert "lower test_fraction or val_fraction" in str(err.value)
+    assert "--" not in str(err.value)

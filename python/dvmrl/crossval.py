@@ -43,6 +43,7 @@ def kfold_assignment(n_rows: int, n_folds: int, seed: int) -> np.ndarray:
         ValueError: if ``n_folds`` is below 2 or above ``n_rows``.
     """
     _check_folds(n_folds, n_rows, "rows")
+    n_folds = int(n_folds)
     order = np.random.default_rng(seed).permutation(n_rows)
     folds = np.empty(n_rows, dtype=np.int64)
     folds[order] = np.arange(n_rows) % n_folds
@@ -297,6 +298,16 @@ def cross_validate(
         folds = kfold_assignment(len(df), n_folds, seed)
     else:
         folds = group_kfold_assignment(groups, n_folds, seed)
+    n_folds = int(n_folds)
+    fold_sizes = np.bincount(folds, minlength=n_folds)
+    if fold_sizes.min() < 2:
+        # Checked before any training, so that no finished fold is lost.
+        smallest = int(np.argmin(fold_sizes))
+        raise ValueError(
+            f"fold {smallest} of n_folds={n_folds} would test on only "
+            f"{int(fold_sizes[smallest])} of the {len(df)} rows, but its metrics need at "
+            "least 2 test rows; pass fewer folds or more data"
+        )
 
     result = CrossValResult(kind=kind, n_folds=n_folds, seed=seed, assignment=folds)
     rows = np.arange(len(df))

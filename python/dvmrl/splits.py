@@ -41,6 +41,10 @@ KINDS = ("random", "chemsys", "element", "binary-to-ternary")
 TEST_SEED = 20_240_601
 
 
+class EmptyTrainingPartError(ValueError):
+    """A split left no training row, because the data have too few rows or groups."""
+
+
 @dataclass(frozen=True)
 class Split:
     """Index arrays of one split; positions into the data frame, int64, sorted."""
@@ -390,12 +394,10 @@ def make_split(
     val = np.sort(val)
     train = np.setdiff1d(rest, val, assume_unique=True)
     if len(train) == 0:
-        shares = (
-            "test_fraction (--test-fraction) or val_fraction (--val-fraction)"
-            if kind in FRACTION_KINDS
-            else "val_fraction (--val-fraction)"
-        )
-        raise ValueError(
+        shares = "val_fraction"
+        if kind in FRACTION_KINDS:
+            shares = "test_fraction or val_fraction"
+        raise EmptyTrainingPartError(
             f"the {kind} split of {len(df)} rows leaves no training rows: lower "
             f"{shares}, or use more data"
         )

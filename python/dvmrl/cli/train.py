@@ -5,8 +5,8 @@ A training run lives in one output folder:
 - ``run.json``: the configuration of the run (data, split, seed, model and
   training settings, and ``objective``, the loss the run minimises).
   ``--resume`` compares it with the command line.
-- ``last.pt``: the resumable trainer state, rewritten after every epoch and
-  when the run is interrupted with Ctrl-C.
+- ``last.pt``: the resumable trainer state, rewritten after every epoch, so
+  an interrupted run resumes from its last finished epoch.
 - ``model.pt``: the best-validation model, written when training ends.
 - ``metrics.json``: test metrics (eV/atom) and provenance.
 """
@@ -621,13 +621,31 @@ def _pool_compositions(df, split, keys=None) -> dict[str, list[str]]:
 
 
 def _split_rows(df, kind: str, seed: int, holdout_element: str | None):
-    from dvmrl.splits import make_split
+    from dvmrl.splits import EmptyTrainingPartError, make_split
 
     if kind == "element" and not holdout_element:
         raise UsageError("--split element needs --holdout-element X (such as Ni)")
     if kind != "element" and holdout_element:
         raise UsageError("--holdout-element applies only to --split element")
-    return make_split(df, kind, seed, holdout_element=holdout_element)
+    try:
+        return make_split(df, kind, seed, holdout_element=holdout_element)
+    except EmptyTrainingPartError as err:
+        # dvmrl train splits with fixed shares, so only other data can help.
+        if kind == "element":
+            fix = (
+                f"pass another --holdout-element, or add rows without {holdout_element}"
+            )
+        elif kind == "binary-to-ternary":
+            fix = "add binary compositions"
+        else:
+            groups = "chemical systems" if kind == "chemsys" else "compositions"
+            fix = (
+                f"the test and validation parts keep each of the {groups} whole, so "
+                f"add rows of other {groups}"
+            )
+        raise UsageError(
+            f"the {kind} split of {len(df)} rows leaves no training rows; {fix}"
+        ) from err
 
 
 # Rows that each part of a training split needs: the trainer selects the

@@ -62,6 +62,19 @@ JSON_KEYS = (
 )
 
 
+def _json_kind(value: Any) -> str:
+    """Name the JSON type of a parsed value: object, array, string, number, ..."""
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    return "number"
+
+
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the reason."""
 
@@ -270,6 +283,17 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                 ) from None
         else:
             parsed[key] = value
+    # The integrity digest covers tensors only, so the JSON entries may be
+    # damaged. Checking their kind here lets callers index them safely.
+    for key in JSON_KEYS:
+        expected = list if key == "history" else dict
+        value = parsed.get(key)
+        if value is not None and not isinstance(value, expected):
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: entry {key!r} is a JSON "
+                f"{_json_kind(value)}, not a JSON {_json_kind(expected())}; restore "
+                "a copy or retrain with dvmrl train"
+            )
     missing = [key for key in ("model_config", "model_state") if key not in parsed]
     if missing:
         raise CheckpointError(

@@ -208,9 +208,39 @@ def combine_checkpoints(
         for key, value in first.items()
         if key not in ("format_version", "resume")
     }
+    domains = [document.get("training_domain") for document in documents]
+    if all(_is_domain(domain) for domain in domains):
+        payload["training_domain"] = _domain_union(domains)
     if metadata is not None:
         payload["metadata"] = dict(metadata)
     payload[MEMBER_STATES_KEY] = [
         dict(document["model_state"]) for document in documents[1:]
     ]
     return ckpt.write_checkpoint(path, payload)
+
+
+def _is_domain(domain: Any) -> bool:
+    return isinstance(domain, dict) and all(
+        key in domain for key in ("elements", "max_elements", "min_fraction")
+    )
+
+
+def _domain_union(domains: list[dict[str, Any]]) -> dict[str, Any]:
+    """Return the training domain of an ensemble: the union of its members'.
+
+    Members trained on their own divisions see other compositions, so an
+    element or a fraction that one member saw is inside the ensemble's
+    domain. ``n_train`` becomes the largest member's training count.
+    """
+    from dvmrl.elements import ELEMENTS
+
+    order = {symbol: position for position, symbol in enumerate(ELEMENTS)}
+    seen = set().union(*(domain["elements"] for domain in domains))
+    union = dict(domains[0])
+    union["elements"] = sorted(seen, key=lambda symbol: order.get(symbol, len(order)))
+    union["max_elements"] = max(int(domain["max_elements"]) for domain in domains)
+    union["min_fraction"] = min(float(domain["min_fraction"]) for domain in domains)
+    counts = [domain["n_train"] for domain in domains if "n_train" in domain]
+    if counts:
+        union["n_train"] = max(int(count) for count in counts)
+    return union

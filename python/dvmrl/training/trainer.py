@@ -1210,8 +1210,9 @@ class Trainer:
                 raise ckpt.CheckpointError(
                     f"the {part} data differ from those checkpoint {path} was "
                     f"trained on (fingerprint {str(current[part])[:12]} vs stored "
-                    f"{str(stored.get(part))[:12]}); pass the original data and "
-                    "split, or check_data=False to continue on these"
+                    f"{str(stored.get(part))[:12]}); resume with the original data "
+                    "and split, or start a new training on these data (in Python, "
+                    "Trainer.from_checkpoint(..., check_data=False) continues on them)"
                 )
 
     def _restore(
@@ -1268,20 +1269,20 @@ class Trainer:
                 ]
                 self._given_average = [p.detach().clone() for p in parameters]
                 self._ema_updates = int(state.get("ema_updates", 0))
-        except (KeyError, RuntimeError, TypeError, ValueError) as err:
+            self.epochs_done = int(state["epochs_done"])
+            best = state.get("best_score")
+            self._best_score = math.inf if best is None else float(best)
+            self._best_epoch = state.get("best_epoch")
+            self._bad_epochs = int(state.get("bad_epochs", 0))
+            self._fit_target = state.get("fit_target")
+            self._fit_finished = bool(state.get("fit_finished", False))
+            self._restored_finished = self._fit_finished
+            self._schedule.load_state_dict(state["schedule"])
+        except (AttributeError, KeyError, RuntimeError, TypeError, ValueError) as err:
             raise ckpt.CheckpointError(
                 f"checkpoint {path} has corrupt resume state: "
                 f"{type(err).__name__}: {err}"
             ) from None
-        self.epochs_done = int(state["epochs_done"])
-        best = state.get("best_score")
-        self._best_score = math.inf if best is None else float(best)
-        self._best_epoch = state.get("best_epoch")
-        self._bad_epochs = int(state.get("bad_epochs", 0))
-        self._fit_target = state.get("fit_target")
-        self._fit_finished = bool(state.get("fit_finished", False))
-        self._restored_finished = self._fit_finished
-        self._schedule.load_state_dict(state["schedule"])
         self.history = list(document.get("history") or [])
 
 
