@@ -299,6 +299,8 @@ def test_validate_type_errors():
         validate({"Fe": "1"})
     with pytest.raises(TypeError, match="amount of Fe must be a real number"):
         validate({"Fe": True})
+    with pytest.raises(TypeError, match="amount of Fe must be a real number"):
+        validate({"Fe": np.complex128(1 + 5j), "Ni": 1.0})
     with pytest.raises(TypeError, match="keys must be element symbols"):
         validate({26: 1.0})
 
@@ -357,3 +359,10 @@ def test_format_formula_rounded_for_display():
 def test_format_formula_rejects_bad_digits(digits):
     with pytest.raises(ValueError, match="digits must be an integer >= 1"):
         format_formula("AlNi2", digits=digits)
+
+
+def test_long_lowercase_run_rejected():
+    # The spelling suggestion walks the run without recursion, so a long cell
+    # gives the usual error rather than a RecursionError.
+    with pytest.raises(CompositionError, match="did you mean"):
+        parse("ni" * 2000)

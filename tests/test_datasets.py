@@ -493,6 +493,24 @@ def test_load_csv_repeats_warn(tmp_path, caplog):
     assert frame["composition"].tolist() == ["Al0.25Ni0.75", "Al0.25Ni0.75"]
 
 
+def test_load_csv_skips_rows_of_empty_cells(tmp_path):
+    # Spreadsheet exports often end with rows of separators only.
+    text = "formula,target\nNi3Al,-0.4\n,\n , \nFeNi,0.1\n,,\n"
+    frame = datasets.load_csv(_write(tmp_path, text))
+    assert frame["formula"].tolist() == ["Ni3Al", "FeNi"]
+
+
+def test_load_csv_repeats_despite_rounding(tmp_path, caplog):
+    # Ni0.3Al0.1 normalises to Ni 0.7499999999999999, 1 ulp from Ni3Al's 0.75.
+    text = "formula,target\nNi3Al,-0.4\nNi0.3Al0.1,-0.41\nFeNi,0.1\n"
+    frame = datasets.load_csv(_write(tmp_path, text))
+    assert "1 row(s) repeat the composition" in caplog.text
+    assert "Ni3Al on lines 2, 3," in caplog.text
+    keys = frame["composition"].tolist()
+    assert keys[0] == keys[1]
+    assert keys[2] != keys[0]
+
+
 def test_load_csv_repeats_named(tmp_path, caplog):
     text = "formula,target\nNi3Al,-0.5\nFeNi,0.1\n\nAlNi3,0.7\n"
     datasets.load_csv(_write(tmp_path, text))

@@ -92,9 +92,9 @@ class StandInSummary:
     def __init__(self, owner: StandInMPRester):
         self.owner = owner
 
-    def search(self, **kwargs):
+    def search(self, include_gnome=True, **kwargs):
         _check_search_arguments(kwargs)
-        self.owner.searches.append(kwargs)
+        self.owner.searches.append({**kwargs, "include_gnome": include_gnome})
         if self.owner.error is not None:
             raise self.owner.error
         low, high = kwargs.get("num_elements", (1, 8))
@@ -180,6 +180,30 @@ def test_fetch_metadata_file(tmp_path):
     assert metadata["rows_dropped"]["missing_target"] == 1
     assert metadata["rows_dropped"]["higher_energy_polymorph"] == 1
     assert "APL Materials 1, 011002 (2013)" in metadata["attribution"]
+    assert metadata["query"]["include_gnome"] is False
+    assert metadata["query"]["num_elements"] == [2, 3]
+
+
+def test_fetch_rejects_non_numeric_value(tmp_path):
+    records = [("mp-1", "Ni3Al", ["Al", "Ni"], "n/a", 0.0, False)]
+
+    class TextValues(StandInSummary):
+        def search(self, include_gnome=True, **kwargs):
+            fields = kwargs["fields"]
+            return [
+                {k: v for k, v in _server_document(r).items() if k in fields}
+                for r in records
+            ]
+
+    def factory(api_key):
+        client = StandInMPRester(api_key)
+        client.materials.summary = TextValues(client)
+        return client
+
+    expected = "formation_energy_per_atom = 'n/a' for Ni3Al"
+    with pytest.raises(mp.QueryError, match=expected):
+        _fetch(tmp_path, rester=factory)
+    assert not (tmp_path / "mp.csv").exists()
 
 
 def test_fetched_file_keeps_target_kind(tmp_path, caplog):
@@ -209,6 +233,7 @@ def test_fetch_query_arguments(tmp_path):
     (query,) = client.searches
     assert query["num_elements"] == (2, 3)
     assert query["deprecated"] is False
+    assert query["include_gnome"] is False
     assert "O" in query["exclude_elements"]
     assert "Ni" not in query["exclude_elements"]
     assert "formation_energy_per_atom" in query["fields"]
@@ -336,6 +361,13 @@ def test_key_file_readable_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         mp.read_api_key(path, environ={})
     assert "readable by other users" in caplog.text
+
+
+def test_key_file_with_byte_order_mark(tmp_path):
+    path = tmp_path / "key"
+    path.write_text("\ufeff" + KEY + "\n", encoding="utf-8")
+    path.chmod(0o600)
+    assert mp.read_api_key(path, environ={}) == KEY
 
 
 def test_key_file_malformed(tmp_path):

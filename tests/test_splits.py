@@ -567,5 +567,6 @@ def test_empty_training_part_names_parameters():
     expected = "leaves no training rows"
     with pytest.raises(splits.EmptyTrainingPartError, match=expected) as err:
         splits.make_split(frame, "chemsys", seed=0)
+    assert "take whole chemical systems, and the data have only 1" in str(err.value)
     assert "lower test_fraction or val_fraction" in str(err.value)
     assert "--" not in str(err.value)

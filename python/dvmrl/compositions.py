@@ -111,21 +111,31 @@ def _capitalize_run(run: str) -> str | None:
     Two-letter symbols are tried before one-letter ones, so "NI" becomes "Ni".
     """
     lower = run.lower()
-
-    @functools.cache
-    def split_from(start: int) -> tuple[str, ...] | None:
-        if start == len(lower):
-            return ()
-        for width in (2, 1):
-            candidate = lower[start : start + width].capitalize()
-            if len(candidate) == width and candidate in ELEMENT_INDEX:
-                rest = split_from(start + width)
-                if rest is not None:
-                    return (candidate, *rest)
+    n = len(lower)
+    # width[i]: length of the first symbol of a spelling of lower[i:], 0 at
+    # the end, None when lower[i:] has none. Filled from the end, so a run of
+    # any length needs no recursion.
+    width: list[int | None] = [None] * (n + 1)
+    width[n] = 0
+    for start in range(n - 1, -1, -1):
+        for size in (2, 1):
+            candidate = lower[start : start + size].capitalize()
+            if (
+                len(candidate) == size
+                and candidate in ELEMENT_INDEX
+                and width[start + size] is not None
+            ):
+                width[start] = size
+                break
+    if width[0] is None:
         return None
-
-    symbols = split_from(0)
-    return None if symbols is None else "".join(symbols)
+    symbols = []
+    start = 0
+    while start < n:
+        size = width[start]
+        symbols.append(lower[start : start + size].capitalize())
+        start += size
+    return "".join(symbols)
 
 
 def _case_suggestion(text: str) -> str | None:
@@ -484,7 +494,12 @@ def validate(fractions: Mapping, metals_only: bool = False) -> dict[str, float]:
     amounts: dict[str, float] = {}
     for key, value in fractions.items():
         symbol = _mapping_symbol(formula, key)
-        if isinstance(value, bool) or not isinstance(value, Real | np.number):
+        # np.number includes complex NumPy scalars, whose float() drops the
+        # imaginary part.
+        if (
+            isinstance(value, bool | np.complexfloating)
+            or not isinstance(value, Real | np.number)
+        ):
             raise TypeError(
                 f"amount of {symbol} must be a real number, got {type(value).__name__}"
             )

@@ -397,9 +397,22 @@ def make_split(
         shares = "val_fraction"
         if kind in FRACTION_KINDS:
             shares = "test_fraction or val_fraction"
+        if kind == "chemsys":
+            reason = (
+                "its test and validation parts take whole chemical systems, and the "
+                f"data have only {df['chemsys'].nunique()}"
+            )
+        elif compositions is not None:
+            reason = (
+                "its test and validation parts keep the rows of a composition "
+                f"together, and the data have only {len(set(compositions))} "
+                "distinct compositions"
+            )
+        else:
+            reason = "its test and validation parts took every row"
         raise EmptyTrainingPartError(
-            f"the {kind} split of {len(df)} rows leaves no training rows: lower "
-            f"{shares}, or use more data"
+            f"the {kind} split of {len(df)} rows leaves no training rows: {reason}; "
+            f"use more data, or lower {shares}"
         )
     params = {"test_fraction": test_fraction, "val_fraction": val_fraction}
     return Split(

@@ -25,6 +25,8 @@ from dvmrl.datasets._vendored import COLUMNS, COMPOSITION_COLUMN
 logger = logging.getLogger(__name__)
 
 # How many bad rows one error message lists before it summarises the rest.
+# Significant digits of the fractions that identify a composition among rows.
+COMPOSITION_KEY_DIGITS = 12
 MAX_LISTED_ERRORS = 5
 # Largest |target| accepted, in eV/atom. An all-electron total energy of
 # uranium is about -8e5 eV (estimate), so no per-atom energy comes near it.
@@ -106,8 +108,12 @@ def _open_text(path: Path, stack: contextlib.ExitStack):
 
 
 def _is_blank(row: list[str]) -> bool:
-    """Tell whether a parsed row came from an empty or whitespace-only line."""
-    return len(row) == 0 or (len(row) == 1 and row[0].strip() == "")
+    """Tell whether a parsed row has no text: an empty line, or only separators.
+
+    Spreadsheet exports often end with rows such as ",," whose cells are all
+    empty. They hold no composition, so they count as blank lines.
+    """
+    return all(cell.strip() == "" for cell in row)
 
 
 def _read_rows(
@@ -169,8 +175,9 @@ def read_text_table(
 
     Every cell stays text, so the formula "NaN" (sodium nitride) is not read
     as a missing value. Header cells are stripped of surrounding spaces,
-    empty and whitespace-only lines are skipped, spaces after a comma are
-    dropped, and rows with fewer fields than the header get empty cells.
+    empty lines and rows whose cells are all empty are skipped, spaces after
+    a comma are dropped, and rows with fewer fields than the header get empty
+    cells.
     Files ending in .gz, .bz2, .xz or .zip (one file inside) are
     decompressed, and a UTF-8 byte order mark is dropped.
 
@@ -340,10 +347,12 @@ def load_csv(
             errors.append(f"line {line}: {'; '.join(reasons)}")
             continue
         symbols = sorted(fractions)
-        key = format_formula(fractions)
-        keys.append(key)
+        # Fractions rounded to 12 significant digits, so that one composition
+        # written two ways (Ni3Al, Ni0.3Al0.1) gives one key although the two
+        # normalise to floats 1 ulp apart.
+        keys.append(format_formula(fractions, digits=COMPOSITION_KEY_DIGITS))
         key_lines.append(line)
-        text = key if alloy_notation else formula
+        text = format_formula(fractions) if alloy_notation else formula
         rows.append((text, "-".join(symbols), len(symbols), target))
 
     if errors:

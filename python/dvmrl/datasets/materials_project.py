@@ -10,9 +10,12 @@ messages from the client have it masked.
 
 The query requests from the summary endpoint the materials with 2 or 3
 elements and none of the non-metals (pymatgen ``Element.is_metal``), leaving
-out deprecated materials. The rows then go through the same selection as the
-vendored data (:func:`dvmrl.datasets.build.reduce_compositions`), which keeps
-one row per reduced formula with the lowest value over polymorphs.
+out deprecated materials and, where the installed mp-api offers the filter,
+the GNoME materials (r2SCAN static calculations of predicted structures),
+which the vendored data sets do not contain. The rows then go through the
+same selection as the vendored data
+(:func:`dvmrl.datasets.build.reduce_compositions`), which keeps one row per
+reduced formula with the lowest value over polymorphs.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ import contextlib
 import datetime
 import hashlib
 import importlib.metadata
+import inspect
 import json
 import logging
 import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from dvmrl.datasets import build
 
@@ -87,7 +92,8 @@ def check_api_key(key: str, source: str) -> str:
         ApiKeyError: when the key is not 32 letters and digits. The message
             gives the length and the source but not the key.
     """
-    key = key.strip()
+    # A key file saved as UTF-8 with a byte-order mark starts with U+FEFF.
+    key = key.strip().lstrip("\ufeff").strip()
     if not API_KEY_PATTERN.fullmatch(key):
         reason = (
             f"is {len(key)} characters long"
@@ -199,14 +205,27 @@ def _as_context(client):
     return contextlib.nullcontext(client)
 
 
-def _query(client, prop: str, chunk_size: int) -> list:
-    return client.materials.summary.search(
-        num_elements=(2, 3),
-        exclude_elements=non_metal_symbols(),
-        deprecated=False,
-        fields=[*SUMMARY_FIELDS, prop],
-        chunk_size=chunk_size,
-    )
+def _query(client, prop: str, chunk_size: int) -> tuple[list, dict[str, Any]]:
+    """Run the summary search; return the documents and the filters sent."""
+    search = client.materials.summary.search
+    filters: dict[str, Any] = {
+        "num_elements": (2, 3),
+        "exclude_elements": non_metal_symbols(),
+        "deprecated": False,
+    }
+    try:
+        parameters = inspect.signature(search).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    if "include_gnome" in parameters:
+        # mp-api includes the GNoME materials by default (batch
+        # gnome_r2scan_statics: r2SCAN static calculations of predicted
+        # structures). The vendored sets, from Matbench v0.1, have none of
+        # them, so fetched data leave them out too.
+        filters["include_gnome"] = False
+    fields = [*SUMMARY_FIELDS, prop]
+    documents = list(search(**filters, fields=fields, chunk_size=chunk_size))
+    return documents, filters
 
 
 def _out_paths(out: str | os.PathLike) -> tuple[Path, Path]:
@@ -280,7 +299,7 @@ def fetch_materials_project(
         client_or_manager = factory(api_key=key) if callable(factory) else factory
         with _as_context(client_or_manager) as client:
             db_version = _database_version(client)
-            documents = list(_query(client, prop, chunk_size))
+            documents, filters = _query(client, prop, chunk_size)
     except Exception as err:  # noqa: BLE001 - re-raised with the key masked
         message = _mask(f"{type(err).__name__}: {err}", key)
         raise QueryError(f"Materials Project query failed: {message}") from None
@@ -290,8 +309,15 @@ def fetch_materials_project(
     for document in documents:
         formula = _field(document, "formula_pretty")
         value = _field(document, prop)
+        try:
+            target = float("nan") if value is None else float(value)
+        except (TypeError, ValueError):
+            raise QueryError(
+                f"the Materials Project returned {prop} = {value!r} for {formula}, "
+                "which is not a number; check the property name, or retry later"
+            ) from None
         formulas.append(formula)
-        targets.append(float("nan") if value is None else float(value))
+        targets.append(target)
     reduced = build.reduce_compositions(formulas, targets)
     frame = reduced.frame
     if frame.empty:
@@ -313,11 +339,8 @@ def fetch_materials_project(
         "stability_rule": "a composition is stable when target <= stability_threshold",
         "database_version": db_version,
         "thermo_type": SUMMARY_THERMO_TYPE,
-        "query": {
-            "num_elements": [2, 3],
-            "exclude_elements": non_metal_symbols(),
-            "deprecated": False,
-        },
+        # A JSON round trip turns the tuple of num_elements into a list.
+        "query": json.loads(json.dumps(filters)),
         "mp_api_version": _package_version("mp-api"),
         "retrieved_at": datetime.datetime.now(datetime.UTC).isoformat(
             timespec="seconds"
