@@ -128,6 +128,8 @@ INVALID = [
     ("Ni3Al-2", False, "at '-2': amount is negative"),
     ("Ni-1Al", False, "at '-1': alloy names with the balance element first"),
     ("Fe-18Cr-8Ni", True, "at '-18': .*write, for example, Ni80Cr20"),
+    ("Ni-20 Cr", False, "at '-20': alloy names with the balance element first"),
+    ("Ni-20wt%Cr", False, "at '-20': alloy names with the balance element first"),
     ("Ni1e999Al", False, "at '1e999': amount is not finite"),
     ("Fe(Co", False, "bracket is never closed"),
     ("Fe)Co", False, "closing bracket without an opening one"),

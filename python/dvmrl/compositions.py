@@ -58,6 +58,11 @@ _NUMBER_RE = re.compile(r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e-?[0-9]+)?")
 _METALLURGICAL_RE = re.compile(
     r"[A-Z][a-z]?(?:-(?:[0-9]+\.?[0-9]*|\.[0-9]+)[A-Z][a-z]?)+"
 )
+# The start of such a name as people also write it: Ni-20 Cr, Ni-20wt%Cr,
+# Ni-20at.%Cr.
+_METALLURGICAL_START_RE = re.compile(
+    r"[A-Z][a-z]?\s*-\s*(?:[0-9]+\.?[0-9]*|\.[0-9]+)\s*(?:(?:wt|at)\.?\s*)?%?\s*[A-Z]"
+)
 _METALLURGICAL_REASON = (
     "alloy names with the balance element first (such as Ni-20Cr) are not "
     "read, because their shares are usually weight percent; convert them to "
@@ -233,7 +238,10 @@ class _FormulaReader:
                 self._read_amount()
             elif char == "-" and _NUMBER_RE.match(text, self.position + 1):
                 number = _NUMBER_RE.match(text, self.position + 1).group()
-                if _METALLURGICAL_RE.fullmatch(text.strip()):
+                stripped = text.strip()
+                if _METALLURGICAL_RE.fullmatch(stripped) or (
+                    _METALLURGICAL_START_RE.match(stripped)
+                ):
                     raise self.error(_METALLURGICAL_REASON, "-" + number)
                 raise self.error("amount is negative", "-" + number)
             else:
