@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -287,6 +288,29 @@ def test_diverged_trial_skipped(tmp_path, agent_file, monkeypatch):
     assert "Baseline trials train 2 epochs each." in text
     assert "Bayesian optimisation starts" not in text
     assert "The agent (" not in text
+
+
+def test_non_finite_robustness_recorded(tmp_path, agent_file, monkeypatch):
+    # A chosen model that predicts NaN on a probed composition leaves its
+    # robustness scores missing; the run goes on and reports n/a.
+    import dvmrl.experiment
+    from dvmrl.adversarial import NonFinitePredictionError
+
+    def non_finite(*args, **kwargs):
+        raise NonFinitePredictionError("the predictor returned nan for compositions")
+
+    monkeypatch.setattr(dvmrl.experiment, "robustness", non_finite)
+    spec = RunSpec(preset=tiny_run.TINY, seeds=[0], methods=["random"])
+    report = run_experiment(spec, tmp_path / "out")
+    state = json.loads((tmp_path / "out" / "state.json").read_text())
+    robust = state["units"]["random/seed0"]["robustness"]
+    assert robust["robustness_radius"] is None
+    assert "returned nan" in robust["error"]
+    (row,) = report["results"]
+    assert row["robustness_radius"] is None
+    assert row["test_rmse"] is not None
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert re.search(r"\| robustness radius[^\n]*\| n/a \|", text)
 
 
 def test_occupied_folder_rejected(finished_run, tmp_path):

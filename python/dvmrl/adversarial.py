@@ -162,6 +162,10 @@ class RobustnessReport:
     n_not_reached: int
 
 
+class NonFinitePredictionError(ValueError):
+    """The predictor returned NaN or inf at an unperturbed composition."""
+
+
 # -- feasible set ----------------------------------------------------------
 
 
@@ -441,7 +445,7 @@ def _search_chunk(
         # A NaN change never beats the start's change of 0, so the search
         # would report such a composition as unmoved, the most robust score.
         rows = (bad[:5] + first_row).tolist()
-        raise ValueError(
+        raise NonFinitePredictionError(
             f"the predictor returned {base[bad[0]].item()} for compositions at rows "
             f"{rows}{' ...' if bad.numel() > 5 else ''}; a search needs finite "
             "predictions: check the model's weights and inputs"
@@ -657,8 +661,9 @@ def adversarial_search(
         ValueError: for a radius outside (0, 1), a floor outside (0, 1) or
             one above 1/K for a composition of K elements, lam < 0,
             steps, starts or chunk_size < 1, or a predictor that returns the
-            wrong shape, no gradient or a non-finite prediction at an
-            unperturbed composition.
+            wrong shape or no gradient.
+        NonFinitePredictionError: a ValueError, for a predictor that returns
+            NaN or inf at an unperturbed composition.
         TypeError: for a batch without the three tensors.
     """
     element_index, frac, mask = _batch_tensors(batch)
@@ -907,6 +912,7 @@ __all__ = [
     "DEFAULT_STEPS",
     "DEFAULT_STARTS",
     "DEFAULT_TAU",
+    "NonFinitePredictionError",
     "RobustnessReport",
     "SearchResult",
     "VulnerabilityReport",

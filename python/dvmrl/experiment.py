@@ -1546,18 +1546,38 @@ class Experiment:
         rows = self.robust_rows(len(pools.y_test))
         model = self._load_chosen(unit, method, seed)
         x = pools.x_test[rows]
-        result = robustness(model, x, self.spec.preset, derive_seed(seed, 11))
+        from dvmrl.adversarial import NonFinitePredictionError
+
+        try:
+            result = robustness(model, x, self.spec.preset, derive_seed(seed, 11))
+        except NonFinitePredictionError as err:
+            # Recorded as missing scores: the report shows n/a for this unit
+            # instead of the whole run stopping.
+            logger.warning("%s seed %d: robustness not measured: %s", method, seed, err)
+            result = {
+                "vulnerability": None,
+                "robustness_radius": None,
+                "robustness_radius_l2": None,
+                "n_not_reached": None,
+                "epsilon": ROBUST_EPSILON,
+                "tau": ROBUST_TAU,
+                "r_max": ROBUST_R_MAX,
+                "n_compositions": len(x),
+                "per_composition": {},
+                "error": str(err),
+            }
         result["test_index"] = [int(i) for i in pools.test_index[rows]]
         unit["robustness"] = finite_or_none(result)
         unit["seconds"]["robustness"] = time.perf_counter() - started
         self._write_state()
-        logger.info(
-            "%s seed %d: vulnerability %.4f eV/atom, robustness radius %.4f",
-            method,
-            seed,
-            result["vulnerability"],
-            result["robustness_radius"],
-        )
+        if result["vulnerability"] is not None:
+            logger.info(
+                "%s seed %d: vulnerability %.4f eV/atom, robustness radius %.4f",
+                method,
+                seed,
+                result["vulnerability"],
+                result["robustness_radius"],
+            )
 
     def _retrain_chemsys(self, unit: dict[str, Any], method: str, seed: int) -> None:
         started = time.perf_counter()
