@@ -555,7 +555,7 @@ def test_resume_rejects_agent_of_other_size(trained, tmp_path, capsys):
     ) in err
 
 
-def test_resume_treats_stored_default_budget_as_default():
+def test_resume_accepts_default_budget():
     import inspect
 
     from dvmrl.meta import _resume_differences

@@ -366,7 +366,7 @@ def test_validate_rejects_changed_data(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
 
 
-def test_validate_search_options_reach_every_search(checkpoint, tmp_path, monkeypatch):
+def test_validate_search_options_reach_strategy(checkpoint, tmp_path, monkeypatch):
     import dvmrl.adversarial
 
     real = dvmrl.adversarial.adversarial_search
