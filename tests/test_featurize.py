@@ -90,6 +90,20 @@ def test_batch_select():
         batch[3]
 
 
+def test_batch_select_zero_dim_index():
+    # A 0-d tensor or array, as from argmax, selects one row like an int.
+    batch = featurize(["Ni3Al", "Fe", "AlCoNi"])
+    expected = batch[2].element_index.tolist()
+    assert batch[torch.tensor(2)].element_index.tolist() == expected
+    assert batch[np.array(-1)].element_index.tolist() == expected
+    with pytest.raises(IndexError, match="out of range"):
+        batch[torch.tensor(3)]
+    with pytest.raises(TypeError, match="0-d index must be an integer, got True"):
+        batch[torch.tensor(True)]
+    with pytest.raises(TypeError, match="0-d index must be an integer, got 1.5"):
+        batch[np.array(1.5)]
+
+
 def test_batch_to_dtype():
     batch = featurize(["Ni3Al"]).to(dtype=torch.float32)
     assert batch.frac.dtype == torch.float32

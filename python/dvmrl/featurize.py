@@ -78,6 +78,15 @@ class CompositionBatch:
 
     def __getitem__(self, index) -> CompositionBatch:
         """Select compositions by an int, slice, index array or bool mask."""
+        if isinstance(index, torch.Tensor | np.ndarray) and index.ndim == 0:
+            # A 0-d integer tensor or array selects one composition like an int.
+            value = index.item()
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(
+                    f"a 0-d index must be an integer, got {value!r}; a bool mask "
+                    f"needs one entry per composition ({len(self)})"
+                )
+            index = value
         if isinstance(index, int | np.integer):
             position = int(index) + (len(self) if index < 0 else 0)
             if not 0 <= position < len(self):
