@@ -15,7 +15,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import math
 import os
 import platform
 import time
@@ -26,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from dvmrl._files import write_text_atomic
+from dvmrl._files import json_ready, write_text_atomic
 from dvmrl.agent import AgentConfig, AgentFileError, DQNAgent, run_episode
 
 logger = logging.getLogger(__name__)
@@ -446,8 +445,8 @@ def meta_train(
                 "terminated": result.terminated,
                 "best_val_rmse": result.best_val_rmse,
                 # None after diverged training, whose scores are NaN.
-                "final_val_rmse": _finite_or_none(last.get("val_rmse")),
-                "final_vulnerability": _finite_or_none(last.get("vulnerability")),
+                "final_val_rmse": json_ready(last.get("val_rmse")),
+                "final_vulnerability": json_ready(last.get("vulnerability")),
                 "epsilon": round(agent.epsilon, 4),
                 "td_loss": None if agent.last_update is None else agent.last_update.td_loss,
                 "mean_q": None if agent.last_update is None else agent.last_update.mean_q,
@@ -593,12 +592,6 @@ def _episode_env_options(options: dict[str, Any]) -> dict[str, Any]:
         for key, value in chosen.items()
         if key not in _PLACEMENT_ENV_OPTIONS
     }
-
-
-def _finite_or_none(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _describe_setting(value: Any) -> str:
