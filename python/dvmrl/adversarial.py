@@ -203,7 +203,10 @@ def _check_scalar(name: str, value: float, low: float, high: float, fix: str) ->
     return value
 
 
-def _check_floor(floor: float, mask: torch.Tensor, formulas: list[str] | None) -> float:
+def _check_floor(
+    floor: float, mask: torch.Tensor, formulas: list[str] | None, option: str = "floor"
+) -> float:
+    """Check the floor against the compositions; ``option`` names it in messages."""
     floor = float(floor)
     # A floor of 0 would let the search remove an element, which changes the
     # chemical system instead of the composition.
@@ -215,11 +218,12 @@ def _check_floor(floor: float, mask: torch.Tensor, formulas: list[str] | None) -
     if len(n_real) and float(n_real.max()) * floor > 1.0:
         row = int(torch.nonzero(n_real * floor > 1.0)[0, 0])
         name = formulas[row] if formulas else f"row {row}"
+        count = int(n_real[row])
         raise ValueError(
-            f"floor {floor:g} exceeds 1/K for {name} with {int(n_real[row])} elements "
-            f"(K * floor = {int(n_real[row]) * floor:g} > 1), so some of its elements "
+            f"{option} {floor:g} exceeds 1/K for {name} with {count} elements "
+            f"(K * floor = {count * floor:g} > 1), so some of its elements "
             "lie below the floor and may only grow; the floor is meant as a small "
-            f"minimum fraction (default {DEFAULT_FLOOR}): pass floor <= "
+            f"minimum fraction (default {DEFAULT_FLOOR}): pass {option} <= "
             f"{1.0 / int(n_real.max()):g}"
         )
     return floor

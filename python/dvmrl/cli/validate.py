@@ -369,21 +369,6 @@ def _warn_other_split(df, split, kind, holdout, seed, metadata) -> None:
         )
 
 
-def _check_floor(floor: float, n_elements: np.ndarray, formulas: list[str]) -> None:
-    from dvmrl.adversarial import DEFAULT_FLOOR
-
-    if floor * int(n_elements.max()) > 1.0:
-        row = int(np.argmax(n_elements))
-        raise UsageError(
-            f"--floor {floor} exceeds 1/K for {formulas[row]} with "
-            f"{int(n_elements[row])} elements (K * floor = "
-            f"{n_elements[row] * floor:g} > 1), so some of its elements lie below "
-            "the floor and may only grow; the floor is meant as a small minimum "
-            f"fraction (default {DEFAULT_FLOOR}): pass --floor <= "
-            f"{1.0 / int(n_elements.max()):g}"
-        )
-
-
 def _prediction_samples(model, batch, n_samples: int, seed: int) -> np.ndarray:
     """Return prediction samples [S, B] in eV/atom for the ensemble-variance strategy.
 
@@ -616,7 +601,9 @@ def run(args: argparse.Namespace) -> int:
         rows = np.sort(rng.choice(rows, size=args.max_compositions, replace=False))
     attacked = batch[rows].trimmed()
     formulas = df["formula"].to_numpy()[rows].tolist()
-    _check_floor(args.floor, attacked.n_elements.numpy(), formulas)
+    from dvmrl.adversarial import _check_floor
+
+    _check_floor(args.floor, attacked.mask, formulas, option="--floor")
 
     search = {
         "floor": args.floor,
