@@ -237,10 +237,6 @@ def _describe_exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
-def _raise_interrupt(signum, frame) -> None:  # noqa: ARG001 - signal handler
-    raise KeyboardInterrupt
-
-
 def train_members(
     jobs: list[dict[str, Any]],
     processes: int,
@@ -248,8 +244,9 @@ def train_members(
 ) -> list[int]:
     """Train the members of ``jobs`` in up to ``processes`` processes at once.
 
-    SIGTERM stops the members as Ctrl-C does, so a batch system's time
-    limit leaves every state saved and no member process running.
+    A KeyboardInterrupt stops the members: Ctrl-C, or SIGTERM, which
+    dvmrl.cli.main turns into one, so a batch system's time limit leaves
+    every state saved and no member process running.
 
     Args:
         jobs: one dict per member with ``member``, ``folder``, ``run_config``,
@@ -384,7 +381,6 @@ def train_members(
         if received:
             raise KeyboardInterrupt
 
-    previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         while running or (pending and failure is None and not interrupted):
             while (
@@ -406,7 +402,6 @@ def train_members(
         finally:
             signal.signal(signal.SIGINT, previous)
     finally:
-        signal.signal(signal.SIGTERM, previous_term)
         messages.close()
     if failure is not None:
         raise failure
