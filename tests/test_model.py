@@ -442,6 +442,46 @@ def test_empty_batch_gives_empty_output():
     batch = _batch()
     out = model(batch.element_index[:0], batch.frac[:0], batch.mask[:0])
     assert out.shape == (0,)
+    # The empty output stays in the graph, as any batch's does.
+    out.sum().backward()
+    assert torch.equal(model.flat.grad, torch.zeros_like(model.flat))
+
+
+def test_batch_without_slots_rejected():
+    model = _model()
+    index = torch.zeros((3, 0), dtype=torch.int64)
+    frac = torch.zeros((3, 0), dtype=torch.float64)
+    mask = torch.zeros((3, 0), dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"shape \[3, 0\].*K >= 1"):
+        model(index, frac, mask)
+
+
+@pytest.mark.parametrize("use_fused", [True, False])
+def test_poisoned_padding_is_ignored(use_fused):
+    # Padded slots are outside the contract's values (NaN fractions, rows
+    # outside the element table); the output and every gradient must equal
+    # those of the clean batch, on both paths.
+    model = _model()
+    model.use_fused = use_fused
+    batch = featurize(["FeNi", "Al2Cu", "NiTiZr"], k_max=5).to(dtype=torch.float64)
+    results = []
+    for poison in (False, True):
+        model.zero_grad()
+        frac = batch.frac.clone()
+        index = batch.element_index.clone()
+        if poison:
+            frac[~batch.mask] = float("nan")
+            index[0, 2:] = torch.tensor([500, -1, 10_000])
+        frac.requires_grad_(True)
+        out = model(index, frac, batch.mask)
+        out.sum().backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        results.append((out.detach(), frac.grad.clone(), grads))
+    (clean, clean_frac, clean_grads), (dirty, dirty_frac, dirty_grads) = results
+    assert torch.equal(clean, dirty)
+    assert torch.equal(clean_frac, dirty_frac)
+    for name, grad in clean_grads.items():
+        assert torch.equal(grad, dirty_grads[name]), name
 
 
 def test_target_scaling_invalid():

@@ -474,6 +474,12 @@ class CompositionMPNN(nn.Module):
                 "element_index, frac and mask must share one [B, K] shape, got "
                 f"{list(element_index.shape)}, {list(frac.shape)}, {list(mask.shape)}"
             )
+        if element_index.shape[1] == 0 and element_index.shape[0] > 0:
+            raise ValueError(
+                f"element_index has shape {list(element_index.shape)}: a batch of "
+                "compositions needs at least one slot (K >= 1) for their elements; "
+                "build batches with dvmrl.featurize"
+            )
         # NOTE: CUDA tensors are not checked, so there a row of -1 still reads
         # the last element and bad fractions still give a prediction.
         if element_index.device.type == "cpu" and element_index.numel():
@@ -531,8 +537,14 @@ class CompositionMPNN(nn.Module):
         self._check_inputs(element_index, frac, mask)
         if element_index.shape[0] == 0:
             # The kernels need at least one composition; an empty batch has
-            # an empty output.
-            return frac.new_zeros((0, self.dims.n_out))
+            # an empty output. Adding the empty sum of the weights keeps it in
+            # the graph, so backward() gives zero gradients as for any batch.
+            return frac.new_zeros((0, self.dims.n_out)) + self.flat[:0].sum()
+        # Padded slots are ignored by the kernels, but the fraction encoder
+        # and the reference path compute on every slot: a NaN or an index out
+        # of range there must not reach the real slots or the gradients.
+        frac = torch.where(mask, frac, 0)
+        element_index = torch.where(mask, element_index, 0)
         dropout_mask = self.draw_dropout_mask(element_index.shape[0])
         if self.use_fused:
             from dvmrl import ops

@@ -164,7 +164,11 @@ def model_forward(
         Tensor: [B, n_out] in the model's standardised target units.
     """
     params = _split_parameters(flat, dims)
-    h = node_table[element_index] * mask[..., None].to(node_table.dtype)
+    # Padded slots may hold anything (the fused kernels never read them), so
+    # they are replaced before use: a NaN times a zero mask is still NaN.
+    frac = torch.where(mask, frac, 0)
+    rows = torch.where(mask, element_index, 0)
+    h = torch.where(mask[..., None], node_table[rows], 0)
     for layer in range(dims.layers):
         h = message_passing_layer(h, frac, mask, params, f"layer{layer}.")
     pooled = attention_pool(h, frac, mask, params)
