@@ -306,6 +306,17 @@ def test_load_state_other_sizes(data):
     np.testing.assert_allclose(trainer.predict(data[2]), before, rtol=0, atol=0)
 
 
+def test_widen_accepts_integral_float(data):
+    trainer = _trainer(data)
+    before = trainer.predict(data[2])
+    trainer.widen(20.0)
+    assert trainer.model.config.hidden == 20
+    assert type(trainer.model.config.hidden) is int
+    np.testing.assert_allclose(trainer.predict(data[2]), before, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="hidden must be an integer, got 22.5"):
+        trainer.widen(22.5)
+
+
 def test_move_deterministic(data):
     first = _trainer(data)
     second = _trainer(data)

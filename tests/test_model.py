@@ -484,6 +484,23 @@ def test_poisoned_padding_is_ignored(use_fused):
         assert torch.equal(grad, dirty_grads[name]), name
 
 
+@pytest.mark.parametrize("hidden", [16.0, np.int64(16)])
+def test_integral_float_sizes_become_ints(hidden):
+    # Hand-written JSON may spell a width 16.0.
+    config = ModelConfig.from_dict({**SMALL, "hidden": hidden, "fraction_hidden": 8.0})
+    assert type(config.hidden) is int and config.hidden == 16
+    assert type(config.dims.hidden) is int
+    assert type(parameter_count(config.dims)) is int
+    model = CompositionMPNN(config, seed=0)
+    assert model.emb_offset.shape[1] == 16
+
+
+@pytest.mark.parametrize("hidden", [16.5, True, "16", float("inf")])
+def test_non_integer_sizes_rejected(hidden):
+    with pytest.raises(ValueError, match="hidden must be an integer >= 1"):
+        ModelConfig(**{**SMALL, "hidden": hidden})
+
+
 def test_target_scaling_invalid():
     model = _model()
     with pytest.raises(ValueError, match="positive finite std"):

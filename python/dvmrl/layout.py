@@ -9,6 +9,7 @@ PyTorch model, the reference ops and the C++/CUDA kernels.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -38,14 +39,30 @@ class ModelDims:
     n_out: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("hidden", "gate_hidden", "msg_hidden", "head_hidden", "n_out"):
+        for name, least in (
+            ("hidden", 1),
+            ("gate_hidden", 1),
+            ("msg_hidden", 1),
+            ("head_hidden", 1),
+            ("n_out", 1),
+            ("layers", 0),
+            ("head_layers", 0),
+        ):
             value = getattr(self, name)
-            if int(value) != value or value < 1:
-                raise ValueError(f"ModelDims.{name} must be an integer >= 1, got {value!r}")
-        for name in ("layers", "head_layers"):
-            value = getattr(self, name)
-            if int(value) != value or value < 0:
-                raise ValueError(f"ModelDims.{name} must be an integer >= 0, got {value!r}")
+            if not is_integral(value) or value < least:
+                raise ValueError(
+                    f"ModelDims.{name} must be an integer >= {least}, got {value!r}"
+                )
+            # Sizes read from JSON may be integral floats (16.0); tensor
+            # constructors and slices need Python ints.
+            object.__setattr__(self, name, int(value))
+
+
+def is_integral(value) -> bool:
+    """Whether ``value`` is a real number with an integer value (16 or 16.0)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    return math.isfinite(value) and int(value) == value
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from dvmrl import defaults, reference
-from dvmrl.layout import ModelDims, parameter_count, parameter_layout
+from dvmrl.layout import ModelDims, is_integral, parameter_count, parameter_layout
 
 # Standard deviation of the residual branch's last weight (msg_w2) relative
 # to a fan-in initialisation: small, so that each fresh layer starts close to
@@ -51,6 +51,8 @@ FRACTION_INIT_SCALE = 0.5
 # Parameters of the embedding stage, outside the flat buffer.
 ELEMENT_EMBEDDING_NAMES = ("emb_w", "emb_b", "emb_offset")
 FRACTION_ENCODER_NAMES = ("frac_w1", "frac_b1", "frac_w2", "frac_b2")
+# ModelConfig fields that ModelDims checks and stores as ints.
+SIZE_FIELDS = ("hidden", "layers", "gate_hidden", "msg_hidden", "head_hidden", "head_layers")
 
 
 @dataclass
@@ -93,17 +95,17 @@ class ModelConfig:
             )
         self.dropout = float(self.dropout)
         self.heteroscedastic = bool(self.heteroscedastic)
-        if (
-            int(self.fraction_hidden) != self.fraction_hidden
-            or self.fraction_hidden < 0
-        ):
+        if not is_integral(self.fraction_hidden) or self.fraction_hidden < 0:
             raise ValueError(
                 "ModelConfig.fraction_hidden must be an integer >= 0 (0 turns the "
                 f"fraction encoder off), got {self.fraction_hidden!r}"
             )
         self.fraction_hidden = int(self.fraction_hidden)
-        # ModelDims checks the integer sizes.
-        self.dims  # noqa: B018
+        # ModelDims checks the integer sizes and turns integral floats (16.0
+        # from a hand-written JSON file) into ints.
+        dims = self.dims
+        for name in SIZE_FIELDS:
+            setattr(self, name, getattr(dims, name))
 
     @property
     def dims(self) -> ModelDims:

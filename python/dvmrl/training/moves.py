@@ -47,7 +47,7 @@ from collections.abc import Callable
 
 import torch
 
-from dvmrl.layout import parameter_layout
+from dvmrl.layout import is_integral, parameter_layout
 from dvmrl.model import ModelConfig, init_parameter
 
 # Config field that sets the width of each kind of unit group.
@@ -165,10 +165,12 @@ class NamedState:
         return self.exp_avg is not None and self.exp_avg_sq is not None
 
 
-def _check_width(config: ModelConfig, field: str, value: int, grow: bool) -> None:
+def _check_width(config: ModelConfig, field: str, value: int, grow: bool) -> int:
+    """Return ``value`` as an int after checking it against the current width."""
     current = getattr(config, field)
-    if int(value) != value:
+    if not is_integral(value):
         raise ValueError(f"{field} must be an integer, got {value!r}")
+    value = int(value)
     if grow and value <= current:
         raise ValueError(
             f"widen: new {field}={value} must exceed the current {current}; use "
@@ -179,6 +181,7 @@ def _check_width(config: ModelConfig, field: str, value: int, grow: bool) -> Non
             f"narrow: new {field}={value} must lie in 1 .. {current - 1} (current "
             f"{current}); use widen to grow"
         )
+    return value
 
 
 def _requested_widths(
@@ -194,7 +197,7 @@ def _requested_widths(
             raise ValueError(
                 f"unknown width {field!r}; expected one of {_WIDTH_FIELDS}"
             )
-        _check_width(config, field, value, grow)
+        requested[field] = _check_width(config, field, value, grow)
     return requested
 
 
