@@ -306,6 +306,26 @@ def test_load_state_other_sizes(data):
     np.testing.assert_allclose(trainer.predict(data[2]), before, rtol=0, atol=0)
 
 
+def test_load_state_other_dropout_keeps_optimizer(data):
+    # Dropout is a setting, not a size: loading a state saved at another
+    # dropout keeps the AdamW moments and the best-epoch record (a rebuild
+    # would reset both), and takes the state's dropout.
+    trainer = _trainer(data)
+    saved = trainer.current_state()
+    optimizer = trainer._optimizer
+    trainer.set_hyperparameters(dropout=0.2)
+    trainer.train_epochs(1)
+    moments = _moments(trainer)
+    best_epoch = trainer.best_epoch
+    assert best_epoch is not None
+    trainer.load_state(saved)
+    assert trainer._optimizer is optimizer
+    for name, moment in moments["exp_avg"].items():
+        assert torch.equal(_moments(trainer)["exp_avg"][name], moment), name
+    assert trainer.best_epoch == best_epoch
+    assert trainer.model.config.dropout == 0.0
+
+
 def test_widen_accepts_integral_float(data):
     trainer = _trainer(data)
     before = trainer.predict(data[2])

@@ -863,14 +863,18 @@ class Trainer:
     def load_state(self, state: dict[str, Any]) -> None:
         """Load weights from ``best_state()`` or ``current_state()`` output.
 
-        With the current sizes the optimiser state is kept. Weights of other
+        With the current sizes the optimiser state is kept, and the state's
+        dropout probability replaces the current one. Weights of other
         sizes rebuild the model; the optimiser then starts with fresh
         moments because the old ones do not map onto a different history.
         """
         config = ModelConfig.from_dict(state["model_config"])
         tensors = state["state"]
-        if config == self.model.config:
+        # Dropout is a setting, not a size: it needs no rebuild.
+        current = self.model.config
+        if dataclasses.replace(config, dropout=current.dropout) == current:
             self.model.load_state_dict(tensors)
+            self.model.set_dropout(config.dropout)
             return
         named = dict(unflatten(tensors["flat"], config.dims))
         for name in config.embedding_names:
