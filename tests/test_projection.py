@@ -83,6 +83,31 @@ def test_projection_huge_entries(project, dtype, scale):
     assert torch.equal(out, expected)
 
 
+# Entries of 1e12 and more but close together: x - hi and x - t cancel
+# unless the row is centred first.
+@pytest.mark.parametrize("project", PROJECTIONS)
+@pytest.mark.parametrize("scale", [1e12, 1e16, 1e300])
+def test_projection_large_close_entries(project, scale):
+    x = torch.tensor(
+        [[scale, scale, 0.0], [scale, scale * (1 + 1e-15), 0.0]], dtype=torch.float64
+    )
+    mask = torch.tensor([[True, True, False], [True, True, False]])
+    lo = torch.zeros_like(x)
+    hi = torch.ones_like(x)
+    out = project(x, lo, hi, mask)
+    assert torch.equal(out[0], torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64))
+    assert (out[1].sum() - 1).abs() < 1e-15
+    assert bool(((out >= lo) & (out <= hi)).all())
+
+
+def test_infeasible_message_shows_the_excess():
+    x = torch.zeros((1, 2), dtype=torch.float64)
+    lo = torch.tensor([[0.5, 0.5 + 1e-13]], dtype=torch.float64)
+    mask = torch.ones((1, 2), dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"sum to 1\.00000000000009\d* > 1"):
+        project_simplex_box(x, lo, torch.ones_like(x), mask)
+
+
 def test_projection_of_feasible_point_is_identity():
     g = torch.Generator().manual_seed(5)
     x = torch.rand(100, 4, generator=g, dtype=torch.float64)

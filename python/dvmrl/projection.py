@@ -51,12 +51,12 @@ def _tolerance(dtype: torch.dtype, k: int) -> float:
 def _failure_message(row: int, status: int, sum_lo: float, sum_hi: float) -> str:
     if status == 1:
         reason = (
-            f"its lower bounds sum to {sum_lo:.12g} > 1, so no point sums to 1; "
+            f"its lower bounds sum to {sum_lo:.17g} > 1, so no point sums to 1; "
             "lower lo in that row"
         )
     elif status == 2:
         reason = (
-            f"its upper bounds sum to {sum_hi:.12g} < 1, so no point sums to 1; "
+            f"its upper bounds sum to {sum_hi:.17g} < 1, so no point sums to 1; "
             "raise hi in that row"
         )
     else:
@@ -244,6 +244,13 @@ def project_simplex_box_torch(
         status = torch.where(~finite, 4, status)
         status = torch.where(~mask.any(dim=1), 5, status)
         _raise_for_status(status, lo, hi, mask)
+
+        # Shift each row so that its largest real entry is 0, as the kernel
+        # does: the projection is unchanged and large |x| do not cancel.
+        largest = torch.finfo(torch.float64).max
+        x_max = torch.where(mask, xs, -largest).amax(dim=1, keepdim=True)
+        shifted = (xs - x_max).clamp(min=-largest)
+        xs = torch.where(mask, shifted, zero)
 
         breakpoints, _ = torch.cat([xs - upper, xs - lower], dim=1).sort(dim=1)
         clamped = torch.clamp(

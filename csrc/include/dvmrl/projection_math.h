@@ -28,6 +28,8 @@ namespace projection {
 
 // Largest number of real entries in one row; the callers reject wider rows.
 constexpr int kMaxEntries = 32;
+// Largest finite double, the floor of a shifted entry in project_row.
+constexpr double kDoubleMax = 1.7976931348623157e308;
 
 // Outcome of projecting one row.
 enum Status : int32_t {
@@ -152,6 +154,18 @@ DVMRL_HD inline int32_t project_row(const T* x, const T* lo, const T* hi,
     for (int i = 0; i < n; ++i) out[slot[i]] = static_cast<T>(upper[i]);
     return kOk;
   }
+  // Adding one constant to every entry of x leaves the projection unchanged
+  // (the sum of y is fixed). Shifting x so that its largest entry is 0 keeps
+  // x - lo, x - hi and x - t exact enough for |x| of 1e12 and more, where
+  // they would otherwise cancel catastrophically; entries far below the
+  // largest end at their lower bound either way, so a shift that overflows
+  // is held at -kDoubleMax.
+  double x_max = xs[0];
+  for (int i = 1; i < n; ++i) x_max = xs[i] > x_max ? xs[i] : x_max;
+  for (int i = 0; i < n; ++i) {
+    const double shifted = xs[i] - x_max;
+    xs[i] = shifted < -kDoubleMax ? -kDoubleMax : shifted;
+  }
 
   // Now sum_lo < 1 < sum_hi, so the crossing lies strictly inside the
   // breakpoints and its linear piece (t_left, t_right) has at least one
@@ -174,9 +188,10 @@ DVMRL_HD inline int32_t project_row(const T* x, const T* lo, const T* hi,
   }
   if (n_free == 0) {
     // Unreachable in exact arithmetic. Rounding gets here when the piece is
-    // a single point, as for |x| of 1e16 and more, where x - hi rounds to
-    // x - lo. Then x - t cannot be trusted either (it rounds every entry to
-    // one bound), so each entry takes the bound it was classified at.
+    // a single point, as when entries of x lie 1e16 and more apart (after
+    // centring), where x - hi rounds to x - lo. Then x - t cannot be trusted
+    // either (it rounds every entry to one bound), so each entry takes the
+    // bound it was classified at.
     for (int i = 0; i < n; ++i) {
       out[slot[i]] = static_cast<T>(xs[i] - upper[i] >= t_right ? upper[i] : lower[i]);
     }
