@@ -250,3 +250,35 @@ def test_gp_std_in_target_units():
     std = gp_predictive_std(train_x, pool_x, train_y)
     scaled = gp_predictive_std(train_x, pool_x, 10.0 * train_y)
     assert np.allclose(scaled, 10.0 * std, rtol=1e-6)
+
+
+def test_empty_pool_named(data):
+    split = data[1]
+    with pytest.raises(ValueError, match="pool_indices is empty"):
+        select_validation_set("random", [], 1, 0, test_indices=split.test)
+
+
+def test_ensemble_variance_needs_two_predictors(data):
+    _, split, batch, _, _ = data
+    with pytest.raises(ValueError, match="two or more predictors.*got 1"):
+        select_validation_set(
+            "ensemble-variance",
+            split.val,
+            3,
+            0,
+            test_indices=split.test,
+            batch=batch,
+            predictors=[_linear_predictor()],
+        )
+
+
+def test_gp_uncertainty_names_non_finite_targets(data):
+    options = _options("gp-uncertainty", data)
+    split = data[1]
+    targets = options["targets"].copy()
+    targets[split.train[4]] = np.nan
+    options["targets"] = targets
+    options["gp_max_train"] = len(split.train)
+    message = rf"training rows \[{split.train[4]}\] are not finite"
+    with pytest.raises(ValueError, match=message):
+        select_validation_set("gp-uncertainty", split.val, 5, 0, **options)

@@ -251,6 +251,13 @@ def _select_gp(
         train_x = _features(train, features, batch, feature_fn)
         pool_x = _features(pool, features, batch, feature_fn)
     train_y = None if targets is None else np.asarray(targets, dtype=np.float64)[train]
+    if train_y is not None and not np.isfinite(train_y).all():
+        bad = train[~np.isfinite(train_y)]
+        raise ValueError(
+            f"targets of training rows {bad[:5].tolist()} are not finite (NaN or "
+            "inf); the Gaussian process needs finite targets, so drop those rows "
+            "from train_indices or fix their targets"
+        )
     std = gp_predictive_std(train_x, pool_x, train_y, seed=seed, max_train=gp_max_train)
     return _top(std, size, rng)
 
@@ -268,6 +275,12 @@ def _select_ensemble(
         elif predictors:
             if batch is None:
                 raise ValueError("ensemble-variance with predictors needs batch")
+            if len(predictors) < 2:
+                raise ValueError(
+                    f"ensemble-variance needs two or more predictors to measure "
+                    f"their spread, got {len(predictors)}; add ensemble members, or "
+                    "pass a trainer with MC dropout"
+                )
             samples = _ensemble_predictions(predictors, batch[pool])
         else:
             raise ValueError(
@@ -497,6 +510,11 @@ def select_validation_set(
                 "rows of the data (batch, features or targets); pass indices below "
                 f"{rows}"
             )
+    if len(pool) == 0:
+        raise ValueError(
+            "pool_indices is empty, so there is no candidate to select; pass the "
+            "validation pool's rows (for instance Split.val)"
+        )
     if int(size) != size or not 1 <= size <= len(pool):
         raise ValueError(
             f"size must be an integer in 1 .. {len(pool)} (the pool size), got {size!r}"
