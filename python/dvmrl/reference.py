@@ -164,8 +164,8 @@ def model_forward(
         Tensor: [B, n_out] in the model's standardised target units.
     """
     params = _split_parameters(flat, dims)
-    # Padded slots may hold anything (the fused kernels never read them), so
-    # they are replaced before use: a NaN times a zero mask is still NaN.
+    # Padded slots may contain anything (the fused kernels never read them),
+    # so they are replaced before use: a NaN times a zero mask is still NaN.
     frac = torch.where(mask, frac, 0)
     rows = torch.where(mask, element_index, 0)
     h = torch.where(mask[..., None], node_table[rows], 0)
