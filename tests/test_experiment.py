@@ -400,7 +400,103 @@ def test_budget_without_agent_step_rejected():
     changes = {"epochs": 2, "trial_epochs": 1, "agent_slice": 3}
     preset = Preset(**{**TINY.to_dict(), **changes})
     with pytest.raises(ValueError, match="cannot fit one agent step"):
-        preset.check()
+        RunSpec(preset=preset, seeds=[0], methods=["random", "agent"]).check()
+
+
+def test_agent_steps_checked_only_with_agent():
+    # epochs 16 are no multiple of agent_slice 3: the agent could not spend
+    # them, but a run without the agent never takes agent steps.
+    changes = {"epochs": 16, "trial_epochs": 4, "agent_slice": 3, "n_initial_points": 2}
+    preset = Preset(**{**TINY.to_dict(), **changes})
+    RunSpec(preset=preset, seeds=[0], methods=["random", "bayesian"]).check()
+    with pytest.raises(ValueError, match="not a multiple of agent_slice 3"):
+        RunSpec(preset=preset, seeds=[0], methods=["random", "agent"]).check()
+
+
+def test_seeds_checked():
+    with pytest.raises(ValueError, match=r"seeds listed twice: \[0, 0\]"):
+        RunSpec(preset=TINY, seeds=[0, 0], methods=["random"]).check()
+    for bad in ([-1], [1.5], [True]):
+        with pytest.raises(ValueError, match="seeds must be integers >= 0"):
+            RunSpec(preset=TINY, seeds=bad, methods=["random"]).check()
+    spec = RunSpec(preset=TINY, seeds=list(np.arange(2)), methods=["random"])
+    spec.check()
+    assert spec.seeds == [0, 1] and all(type(s) is int for s in spec.seeds)
+    json.dumps(spec.signature("checksum"))
+
+
+def test_preset_by_name():
+    spec = RunSpec(preset="quick", seeds=[0], methods=["random"])
+    spec.check()
+    assert spec.preset == PRESETS["quick"]
+    with pytest.raises(ValueError, match="unknown budget 'huge'"):
+        RunSpec(preset="huge", seeds=[0], methods=["random"]).check()
+    with pytest.raises(ValueError, match="preset must be a Preset"):
+        RunSpec(preset=3, seeds=[0], methods=["random"]).check()
+
+
+def test_all_trials_diverged_recorded(tmp_path, monkeypatch):
+    # Every baseline trial reports a NaN loss: the unit has no model, its
+    # results are recorded as missing, the report says why, and a resume of
+    # the finished folder gives the same report instead of failing.
+    from dvmrl.training.trainer import Trainer
+
+    optimise_epoch = Trainer._optimise_epoch
+
+    def diverge(self):
+        loss, lr = optimise_epoch(self)
+        return math.nan, lr
+
+    monkeypatch.setattr(Trainer, "_optimise_epoch", diverge)
+    spec = RunSpec(preset=tiny_run.TINY, seeds=[0], methods=["random"])
+    report = run_experiment(spec, tmp_path / "out")
+    unit = json.loads((tmp_path / "out" / "state.json").read_text())["units"][
+        "random/seed0"
+    ]
+    assert unit["chosen"] is None
+    assert unit["epochs_used"] == tiny_run.TINY.epochs
+    assert all(t["val_rmse"] is None for t in unit["trials"])
+    assert unit["test"]["rmse"] is None and "diverged" in unit["test"]["error"]
+    assert unit["chemsys"]["rmse"] is None
+    assert unit["robustness"]["vulnerability"] is None
+    (row,) = report["results"]
+    assert row["no_model"] and row["test_rmse"] is None and row["complete"]
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "No model, so no results (n/a) for random search seed 0" in text
+    assert re.search(r"\| random search \| 0 \|( n/a \|){6}", text)
+    again = run_experiment(spec, tmp_path / "out", resume=True)
+    assert again["results"] == report["results"]
+
+
+def test_robustness_probes_distinct_compositions():
+    # Unaries cannot change, and a composition that several rows repeat
+    # counts once, so the probe set skips both.
+    import types
+
+    import pandas as pd
+
+    from dvmrl.datasets._vendored import COMPOSITION_COLUMN
+    from dvmrl.featurize import featurize
+
+    formulas = ["Fe", "FeNi", "NiFe", "Al2Cu", "Cu", "CuZn", "FeNi", "AlNiTi"]
+    df = pd.DataFrame({"formula": formulas})
+    df[COMPOSITION_COLUMN] = [
+        "Fe", "FeNi", "FeNi", "Al2Cu", "Cu", "CuZn", "FeNi", "AlNiTi"
+    ]
+    experiment = Experiment.__new__(Experiment)
+    experiment.df = df
+    experiment.spec = types.SimpleNamespace(
+        preset=dataclasses.replace(TINY, robust_n=10)
+    )
+    test_index = np.array([0, 1, 2, 3, 4, 5, 6, 7])
+    pools = types.SimpleNamespace(x_test=featurize(formulas), test_index=test_index)
+    rows = experiment.robust_rows(pools)
+    assert rows.tolist() == [1, 3, 5, 7]
+    experiment.spec = types.SimpleNamespace(
+        preset=dataclasses.replace(TINY, robust_n=2)
+    )
+    picked = experiment.robust_rows(pools)
+    assert len(picked) == 2 and set(picked.tolist()) <= {1, 3, 5, 7}
 
 
 def test_bayesian_without_surrogate_rejected():
@@ -415,8 +511,9 @@ def test_budget_file_any_extension(tmp_path):
     path = tmp_path / "mine.txt"
     path.write_text(json.dumps({**TINY.to_dict(), "name": "mine"}))
     assert resolve_preset(str(path)).epochs == TINY.epochs
-    with pytest.raises(FileNotFoundError, match="check the path, or pass quick"):
-        resolve_preset(str(tmp_path / "missing.json"))
+    for missing in ("missing.json", "MISSING.JSON"):
+        with pytest.raises(FileNotFoundError, match="check the path, or pass quick"):
+            resolve_preset(str(tmp_path / missing))
 
 
 def test_unknown_budget_rejected():
@@ -705,11 +802,6 @@ def write_budget(tmp_path, text):
             "would compare no configurations; raise epochs to at least 18",
         ),
         (
-            {"epochs": 19, "trial_epochs": 4, "agent_slice": 10},
-            "epochs 19 is not a multiple of agent_slice 10, so the agent would "
-            "train 10 epochs",
-        ),
-        (
             {"epochs": 9, "trial_epochs": 4, "agent_slice": 1},
             "epochs 9 leave 1 epochs after the full trials of trial_epochs 4",
         ),
@@ -805,6 +897,36 @@ def test_report_agent_without_result(finished_run, tmp_path):
     assert (copy / "figures" / "test_metrics.png").stat().st_size > 0
 
 
+def test_verdict_counts_only_compared_metrics(finished_run, tmp_path):
+    # No unit has chemsys results: those two metrics compare nothing, so the
+    # verdict counts its ties among the other four and says so.
+    from dvmrl.report import write_report
+
+    out, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    state = json.loads((copy / "state.json").read_text())
+    for unit in state["units"].values():
+        unit["chemsys"].update(rmse=None, mae=None)
+    (copy / "state.json").write_text(json.dumps(state))
+    write_report(copy)
+    verdict = (copy / "report.md").read_text().split("## Verdict")[1]
+    pattern = r"ties: \d \(of 4\)\. 2 metrics of 6 had results from fewer"
+    assert re.search(pattern, verdict)
+
+
+def test_agent_checkpoint_describes_kept_weights(finished_run):
+    from dvmrl.training import load_checkpoint
+
+    out, _ = finished_run
+    state = json.loads((out / "state.json").read_text())
+    chosen = state["units"]["agent/seed0"]["chosen"]
+    _, metadata = load_checkpoint(out / "units" / "agent-seed0" / "best.pt")
+    assert metadata["epochs_done"] == chosen["epochs_trained"]
+    assert len(metadata["history"]) == chosen["epochs_trained"]
+    assert metadata["config"] == chosen["config"]
+
+
 def test_report_capped_radii_and_base_model(finished_run):
     """report.md counts the radii at r_max and names the fixed base model."""
     out, report = finished_run
@@ -888,6 +1010,17 @@ def test_pools_reject_tiny_data(rows):
     df = df.reset_index(drop=True)
     with pytest.raises(ValueError, match=f"random split of the {rows} compositions"):
         make_pools(df, "random", 0, PRESETS["quick"])
+
+
+def test_pools_name_more_systems_for_one_system():
+    from dvmrl.datasets import load
+    from dvmrl.experiment import make_pools
+
+    df = load("mp-formation-energy")
+    largest = df["chemsys"].value_counts().index[0]
+    df = df[df["chemsys"] == largest].reset_index(drop=True)
+    with pytest.raises(ValueError, match="pass a data set with more chemical systems"):
+        make_pools(df, "chemsys", 0, PRESETS["quick"])
 
 
 def test_pools_accept_twenty_rows():

@@ -237,23 +237,6 @@ class Preset:
                 f"no configurations; raise epochs to at least {two_trials} (one "
                 "full trial and one cut to half) or lower trial_epochs"
             )
-        if self.epochs < self.agent_slice:
-            raise ValueError(
-                f"budget {self.name!r}: {self.epochs} epochs cannot fit one agent "
-                "step of "
-                f"{self.agent_slice} epochs; raise epochs or lower agent_slice"
-            )
-        # Every method must be able to spend the same epochs: the agent trains
-        # whole steps, and the baselines cut the last trial to no less than
-        # half of trial_epochs.
-        if self.epochs % self.agent_slice:
-            used = self.epochs - self.epochs % self.agent_slice
-            raise ValueError(
-                f"budget {self.name!r}: epochs {self.epochs} is not a multiple of "
-                f"agent_slice {self.agent_slice}, so the agent would train {used} "
-                f"epochs and the baselines {self.epochs}; make epochs a multiple of "
-                "agent_slice"
-            )
         leftover = self.epochs % self.trial_epochs
         shortest_trial = EpochBudget(self.epochs, self.trial_epochs).min_trial_epochs
         if 0 < leftover < shortest_trial:
@@ -263,6 +246,27 @@ class Preset:
                 "for a last trial (at least half of trial_epochs), so the baselines "
                 f"would train {self.epochs - leftover} epochs and the agent "
                 f"{self.epochs}; make epochs a multiple of trial_epochs"
+            )
+
+    def check_agent_steps(self) -> None:
+        """Raise ValueError when the agent could not spend exactly ``epochs``.
+
+        Only runs with the agent need this: it trains whole steps of
+        ``agent_slice`` epochs, and every method must spend the same epochs.
+        """
+        if self.epochs < self.agent_slice:
+            raise ValueError(
+                f"budget {self.name!r}: {self.epochs} epochs cannot fit one agent "
+                "step of "
+                f"{self.agent_slice} epochs; raise epochs or lower agent_slice"
+            )
+        if self.epochs % self.agent_slice:
+            used = self.epochs - self.epochs % self.agent_slice
+            raise ValueError(
+                f"budget {self.name!r}: epochs {self.epochs} is not a multiple of "
+                f"agent_slice {self.agent_slice}, so the agent would train {used} "
+                f"epochs and the baselines {self.epochs}; make epochs a multiple of "
+                "agent_slice"
             )
 
 
@@ -353,7 +357,7 @@ def resolve_preset(name_or_path: str | Preset) -> Preset:
         preset = name_or_path
     elif name_or_path in PRESETS:
         preset = PRESETS[name_or_path]
-    elif str(name_or_path).endswith(".json") or Path(name_or_path).is_file():
+    elif str(name_or_path).lower().endswith(".json") or Path(name_or_path).is_file():
         # An existing file is read as JSON whatever its extension.
         return _read_budget_file(Path(name_or_path))
     else:
@@ -433,8 +437,29 @@ class RunSpec:
             raise ValueError(f"methods listed twice: {self.methods}")
         if not self.seeds:
             raise ValueError("no seeds given; pass --seeds N with N >= 1")
+        bad = [s for s in self.seeds if not _is_int(s) or s < 0]
+        if bad:
+            raise ValueError(
+                f"seeds must be integers >= 0, got {bad}; pass seeds such as [0, 1, 2]"
+            )
+        # NumPy integers become ints, which run.json can store.
+        self.seeds = [int(s) for s in self.seeds]
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(
+                f"seeds listed twice: {self.seeds}; list each seed once (a repeat "
+                "would count one run twice in the summaries)"
+            )
+        if isinstance(self.preset, str):
+            self.preset = resolve_preset(self.preset)
+        if not isinstance(self.preset, Preset):
+            raise ValueError(
+                f"preset must be a Preset or the name of one ({', '.join(PRESETS)}) "
+                f"or a budget JSON file, got {_shown(self.preset)}"
+            )
         self.preset.check()
         preset = self.preset
+        if "agent" in self.methods:
+            preset.check_agent_steps()
         trials = -(-preset.epochs // preset.trial_epochs)
         if "bayesian" in self.methods and preset.n_initial_points >= trials:
             raise ValueError(
@@ -602,9 +627,18 @@ def check_split_sizes(split, kind: str, rows: int) -> None:
 
 def make_pools(df, kind: str, seed: int, preset: Preset) -> Pools:
     """Split ``df``, subsample the training and validation pools, featurise them."""
-    from dvmrl.splits import make_split
+    from dvmrl.splits import EmptyTrainingPartError, make_split
 
-    split = make_split(df, kind, seed)
+    try:
+        split = make_split(df, kind, seed)
+    except EmptyTrainingPartError as err:
+        # dvmrl run splits with fixed shares, so only more data can help.
+        groups = "chemical systems" if kind == "chemsys" else "compositions"
+        raise ValueError(
+            f"the {kind} split of {len(df)} rows leaves no training rows; its test "
+            f"and validation parts keep {groups} whole, so pass a data set with "
+            f"more {groups}"
+        ) from err
     check_split_sizes(split, kind, len(df))
     train = subsample(split.train, preset.max_train, derive_seed(seed, 1))
     val = subsample(split.val, preset.max_val, derive_seed(seed, 2))
@@ -767,6 +801,26 @@ def robustness(model, x, preset: Preset, seed: int) -> dict[str, Any]:
             "radius": [float(v) for v in radius.table["radius"]],
             "reached": [bool(v) for v in radius.table["reached"]],
         },
+    }
+
+
+# Why a unit whose search trained no usable model has no results.
+NO_MODEL_REASON = "every trial of the search diverged, so no model was chosen"
+
+
+def _missing_robustness(n_compositions: int, error: str) -> dict[str, Any]:
+    """Return the robustness record of a unit whose scores could not be measured."""
+    return {
+        "vulnerability": None,
+        "robustness_radius": None,
+        "robustness_radius_l2": None,
+        "n_not_reached": None,
+        "epsilon": ROBUST_EPSILON,
+        "tau": ROBUST_TAU,
+        "r_max": ROBUST_R_MAX,
+        "n_compositions": n_compositions,
+        "per_composition": {},
+        "error": error,
     }
 
 
@@ -983,7 +1037,7 @@ class _StateChecker:
         if snapshot is not None and (not isinstance(snapshot, str) or "/" in snapshot):
             self.fail(f"{at}['episode']['snapshot']", snapshot, "a folder name")
 
-        if "chosen" in unit:
+        if unit.get("chosen") is not None:
             self.chosen(unit["chosen"], f"{at}['chosen']")
         if "epochs_used" in unit:
             used = unit["epochs_used"]
@@ -1341,6 +1395,9 @@ class Experiment:
     def run_unit(self, method: str, seed: int) -> dict[str, Any]:
         """Run the search, scoring, robustness and chemsys retraining of one unit."""
         unit = self.unit(method, seed)
+        if "chosen" in unit and unit["chosen"] is None:
+            self._record_no_model(unit, seed)
+            return unit
         if "test" in unit and not self.unit_paths(method, seed).predictions.is_file():
             # The test predictions were deleted (or never written): score again.
             del unit["test"]
@@ -1349,6 +1406,9 @@ class Experiment:
                 self._agent_search(unit, seed)
             else:
                 self._baseline_search(unit, method, seed)
+            if unit["chosen"] is None:
+                self._record_no_model(unit, seed)
+                return unit
         if "test" not in unit:
             self._score_test(unit, method, seed)
         if "robustness" not in unit:
@@ -1356,6 +1416,21 @@ class Experiment:
         if "chemsys" not in unit:
             self._retrain_chemsys(unit, method, seed)
         return unit
+
+    def _record_no_model(self, unit: dict[str, Any], seed: int) -> None:
+        """Record missing results for a unit whose search chose no model."""
+        reason = NO_MODEL_REASON
+        if "test" not in unit:
+            n_test = len(self.pools("random", seed).y_test)
+            unit["test"] = {name: None for name in _METRIC_FIELDS}
+            unit["test"].update(n=n_test, error=reason)
+        if "robustness" not in unit:
+            unit["robustness"] = _missing_robustness(0, reason)
+        if "chemsys" not in unit:
+            n_test = len(self.pools("chemsys", seed).y_test)
+            unit["chemsys"] = {"rmse": None, "mae": None, "n": n_test, "error": reason}
+            unit["chemsys_epochs"] = 0
+        self._write_state()
 
     # -- searches -------------------------------------------------------------
 
@@ -1423,19 +1498,26 @@ class Experiment:
         if bar is not None:
             bar.close()
         best = best_trial(records)
+        unit["epochs_used"] = budget.spent
+        unit["seconds"]["search"] = budget.seconds
         if best is None:
-            raise RuntimeError(
-                f"{method} seed {seed}: every trial diverged "
-                "(non-finite validation RMSE)"
+            # No model to score: run_unit records the unit's results as
+            # missing (n/a in the report) and the run goes on.
+            logger.warning(
+                "%s seed %d: every trial diverged (non-finite validation RMSE); "
+                "no model was chosen",
+                method,
+                seed,
             )
+            unit["chosen"] = None
+            self._write_state()
+            return
         unit["chosen"] = {
             "config": best.config,
             "trial": best.index,
             "val_rmse": best.val_rmse,
             "epochs_trained": best.epochs,
         }
-        unit["epochs_used"] = budget.spent
-        unit["seconds"]["search"] = budget.seconds
         self._write_state()
         logger.info(
             "%s seed %d: best trial %d, val RMSE %.4f eV/atom, %d epochs used",
@@ -1530,42 +1612,51 @@ class Experiment:
             metrics["mae"],
         )
 
-    def robust_rows(self, n_test: int) -> np.ndarray:
+    def robust_rows(self, pools: Pools) -> np.ndarray:
         """Return the test positions used for robustness, the same for every unit.
 
-        The test part of the random split does not depend on the seed, so a
-        fixed generator picks the same compositions for every method and seed.
+        Only compositions of two or more elements can be perturbed, and a
+        composition that several rows repeat counts once (its first row), so
+        the probe set contains distinct compositions that can change. The test
+        part of the random split does not depend on the seed, so a fixed
+        generator picks the same compositions for every method and seed.
         """
+        from dvmrl.datasets._vendored import COMPOSITION_COLUMN
+
+        eligible = pools.x_test.n_elements.numpy() >= 2
+        if COMPOSITION_COLUMN in self.df.columns:
+            keys = self.df[COMPOSITION_COLUMN].to_numpy()[pools.test_index]
+            first = np.zeros(len(keys), dtype=bool)
+            first[np.unique(keys, return_index=True)[1]] = True
+            eligible &= first
+        candidates = np.flatnonzero(eligible)
         rng = np.random.default_rng(20260101)
-        count = min(self.spec.preset.robust_n, n_test)
-        return np.sort(rng.choice(n_test, size=count, replace=False))
+        count = min(self.spec.preset.robust_n, len(candidates))
+        picked = rng.choice(len(candidates), size=count, replace=False)
+        return candidates[np.sort(picked)]
 
     def _measure_robustness(self, unit: dict[str, Any], method: str, seed: int) -> None:
         started = time.perf_counter()
         pools = self.pools("random", seed)
-        rows = self.robust_rows(len(pools.y_test))
-        model = self._load_chosen(unit, method, seed)
+        rows = self.robust_rows(pools)
         x = pools.x_test[rows]
         from dvmrl.adversarial import NonFinitePredictionError
 
-        try:
-            result = robustness(model, x, self.spec.preset, derive_seed(seed, 11))
-        except NonFinitePredictionError as err:
-            # Recorded as missing scores: the report shows n/a for this unit
-            # instead of the whole run stopping.
-            logger.warning("%s seed %d: robustness not measured: %s", method, seed, err)
-            result = {
-                "vulnerability": None,
-                "robustness_radius": None,
-                "robustness_radius_l2": None,
-                "n_not_reached": None,
-                "epsilon": ROBUST_EPSILON,
-                "tau": ROBUST_TAU,
-                "r_max": ROBUST_R_MAX,
-                "n_compositions": len(x),
-                "per_composition": {},
-                "error": str(err),
-            }
+        if len(rows) == 0:
+            result = _missing_robustness(
+                0, "the test part has no composition of two or more elements"
+            )
+        else:
+            model = self._load_chosen(unit, method, seed)
+            try:
+                result = robustness(model, x, self.spec.preset, derive_seed(seed, 11))
+            except NonFinitePredictionError as err:
+                # Recorded as missing scores: the report shows n/a for this
+                # unit instead of the whole run stopping.
+                logger.warning(
+                    "%s seed %d: robustness not measured: %s", method, seed, err
+                )
+                result = _missing_robustness(len(x), str(err))
         result["test_index"] = [int(i) for i in pools.test_index[rows]]
         unit["robustness"] = finite_or_none(result)
         unit["seconds"]["robustness"] = time.perf_counter() - started

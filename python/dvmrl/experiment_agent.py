@@ -456,23 +456,24 @@ def run_agent_unit(experiment, unit: dict[str, Any], seed: int) -> None:
         bar.close()
 
     best = env.best_state()
-    trainer = _chosen_trainer(env, best)
-    experiment._save_checkpoint(
-        trainer, paths.checkpoint, "agent", seed, "agent", episode["best_config"]
-    )
-    val_metrics, _ = score(
-        trainer, pools.x_val, pools.y_val, experiment.stability_threshold
-    )
+    epochs_trained = int(best.get("epochs", episode["best_epochs"]))
+    trainer = _chosen_trainer(env, best, epochs_trained)
     config = dict(episode["best_config"])
     model_config = best["model_config"]
     for key in ("hidden", "layers", "dropout"):
         config[key] = type(config[key])(model_config[key])
+    experiment._save_checkpoint(
+        trainer, paths.checkpoint, "agent", seed, "agent", config
+    )
+    val_metrics, _ = score(
+        trainer, pools.x_val, pools.y_val, experiment.stability_threshold
+    )
     unit["chosen"] = {
         "config": config,
         "trial": "agent",
         "val_rmse": val_metrics["rmse"],
         "env_val_rmse": finite_or_none(best.get("val_rmse")),
-        "epochs_trained": int(best.get("epochs", episode["best_epochs"])),
+        "epochs_trained": epochs_trained,
     }
     unit["epochs_used"] = int(env.epochs_used)
     unit["seconds"]["search"] = episode_seconds
@@ -528,8 +529,12 @@ def _rmse(prediction, target) -> float:
     return float(np.sqrt(np.mean((prediction - target) ** 2)))
 
 
-def _chosen_trainer(env, best: dict[str, Any]):
-    """Return a trainer with the episode's best weights, for saving and scoring."""
+def _chosen_trainer(env, best: dict[str, Any], epochs_trained: int):
+    """Return a trainer with the episode's best weights, for saving and scoring.
+
+    ``epochs_trained`` is the number of epochs behind those weights, which
+    may be fewer than the episode trained.
+    """
     from dvmrl.model import ModelConfig
     from dvmrl.training import Trainer
 
@@ -544,8 +549,9 @@ def _chosen_trainer(env, best: dict[str, Any]):
         device=env.device,
     )
     trainer.load_state(best["state"])
-    # The weights come from the episode's trainer, so its epoch count and
-    # history describe them; a fresh trainer would record 0 epochs.
-    trainer.epochs_done = int(env.trainer.epochs_done)
-    trainer.history = list(env.trainer.history)
+    # The weights come from the episode's trainer after epochs_trained of its
+    # epochs, so that count and the history up to it describe them; a fresh
+    # trainer would record 0 epochs.
+    trainer.epochs_done = epochs_trained
+    trainer.history = list(env.trainer.history[:epochs_trained])
     return trainer

@@ -79,12 +79,14 @@ def unit_row(unit: dict[str, Any]) -> dict[str, Any]:
     test = unit.get("test", {})
     chemsys = unit.get("chemsys", {})
     robust = unit.get("robustness", {})
-    chosen = unit.get("chosen", {})
+    # chosen is null when every trial of the search diverged.
+    chosen = unit.get("chosen") or {}
     seconds = dict(unit.get("seconds", {}))
     return {
         "method": unit["method"],
         "seed": unit["seed"],
         "complete": "chemsys" in unit,
+        "no_model": "chosen" in unit and unit["chosen"] is None,
         "test_rmse": test.get("rmse"),
         "test_mae": test.get("mae"),
         "test_r2": test.get("r2"),
@@ -662,7 +664,10 @@ def _robust_count(report: dict[str, Any]) -> str:
         return f"at most {requested} fixed test compositions (none measured yet)"
     text = f"{' or '.join(str(n) for n in used)} fixed test compositions"
     if used != [requested]:
-        text += f" (the budget asks for {requested}; the test part has fewer)"
+        text += (
+            f" (the budget asks for {requested}; the test part has fewer distinct "
+            "compositions of two or more elements)"
+        )
     return text
 
 
@@ -695,6 +700,18 @@ def _results_lines(report: dict[str, Any]) -> list[str]:
     for key, label in (("epochs", "epochs used"), ("seconds_total", "wall seconds")):
         cells = " | ".join(_cell(summary[key][m], 1) for m in methods)
         lines.append(f"| {label} | {cells} | |")
+    no_model = [
+        f"{METHOD_LABELS.get(r['method'], r['method'])} seed {r['seed']}"
+        for r in report["results"]
+        if r.get("no_model")
+    ]
+    if no_model:
+        lines += [
+            "",
+            f"No model, so no results (n/a) for {', '.join(no_model)}: every trial "
+            "of the search diverged (non-finite validation RMSE). The means above "
+            "leave these out.",
+        ]
     lines += [
         "",
         "Wall seconds include the work that epochs do not count: GP fits, "
@@ -845,20 +862,29 @@ def _verdict_lines(report: dict[str, Any]) -> list[str]:
         if not report["winners"][metric[0]].get("follows")
         and not report["winners"][metric[0]].get("selection_score")
     ]
+    decided = 0
     for key, *_ in counted:
         winner = report["winners"][key]
         if winner["winner"] is None:
             continue
+        decided += 1
         if winner["tie"]:
             ties += 1
         else:
             counts[winner["winner"]] += 1
     tally = ", ".join(f"{METHOD_LABELS.get(m, m)} {n}" for m, n in counts.items())
+    undecided = len(counted) - decided
+    missing = (
+        f" {_count(undecided, 'metric')} of {len(counted)} had results from fewer "
+        "than two methods, so nothing was compared there."
+        if undecided
+        else ""
+    )
     lines += [
-        f"Metrics won outright: {tally}; ties: {ties} (of {len(counted)}). Test "
-        "R^2 and the GCV score rank the methods as test RMSE does on the same "
-        "test set, and the best validation RMSE is the score the methods select "
-        "on, so these three are not counted.",
+        f"Metrics won outright: {tally}; ties: {ties} (of {decided}).{missing} "
+        "Test R^2 and the GCV score rank the methods as test RMSE does on the "
+        "same test set, and the best validation RMSE is the score the methods "
+        "select on, so these three are not counted.",
         "",
     ]
     for key, label, _unit, _higher in counted:
@@ -910,7 +936,14 @@ def _config_lines(report: dict[str, Any]) -> list[str]:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in report["results"]:
-        config = row["config"] or {}
+        config = row["config"]
+        if config is None:
+            label = METHOD_LABELS.get(row["method"], row["method"])
+            lines.append(
+                f"| {label} | {row['seed']} |" + " n/a |" * 6
+                + f" {row['epochs']} | {_format(row['seconds_total'], 1)} |"
+            )
+            continue
         lines.append(
             f"| {METHOD_LABELS.get(row['method'], row['method'])} | {row['seed']} | "
             f"{config.get('lr', float('nan')):.2e} | {config.get('batch_size', '')} | "

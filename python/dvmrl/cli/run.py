@@ -235,7 +235,7 @@ def _fill_defaults(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the comparison and print where the report went."""
-    from dvmrl.experiment import Experiment, RunSpec, resolve_preset
+    from dvmrl.experiment import PRESETS, Experiment, RunSpec, resolve_preset
 
     _fill_defaults(args)
     if "agent" not in args.methods:
@@ -264,7 +264,13 @@ def run(args: argparse.Namespace) -> int:
         agent_path=args.agent,
         agent_learn=bool(args.agent_learn),
     )
-    spec.check()
+    try:
+        spec.check()
+    except ValueError as err:
+        if isinstance(args.budget, str) and args.budget not in PRESETS:
+            # As for the file's own checks, the message names the file.
+            raise ValueError(f"budget file {args.budget}: {err}") from err
+        raise
     device = setup_compute(args)
     out_dir = Path(args.out)
     experiment = Experiment(
