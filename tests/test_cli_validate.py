@@ -143,6 +143,8 @@ def test_validate_element_split_holdout(checkpoint, tmp_path, capsys):
     assert code == 0
     assert data["holdout_element"] == "Ni"
     assert data["shift_holdout_element"] == "Ni"
+    # The checkpoint was trained on the random split: Ni comes from the option.
+    assert data["shift_holdout_source"] == "--holdout-element"
     assert "element (Ni held out): train vs test" in printed
 
 
@@ -182,10 +184,13 @@ def test_validate_prints_table(checkpoint, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 0
     assert "vulnerability" in printed
-    assert re.search(r"formula +DFT +predicted +change eV/atom +radius", printed)
+    # The targets of a user's CSV file are reference values, not DFT ones.
+    assert re.search(r"formula +reference +predicted +change eV/atom +radius", printed)
+    assert "radius: the smallest box radius that moves it by tau" in printed
     report = json.loads((tmp_path / "report.json").read_text())
+    assert report["target_label"] == "reference"
     top = max(report["compositions"], key=lambda row: abs(row["change"]))
-    assert f"{top['target']:>8.3f} {top['prediction']:>9.3f}" in printed
+    assert f"{top['target']:>9.3f} {top['prediction']:>9.3f}" in printed
     assert "random: train vs validation set" in printed
     assert "shift detection (0.5: no shift, 1: full shift)" in printed
     assert f"wrote {tmp_path / 'report.json'}, " in printed
@@ -231,6 +236,10 @@ def test_validate_warns_whole_pool(checkpoint, tmp_path, caplog):
         ),
         (["--strategy", "newest"], "unknown --strategy 'newest'"),
         (["--shift-samples", "5"], "--shift-samples must be >= 10, got 5"),
+        # --holdout-element is checked before the search even when only the
+        # shift table's element split uses it.
+        (["--holdout-element", "Xx"], "unknown element symbol 'Xx'"),
+        (["--holdout-element", "Cm"], "--holdout-element Cm occurs in no composition"),
         (
             ["--validation-size", "10", "--shift-folds", "20"],
             "--shift-folds 20 exceeds --validation-size 10",

@@ -243,6 +243,14 @@ def _check_arguments(args: argparse.Namespace) -> list[str]:
         raise UsageError(f"--lambda must be a number >= 0, got {args.lam}")
     if not (math.isfinite(args.r_max) and 0.0 < args.r_max < 1.0):
         raise UsageError(f"--r-max must lie in (0, 1), got {args.r_max}")
+    if args.r_max < args.epsilon:
+        logger.warning(
+            "--r-max %g is below --epsilon %g: a composition capped at r_max may "
+            "still move by more than tau within epsilon; raise --r-max to compare "
+            "the two",
+            args.r_max,
+            args.epsilon,
+        )
     if args.shift_folds < 2:
         raise UsageError(f"--shift-folds must be >= 2, got {args.shift_folds}")
     if args.shift_samples < MIN_SHIFT_SAMPLES:
@@ -538,6 +546,23 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
     write_text_atomic(path, text + "\n")
 
 
+def _check_shift_holdout(df, element: str) -> None:
+    """Raise UsageError unless ``element`` is a symbol that occurs in ``df``."""
+    from dvmrl.shift import default_holdout_element
+    from dvmrl.splits import _check_holdout_element, _element_mask
+
+    try:
+        element = _check_holdout_element(df, element)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if not _element_mask(df, element).any():
+        raise UsageError(
+            f"--holdout-element {element} occurs in no composition of the data, so "
+            "the shift table's element split would hold out nothing; pass an "
+            f"element of the data, such as {default_holdout_element(df)}"
+        )
+
+
 def _records(frame) -> list[dict]:
     return [
         {key: json_ready(value) for key, value in row.items()}
@@ -551,6 +576,7 @@ def run(args: argparse.Namespace) -> int:
     from dvmrl.datasets import resolve_data
     from dvmrl.elements import ELEMENTS
     from dvmrl.featurize import composition_features, featurize
+    from dvmrl.plotting import axis_labels
     from dvmrl.shift import (
         default_holdout_element,
         split_shift_table,
@@ -580,13 +606,17 @@ def run(args: argparse.Namespace) -> int:
 
         check_data_unchanged(df, data, metadata, command="validate")
     split, kind, split_holdout = _resolve_split(args, df, metadata)
+    if args.holdout_element is not None and kind != "element":
+        # Only the shift table's element split uses it then, so it is checked
+        # here, before the search, rather than skipped with a warning later.
+        _check_shift_holdout(df, args.holdout_element)
     # The shift table's element split holds out the same element as the
     # checkpoint's split, or else --holdout-element or the default choice.
     shift_holdout = split_holdout or args.holdout_element or default_holdout_element(df)
-    if split_holdout:
-        shift_holdout_source = "checkpoint split"
-    elif args.holdout_element:
+    if args.holdout_element:
         shift_holdout_source = "--holdout-element"
+    elif split_holdout:
+        shift_holdout_source = "checkpoint split"
     else:
         shift_holdout_source = "closest to 10 % of the rows"
     if len(split.test) == 0:
@@ -692,6 +722,9 @@ def run(args: argparse.Namespace) -> int:
         "holdout_element": split_holdout,
         "shift_holdout_element": shift_holdout,
         "shift_holdout_source": shift_holdout_source,
+        # What the targets are: DFT values for the vendored data sets, other
+        # reference values for a user's file.
+        "target_label": axis_labels(info)["reference"],
         "robustness_radius": robust.score,
         "robustness_radius_l2": robust.score_l2,
         "vulnerability": vuln.score,
@@ -760,18 +793,24 @@ def _print_report(report: dict, ranked: list[dict]) -> None:
         f"{report['n_not_reached']} capped at r_max {report['r_max']:g})"
     )
     print()
-    # DFT and prediction in eV/atom, so a large change can be read against
+    # Target and prediction in eV/atom, so a large change can be read against
     # the model's error on that composition.
+    label = report.get("target_label", "target")
     print(
-        f"{'formula':<24} {'DFT':>8} {'predicted':>9} {'change eV/atom':>14} "
+        f"{'formula':<24} {label:>9} {'predicted':>9} {'change eV/atom':>14} "
         f"{'radius':>8}  perturbation"
     )
     for row in ranked:
         print(
-            f"{row['formula']:<24} {row['target']:>8.3f} {row['prediction']:>9.3f} "
+            f"{row['formula']:<24} {row['target']:>9.3f} {row['prediction']:>9.3f} "
             f"{row['change']:>+14.4f} {row['robustness_radius']:>8.4f}  "
             f"{row['perturbation']}"
         )
+    print(
+        f"change and perturbation: the largest move of the prediction within "
+        f"epsilon {report['epsilon']:g}; radius: the smallest box radius that moves "
+        f"it by tau {report['tau']:g} eV/atom (r_max when no change within r_max does)"
+    )
     print()
     # 0.5 means the classifier cannot tell the two sets apart (no shift) and
     # 1 a complete shift. Without a shift, values a little below 0.5 arise by
@@ -779,6 +818,10 @@ def _print_report(report: dict, ranked: list[dict]) -> None:
     print(f"{'shift detection (0.5: no shift, 1: full shift)':<48} {'ROC AUC':>8}")
     for name, auc in report["shift_auc"].items():
         print(f"{name:<48} {auc:>8.3f}")
+    print(
+        "Values a little below 0.5 arise by chance on small or similar sets; they "
+        "mean no shift."
+    )
     if report.get("shift_holdout_source") == "closest to 10 % of the rows":
         print(
             f"The element split holds out {report['shift_holdout_element']}, the "
