@@ -129,3 +129,32 @@ def test_default_holdout_element(data):
     element = default_holdout_element(df)
     share = df["chemsys"].str.split("-").apply(lambda s: element in s).mean()
     assert 0.03 < share < 0.3
+
+
+def test_shared_rows_warned(caplog):
+    # Rows in both sets carry both labels, which pushes the AUC below 0.5.
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(60, 3))
+    with caplog.at_level("WARNING", logger="dvmrl"):
+        shift_auc(reference, reference[:30].copy(), folds=3, importance=False)
+    assert "30 of the 30 rows of the other set also occur" in caplog.text
+
+
+def test_generic_names_without_feature_names():
+    # 100 columns of other statistics must not get the default feature names.
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(40, 100))
+    b = rng.normal(size=(40, 100)) + np.eye(100)[7] * 3
+    result = shift_auc(a, b, folds=2, n_top=1)
+    assert result.top_features[0][0] == "feature_7"
+
+
+def test_strategy_table_skips_small_sets(data, caplog):
+    df, features = data
+    train = np.arange(0, 200)
+    with caplog.at_level("WARNING", logger="dvmrl"):
+        table = strategy_shift_table(
+            features, train, {"random": np.array([300, 301])}, **FAST
+        )
+    assert len(table) == 0
+    assert "skips train vs the validation set of random: 2 rows" in caplog.text

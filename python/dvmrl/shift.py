@@ -89,8 +89,9 @@ def shift_auc(
         reference (ndarray): features [N, F] of the training pool.
         other (ndarray): features [M, F] of the set to compare.
         feature_names (list, optional): F names for ``top_features``;
-            default ``composition_feature_names()`` when F matches, else
-            "feature_<i>".
+            default "feature_<i>". The table functions below pass
+            ``composition_feature_names()``, because their features are
+            ``composition_features``.
         max_samples (int): rows drawn from each set at most (>= 10).
         folds (int): stratified cross-validation folds (>= 2).
         seed (int): seed of the subsamples, folds and classifier.
@@ -144,12 +145,25 @@ def shift_auc(
             )
     n_features = reference.shape[1]
     if feature_names is None:
-        feature_names = _default_names(n_features)
+        # Other statistics can give as many columns as the default ones, so
+        # names are only taken from composition_feature_names on request.
+        feature_names = [f"feature_{i}" for i in range(n_features)]
     elif len(feature_names) != n_features:
         raise ValueError(
             f"feature_names has {len(feature_names)} names for {n_features} features"
         )
 
+    shared = _shared_rows(reference, other)
+    if shared:
+        # A row in both sets carries both labels, so the classifier learns
+        # to call it the other set's and the AUC falls far below 0.5.
+        logger.warning(
+            "shift detection: %d of the %d rows of the other set also occur in "
+            "the reference set, so the AUC can fall far below 0.5; compare "
+            "disjoint sets",
+            shared,
+            len(other),
+        )
     rng = np.random.default_rng(int(seed))
     reference = _subsample(reference, int(max_samples), rng)
     other = _subsample(other, int(max_samples), rng)
@@ -214,6 +228,12 @@ def shift_auc(
     )
 
 
+def _shared_rows(reference: np.ndarray, other: np.ndarray) -> int:
+    """Return how many rows of ``other`` equal a row of ``reference``."""
+    seen = {row.tobytes() for row in np.ascontiguousarray(reference)}
+    return sum(row.tobytes() in seen for row in np.ascontiguousarray(other))
+
+
 def _default_names(n_features: int) -> list[str]:
     from dvmrl.featurize import composition_feature_names
 
@@ -270,6 +290,7 @@ def split_shift_table(
     """
     from dvmrl.splits import KINDS, make_split
 
+    options.setdefault("feature_names", _default_names(features.shape[1]))
     rows = []
     for kind in kinds or KINDS:
         holdout = None
@@ -322,8 +343,19 @@ def strategy_shift_table(
         DataFrame: one row per strategy with the columns of
         :func:`split_shift_table` (``strategy`` in place of ``split``).
     """
+    options.setdefault("feature_names", _default_names(features.shape[1]))
+    folds = options.get("folds", DEFAULT_FOLDS)
     rows = []
     for strategy, chosen in selections.items():
+        if min(len(train_indices), len(chosen)) < folds:
+            logger.warning(
+                "shift detection skips train vs the validation set of %s: %d rows, "
+                "fewer than the %d folds",
+                strategy,
+                len(chosen),
+                folds,
+            )
+            continue
         result = shift_auc(
             features[train_indices], features[chosen], seed=seed, **options
         )
