@@ -582,6 +582,22 @@ def chemsys(fractions: Mapping | str) -> str:
     return "-".join(sorted(_as_fractions(fractions)))
 
 
+def reads_as_alloy_notation(formula: str) -> bool:
+    """Return True for a grouped formula that alloy notation reads too.
+
+    In standard notation "(CoCrFeNi)90Al10" has 2.7 at.% Al; as at.% shares
+    (``alloy_notation=True``) it has 10, so a formula valid both ways is
+    ambiguous.
+    """
+    if "(" not in formula:
+        return False
+    try:
+        parse(formula, alloy_notation=True)
+    except CompositionError:
+        return False
+    return True
+
+
 __all__ = [
     "ALLOY_TOTAL_RTOL",
     "MAX_ELEMENTS",
@@ -589,5 +605,6 @@ __all__ = [
     "chemsys",
     "format_formula",
     "parse",
+    "reads_as_alloy_notation",
     "validate",
 ]

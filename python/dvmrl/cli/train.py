@@ -2173,20 +2173,12 @@ def _check_predict_arguments(args: argparse.Namespace) -> None:
 
 
 def _alloy_notation_hints(formulas: list[str]) -> list[str]:
-    """Return a warning for each grouped formula that also reads as alloy notation.
-
-    In standard notation "(CoCrFeNi)90Al10" has 2.7 at.% Al; as at.% shares
-    (--alloy-notation) it has 10. A formula valid both ways is ambiguous.
-    """
-    from dvmrl.compositions import CompositionError, parse
+    """Return a warning for each grouped formula that also reads as alloy notation."""
+    from dvmrl.compositions import reads_as_alloy_notation
 
     hints = []
     for formula in formulas:
-        if "(" not in formula:
-            continue
-        try:
-            parse(formula, alloy_notation=True)
-        except CompositionError:
+        if not reads_as_alloy_notation(formula):
             continue
         hints.append(
             f"{formula} was read in standard notation, where a group's number "
@@ -2282,7 +2274,7 @@ def run_predict(args: argparse.Namespace) -> int:
         logger.info(
             "uncertainty_ev_per_atom is the spread of the model's predictions "
             "(a standard deviation), not a calibrated error bar: ensemble members "
-            "share their data and architecture, so they can all be wrong the "
-            "same way"
+            "draw their training rows from one data set and share one "
+            "architecture, so they can all be wrong the same way"
         )
     return 0

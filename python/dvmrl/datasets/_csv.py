@@ -365,6 +365,25 @@ def load_csv(
             f"{listed}{suffix}. Fix or remove these rows"
         )
 
+    if not alloy_notation:
+        from dvmrl.compositions import reads_as_alloy_notation
+
+        ambiguous = [
+            f"{formula} (line {line})"
+            for (formula, *_), line in zip(rows, key_lines, strict=True)
+            if reads_as_alloy_notation(formula)
+        ]
+        if ambiguous:
+            logger.warning(
+                "%s: %d formula(s) with a parenthesised group, such as %s, were "
+                "read in standard notation, where a group's number multiplies each "
+                "of its elements; if their numbers are at.%% shares, pass "
+                "--alloy-notation (alloy_notation=True)",
+                path,
+                len(ambiguous),
+                ", ".join(ambiguous[:3]),
+            )
+
     frame = pd.DataFrame(rows, columns=COLUMNS)
     frame["n_elements"] = frame["n_elements"].astype(np.int64)
     frame["target"] = frame["target"].astype(np.float64)
