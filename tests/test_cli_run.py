@@ -371,11 +371,16 @@ def test_tiny_data_leaves_no_folder(tmp_path, capsys):
 def test_small_data_warns_about_winners(tmp_path, capsys):
     data = sample_csv(tmp_path / "small.csv", 80)
     out = tmp_path / "run"
-    argv = ["run", "--budget", "quick", "--data", str(data), "--methods", "random"]
+    argv = ["run", "--budget", "quick", "--data", str(data)]
+    argv += ["--methods", "random", "bayesian"]
     code = main([*argv, "--out", str(out), "--no-progress", "--threads", "1"])
-    err = capsys.readouterr().err
-    assert code == 0, err
-    assert "warning: a test part has only" in err
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "warning: a test part has only" in captured.err
+    # The summary names every counted metric in the report's words.
+    for label in ("test RMSE (eV/atom)", "vulnerability (eV/atom)", "chemsys hold-out"):
+        assert label in captured.out
+    assert "one seed: ties were judged by the 0.5 % resolution" in captured.out
     assert (
         "Test parts: 8 compositions (random split)" in (out / "report.md").read_text()
     )

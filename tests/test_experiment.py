@@ -927,6 +927,14 @@ def test_agent_checkpoint_describes_kept_weights(finished_run):
     assert metadata["config"] == chosen["config"]
 
 
+def test_report_states_chemsys_epochs_and_scope(finished_run):
+    out, _ = finished_run
+    text = (out / "report.md").read_text()
+    label = f"chemsys hold-out RMSE (eV/atom), retrained {TINY.retrain_epochs} epochs"
+    assert f"| {label}, lower is better |" in text
+    assert "they do not measure the accuracy that `dvmrl train` reaches" in text
+
+
 def test_report_capped_radii_and_base_model(finished_run):
     """report.md counts the radii at r_max and names the fixed base model."""
     out, report = finished_run

@@ -316,10 +316,27 @@ def run(args: argparse.Namespace) -> int:
         handler.close()
         experiment.close()
     print(f"report: {out_dir / 'report.md'} and {out_dir / 'report.json'}")
-    for key in ("test_rmse", "chemsys_rmse", "robustness_radius"):
+    from dvmrl.report import (
+        FOLLOWS_TEST_RMSE,
+        METRICS,
+        RELATIVE_RESOLUTION,
+        SELECTION_METRICS,
+    )
+
+    compared = False
+    for key, label, unit, _higher in METRICS:
+        if key in FOLLOWS_TEST_RMSE or key in SELECTION_METRICS:
+            continue
         winner = report["winners"][key]
-        print(f"{key}: {_describe(winner)}")
-    _warn_small_test_parts(report)
+        compared = compared or winner["winner"] is not None
+        print(f"{label} ({unit}): {_describe(winner)}")
+    if len(report["seeds"]) == 1 and compared:
+        print(
+            f"one seed: ties were judged by the {100 * RELATIVE_RESOLUTION:g} % "
+            "resolution and the printed precision, not by the spread over seeds"
+        )
+    if compared:
+        _warn_small_test_parts(report)
     return 0
 
 
