@@ -45,15 +45,37 @@ def test_set_num_threads_round_trip():
         dvmrl.set_num_threads(before)
 
 
-@pytest.mark.parametrize("bad", [0, -2, 1.5])
+@pytest.mark.parametrize("bad", [0, -2, 1.5, 1025, 99999999999])
 def test_set_num_threads_rejects_bad_count(bad):
-    with pytest.raises(ValueError, match="threads must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"threads must be an integer in 1 \.\. 1024"):
         dvmrl.set_num_threads(bad)
 
 
 def test_resolve_device_rejects_unknown_name():
     with pytest.raises(ValueError, match="unknown device 'tpu'"):
         dvmrl.resolve_device("tpu")
+    with pytest.raises(ValueError, match="unknown device 'cuda:x'"):
+        dvmrl.resolve_device("cuda:x")
+
+
+def test_resolve_device_checks_gpu_number(monkeypatch):
+    # A stand-in for one visible GPU: the check runs before any CUDA call.
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert dvmrl.resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(RuntimeError, match=r"sees 1 CUDA GPU\(s\), cuda:0 \.\. cuda:0"):
+        dvmrl.resolve_device("cuda:7")
+
+
+def test_threads_too_many_exit_2(capsys):
+    from dvmrl.cli import main
+
+    code = main(["predict", "--threads", "99999999999", "missing.pt", "NiAl"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--threads: threads must be an integer in 1 .. 1024" in err
 
 
 def test_info_command_prints_json():

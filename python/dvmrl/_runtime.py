@@ -83,6 +83,11 @@ def get_num_threads() -> int:
     return int(_core.get_num_threads())
 
 
+# Most threads set_num_threads accepts: far above any CPU's cores, and a
+# count that both thread pools can start.
+MAX_THREADS = 1024
+
+
 def set_num_threads(n: int | None = None) -> int:
     """Set the threads used by dvmrl's kernels and by PyTorch on the CPU.
 
@@ -103,14 +108,17 @@ def set_num_threads(n: int | None = None) -> int:
         int: the thread count now in force.
 
     Raises:
-        ValueError: if ``n`` is smaller than 1.
+        ValueError: if ``n`` is not an integer in 1 .. MAX_THREADS.
     """
     import torch
 
     if n is None:
         n = _available_cores()
-    if int(n) != n or n < 1:
-        raise ValueError(f"threads must be an integer >= 1, got {n!r}")
+    if int(n) != n or not 1 <= n <= MAX_THREADS:
+        raise ValueError(
+            f"threads must be an integer in 1 .. {MAX_THREADS}, got {n!r}; pass at "
+            f"most the cores this process may use ({_available_cores()})"
+        )
     n = int(n)
     _core.set_num_threads(n)
     torch.set_num_threads(n)
@@ -140,11 +148,23 @@ def resolve_device(device: str | None = "auto"):
     if name == "cpu":
         return torch.device("cpu")
     if name == "cuda" or name.startswith("cuda:"):
+        index = name.removeprefix("cuda").removeprefix(":")
+        if name != "cuda" and not index.isdigit():
+            raise ValueError(
+                f"unknown device {device!r}; a GPU is named cuda or cuda:N with a "
+                "device number N such as 0"
+            )
         if not torch.cuda.is_available():
             raise RuntimeError(
                 f"device {device!r} requested but PyTorch sees no CUDA GPU; "
                 "use the CPU (--device cpu, or device='cpu' in Python) or run on "
                 "a GPU node"
+            )
+        count = torch.cuda.device_count()
+        if index and int(index) >= count:
+            raise RuntimeError(
+                f"device {device!r} requested but PyTorch sees {count} CUDA GPU(s), "
+                f"cuda:0 .. cuda:{count - 1}; pass one of them"
             )
         return torch.device(name)
     raise ValueError(f"unknown device {device!r}; expected cpu, cuda, cuda:N or auto")

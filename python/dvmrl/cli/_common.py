@@ -163,7 +163,10 @@ def setup_compute(args: argparse.Namespace):
     """
     from dvmrl._runtime import _available_cores, resolve_device, set_num_threads
 
-    threads = set_num_threads(args.threads)
+    try:
+        threads = set_num_threads(args.threads)
+    except ValueError as err:
+        raise UsageError(f"--threads: {err}") from None
     cores = _available_cores()
     if args.threads is not None and args.threads > cores:
         # More threads than cores only wait for each other.
