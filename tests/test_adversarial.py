@@ -204,6 +204,15 @@ def test_search_rejects_floor():
         adversarial_search(predict, batch, 0.05, floor=0.3)
 
 
+def test_floor_message_names_widest_composition():
+    # The suggested bound is 1/K of the composition with the most elements,
+    # and the message names that composition, not the first one over.
+    batch = featurize(["AlNi", "AlCoNi", "AlCoFeNi"])
+    predict, _ = _linear_model(0)
+    with pytest.raises(ValueError, match=r"for row 2 with 4 elements.*<= 0.25$"):
+        adversarial_search(predict, batch, 0.05, floor=0.6)
+
+
 def test_search_rejects_zero_floor():
     batch = featurize([{"Al": 0.5, "Ni": 0.5}])
     predict, _ = _linear_model(0)

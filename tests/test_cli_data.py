@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
@@ -159,3 +160,14 @@ def test_csv_options_rejected_for_vendored(argv, named, tmp_path, monkeypatch, c
 def test_data_info_empty_name(capsys):
     assert main(["data", "info", ""]) == 2
     assert "the data set name is empty" in capsys.readouterr().err
+
+
+def test_data_info_counts_other_compositions(tmp_path, capsys):
+    path = tmp_path / "mixed.csv"
+    path.write_text("formula,target\nNiAl,-0.5\nAlCoNi,-0.3\nAlCoFeNi,-0.2\nFe,0.0\n")
+    assert main(["data", "info", str(path)]) == 0
+    out = capsys.readouterr().out
+    counts = "rows 4 (1 binaries, 1 ternaries, 2 of one or of four and more elements)"
+    assert counts in out
+    assert main(["data", "info", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["other_compositions"] == 2

@@ -51,8 +51,18 @@ def test_featurize_k_max_pads():
 def test_featurize_k_max_errors():
     with pytest.raises(ValueError, match="k_max=1 is smaller than the 2 elements"):
         featurize(["Ni3Al"], k_max=1)
-    with pytest.raises(ValueError, match=r"k_max must be in 1 \.\. 8"):
+    with pytest.raises(ValueError, match=r"k_max must be an integer in 1 \.\. 8"):
         featurize(["Ni3Al"], k_max=9)
+    with pytest.raises(ValueError, match=r"an integer in 1 \.\. 8, got 2.5"):
+        featurize(["Ni3Al"], k_max=2.5)
+    assert featurize(["Ni3Al"], k_max=3.0).k_max == 3
+
+
+def test_featurize_missing_formula_names_position():
+    # pandas reads an empty formula cell as NaN, a float.
+    with pytest.raises(TypeError) as caught:
+        featurize(["NiAl", "Fe", float("nan")])
+    assert "composition at position 2" in caught.value.__notes__
 
 
 def test_featurize_empty():

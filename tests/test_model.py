@@ -495,6 +495,13 @@ def test_integral_float_sizes_become_ints(hidden):
     assert model.emb_offset.shape[1] == 16
 
 
+@pytest.mark.parametrize("value", ["false", "no", 2, None])
+def test_heteroscedastic_must_be_boolean(value):
+    # bool("false") is True, so strings are rejected rather than converted.
+    with pytest.raises(ValueError, match="heteroscedastic must be true or false"):
+        ModelConfig(heteroscedastic=value)
+
+
 @pytest.mark.parametrize("hidden", [16.5, True, "16", float("inf")])
 def test_non_integer_sizes_rejected(hidden):
     with pytest.raises(ValueError, match="hidden must be an integer >= 1"):

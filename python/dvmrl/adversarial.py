@@ -216,7 +216,8 @@ def _check_floor(
         )
     n_real = mask.sum(dim=1)
     if len(n_real) and float(n_real.max()) * floor > 1.0:
-        row = int(torch.nonzero(n_real * floor > 1.0)[0, 0])
+        # The composition with the most elements sets the bound named below.
+        row = int(torch.argmax(n_real))
         name = formulas[row] if formulas else f"row {row}"
         count = int(n_real[row])
         raise ValueError(
@@ -224,7 +225,7 @@ def _check_floor(
             f"(K * floor = {count * floor:g} > 1), so some of its elements "
             "lie below the floor and may only grow; the floor is meant as a small "
             f"minimum fraction (default {DEFAULT_FLOOR}): pass {option} <= "
-            f"{1.0 / int(n_real.max()):g}"
+            f"{1.0 / count:g}"
         )
     return floor
 

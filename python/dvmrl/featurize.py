@@ -179,13 +179,16 @@ def featurize(
     widest = max((len(fractions) for fractions in parsed), default=1)
     if k_max is None:
         k_max = widest
-    elif not 1 <= k_max <= MAX_ELEMENTS:
-        raise ValueError(f"k_max must be in 1 .. {MAX_ELEMENTS}, got {k_max}")
+    elif int(k_max) != k_max or not 1 <= k_max <= MAX_ELEMENTS:
+        raise ValueError(
+            f"k_max must be an integer in 1 .. {MAX_ELEMENTS}, got {k_max}"
+        )
     elif k_max < widest:
         raise ValueError(
             f"k_max={k_max} is smaller than the {widest} elements of the largest "
             "composition; raise k_max or leave it None"
         )
+    k_max = int(k_max)
     index = np.zeros((len(parsed), k_max), dtype=np.int64)
     frac = np.zeros((len(parsed), k_max), dtype=np.float64)
     mask = np.zeros((len(parsed), k_max), dtype=bool)
@@ -208,7 +211,9 @@ def _as_fractions(
         if isinstance(item, str):
             return parse(item, alloy_notation=alloy_notation, metals_only=metals_only)
         return validate(item, metals_only=metals_only)
-    except ValueError as error:
+    except (ValueError, TypeError) as error:
+        # A NaN from an empty CSV cell is a TypeError, and its position is
+        # what finds the row.
         error.add_note(f"composition at position {position}")
         raise
 

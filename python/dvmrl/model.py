@@ -94,6 +94,12 @@ class ModelConfig:
                 f"ModelConfig.dropout must lie in [0, 1), got {self.dropout!r}"
             )
         self.dropout = float(self.dropout)
+        # bool("false") is True, so only real booleans (and 0 or 1) pass.
+        if self.heteroscedastic not in (True, False):
+            raise ValueError(
+                "ModelConfig.heteroscedastic must be true or false, got "
+                f"{self.heteroscedastic!r}"
+            )
         self.heteroscedastic = bool(self.heteroscedastic)
         if not is_integral(self.fraction_hidden) or self.fraction_hidden < 0:
             raise ValueError(

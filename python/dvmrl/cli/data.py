@@ -305,6 +305,8 @@ def run_info(args: argparse.Namespace) -> int:
         "rows": len(df),
         "binaries": int((df["n_elements"] == 2).sum()),
         "ternaries": int((df["n_elements"] == 3).sum()),
+        # Unaries and compositions of four or more elements, in a user's file.
+        "other_compositions": int((~df["n_elements"].isin([2, 3])).sum()),
         "chemical_systems": int(df["chemsys"].nunique()),
         "elements": len(counts),
         # Compositions that contain each element, in the order of the
@@ -324,10 +326,12 @@ def run_info(args: argparse.Namespace) -> int:
         return 0
     units = summary["units"]
     print(f"{summary['name']}: {summary['source']}")
+    other = summary["other_compositions"]
+    others = f", {other} of one or of four and more elements" if other else ""
     print(
         f"rows {summary['rows']} ({summary['binaries']} binaries, "
-        f"{summary['ternaries']} ternaries), {summary['chemical_systems']} chemical "
-        f"systems, {summary['elements']} elements"
+        f"{summary['ternaries']} ternaries{others}), {summary['chemical_systems']} "
+        f"chemical systems, {summary['elements']} elements"
     )
     # Wrapped by hand, so that no line break falls between a symbol and its
     # count.
