@@ -191,7 +191,9 @@ void register_message_passing(pybind11::module_& m) {
       "grad_frac is always written, grad_node_table only with table_grad and grad_flat\n"
       "only with flat_grad (which requires table_grad). An unwritten gradient's address\n"
       "may be 0. With table_grad alone the backward skips the weight-gradient sums.\n"
-      "A CUDA call also takes a device scratch buffer, as mp_forward.");
+      "A CUDA call also takes a device scratch buffer, as mp_forward. With B = 0\n"
+      "nothing runs and no buffer is written: the caller zeroes the gradients, as\n"
+      "dvmrl.ops does.");
 #if defined(DVMRL_WITH_CUDA)
   m.def(
       "mp_cuda_scratch_size",

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from child_env import child_environment
-from conftest import requires_cuda
 
 import dvmrl
+from child_env import child_environment
+from conftest import requires_cuda
 from dvmrl import _core, ops, reference
 from dvmrl.layout import ModelDims, parameter_count, parameter_layout, unflatten
 
@@ -452,6 +452,24 @@ def test_cuda_fallback_message_says_how_to_rebuild(monkeypatch):
     monkeypatch.setattr(ops, "_warned_devices", set())
     with pytest.warns(RuntimeWarning, match="DVMRL_CUDA=ON pip install ."):
         ops._warn_fallback(torch.device("cuda"))
+
+
+def test_cuda_build_without_usable_driver_names_driver(monkeypatch):
+    # A CUDA build whose runtime finds no GPU (a driver older than the nvcc
+    # of the build): a rebuild without a newer driver would not help, so the
+    # warning names the driver and the runtime's reason.
+    import types
+
+    reason = "CUDA driver version is insufficient for CUDA runtime version"
+    info = {**ops._core.build_info(), "cuda_compiled": True}
+    info["cuda_unavailable_reason"] = reason
+    stand_in = types.SimpleNamespace(build_info=lambda: info)
+    monkeypatch.setattr(ops, "_core", stand_in)
+    monkeypatch.setattr(ops, "_core_has_cuda", lambda: False)
+    monkeypatch.setattr(ops, "_warned_devices", set())
+    with pytest.warns(RuntimeWarning, match="update the NVIDIA driver") as record:
+        ops._warn_fallback(torch.device("cuda"))
+    assert reason in str(record[0].message)
 
 
 def test_gpu_without_kernel_image_falls_back(monkeypatch):

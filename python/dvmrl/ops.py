@@ -16,8 +16,8 @@ import logging
 import warnings
 
 import torch
-from torch._C._functorch import unwrap_if_dead
 from torch._C import _functions as autograd_functions
+from torch._C._functorch import unwrap_if_dead
 
 from dvmrl import _core, reference
 from dvmrl.layout import ModelDims, parameter_count
@@ -79,6 +79,16 @@ def _warn_fallback(device: torch.device) -> None:
         fix = (
             f"{reason}; rebuild for this GPU with DVMRL_CUDA=ON pip install . "
             "-Ccmake.define.CMAKE_CUDA_ARCHITECTURES=<its compute capability, e.g. 75>"
+        )
+    elif device.type == "cuda" and _core.build_info()["cuda_compiled"]:
+        # The kernels are there, but the core's CUDA runtime finds no device,
+        # usually because the driver is older than the nvcc that built them.
+        reason = _core.build_info()["cuda_unavailable_reason"]
+        fix = (
+            f"the core was built with CUDA, but its CUDA runtime sees no GPU: "
+            f"{reason}; update the NVIDIA driver to one that supports the CUDA "
+            "version of the build (dvmrl info), or rebuild with the nvcc that "
+            "matches the driver: DVMRL_CUDA=ON pip install ."
         )
     elif device.type == "cuda":
         fix = "rebuild with CUDA: DVMRL_CUDA=ON pip install ."
