@@ -36,6 +36,7 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -339,6 +340,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"--set train.epochs: expected an integer >= 1, got {train_config.epochs}"
         )
+    if args.score_on == "dev" and "binary-to-ternary" in args.splits:
+        # Its training pool holds binaries only, so no ternary development
+        # part can be cut from it.
+        parser.error(
+            "--score-on dev cannot cut a development part from the binary-to-ternary "
+            "split, whose training pool has no ternaries; drop binary-to-ternary "
+            "from --splits or score on the test parts"
+        )
+    if args.json:
+        # Checked now, so that a bad path does not lose hours of training.
+        folder = Path(args.json).resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            parser.error(
+                f"--json {args.json}: folder {folder} is missing or not writable"
+            )
     df = load(DATA)
     info = build_info()
     print(
