@@ -1238,3 +1238,23 @@ def test_train_single_composition_names_fix(tmp_path, capsys):
     assert "add rows of other compositions" in err
     assert "--test-fraction" not in err
     assert not out.exists()
+
+
+def test_write_failure_names_resume(tmp_path, monkeypatch, capsys):
+    # A full disk during training: the message says how to continue. The
+    # failing write is a stand-in; the handler is the real one of dvmrl.cli.
+    import dvmrl.cli.train as train_cli
+
+    def disk_full(args):
+        raise OSError(28, "No space left on device", str(tmp_path / "out" / "last.pt"))
+
+    monkeypatch.setattr(train_cli, "run_train", disk_full)
+    code = main(["train", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "No space left on device" in err
+    assert "continue the run with the same command and --resume" in err
+    # predict has no --resume, so its message has no such hint.
+    monkeypatch.setattr(train_cli, "run_predict", disk_full)
+    assert main(["predict", "model.pt", "NiAl"]) == 1
+    assert "--resume" not in capsys.readouterr().err

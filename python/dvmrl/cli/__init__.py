@@ -211,6 +211,12 @@ def _main(argv: list[str] | None) -> int:
         message = err.strerror or str(err)
         if err.filename is not None:
             message = f"{message}: {err.filename}"
+        if hasattr(args, "resume") and getattr(args, "out", None):
+            # Commands with --resume keep what they finished before the error.
+            message += (
+                "; after fixing that, continue the run with the same command and "
+                "--resume"
+            )
         print(f"dvmrl {command}: error: {message}", file=sys.stderr)
         return EXIT_FAILURE
     except Exception as err:  # noqa: BLE001 - the CLI reports every failure
