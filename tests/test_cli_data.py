@@ -171,3 +171,10 @@ def test_data_info_counts_other_compositions(tmp_path, capsys):
     assert counts in out
     assert main(["data", "info", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["other_compositions"] == 2
+
+
+def test_data_info_hull_counts_near_hull(capsys):
+    # Rows at or below the threshold lie on or near the hull, not all on it.
+    assert main(["data", "info", "mp-energy-above-hull"]) == 0
+    out = capsys.readouterr().out
+    assert "within 25 meV/atom of the hull (target <= 0.025 eV/atom):" in out

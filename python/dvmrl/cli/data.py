@@ -354,11 +354,12 @@ def run_info(args: argparse.Namespace) -> int:
     if stable is not None:
         # A negative formation energy means stable against the pure elements
         # only; stability proper is the distance to the convex hull.
-        label = (
-            "stable against the elements"
-            if summary["target_kind"] == "formation_energy"
-            else "stable"
-        )
+        if summary["target_kind"] == "formation_energy":
+            label = "stable against the elements"
+        elif summary["target_kind"] == "energy_above_hull":
+            label = f"within {1000 * threshold:g} meV/atom of the hull"
+        else:
+            label = "stable"
         print(
             f"{label} (target <= {threshold:g} {units}): {stable} of {summary['rows']}"
         )
