@@ -236,6 +236,7 @@ def test_validate_warns_whole_pool(checkpoint, tmp_path, caplog):
         ),
         (["--strategy", "newest"], "unknown --strategy 'newest'"),
         (["--shift-samples", "5"], "--shift-samples must be >= 10, got 5"),
+        (["--shift-samples", "0"], "--shift-samples must be >= 10, got 0"),
         # --holdout-element is checked before the search even when only the
         # shift table's element split uses it.
         (["--holdout-element", "Xx"], "unknown element symbol 'Xx'"),
@@ -393,3 +394,14 @@ def test_validate_search_options_reach_strategy(checkpoint, tmp_path, monkeypatc
     # validation strategy all search with the command's settings.
     assert len(seen) > 2
     assert set(seen) == {(3, 1, 0.5)}
+
+
+@pytest.mark.parametrize("reached", [[True, True, False], [True] * 3, [False] * 3])
+def test_histogram_marks_capped_radii(tmp_path, reached):
+    # Capped radii get their own colour and a count in the legend; a set
+    # with no capped (or only capped) compositions still plots.
+    from dvmrl.cli.validate import _histogram
+
+    path = tmp_path / "radii.png"
+    _histogram(np.array([0.05, 0.1, 0.25]), np.array(reached), 0.25, 0.05, path)
+    assert path.stat().st_size > 0

@@ -193,7 +193,8 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--shift-samples",
-        type=positive_int,
+        # A plain int: _check_arguments names the real minimum.
+        type=int,
         default=500,
         help=f"rows per set in shift detection, at most (>= {MIN_SHIFT_SAMPLES}); "
         "default 500",
@@ -491,7 +492,14 @@ def _format_delta(symbols: list[str], delta: np.ndarray) -> str:
     )
 
 
-def _histogram(radii: np.ndarray, r_max: float, tau: float, path: Path) -> None:
+def _histogram(
+    radii: np.ndarray, reached: np.ndarray, r_max: float, tau: float, path: Path
+) -> None:
+    """Plot the radii, with the compositions capped at r_max in their own colour.
+
+    A capped composition moved by less than tau within r_max, so its radius
+    is a lower bound, not a measured radius.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -500,9 +508,17 @@ def _histogram(radii: np.ndarray, r_max: float, tau: float, path: Path) -> None:
     figure = Figure(figsize=(6, 4))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
+    reached = np.asarray(reached, dtype=bool)
+    bins = np.linspace(0.0, r_max, 26)
     axes.hist(
-        radii, bins=np.linspace(0.0, r_max, 26), color="#1f77b4", edgecolor="white"
+        [radii[reached], radii[~reached]],
+        bins=bins,
+        stacked=True,
+        color=["#1f77b4", "#bbbbbb"],
+        edgecolor="white",
+        label=["reached tau", f"capped at r_max ({int((~reached).sum())})"],
     )
+    axes.legend(loc="upper left", frameon=False)
     axes.set_xlabel("robustness radius (fraction)")
     axes.set_ylabel("compositions")
     axes.set_title(f"smallest box radius that moves the prediction by {tau:g} eV/atom")
@@ -758,7 +774,13 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _write_json_atomic(out / REPORT_FILE, report)
-    _histogram(rt["radius"].to_numpy(), args.r_max, args.tau, out / HISTOGRAM_FILE)
+    _histogram(
+        rt["radius"].to_numpy(),
+        rt["reached"].to_numpy(),
+        args.r_max,
+        args.tau,
+        out / HISTOGRAM_FILE,
+    )
     ranked = sorted(per_composition, key=lambda row: -abs(row["change"]))[
         :TOP_VULNERABLE
     ]
