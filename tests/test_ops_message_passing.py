@@ -961,3 +961,29 @@ def test_cuda_frac_gradient_alone_equals_full():
     ).to(out.device)
     (alone,) = torch.autograd.grad((out * weight).sum(), frac_leaf)
     assert rel_error(alone.cpu(), full[3].cpu()) < 1e-12
+
+
+def test_cuda_backward_honours_deterministic_algorithms():
+    # The check runs before any kernel, so a CUDA plan stand-in suffices;
+    # the CPU kernels are deterministic and pass.
+    import types
+    import warnings
+
+    cuda_plan = types.SimpleNamespace(device_index=0)
+    cpu_plan = types.SimpleNamespace(device_index=-1)
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="not deterministic"):
+            ops._check_deterministic(cuda_plan)
+        ops._check_deterministic(cpu_plan)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="atomicAdd"):
+            ops._check_deterministic(cuda_plan)
+        torch.use_deterministic_algorithms(False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ops._check_deterministic(cuda_plan)
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)

@@ -446,11 +446,33 @@ class _FusedModel(torch.autograd.Function):
         return _fused_backward(ctx, grad_out)
 
 
+def _check_deterministic(plan: _Plan) -> None:
+    """Honour torch.use_deterministic_algorithms for the CUDA backward.
+
+    The CUDA backward sums gradients with atomicAdd, so its last bits vary
+    from run to run. As PyTorch does for its own such ops, it raises when
+    deterministic algorithms are requested, or warns with warn_only=True.
+    """
+    if plan.device_index < 0 or not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (
+        "dvmrl's CUDA backward sums gradients with atomicAdd, so it is not "
+        "deterministic, but torch.use_deterministic_algorithms(True) is set; run "
+        "on the CPU, whose kernels are deterministic, or use "
+        "torch.use_deterministic_algorithms(True, warn_only=True)"
+    )
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, UserWarning, stacklevel=2)
+        return
+    raise RuntimeError(message)
+
+
 def _fused_backward(ctx, grad_out):
     """Run the core backward and return the gradients of the forward's inputs."""
     # Unpacking checks that no saved tensor was modified in place.
     node_table, flat, element_index, frac, mask, workspace, *_ = ctx.saved_tensors
     plan = ctx.plan
+    _check_deterministic(plan)
     needs = ctx.needs_input_grad
     # flat's gradient needs the weight-gradient sums, the expensive part of
     # the backward, and that pass also yields node_table's. node_table alone
