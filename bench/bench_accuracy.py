@@ -176,6 +176,8 @@ def run_split(
                 "best_val_rmse": best["val_rmse"],
                 "best_val_mae": best["val_mae"],
                 "seconds": seconds,
+                "n_train": len(split.train),
+                "n_val": len(split.val),
                 "test_predictions": predictions.tolist(),
             }
         )
@@ -190,13 +192,16 @@ def run_split(
         "split": kind,
         **score(y_test, mean_prediction),
         "test_predictions": mean_prediction.tolist(),
+        # Targets and frame rows of the scored part, for paired bootstraps.
+        "test_targets": y_test.tolist(),
+        "test_rows": [int(row) for row in split.test],
         "members": runs,
         "seconds": sum(run["seconds"] for run in runs),
-        "n_train": len(split.train),
-        "n_val": len(split.val),
         "n_test": len(split.test),
     }
-    for key in ("epochs", "best_epoch", "best_val_rmse", "best_val_mae"):
+    # Member 0's training facts; each member's are under "members".
+    member_keys = ("epochs", "best_epoch", "best_val_rmse", "best_val_mae")
+    for key in (*member_keys, "n_train", "n_val"):
         result[key] = runs[0][key]
     return result
 
@@ -383,10 +388,12 @@ def main(argv: list[str] | None = None) -> int:
         result["load_after"] = os.getloadavg()[0]
         results.append(result)
         label = "" if args.members == 1 else f" ensemble of {args.members}"
+        member = "" if args.members == 1 else "member 0: "
         print(
             f"{kind:>8}{label}: {part} RMSE {result['rmse']:.4f}  MAE "
             f"{result['mae']:.4f} eV/atom  R2 {result['r2']:.4f}  "
-            f"({result['epochs']} epochs, best {result['best_epoch']}, val RMSE "
+            f"({member}{result['epochs']} epochs, best {result['best_epoch']}, "
+            f"val RMSE "
             f"{result['best_val_rmse']:.4f} MAE {result['best_val_mae']:.4f}, "
             f"{result['seconds']:.0f} s, tail share of squared error "
             f"{result['tail_share_of_squared_error']:.2f})",
@@ -441,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         payload = {
             "data": DATA,
-            "data_info": dataset_info(DATA).get("name"),
+            "data_info": dataset_info(DATA),
             "threads": args.threads,
             "scored_on": args.score_on,
             "model": model_config.to_dict(),

@@ -50,3 +50,37 @@ def test_chemsys_development_part_keeps_systems_whole(bench, data):
     dev_systems = set(frame["chemsys"].iloc[split.test])
     pool_systems = set(frame["chemsys"].iloc[np.concatenate([split.train, split.val])])
     assert dev_systems.isdisjoint(pool_systems)
+
+
+def test_run_split_records_members_and_targets(bench, data):
+    from dvmrl.model import ModelConfig
+    from dvmrl.training import TrainConfig
+
+    frame = data.sample(n=300, random_state=3).reset_index(drop=True)
+    small = ModelConfig(
+        hidden=8, layers=1, gate_hidden=8, msg_hidden=8, head_hidden=8, head_layers=1
+    )
+    result = bench.run_split(
+        frame, "random", 0, small, TrainConfig(epochs=1, batch_size=64), members=2
+    )
+    assert len(result["test_targets"]) == result["n_test"] == len(result["test_rows"])
+    targets = frame["target"].to_numpy()[result["test_rows"]]
+    assert np.array_equal(targets, result["test_targets"])
+    # Each member trains on its own division; the top level repeats member 0's.
+    assert result["members"][0]["n_train"] == result["n_train"]
+    for member in result["members"]:
+        assert member["n_train"] + member["n_val"] == 300 - result["n_test"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--score-on", "dev", "--splits", "binary-to-ternary"], "has no ternaries"),
+        (["--json", "/nonexistent-folder/out.json"], "is missing or not writable"),
+    ],
+)
+def test_bad_options_stop_before_training(bench, argv, message, capsys):
+    with pytest.raises(SystemExit) as caught:
+        bench.main(argv)
+    assert caught.value.code == 2
+    assert message in capsys.readouterr().err
