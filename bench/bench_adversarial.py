@@ -28,6 +28,7 @@ import torch
 
 import dvmrl
 from dvmrl.adversarial import adversarial_search
+from dvmrl.cli._common import non_negative_int, positive_int
 from dvmrl.datasets import load
 from dvmrl.featurize import featurize
 from dvmrl.model import CompositionMPNN, ModelConfig
@@ -125,31 +126,43 @@ def time_search(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--threads", type=int, default=2, help="dvmrl CPU threads; default: 2"
+        "--threads", type=positive_int, default=2, help="dvmrl CPU threads; default: 2"
     )
     parser.add_argument(
         "--batch",
-        type=int,
+        type=positive_int,
         default=10_000,
         help="rows B of the projection problem; default: 10000",
     )
     parser.add_argument(
-        "--k", type=int, default=3, help="slots K of the projection problem; default: 3"
+        "--k",
+        type=positive_int,
+        default=3,
+        help="slots K of the projection problem; default: 3",
     )
     parser.add_argument(
-        "--repeats", type=int, default=21, help="projection repeats; default: 21"
+        "--repeats",
+        type=positive_int,
+        default=21,
+        help="projection repeats; default: 21",
     )
     parser.add_argument(
         "--compositions",
-        type=int,
+        type=positive_int,
         default=10_000,
         help="compositions N of the search; default: 10000",
     )
     parser.add_argument(
-        "--steps", type=int, default=50, help="gradient steps S per run; default: 50"
+        "--steps",
+        type=positive_int,
+        default=50,
+        help="gradient steps S per run; default: 50",
     )
     parser.add_argument(
-        "--starts", type=int, default=4, help="runs R per composition; default: 4"
+        "--starts",
+        type=positive_int,
+        default=4,
+        help="runs R per composition; default: 4",
     )
     parser.add_argument(
         "--paths",
@@ -158,7 +171,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--train-epochs",
-        type=int,
+        type=non_negative_int,
         default=5,
         help="epochs the model is fitted before the search (0: random weights)",
     )
@@ -169,6 +182,14 @@ def main() -> None:
         "--skip-search", action="store_true", help="time the projection only"
     )
     args = parser.parse_args()
+    paths = args.paths.split(",")
+    unknown = [path for path in paths if path not in ("fused", "reference")]
+    if unknown:
+        parser.error(
+            f"--paths: unknown path(s) {unknown}; use fused, reference or both"
+        )
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        parser.error(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}")
 
     dvmrl.set_num_threads(args.threads)
     info = dvmrl.build_info()

@@ -23,6 +23,7 @@ import numpy as np
 
 from dvmrl import set_num_threads
 from dvmrl.agent import DQNAgent, load_pretrained, run_episode
+from dvmrl.cli._common import positive_int
 from dvmrl.env import ACTION_INDEX, ModelTuningEnv
 
 
@@ -45,10 +46,13 @@ def main() -> None:
         "--agent", default=None, help="agent file to compare; default: the shipped one"
     )
     parser.add_argument(
-        "--seeds", type=int, default=5, help="episode seeds per policy; default: 5"
+        "--seeds",
+        type=positive_int,
+        default=5,
+        help="episode seeds per policy; default: 5",
     )
     parser.add_argument(
-        "--threads", type=int, default=2, help="dvmrl CPU threads; default: 2"
+        "--threads", type=positive_int, default=2, help="dvmrl CPU threads; default: 2"
     )
     args = parser.parse_args()
     set_num_threads(args.threads)

@@ -22,6 +22,7 @@ import time
 import torch
 
 from dvmrl import set_num_threads
+from dvmrl.cli._common import positive_int
 from dvmrl.env import ACTION_INDEX, ModelTuningEnv
 
 # One representative per kind; "stop" trains nothing and is not timed.
@@ -43,8 +44,8 @@ TIMED = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--json", default=None, help="write the timings to this JSON file")
     args = parser.parse_args()
     set_num_threads(args.threads)

@@ -26,6 +26,7 @@ import torch
 
 import dvmrl
 from dvmrl import datasets, splits
+from dvmrl.cli._common import positive_int
 from dvmrl.featurize import featurize
 from dvmrl.model import ModelConfig
 from dvmrl.training import TrainConfig, Trainer
@@ -48,9 +49,17 @@ class DefaultAdamWTrainer(Trainer):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=5, help="epochs timed per path")
     parser.add_argument(
-        "--threads", type=int, default=2, help="CPU threads of dvmrl and PyTorch"
+        "--epochs",
+        type=positive_int,
+        default=5,
+        help="epochs timed per path",
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=2,
+        help="CPU threads of dvmrl and PyTorch",
     )
     parser.add_argument("--device", default="cpu", help="compute device: cpu or cuda")
     parser.add_argument(
