@@ -199,7 +199,7 @@ def run_split(
         "seconds": sum(run["seconds"] for run in runs),
         "n_test": len(split.test),
     }
-    # Member 0's training facts; each member's are under "members".
+    # Member 0's training facts. Each member's are under "members".
     member_keys = ("epochs", "best_epoch", "best_val_rmse", "best_val_mae")
     for key in (*member_keys, "n_train", "n_val"):
         result[key] = runs[0][key]
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--set train.epochs: expected an integer >= 1, got {train_config.epochs}"
         )
     if args.score_on == "dev" and "binary-to-ternary" in args.splits:
-        # Its training pool holds binaries only, so no ternary development
+        # Its training pool contains binaries only, so no ternary development
         # part can be cut from it.
         parser.error(
             "--score-on dev cannot cut a development part from the binary-to-ternary "

@@ -66,7 +66,7 @@ def test_run_split_records_members_and_targets(bench, data):
     assert len(result["test_targets"]) == result["n_test"] == len(result["test_rows"])
     targets = frame["target"].to_numpy()[result["test_rows"]]
     assert np.array_equal(targets, result["test_targets"])
-    # Each member trains on its own division; the top level repeats member 0's.
+    # Each member trains on its own division, and the top level repeats member 0's.
     assert result["members"][0]["n_train"] == result["n_train"]
     for member in result["members"]:
         assert member["n_train"] + member["n_val"] == 300 - result["n_test"]

@@ -191,8 +191,8 @@ def test_budget_too_small_exit_2(tmp_path, capsys):
 
 
 def test_budget_file_named_in_run_check(tmp_path, capsys):
-    # n_initial_points is checked with the methods, after the file was read;
-    # the message still names the file.
+    # n_initial_points is checked with the methods, after the file was read,
+    # and the message still names the file.
     path = tmp_path / "budget.json"
     path.write_text(json.dumps({**TINY_BUDGET, "n_initial_points": 50}))
     code = main(["run", "--budget", str(path), "--out", str(tmp_path / "o")])

@@ -1241,8 +1241,8 @@ def test_train_single_composition_names_fix(tmp_path, capsys):
 
 
 def test_write_failure_names_resume(tmp_path, monkeypatch, capsys):
-    # A full disk during training: the message says how to continue. The
-    # failing write is a stand-in; the handler is the real one of dvmrl.cli.
+    # A full disk during training: the message names how to continue. The
+    # failing write is a stand-in, and the handler is the real one of dvmrl.cli.
     import dvmrl.cli.train as train_cli
 
     def disk_full(args):

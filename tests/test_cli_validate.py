@@ -398,7 +398,7 @@ def test_validate_search_options_reach_strategy(checkpoint, tmp_path, monkeypatc
 
 @pytest.mark.parametrize("reached", [[True, True, False], [True] * 3, [False] * 3])
 def test_histogram_marks_capped_radii(tmp_path, reached):
-    # Capped radii get their own colour and a count in the legend; a set
+    # Capped radii get their own colour and a count in the legend, and a set
     # with no capped (or only capped) compositions still plots.
     from dvmrl.cli.validate import _histogram
 

@@ -437,7 +437,7 @@ def test_preset_by_name():
 
 def test_all_trials_diverged_recorded(tmp_path, monkeypatch):
     # Every baseline trial reports a NaN loss: the unit has no model, its
-    # results are recorded as missing, the report says why, and a resume of
+    # results are recorded as missing, the report names the reason, and a resume of
     # the finished folder gives the same report instead of failing.
     from dvmrl.training.trainer import Trainer
 
@@ -899,7 +899,7 @@ def test_report_agent_without_result(finished_run, tmp_path):
 
 def test_verdict_counts_only_compared_metrics(finished_run, tmp_path):
     # No unit has chemsys results: those two metrics compare nothing, so the
-    # verdict counts its ties among the other four and says so.
+    # verdict counts its ties among the other four and states that.
     from dvmrl.report import write_report
 
     out, _ = finished_run

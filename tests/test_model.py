@@ -459,7 +459,7 @@ def test_batch_without_slots_rejected():
 @pytest.mark.parametrize("use_fused", [True, False])
 def test_poisoned_padding_is_ignored(use_fused):
     # Padded slots are outside the contract's values (NaN fractions, rows
-    # outside the element table); the output and every gradient must equal
+    # outside the element table). The output and every gradient must equal
     # those of the clean batch, on both paths.
     model = _model()
     model.use_fused = use_fused

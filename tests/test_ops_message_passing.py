@@ -964,8 +964,8 @@ def test_cuda_frac_gradient_alone_equals_full():
 
 
 def test_cuda_backward_honours_deterministic_algorithms():
-    # The check runs before any kernel, so a CUDA plan stand-in suffices;
-    # the CPU kernels are deterministic and pass.
+    # The check runs before any kernel, so a CUDA plan stand-in suffices.
+    # The CPU kernels are deterministic and pass.
     import types
     import warnings
 

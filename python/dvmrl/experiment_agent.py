@@ -550,7 +550,7 @@ def _chosen_trainer(env, best: dict[str, Any], epochs_trained: int):
     )
     trainer.load_state(best["state"])
     # The weights come from the episode's trainer after epochs_trained of its
-    # epochs, so that count and the history up to it describe them; a fresh
+    # epochs, so that count and the history up to it describe them. A fresh
     # trainer would record 0 epochs.
     trainer.epochs_done = epochs_trained
     trainer.history = list(env.trainer.history[:epochs_trained])

@@ -53,7 +53,7 @@ class ModelDims:
                 raise ValueError(
                     f"ModelDims.{name} must be an integer >= {least}, got {value!r}"
                 )
-            # Sizes read from JSON may be integral floats (16.0); tensor
+            # Sizes read from JSON may be integral floats (16.0), but tensor
             # constructors and slices need Python ints.
             object.__setattr__(self, name, int(value))
 

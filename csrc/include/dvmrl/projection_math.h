@@ -157,7 +157,7 @@ DVMRL_HD inline int32_t project_row(const T* x, const T* lo, const T* hi,
   // Adding one constant to every entry of x leaves the projection unchanged
   // (the sum of y is fixed). Shifting x so that its largest entry is 0 keeps
   // x - lo, x - hi and x - t exact enough for |x| of 1e12 and more, where
-  // they would otherwise cancel catastrophically; entries far below the
+  // they would otherwise cancel catastrophically. Entries far below the
   // largest end at their lower bound either way, so a shift that overflows
   // is held at -kDoubleMax.
   double x_max = xs[0];
