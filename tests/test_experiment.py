@@ -456,11 +456,14 @@ def test_all_trials_diverged_recorded(tmp_path, monkeypatch):
     assert unit["chosen"] is None
     assert unit["epochs_used"] == tiny_run.TINY.epochs
     assert all(t["val_rmse"] is None for t in unit["trials"])
-    assert unit["test"]["rmse"] is None and "diverged" in unit["test"]["error"]
+    assert unit["test"]["rmse"] is None
+    assert "diverged" in unit["test"]["error"]
     assert unit["chemsys"]["rmse"] is None
     assert unit["robustness"]["vulnerability"] is None
     (row,) = report["results"]
-    assert row["no_model"] and row["test_rmse"] is None and row["complete"]
+    assert row["no_model"]
+    assert row["test_rmse"] is None
+    assert row["complete"]
     text = (tmp_path / "out" / "report.md").read_text()
     assert "No model, so no results (n/a) for random search seed 0" in text
     assert re.search(r"\| random search \| 0 \|( n/a \|){6}", text)
@@ -496,7 +499,8 @@ def test_robustness_probes_distinct_compositions():
         preset=dataclasses.replace(TINY, robust_n=2)
     )
     picked = experiment.robust_rows(pools)
-    assert len(picked) == 2 and set(picked.tolist()) <= {1, 3, 5, 7}
+    assert len(picked) == 2
+    assert set(picked.tolist()) <= {1, 3, 5, 7}
 
 
 def test_bayesian_without_surrogate_rejected():

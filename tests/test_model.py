@@ -488,7 +488,8 @@ def test_poisoned_padding_is_ignored(use_fused):
 def test_integral_float_sizes_become_ints(hidden):
     # Hand-written JSON may spell a width 16.0.
     config = ModelConfig.from_dict({**SMALL, "hidden": hidden, "fraction_hidden": 8.0})
-    assert type(config.hidden) is int and config.hidden == 16
+    assert type(config.hidden) is int
+    assert config.hidden == 16
     assert type(config.dims.hidden) is int
     assert type(parameter_count(config.dims)) is int
     model = CompositionMPNN(config, seed=0)

@@ -804,7 +804,7 @@ def robustness(model, x, preset: Preset, seed: int) -> dict[str, Any]:
     }
 
 
-# Why a unit whose search trained no usable model has no results.
+# Reason recorded for a unit whose search trained no usable model.
 NO_MODEL_REASON = "every trial of the search diverged, so no model was chosen"
 
 

@@ -59,7 +59,7 @@ class ModelDims:
 
 
 def is_integral(value) -> bool:
-    """Whether ``value`` is a real number with an integer value (16 or 16.0)."""
+    """Return True for a real number with an integer value (16 or 16.0)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return False
     return math.isfinite(value) and int(value) == value
