@@ -939,6 +939,53 @@ def test_report_states_chemsys_epochs_and_scope(finished_run):
     assert "they do not measure the accuracy that `dvmrl train` reaches" in text
 
 
+def test_report_notes_name_only_methods_run(finished_run, tmp_path):
+    # A run of random search alone has no GP fits and no agent to explain.
+    from dvmrl.report import write_report
+
+    out, _ = finished_run
+    text = (out / "report.md").read_text()
+    assert "GP fits, agent decisions, test scoring" in text
+    assert "The agent selects its checkpoint" in text
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    state = json.loads((copy / "state.json").read_text())
+    state["units"] = {"random/seed0": state["units"]["random/seed0"]}
+    (copy / "state.json").write_text(json.dumps(state))
+    run = json.loads((copy / "run.json").read_text())
+    run["signature"]["methods"] = ["random"]
+    (copy / "run.json").write_text(json.dumps(run))
+    write_report(copy)
+    single = (copy / "report.md").read_text()
+    assert "do not count: test scoring, robustness searches and the chemsys" in single
+    assert "GP fits" not in single
+    assert "The agent selects its checkpoint" not in single
+
+
+def test_parity_plot_shows_best_metrics(finished_run, tmp_path, monkeypatch):
+    # The run's parity plot carries the metrics box of dvmrl evaluate's plot.
+    import dvmrl.plotting
+    from dvmrl.report import write_report
+
+    out, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    calls = []
+    real = dvmrl.plotting.parity_plot
+
+    def record(path, *args, **options):
+        calls.append(options)
+        return real(path, *args, **options)
+
+    monkeypatch.setattr(dvmrl.plotting, "parity_plot", record)
+    report = write_report(copy)
+    best = min(report["results"], key=lambda row: row["test_rmse"])
+    (options,) = calls
+    assert options["metrics"]["rmse"] == best["test_rmse"]
+    assert options["metrics"]["mae"] == best["test_mae"]
+    assert options["metrics"]["r2"] == best["test_r2"]
+
+
 def test_report_capped_radii_and_base_model(finished_run):
     """report.md counts the radii at r_max and names the fixed base model."""
     out, report = finished_run

@@ -720,11 +720,13 @@ def _results_lines(report: dict[str, Any]) -> list[str]:
             "of the search diverged (non-finite validation RMSE). The means above "
             "leave these out.",
         ]
+    extra_work = {"bayesian": "GP fits", "agent": "agent decisions"}
+    uncounted = [extra_work[m] for m in methods if m in extra_work]
+    uncounted += ["test scoring", "robustness searches", "the chemsys retraining"]
     lines += [
         "",
-        "Wall seconds include the work that epochs do not count: GP fits, "
-        "agent decisions, test scoring, robustness searches and the chemsys "
-        "retraining.",
+        "Wall seconds include the work that epochs do not count: "
+        f"{', '.join(uncounted[:-1])} and {uncounted[-1]}.",
         "",
     ]
     return lines
@@ -745,8 +747,13 @@ def _notes_lines(report: dict[str, Any]) -> list[str]:
         f"seeds), smaller than {_percent(RELATIVE_RESOLUTION)} of the best mean's "
         "magnitude, or invisible at the printed precision.",
         "- Best validation RMSE is measured on the whole validation pool for every "
-        "method. The agent selects its checkpoint on its current validation set, "
-        "which its strategy draws from that pool.",
+        "method."
+        + (
+            " The agent selects its checkpoint on its current validation set, "
+            "which its strategy draws from that pool."
+            if "agent" in report["methods"]
+            else ""
+        ),
         "",
         "## Figures",
         "",
@@ -1100,6 +1107,11 @@ def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
                     f"{METHOD_LABELS.get(best['method'], best['method'])}, seed "
                     f"{best['seed']}: lowest test RMSE"
                 ),
+                metrics={
+                    "rmse": best["test_rmse"],
+                    "mae": best["test_mae"],
+                    "r2": best["test_r2"],
+                },
                 **axis_labels(
                     {
                         "name": report["provenance"]["data_name"],
