@@ -456,12 +456,13 @@ def test_batch_without_slots_rejected():
         model(index, frac, mask)
 
 
+@pytest.mark.parametrize("fraction_hidden", [32, 0])
 @pytest.mark.parametrize("use_fused", [True, False])
-def test_poisoned_padding_is_ignored(use_fused):
+def test_poisoned_padding_is_ignored(use_fused, fraction_hidden):
     # Padded slots are outside the contract's values (NaN fractions, rows
     # outside the element table). The output and every gradient must equal
     # those of the clean batch, on both paths.
-    model = _model()
+    model = _model(fraction_hidden=fraction_hidden)
     model.use_fused = use_fused
     batch = featurize(["FeNi", "Al2Cu", "NiTiZr"], k_max=5).to(dtype=torch.float64)
     results = []

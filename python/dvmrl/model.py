@@ -548,11 +548,13 @@ class CompositionMPNN(nn.Module):
             # an empty output. Adding the empty sum of the weights keeps it in
             # the graph, so backward() gives zero gradients as for any batch.
             return frac.new_zeros((0, self.dims.n_out)) + self.flat[:0].sum()
-        # The kernels skip padded slots, but the fraction encoder and the
-        # reference path compute on every slot, so a NaN or an index out of
-        # range there would reach the outputs or the gradients.
-        frac = torch.where(mask, frac, 0)
-        element_index = torch.where(mask, element_index, 0)
+        if self.config.fraction_hidden > 0:
+            # The fraction encoder computes on every slot, so a NaN or an index
+            # out of range in a padded slot would reach the outputs or the
+            # gradients. The kernels skip padded slots, and the reference path
+            # replaces them itself.
+            frac = torch.where(mask, frac, 0)
+            element_index = torch.where(mask, element_index, 0)
         dropout_mask = self.draw_dropout_mask(element_index.shape[0])
         if self.use_fused:
             from dvmrl import ops
