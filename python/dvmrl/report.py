@@ -866,17 +866,26 @@ def _reading_lines(report: dict[str, Any]) -> list[str]:
     return [text, ""]
 
 
-def _verdict_lines(report: dict[str, Any]) -> list[str]:
-    lines = ["## Verdict", ""]
-    methods = report["methods"]
-    counts = {m: 0 for m in methods}
-    ties = 0
-    counted = [
+def counted_metrics(report: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """Return the METRICS entries that the verdict counts.
+
+    Metrics whose winner follows test RMSE and the selection score are left
+    out, as their winners decide nothing new.
+    """
+    return [
         metric
         for metric in METRICS
         if not report["winners"][metric[0]].get("follows")
         and not report["winners"][metric[0]].get("selection_score")
     ]
+
+
+def _verdict_lines(report: dict[str, Any]) -> list[str]:
+    lines = ["## Verdict", ""]
+    methods = report["methods"]
+    counts = {m: 0 for m in methods}
+    ties = 0
+    counted = counted_metrics(report)
     decided = 0
     for key, *_ in counted:
         winner = report["winners"][key]

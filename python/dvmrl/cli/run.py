@@ -316,17 +316,10 @@ def run(args: argparse.Namespace) -> int:
         handler.close()
         experiment.close()
     print(f"report: {out_dir / 'report.md'} and {out_dir / 'report.json'}")
-    from dvmrl.report import (
-        FOLLOWS_TEST_RMSE,
-        METRICS,
-        RELATIVE_RESOLUTION,
-        SELECTION_METRICS,
-    )
+    from dvmrl.report import RELATIVE_RESOLUTION, counted_metrics
 
     compared = False
-    for key, label, unit, _higher in METRICS:
-        if key in FOLLOWS_TEST_RMSE or key in SELECTION_METRICS:
-            continue
+    for key, label, unit, _higher in counted_metrics(report):
         winner = report["winners"][key]
         compared = compared or winner["winner"] is not None
         print(f"{label} ({unit}): {_describe(winner)}")
