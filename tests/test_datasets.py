@@ -230,6 +230,22 @@ def test_attribution_file_present():
     assert "Saal" in text
 
 
+def test_installed_package_ships_attributions():
+    # Read through importlib.resources, so that under an installed wheel this
+    # checks the wheel's contents, not the source tree.
+    from importlib import resources
+
+    package = resources.files("dvmrl")
+    # The files wrap their lines, so compare with single spaces.
+    data_sets = " ".join(
+        package.joinpath("datasets", "data", "ATTRIBUTION.md").read_text().split()
+    )
+    assert "Copyright (c) 2021 Sterling G. Baird" in data_sets
+    elements = " ".join(package.joinpath("data", "ATTRIBUTION.md").read_text().split())
+    assert "Copyright (c) 2011-2012 MIT & LBNL" in elements
+    assert "pymatgen" in elements
+
+
 def test_load_unknown_name():
     with pytest.raises(ValueError, match="unknown data set 'mp-bandgap'"):
         datasets.load("mp-bandgap")
