@@ -16,6 +16,7 @@ from dvmrl.compositions import (
     chemsys,
     format_formula,
     parse,
+    reads_as_alloy_notation,
     validate,
 )
 
@@ -368,3 +369,19 @@ def test_long_lowercase_run_rejected():
     # gives the usual error rather than a RecursionError.
     with pytest.raises(CompositionError, match="did you mean"):
         parse("ni" * 2000)
+
+
+@pytest.mark.parametrize(
+    "formula", ["(CoCrFeNi)90Al10", "[CoCrFeNi]90Al10", "{CoCrFeNi}90Al10"]
+)
+def test_reads_as_alloy_notation_for_every_bracket(formula):
+    # Each reads as 10 at.% Al in alloy notation and 2.7 at.% as multipliers.
+    assert reads_as_alloy_notation(formula)
+
+
+@pytest.mark.parametrize(
+    "formula", ["(FeNi)100", "(FeNi)50(CoCr)50", "Ni3Al", "Al0.3CoCrFeNi"]
+)
+def test_reads_as_alloy_notation_false_when_readings_agree(formula):
+    # Both readings give the same fractions, so there is nothing to warn about.
+    assert not reads_as_alloy_notation(formula)

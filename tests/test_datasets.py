@@ -292,11 +292,11 @@ def test_load_csv_alloy_notation(tmp_path):
 def test_load_csv_warns_on_alloy_notation_lookalikes(tmp_path, caplog):
     path = _write(tmp_path, "formula,target\nNiAl,-0.5\n(TiVNi)80Nb20,0.1\n")
     datasets.load_csv(path)
-    expected = "1 formula(s) with a parenthesised group, such as (TiVNi)80Nb20 (line 3)"
+    expected = "1 formula(s) with a bracketed group, such as (TiVNi)80Nb20 (line 3)"
     assert expected in caplog.text
     caplog.clear()
     datasets.load_csv(path, alloy_notation=True)
-    assert "parenthesised group" not in caplog.text
+    assert "bracketed group" not in caplog.text
 
 
 def test_load_csv_gzip(tmp_path):

@@ -583,19 +583,26 @@ def chemsys(fractions: Mapping | str) -> str:
 
 
 def reads_as_alloy_notation(formula: str) -> bool:
-    """Return True for a grouped formula that alloy notation reads too.
+    """Return True for a grouped formula whose two readings differ.
 
     In standard notation "(CoCrFeNi)90Al10" has 2.7 at.% Al; as at.% shares
     (``alloy_notation=True``) it has 10, so a formula valid both ways is
-    ambiguous.
+    ambiguous. Groups in (), [] and {} count alike. A formula that both
+    readings give the same fractions, such as "(FeNi)100", is not ambiguous.
     """
-    if "(" not in formula:
+    if not any(bracket in formula for bracket in "([{"):
         return False
     try:
-        parse(formula, alloy_notation=True)
+        alloy = parse(formula, alloy_notation=True)
+        standard = parse(formula)
     except CompositionError:
         return False
-    return True
+    if alloy.keys() != standard.keys():
+        return True
+    return any(
+        not math.isclose(alloy[symbol], standard[symbol], rel_tol=1e-9, abs_tol=1e-12)
+        for symbol in alloy
+    )
 
 
 __all__ = [

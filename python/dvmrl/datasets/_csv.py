@@ -375,7 +375,7 @@ def load_csv(
         ]
         if ambiguous:
             logger.warning(
-                "%s: %d formula(s) with a parenthesised group, such as %s, were "
+                "%s: %d formula(s) with a bracketed group, such as %s, were "
                 "read in standard notation, where a group's number multiplies each "
                 "of its elements; if their numbers are at.%% shares, pass "
                 "--alloy-notation (alloy_notation=True)",
