@@ -130,6 +130,11 @@ def test_regression_matches_sklearn():
 def test_r2_constant_truth():
     assert metrics.r2([1.0, 1.0], [1.0, 1.0]) == 1.0
     assert metrics.r2([1.0, 1.0], [1.0, 2.0]) == 0.0
+    # The float mean of three 0.1s is not 0.1, so SST is about 1e-33, not 0.
+    assert np.mean([0.1] * 3) != 0.1
+    assert metrics.r2([0.1] * 3, [0.11] * 3) == 0.0
+    assert metrics.r2([0.1] * 3, [0.1] * 3) == 1.0
+    assert metrics.regression_metrics([0.1] * 3, [0.11, 0.1, 0.1])["r2"] == 0.0
 
 
 def test_regression_metrics_keys():
