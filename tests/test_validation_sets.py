@@ -163,6 +163,18 @@ def test_ensemble_variance_picks_largest_variance(data):
     assert np.array_equal(chosen, np.sort(split.val[[3, 10, 20]]))
 
 
+def test_ensemble_variance_rejects_non_finite_predictions():
+    # A diverged member predicts NaN; NaN variances would sort last and the
+    # composition would quietly never be drawn.
+    pool, test = np.arange(10, 20), np.arange(10)
+    samples = np.tile(np.linspace(0.0, 1.0, 10), (4, 1)) * np.arange(4)[:, None]
+    samples[0, 3] = np.nan
+    with pytest.raises(ValueError, match=r"pool rows \[13\] are not finite"):
+        select_validation_set(
+            "ensemble-variance", pool, 3, 0, test_indices=test, samples=samples
+        )
+
+
 def test_gp_std_grows_away_from_training():
     rng = np.random.default_rng(3)
     train = rng.normal(size=(200, 4))

@@ -293,6 +293,16 @@ def _select_ensemble(
             f"samples must have shape [S >= 2, {len(pool)}] (predictions per pool "
             f"composition), got {samples.shape}"
         )
+    finite = np.isfinite(samples).all(axis=0)
+    if not finite.all():
+        # NaN sorts last, so such compositions would quietly never be drawn,
+        # and an all-NaN pool would be drawn by the tie-break alone.
+        bad = np.asarray(pool)[~finite]
+        raise ValueError(
+            f"the ensemble's predictions of pool rows {bad[:5].tolist()} are not "
+            "finite (NaN or inf); a member or MC dropout sample has diverged, so "
+            "retrain it or drop it from the ensemble"
+        )
     return _top(samples.var(axis=0), size, rng)
 
 
