@@ -401,3 +401,22 @@ def test_search_finds_peak_of_oscillating_binary():
         )
         best = float((torch.sin(30 * grid) - math.sin(30 * start)).abs().max())
         assert abs(float(result.change[row])) == pytest.approx(best, rel=1e-3)
+
+
+def test_runs_from_zero_do_not_stop_at_a_wrong_sign_vertex():
+    # 0.06 sin(2 pi (x_Al - 0.5) / 0.25) peaks at x_Al = 0.5625 and has the
+    # wrong sign at both vertices of the r = 0.25 box around x_Al = 0.5,
+    # where its gradient points out of the box. A full first step from
+    # delta = 0 lands there; the run must undo it rather than stop.
+    batch = featurize(["Al0.5Ni0.5"])
+
+    def predict(element_index, frac, mask):
+        return 0.06 * torch.sin(2 * math.pi * (frac[:, 0] - 0.5) / 0.25)
+
+    for radius in (0.125, 0.25):
+        result = adversarial_search(predict, batch, radius, starts=2, steps=20)
+        assert abs(float(result.change[0])) == pytest.approx(0.06, rel=1e-3)
+    report = robustness_radius(predict, batch, tau=0.05, r_max=0.25, starts=2, steps=20)
+    exact = 0.25 * math.asin(0.05 / 0.06) / (2 * math.pi)
+    assert bool(report.table["reached"].iloc[0])
+    assert exact <= float(report.table["radius"].iloc[0]) <= exact + 0.002

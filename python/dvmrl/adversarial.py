@@ -492,13 +492,17 @@ def _search_chunk(
     best_y = x.clone()
     best_change = torch.zeros(n, dtype=dtype, device=device)
 
-    # Rows still moving, and their copies of the per-row tensors. A row
-    # whose feasible ascent direction is 0 stays where it is for good (the
-    # same point gives the same direction), so it leaves the set.
+    # Rows still moving, and their copies of the per-row tensors. Each run
+    # steps from its accepted iterate y. A step that lowers the run's merit
+    # (below) is undone and that run's steps are halved: from delta = 0 a
+    # full first step can land on a box vertex where the change has the
+    # wrong sign and the gradient points out of the box, and without the
+    # check the run stopped there. A row whose feasible ascent direction at
+    # y is 0 stays where it is for good (the same point gives the same
+    # direction), so it leaves the set.
     rows = torch.arange(n, device=device)
     step_r = r.clone()
     step_r[random_rows] = step_r[random_rows] * SCREENED_STEP_FRACTION
-    state = [ei, m, x, lo, hi, step_r, f0, sign, y]
 
     def record(rows, x_a, y_a, change) -> None:
         objective = change * change
@@ -510,36 +514,58 @@ def _search_chunk(
         best_change[picked] = change[better]
         best_y[picked] = y_a[better]
 
-    passes = 0
-    for eta in _step_sizes(steps, step_size):
-        ei_a, m_a, x_a, lo_a, hi_a, r_a, f0_a, s_a, y_a = state
-        passes += rows.numel()
-        value, grad = _value_and_grad(predictor, ei_a, y_a, m_a, dtype)
-        change = value - f0_a
-        record(rows, x_a, y_a, change)
-        signed = s_a * change
+    def merit_and_direction(x_a, y_a, lo_a, hi_a, m_a, f0_a, s_a, value, grad):
+        # The run's merit is s |s| with s the signed change, less the
+        # penalty: it grows with the signed change on both sides of 0, and
+        # above 0 it is the objective. Below 0 the ascent follows the signed
+        # change alone, because the penalty's pull to delta = 0 would cancel
+        # it at the start.
+        signed = s_a * (value - f0_a)
+        merit = signed * signed.abs()
         climbing = (signed > 0)[:, None]
         ascent = torch.where(climbing, 2.0 * signed[:, None] * grad, grad)
         ascent = ascent * s_a[:, None]
         if lam:
+            penalty = lam * (y_a - x_a).square().sum(dim=1)
+            merit = merit - penalty
             ascent = torch.where(climbing, ascent - 2.0 * lam * (y_a - x_a), ascent)
-        direction = _scaled_ascent(ascent, y_a, lo_a, hi_a, m_a)
-        moving = direction.abs().amax(dim=1) > 0
+        return merit, _scaled_ascent(ascent, y_a, lo_a, hi_a, m_a)
+
+    value, grad = _value_and_grad(predictor, ei, y, m, dtype)
+    record(rows, x, y, value - f0)
+    merit, direction = merit_and_direction(x, y, lo, hi, m, f0, sign, value, grad)
+    scale = torch.ones(n, dtype=dtype, device=device)
+    state = [ei, m, x, lo, hi, step_r, f0, sign, y, merit, direction, scale]
+    passes = n
+    schedule = _step_sizes(steps, step_size)
+    for t, eta in enumerate(schedule):
+        moving = state[10].abs().amax(dim=1) > 0
         if not bool(moving.all()):
             rows = rows[moving]
-            direction = direction[moving]
             state = [t[moving] for t in state]
             if rows.numel() == 0:
                 break
-            ei_a, m_a, x_a, lo_a, hi_a, r_a, f0_a, s_a, y_a = state
-        state[-1] = project_simplex_box(
-            y_a + (eta * r_a)[:, None] * direction, lo_a, hi_a, m_a
+        ei_a, m_a, x_a, lo_a, hi_a, r_a, f0_a, s_a, y_a, merit_a, dir_a, scale_a = state
+        candidate = project_simplex_box(
+            y_a + (eta * r_a * scale_a)[:, None] * dir_a, lo_a, hi_a, m_a
         )
-    if rows.numel():
-        ei_a, m_a, x_a, _, _, _, f0_a, _, y_a = state
-        with torch.no_grad():
-            value = _evaluate(predictor, ei_a, y_a, m_a, dtype)
-        record(rows, x_a, y_a, value - f0_a)
+        if t == len(schedule) - 1:
+            # No step follows the last one, so its point needs no gradient.
+            with torch.no_grad():
+                value = _evaluate(predictor, ei_a, candidate, m_a, dtype)
+            record(rows, x_a, candidate, value - f0_a)
+            break
+        passes += rows.numel()
+        value, grad = _value_and_grad(predictor, ei_a, candidate, m_a, dtype)
+        record(rows, x_a, candidate, value - f0_a)
+        merit_c, dir_c = merit_and_direction(
+            x_a, candidate, lo_a, hi_a, m_a, f0_a, s_a, value, grad
+        )
+        accept = merit_c >= merit_a
+        state[8] = torch.where(accept[:, None], candidate, y_a)
+        state[9] = torch.where(accept, merit_c, merit_a)
+        state[10] = torch.where(accept[:, None], dir_c, dir_a)
+        state[11] = torch.where(accept, scale_a, 0.5 * scale_a)
 
     logger.debug(
         "search chunk of %d compositions: %d of %d gradient passes (%.0f %%), the "
@@ -630,8 +656,10 @@ def adversarial_search(
     first run of each sign starts from delta = 0, the others from the best
     of ``screen`` random feasible points. Each run takes ``steps`` steps with
     a cosine schedule of step sizes from ``step_size * r`` per entry (a
-    quarter of that for runs from screened points), and stops early once
-    its feasible ascent direction is 0; the best iterate of all runs wins.
+    quarter of that for runs from screened points). A step that lowers the
+    run's signed change (less the penalty) is undone and halves that run's
+    later steps, and a run stops early once its feasible ascent direction is
+    0; the best point of all runs wins.
 
     The iterates are kept in the predictor's dtype (a module's parameter
     dtype, float64 for other callables). With a float32 model the passes run
