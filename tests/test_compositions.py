@@ -144,7 +144,7 @@ INVALID = [
     ("Ni٣Al", False, "at '٣': invalid character"),
     ("Ni.", False, "at '.': invalid amount"),
     ("Ni2.5.3", False, "at '.3': amount does not follow"),
-    ("Fe1e+2Ni", False, "at 'e': wrong letter case"),
+    ("Fe1e+2Ni", False, r"at 'e\+2': amounts take exponents written as 1e3"),
     ("(Fe1e-200)1e-200Ni", False, "at 'Fe': the amount is too small"),
     ("Fe1e308Ni1e308Al", False, "amounts sum to a value that is not finite"),
     ("(CoCr)33.3(FeNi)33.3Al33.2", True, "sum to 99.8$"),
@@ -385,3 +385,21 @@ def test_reads_as_alloy_notation_for_every_bracket(formula):
 def test_reads_as_alloy_notation_false_when_readings_agree(formula):
     # Both readings give the same fractions, so there is nothing to warn about.
     assert not reads_as_alloy_notation(formula)
+
+
+def test_case_hint_when_a_one_letter_element_hides_the_mistake():
+    # F reads as fluorine, so the failing symbol is the lone "E" of "FE".
+    with pytest.raises(CompositionError, match=r"did you mean 'Fe2Ni'\?"):
+        parse("FE2NI")
+    # Two one-letter elements in a row are a valid formula (tungsten carbide).
+    assert parse("WC") == pytest.approx({"W": 0.5, "C": 0.5})
+
+
+@pytest.mark.parametrize(
+    ("formula", "token"), [("Fe1e+3Ni", "e+3"), ("Fe1E3Ni", "E3")]
+)
+def test_unsupported_exponent_is_named(formula, token):
+    with pytest.raises(CompositionError, match="exponents written as 1e3") as err:
+        parse(formula)
+    assert f"at {token!r}" in str(err.value)
+    assert parse("Fe1e3Ni") == pytest.approx({"Fe": 1000 / 1001, "Ni": 1 / 1001})

@@ -71,6 +71,9 @@ _METALLURGICAL_REASON = (
 _ASCII_LETTERS = frozenset(string.ascii_letters)
 _NUMBER_START = frozenset("0123456789.")
 _LETTERS_RE = re.compile(r"[A-Za-z]+")
+# Exponents that _NUMBER_RE does not read, such as the e+3 of 1e+3 or the E3
+# of 1E3, where a letter follows a digit.
+_EXPONENT_RE = re.compile(r"e\+[0-9]+|E[+-]?[0-9]+")
 _SYMBOL_RE = re.compile(r"[A-Z][a-z]*")
 _OPENING = {"(": ")", "[": "]", "{": "}"}
 _CLOSING = frozenset(_OPENING.values())
@@ -277,14 +280,28 @@ class _FormulaReader:
         self.position += 1
 
     def _read_symbol(self, char: str) -> None:
+        exponent = _EXPONENT_RE.match(self.text, self.position)
+        if exponent is not None and self.position > 0:
+            if self.text[self.position - 1].isdigit():
+                raise self.error(
+                    "amounts take exponents written as 1e3 or 1e-3 (lowercase e, "
+                    "no '+')",
+                    exponent.group(),
+                )
         run = _LETTERS_RE.match(self.text, self.position).group()
         if char.islower():
             raise self.error(_case_reason(self.text), run)
         symbol_match = _SYMBOL_RE.match(self.text, self.position)
         symbol = symbol_match.group()
         if symbol not in ELEMENT_INDEX:
-            if _has_case_error(run):
-                raise self.error(_case_reason(self.text), run)
+            # The whole letter run counts: in "FE2NI" the F reads as fluorine,
+            # and the case mistake shows only in "FE", not in the "E" that fails.
+            start = self.position
+            while start > 0 and self.text[start - 1] in _ASCII_LETTERS:
+                start -= 1
+            whole = self.text[start : self.position + len(run)]
+            if _has_case_error(whole):
+                raise self.error(_case_reason(self.text), whole)
             raise self.error(_symbol_reason(symbol), symbol)
         element = _Element(symbol, None, symbol)
         self.items.append(element)
