@@ -230,6 +230,47 @@ def test_interrupt_then_resume(tmp_path, data_csv, monkeypatch):
     assert metrics["epochs_done"] == 3
 
 
+def test_resume_rejects_finished_member_trained_on_other_data(
+    tmp_path, data_csv, capsys
+):
+    # Both members finished and the run stopped before combining them; then
+    # the data file changed. Member 0 is not trained again, so the resume
+    # must not combine it with a member trained on the edited data.
+    csv = tmp_path / "alloys.csv"
+    original = pd.read_csv(data_csv)
+    original.to_csv(csv, index=False)
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(csv), "--epochs", "1", "--hidden", "8"]
+    argv += ["--layers", "1", "--threads", "1", "--members", "2", "--no-progress"]
+    assert main([*argv, "--out", str(out)]) == 0
+    for path in (out / "model.pt", out / "metrics.json", out / "member1" / "model.pt"):
+        path.unlink()
+    edited = original.assign(target=original["target"] + 0.5)
+    edited.to_csv(csv, index=False)
+    assert main(["train", "--resume", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "member 0 in" in err
+    assert "trained on other train and val data" in err
+    assert not (out / "model.pt").exists()
+    # With the original data back, the same resume completes the run.
+    original.to_csv(csv, index=False)
+    assert main(["train", "--resume", "--out", str(out)]) == 0
+    assert (out / "model.pt").exists()
+
+
+def test_new_run_refuses_member_folders_of_another_run(tmp_path, data_csv, capsys):
+    # A member folder whose run.json was deleted would otherwise count as a
+    # finished member of the new run.
+    out = tmp_path / "run"
+    (out / "member0").mkdir(parents=True)
+    (out / "member0" / "model.pt").write_bytes(b"left from another run")
+    argv = ["train", "--data", str(data_csv), "--epochs", "1", *TINY[:-2]]
+    assert main([*argv, "--members", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "already contains a run (member0/model.pt)" in err
+    assert (out / "member0" / "model.pt").read_bytes() == b"left from another run"
+
+
 def test_train_rejects_nan_target(tmp_path, capsys):
     path = tmp_path / "bad.csv"
     path.write_text("formula,target\nAl3Ni,-0.4\nCuZn,nan\nFeNi,abc\n")

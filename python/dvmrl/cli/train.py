@@ -903,6 +903,16 @@ def _check_fresh_out(out: Path) -> None:
         for name in (RUN_FILE, STATE_FILE, MODEL_FILE, METRICS_FILE)
         if (out / name).exists()
     ]
+    # An ensemble member's folder left from another run would be taken as a
+    # finished or resumable member of this one.
+    if out.is_dir():
+        existing += sorted(
+            f"{folder.name}/{name}"
+            for folder in out.glob("member*")
+            if folder.is_dir()
+            for name in (STATE_FILE, MODEL_FILE)
+            if (folder / name).exists()
+        )
     if existing:
         raise FileExistsError(
             f"{out} already contains a run ({', '.join(existing)}); pass --resume to "
@@ -1174,9 +1184,6 @@ def _run_train(args: argparse.Namespace, locks: contextlib.ExitStack) -> int:
     jobs = []
     for member, seed in enumerate(seeds):
         folder = out if members == 1 else out / f"member{member}"
-        if members > 1 and (folder / MODEL_FILE).exists():
-            logger.info("member %d is complete in %s", member, folder)
-            continue
         member_config = {**run_config, "train": {**run_config["train"], "seed": seed}}
         if own_divisions:
             member_split = member_splits[member]
@@ -1187,6 +1194,10 @@ def _run_train(args: argparse.Namespace, locks: contextlib.ExitStack) -> int:
         else:
             data = shared_data
             member_metadata = metadata
+        if members > 1 and (folder / MODEL_FILE).exists():
+            _check_finished_member(folder / MODEL_FILE, data, member)
+            logger.info("member %d is complete in %s", member, folder)
+            continue
         jobs.append(
             {
                 "member": member,
@@ -1497,6 +1508,36 @@ def _member_log_prefix(label: str | None):
     finally:
         for target in targets:
             target.removeFilter(prefix)
+
+
+def _check_finished_member(path: Path, data, member: int) -> None:
+    """Raise UsageError when a finished member was trained on other data.
+
+    A resumed member's state file is checked when the trainer loads it; a
+    finished member is not trained again, so without this check an ensemble
+    would combine members trained on the old and on the edited data.
+    """
+    from dvmrl.training.checkpoint import read_checkpoint
+    from dvmrl.training.data import data_fingerprint
+
+    x_train, y_train, x_val, y_val = data
+    stored = read_checkpoint(path).get("data_fingerprint") or {}
+    current = {
+        "train": data_fingerprint(x_train, np.asarray(y_train, dtype=np.float64)),
+        "val": (
+            None
+            if x_val is None
+            else data_fingerprint(x_val, np.asarray(y_val, dtype=np.float64))
+        ),
+    }
+    differ = [part for part in ("train", "val") if stored.get(part) != current[part]]
+    if differ:
+        raise UsageError(
+            f"--resume: member {member} in {path.parent} is finished, but it was "
+            f"trained on other {' and '.join(differ)} data than the run's data and "
+            "split give now (the data file changed since); restore the original "
+            "data to continue, or start a new run in another --out"
+        )
 
 
 def _fit_member(
