@@ -271,6 +271,24 @@ def test_new_run_refuses_member_folders_of_another_run(tmp_path, data_csv, capsy
     assert (out / "member0" / "model.pt").read_bytes() == b"left from another run"
 
 
+def test_predict_input_rejects_repeated_columns(trained, tmp_path, capsys):
+    model = str(trained / "model.pt")
+    repeated_formula = tmp_path / "formulas.csv"
+    repeated_formula.write_text("formula,formula\nNi3Al,FeNi\n")
+    assert main(["predict", model, "--input", str(repeated_formula)]) == 2
+    assert "has 2 columns named 'formula'" in capsys.readouterr().err
+    # Another repeated column matters only when --output copies it.
+    repeated_other = tmp_path / "other.csv"
+    repeated_other.write_text("formula,x,x\nNi3Al,1,2\n")
+    output = tmp_path / "out.csv"
+    argv = ["predict", model, "--input", str(repeated_other)]
+    assert main([*argv, "--output", str(output)]) == 2
+    assert "has 2 columns named 'x'" in capsys.readouterr().err
+    assert not output.exists()
+    assert main(argv) == 0
+    assert "Ni3Al" in capsys.readouterr().out
+
+
 def test_train_rejects_nan_target(tmp_path, capsys):
     path = tmp_path / "bad.csv"
     path.write_text("formula,target\nAl3Ni,-0.4\nCuZn,nan\nFeNi,abc\n")

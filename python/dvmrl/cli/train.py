@@ -2052,11 +2052,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
 # dvmrl predict
 
 
-def _read_formula_csv(path: str, column: str) -> tuple[list[str], list[int], Any]:
+def _read_formula_csv(
+    path: str, column: str, keep_columns: bool = False
+) -> tuple[list[str], list[int], Any]:
     """Read the formula column of a CSV file, with the line of each row.
 
     The lines are those of the file (line 1 is the header), counting blank
-    lines, so that messages point at the right place.
+    lines, so that messages point at the right place. With ``keep_columns``
+    (the other columns go to the output) every column name must be unique,
+    otherwise only the formula column's.
 
     Returns:
         (formulas, lines, frame): the stripped formulas, their lines, and
@@ -2086,6 +2090,16 @@ def _read_formula_csv(path: str, column: str) -> tuple[list[str], list[int], Any
             f"{source}: missing column {column!r} (columns: {columns}); "
             "pass --formula-column NAME"
         )
+    names = list(frame.columns)
+    # The formula column must be one column, and --output copies the others,
+    # so a repeated name among them would make two output columns collide.
+    checked = names if keep_columns else [column]
+    for name in dict.fromkeys(checked):
+        if names.count(name) > 1:
+            raise ValueError(
+                f"{source} has {names.count(name)} columns named {name!r}: rename "
+                "or remove all but one of them"
+            )
     if len(frame) == 0:
         raise ValueError(f"{source} has a header but no rows")
     formulas = frame[column].astype(str).str.strip()
@@ -2243,7 +2257,7 @@ def run_predict(args: argparse.Namespace) -> int:
     # enforces, so a composition with a non-metal is rejected here too.
     if args.input:
         formulas, lines, input_frame = _read_formula_csv(
-            args.input, args.formula_column
+            args.input, args.formula_column, keep_columns=bool(args.output)
         )
         compositions = _parse_formulas(
             formulas, args.alloy_notation, args.input, metals_only=True, lines=lines
