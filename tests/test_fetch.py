@@ -11,6 +11,7 @@ the server's JSON (``mp_api.client.core.schemas._convert_to_model``).
 
 from __future__ import annotations
 
+import functools
 import gzip
 import inspect
 import json
@@ -254,6 +255,41 @@ def test_fetch_gzip_output(tmp_path):
     frame, info = datasets.resolve_data(tmp_path / "hull.csv.gz")
     assert frame["target"].tolist() == [0.0, 0.0, 0.02]
     assert info["rows"] == 3
+
+
+def test_fetch_keeps_a_json_file_it_did_not_write(tmp_path):
+    # Stand-in client: the Materials Project API cannot be reached from here.
+    notes = tmp_path / "hull.json"
+    notes.write_text('{"experiment": "my own notes"}\n')
+    with pytest.raises(FileExistsError, match="is not the metadata of an earlier"):
+        mp.fetch_materials_project(
+            "energy_above_hull",
+            tmp_path / "hull.csv",
+            environ={"MP_API_KEY": KEY},
+            rester=StandInMPRester,
+        )
+    assert notes.read_text() == '{"experiment": "my own notes"}\n'
+    assert not (tmp_path / "hull.csv").exists()
+    assert StandInMPRester.instances == []
+
+
+def test_fetch_replaces_only_its_own_metadata(tmp_path):
+    fetch = functools.partial(
+        mp.fetch_materials_project,
+        "energy_above_hull",
+        environ={"MP_API_KEY": KEY},
+        rester=StandInMPRester,
+    )
+    fetch(tmp_path / "hull.csv")
+    first = (tmp_path / "hull.json").read_text()
+    # A second fetch to the same CSV refreshes both files.
+    fetch(tmp_path / "hull.csv")
+    assert json.loads((tmp_path / "hull.json").read_text())["name"] == "hull.csv"
+    # hull.csv.gz would share hull.json with hull.csv, whose metadata stays.
+    with pytest.raises(FileExistsError, match="earlier fetch to hull.csv.gz"):
+        fetch(tmp_path / "hull.csv.gz")
+    assert json.loads((tmp_path / "hull.json").read_text())["name"] == "hull.csv"
+    assert json.loads(first)["name"] == "hull.csv"
 
 
 def test_fetch_client_object(tmp_path):

@@ -244,7 +244,31 @@ def _out_paths(out: str | os.PathLike) -> tuple[Path, Path]:
                 f"output path {str(path)!r} is a folder; choose a file name that "
                 "no folder has"
             )
+    if metadata.is_file() and not _is_own_metadata(metadata, name):
+        raise FileExistsError(
+            f"{str(metadata)!r} exists and is not the metadata of an earlier fetch "
+            f"to {name}, so writing {name} would replace it; choose another --out "
+            "name, or move that file"
+        )
     return out, metadata
+
+
+def _is_own_metadata(path: Path, csv_name: str) -> bool:
+    """Tell whether ``path`` is the JSON file of an earlier fetch to ``csv_name``.
+
+    A fetch may replace its own earlier output, but not a file of the user's
+    or the metadata of another CSV with the same stem (alloys.csv and
+    alloys.csv.gz share alloys.json).
+    """
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return (
+        isinstance(document, dict)
+        and document.get("name") == csv_name
+        and str(document.get("source", "")).startswith("Materials Project summary")
+    )
 
 
 def fetch_materials_project(
@@ -279,6 +303,8 @@ def fetch_materials_project(
 
     Raises:
         ValueError: for an unknown property or output suffix.
+        FileExistsError: when ``<stem>.json`` exists and is not the metadata
+            of an earlier fetch to the same CSV (before any request).
         ApiKeyError: when the key is missing or malformed (before any request).
         MissingDependencyError: when mp-api is not installed and no
             ``rester`` is given.
