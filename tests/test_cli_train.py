@@ -340,6 +340,21 @@ def test_evaluate_matches_train_metrics(trained, tmp_path):
     assert evaluation["rmse"] == pytest.approx(metrics["rmse"], rel=1e-5)
 
 
+def test_evaluate_moved_data_scores_the_test_part(trained, data_csv, tmp_path, capsys):
+    # The data file moved after training: --data with its new path holds the
+    # same rows, so the score is that of the test part, not of every row.
+    moved = tmp_path / "moved.csv"
+    moved.write_bytes(data_csv.read_bytes())
+    argv = ["evaluate", str(trained / "model.pt"), "--data", str(moved)]
+    assert main([*argv, "--out", str(tmp_path / "eval")]) == 0
+    out = capsys.readouterr().out
+    assert "test part of the random split" in out
+    evaluation = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert evaluation["n"] == metrics["n"]
+    assert evaluation["rmse"] == pytest.approx(metrics["rmse"], rel=1e-5)
+
+
 def test_evaluate_states_tolerance(trained, tmp_path, capsys):
     main(["evaluate", str(trained / "model.pt"), "--out", str(tmp_path)])
     lines = capsys.readouterr().out.splitlines()
@@ -375,8 +390,15 @@ def test_evaluate_out_uncreatable_folder(trained, capsys):
 
 
 def _copy_csv(source, folder):
+    """Write the same compositions with the last target moved by 1 meV/atom.
+
+    An exact copy holds the rows the model trained on and counts as its own
+    data; this one is other data that shares every composition.
+    """
+    frame = pd.read_csv(source)
+    frame.loc[frame.index[-1], "target"] += 0.001
     copy = folder / "copy.csv"
-    copy.write_bytes(source.read_bytes())
+    frame.to_csv(copy, index=False)
     return copy
 
 

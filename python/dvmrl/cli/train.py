@@ -1690,6 +1690,19 @@ def check_recorded_data(data: str) -> None:
         )
 
 
+def holds_training_rows(df, metadata: dict) -> bool:
+    """Tell whether ``df`` has exactly the rows that the checkpoint trained on.
+
+    The formulas and targets in row order are compared through the
+    fingerprint that dvmrl train stores, so a data file that was moved or
+    copied after training still counts as the model's own data.
+    """
+    from dvmrl.splits import data_fingerprint
+
+    stored = metadata.get("data_rows_fingerprint")
+    return stored is not None and stored == data_fingerprint(df)
+
+
 def check_scored_data(
     args: argparse.Namespace, data: str | None, from_checkpoint: bool
 ) -> str:
@@ -1971,6 +1984,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     # The checkpoint's column names belong to its own data file.
     columns = csv_columns(metadata if same_data else {}, args)
     df, info = _load_data(data, alloy, columns)
+    if trained_on is not None and not same_data and holds_training_rows(df, metadata):
+        logger.info(
+            "%s holds the same rows as %s, on which the model trained; scoring it "
+            "as that data",
+            data,
+            trained_on,
+        )
+        same_data = True
 
     if trained_on is not None and not same_data:
         _warn_other_data(metadata, trained_on, data, info)

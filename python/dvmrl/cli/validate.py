@@ -288,8 +288,12 @@ def _check_arguments(args: argparse.Namespace) -> list[str]:
     return [args.strategy]
 
 
-def _resolve_split(args, df, metadata):
-    """Return the split, its kind and its held-out element (None unless ``element``)."""
+def _resolve_split(args, df, metadata, own_data: bool = False):
+    """Return the split, its kind and its held-out element (None unless ``element``).
+
+    ``own_data`` tells that ``df`` holds the rows the model trained on, even
+    when --data names another path.
+    """
     from dvmrl.splits import make_split
 
     trained_on = metadata.get("data")
@@ -305,7 +309,8 @@ def _resolve_split(args, df, metadata):
         df, kind, seed, holdout_element=holdout if kind == "element" else None
     )
     same = (
-        trained_on is None
+        own_data
+        or trained_on is None
         or args.data is None
         or data_reference(args.data) == trained_on
     )
@@ -602,7 +607,7 @@ def run(args: argparse.Namespace) -> int:
     strategies = _check_arguments(args)
     device = setup_compute(args)
     started = time.perf_counter()
-    from dvmrl.cli.train import check_scored_data, load_model
+    from dvmrl.cli.train import check_scored_data, holds_training_rows, load_model
 
     model, metadata = load_model(args.checkpoint, device)
     data = check_scored_data(
@@ -615,13 +620,21 @@ def run(args: argparse.Namespace) -> int:
         alloy_notation=bool(metadata.get("alloy_notation", False)),
         **csv_columns(metadata if own_data else {}, args),
     )
+    if not own_data and holds_training_rows(df, metadata):
+        # The model's own data, moved or copied after training.
+        logger.info(
+            "%s holds the same rows as %s, on which the model trained",
+            data,
+            metadata.get("data"),
+        )
+        own_data = True
     if own_data and args.split is None:
         # The same check as dvmrl evaluate: after the rows changed, the test
         # part cut again may hold compositions that the model trained on.
         from dvmrl.cli.train import check_data_unchanged
 
         check_data_unchanged(df, data, metadata, command="validate")
-    split, kind, split_holdout = _resolve_split(args, df, metadata)
+    split, kind, split_holdout = _resolve_split(args, df, metadata, own_data)
     if args.holdout_element is not None and kind != "element":
         # Only the shift table's element split uses it then, so it is checked
         # here, before the search, rather than skipped with a warning later.
