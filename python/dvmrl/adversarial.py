@@ -493,13 +493,13 @@ def _search_chunk(
     best_change = torch.zeros(n, dtype=dtype, device=device)
 
     # Rows still moving, and their copies of the per-row tensors. Each run
-    # steps from its accepted iterate y. A step that lowers the run's merit
-    # (below) is undone and that run's steps are halved: from delta = 0 a
-    # full first step can land on a box vertex where the change has the
-    # wrong sign and the gradient points out of the box, and without the
-    # check the run stopped there. A row whose feasible ascent direction at
-    # y is 0 stays where it is for good (the same point gives the same
-    # direction), so it leaves the set.
+    # steps from its accepted iterate y. A step to a point with a lower merit
+    # (below) and no feasible ascent direction is undone, and that run's
+    # steps are halved: from delta = 0 a full first step can land on a box
+    # vertex where the change has the wrong sign and the gradient points out
+    # of the box, and without the check the run stopped there. A row whose
+    # feasible ascent direction at an accepted y is 0 stays where it is for
+    # good (the same point gives the same direction), so it leaves the set.
     rows = torch.arange(n, device=device)
     step_r = r.clone()
     step_r[random_rows] = step_r[random_rows] * SCREENED_STEP_FRACTION
@@ -561,7 +561,10 @@ def _search_chunk(
         merit_c, dir_c = merit_and_direction(
             x_a, candidate, lo_a, hi_a, m_a, f0_a, s_a, value, grad
         )
-        accept = merit_c >= merit_a
+        # Only a step to a worse point where the run would stop is undone:
+        # other steps to worse points are kept, because such a run may still
+        # climb to a better point beyond them.
+        accept = (merit_c >= merit_a) | (dir_c.abs().amax(dim=1) > 0)
         state[8] = torch.where(accept[:, None], candidate, y_a)
         state[9] = torch.where(accept, merit_c, merit_a)
         state[10] = torch.where(accept[:, None], dir_c, dir_a)
@@ -656,10 +659,10 @@ def adversarial_search(
     first run of each sign starts from delta = 0, the others from the best
     of ``screen`` random feasible points. Each run takes ``steps`` steps with
     a cosine schedule of step sizes from ``step_size * r`` per entry (a
-    quarter of that for runs from screened points). A step that lowers the
-    run's signed change (less the penalty) is undone and halves that run's
-    later steps, and a run stops early once its feasible ascent direction is
-    0; the best point of all runs wins.
+    quarter of that for runs from screened points). A run stops early once
+    its feasible ascent direction is 0, unless it got there by a step that
+    lowered its signed change (less the penalty): that step is undone and
+    the run's later steps are halved. The best point of all runs wins.
 
     The iterates are kept in the predictor's dtype (a module's parameter
     dtype, float64 for other callables). With a float32 model the passes run
