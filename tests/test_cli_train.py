@@ -173,6 +173,19 @@ def test_resume_run_without_loss_field(trained, tmp_path, capsys):
     assert "--loss 'l1' (the run in" in capsys.readouterr().err
 
 
+def test_resume_compares_threshold_with_the_data_default(trained, capsys):
+    # run.json stores no threshold when the run took the data set's default,
+    # 0 eV/atom for formation energies.
+    assert json.loads((trained / "run.json").read_text())["stability_threshold"] is None
+    argv = ["train", "--resume", "--out", str(trained)]
+    assert main([*argv, "--stability-threshold", "0"]) == 0
+    assert "complete" in capsys.readouterr().out
+    assert main([*argv, "--stability-threshold", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "--stability-threshold 0.1 (the run in" in err
+    assert "used 0.0, the default of its data" in err
+
+
 def test_resume_of_complete_run(trained, capsys):
     code = main(["train", "--resume", "--out", str(trained)])
     assert code == 0

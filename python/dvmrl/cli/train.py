@@ -883,6 +883,10 @@ def _resumed_run_config(out: Path, requested: dict[str, Any]) -> dict[str, Any]:
     for key, value in requested.items():
         if key == "data":
             value = data_reference(value)
+        if key == "stability_threshold" and stored.get(key) is None:
+            # The run used its data set's default, which is known once the
+            # data are loaded; run_train compares the value there.
+            continue
         if _flat_get(stored, key) != value:
             conflicts.append(
                 f"{_RUN_OPTIONS[key]} {value!r} (the run in {out} used "
@@ -895,6 +899,23 @@ def _resumed_run_config(out: Path, requested: dict[str, Any]) -> dict[str, Any]:
             + ". Drop these options to continue it, or pass a new --out"
         )
     return stored
+
+
+def _check_default_threshold(
+    asked: float | None, used: float | None, out: Path
+) -> None:
+    """Reject a --stability-threshold that differs from a resumed run's default.
+
+    run.json stores no threshold when the run took its data set's default,
+    so the option is compared with that default once it is known.
+    """
+    if asked is None or used is None or asked == used:
+        return
+    raise UsageError(
+        "--resume: the configuration differs from the stored run: "
+        f"--stability-threshold {asked!r} (the run in {out} used {used!r}, the "
+        "default of its data). Drop this option to continue it, or pass a new --out"
+    )
 
 
 def _check_fresh_out(out: Path) -> None:
@@ -1066,6 +1087,10 @@ def _run_train(args: argparse.Namespace, locks: contextlib.ExitStack) -> int:
     if args.resume:
         run_config = _resumed_run_config(out, requested)
         if (out / METRICS_FILE).exists() and (out / MODEL_FILE).exists():
+            if run_config.get("stability_threshold") is None:
+                metrics = json.loads((out / METRICS_FILE).read_text(encoding="utf-8"))
+                used = metrics.get("stability_threshold")
+                _check_default_threshold(args.stability_threshold, used, out)
             print(f"the run in {out} is complete; see {out / METRICS_FILE}")
             return 0
     else:
@@ -1143,6 +1168,8 @@ def _run_train(args: argparse.Namespace, locks: contextlib.ExitStack) -> int:
     threshold = run_config["stability_threshold"]
     if threshold is None:
         threshold = float(info.get("stability_threshold", 0.0))
+        if args.resume:
+            _check_default_threshold(args.stability_threshold, threshold, out)
     # Trainer.save adds the software provenance and the training domain.
     metadata = json_ready(
         {
