@@ -218,6 +218,30 @@ def test_resume_interrupted_before_first_state(tmp_path, data_csv, monkeypatch):
     assert json.loads((out / "metrics.json").read_text())["epochs_done"] == 1
 
 
+def test_resume_with_damaged_state_names_the_fix(
+    tmp_path, data_csv, monkeypatch, capsys
+):
+    import dvmrl.cli.train as train_cli
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(data_csv), "--epochs", "1", *TINY]
+    with monkeypatch.context() as patch:
+        patch.setattr(train_cli, "_fit_member", interrupt)
+        assert main([*argv, "--out", str(out)]) == 130
+    (out / "last.pt").write_bytes(b"PK\x03\x04 cut short")
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "the training state of this run is damaged" in err
+    assert f"delete {out / 'last.pt'}" in err
+    assert "pass a model.pt" not in err
+    (out / "last.pt").unlink()
+    assert main(["train", "--resume", "--out", str(out)]) == 0
+
+
 def test_interrupt_then_resume(tmp_path, data_csv, monkeypatch):
     from dvmrl.training import Trainer
 

@@ -1592,8 +1592,21 @@ def _fit_member(
     from dvmrl.model import ModelConfig
     from dvmrl.training import TrainConfig, Trainer
 
+    from dvmrl.training.checkpoint import MODEL_ADVICE, CheckpointError, read_checkpoint
+
     x_train, y_train, x_val, y_val = data
     if (folder / STATE_FILE).exists():
+        try:
+            read_checkpoint(folder / STATE_FILE)
+        except CheckpointError as err:
+            # The advice to pass a model.pt does not help a resume; a damaged
+            # state file can only be given up.
+            message = str(err).removesuffix(f"; {MODEL_ADVICE}")
+            raise CheckpointError(
+                f"{message}; the training state of this run is damaged, so delete "
+                f"{folder / STATE_FILE} to restart this model from its first "
+                "epoch, or start a new run in another --out"
+            ) from None
         trainer = Trainer.from_checkpoint(
             folder / STATE_FILE, x_train, y_train, x_val, y_val, device=device
         )

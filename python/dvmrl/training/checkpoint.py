@@ -75,6 +75,10 @@ def _json_kind(value: Any) -> str:
     return "number"
 
 
+# The advice that ends the messages of files that are no dvmrl checkpoint.
+MODEL_ADVICE = "pass a model.pt written by dvmrl train"
+
+
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the reason."""
 
@@ -246,7 +250,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(document, dict) or HEADER_KEY not in document:
         raise CheckpointError(
             f"{path} is not a dvmrl checkpoint: it lacks the {HEADER_KEY!r} header; "
-            "pass a model.pt written by dvmrl train"
+            f"{MODEL_ADVICE}"
         )
     try:
         header = json.loads(document[HEADER_KEY])
@@ -363,7 +367,7 @@ def _unreadable_checkpoint(path: Path, err: Exception) -> CheckpointError:
     }[kind]
     return CheckpointError(
         f"checkpoint {path} is corrupt or not a dvmrl checkpoint: {problem} "
-        f"({type(err).__name__}); pass a model.pt written by dvmrl train"
+        f"({type(err).__name__}); {MODEL_ADVICE}"
     )
 
 
