@@ -1591,8 +1591,11 @@ def _fit_member(
     """
     from dvmrl.model import ModelConfig
     from dvmrl.training import TrainConfig, Trainer
-
-    from dvmrl.training.checkpoint import MODEL_ADVICE, CheckpointError, read_checkpoint
+    from dvmrl.training.checkpoint import (
+        MODEL_ADVICE,
+        CheckpointError,
+        read_checkpoint,
+    )
 
     x_train, y_train, x_val, y_val = data
     if (folder / STATE_FILE).exists():
