@@ -217,3 +217,13 @@ def test_cross_validate_accepts_integral_float_folds(small_frame, tiny_configs):
         small_frame, n_folds=2.0, model_config=model, train_config=train
     )
     assert len(result.fold_metrics) == 2
+
+
+def test_fold_assignments_accept_integral_float_counts():
+    groups = np.array(["Al-Ni", "Al-Ni", "Fe-Ni", "Cu-Zn", "Cu-Zn", "Co-Cr"])
+    grouped = group_kfold_assignment(groups, 2.0, seed=0)
+    assert np.array_equal(grouped, group_kfold_assignment(groups, 2, seed=0))
+    rows = kfold_assignment(6, 3.0, seed=0)
+    assert np.array_equal(rows, kfold_assignment(6, 3, seed=0))
+    with pytest.raises(ValueError, match="n_folds must be an integer >= 2, got 2.5"):
+        group_kfold_assignment(groups, 2.5, seed=0)

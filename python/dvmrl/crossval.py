@@ -68,6 +68,7 @@ def group_kfold_assignment(
     labels = np.asarray(groups)
     unique, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
     _check_folds(n_folds, len(unique), "groups")
+    n_folds = int(n_folds)
     rng = np.random.default_rng(seed)
     shuffled = rng.permutation(len(unique))
     # A stable sort by size keeps the random order among groups of equal size.
