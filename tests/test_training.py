@@ -49,6 +49,23 @@ def test_config_invalid_lr():
         TrainConfig(lr=-1.0)
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("epochs", math.inf),
+        ("seed", math.nan),
+        ("batch_size", math.inf),
+        ("warmup_epochs", math.inf),
+        ("adam_eps", math.inf),
+        ("grad_clip", math.nan),
+    ],
+)
+def test_config_rejects_non_finite_values(field, value):
+    message = rf"TrainConfig\.{field} must be .*got {value}"
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value})
+
+
 def test_config_invalid_schedule():
     with pytest.raises(ValueError, match="schedule"):
         TrainConfig(schedule="step")

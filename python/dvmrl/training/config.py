@@ -115,12 +115,17 @@ class TrainConfig:
             ),
             (
                 "grad_clip",
-                self.grad_clip is None or self.grad_clip >= 0,
+                self.grad_clip is None
+                or (self.grad_clip >= 0 and not math.isnan(self.grad_clip)),
                 "None or >= 0",
             ),
             ("seed", _is_int(self.seed) and self.seed >= 0, "an integer >= 0"),
             ("schedule", self.schedule in SCHEDULES, f"one of {SCHEDULES}"),
-            ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
+            (
+                "warmup_epochs",
+                self.warmup_epochs >= 0 and math.isfinite(self.warmup_epochs),
+                "a finite number >= 0",
+            ),
             ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
             ("plateau_factor", 0 < self.plateau_factor < 1, "in (0, 1)"),
             (
@@ -139,7 +144,11 @@ class TrainConfig:
                 all(0 <= b < 1 for b in self.adam_betas),
                 "two values in [0, 1)",
             ),
-            ("adam_eps", self.adam_eps > 0, "> 0"),
+            (
+                "adam_eps",
+                self.adam_eps > 0 and math.isfinite(self.adam_eps),
+                "a positive finite number",
+            ),
             ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1) (0 turns it off)"),
             ("loss", self.loss in LOSSES, f"one of {LOSSES}"),
             (
@@ -186,6 +195,9 @@ class TrainConfig:
 
 
 def _is_int(value: Any) -> bool:
+    # int(inf) and int(nan) raise, so non-finite floats are ruled out first.
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
     return isinstance(value, int | float) and int(value) == value
 
 
