@@ -242,6 +242,41 @@ def test_resume_with_damaged_state_names_the_fix(
     assert main(["train", "--resume", "--out", str(out)]) == 0
 
 
+def test_resume_after_the_data_file_moved(tmp_path, data_csv, monkeypatch, capsys):
+    from dvmrl.training import Trainer
+
+    original_fit = Trainer.fit
+
+    def interrupted_fit(self, *args, progress=None, **kwargs):
+        def stop_after_first(record):
+            progress(record)
+            raise KeyboardInterrupt
+
+        return original_fit(self, *args, progress=stop_after_first, **kwargs)
+
+    csv = tmp_path / "alloys.csv"
+    csv.write_bytes(data_csv.read_bytes())
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(csv), "--epochs", "2", *TINY, "--out", str(out)]
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "fit", interrupted_fit)
+        assert main(argv) == 130
+    moved = csv.rename(tmp_path / "moved.csv")
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(out)]) == 2
+    assert "pass --data with its new path" in capsys.readouterr().err
+    # A file with other rows is refused by the training state's fingerprints.
+    other = tmp_path / "other.csv"
+    frame = pd.read_csv(moved)
+    frame.assign(target=frame["target"] + 0.5).to_csv(other, index=False)
+    assert main(["train", "--resume", "--data", str(other), "--out", str(out)]) == 2
+    assert "data differ from those checkpoint" in capsys.readouterr().err
+    resume = ["train", "--resume", "--data", str(moved), "--out", str(out)]
+    assert main(resume) == 0
+    assert json.loads((out / "run.json").read_text())["data"] == str(moved.resolve())
+    assert json.loads((out / "metrics.json").read_text())["epochs_done"] == 2
+
+
 def test_interrupt_then_resume(tmp_path, data_csv, monkeypatch):
     from dvmrl.training import Trainer
 

@@ -887,6 +887,14 @@ def _resumed_run_config(out: Path, requested: dict[str, Any]) -> dict[str, Any]:
             # The run used its data set's default, which is known once the
             # data are loaded; run_train compares the value there.
             continue
+        if key == "data" and _moved_data(stored["data"], value):
+            # The member state files and finished members compare the
+            # fingerprints of their data, so other rows are still refused.
+            logger.info(
+                "%s no longer exists; the run continues on %s", stored["data"], value
+            )
+            stored["data"] = value
+            continue
         if _flat_get(stored, key) != value:
             conflicts.append(
                 f"{_RUN_OPTIONS[key]} {value!r} (the run in {out} used "
@@ -898,7 +906,26 @@ def _resumed_run_config(out: Path, requested: dict[str, Any]) -> dict[str, Any]:
             + "; ".join(conflicts)
             + ". Drop these options to continue it, or pass a new --out"
         )
+    from dvmrl.datasets import DATASETS
+
+    if stored["data"] not in DATASETS and not Path(stored["data"]).exists():
+        raise FileNotFoundError(
+            f"--resume: the run's data file {stored['data']} not found: it was moved "
+            "or deleted; pass --data with its new path to continue the run"
+        )
     return stored
+
+
+def _moved_data(recorded: str, given: str) -> bool:
+    """Tell whether a run's CSV file is gone and ``given`` is a CSV file instead."""
+    from dvmrl.datasets import DATASETS
+
+    return (
+        recorded not in DATASETS
+        and not Path(recorded).exists()
+        and given not in DATASETS
+        and Path(given).is_file()
+    )
 
 
 def _check_default_threshold(
@@ -1328,6 +1355,11 @@ def _run_train(args: argparse.Namespace, locks: contextlib.ExitStack) -> int:
         "provenance": provenance,
     }
     _write_json_atomic(out / METRICS_FILE, report)
+    recorded = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
+    if recorded.get("data") != run_config["data"]:
+        # The data file moved and the run resumed on its new path, which the
+        # training states accepted; run.json names it from now on.
+        _write_json_atomic(out / RUN_FILE, {**recorded, "data": run_config["data"]})
     what = "" if members == 1 else f", ensemble of {members}"
     title = f"test metrics ({len(split.test)} compositions{what})"
     print(_format_metrics(test_metrics, title, threshold))
