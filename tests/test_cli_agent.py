@@ -293,6 +293,17 @@ def test_train_rejects_curve_format(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_train_rejects_curve_on_the_agent_file(tmp_path, capsys):
+    # An agent file may have any suffix, so --out can name an image path too.
+    out = tmp_path / "agent.png"
+    argv = [*TRAIN, "--episodes", "1", "--out", str(out)]
+    code = main([*argv, "--curve", str(tmp_path / "." / "agent.png")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "is the same file as --out" in err
+    assert not out.exists()
+
+
 def test_learning_curve_format_follows_suffix(trained, tmp_path):
     history = json.loads(state_paths(trained)["progress"].read_text())["history"]
     plot_learning_curve(history, tmp_path / "curve.svg")

@@ -176,6 +176,16 @@ def run_train(args: argparse.Namespace) -> int:
     check_output_file(Path(args.out), "--out", example="agent.pt")
     if args.curve:
         check_output_file(Path(args.curve), "--curve", example="curve.png")
+        # The curve is drawn after the last save, so it would replace the
+        # agent or one of its progress files.
+        curve = Path(args.curve).resolve()
+        for kind, path in state_paths(Path(args.out)).items():
+            if path.resolve() == curve:
+                what = "--out" if kind == "agent" else f"the {kind} file of --out"
+                raise UsageError(
+                    f"--curve {args.curve} is the same file as {what} ({path}), "
+                    "which the image would replace; pass another --curve path"
+                )
     device = setup_compute(args)
     if args.resume:
         # As with dvmrl run --resume, the saved run's settings fill the
