@@ -4,6 +4,7 @@ import logging
 import os
 import pickle
 import stat
+import struct
 
 import numpy as np
 import pytest
@@ -153,6 +154,33 @@ def test_agent_unreadable_not_called_pickle(saved, tmp_path, name, problem):
     assert "pickle" not in message
     assert "weights_only" not in message
     assert "will likely succeed" not in message
+
+
+def _central_entries(data):
+    """Return the offsets of the zip archive's central-directory entries."""
+    offsets, start = [], 0
+    while (start := data.find(b"PK\x01\x02", start)) >= 0:
+        offsets.append(start)
+        start += 4
+    return offsets
+
+
+@pytest.mark.parametrize("damage", ["member name not utf-8", "compression method"])
+def test_agent_damaged_zip_directory_named(saved, tmp_path, damage):
+    # zipfile raises UnicodeDecodeError and NotImplementedError for these,
+    # not BadZipFile; both must still read as a damaged agent file.
+    data = bytearray(saved[0].read_bytes())
+    entries = _central_entries(data)
+    if damage == "compression method":
+        for offset in entries:
+            struct.pack_into("<H", data, offset + 10, 99)
+    else:
+        data[entries[0] + 46 + 3] = 0xE4
+    path = tmp_path / "damaged.pt"
+    path.write_bytes(bytes(data))
+    with pytest.raises(AgentFileError, match="truncated or corrupt") as info:
+        DQNAgent.load(path)
+    assert str(path) in str(info.value)
 
 
 def test_agent_raw_pickle_rejected_quietly(tmp_path, recwarn):

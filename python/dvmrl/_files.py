@@ -304,7 +304,11 @@ def builds_objects(path: str | os.PathLike) -> bool:
     """
     try:
         data = _pickle_bytes(path)
-    except (KeyError, OSError, zipfile.BadZipFile, IndexError):
+    except Exception:  # noqa: BLE001 - an unreadable archive has no pickle to scan
+        # Damaged archives raise more than BadZipFile: a member name that is
+        # not UTF-8 raises UnicodeDecodeError, an unknown compression method
+        # NotImplementedError, corrupt deflate data zlib.error. The load that
+        # follows reports such a file as corrupt.
         return False
     stream = io.BytesIO(data)
     # A legacy (non-zip) torch.save file is several pickles in a row: the
