@@ -427,6 +427,26 @@ def test_evaluate_moved_data_scores_the_test_part(trained, data_csv, tmp_path, c
     assert evaluation["rmse"] == pytest.approx(metrics["rmse"], rel=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("kind", "threshold", "ending"),
+    [
+        ("formation_energy", 0.0, "<= 0 eV/atom (for formation energies: against "
+         "the elements, not the convex hull)"),
+        ("energy_above_hull", 0.025, "<= 0.025 eV/atom above the convex hull"),
+        # A user's threshold other than the kind's own: the reference is unknown.
+        ("formation_energy", 0.025, "<= 0.025 eV/atom"),
+    ],
+)  # fmt: skip
+def test_metric_table_names_the_stability_reference(kind, threshold, ending):
+    from dvmrl.cli.train import _format_metrics
+    from dvmrl.metrics import regression_metrics
+
+    metrics = regression_metrics([-0.2, 0.01, 0.3], [-0.1, 0.0, 0.2], threshold)
+    table = _format_metrics(metrics, "title", threshold, kind)
+    precision = next(line for line in table.splitlines() if "precision" in line)
+    assert precision.endswith(ending)
+
+
 def test_evaluate_states_tolerance(trained, tmp_path, capsys):
     main(["evaluate", str(trained / "model.pt"), "--out", str(tmp_path)])
     lines = capsys.readouterr().out.splitlines()

@@ -111,8 +111,7 @@ _TABLE_METRICS = (
     (
         "precision",
         "fraction of predicted stable that are stable; stable means target <= "
-        "{threshold:g} eV/atom (for formation energies: against the elements, "
-        "not the convex hull)",
+        "{threshold:g} eV/atom{kind_note}",
     ),
     ("recall", "fraction of the stable compositions predicted stable"),
     ("f1", "harmonic mean of precision and recall"),
@@ -1362,7 +1361,7 @@ def _run_train(args: argparse.Namespace, locks: contextlib.ExitStack) -> int:
         _write_json_atomic(out / RUN_FILE, {**recorded, "data": run_config["data"]})
     what = "" if members == 1 else f", ensemble of {members}"
     title = f"test metrics ({len(split.test)} compositions{what})"
-    print(_format_metrics(test_metrics, title, threshold))
+    print(_format_metrics(test_metrics, title, threshold, info.get("target_kind")))
     print(f"wrote {out / MODEL_FILE} and {out / METRICS_FILE}")
     return 0
 
@@ -1709,13 +1708,32 @@ def _no_op() -> None:
 # dvmrl evaluate
 
 
-def _format_metrics(metrics: dict, title: str, threshold: float) -> str:
+# What the stability threshold compares with, by the data's target kind.
+_STABILITY_NOTES = {
+    "formation_energy": " (for formation energies: against the elements, not the "
+    "convex hull)",
+    "energy_above_hull": " above the convex hull",
+}
+
+
+def _format_metrics(
+    metrics: dict, title: str, threshold: float, target_kind: str | None = None
+) -> str:
     from dvmrl.metrics import DEFAULT_TOLERANCE
     from dvmrl.report import SMALL_TEST_PART
 
+    from dvmrl.datasets import STABILITY_THRESHOLDS
+
+    # A threshold other than the kind's own (a user's CSV read with the default
+    # kind and --stability-threshold) leaves the reference unknown.
+    note = ""
+    if STABILITY_THRESHOLDS.get(target_kind) == threshold:
+        note = _STABILITY_NOTES.get(target_kind, "")
     lines = [title]
     for name, unit_template in _TABLE_METRICS:
-        unit = unit_template.format(tolerance=DEFAULT_TOLERANCE, threshold=threshold)
+        unit = unit_template.format(
+            tolerance=DEFAULT_TOLERANCE, threshold=threshold, kind_note=note
+        )
         if name not in metrics:
             continue
         value = metrics[name]
@@ -2117,7 +2135,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     name = info.get("name", data)
     title = f"{name}, {part} ({len(rows)} compositions)"
-    print(_format_metrics(metrics, title, threshold))
+    print(_format_metrics(metrics, title, threshold, info.get("target_kind")))
     plot = parity_plot(
         out / "parity.png",
         y_true,
