@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import tiny_run
 from dvmrl import env as env_module
@@ -380,6 +381,31 @@ def test_resume_other_settings_rejected(finished_run):
     assert "agent: stored " in message
     assert "requested the pretrained agent" in message
     assert "differ)" not in message
+
+
+def test_resume_rejects_a_replaced_agent_file(finished_run, tmp_path, agent_file):
+    out, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    # The copied run names its own agent file, so that it can be replaced.
+    agent_path = tmp_path / "agent.pt"
+    shutil.copyfile(agent_file, agent_path)
+    run = json.loads((copy / "run.json").read_text())
+    run["signature"]["agent_path"] = str(agent_path)
+    (copy / "run.json").write_text(json.dumps(run))
+    spec = RunSpec(preset=TINY, seeds=[0], agent_path=str(agent_path))
+    experiment = Experiment(spec, copy, resume=True)
+    experiment.prepare()
+    experiment.close()
+
+    from dvmrl.agent import DQNAgent
+
+    agent = DQNAgent.load(agent_path)
+    with torch.no_grad():
+        next(agent.online.parameters()).add_(0.5)
+    agent.save(agent_path)
+    with pytest.raises(RunDirectoryError, match="the agent file changed since the run"):
+        Experiment(spec, copy, resume=True).prepare()
 
 
 def test_foreign_folder_rejected(tmp_path):

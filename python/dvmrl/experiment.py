@@ -470,14 +470,22 @@ class RunSpec:
                 f"lower n_initial_points below {trials} or raise epochs"
             )
 
-    def signature(self, data_checksum: str) -> dict[str, Any]:
-        """Return what must match for a resumed run to continue this one."""
+    def signature(
+        self, data_checksum: str, agent_checksum: str | None = None
+    ) -> dict[str, Any]:
+        """Return what must match for a resumed run to continue this one.
+
+        ``agent_checksum`` is the SHA-256 of the agent file when the agent
+        runs, so that a file replaced under the same path (or a shipped agent
+        changed by an upgrade) is not mixed into a resumed run.
+        """
         return {
             "data_checksum": data_checksum,
             "preset": self.preset.to_dict(),
             "seeds": list(self.seeds),
             "methods": list(self.methods),
             "agent_path": self.agent_path,
+            "agent_checksum": agent_checksum,
             "agent_learn": self.agent_learn,
             "space": self.space.describe(),
         }
@@ -903,6 +911,12 @@ def _describe_difference(key: str, old: Any, new: Any, recorded: dict) -> str:
         )
     if key == "space":
         return "search space: the stored run used another dvmrl.search.SEARCH_SPACE"
+    if key == "agent_checksum":
+        return (
+            "agent: the agent file changed since the run started (checksum "
+            f"{str(old)[:12]}... then, {str(new)[:12]}... now); restore that file "
+            "to continue the run"
+        )
     if key == "agent_path":
         shipped = "the pretrained agent"
         return (
@@ -1201,7 +1215,9 @@ class Experiment:
                     "your own data for a fair comparison",
                     self.spec.data,
                 )
-        signature = self.spec.signature(self.data_info["frame_sha256"])
+        signature = self.spec.signature(
+            self.data_info["frame_sha256"], self._agent_checksum()
+        )
         if self.resume:
             recorded = _read_run_json(run_file, FRESH_RUN)
             _check_run_file(recorded, run_file)
@@ -1274,11 +1290,27 @@ class Experiment:
                 "make it writable or choose another --out"
             ) from err
 
+    def _agent_checksum(self) -> str | None:
+        """Return the SHA-256 of the agent file, or None when the agent does not run."""
+        if "agent" not in self.spec.methods:
+            return None
+        from dvmrl.agent import PRETRAINED_AGENT
+
+        path = self.spec.agent_path or PRETRAINED_AGENT
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
     def _check_signature(self, recorded: dict[str, Any], signature: dict) -> None:
         """Raise RunDirectoryError naming each setting that differs from the run."""
         stored = recorded["signature"]
         differences = []
         for key, requested in signature.items():
+            if key == "agent_checksum" and key not in stored:
+                # Runs of earlier versions recorded the agent's path alone.
+                continue
             old = stored.get(key)
             if key == "methods" and isinstance(old, list):
                 # The units do not depend on the order of the methods (each
