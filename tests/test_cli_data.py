@@ -13,6 +13,7 @@ from dvmrl.cli._common import (
     accept_negative_numbers,
     finite_float,
     non_negative_int,
+    seed_int,
 )
 
 
@@ -74,6 +75,23 @@ def test_non_negative_int_accepts():
 def test_non_negative_int_rejects(text, message):
     with pytest.raises(argparse.ArgumentTypeError, match=message):
         non_negative_int(text)
+
+
+def test_seed_int_bounds():
+    assert seed_int("0") == 0
+    assert seed_int(str(2**32 - 1)) == 2**32 - 1
+    with pytest.raises(argparse.ArgumentTypeError, match="a seed from 0 to 4294967295"):
+        seed_int(str(2**64))
+
+
+def test_huge_seed_exits_2_before_any_work(tmp_path, capsys):
+    out = tmp_path / "agent.pt"
+    argv = ["agent", "train", "--episodes", "1", "--seed", str(2**64)]
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, "--out", str(out)])
+    assert stop.value.code == 2
+    assert "a seed from 0 to 4294967295" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(

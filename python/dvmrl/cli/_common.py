@@ -74,8 +74,22 @@ def positive_int(text: str) -> int:
 
 
 def non_negative_int(text: str) -> int:
-    """Parse an integer >= 0 for argparse (a seed)."""
+    """Parse an integer >= 0 for argparse."""
     return _int_at_least(text, 0)
+
+
+# Seeds reach numpy's legacy generators and C++ code, which take 32-bit seeds.
+MAX_SEED = 2**32 - 1
+
+
+def seed_int(text: str) -> int:
+    """Parse a seed for argparse: an integer from 0 to MAX_SEED."""
+    value = _int_at_least(text, 0)
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(
+            f"expected a seed from 0 to {MAX_SEED}, got {value}"
+        )
+    return value
 
 
 def accept_negative_numbers(parser: argparse.ArgumentParser) -> None:

@@ -13,10 +13,10 @@ from dvmrl.cli._common import (
     UsageError,
     add_compute_options,
     check_output_file,
-    non_negative_int,
     path_text,
     plural,
     positive_int,
+    seed_int,
     setup_compute,
 )
 
@@ -89,7 +89,7 @@ def add_parser(subparsers) -> None:
     )
     train.add_argument(
         "--seed",
-        type=non_negative_int,
+        type=seed_int,
         default=None,
         help="seed of tasks, splits and agent (an integer >= 0); default: 0",
     )
@@ -133,7 +133,7 @@ def add_parser(subparsers) -> None:
     evaluate.add_argument("--episodes", type=positive_int, default=1, help="episodes to run; default: 1")
     evaluate.add_argument(
         "--seed",
-        type=non_negative_int,
+        type=seed_int,
         default=0,
         help="seed of the first episode (an integer >= 0); default: 0",
     )

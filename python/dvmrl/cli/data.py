@@ -18,9 +18,9 @@ from dvmrl.cli._common import (
     check_output_file,
     fraction,
     non_negative_float,
-    non_negative_int,
     path_text,
     reject_csv_options,
+    seed_int,
 )
 from dvmrl.datasets.filters import (
     DEFAULT_MAX_ELECTRONEGATIVITY_SPREAD,
@@ -82,7 +82,7 @@ def add_parser(subparsers) -> None:
     split.add_argument("--split", required=True, choices=KINDS, help="split kind")
     split.add_argument(
         "--seed",
-        type=non_negative_int,
+        type=seed_int,
         default=0,
         help="seed of the train / validation division (an integer >= 0; default: 0)",
     )

@@ -44,12 +44,12 @@ from dvmrl.cli._common import (
     finite_float,
     fraction,
     non_negative_float,
-    non_negative_int,
     path_text,
     plural,
     positive_float,
     positive_int,
     reject_csv_options,
+    seed_int,
     setup_compute,
 )
 
@@ -229,7 +229,7 @@ def _add_train_parser(subparsers) -> None:
     _add_data_options(parser, with_defaults=True)
     parser.add_argument(
         "--seed",
-        type=non_negative_int,
+        type=seed_int,
         default=None,
         help="seed of the validation pool, the initialisation and the batches; "
         f"default: {defaults.TRAIN['seed']}",
@@ -1719,10 +1719,9 @@ _STABILITY_NOTES = {
 def _format_metrics(
     metrics: dict, title: str, threshold: float, target_kind: str | None = None
 ) -> str:
+    from dvmrl.datasets import STABILITY_THRESHOLDS
     from dvmrl.metrics import DEFAULT_TOLERANCE
     from dvmrl.report import SMALL_TEST_PART
-
-    from dvmrl.datasets import STABILITY_THRESHOLDS
 
     # A threshold other than the kind's own (a user's CSV read with the default
     # kind and --stability-threshold) leaves the reference unknown.

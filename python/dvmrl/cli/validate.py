@@ -40,10 +40,10 @@ from dvmrl.cli._common import (
     check_output_folder,
     csv_columns,
     data_reference,
-    non_negative_int,
     path_text,
     plural,
     positive_int,
+    seed_int,
     setup_compute,
 )
 
@@ -207,7 +207,7 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--seed",
-        type=non_negative_int,
+        type=seed_int,
         default=0,
         help="seed of every draw (an integer >= 0); default 0",
     )
