@@ -81,6 +81,22 @@ def test_split_leak_rejected(frame, split):
         ModelTuningEnv(frame, leaky, **SMALL)
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("tolerance", 0.0, "tolerance must be > 0"),
+        ("epsilon", 1.5, "epsilon must be in \\(0, 1\\)"),
+        ("k_correlations", -1, "k_correlations must be >= 0"),
+        ("probe_steps", 0, "probe_steps must be >= 1"),
+        ("w_accuracy", math.nan, "w_accuracy must be a finite number"),
+        ("stability_threshold", math.inf, "stability_threshold must be a finite"),
+    ],
+)
+def test_bad_settings_rejected_before_reset(frame, split, option, value, message):
+    with pytest.raises(ValueError, match=message):
+        ModelTuningEnv(frame, split, **{**SMALL, option: value})
+
+
 def test_budget_truncates(env):
     env.reset(seed=2)
     steps = 0

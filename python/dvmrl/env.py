@@ -301,6 +301,21 @@ class ModelTuningEnv(gym.Env):
                 f"epochs_per_step ({epochs_per_step}) exceeds budget_epochs "
                 f"({budget_epochs}); raise the budget or shorten the slice"
             )
+        if probe_steps < 1:
+            raise ValueError(f"probe_steps must be >= 1, got {probe_steps}")
+        if k_correlations < 0:
+            raise ValueError(f"k_correlations must be >= 0, got {k_correlations}")
+        # The observation divides by the tolerance, and the probe needs a box
+        # radius inside (0, 1); a NaN weight would make every reward NaN.
+        for label, value, valid, expected in (
+            ("tolerance", tolerance, tolerance > 0, "> 0 (eV/atom)"),
+            ("epsilon", epsilon, 0 < epsilon < 1, "in (0, 1) (fraction)"),
+            ("w_accuracy", w_accuracy, True, "a finite number"),
+            ("w_vulnerability", w_vulnerability, True, "a finite number"),
+            ("stability_threshold", stability_threshold, True, "a finite number"),
+        ):
+            if not (math.isfinite(float(value)) and valid):
+                raise ValueError(f"{label} must be {expected}, got {value!r}")
         self.data_name = name
         self.val_size = int(val_size)
         self.obs_size = int(obs_size)
