@@ -550,6 +550,30 @@ def test_resume_rejects_progress_of_other_run(trained, tmp_path, capsys):
     assert "an agent trained for 2 episodes, but agent.progress.json records 1" in err
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "problem"),
+    [
+        ("rng_state", "x", "its random state of the task draws cannot be restored"),
+        ("rng_state", {}, "its random state of the task draws cannot be"),
+        ("history", [1, 2], "history row 1 has no 'return'"),
+        ("wall_time_s", "long", "'wall_time_s' is 'long', not a number"),
+        ("commands", 5, "'commands' is 5, not a list"),
+    ],
+)
+def test_resume_rejects_damaged_progress_fields(
+    trained, tmp_path, capsys, field, value, problem
+):
+    out = copy_run(trained, tmp_path / "agent.pt")
+    progress = state_paths(out)["progress"]
+    saved = json.loads(progress.read_text())
+    saved[field] = value
+    progress.write_text(json.dumps(saved))
+    code = main([*TRAIN, "--episodes", "3", "--out", str(out), "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"invalid progress file {progress}: {problem}" in err
+
+
 def test_resume_rejects_agent_of_other_size(trained, tmp_path, capsys):
     out = copy_run(trained, tmp_path / "agent.pt")
     agent = DQNAgent.load(out)

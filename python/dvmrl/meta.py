@@ -531,7 +531,38 @@ def _read_progress(path: Path) -> dict[str, Any]:
             f"invalid progress file {path}: the random state of the task draws is "
             "missing; restore it from a backup, or choose another --out"
         )
+    problem = _progress_problem(saved)
+    if problem is not None:
+        raise AgentFileError(
+            f"invalid progress file {path}: {problem}; restore it from a backup, or "
+            "choose another --out to start a new run"
+        )
     return saved
+
+
+def _progress_problem(saved: dict[str, Any]) -> str | None:
+    """Return what is wrong with the fields a resume reads, or None."""
+    try:
+        np.random.default_rng().bit_generator.state = saved["rng_state"]
+    except (TypeError, ValueError, KeyError) as err:
+        return f"its random state of the task draws cannot be restored ({err})"
+    for number, row in enumerate(saved["history"], start=1):
+        if not isinstance(row, dict) or "return" not in row:
+            return f"history row {number} has no 'return'"
+        value = row["return"]
+        if value is not None and (
+            not isinstance(value, int | float) or isinstance(value, bool)
+        ):
+            return f"history row {number} has the 'return' {value!r}, not a number"
+    wall = saved.get("wall_time_s", 0.0)
+    if not isinstance(wall, int | float) or isinstance(wall, bool):
+        return f"'wall_time_s' is {wall!r}, not a number of seconds"
+    commands = saved.get("commands")
+    if commands is not None and not (
+        isinstance(commands, list) and all(isinstance(c, str | None) for c in commands)
+    ):
+        return f"'commands' is {commands!r}, not a list of command lines"
+    return None
 
 
 def _resume_differences(
