@@ -386,6 +386,21 @@ def test_small_data_warns_about_winners(tmp_path, capsys):
     )
 
 
+def test_summary_of_one_method_shows_its_numbers():
+    report = {
+        "methods": ["agent"],
+        "summary": {
+            "test_rmse": {"agent": {"mean": 0.41234, "std": 0.0123, "n": 3}},
+            "vulnerability": {"agent": {"mean": 0.02, "std": None, "n": 1}},
+            "robustness_radius": {"agent": {"mean": None, "std": None, "n": 0}},
+        },
+    }
+    own = run_cli._own_value
+    assert own(report, "test_rmse") == "0.4123 ± 0.012 over 3 seeds (DQN agent)"
+    assert own(report, "vulnerability") == "0.02 (DQN agent)"
+    assert own(report, "robustness_radius") == "n/a (DQN agent)"
+
+
 def test_summary_line_names_methods():
     tie = {"winner": "random", "tie": True, "tied_with": ["bayesian", "agent"]}
     expected = "tie: random search, Bayesian optimisation and DQN agent"

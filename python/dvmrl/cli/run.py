@@ -322,6 +322,10 @@ def run(args: argparse.Namespace) -> int:
     for key, label, unit, _higher in counted_metrics(report):
         winner = report["winners"][key]
         compared = compared or winner["winner"] is not None
+        if len(report["methods"]) == 1:
+            # Nothing to compare: show the method's own numbers instead.
+            print(f"{label} ({unit}): {_own_value(report, key)}")
+            continue
         print(f"{label} ({unit}): {_describe(winner)}")
     if len(report["seeds"]) == 1 and compared:
         print(
@@ -345,6 +349,21 @@ def _warn_small_test_parts(report: dict) -> None:
             "comparison that counts",
             file=sys.stderr,
         )
+
+
+def _own_value(report: dict, key: str) -> str:
+    """Return the one method's mean (and spread over seeds) of a metric."""
+    from dvmrl.report import METHOD_LABELS
+
+    (method,) = report["methods"]
+    entry = report["summary"].get(key, {}).get(method) or {}
+    mean, std, n = entry.get("mean"), entry.get("std"), entry.get("n", 0)
+    name = METHOD_LABELS.get(method, method)
+    if mean is None:
+        return f"n/a ({name})"
+    if n > 1 and std is not None:
+        return f"{mean:.4g} ± {std:.2g} over {n} seeds ({name})"
+    return f"{mean:.4g} ({name})"
 
 
 def _describe(winner: dict) -> str:
