@@ -376,6 +376,19 @@ def test_buffer_of_other_agent_rejected(saved):
         DQNAgent.load(agent_path, buffer_path=buffer_path)
 
 
+def test_buffer_of_a_longer_run_rejected(saved, tmp_path):
+    # The saved agent took 10 steps; a buffer with 12 transitions cannot be its.
+    agent_path, _ = saved
+    longer = tmp_path / "longer.npz"
+    make_agent(transitions=12).save(tmp_path / "other.pt", buffer_path=longer)
+    with pytest.raises(AgentFileError, match="holds 12 transitions, but the agent"):
+        DQNAgent.load(agent_path, buffer_path=longer)
+    # A buffer with fewer transitions (restarted after a lost file) is accepted.
+    shorter = tmp_path / "shorter.npz"
+    make_agent(transitions=6).save(tmp_path / "third.pt", buffer_path=shorter)
+    assert len(DQNAgent.load(agent_path, buffer_path=shorter).buffer) == 6
+
+
 def test_agent_missing_weight_one_line(saved):
     path, _ = saved
     state = torch.load(path, weights_only=True)

@@ -977,6 +977,15 @@ class DQNAgent:
                 f"{self.n_actions}; it belongs to another agent, so restore the "
                 "matching file or delete it to resume with an empty replay buffer"
             )
+        # Every environment step stores one transition. A buffer may hold
+        # fewer (after a lost buffer file it restarts empty), never more.
+        if len(buffer) > self.env_steps:
+            raise AgentFileError(
+                f"replay buffer file {path} holds {len(buffer)} transitions, but the "
+                f"agent has taken {self.env_steps} environment steps; it belongs to "
+                "another run, so restore the matching file or delete it to resume "
+                "with an empty replay buffer"
+            )
         self.buffer = buffer
 
 
