@@ -361,6 +361,36 @@ def test_predict_input_rejects_repeated_columns(trained, tmp_path, capsys):
     assert "Ni3Al" in capsys.readouterr().out
 
 
+def test_train_on_hull_energies_with_target_kind(tmp_path, capsys, caplog):
+    from dvmrl.datasets import load
+
+    hull = load("mp-energy-above-hull").sample(n=200, random_state=2)
+    csv = tmp_path / "hull.csv"
+    hull[["formula", "target"]].to_csv(csv, index=False)
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(csv), "--epochs", "1", *TINY]
+    with caplog.at_level(logging.WARNING, logger="dvmrl"):
+        code = main([*argv, "--target-kind", "energy_above_hull", "--out", str(out)])
+    assert code == 0
+    assert "as energies above the convex hull are" not in caplog.text
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["stability_threshold"] == 0.025
+    assert "0.025 eV/atom above the convex hull" in capsys.readouterr().out
+    # evaluate reads the checkpoint's kind for its own data.
+    assert main(["evaluate", str(out / "model.pt"), "--out", str(tmp_path / "e")]) == 0
+    assert "0.025 eV/atom above the convex hull" in capsys.readouterr().out
+    resume = ["train", "--resume", "--target-kind", "formation_energy"]
+    assert main([*resume, "--out", str(out)]) == 2
+    assert "--target-kind 'formation_energy'" in capsys.readouterr().err
+
+
+def test_target_kind_rejected_for_vendored_data(tmp_path, capsys):
+    argv = ["train", "--target-kind", "energy_above_hull", *TINY]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "--target-kind applies only to a CSV file" in err
+
+
 def test_train_rejects_nan_target(tmp_path, capsys):
     path = tmp_path / "bad.csv"
     path.write_text("formula,target\nAl3Ni,-0.4\nCuZn,nan\nFeNi,abc\n")

@@ -587,7 +587,11 @@ def test_resolve_warns_on_hull_energies(tmp_path, caplog):
     _, info = datasets.resolve_data(path)
     assert info["target_kind"] == "formation_energy"
     assert "as energies above the convex hull are" in caplog.text
-    assert "--stability-threshold 0.025" in caplog.text
+    assert "--target-kind energy_above_hull" in caplog.text
+    caplog.clear()
+    _, info = datasets.resolve_data(path, target_kind="energy_above_hull")
+    assert info["stability_threshold"] == 0.025
+    assert "as energies above the convex hull are" not in caplog.text
 
 
 def test_resolve_formation_energies_no_hull_warning(tmp_path, caplog):

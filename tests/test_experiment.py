@@ -408,6 +408,27 @@ def test_resume_rejects_a_replaced_agent_file(finished_run, tmp_path, agent_file
         Experiment(spec, copy, resume=True).prepare()
 
 
+def test_run_spec_checks_target_kind():
+    with pytest.raises(ValueError, match="unknown target_kind 'hull'"):
+        RunSpec(preset=TINY, seeds=[0], target_kind="hull").check()
+    spec = RunSpec(preset=TINY, seeds=[0], target_kind="energy_above_hull")
+    spec.check()
+    assert spec.signature("checksum")["target_kind"] == "energy_above_hull"
+
+
+def test_run_reads_csv_with_its_target_kind(tmp_path):
+    from dvmrl.datasets import load
+    from dvmrl.experiment import load_data
+
+    hull = load("mp-energy-above-hull").iloc[:100]
+    path = tmp_path / "hull.csv"
+    hull[["formula", "target"]].to_csv(path, index=False)
+    _, info = load_data(str(path), target_kind="energy_above_hull")
+    assert info["stability_threshold"] == 0.025
+    _, info = load_data(str(path))
+    assert info["stability_threshold"] == 0.0
+
+
 def test_foreign_folder_rejected(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     spec = RunSpec(preset=TINY, seeds=[0], methods=["random"])

@@ -403,6 +403,8 @@ class RunSpec:
         data: vendored data set name or CSV path.
         formula_column: formula column of a CSV file.
         target_column: target column of a CSV file (eV/atom).
+        target_kind: what a CSV file's targets are, ``formation_energy`` or
+            ``energy_above_hull``; it sets the stability threshold.
         preset: the budget.
         seeds: the seeds, one search per method and seed.
         methods: method names, a subset of ``METHODS``.
@@ -414,6 +416,7 @@ class RunSpec:
     data: str = DEFAULT_DATA
     formula_column: str = "formula"
     target_column: str = "target"
+    target_kind: str = "formation_energy"
     preset: Preset = field(default_factory=lambda: PRESETS["small"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     methods: list[str] = field(default_factory=lambda: list(METHODS))
@@ -435,6 +438,13 @@ class RunSpec:
             )
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods listed twice: {self.methods}")
+        from dvmrl.datasets import STABILITY_THRESHOLDS
+
+        if self.target_kind not in STABILITY_THRESHOLDS:
+            raise ValueError(
+                f"unknown target_kind {self.target_kind!r}: expected one of "
+                f"{', '.join(STABILITY_THRESHOLDS)}"
+            )
         if not self.seeds:
             raise ValueError("no seeds given; pass --seeds N with N >= 1")
         bad = [s for s in self.seeds if not _is_int(s) or s < 0]
@@ -487,6 +497,7 @@ class RunSpec:
             "agent_path": self.agent_path,
             "agent_checksum": agent_checksum,
             "agent_learn": self.agent_learn,
+            "target_kind": self.target_kind,
             "space": self.space.describe(),
         }
 
@@ -571,18 +582,25 @@ class Pools:
 
 
 def load_data(
-    data: str, formula_column: str = "formula", target_column: str = "target"
+    data: str,
+    formula_column: str = "formula",
+    target_column: str = "target",
+    target_kind: str = "formation_energy",
 ):
     """Load a vendored data set by name or a user's CSV; return (df, info).
 
-    ``formula_column`` and ``target_column`` name the columns of a CSV file.
+    ``formula_column`` and ``target_column`` name the columns of a CSV file,
+    and ``target_kind`` says what its targets are.
     """
     from dvmrl import datasets
 
     resolve = getattr(datasets, "resolve_data", None)
     if resolve is not None:
         df, info = resolve(
-            data, formula_column=formula_column, target_column=target_column
+            data,
+            formula_column=formula_column,
+            target_column=target_column,
+            target_kind=target_kind,
         )
     elif data in datasets.list_datasets():
         df, info = datasets.load(data), datasets.dataset_info(data)
@@ -923,7 +941,7 @@ def _describe_difference(key: str, old: Any, new: Any, recorded: dict) -> str:
             f"agent: stored {shipped if old is None else _shown(old)}, requested "
             f"{shipped if new is None else _shown(new)}"
         )
-    label = {"agent_learn": "agent-learn"}.get(key, key)
+    label = {"agent_learn": "agent-learn", "target_kind": "target kind"}.get(key, key)
     return f"{label}: stored {_shown(old)}, requested {_shown(new)}"
 
 
@@ -1196,7 +1214,10 @@ class Experiment:
             self._lock_folder()
             remove_stale_temporaries(self.out_dir)
         self.df, self.data_info = load_data(
-            self.spec.data, self.spec.formula_column, self.spec.target_column
+            self.spec.data,
+            self.spec.formula_column,
+            self.spec.target_column,
+            self.spec.target_kind,
         )
         self._check_data_size()
         if "agent" in self.spec.methods:
@@ -1308,8 +1329,14 @@ class Experiment:
         stored = recorded["signature"]
         differences = []
         for key, requested in signature.items():
-            if key == "agent_checksum" and key not in stored:
-                # Runs of earlier versions recorded the agent's path alone.
+            if key in ("agent_checksum", "target_kind") and key not in stored:
+                # Runs of earlier versions recorded neither the agent's
+                # checksum nor a target kind (they read CSV files as
+                # formation energies).
+                if key == "target_kind" and requested != "formation_energy":
+                    differences.append(
+                        f"target kind: stored formation_energy, requested {requested}"
+                    )
                 continue
             old = stored.get(key)
             if key == "methods" and isinstance(old, list):

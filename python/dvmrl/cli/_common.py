@@ -78,6 +78,9 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+# Target kinds of a CSV file, as dvmrl.datasets.STABILITY_THRESHOLDS lists them.
+TARGET_KINDS = ("formation_energy", "energy_above_hull")
+
 # Seeds reach numpy's legacy generators and C++ code, which take 32-bit seeds.
 MAX_SEED = 2**32 - 1
 
@@ -283,14 +286,25 @@ def add_csv_column_options(
             help=f"{column}{unit} column of a CSV --data file; default: "
             f"{default_note}{column}",
         )
+    parser.add_argument(
+        "--target-kind",
+        choices=TARGET_KINDS,
+        default=None,
+        help="what the targets of a CSV --data file are: formation_energy "
+        "(stable when <= 0 eV/atom) or energy_above_hull (stable when <= 0.025 "
+        "eV/atom); it sets the stability threshold and the plot labels. A file "
+        f"from dvmrl data fetch states its own; default: {default_note}"
+        "formation_energy",
+    )
 
 
 def reject_csv_options(args: argparse.Namespace, data: str) -> None:
     """Raise ValueError for CSV-only options given with a vendored data set.
 
-    --formula-column, --target-column and --alloy-notation describe how to
-    read a user's CSV file. A vendored data set has fixed columns and
-    standard formulas, so these options would do nothing there.
+    --formula-column, --target-column, --target-kind and --alloy-notation
+    describe how to read a user's CSV file. A vendored data set has fixed
+    columns, a known target and standard formulas, so these options would do
+    nothing there.
     """
     from dvmrl.datasets import DATASETS
 
@@ -301,6 +315,7 @@ def reject_csv_options(args: argparse.Namespace, data: str) -> None:
         for key, option in (
             ("formula_column", "--formula-column"),
             ("target_column", "--target-column"),
+            ("target_kind", "--target-kind"),
         )
         if getattr(args, key, None) is not None
     ]
@@ -319,15 +334,20 @@ def reject_csv_options(args: argparse.Namespace, data: str) -> None:
 def csv_columns(
     settings: dict, args: argparse.Namespace | None = None
 ) -> dict[str, str]:
-    """Return the CSV column names as keywords of ``dvmrl.datasets.resolve_data``.
+    """Return how to read a CSV file, as keywords of ``dvmrl.datasets.resolve_data``.
 
-    Each name is the option given in ``args``, else the one stored in
-    ``settings`` (a run configuration or checkpoint metadata), else the
-    default, "formula" or "target". Runs from before the column options
-    stored no names, so they get the defaults.
+    The keywords are the column names and the target kind. Each is the
+    option given in ``args``, else the one stored in ``settings`` (a run
+    configuration or checkpoint metadata), else the default: "formula",
+    "target" and "formation_energy". Runs from before these options stored
+    none of them, so they get the defaults.
     """
     columns = {}
-    for key, default in (("formula_column", "formula"), ("target_column", "target")):
+    for key, default in (
+        ("formula_column", "formula"),
+        ("target_column", "target"),
+        ("target_kind", "formation_energy"),
+    ):
         option_value = getattr(args, key, None) if args is not None else None
         columns[key] = option_value or settings.get(key) or default
     return columns

@@ -208,7 +208,7 @@ def _fill_defaults(args: argparse.Namespace) -> None:
     if recorded is not None:
         if args.data is None:
             args.data = recorded.get("data")
-        for key in ("formula_column", "target_column"):
+        for key in ("formula_column", "target_column", "target_kind"):
             if getattr(args, key) is None:
                 setattr(args, key, recorded.get(key))
         if args.budget is None and isinstance(recorded.get("preset"), dict):
@@ -228,6 +228,7 @@ def _fill_defaults(args: argparse.Namespace) -> None:
     args.data = data_reference(DEFAULT_DATA if args.data is None else args.data)
     args.formula_column = args.formula_column or "formula"
     args.target_column = args.target_column or "target"
+    args.target_kind = args.target_kind or "formation_energy"
     args.budget = "small" if args.budget is None else args.budget
     args.methods = list(METHODS) if args.methods is None else args.methods
     args.agent_learn = bool(args.agent_learn)
@@ -258,6 +259,7 @@ def run(args: argparse.Namespace) -> int:
         data=args.data,
         formula_column=args.formula_column,
         target_column=args.target_column,
+        target_kind=args.target_kind,
         preset=preset,
         seeds=seeds,
         methods=list(args.methods),

@@ -79,6 +79,7 @@ _RUN_OPTIONS = {
     "alloy_notation": "--alloy-notation",
     "formula_column": "--formula-column",
     "target_column": "--target-column",
+    "target_kind": "--target-kind",
     "model.hidden": "--hidden",
     "model.layers": "--layers",
     "model.dropout": "--dropout",
@@ -527,8 +528,9 @@ def _load_data(
 ):
     """Return ``(df, info)`` for a vendored name or a CSV path.
 
-    ``columns`` holds the CSV column names (``formula_column`` and
-    ``target_column``, from ``csv_columns``); vendored data ignores them.
+    ``columns`` holds how to read a CSV file (``formula_column``,
+    ``target_column`` and ``target_kind``, from ``csv_columns``); vendored
+    data ignores them.
     """
     from dvmrl.datasets import resolve_data
 
@@ -758,6 +760,7 @@ def _requested_settings(args: argparse.Namespace) -> dict[str, Any]:
         "alloy_notation": args.alloy_notation,
         "formula_column": args.formula_column,
         "target_column": args.target_column,
+        "target_kind": args.target_kind,
         "model.hidden": args.hidden,
         "model.layers": args.layers,
         "model.dropout": args.dropout,
@@ -1209,9 +1212,11 @@ def _run_train(args: argparse.Namespace, locks: contextlib.ExitStack) -> int:
             "data_rows_fingerprint": split.data_fingerprint,
             "seed": run_config["seed"],
             "stability_threshold": threshold,
-            "target_kind": info.get("target_kind"),
             "alloy_notation": run_config["alloy_notation"],
             **csv_columns(run_config),
+            # The data's own kind: a vendored or fetched file states it, and
+            # --target-kind sets it for other CSV files.
+            "target_kind": info.get("target_kind"),
             "run": run_config,
         }
     )

@@ -221,8 +221,9 @@ def resolve_data(
             logger.warning(
                 "%s: every target is >= 0 and %d of %d are exactly 0, as energies "
                 "above the convex hull are; dvmrl reads a CSV file as formation "
-                "energies (stable when <= 0 eV/atom), so for hull energies pass "
-                "--stability-threshold 0.025 to dvmrl train and evaluate",
+                "energies (stable when <= 0 eV/atom) unless told otherwise, so for "
+                "hull energies pass --target-kind energy_above_hull (in Python, "
+                "target_kind='energy_above_hull')",
                 path,
                 int((frame["target"] == 0).sum()),
                 len(frame),
