@@ -66,6 +66,19 @@ def test_train_resume_continues(trained, tmp_path):
     assert DQNAgent.load(copy).episodes == 3
 
 
+def test_resume_of_complete_run_writes_the_curve(trained, tmp_path, capsys):
+    # An interrupt while the curve was drawn leaves a complete run without it.
+    copy = copy_run(trained, tmp_path / "agent.pt")
+    before = copy.read_bytes()
+    curve = tmp_path / "curve.png"
+    argv = [*TRAIN, "--episodes", "2", "--out", str(copy), "--resume"]
+    assert main([*argv, "--curve", str(curve)]) == 0
+    out = capsys.readouterr().out
+    assert "is complete with 2 episodes" in out
+    assert curve.read_bytes()[:4] == b"\x89PNG"
+    assert copy.read_bytes() == before
+
+
 def test_train_refuses_overwrite(trained, capsys):
     code = main([*TRAIN, "--episodes", "2", "--out", str(trained)])
     assert code == 2

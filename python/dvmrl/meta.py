@@ -507,6 +507,16 @@ def saved_settings(out: str | Path) -> dict[str, Any]:
     return settings
 
 
+def saved_history(out: str | Path) -> list[dict[str, Any]]:
+    """Return the episode history of the run saved at ``out`` ([] without one).
+
+    Raises:
+        AgentFileError: when the progress file is unreadable.
+    """
+    path = state_paths(out)["progress"]
+    return _read_progress(path)["history"] if path.is_file() else []
+
+
 def _read_progress(path: Path) -> dict[str, Any]:
     """Read a progress JSON file of :func:`meta_train`.
 

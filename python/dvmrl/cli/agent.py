@@ -160,6 +160,7 @@ def run_train(args: argparse.Namespace) -> int:
         meta_train,
         parse_task,
         plot_learning_curve,
+        saved_history,
         saved_settings,
         state_paths,
     )
@@ -212,6 +213,16 @@ def run_train(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         lock = FolderLock(state_paths(out)["lock"], reported_path=out, lock_file=True)
     with lock:
+        history = saved_history(out) if args.resume and out.is_file() else []
+        if history and len(history) == args.episodes:
+            # A run interrupted after its last checkpoint, such as while the
+            # curve was drawn: nothing is left to train, but the curve is.
+            episodes = plural(len(history), "episode")
+            print(f"the run at {out} is complete with {episodes}")
+            if args.curve:
+                plot_learning_curve(history, args.curve)
+                print(f"wrote the learning curve to {args.curve}")
+            return 0
         result = meta_train(
             tasks,
             args.episodes,
