@@ -1,5 +1,6 @@
 """Tests of reading damaged, foreign and pickled agent and replay-buffer files."""
 
+import json
 import logging
 import os
 import pickle
@@ -105,6 +106,47 @@ def test_agent_nan_optimizer_state_rejected(tmp_path):
     agent.save(tmp_path / "opt.pt")
     with pytest.raises(AgentFileError, match=r"tensor optimizer\.state\.0\.exp_avg"):
         DQNAgent.load(tmp_path / "opt.pt")
+
+
+def _rewrite_agent(path, change):
+    """Apply ``change`` to the saved state dict of an agent file."""
+    state = torch.load(path, weights_only=True)
+    change(state)
+    torch.save(state, path)
+
+
+def _set_config(state, **fields):
+    header = json.loads(state["header_json"])
+    header["config"].update(fields)
+    state["header_json"] = json.dumps(header)
+
+
+@pytest.mark.parametrize(
+    ("change", "detail"),
+    [
+        (lambda s: _set_config(s, batch_size=2.5), "batch_size must be an integer"),
+        (
+            lambda s: _set_config(s, buffer_capacity=10**13),
+            "buffer_capacity must be at most 10000000",
+        ),
+        (
+            lambda s: _set_config(s, learning_starts=10**6),
+            "so no gradient step would ever run",
+        ),
+        (
+            lambda s: s.update(counters=torch.tensor([-3, 0, 1])),
+            "negative step counters",
+        ),
+        (lambda s: s.update(metadata_json="[1, 2]"), "metadata_json holds list"),
+        (lambda s: s.update(optimizer="adam"), "AttributeError"),
+    ],
+)
+def test_agent_malformed_fields_named(saved, change, detail):
+    path, _ = saved
+    _rewrite_agent(path, change)
+    with pytest.raises(AgentFileError, match="incompatible agent file") as info:
+        DQNAgent.load(path)
+    assert detail in str(info.value)
 
 
 def test_agent_finite_file_loads(saved):

@@ -57,6 +57,23 @@ class DivergenceError(RuntimeError):
     """Q-values or the TD loss became non-finite or exceeded the configured limit."""
 
 
+# Fields of AgentConfig that count something.
+_INT_FIELDS = (
+    "stream_hidden",
+    "batch_size",
+    "buffer_capacity",
+    "learning_starts",
+    "train_every",
+    "gradient_steps",
+    "target_update_interval",
+    "epsilon_decay_steps",
+    "seed",
+)
+# The buffer is allocated in full at once: at 10 million transitions of a
+# 200-value observation it takes about 16 GB, beyond any use here.
+MAX_BUFFER_CAPACITY = 10_000_000
+
+
 @dataclass
 class AgentConfig:
     """Hyperparameters of :class:`DQNAgent`.
@@ -112,6 +129,25 @@ class AgentConfig:
 
     def validate(self) -> None:
         """Check every field and raise ValueError naming the bad one."""
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (
+                isinstance(value, int)
+                or (isinstance(value, float) and value.is_integer())
+            ):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            setattr(self, name, int(value))
+        if self.buffer_capacity > MAX_BUFFER_CAPACITY:
+            raise ValueError(
+                f"buffer_capacity must be at most {MAX_BUFFER_CAPACITY}, got "
+                f"{self.buffer_capacity}"
+            )
+        if self.learning_starts > self.buffer_capacity:
+            raise ValueError(
+                f"learning_starts ({self.learning_starts}) exceeds buffer_capacity "
+                f"({self.buffer_capacity}), so no gradient step would ever run; "
+                "lower learning_starts"
+            )
         if not self.hidden or any(h < 1 for h in self.hidden):
             raise ValueError(f"hidden must be positive widths, got {self.hidden}")
         if self.stream_hidden < 1:
@@ -142,7 +178,7 @@ class AgentConfig:
         for name in ("epsilon_start", "epsilon_end"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.grad_clip < 0:
+        if not self.grad_clip >= 0:
             raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -932,9 +968,20 @@ class DQNAgent:
             agent.env_steps, agent.gradient_steps, agent.episodes = (
                 int(v) for v in state["counters"]
             )
+            if min(agent.env_steps, agent.gradient_steps, agent.episodes) < 0:
+                raise ValueError(f"negative step counters {state['counters'].tolist()}")
             agent.episode_returns = [float(v) for v in state["episode_returns"]]
             agent.metadata = json.loads(state.get("metadata_json", "{}"))
-        except (KeyError, RuntimeError, TypeError, ValueError) as err:
+            if not isinstance(agent.metadata, dict):
+                raise TypeError(f"metadata_json holds {type(agent.metadata).__name__}")
+        except (
+            AttributeError,
+            KeyError,
+            MemoryError,
+            RuntimeError,
+            TypeError,
+            ValueError,
+        ) as err:
             # load_state_dict lists every missing key on its own line, so the
             # message keeps the lines joined into one.
             detail = " ".join(str(err).split())
