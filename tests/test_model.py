@@ -536,3 +536,34 @@ def test_device_move(device):
     cpu_batch = _batch(dtype=torch.float32)
     expected = cpu_model(cpu_batch.element_index, cpu_batch.frac, cpu_batch.mask)
     np.testing.assert_allclose(prediction.cpu().detach(), expected.detach(), atol=1e-5)
+
+
+@pytest.mark.parametrize("fraction_hidden", [32, 0])
+def test_fused_second_derivative_by_autograd_grad_raises(fraction_hidden):
+    # torch.autograd.grad(..., inputs=frac) only runs the graph nodes on the
+    # paths to frac. The node that raises must lie on them, or the second
+    # derivative silently lacks the fused op's part (with the fraction
+    # encoder on, its PyTorch part alone still reaches frac).
+    batch = featurize(["Ni3Al", "FeNiCo"])
+    config = ModelConfig(
+        hidden=8,
+        layers=1,
+        gate_hidden=8,
+        msg_hidden=8,
+        head_hidden=8,
+        head_layers=1,
+        fraction_hidden=fraction_hidden,
+    )
+    model = CompositionMPNN(config, dtype=torch.float64).eval()
+    frac = batch.frac.clone().requires_grad_()
+    out = model(batch.element_index, frac, batch.mask).sum()
+    (grad,) = torch.autograd.grad(out, frac, create_graph=True)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(grad.square().sum(), frac)
+    # The reference path has the second derivative.
+    model.use_fused = False
+    frac = batch.frac.clone().requires_grad_()
+    out = model(batch.element_index, frac, batch.mask).sum()
+    (grad,) = torch.autograd.grad(out, frac, create_graph=True)
+    (second,) = torch.autograd.grad(grad.square().sum(), frac)
+    assert torch.isfinite(second).all()

@@ -545,11 +545,20 @@ def _fused_backward_create_graph(ctx, grad_out):
     present = [g.detach().requires_grad_() for g in grads if g is not None]
     if not present:
         return grads
-    raise_on_backward = autograd_functions.DelayedError(_NO_DOUBLE_BACKWARD, len(present))
-    guarded = raise_on_backward(*present)
+    # The node also takes the op's differentiable inputs (node_table, flat,
+    # frac), so that every path from the gradients back to those inputs runs
+    # through it. With the detached gradients alone, torch.autograd.grad(...,
+    # inputs=frac) pruned the node and returned a second derivative without
+    # the fused op's part.
+    saved = ctx.saved_tensors
+    linked = [t for t in (saved[0], saved[1], saved[3]) if t.requires_grad]
+    raise_on_backward = autograd_functions.DelayedError(
+        _NO_DOUBLE_BACKWARD, len(present) + len(linked)
+    )
+    guarded = raise_on_backward(*present, *linked)
     if isinstance(guarded, torch.Tensor):
         guarded = (guarded,)
-    guarded = iter(guarded)
+    guarded = iter(guarded[: len(present)])
     return tuple(None if g is None else next(guarded) for g in grads)
 
 # torch.autograd.Function.apply (torch 2.13) checks for functorch transforms
