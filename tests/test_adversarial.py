@@ -420,3 +420,24 @@ def test_runs_from_zero_do_not_stop_at_a_wrong_sign_vertex():
     exact = 0.25 * math.asin(0.05 / 0.06) / (2 * math.pi)
     assert bool(report.table["reached"].iloc[0])
     assert exact <= float(report.table["radius"].iloc[0]) <= exact + 0.002
+
+
+def test_float64_callable_around_a_float32_model():
+    # The wrapper that docs/architecture.md gives for a float32 model: it
+    # returns float32 predictions to a search that runs in float64.
+    from dvmrl.model import CompositionMPNN, ModelConfig
+
+    torch.manual_seed(0)
+    config = ModelConfig(hidden=8, layers=1, gate_hidden=8, msg_hidden=8, head_hidden=8)
+    model = CompositionMPNN(config, dtype=torch.float32).eval()
+    batch = featurize(["Ni3Al", "FeNiCo", "CuZn"])
+
+    def wrapper(element_index, frac, mask):
+        return model(element_index, frac.float(), mask)
+
+    direct = adversarial_search(model, batch, 0.05, steps=5)
+    wrapped = adversarial_search(wrapper, batch, 0.05, steps=5)
+    assert wrapped.change.dtype == torch.float64
+    assert torch.allclose(wrapped.change, direct.change, atol=1e-5)
+    report = robustness_radius(wrapper, batch, tau=0.01, r_max=0.1, steps=5)
+    assert len(report.table) == 3

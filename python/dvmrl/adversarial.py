@@ -342,7 +342,9 @@ def _evaluate(
             f"the predictor must return a tensor of shape [{y.shape[0]}] (one value "
             f"in eV/atom per composition), got {shape}"
         )
-    return out
+    # A callable may wrap a model of another dtype (such as a float32 model
+    # behind a float64 callable); the search keeps one dtype throughout.
+    return out.to(model_dtype)
 
 
 def _value_and_grad(
