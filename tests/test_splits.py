@@ -11,6 +11,7 @@ import pytest
 
 from dvmrl import datasets, splits
 from dvmrl.cli import main
+from dvmrl.compositions import format_formula, parse
 from dvmrl.datasets.filters import hume_rothery_passing_rows
 
 CASES = [
@@ -552,6 +553,27 @@ def test_repeated_compositions_stay_in_one_part(frame, tmp_path, kind):
     assert not parts[1] & parts[2]
     assert len(split.test) > 0
     assert len(split.val) > 0
+
+
+def test_repeated_compositions_of_a_frame_built_in_python(frame):
+    # The four documented columns alone, without the column that load_csv
+    # adds: each composition twice, once written in reverse order.
+    rows = frame.iloc[:300]
+    reversed_formulas = [
+        "".join(reversed(re.findall(r"[A-Z][a-z]?[0-9.]*", formula)))
+        for formula in rows["formula"]
+    ]
+    table = pd.concat([rows, rows.assign(formula=reversed_formulas)])
+    table = table[["formula", "chemsys", "n_elements", "target"]].reset_index(drop=True)
+    split = splits.make_split(table, "random", seed=3)
+    keys = np.array(
+        [format_formula(parse(f), digits=12) for f in table["formula"]], dtype=str
+    )
+    parts = [set(keys[split.train]), set(keys[split.val]), set(keys[split.test])]
+    assert not parts[0] & parts[2]
+    assert not parts[1] & parts[2]
+    assert not parts[0] & parts[1]
+    assert splits.repeated_compositions(rows) is None
 
 
 def test_empty_training_part_names_parameters():

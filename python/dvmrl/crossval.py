@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from dvmrl._files import json_ready
-from dvmrl.datasets._vendored import COMPOSITION_COLUMN
+from dvmrl.splits import repeated_compositions
 
 logger = logging.getLogger(__name__)
 
@@ -291,10 +291,10 @@ def cross_validate(
     targets = df["target"].to_numpy(dtype=np.float64)
     batch = _featurize_frame(df)
     groups = df["chemsys"].astype(str).to_numpy() if kind == "chemsys" else None
-    if groups is None and COMPOSITION_COLUMN in df.columns:
+    if groups is None:
         # Data that repeat a composition keep its rows in one fold, as the
         # random split keeps them in one part.
-        groups = df[COMPOSITION_COLUMN].astype(str).to_numpy()
+        groups = repeated_compositions(df)
     if groups is None:
         folds = kfold_assignment(len(df), n_folds, seed)
     else:

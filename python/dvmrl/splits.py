@@ -21,6 +21,7 @@ and validation pool. Index arrays are positions (``df.iloc``), sorted.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -232,15 +233,34 @@ def _draw_groups(
     return rows[chosen[inverse]]
 
 
-def _repeated_compositions(df: pd.DataFrame) -> np.ndarray | None:
+def repeated_compositions(df: pd.DataFrame) -> np.ndarray | None:
     """Return the canonical composition of each row when the data repeat one.
 
-    ``load_csv`` adds that column only to data with repeated compositions,
-    so the vendored data sets keep their row-wise draws.
+    ``load_csv`` adds that column to data with repeated compositions. A
+    frame built another way (such as in Python with the four columns alone)
+    gets the same keys from its formulas, so that no composition lands in
+    two parts of a split. Data without repeats, such as the vendored data
+    sets, return None and keep their row-wise draws.
     """
-    if COMPOSITION_COLUMN not in df.columns:
+    if COMPOSITION_COLUMN in df.columns:
+        return df[COMPOSITION_COLUMN].to_numpy(dtype=str)
+    keys = np.array([_composition_key(str(f)) for f in df["formula"]], dtype=str)
+    if len(np.unique(keys)) == len(keys):
         return None
-    return df[COMPOSITION_COLUMN].to_numpy(dtype=str)
+    return keys
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _composition_key(formula: str) -> str:
+    """Return the key that dvmrl.datasets.load_csv gives a formula's composition.
+
+    Cached, because the splits of one data set parse the same formulas again
+    (about 0.4 s for the 18,400 of mp-formation-energy).
+    """
+    from dvmrl.compositions import format_formula, parse
+    from dvmrl.datasets._csv import COMPOSITION_KEY_DIGITS
+
+    return format_formula(parse(formula), digits=COMPOSITION_KEY_DIGITS)
 
 
 def _element_mask(df: pd.DataFrame, element: str) -> np.ndarray:
@@ -273,7 +293,7 @@ def _test_part(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return (test rows, rows left for train and validation).
 
-    ``compositions`` is the output of :func:`_repeated_compositions`.
+    ``compositions`` is the output of :func:`repeated_compositions`.
     """
     n = len(df)
     rows = np.arange(n, dtype=np.int64)
@@ -379,7 +399,7 @@ def make_split(
     if seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed}")
 
-    compositions = _repeated_compositions(df)
+    compositions = repeated_compositions(df)
     test, rest = _test_part(df, kind, holdout_element, test_fraction, compositions)
     rng = np.random.default_rng(seed)
     base = len(rest) if kind == "binary-to-ternary" else len(df)
