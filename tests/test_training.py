@@ -585,3 +585,23 @@ def test_unusable_cuda_named():
     x = featurize(["NiAl", "FeNi", "CuZn", "AlCu"])
     with pytest.raises(RuntimeError, match="PyTorch sees no CUDA GPU; use the CPU"):
         Trainer(None, None, x, [0.1, 0.2, 0.3, 0.4], device="cuda")
+
+
+def test_model_predicts_after_fit_without_dropout_draws():
+    # With dropout on, a model left in training mode after fit() drew masks
+    # from the trainer's dropout stream at every call.
+    from dvmrl.datasets import load
+    from dvmrl.featurize import featurize
+
+    frame = load("mp-formation-energy").iloc[:120]
+    x = featurize(frame["formula"].tolist())
+    y = frame["target"].to_numpy()
+    config = ModelConfig(hidden=8, layers=1, gate_hidden=8, msg_hidden=8, dropout=0.2)
+    trainer = Trainer(config, TrainConfig(epochs=1, batch_size=32), x[:100], y[:100])
+    trainer.fit()
+    assert not trainer.model.training
+    test = x[100:].to(dtype=torch.float32)
+    first = trainer.model(test.element_index, test.frac, test.mask).detach()
+    second = trainer.model(test.element_index, test.frac, test.mask).detach()
+    assert torch.equal(first, second)
+    assert np.allclose(first.double().numpy(), trainer.predict(x[100:]), atol=1e-6)

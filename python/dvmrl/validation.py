@@ -324,7 +324,18 @@ def _ensemble_predictions(predictors: Sequence[Callable], batch) -> np.ndarray:
                     p.dtype for p in predictor.parameters() if p.is_floating_point()
                 )
             on_device = batch.to(_module_device(predictor), dtype)
-            out = predictor(on_device.element_index, on_device.frac, on_device.mask)
+            # The spread is that of the members: a module left in training
+            # mode would add dropout noise, and the draw would not repeat.
+            was_training = getattr(predictor, "training", False)
+            if was_training:
+                predictor.eval()
+            try:
+                out = predictor(
+                    on_device.element_index, on_device.frac, on_device.mask
+                )
+            finally:
+                if was_training:
+                    predictor.train()
             rows.append(out.detach().cpu().double().numpy())
     return np.stack(rows)
 

@@ -388,6 +388,10 @@ class Trainer:
 
         if average is not None:
             self._leave_raw_weights(average, parameters)
+        # Outside the training steps the model predicts: without this, a
+        # caller of trainer.model after fit() got dropout, and each call drew
+        # from the trainer's dropout stream and changed the next epochs.
+        self.model.eval()
 
         # One host synchronisation per epoch, not per step.
         return float(total) / count, lr
