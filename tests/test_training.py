@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -64,6 +65,14 @@ def test_config_rejects_non_finite_values(field, value):
     message = rf"TrainConfig\.{field} must be .*got {value}"
     with pytest.raises(ValueError, match=message):
         TrainConfig(**{field: value})
+
+
+def test_config_accepts_numpy_integers():
+    config = TrainConfig(batch_size=np.int64(32), epochs=np.int32(3), seed=np.uint8(7))
+    assert config.batch_size == 32 and type(config.batch_size) is int
+    assert json.loads(json.dumps(config.to_dict()))["seed"] == 7
+    with pytest.raises(ValueError, match="TrainConfig.batch_size must be an integer"):
+        TrainConfig(batch_size=True)
 
 
 def test_config_invalid_schedule():

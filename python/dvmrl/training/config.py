@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from dvmrl import defaults
 
@@ -163,8 +166,10 @@ class TrainConfig:
                     f"TrainConfig.{name} must be {expected}, "
                     f"got {getattr(self, name)!r}"
                 )
-        self.batch_size = int(self.batch_size)
-        self.epochs = int(self.epochs)
+        # Plain ints, so that to_dict gives JSON values for NumPy scalars too.
+        for name in ("batch_size", "epochs", "patience", "seed", "plateau_patience"):
+            setattr(self, name, int(getattr(self, name)))
+        self.eval_batch_size = int(self.eval_batch_size)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the fields as a JSON-serialisable dict."""
@@ -195,10 +200,11 @@ class TrainConfig:
 
 
 def _is_int(value: Any) -> bool:
-    # int(inf) and int(nan) raise, so non-finite floats are ruled out first.
-    if isinstance(value, float) and not math.isfinite(value):
+    # NumPy scalars count too (a seed or size taken from an array), booleans
+    # do not. int(inf) and int(nan) raise, so non-finite values fail first.
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
         return False
-    return isinstance(value, int | float) and int(value) == value
+    return math.isfinite(value) and int(value) == value
 
 
 class LearningRateSchedule:
