@@ -148,6 +148,16 @@ def test_combine_rejects_other_config(data, tmp_path):
         combine_checkpoints([first, second], tmp_path / "ensemble.pt")
 
 
+def test_combine_rejects_reserved_metadata(data, tmp_path):
+    first = _trained(data, 0).save(tmp_path / "a.pt")
+    second = _trained(data, 1).save(tmp_path / "b.pt")
+    with pytest.raises(ValueError, match=r"metadata keys \['history'\] are reserved"):
+        combine_checkpoints(
+            [first, second], tmp_path / "ensemble.pt", metadata={"history": []}
+        )
+    assert not (tmp_path / "ensemble.pt").exists()
+
+
 TINY = ["--hidden", "8", "--layers", "1", "--batch-size", "64", "--threads", "1"]
 
 

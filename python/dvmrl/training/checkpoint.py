@@ -491,3 +491,17 @@ def metadata_from_document(
 
 
 RESERVED_METADATA_KEYS = frozenset({*_DOCUMENT_KEYS, "epochs_done", "format_version"})
+
+
+def check_metadata_keys(metadata: dict[str, Any]) -> None:
+    """Raise ValueError for caller metadata that uses a reserved key.
+
+    load_checkpoint gives the checkpoint's own values under these keys, so
+    the caller's values would be lost.
+    """
+    clash = sorted(set(metadata) & RESERVED_METADATA_KEYS)
+    if clash:
+        raise ValueError(
+            f"metadata keys {clash} are reserved for the checkpoint itself; "
+            "rename them"
+        )

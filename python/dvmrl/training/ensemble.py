@@ -178,6 +178,7 @@ def combine_checkpoints(
     Raises:
         CheckpointError: when a member cannot be read or does not match
             member 0.
+        ValueError: when ``metadata`` uses a key reserved for the checkpoint.
     """
     if not member_paths:
         raise ckpt.CheckpointError("an ensemble checkpoint needs member checkpoints")
@@ -212,6 +213,7 @@ def combine_checkpoints(
     if all(_is_domain(domain) for domain in domains):
         payload["training_domain"] = _domain_union(domains)
     if metadata is not None:
+        ckpt.check_metadata_keys(metadata)
         payload["metadata"] = dict(metadata)
     payload[MEMBER_STATES_KEY] = [
         dict(document["model_state"]) for document in documents[1:]

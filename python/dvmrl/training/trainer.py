@@ -1112,12 +1112,7 @@ class Trainer:
             Path: the file written.
         """
         metadata = dict(metadata or {})
-        clash = sorted(set(metadata) & ckpt.RESERVED_METADATA_KEYS)
-        if clash:
-            raise ValueError(
-                f"metadata keys {clash} are reserved for the checkpoint itself; "
-                "rename them"
-            )
+        ckpt.check_metadata_keys(metadata)
         payload: dict[str, Any] = {
             "model_config": self.model.config.to_dict(),
             "train_config": self.train_config.to_dict(),
