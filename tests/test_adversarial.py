@@ -440,3 +440,9 @@ def test_float64_callable_around_a_float32_model():
     assert torch.allclose(wrapped.change.abs(), direct.change.abs(), atol=1e-4)
     report = robustness_radius(predict32, batch, tau=0.5, r_max=0.25, steps=20)
     assert len(report.table) == 3
+
+
+@pytest.mark.parametrize("score", [vulnerability, robustness_radius])
+def test_scores_reject_a_batch_without_tensors(score):
+    with pytest.raises(TypeError, match="batch must be a dvmrl.featurize"):
+        score(lambda i, f, m: f.sum(dim=1), ["Ni3Al"])

@@ -814,6 +814,7 @@ def vulnerability(
         ValueError: for an empty batch and as :func:`adversarial_search`.
     """
     epsilon = _check_scalar("epsilon", epsilon, 0.0, 1.0, "the default is 0.05")
+    _batch_tensors(batch)  # a TypeError naming the missing tensor
     if len(batch.frac) == 0:
         raise ValueError("vulnerability needs at least one composition, got 0")
     result = adversarial_search(predictor, batch, epsilon, **search_options)
@@ -867,7 +868,7 @@ def robustness_radius(
         raise ValueError(
             f"bisection_steps must be an integer >= 1, got {bisection_steps!r}"
         )
-    b = len(batch.frac)
+    b = len(_batch_tensors(batch)[1])
     if b == 0:
         raise ValueError("robustness_radius needs at least one composition, got 0")
 
