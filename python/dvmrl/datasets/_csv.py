@@ -299,7 +299,9 @@ def load_csv(
     Returns:
         A DataFrame with the columns formula, chemsys (symbols joined by '-'
         in alphabetical order), n_elements (int64) and target (float64,
-        eV/atom), in file order, with a RangeIndex.
+        eV/atom), in file order, with a RangeIndex. When a composition
+        repeats, a fifth column, composition, holds each row's canonical
+        formula, on which the splits keep repeated rows together.
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
