@@ -209,6 +209,9 @@ def test_save_bad_suffix(frame, tmp_path):
             "must be below 1 to leave training rows",
         ),
         ("random", None, {"seed": -1}, "seed must be an integer >= 0, got -1"),
+        # int() would read these as seed 1 without a word.
+        ("random", None, {"seed": 1.5}, "seed must be an integer >= 0, got 1.5"),
+        ("random", None, {"seed": True}, "seed must be an integer >= 0, got True"),
     ],
 )
 def test_split_errors(frame, kind, holdout, kwargs, message):

@@ -25,6 +25,7 @@ import functools
 import hashlib
 import json
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass, field
@@ -395,9 +396,16 @@ def make_split(
             f"holdout_element={holdout_element!r} applies only to the element split, "
             f"not to {kind!r}"
         )
+    # int(1.5) would quietly give the split of seed 1, and True that of 1.
+    if (
+        isinstance(seed, bool | np.bool_)
+        or not isinstance(seed, numbers.Real)
+        or not math.isfinite(seed)
+        or int(seed) != seed
+        or seed < 0
+    ):
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     seed = int(seed)
-    if seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed}")
 
     compositions = repeated_compositions(df)
     test, rest = _test_part(df, kind, holdout_element, test_fraction, compositions)
