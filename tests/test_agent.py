@@ -385,3 +385,13 @@ def test_agent_leaves_global_random_state():
     second = DQNAgent(4, 3, AgentConfig(seed=7))
     for a, b in zip(first.online.parameters(), second.online.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_observation_of_another_size_is_named():
+    agent = DQNAgent(5, 3)
+    for explore in (True, False):
+        with pytest.raises(ValueError, match=r"shape \[4\], but this agent takes 5"):
+            agent.act(np.zeros(4, dtype=np.float32), explore=explore)
+    with pytest.raises(ValueError, match=r"shape \[2, 6\], but this agent takes 5"):
+        agent.q_values(np.zeros((2, 6), dtype=np.float32))
+    assert agent.q_values(np.zeros((2, 5), dtype=np.float32)).shape == (2, 3)

@@ -674,10 +674,22 @@ class DQNAgent:
         """Return online-network Q-values [A] for one observation or [B, A] for many."""
         x = torch.as_tensor(np.asarray(obs, dtype=np.float32))
         single = x.ndim == 1
+        self._check_obs(x.shape)
         with torch.no_grad():
             q = self.online(x.unsqueeze(0) if single else x)
         q = q.numpy()
         return q[0] if single else q
+
+    def _check_obs(self, shape) -> None:
+        """Raise ValueError unless observations have shape [obs_dim] or [B, obs_dim]."""
+        if len(shape) not in (1, 2) or shape[-1] != self.obs_dim:
+            raise ValueError(
+                f"observation of shape {list(shape)}, but this agent takes "
+                f"{self.obs_dim} values per observation; an environment built with "
+                "other settings (such as k_correlations) or of another dvmrl "
+                "version has another observation size, so use an agent trained "
+                "on that environment"
+            )
 
     def act(
         self,
@@ -696,6 +708,7 @@ class DQNAgent:
         Raises:
             ValueError: when the mask has the wrong shape or no valid action.
         """
+        self._check_obs(np.shape(obs))
         mask = self._check_mask(action_mask)
         valid = np.flatnonzero(mask)
         if explore and self.rng.random() < self.epsilon:
