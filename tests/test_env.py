@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from gymnasium.utils.env_checker import check_env
 
 from dvmrl import datasets
@@ -298,3 +299,12 @@ def test_observation_subsample_spans_the_validation_set():
     assert picked[-1] == rows[-1]
     assert np.all(np.diff(picked) <= 2)
     np.testing.assert_array_equal(_spread(rows[:50], 256), rows[:50])
+
+
+def test_reset_leaves_the_global_torch_random_state(env):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    env.reset(seed=4)
+    env.step(ACTION_INDEX["continue"])
+    assert torch.equal(torch.rand(3), expected)

@@ -392,8 +392,10 @@ class ModelTuningEnv(gym.Env):
 
         TrainConfig, Trainer = _trainer_classes()
         episode_seed = int(self.np_random.integers(0, 2**31 - 1))
+        # The trainer, the model and the searches draw from their own
+        # generators seeded from episode_seed, so PyTorch's global random
+        # state, which belongs to the caller, is left alone.
         self._rng = np.random.default_rng(episode_seed)
-        torch.manual_seed(episode_seed)
         self.model_config = ModelConfig(**self.model_defaults)
         self.train_config = TrainConfig(
             **self.train_defaults, epochs=self.budget_epochs, seed=episode_seed
