@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -575,6 +576,21 @@ def test_evaluate_missing_checkpoint(tmp_path, capsys):
     code = main(["evaluate", str(tmp_path / "missing.pt")])
     assert code == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_predict_warns_about_predictions_in_other_units(tmp_path, data_csv, capsys):
+    # A model trained on targets in kJ/mol predicts in kJ/mol.
+    frame = pd.read_csv(data_csv)
+    frame["target"] *= 96.485
+    csv = tmp_path / "kj.csv"
+    frame.to_csv(csv, index=False)
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(csv), "--epochs", "1", *TINY, "--out", str(out)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["predict", str(out / "model.pt"), "Ni3Al", "FeNi"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"\d+ predictions? beyond 10 eV/atom in magnitude", err)
 
 
 def test_predict_checkpoint_folder(trained, capsys):

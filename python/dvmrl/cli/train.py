@@ -2406,6 +2406,19 @@ def run_predict(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     mean, std = _predict(model, featurize(compositions), device, _has_variance(model))
+    from dvmrl.datasets._csv import PLAUSIBLE_ABS_TARGET
+
+    large = int((np.abs(np.asarray(mean)) > PLAUSIBLE_ABS_TARGET).sum())
+    if large:
+        # The loaders warn about such targets; a model trained on them
+        # predicts in their units, so its output is flagged too.
+        print(
+            f"dvmrl predict: warning: {plural(large, 'prediction')} beyond "
+            f"{PLAUSIBLE_ABS_TARGET:g} eV/atom in magnitude, which no alloy's "
+            "formation or hull energy reaches; the model's training targets were "
+            "likely in kJ/mol or meV/atom, so check them and retrain",
+            file=sys.stderr,
+        )
     if metadata.get("target_kind") == "energy_above_hull":
         negative = int((np.asarray(mean) < 0).sum())
         if negative:
