@@ -137,7 +137,7 @@ def _set_config(state, **fields):
             lambda s: s.update(counters=torch.tensor([-3, 0, 1])),
             "negative step counters",
         ),
-        (lambda s: s.update(metadata_json="[1, 2]"), "metadata_json holds list"),
+        (lambda s: s.update(metadata_json="[1, 2]"), "metadata_json contains list"),
         (lambda s: s.update(optimizer="adam"), "AttributeError"),
     ],
 )
@@ -423,7 +423,7 @@ def test_buffer_of_a_longer_run_rejected(saved, tmp_path):
     agent_path, _ = saved
     longer = tmp_path / "longer.npz"
     make_agent(transitions=12).save(tmp_path / "other.pt", buffer_path=longer)
-    with pytest.raises(AgentFileError, match="holds 12 transitions, but the agent"):
+    with pytest.raises(AgentFileError, match="contains 12 transitions, but the agent"):
         DQNAgent.load(agent_path, buffer_path=longer)
     # A buffer with fewer transitions (restarted after a lost file) is accepted.
     shorter = tmp_path / "shorter.npz"

@@ -986,7 +986,7 @@ class DQNAgent:
             agent.episode_returns = [float(v) for v in state["episode_returns"]]
             agent.metadata = json.loads(state.get("metadata_json", "{}"))
             if not isinstance(agent.metadata, dict):
-                raise TypeError(f"metadata_json holds {type(agent.metadata).__name__}")
+                raise TypeError(f"metadata_json contains {type(agent.metadata).__name__}")
         except (
             AttributeError,
             KeyError,
@@ -1041,7 +1041,7 @@ class DQNAgent:
         # fewer (after a lost buffer file it restarts empty), never more.
         if len(buffer) > self.env_steps:
             raise AgentFileError(
-                f"replay buffer file {path} holds {len(buffer)} transitions, but the "
+                f"replay buffer file {path} contains {len(buffer)} transitions, but the "
                 f"agent has taken {self.env_steps} environment steps; it belongs to "
                 "another run, so restore the matching file or delete it to resume "
                 "with an empty replay buffer"

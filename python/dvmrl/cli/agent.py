@@ -182,9 +182,9 @@ def run_train(args: argparse.Namespace) -> int:
         curve = Path(args.curve).resolve()
         for kind, path in state_paths(Path(args.out)).items():
             if path.resolve() == curve:
-                what = "--out" if kind == "agent" else f"the {kind} file of --out"
+                target = "--out" if kind == "agent" else f"the {kind} file of --out"
                 raise UsageError(
-                    f"--curve {args.curve} is the same file as {what} ({path}), "
+                    f"--curve {args.curve} is the same file as {target} ({path}), "
                     "which the image would replace; pass another --curve path"
                 )
     device = setup_compute(args)
