@@ -1576,7 +1576,7 @@ def _member_log_prefix(label: str | None):
 def _check_finished_member(path: Path, data, member: int) -> None:
     """Raise UsageError when a finished member was trained on other data.
 
-    A resumed member's state file is checked when the trainer loads it; a
+    The trainer checks a resumed member's state file when it loads it. A
     finished member is not trained again, so without this check an ensemble
     would combine members trained on the old and on the edited data.
     """
@@ -1713,7 +1713,7 @@ def _no_op() -> None:
 # dvmrl evaluate
 
 
-# What the stability threshold compares with, by the data's target kind.
+# The reference of the stability threshold, by the data's target kind.
 _STABILITY_NOTES = {
     "formation_energy": " (for formation energies: against the elements, not the "
     "convex hull)",
@@ -2083,7 +2083,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     df, info = _load_data(data, alloy, columns)
     if trained_on is not None and not same_data and holds_training_rows(df, metadata):
         logger.info(
-            "%s holds the same rows as %s, on which the model trained; scoring it "
+            "%s contains the same rows as %s, on which the model trained; scoring it "
             "as that data",
             data,
             trained_on,

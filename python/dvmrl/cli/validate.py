@@ -291,8 +291,8 @@ def _check_arguments(args: argparse.Namespace) -> list[str]:
 def _resolve_split(args, df, metadata, own_data: bool = False):
     """Return the split, its kind and its held-out element (None unless ``element``).
 
-    ``own_data`` tells that ``df`` holds the rows the model trained on, even
-    when --data names another path.
+    ``own_data`` is True when ``df`` contains the rows the model trained on,
+    even when --data names another path.
     """
     from dvmrl.splits import make_split
 
@@ -623,7 +623,7 @@ def run(args: argparse.Namespace) -> int:
     if not own_data and holds_training_rows(df, metadata):
         # The model's own data, moved or copied after training.
         logger.info(
-            "%s holds the same rows as %s, on which the model trained",
+            "%s contains the same rows as %s, on which the model trained",
             data,
             metadata.get("data"),
         )

@@ -300,7 +300,7 @@ def load_csv(
         A DataFrame with the columns formula, chemsys (symbols joined by '-'
         in alphabetical order), n_elements (int64) and target (float64,
         eV/atom), in file order, with a RangeIndex. When a composition
-        repeats, a fifth column, composition, holds each row's canonical
+        repeats, a fifth column, composition, contains each row's canonical
         formula, on which the splits keep repeated rows together.
 
     Raises:
