@@ -215,7 +215,7 @@ def test_validate_warns_whole_pool(checkpoint, tmp_path, caplog):
         )
     assert code == 0
     assert "every strategy selects the whole pool" in caplog.text
-    assert "pass a --validation-size below 40" in caplog.text
+    assert "pass a --validation-size from 2 to 39" in caplog.text
     report = json.loads((tmp_path / "report.json").read_text())
     sets = [sorted(indices) for indices in report["validation_sets"].values()]
     assert len(sets) == 4

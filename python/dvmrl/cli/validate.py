@@ -443,8 +443,13 @@ def _select_sets(args, strategies, model, split, batch, features, targets):
     if len(strategies) > 1 and len(split.val) <= args.validation_size:
         # Every strategy then takes the whole pool, so their shift scores
         # compare the same set.
-        if len(split.val) > 1:
-            fix = f"pass a --validation-size below {len(split.val)}"
+        # Shift detection skips sets with fewer rows than its folds, so a
+        # smaller size only helps while it keeps that many.
+        if len(split.val) - 1 >= args.shift_folds:
+            fix = (
+                f"pass a --validation-size from {args.shift_folds} to "
+                f"{len(split.val) - 1}"
+            )
         else:
             fix = "use a larger data set"
         logger.warning(
