@@ -243,7 +243,8 @@ def test_resume_with_damaged_state_names_the_fix(
     assert main(["train", "--resume", "--out", str(out)]) == 0
 
 
-def test_resume_after_the_data_file_moved(tmp_path, data_csv, monkeypatch, capsys):
+def _fit_stopped_after_one_epoch():
+    """Return Trainer.fit changed to act as Ctrl-C after the first epoch."""
     from dvmrl.training import Trainer
 
     original_fit = Trainer.fit
@@ -255,12 +256,18 @@ def test_resume_after_the_data_file_moved(tmp_path, data_csv, monkeypatch, capsy
 
         return original_fit(self, *args, progress=stop_after_first, **kwargs)
 
+    return interrupted_fit
+
+
+def test_resume_after_the_data_file_moved(tmp_path, data_csv, monkeypatch, capsys):
+    from dvmrl.training import Trainer
+
     csv = tmp_path / "alloys.csv"
     csv.write_bytes(data_csv.read_bytes())
     out = tmp_path / "run"
     argv = ["train", "--data", str(csv), "--epochs", "2", *TINY, "--out", str(out)]
     with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "fit", interrupted_fit)
+        patch.setattr(Trainer, "fit", _fit_stopped_after_one_epoch())
         assert main(argv) == 130
     moved = csv.rename(tmp_path / "moved.csv")
     capsys.readouterr()
@@ -281,23 +288,14 @@ def test_resume_after_the_data_file_moved(tmp_path, data_csv, monkeypatch, capsy
 def test_interrupt_then_resume(tmp_path, data_csv, monkeypatch):
     from dvmrl.training import Trainer
 
-    original_fit = Trainer.fit
-
-    def interrupted_fit(self, *args, progress=None, **kwargs):
-        def stop_after_first(record):
-            progress(record)
-            raise KeyboardInterrupt
-
-        return original_fit(self, *args, progress=stop_after_first, **kwargs)
-
     out = tmp_path / "run"
     args = ["train", "--data", str(data_csv), "--epochs", "3", *TINY, "--out", str(out)]
-    monkeypatch.setattr(Trainer, "fit", interrupted_fit)
-    assert main(args) == 130
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "fit", _fit_stopped_after_one_epoch())
+        assert main(args) == 130
     assert (out / "last.pt").is_file()
     assert not (out / "model.pt").exists()
 
-    monkeypatch.setattr(Trainer, "fit", original_fit)
     assert main(["train", "--resume", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs_done"] == 3

@@ -545,16 +545,7 @@ def test_fused_second_derivative_by_autograd_grad_raises(fraction_hidden):
     # derivative silently lacks the fused op's part (with the fraction
     # encoder on, its PyTorch part alone still reaches frac).
     batch = featurize(["Ni3Al", "FeNiCo"])
-    config = ModelConfig(
-        hidden=8,
-        layers=1,
-        gate_hidden=8,
-        msg_hidden=8,
-        head_hidden=8,
-        head_layers=1,
-        fraction_hidden=fraction_hidden,
-    )
-    model = CompositionMPNN(config, dtype=torch.float64).eval()
+    model = _model(fraction_hidden=fraction_hidden).eval()
     frac = batch.frac.clone().requires_grad_()
     out = model(batch.element_index, frac, batch.mask).sum()
     (grad,) = torch.autograd.grad(out, frac, create_graph=True)
