@@ -199,19 +199,24 @@ def test_resume_without_run(tmp_path, capsys):
     assert "no resumable run" in capsys.readouterr().err
 
 
-def test_resume_interrupted_before_first_state(tmp_path, data_csv, monkeypatch):
-    # Ctrl-C after run.json is written but before the first state is saved
-    # (while the model is built) leaves run.json without last.pt.
+def _interrupt_before_first_state(out, data_csv, monkeypatch):
+    """Run train into ``out`` with Ctrl-C while the model is built."""
     import dvmrl.cli.train as train_cli
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    out = tmp_path / "run"
     argv = ["train", "--data", str(data_csv), "--epochs", "1", *TINY]
     with monkeypatch.context() as patch:
         patch.setattr(train_cli, "_fit_member", interrupt)
         assert main([*argv, "--out", str(out)]) == 130
+
+
+def test_resume_interrupted_before_first_state(tmp_path, data_csv, monkeypatch):
+    # Ctrl-C after run.json is written but before the first state is saved
+    # (while the model is built) leaves run.json without last.pt.
+    out = tmp_path / "run"
+    _interrupt_before_first_state(out, data_csv, monkeypatch)
     assert (out / "run.json").exists()
     assert not (out / "last.pt").exists()
     assert main(["train", "--resume", "--out", str(out)]) == 0
@@ -222,16 +227,8 @@ def test_resume_interrupted_before_first_state(tmp_path, data_csv, monkeypatch):
 def test_resume_with_damaged_state_names_the_fix(
     tmp_path, data_csv, monkeypatch, capsys
 ):
-    import dvmrl.cli.train as train_cli
-
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
-
     out = tmp_path / "run"
-    argv = ["train", "--data", str(data_csv), "--epochs", "1", *TINY]
-    with monkeypatch.context() as patch:
-        patch.setattr(train_cli, "_fit_member", interrupt)
-        assert main([*argv, "--out", str(out)]) == 130
+    _interrupt_before_first_state(out, data_csv, monkeypatch)
     (out / "last.pt").write_bytes(b"PK\x03\x04 cut short")
     capsys.readouterr()
     assert main(["train", "--resume", "--out", str(out)]) == 2
