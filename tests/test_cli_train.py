@@ -280,6 +280,11 @@ def test_resume_after_the_data_file_moved(tmp_path, data_csv, monkeypatch, capsy
     assert main(resume) == 0
     assert json.loads((out / "run.json").read_text())["data"] == str(moved.resolve())
     assert json.loads((out / "metrics.json").read_text())["epochs_done"] == 2
+    # A complete run stays complete when its data file moves again.
+    moved.rename(tmp_path / "moved_again.csv")
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(out)]) == 0
+    assert "is complete" in capsys.readouterr().out
 
 
 def test_interrupt_then_resume(tmp_path, data_csv, monkeypatch):

@@ -908,13 +908,6 @@ def _resumed_run_config(out: Path, requested: dict[str, Any]) -> dict[str, Any]:
             + "; ".join(conflicts)
             + ". Drop these options to continue it, or pass a new --out"
         )
-    from dvmrl.datasets import DATASETS
-
-    if stored["data"] not in DATASETS and not Path(stored["data"]).exists():
-        raise FileNotFoundError(
-            f"--resume: the run's data file {stored['data']} not found: it was moved "
-            "or deleted; pass --data with its new path to continue the run"
-        )
     return stored
 
 
@@ -1122,6 +1115,14 @@ def _run_train(args: argparse.Namespace, locks: contextlib.ExitStack) -> int:
                 _check_default_threshold(args.stability_threshold, used, out)
             print(f"the run in {out} is complete; see {out / METRICS_FILE}")
             return 0
+        from dvmrl.datasets import DATASETS
+
+        recorded_data = run_config["data"]
+        if recorded_data not in DATASETS and not Path(recorded_data).exists():
+            raise FileNotFoundError(
+                f"--resume: the run's data file {recorded_data} not found: it was "
+                "moved or deleted; pass --data with its new path to continue the run"
+            )
     else:
         _check_fresh_out(out)
         run_config = _build_run_config(requested)
@@ -2089,6 +2090,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
             trained_on,
         )
         same_data = True
+        if args.target_kind is None and metadata.get("target_kind"):
+            # Read without the checkpoint's settings, the file took the
+            # default kind; the training data's kind applies to the same rows.
+            info = {**info, "target_kind": metadata["target_kind"]}
 
     if trained_on is not None and not same_data:
         _warn_other_data(metadata, trained_on, data, info)
