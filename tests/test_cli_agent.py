@@ -77,6 +77,27 @@ def test_resume_of_complete_run_writes_the_curve(trained, tmp_path, capsys):
     assert "is complete with 2 episodes" in out
     assert curve.read_bytes()[:4] == b"\x89PNG"
     assert copy.read_bytes() == before
+    # The stored settings are still compared.
+    assert main([*argv, "--seed", "7"]) == 2
+    assert "trained with other settings" in capsys.readouterr().err
+
+
+def test_resume_of_complete_run_settles_a_staged_checkpoint(trained, tmp_path):
+    # Interrupted after the progress file of the last checkpoint was written
+    # but before the staged agent replaced agent.pt: the resume settles it.
+    from dvmrl.meta import _staged_paths
+
+    copy = copy_run(trained, tmp_path / "agent.pt")
+    paths = state_paths(copy)
+    staged = _staged_paths(paths, 2)
+    staged["agent"].write_bytes(paths["agent"].read_bytes())
+    older = DQNAgent.load(copy)
+    older.episodes = 1
+    older.save(copy)
+    argv = [*TRAIN, "--episodes", "2", "--out", str(copy), "--resume"]
+    assert main(argv) == 0
+    assert DQNAgent.load(copy).episodes == 2
+    assert not staged["agent"].exists()
 
 
 def test_train_refuses_overwrite(trained, capsys):
@@ -418,8 +439,8 @@ def test_resume_finished_run(trained, tmp_path, capsys):
     code = main([*TRAIN, "--episodes", "1", "--out", str(out), "--resume"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "already has 2 episodes" in err
-    assert "pass --episodes larger than 2" in err
+    assert "already has 2 episodes, more than --episodes 1" in err
+    assert "pass --episodes 2 or more" in err
     assert state_paths(out)["progress"].read_text() == progress
 
 

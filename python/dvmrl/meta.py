@@ -269,7 +269,8 @@ def meta_train(
         ValueError: for an empty task list, a task on the evaluation data
             set, or ``episodes`` < 1; with ``resume``, when the saved run has
             other tasks, seed, environment options or agent settings, or
-            already has ``episodes`` episodes.
+            more than ``episodes`` episodes. A resumed run that already has
+            ``episodes`` episodes returns at once, without training.
         FileNotFoundError: with ``resume`` when there is nothing to resume.
         FileExistsError: without ``resume`` when ``out`` already exists.
         IsADirectoryError: when ``out`` is a folder.
@@ -327,11 +328,20 @@ def meta_train(
                 "choose another --out to start a new run"
             )
         history = saved["history"]
-        if len(history) >= episodes:
+        if len(history) > episodes:
             raise ValueError(
-                f"the run at {paths['agent']} already has {len(history)} episodes, so "
-                f"--episodes {episodes} leaves nothing to train; pass --episodes "
-                f"larger than {len(history)} to train more"
+                f"the run at {paths['agent']} already has {len(history)} episodes, "
+                f"more than --episodes {episodes}; pass --episodes {len(history)} "
+                f"or more"
+            )
+        if len(history) == episodes:
+            # Complete (an interrupt can come after the last checkpoint, such
+            # as while the curve is drawn): nothing is left to train.
+            return MetaTrainResult(
+                agent=agent,
+                history=history,
+                wall_time_s=float(saved.get("wall_time_s", 0.0)),
+                metadata=dict(agent.metadata),
             )
         probe = make_task_env(tasks[0], seed=seed, **options)
         envs[tasks[0]] = probe

@@ -213,16 +213,7 @@ def run_train(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         lock = FolderLock(state_paths(out)["lock"], reported_path=out, lock_file=True)
     with lock:
-        history = saved_history(out) if args.resume and out.is_file() else []
-        if history and len(history) == args.episodes:
-            # A run interrupted after its last checkpoint, such as while the
-            # curve was drawn: nothing is left to train, but the curve is.
-            episodes = plural(len(history), "episode")
-            print(f"the run at {out} is complete with {episodes}")
-            if args.curve:
-                plot_learning_curve(history, args.curve)
-                print(f"wrote the learning curve to {args.curve}")
-            return 0
+        before = len(saved_history(out)) if args.resume and out.is_file() else 0
         result = meta_train(
             tasks,
             args.episodes,
@@ -236,6 +227,13 @@ def run_train(args: argparse.Namespace) -> int:
         )
     if args.curve:
         plot_learning_curve(result.history, args.curve)
+    if args.resume and len(result.history) == before:
+        # Interrupted after its last checkpoint, such as while the curve was
+        # drawn: nothing was left to train, and the curve is now written.
+        episodes = plural(before, "episode")
+        curve = f"; wrote the learning curve to {args.curve}" if args.curve else ""
+        print(f"the run at {out} is complete with {episodes}{curve}")
+        return 0
     returns = [row["return"] for row in result.history]
     tail = returns[-10:]
     last = "the episode" if len(tail) == 1 else f"the last {len(tail)} episodes"
