@@ -395,3 +395,11 @@ def test_observation_of_another_size_is_named():
     with pytest.raises(ValueError, match=r"shape \[2, 6\], but this agent takes 5"):
         agent.q_values(np.zeros((2, 6), dtype=np.float32))
     assert agent.q_values(np.zeros((2, 5), dtype=np.float32)).shape == (2, 3)
+
+
+def test_agent_config_accepts_numpy_integers():
+    config = AgentConfig(seed=np.int64(3), batch_size=np.int32(16))
+    assert config.seed == 3 and type(config.seed) is int
+    assert json.loads(json.dumps(config.to_dict()))["batch_size"] == 16
+    with pytest.raises(ValueError, match="batch_size must be an integer, got 2.5"):
+        AgentConfig(batch_size=2.5)

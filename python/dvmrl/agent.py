@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import math
+import numbers
 import os
 import re
 import warnings
@@ -131,9 +132,12 @@ class AgentConfig:
         """Check every field and raise ValueError naming the bad one."""
         for name in _INT_FIELDS:
             value = getattr(self, name)
-            if isinstance(value, bool) or not (
-                isinstance(value, int)
-                or (isinstance(value, float) and value.is_integer())
+            # NumPy integers count, booleans and fractional values do not.
+            if (
+                isinstance(value, bool | np.bool_)
+                or not isinstance(value, numbers.Real)
+                or not math.isfinite(value)
+                or int(value) != value
             ):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
             setattr(self, name, int(value))
