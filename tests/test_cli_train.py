@@ -377,9 +377,17 @@ def test_train_on_hull_energies_with_target_kind(tmp_path, capsys, caplog):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["stability_threshold"] == 0.025
     assert "0.025 eV/atom above the convex hull" in capsys.readouterr().out
-    # evaluate reads the checkpoint's kind for its own data.
+    # evaluate reads the checkpoint's kind for its own data, and for a copy.
     assert main(["evaluate", str(out / "model.pt"), "--out", str(tmp_path / "e")]) == 0
     assert "0.025 eV/atom above the convex hull" in capsys.readouterr().out
+    copy = tmp_path / "copy.csv"
+    copy.write_bytes(csv.read_bytes())
+    caplog.clear()
+    argv = ["evaluate", str(out / "model.pt"), "--data", str(copy)]
+    with caplog.at_level(logging.WARNING, logger="dvmrl"):
+        assert main([*argv, "--out", str(tmp_path / "c")]) == 0
+    assert "0.025 eV/atom above the convex hull" in capsys.readouterr().out
+    assert "--target-kind energy_above_hull" not in caplog.text
     resume = ["train", "--resume", "--target-kind", "formation_energy"]
     assert main([*resume, "--out", str(out)]) == 2
     assert "--target-kind 'formation_energy'" in capsys.readouterr().err

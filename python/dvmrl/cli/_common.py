@@ -266,13 +266,16 @@ def check_output_file(
 
 
 def add_csv_column_options(
-    parser: argparse.ArgumentParser, default_note: str = ""
+    parser: argparse.ArgumentParser,
+    default_note: str = "",
+    kind_note: str | None = None,
 ) -> None:
-    """Add --formula-column and --target-column for a CSV given as --data.
+    """Add --formula-column, --target-column and --target-kind for a CSV --data.
 
-    Both default to None, so that :func:`csv_columns` can tell an option
+    All default to None, so that :func:`csv_columns` can tell an option
     given from one left out. ``default_note`` goes before the default name
-    in the help, such as "the checkpoint's for its own data, else ".
+    in the help, such as "the checkpoint's for its own data, else ", and
+    ``kind_note`` (default: ``default_note``) before that of --target-kind.
     """
     for option, column in (
         ("--formula-column", "formula"),
@@ -293,8 +296,8 @@ def add_csv_column_options(
         help="what the targets of a CSV --data file are: formation_energy "
         "(stable when <= 0 eV/atom) or energy_above_hull (stable when <= 0.025 "
         "eV/atom); it sets the stability threshold and the plot labels. A file "
-        f"from dvmrl data fetch states its own; default: {default_note}"
-        "formation_energy",
+        "from dvmrl data fetch states its own; default: "
+        f"{default_note if kind_note is None else kind_note}formation_energy",
     )
 
 

@@ -159,6 +159,7 @@ def _add_data_options(parser: argparse.ArgumentParser, with_defaults: bool) -> N
     add_csv_column_options(
         parser,
         "" if with_defaults else "the checkpoint's for its own data, else ",
+        "" if with_defaults else "the checkpoint's, else ",
     )
     parser.add_argument(
         "--split",
@@ -2079,8 +2080,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
             "notation, and alloy notation would read its formulas as other "
             "compositions; leave --alloy-notation out"
         )
-    # The checkpoint's column names belong to its own data file.
+    # The checkpoint's column names belong to its own data file. Its target
+    # kind applies to other files too: a model of hull energies scores them.
     columns = csv_columns(metadata if same_data else {}, args)
+    if args.target_kind is None and metadata.get("target_kind"):
+        columns["target_kind"] = metadata["target_kind"]
     df, info = _load_data(data, alloy, columns)
     if trained_on is not None and not same_data and holds_training_rows(df, metadata):
         logger.info(
@@ -2090,10 +2094,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
             trained_on,
         )
         same_data = True
-        if args.target_kind is None and metadata.get("target_kind"):
-            # Read without the checkpoint's settings, the file took the
-            # default kind; the training data's kind applies to the same rows.
-            info = {**info, "target_kind": metadata["target_kind"]}
 
     if trained_on is not None and not same_data:
         _warn_other_data(metadata, trained_on, data, info)

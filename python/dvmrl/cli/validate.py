@@ -96,7 +96,9 @@ def add_parser(subparsers) -> None:
         metavar="NAME|PATH.csv",
         help="data set name or CSV path; default: the checkpoint's training data",
     )
-    add_csv_column_options(parser, "the checkpoint's for its own data, else ")
+    add_csv_column_options(
+        parser, "the checkpoint's for its own data, else ", "the checkpoint's, else "
+    )
     parser.add_argument(
         "--split",
         default=None,
@@ -618,12 +620,16 @@ def run(args: argparse.Namespace) -> int:
     data = check_scored_data(
         args, args.data or metadata.get("data"), from_checkpoint=not args.data
     )
-    # The checkpoint's column names belong to its own data file.
+    # The checkpoint's column names belong to its own data file. Its target
+    # kind applies to other files too: a model of hull energies scores them.
     own_data = data_reference(data) == metadata.get("data")
+    columns = csv_columns(metadata if own_data else {}, args)
+    if args.target_kind is None and metadata.get("target_kind"):
+        columns["target_kind"] = metadata["target_kind"]
     df, info = resolve_data(
         data,
         alloy_notation=bool(metadata.get("alloy_notation", False)),
-        **csv_columns(metadata if own_data else {}, args),
+        **columns,
     )
     if not own_data and holds_training_rows(df, metadata):
         # The model's own data, moved or copied after training.
