@@ -393,6 +393,9 @@ def test_case_hint_when_a_one_letter_element_hides_the_mistake():
         parse("FE2NI")
     # Two one-letter elements in a row are a valid formula (tungsten carbide).
     assert parse("WC") == pytest.approx({"W": 0.5, "C": 0.5})
+    # Without a recapitalised reading, the unknown symbol is named instead.
+    with pytest.raises(CompositionError, match="unknown element symbol 'X'"):
+        parse("NiCX")
 
 
 @pytest.mark.parametrize(

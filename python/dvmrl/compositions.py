@@ -300,7 +300,9 @@ class _FormulaReader:
             while start > 0 and self.text[start - 1] in _ASCII_LETTERS:
                 start -= 1
             whole = self.text[start : self.position + len(run)]
-            if _has_case_error(whole):
+            # Only where recapitalising gives a formula: "NiCX" is more likely
+            # C and a placeholder X than a case mistake.
+            if _has_case_error(whole) and _case_suggestion(self.text) is not None:
                 raise self.error(_case_reason(self.text), whole)
             raise self.error(_symbol_reason(symbol), symbol)
         element = _Element(symbol, None, symbol)
