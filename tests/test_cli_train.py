@@ -342,6 +342,11 @@ def test_new_run_refuses_member_folders_of_another_run(tmp_path, data_csv, capsy
     err = capsys.readouterr().err
     assert "already contains a run (member0/model.pt)" in err
     assert (out / "member0" / "model.pt").read_bytes() == b"left from another run"
+    # Folders that only start with "member" are no member folders.
+    other = tmp_path / "other"
+    (other / "members_backup").mkdir(parents=True)
+    (other / "members_backup" / "model.pt").write_bytes(b"a user's file")
+    assert main([*argv, "--members", "2", "--out", str(other)]) == 0
 
 
 def test_predict_input_rejects_repeated_columns(trained, tmp_path, capsys):

@@ -577,6 +577,9 @@ def test_repeated_compositions_of_a_frame_built_in_python(frame):
     assert not parts[1] & parts[2]
     assert not parts[0] & parts[1]
     assert splits.repeated_compositions(rows) is None
+    # A formula that does not parse keeps its text as its key.
+    odd = table.assign(formula=["Fe50Ni50%", *table["formula"][1:]])
+    assert len(splits.make_split(odd, "random", seed=3).test) > 0
 
 
 def test_empty_training_part_names_parameters():

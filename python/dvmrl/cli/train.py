@@ -953,7 +953,7 @@ def _check_fresh_out(out: Path) -> None:
         existing += sorted(
             f"{folder.name}/{name}"
             for folder in out.glob("member*")
-            if folder.is_dir()
+            if folder.is_dir() and folder.name[len("member") :].isdigit()
             for name in (STATE_FILE, MODEL_FILE)
             if (folder / name).exists()
         )
