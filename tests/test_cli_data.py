@@ -196,3 +196,24 @@ def test_data_info_hull_counts_near_hull(capsys):
     assert main(["data", "info", "mp-energy-above-hull"]) == 0
     out = capsys.readouterr().out
     assert "within 25 meV/atom of the hull (target <= 0.025 eV/atom):" in out
+
+
+def test_info_reads_a_hull_csv_with_its_target_kind(tmp_path, capsys, caplog):
+    from dvmrl.datasets import load
+
+    hull = load("mp-energy-above-hull").iloc[:200]
+    path = tmp_path / "hull.csv"
+    hull[["formula", "target"]].to_csv(path, index=False)
+    assert main(["data", "info", str(path)]) == 0
+    assert "--target-kind energy_above_hull" in caplog.text
+    assert "stable against the elements" in capsys.readouterr().out
+    caplog.clear()
+    assert main(["data", "info", str(path), "--target-kind", "energy_above_hull"]) == 0
+    assert "--target-kind energy_above_hull" not in caplog.text
+    assert "within 25 meV/atom of the hull" in capsys.readouterr().out
+
+
+def test_target_kind_rejected_for_vendored_data_info(capsys):
+    argv = ["data", "info", "mp-formation-energy", "--target-kind", "energy_above_hull"]
+    assert main(argv) == 2
+    assert "--target-kind applies only to a CSV file" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from dvmrl._files import json_ready
 from dvmrl.cli._common import (
     ALLOY_NOTATION_RULES,
     EXIT_FAILURE,
+    TARGET_KINDS,
     UsageError,
     check_output_file,
     fraction,
@@ -175,9 +176,20 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
         ),
     )
     parser.add_argument(
+        "--target-kind",
+        choices=TARGET_KINDS,
+        default=None,
+        help="what the targets of a CSV file are: formation_energy (stable when "
+        "<= 0 eV/atom) or energy_above_hull (stable when <= 0.025 eV/atom); a "
+        "file from dvmrl data fetch states its own; default: formation_energy",
+    )
+    parser.add_argument(
         "--hume-rothery",
         action="store_true",
-        help="keep only compositions that pass the Hume-Rothery screen",
+        help="keep only compositions that pass the Hume-Rothery screen: the "
+        "atomic-size mismatch delta = sqrt(sum_i c_i (1 - r_i / r_mean)^2) of "
+        "pymatgen's atomic radii and the Pauling electronegativity spread both "
+        "within the limits below",
     )
     # Both thresholds default to None, so that a threshold passed without
     # --hume-rothery is distinguished from the default and rejected.
@@ -235,6 +247,7 @@ def _resolve(args: argparse.Namespace, hume_rothery: bool | None = None):
         args.data,
         formula_column=args.formula_column or "formula",
         target_column=args.target_column or "target",
+        target_kind=args.target_kind or "formation_energy",
         alloy_notation=args.alloy_notation,
         hume_rothery=args.hume_rothery if hume_rothery is None else hume_rothery,
         max_size_mismatch=max_size_mismatch,
