@@ -403,7 +403,7 @@ def test_search_finds_peak_of_oscillating_binary():
         assert abs(float(result.change[row])) == pytest.approx(best, rel=1e-3)
 
 
-def test_runs_from_zero_do_not_stop_at_a_wrong_sign_vertex():
+def test_search_leaves_wrong_sign_vertex():
     # 0.06 sin(2 pi (x_Al - 0.5) / 0.25) peaks at x_Al = 0.5625 and has the
     # wrong sign at both vertices of the r = 0.25 box around x_Al = 0.5,
     # where its gradient points out of the box. A full first step from

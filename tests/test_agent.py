@@ -399,7 +399,8 @@ def test_observation_of_another_size_is_named():
 
 def test_agent_config_accepts_numpy_integers():
     config = AgentConfig(seed=np.int64(3), batch_size=np.int32(16))
-    assert config.seed == 3 and type(config.seed) is int
+    assert config.seed == 3
+    assert type(config.seed) is int
     assert json.loads(json.dumps(config.to_dict()))["batch_size"] == 16
     with pytest.raises(ValueError, match="batch_size must be an integer, got 2.5"):
         AgentConfig(batch_size=2.5)

@@ -66,7 +66,7 @@ def test_train_resume_continues(trained, tmp_path):
     assert DQNAgent.load(copy).episodes == 3
 
 
-def test_resume_of_complete_run_writes_the_curve(trained, tmp_path, capsys):
+def test_resume_complete_writes_curve(trained, tmp_path, capsys):
     # An interrupt while the curve was drawn leaves a complete run without it.
     copy = copy_run(trained, tmp_path / "agent.pt")
     before = copy.read_bytes()
@@ -82,7 +82,7 @@ def test_resume_of_complete_run_writes_the_curve(trained, tmp_path, capsys):
     assert "trained with other settings" in capsys.readouterr().err
 
 
-def test_resume_of_complete_run_settles_a_staged_checkpoint(trained, tmp_path):
+def test_resume_complete_settles_staged_checkpoint(trained, tmp_path):
     # Interrupted after the progress file of the last checkpoint was written
     # but before the staged agent replaced agent.pt: the resume settles it.
     from dvmrl.meta import _staged_paths
@@ -327,7 +327,7 @@ def test_train_rejects_curve_format(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_train_rejects_curve_on_the_agent_file(tmp_path, capsys):
+def test_train_rejects_curve_on_agent(tmp_path, capsys):
     # An agent file may have any suffix, so --out can name an image path too.
     out = tmp_path / "agent.png"
     argv = [*TRAIN, "--episodes", "1", "--out", str(out)]

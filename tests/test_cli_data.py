@@ -84,7 +84,7 @@ def test_seed_int_bounds():
         seed_int(str(2**64))
 
 
-def test_huge_seed_exits_2_before_any_work(tmp_path, capsys):
+def test_huge_seed_exits_2(tmp_path, capsys):
     out = tmp_path / "agent.pt"
     argv = ["agent", "train", "--episodes", "1", "--seed", str(2**64)]
     with pytest.raises(SystemExit) as stop:
@@ -198,7 +198,7 @@ def test_data_info_hull_counts_near_hull(capsys):
     assert "within 25 meV/atom of the hull (target <= 0.025 eV/atom):" in out
 
 
-def test_info_reads_a_hull_csv_with_its_target_kind(tmp_path, capsys, caplog):
+def test_info_hull_csv_target_kind(tmp_path, capsys, caplog):
     from dvmrl.datasets import load
 
     hull = load("mp-energy-above-hull").iloc[:200]
@@ -213,7 +213,7 @@ def test_info_reads_a_hull_csv_with_its_target_kind(tmp_path, capsys, caplog):
     assert "within 25 meV/atom of the hull" in capsys.readouterr().out
 
 
-def test_target_kind_rejected_for_vendored_data_info(capsys):
+def test_info_rejects_vendored_target_kind(capsys):
     argv = ["data", "info", "mp-formation-energy", "--target-kind", "energy_above_hull"]
     assert main(argv) == 2
     assert "--target-kind applies only to a CSV file" in capsys.readouterr().err

@@ -386,7 +386,7 @@ def test_small_data_warns_about_winners(tmp_path, capsys):
     )
 
 
-def test_summary_of_one_method_shows_its_numbers():
+def test_one_method_summary_values():
     report = {
         "methods": ["agent"],
         "summary": {

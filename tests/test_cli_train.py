@@ -174,7 +174,7 @@ def test_resume_run_without_loss_field(trained, tmp_path, capsys):
     assert "--loss 'l1' (the run in" in capsys.readouterr().err
 
 
-def test_resume_compares_threshold_with_the_data_default(trained, capsys):
+def test_resume_threshold_data_default(trained, capsys):
     # run.json stores no threshold when the run took the data set's default,
     # 0 eV/atom for formation energies.
     assert json.loads((trained / "run.json").read_text())["stability_threshold"] is None
@@ -224,7 +224,7 @@ def test_resume_interrupted_before_first_state(tmp_path, data_csv, monkeypatch):
     assert json.loads((out / "metrics.json").read_text())["epochs_done"] == 1
 
 
-def test_resume_with_damaged_state_names_the_fix(
+def test_resume_damaged_state_message(
     tmp_path, data_csv, monkeypatch, capsys
 ):
     out = tmp_path / "run"
@@ -303,7 +303,7 @@ def test_interrupt_then_resume(tmp_path, data_csv, monkeypatch):
     assert metrics["epochs_done"] == 3
 
 
-def test_resume_rejects_finished_member_trained_on_other_data(
+def test_resume_rejects_member_of_other_data(
     tmp_path, data_csv, capsys
 ):
     # Both members finished and the run stopped before combining them; then
@@ -331,7 +331,7 @@ def test_resume_rejects_finished_member_trained_on_other_data(
     assert (out / "model.pt").exists()
 
 
-def test_new_run_refuses_member_folders_of_another_run(tmp_path, data_csv, capsys):
+def test_new_run_rejects_stale_members(tmp_path, data_csv, capsys):
     # A member folder whose run.json was deleted would otherwise count as a
     # finished member of the new run.
     out = tmp_path / "run"
@@ -367,7 +367,7 @@ def test_predict_input_rejects_repeated_columns(trained, tmp_path, capsys):
     assert "Ni3Al" in capsys.readouterr().out
 
 
-def test_train_on_hull_energies_with_target_kind(tmp_path, capsys, caplog):
+def test_train_hull_csv_target_kind(tmp_path, capsys, caplog):
     from dvmrl.datasets import load
 
     hull = load("mp-energy-above-hull").sample(n=200, random_state=2)
@@ -456,9 +456,9 @@ def test_evaluate_matches_train_metrics(trained, tmp_path):
     assert evaluation["rmse"] == pytest.approx(metrics["rmse"], rel=1e-5)
 
 
-def test_evaluate_moved_data_scores_the_test_part(trained, data_csv, tmp_path, capsys):
-    # The data file moved after training: --data with its new path holds the
-    # same rows, so the score is that of the test part, not of every row.
+def test_evaluate_moved_data_test_part(trained, data_csv, tmp_path, capsys):
+    # The data file moved after training. --data with its new path contains
+    # the same rows, so the score is that of the test part, not of every row.
     moved = tmp_path / "moved.csv"
     moved.write_bytes(data_csv.read_bytes())
     argv = ["evaluate", str(trained / "model.pt"), "--data", str(moved)]
@@ -528,8 +528,8 @@ def test_evaluate_out_uncreatable_folder(trained, capsys):
 def _copy_csv(source, folder):
     """Write the same compositions with the last target moved by 1 meV/atom.
 
-    An exact copy holds the rows the model trained on and counts as its own
-    data; this one is other data that shares every composition.
+    An exact copy contains the rows the model trained on and counts as its
+    own data. This one is other data that shares every composition.
     """
     frame = pd.read_csv(source)
     frame.loc[frame.index[-1], "target"] += 0.001
@@ -591,7 +591,7 @@ def test_evaluate_missing_checkpoint(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
-def test_predict_warns_about_predictions_in_other_units(tmp_path, data_csv, capsys):
+def test_predict_warns_other_units(tmp_path, data_csv, capsys):
     # A model trained on targets in kJ/mol predicts in kJ/mol.
     frame = pd.read_csv(data_csv)
     frame["target"] *= 96.485

@@ -374,7 +374,7 @@ def test_long_lowercase_run_rejected():
 @pytest.mark.parametrize(
     "formula", ["(CoCrFeNi)90Al10", "[CoCrFeNi]90Al10", "{CoCrFeNi}90Al10"]
 )
-def test_reads_as_alloy_notation_for_every_bracket(formula):
+def test_alloy_lookalike_every_bracket(formula):
     # Each reads as 10 at.% Al in alloy notation and 2.7 at.% as multipliers.
     assert reads_as_alloy_notation(formula)
 
@@ -382,12 +382,12 @@ def test_reads_as_alloy_notation_for_every_bracket(formula):
 @pytest.mark.parametrize(
     "formula", ["(FeNi)100", "(FeNi)50(CoCr)50", "Ni3Al", "Al0.3CoCrFeNi"]
 )
-def test_reads_as_alloy_notation_false_when_readings_agree(formula):
+def test_alloy_lookalike_readings_agree(formula):
     # Both readings give the same fractions, so there is nothing to warn about.
     assert not reads_as_alloy_notation(formula)
 
 
-def test_case_hint_when_a_one_letter_element_hides_the_mistake():
+def test_case_hint_behind_one_letter_element():
     # F reads as fluorine, so the failing symbol is the lone "E" of "FE".
     with pytest.raises(CompositionError, match=r"did you mean 'Fe2Ni'\?"):
         parse("FE2NI")

@@ -301,7 +301,7 @@ def test_observation_subsample_spans_the_validation_set():
     np.testing.assert_array_equal(_spread(rows[:50], 256), rows[:50])
 
 
-def test_reset_leaves_the_global_torch_random_state(env):
+def test_reset_keeps_global_torch_rng(env):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)

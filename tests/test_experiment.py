@@ -416,7 +416,7 @@ def test_run_spec_checks_target_kind():
     assert spec.signature("checksum")["target_kind"] == "energy_above_hull"
 
 
-def test_run_reads_csv_with_its_target_kind(tmp_path):
+def test_run_csv_target_kind(tmp_path):
     from dvmrl.datasets import load
     from dvmrl.experiment import load_data
 

@@ -257,7 +257,7 @@ def test_fetch_gzip_output(tmp_path):
     assert info["rows"] == 3
 
 
-def test_fetch_keeps_a_json_file_it_did_not_write(tmp_path):
+def test_fetch_keeps_foreign_json(tmp_path):
     # Stand-in client: the Materials Project API cannot be reached from here.
     notes = tmp_path / "hull.json"
     notes.write_text('{"experiment": "my own notes"}\n')

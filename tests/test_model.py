@@ -539,7 +539,7 @@ def test_device_move(device):
 
 
 @pytest.mark.parametrize("fraction_hidden", [32, 0])
-def test_fused_second_derivative_by_autograd_grad_raises(fraction_hidden):
+def test_fused_second_derivative_raises(fraction_hidden):
     # torch.autograd.grad(..., inputs=frac) only runs the graph nodes on the
     # paths to frac. The node that raises must lie on them, or the second
     # derivative silently lacks the fused op's part (with the fraction

@@ -558,7 +558,7 @@ def test_repeated_compositions_stay_in_one_part(frame, tmp_path, kind):
     assert len(split.val) > 0
 
 
-def test_repeated_compositions_of_a_frame_built_in_python(frame):
+def test_repeated_compositions_python_frame(frame):
     # The four documented columns alone, without the column that load_csv
     # adds: each composition twice, once written in reverse order.
     rows = frame.iloc[:300]

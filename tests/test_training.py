@@ -69,7 +69,8 @@ def test_config_rejects_non_finite_values(field, value):
 
 def test_config_accepts_numpy_integers():
     config = TrainConfig(batch_size=np.int64(32), epochs=np.int32(3), seed=np.uint8(7))
-    assert config.batch_size == 32 and type(config.batch_size) is int
+    assert config.batch_size == 32
+    assert type(config.batch_size) is int
     assert json.loads(json.dumps(config.to_dict()))["seed"] == 7
     with pytest.raises(ValueError, match="TrainConfig.batch_size must be an integer"):
         TrainConfig(batch_size=True)
@@ -596,7 +597,7 @@ def test_unusable_cuda_named():
         Trainer(None, None, x, [0.1, 0.2, 0.3, 0.4], device="cuda")
 
 
-def test_model_predicts_after_fit_without_dropout_draws():
+def test_model_eval_mode_after_fit():
     # With dropout on, a model left in training mode after fit() drew masks
     # from the trainer's dropout stream at every call.
     from dvmrl.datasets import load

@@ -1789,7 +1789,7 @@ def check_recorded_data(data: str) -> None:
         )
 
 
-def holds_training_rows(df, metadata: dict) -> bool:
+def contains_training_rows(df, metadata: dict) -> bool:
     """Tell whether ``df`` has exactly the rows that the checkpoint trained on.
 
     The formulas and targets in row order are compared through the
@@ -2086,7 +2086,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.target_kind is None and metadata.get("target_kind"):
         columns["target_kind"] = metadata["target_kind"]
     df, info = _load_data(data, alloy, columns)
-    if trained_on is not None and not same_data and holds_training_rows(df, metadata):
+    other_path = trained_on is not None and not same_data
+    if other_path and contains_training_rows(df, metadata):
         logger.info(
             "%s contains the same rows as %s, on which the model trained; scoring it "
             "as that data",

@@ -614,7 +614,7 @@ def run(args: argparse.Namespace) -> int:
     strategies = _check_arguments(args)
     device = setup_compute(args)
     started = time.perf_counter()
-    from dvmrl.cli.train import check_scored_data, holds_training_rows, load_model
+    from dvmrl.cli.train import check_scored_data, contains_training_rows, load_model
 
     model, metadata = load_model(args.checkpoint, device)
     data = check_scored_data(
@@ -631,7 +631,7 @@ def run(args: argparse.Namespace) -> int:
         alloy_notation=bool(metadata.get("alloy_notation", False)),
         **columns,
     )
-    if not own_data and holds_training_rows(df, metadata):
+    if not own_data and contains_training_rows(df, metadata):
         # The model's own data, moved or copied after training.
         logger.info(
             "%s contains the same rows as %s, on which the model trained",
