@@ -540,18 +540,22 @@ def _search_chunk(
     state = [ei, m, x, lo, hi, step_r, f0, sign, y, merit, direction, scale]
     passes = n
     schedule = _step_sizes(steps, step_size)
-    for t, eta in enumerate(schedule):
+    # NOTE: a run whose start has an exactly zero feasible ascent direction
+    # (a stationary point, seen only with synthetic predictors) leaves at
+    # once, so with starts=2, which has no screened starts, such a
+    # composition reads as unmoved.
+    for step, eta in enumerate(schedule):
         moving = state[10].abs().amax(dim=1) > 0
         if not bool(moving.all()):
             rows = rows[moving]
-            state = [t[moving] for t in state]
+            state = [tensor[moving] for tensor in state]
             if rows.numel() == 0:
                 break
         ei_a, m_a, x_a, lo_a, hi_a, r_a, f0_a, s_a, y_a, merit_a, dir_a, scale_a = state
         candidate = project_simplex_box(
             y_a + (eta * r_a * scale_a)[:, None] * dir_a, lo_a, hi_a, m_a
         )
-        if t == len(schedule) - 1:
+        if step == len(schedule) - 1:
             # No step follows the last one, so its point needs no gradient.
             with torch.no_grad():
                 value = _evaluate(predictor, ei_a, candidate, m_a, dtype)
