@@ -175,6 +175,19 @@ def test_unknown_option_after_positionals_rejected():
     assert "unrecognized arguments: --bogus" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "argv", [["data", "info", "mp-formation-energy"], ["agent", "evaluate"]]
+)
+def test_unknown_option_names_action_help(argv, capsys):
+    # The group page ("dvmrl data --help") does not list an action's options.
+    from dvmrl.cli import _parse, build_parser
+
+    with pytest.raises(SystemExit) as stop:
+        _parse(build_parser(), [*argv, "--bogus"])
+    assert stop.value.code == 2
+    assert f"see 'dvmrl {argv[0]} {argv[1]} --help'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("verbose", [False, True])
 def test_internal_error_hint(monkeypatch, capsys, verbose):
     """The traceback hint appears only when --verbose did not print it already."""

@@ -109,6 +109,10 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     if not extras:
         return args
     sub = _subcommand_parser(parser, args.command)
+    action = getattr(args, f"{args.command}_command", None)
+    if sub is not None and action is not None:
+        # A grouped command such as "data info": its own page lists its options.
+        sub = _subcommand_parser(sub, action) or sub
     list_positionals = [
         action
         for action in (sub._actions if sub is not None else [])
