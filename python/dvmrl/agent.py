@@ -24,7 +24,6 @@ import dataclasses
 import json
 import logging
 import math
-import numbers
 import os
 import re
 import warnings
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from dvmrl._files import builds_objects, file_kind, write_atomic
+from dvmrl.layout import is_integral
 
 logger = logging.getLogger(__name__)
 
@@ -133,12 +133,7 @@ class AgentConfig:
         for name in _INT_FIELDS:
             value = getattr(self, name)
             # NumPy integers count, booleans and fractional values do not.
-            if (
-                isinstance(value, bool | np.bool_)
-                or not isinstance(value, numbers.Real)
-                or not math.isfinite(value)
-                or int(value) != value
-            ):
+            if not is_integral(value):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
             setattr(self, name, int(value))
         if self.buffer_capacity > MAX_BUFFER_CAPACITY:

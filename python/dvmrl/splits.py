@@ -25,7 +25,6 @@ import functools
 import hashlib
 import json
 import math
-import numbers
 import os
 import re
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ import pandas as pd
 
 from dvmrl._files import write_atomic, write_text_atomic
 from dvmrl.datasets._vendored import COMPOSITION_COLUMN
+from dvmrl.layout import is_integral
 
 KINDS = ("random", "chemsys", "element", "binary-to-ternary")
 
@@ -401,13 +401,7 @@ def make_split(
             f"not to {kind!r}"
         )
     # int(1.5) would quietly give the split of seed 1, and True that of 1.
-    if (
-        isinstance(seed, bool | np.bool_)
-        or not isinstance(seed, numbers.Real)
-        or not math.isfinite(seed)
-        or int(seed) != seed
-        or seed < 0
-    ):
+    if not is_integral(seed) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     seed = int(seed)
 

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from dvmrl import defaults
+from dvmrl.layout import is_integral
 
 SCHEDULES = ("cosine", "plateau", "constant")
 MONITORS = ("val_rmse", "val_mae")
@@ -102,7 +100,7 @@ class TrainConfig:
             ("lr", self.lr > 0 and math.isfinite(self.lr), "a positive finite number"),
             (
                 "batch_size",
-                _is_int(self.batch_size) and self.batch_size >= 1,
+                is_integral(self.batch_size) and self.batch_size >= 1,
                 "an integer >= 1",
             ),
             (
@@ -110,10 +108,10 @@ class TrainConfig:
                 self.weight_decay >= 0 and math.isfinite(self.weight_decay),
                 ">= 0",
             ),
-            ("epochs", _is_int(self.epochs) and self.epochs >= 0, "an integer >= 0"),
+            ("epochs", is_integral(self.epochs) and self.epochs >= 0, "an integer >= 0"),
             (
                 "patience",
-                _is_int(self.patience) and self.patience >= 1,
+                is_integral(self.patience) and self.patience >= 1,
                 "an integer >= 1",
             ),
             (
@@ -122,7 +120,7 @@ class TrainConfig:
                 or (self.grad_clip >= 0 and not math.isnan(self.grad_clip)),
                 "None or >= 0",
             ),
-            ("seed", _is_int(self.seed) and self.seed >= 0, "an integer >= 0"),
+            ("seed", is_integral(self.seed) and self.seed >= 0, "an integer >= 0"),
             ("schedule", self.schedule in SCHEDULES, f"one of {SCHEDULES}"),
             (
                 "warmup_epochs",
@@ -133,13 +131,13 @@ class TrainConfig:
             ("plateau_factor", 0 < self.plateau_factor < 1, "in (0, 1)"),
             (
                 "plateau_patience",
-                _is_int(self.plateau_patience) and self.plateau_patience >= 1,
+                is_integral(self.plateau_patience) and self.plateau_patience >= 1,
                 "an integer >= 1",
             ),
             ("monitor", self.monitor in MONITORS, f"one of {MONITORS}"),
             (
                 "eval_batch_size",
-                _is_int(self.eval_batch_size) and self.eval_batch_size >= 1,
+                is_integral(self.eval_batch_size) and self.eval_batch_size >= 1,
                 "an integer >= 1",
             ),
             (
@@ -197,14 +195,6 @@ class TrainConfig:
             )
         values = {"ema_decay": 0.0, "loss": "mse", **values}
         return cls(**values)
-
-
-def _is_int(value: Any) -> bool:
-    # NumPy scalars count too (a seed or size taken from an array), booleans
-    # do not. int(inf) and int(nan) raise, so non-finite values fail first.
-    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
-        return False
-    return math.isfinite(value) and int(value) == value
 
 
 class LearningRateSchedule:
