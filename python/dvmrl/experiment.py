@@ -1316,13 +1316,9 @@ class Experiment:
         if "agent" not in self.spec.methods:
             return None
         from dvmrl.agent import PRETRAINED_AGENT
+        from dvmrl.datasets.build import sha256_file
 
-        path = self.spec.agent_path or PRETRAINED_AGENT
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+        return sha256_file(self.spec.agent_path or PRETRAINED_AGENT)
 
     def _check_signature(self, recorded: dict[str, Any], signature: dict) -> None:
         """Raise RunDirectoryError naming each setting that differs from the run."""
