@@ -1789,17 +1789,38 @@ def check_recorded_data(data: str) -> None:
         )
 
 
-def contains_training_rows(df, metadata: dict) -> bool:
-    """Tell whether ``df`` has exactly the rows that the checkpoint trained on.
+def contains_training_rows(df, metadata: dict, data: str) -> bool:
+    """Tell whether ``df``, read from ``data``, has exactly the training rows.
 
     The formulas and targets in row order are compared through the
     fingerprint that dvmrl train stores, so a data file that was moved or
-    copied after training still counts as the model's own data.
+    copied after training still counts as the model's own data (logged).
     """
     from dvmrl.splits import data_fingerprint
 
     stored = metadata.get("data_rows_fingerprint")
-    return stored is not None and stored == data_fingerprint(df)
+    if stored is None or stored != data_fingerprint(df):
+        return False
+    logger.info(
+        "%s contains the same rows as %s, on which the model trained; it is "
+        "scored as the model's own data",
+        data,
+        metadata.get("data"),
+    )
+    return True
+
+
+def scored_csv_columns(metadata: dict, own_data: bool, args) -> dict[str, str]:
+    """Return how evaluate and validate read a data file (``csv_columns``).
+
+    The checkpoint's column names belong to its own data file. Its target
+    kind applies to other files too, because a model of hull energies scores
+    hull energies.
+    """
+    columns = csv_columns(metadata if own_data else {}, args)
+    if args.target_kind is None and metadata.get("target_kind"):
+        columns["target_kind"] = metadata["target_kind"]
+    return columns
 
 
 def check_scored_data(
@@ -2080,20 +2101,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
             "notation, and alloy notation would read its formulas as other "
             "compositions; leave --alloy-notation out"
         )
-    # The checkpoint's column names belong to its own data file. Its target
-    # kind applies to other files too: a model of hull energies scores them.
-    columns = csv_columns(metadata if same_data else {}, args)
-    if args.target_kind is None and metadata.get("target_kind"):
-        columns["target_kind"] = metadata["target_kind"]
-    df, info = _load_data(data, alloy, columns)
+    df, info = _load_data(data, alloy, scored_csv_columns(metadata, same_data, args))
     other_path = trained_on is not None and not same_data
-    if other_path and contains_training_rows(df, metadata):
-        logger.info(
-            "%s contains the same rows as %s, on which the model trained; scoring it "
-            "as that data",
-            data,
-            trained_on,
-        )
+    if other_path and contains_training_rows(df, metadata, data):
         same_data = True
 
     if trained_on is not None and not same_data:

@@ -38,7 +38,6 @@ from dvmrl.cli._common import (
     add_compute_options,
     add_csv_column_options,
     check_output_folder,
-    csv_columns,
     data_reference,
     path_text,
     plural,
@@ -614,30 +613,24 @@ def run(args: argparse.Namespace) -> int:
     strategies = _check_arguments(args)
     device = setup_compute(args)
     started = time.perf_counter()
-    from dvmrl.cli.train import check_scored_data, contains_training_rows, load_model
+    from dvmrl.cli.train import (
+        check_scored_data,
+        contains_training_rows,
+        load_model,
+        scored_csv_columns,
+    )
 
     model, metadata = load_model(args.checkpoint, device)
     data = check_scored_data(
         args, args.data or metadata.get("data"), from_checkpoint=not args.data
     )
-    # The checkpoint's column names belong to its own data file. Its target
-    # kind applies to other files too: a model of hull energies scores them.
     own_data = data_reference(data) == metadata.get("data")
-    columns = csv_columns(metadata if own_data else {}, args)
-    if args.target_kind is None and metadata.get("target_kind"):
-        columns["target_kind"] = metadata["target_kind"]
     df, info = resolve_data(
         data,
         alloy_notation=bool(metadata.get("alloy_notation", False)),
-        **columns,
+        **scored_csv_columns(metadata, own_data, args),
     )
-    if not own_data and contains_training_rows(df, metadata):
-        # The model's own data, moved or copied after training.
-        logger.info(
-            "%s contains the same rows as %s, on which the model trained",
-            data,
-            metadata.get("data"),
-        )
+    if not own_data and contains_training_rows(df, metadata, data):
         own_data = True
     if own_data and args.split is None:
         # The same check as dvmrl evaluate: after the rows changed, the test
