@@ -912,16 +912,18 @@ def _resumed_run_config(out: Path, requested: dict[str, Any]) -> dict[str, Any]:
     return stored
 
 
+def _data_file_gone(data: str) -> bool:
+    """Tell whether ``data`` names a CSV path that no longer exists."""
+    from dvmrl.datasets import DATASETS
+
+    return data not in DATASETS and not Path(data).exists()
+
+
 def _moved_data(recorded: str, given: str) -> bool:
     """Tell whether a run's CSV file is gone and ``given`` is a CSV file instead."""
     from dvmrl.datasets import DATASETS
 
-    return (
-        recorded not in DATASETS
-        and not Path(recorded).exists()
-        and given not in DATASETS
-        and Path(given).is_file()
-    )
+    return _data_file_gone(recorded) and given not in DATASETS and Path(given).is_file()
 
 
 def _check_default_threshold(
@@ -1116,13 +1118,11 @@ def _run_train(args: argparse.Namespace, locks: contextlib.ExitStack) -> int:
                 _check_default_threshold(args.stability_threshold, used, out)
             print(f"the run in {out} is complete; see {out / METRICS_FILE}")
             return 0
-        from dvmrl.datasets import DATASETS
-
-        recorded_data = run_config["data"]
-        if recorded_data not in DATASETS and not Path(recorded_data).exists():
+        if _data_file_gone(run_config["data"]):
             raise FileNotFoundError(
-                f"--resume: the run's data file {recorded_data} not found: it was "
-                "moved or deleted; pass --data with its new path to continue the run"
+                f"--resume: the run's data file {run_config['data']} not found: it "
+                "was moved or deleted; pass --data with its new path to continue the "
+                "run"
             )
     else:
         _check_fresh_out(out)
@@ -1780,9 +1780,7 @@ def check_recorded_data(data: str) -> None:
     ``data`` is the path or name that the checkpoint recorded, used when no
     --data is given.
     """
-    from dvmrl.datasets import DATASETS
-
-    if data not in DATASETS and not Path(data).exists():
+    if _data_file_gone(data):
         raise FileNotFoundError(
             f"the checkpoint's data file {data} not found: it was moved or deleted "
             "after training; pass --data with its new path"
