@@ -217,3 +217,11 @@ def test_info_rejects_vendored_target_kind(capsys):
     argv = ["data", "info", "mp-formation-energy", "--target-kind", "energy_above_hull"]
     assert main(argv) == 2
     assert "--target-kind applies only to a CSV file" in capsys.readouterr().err
+
+
+def test_target_kinds_match_thresholds():
+    # The CLI lists the kinds without importing the data package at start-up.
+    from dvmrl.cli._common import TARGET_KINDS
+    from dvmrl.datasets import STABILITY_THRESHOLDS
+
+    assert TARGET_KINDS == tuple(STABILITY_THRESHOLDS)

@@ -289,15 +289,24 @@ def add_csv_column_options(
             help=f"{column}{unit} column of a CSV --data file; default: "
             f"{default_note}{column}",
         )
+    add_target_kind_option(parser, default_note if kind_note is None else kind_note)
+
+
+def add_target_kind_option(
+    parser: argparse.ArgumentParser, default_note: str = ""
+) -> None:
+    """Add --target-kind, what the targets of a CSV file are (default None).
+
+    ``default_note`` goes before the default kind in the help.
+    """
     parser.add_argument(
         "--target-kind",
         choices=TARGET_KINDS,
         default=None,
-        help="what the targets of a CSV --data file are: formation_energy "
-        "(stable when <= 0 eV/atom) or energy_above_hull (stable when <= 0.025 "
-        "eV/atom); it sets the stability threshold and the plot labels. A file "
-        "from dvmrl data fetch states its own; default: "
-        f"{default_note if kind_note is None else kind_note}formation_energy",
+        help="what the targets of a CSV file are: formation_energy (stable when "
+        "<= 0 eV/atom) or energy_above_hull (stable when <= 0.025 eV/atom); it "
+        "sets the stability threshold and the plot labels. A file from dvmrl "
+        f"data fetch states its own; default: {default_note}formation_energy",
     )
 
 

@@ -14,8 +14,8 @@ from dvmrl._files import json_ready
 from dvmrl.cli._common import (
     ALLOY_NOTATION_RULES,
     EXIT_FAILURE,
-    TARGET_KINDS,
     UsageError,
+    add_target_kind_option,
     check_output_file,
     fraction,
     non_negative_float,
@@ -175,14 +175,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
             "(CoCrFeNi)90Al10 has 10%% Al; " + ALLOY_NOTATION_RULES
         ),
     )
-    parser.add_argument(
-        "--target-kind",
-        choices=TARGET_KINDS,
-        default=None,
-        help="what the targets of a CSV file are: formation_energy (stable when "
-        "<= 0 eV/atom) or energy_above_hull (stable when <= 0.025 eV/atom); a "
-        "file from dvmrl data fetch states its own; default: formation_energy",
-    )
+    add_target_kind_option(parser)
     parser.add_argument(
         "--hume-rothery",
         action="store_true",
