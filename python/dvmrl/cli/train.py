@@ -904,12 +904,18 @@ def _resumed_run_config(out: Path, requested: dict[str, Any]) -> dict[str, Any]:
                 f"{_flat_get(stored, key)!r})"
             )
     if conflicts:
-        raise UsageError(
-            "--resume: the configuration differs from the stored run: "
-            + "; ".join(conflicts)
-            + ". Drop these options to continue it, or pass a new --out"
-        )
+        raise _resume_conflict(conflicts)
     return stored
+
+
+def _resume_conflict(conflicts: list[str]) -> UsageError:
+    """Return the error for options that differ from the resumed run."""
+    these = "this option" if len(conflicts) == 1 else "these options"
+    return UsageError(
+        "--resume: the configuration differs from the stored run: "
+        + "; ".join(conflicts)
+        + f". Drop {these} to continue it, or pass a new --out"
+    )
 
 
 def _data_file_gone(data: str) -> bool:
@@ -936,10 +942,11 @@ def _check_default_threshold(
     """
     if asked is None or used is None or asked == used:
         return
-    raise UsageError(
-        "--resume: the configuration differs from the stored run: "
-        f"--stability-threshold {asked!r} (the run in {out} used {used!r}, the "
-        "default of its data). Drop this option to continue it, or pass a new --out"
+    raise _resume_conflict(
+        [
+            f"--stability-threshold {asked!r} (the run in {out} used {used!r}, the "
+            "default of its data)"
+        ]
     )
 
 
