@@ -290,6 +290,7 @@ class ModelTuningEnv(gym.Env):
             ("val_size", val_size),
             ("reward_size", reward_size),
             ("probe_size", probe_size),
+            ("probe_steps", probe_steps),
             ("obs_size", obs_size),
             ("budget_epochs", budget_epochs),
             ("epochs_per_step", epochs_per_step),
@@ -301,8 +302,6 @@ class ModelTuningEnv(gym.Env):
                 f"epochs_per_step ({epochs_per_step}) exceeds budget_epochs "
                 f"({budget_epochs}); raise the budget or shorten the slice"
             )
-        if probe_steps < 1:
-            raise ValueError(f"probe_steps must be >= 1, got {probe_steps}")
         if k_correlations < 0:
             raise ValueError(f"k_correlations must be >= 0, got {k_correlations}")
         # The observation divides by the tolerance, and the probe needs a box

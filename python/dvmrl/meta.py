@@ -332,7 +332,7 @@ def meta_train(
             raise ValueError(
                 f"the run at {paths['agent']} already has {len(history)} episodes, "
                 f"more than --episodes {episodes}; pass --episodes {len(history)} "
-                f"or more"
+                "or more"
             )
         if len(history) == episodes:
             # Complete (an interrupt can come after the last checkpoint, such

@@ -75,7 +75,7 @@ def _json_kind(value: Any) -> str:
     return "number"
 
 
-# The advice that ends the messages of files that are no dvmrl checkpoint.
+# The advice that ends the messages about files that are not dvmrl checkpoints.
 MODEL_ADVICE = "pass a model.pt written by dvmrl train"
 
 
