@@ -538,6 +538,8 @@ def _search_chunk(
     merit, direction = merit_and_direction(x, y, lo, hi, m, f0, sign, value, grad)
     scale = torch.ones(n, dtype=dtype, device=device)
     state = [ei, m, x, lo, hi, step_r, f0, sign, y, merit, direction, scale]
+    # Positions in state of what a step updates.
+    y_at, merit_at, direction_at, scale_at = 8, 9, 10, 11
     passes = n
     schedule = _step_sizes(steps, step_size)
     # NOTE: a run whose start has an exactly zero feasible ascent direction
@@ -545,7 +547,7 @@ def _search_chunk(
     # once, so with starts=2, which has no screened starts, such a
     # composition reads as unmoved.
     for step, eta in enumerate(schedule):
-        moving = state[10].abs().amax(dim=1) > 0
+        moving = state[direction_at].abs().amax(dim=1) > 0
         if not bool(moving.all()):
             rows = rows[moving]
             state = [tensor[moving] for tensor in state]
@@ -571,10 +573,10 @@ def _search_chunk(
         # other steps to worse points are kept, because such a run may still
         # climb to a better point beyond them.
         accept = (merit_c >= merit_a) | (dir_c.abs().amax(dim=1) > 0)
-        state[8] = torch.where(accept[:, None], candidate, y_a)
-        state[9] = torch.where(accept, merit_c, merit_a)
-        state[10] = torch.where(accept[:, None], dir_c, dir_a)
-        state[11] = torch.where(accept, scale_a, 0.5 * scale_a)
+        state[y_at] = torch.where(accept[:, None], candidate, y_a)
+        state[merit_at] = torch.where(accept, merit_c, merit_a)
+        state[direction_at] = torch.where(accept[:, None], dir_c, dir_a)
+        state[scale_at] = torch.where(accept, scale_a, 0.5 * scale_a)
 
     logger.debug(
         "search chunk of %d compositions: %d of %d gradient passes (%.0f %%), the "
