@@ -910,11 +910,11 @@ def _resumed_run_config(out: Path, requested: dict[str, Any]) -> dict[str, Any]:
 
 def _resume_conflict(conflicts: list[str]) -> UsageError:
     """Return the error for options that differ from the resumed run."""
-    these = "this option" if len(conflicts) == 1 else "these options"
+    options = "this option" if len(conflicts) == 1 else "these options"
     return UsageError(
         "--resume: the configuration differs from the stored run: "
         + "; ".join(conflicts)
-        + f". Drop {these} to continue it, or pass a new --out"
+        + f". Drop {options} to continue it, or pass a new --out"
     )
 
 
