@@ -52,16 +52,18 @@ MAX_ELEMENTS = 8
 ALLOY_TOTAL_RTOL = 1e-3
 
 # pymatgen's amount syntax: decimals with an optional exponent such as 1e-3.
-_NUMBER_RE = re.compile(r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e-?[0-9]+)?")
+# Each number has one way to match (no optional dot between two digit runs),
+# so patterns that repeat it cannot backtrack exponentially on long inputs.
+_NUMBER_RE = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e-?[0-9]+)?")
 # Metallurgical alloy names such as Ni-20Cr or Fe-18Cr-8Ni: the balance
 # element, then the other elements' shares, usually in weight percent.
 _METALLURGICAL_RE = re.compile(
-    r"[A-Z][a-z]?(?:-(?:[0-9]+\.?[0-9]*|\.[0-9]+)[A-Z][a-z]?)+"
+    r"[A-Z][a-z]?(?:-(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[A-Z][a-z]?)+"
 )
 # The start of such a name as people also write it: Ni-20 Cr, Ni-20wt%Cr,
 # Ni-20at.%Cr.
 _METALLURGICAL_START_RE = re.compile(
-    r"[A-Z][a-z]?\s*-\s*(?:[0-9]+\.?[0-9]*|\.[0-9]+)\s*(?:(?:wt|at)\.?\s*)?%?\s*[A-Z]"
+    r"[A-Z][a-z]?\s*-\s*(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?:(?:wt|at)\.?\s*)?%?\s*[A-Z]"
 )
 _METALLURGICAL_REASON = (
     "alloy names with the balance element first (such as Ni-20Cr) are not "
@@ -200,6 +202,14 @@ def _read_amount(text: str, token: str) -> float:
     if not math.isfinite(value):
         raise CompositionError(text, "amount is not finite", token)
     if value == 0.0:
+        mantissa = token.split("e")[0]
+        if any(digit in mantissa for digit in "123456789"):
+            raise CompositionError(
+                text,
+                "amount is below the smallest positive float64 (about 5e-324) and "
+                "reads as zero; scale the amounts up or leave the element out",
+                token,
+            )
         raise CompositionError(
             text, "amount is zero; leave the element out instead", token
         )
@@ -288,8 +298,8 @@ class _FormulaReader:
                     "no '+')",
                     exponent.group(),
                 )
-        run = _LETTERS_RE.match(self.text, self.position).group()
         if char.islower():
+            run = _LETTERS_RE.match(self.text, self.position).group()
             raise self.error(_case_reason(self.text), run)
         symbol_match = _SYMBOL_RE.match(self.text, self.position)
         symbol = symbol_match.group()
@@ -299,6 +309,7 @@ class _FormulaReader:
             start = self.position
             while start > 0 and self.text[start - 1] in _ASCII_LETTERS:
                 start -= 1
+            run = _LETTERS_RE.match(self.text, self.position).group()
             whole = self.text[start : self.position + len(run)]
             # Only where recapitalising gives a formula: "NiCX" is more likely
             # C and a placeholder X than a case mistake.
@@ -345,8 +356,16 @@ def _standard_amounts(items: list, factor: float, amounts: dict[str, float]) -> 
 def _split_share(items: list, share: float, amounts: dict[str, float]) -> None:
     weights = [1.0 if item.amount is None else item.amount for item in items]
     total = _sum(weights)
+    if not math.isfinite(total):
+        # Finite weights such as 1e308 and 1e308 whose sum overflows: only
+        # their ratios count, so scale them below the overflow first.
+        largest = max(weights)
+        weights = [weight / largest for weight in weights]
+        total = _sum(weights)
     for item, weight in zip(items, weights, strict=True):
         part = share * weight / total
+        if not math.isfinite(part):
+            part = share * (weight / total)
         if isinstance(item, _Group):
             _split_share(item.items, part, amounts)
         else:
@@ -409,6 +428,13 @@ def _normalize(formula: str, amounts: dict[str, float]) -> dict[str, float]:
             f"of {MAX_ELEMENTS}",
         )
     total = _sum(amounts.values())
+    if not math.isfinite(total):
+        # Finite amounts whose sum overflows (Co1e308Cr1e308): scale them
+        # below the overflow, which leaves their fractions as they are.
+        largest = max(amounts.values())
+        if math.isfinite(largest):
+            amounts = {symbol: amount / largest for symbol, amount in amounts.items()}
+            total = _sum(amounts.values())
     if not math.isfinite(total):
         raise CompositionError(formula, "the amounts sum to a value that is not finite")
     fractions = {symbol: amounts[symbol] / total for symbol in ordered}
