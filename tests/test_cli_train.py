@@ -764,6 +764,41 @@ def test_predict_output_full_device(trained, tmp_path, capsys):
     assert full.is_char_device()
 
 
+def test_predict_input_other_separator(trained, tmp_path, capsys):
+    model = str(trained / "model.pt")
+    for name, text, separator in (
+        ("semicolons.csv", "formula;note\nNi3Al;a\n", "semicolons"),
+        ("decimal_commas.csv", "formula;target\nNi3Al;-0,4\n", "semicolons"),
+        ("tabs.csv", "formula\tnote\nNi3Al\ta\n", "tabs"),
+    ):
+        source = tmp_path / name
+        source.write_text(text)
+        assert main(["predict", model, "--input", str(source)]) == 2
+        err = capsys.readouterr().err
+        assert f"seems to separate its fields with {separator}" in err
+        # The column name that holds the separator is no fix to offer.
+        assert "--formula-column" not in err
+
+
+def test_predict_end_of_options_marker(trained, capsys):
+    assert main(["predict", str(trained / "model.pt"), "--", "Ni3Al", "FeNi"]) == 0
+    out = capsys.readouterr().out
+    assert "Ni3Al" in out and "FeNi" in out
+
+
+def test_empty_formula_column_option(trained, tmp_path, capsys):
+    source = tmp_path / "in.csv"
+    source.write_text(",target\nNi3Al,-0.4\n")
+    predict = ["predict", str(trained / "model.pt"), "--input", str(source)]
+    info = ["data", "info", str(source)]
+    for argv in ([*predict, "--formula-column", ""], [*info, "--formula-column", " "]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "--formula-column: expected the name of a column" in err
+
+
 def test_predict_unknown_element(trained, capsys):
     code = main(["predict", str(trained / "model.pt"), "Al3Ni", "Xq2Fe"])
     err = capsys.readouterr().err

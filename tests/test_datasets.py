@@ -454,6 +454,23 @@ def test_load_csv_other_separator(tmp_path, text, name):
     assert "rename" not in message
 
 
+def test_load_csv_semicolons_with_decimal_commas(tmp_path):
+    # A spreadsheet export with decimal commas splits into more comma fields
+    # than its one-cell header, which is no quoting problem.
+    path = _write(tmp_path, "formula;target\nAlNi;-0,4\n")
+    with pytest.raises(ValueError) as caught:
+        datasets.load_csv(path)
+    message = str(caught.value)
+    assert "seems to separate its fields with semicolons" in message
+    assert "quote" not in message
+
+
+def test_load_csv_field_over_limit(tmp_path):
+    path = _write(tmp_path, "formula,target,note\nAlNi,0.1," + "x" * 140_000 + "\n")
+    with pytest.raises(ValueError, match=r"line 2 is longer than 131072 characters"):
+        datasets.load_csv(path)
+
+
 def test_load_csv_column_message_names_real_options(tmp_path):
     path = _write(tmp_path, "comp,energy\nAlNi,0.1\n")
     with pytest.raises(ValueError) as caught:

@@ -118,11 +118,14 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
         for action in (sub._actions if sub is not None else [])
         if not action.option_strings and action.nargs in ("*", "+")
     ]
-    options = [word for word in extras if word.startswith("-")]
+    # Words after a "--" are positionals even when they start with "-".
+    marker = extras.index("--") if "--" in extras else len(extras)
+    options = [word for word in extras[:marker] if word.startswith("-")]
     if options or not list_positionals:
         (sub or parser).error(f"unrecognized arguments: {' '.join(extras)}")
+    words = extras[:marker] + extras[marker + 1 :]
     dest = list_positionals[-1].dest
-    setattr(args, dest, list(getattr(args, dest) or []) + extras)
+    setattr(args, dest, list(getattr(args, dest) or []) + words)
     return args
 
 

@@ -285,11 +285,21 @@ def add_csv_column_options(
         parser.add_argument(
             option,
             default=None,
+            type=column_name,
             metavar="NAME",
             help=f"{column}{unit} column of a CSV --data file; default: "
             f"{default_note}{column}",
         )
     add_target_kind_option(parser, default_note if kind_note is None else kind_note)
+
+
+def column_name(text: str) -> str:
+    """Parse a CSV column option: any header name, but not an empty one."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            f"expected the name of a column of the CSV header, got {text!r}"
+        )
+    return text
 
 
 def add_target_kind_option(

@@ -17,6 +17,7 @@ from dvmrl.cli._common import (
     UsageError,
     add_target_kind_option,
     check_output_file,
+    column_name,
     fraction,
     non_negative_float,
     path_text,
@@ -158,12 +159,14 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--formula-column",
         default=None,
+        type=column_name,
         metavar="NAME",
         help="formula column of a CSV file; default: formula",
     )
     parser.add_argument(
         "--target-column",
         default=None,
+        type=column_name,
         metavar="NAME",
         help="target column of a CSV file (eV/atom); default: target",
     )

@@ -39,6 +39,7 @@ from dvmrl.cli._common import (
     add_csv_column_options,
     check_output_file,
     check_output_folder,
+    column_name,
     csv_columns,
     data_reference,
     finite_float,
@@ -489,6 +490,7 @@ def _add_predict_parser(subparsers) -> None:
     parser.add_argument(
         "--formula-column",
         default=None,
+        type=column_name,
         metavar="NAME",
         help="name of the formula column of --input; default: formula",
     )
@@ -2205,7 +2207,7 @@ def _read_formula_csv(
         (formulas, lines, frame): the stripped formulas, their lines, and
         the whole table as text, whose other columns the --output CSV keeps.
     """
-    from dvmrl.datasets._csv import guess_column, read_text_table
+    from dvmrl.datasets._csv import guess_column, read_text_table, separator_hint
 
     source = Path(path)
     if source.is_dir():
@@ -2218,6 +2220,12 @@ def _read_formula_csv(
     frame, lines = read_text_table(source, columns=f"a {column!r} column")
     if column not in frame.columns:
         columns = list(frame.columns)
+        hint = separator_hint(columns)
+        if hint is not None:
+            raise ValueError(
+                f"{source} has one column, {columns[0]!r}, and no column "
+                f"{column!r}: {hint}"
+            )
         guess = guess_column(column, columns)
         if guess is not None:
             raise ValueError(

@@ -107,6 +107,25 @@ def _open_text(path: Path, stack: contextlib.ExitStack):
     return stack.enter_context(open(path, **options))
 
 
+def separator_hint(header: list[str]) -> str | None:
+    """Explain a one-cell header that holds another separator, or return None.
+
+    A file saved with semicolons, tabs or vertical bars between its fields
+    (such as a spreadsheet export with decimal commas) reads as one column
+    whose name holds that separator.
+    """
+    if len(header) != 1:
+        return None
+    for separator, name in OTHER_SEPARATORS.items():
+        if separator in header[0]:
+            return (
+                f"the file seems to separate its fields with {name}, but dvmrl "
+                "reads comma-separated files (with a point as the decimal "
+                "separator); save it as CSV with commas between the fields"
+            )
+    return None
+
+
 def _is_blank(row: list[str]) -> bool:
     """Tell whether a parsed row has no text: an empty line, or only separators.
 
@@ -136,6 +155,15 @@ def _read_rows(
             except StopIteration:
                 break
             except csv.Error as err:
+                if "field limit" in str(err):
+                    raise ValueError(
+                        f"{path} is not a valid CSV file: a field of the row that "
+                        f"starts on line {start} is longer than "
+                        f"{csv.field_size_limit()} characters; check that the "
+                        "file is a CSV file of compositions and that every "
+                        'quoted field ends with a " followed by a comma or a '
+                        "line break"
+                    ) from None
                 raise ValueError(
                     f"{path} is not a valid CSV file: the row that starts on line "
                     f"{start} is malformed ({err}); check its quotes: a quoted "
@@ -149,6 +177,12 @@ def _read_rows(
                 continue
             if len(row) > len(header):
                 if any(cell.strip() for cell in row[len(header) :]):
+                    hint = separator_hint(header)
+                    if hint is not None:
+                        raise ValueError(
+                            f"{path} has one column, {header[0]!r}, but line "
+                            f"{start} has {len(row)} comma-separated fields: {hint}"
+                        )
                     raise ValueError(
                         f"{path}: line {start} has {len(row)} fields, but the "
                         f"header (line {header_line}) has {len(header)}: quote "
@@ -240,16 +274,12 @@ def _missing_columns_message(
     target_column: str,
 ) -> str:
     """Explain a missing formula or target column and how to fix it."""
-    if len(columns) == 1:
-        for separator, name in OTHER_SEPARATORS.items():
-            if separator in columns[0]:
-                return (
-                    f"{path} has one column, {columns[0]!r}: the file seems to "
-                    f"separate its fields with {name}, but dvmrl reads "
-                    "comma-separated files; save it as CSV with commas between "
-                    f"the fields and the columns {formula_column!r} and "
-                    f"{target_column!r}"
-                )
+    hint = separator_hint(columns)
+    if hint is not None:
+        return (
+            f"{path} has one column, {columns[0]!r}: {hint}, and the columns "
+            f"{formula_column!r} and {target_column!r}"
+        )
     guesses = []
     for name in missing:
         guess = guess_column(name, columns)
