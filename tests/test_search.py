@@ -12,6 +12,7 @@ from dvmrl.search import (
     best_trial,
     replay,
     run_search,
+    shortest_trial_epochs,
 )
 
 
@@ -84,6 +85,34 @@ def test_short_remainder_skipped():
     records, _, budget = search("random", total=9, trial=4)
     assert len(records) == 2
     assert budget.remaining == 1
+
+
+def test_shortest_trial_is_half_rounded_up():
+    assert [shortest_trial_epochs(n) for n in (1, 2, 3, 4, 5, 50)] == [1, 1, 2, 2, 3, 25]
+    # 4 = 3 + 1, and 1 epoch is less than half of a 3-epoch trial.
+    records, _, budget = search("random", total=4, trial=3)
+    assert [record.epochs for record in records] == [3]
+    assert budget.remaining == 1
+
+
+def test_bayesian_draws_integers_uniformly():
+    # skopt's optimiser rescales an Integer dimension to [0, 1] and rounds,
+    # which halves the chance of both end values; its real interval
+    # [low - 0.5, high + 0.5] gives each value the same share.
+    proposer = BayesianProposer(SEARCH_SPACE, seed=0)
+    points = proposer.optimizer.space.rvs(n_samples=30_000, random_state=1)
+    layers = [SEARCH_SPACE.to_config(point)["layers"] for point in points]
+    counts = np.bincount(layers, minlength=7)[1:]
+    # Each of the six values expects 5,000 draws with a spread of about 65.
+    assert counts.min() > 4_700 and counts.max() < 5_300, counts
+
+
+def test_to_config_rounds_integers_into_range():
+    point = [1e-3, 64.0, 1e-5, 0.1, 0.5, 32.0]
+    assert SEARCH_SPACE.to_config(point)["layers"] == 1
+    for value, expected in ((1.49, 1), (1.5, 2), (5.5, 6), (6.5, 6), (3.0, 3)):
+        point[4] = value
+        assert SEARCH_SPACE.to_config(point)["layers"] == expected
 
 
 def test_budget_rejects_no_trial():

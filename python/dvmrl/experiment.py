@@ -54,6 +54,7 @@ from dvmrl.search import (
     TrialResult,
     best_trial,
     run_search,
+    shortest_trial_epochs,
 )
 
 logger = logging.getLogger(__name__)
@@ -220,14 +221,14 @@ class Preset:
         try:
             EpochBudget(self.epochs, self.trial_epochs)
         except ValueError as err:
-            shortest = max(1, self.trial_epochs // 2)
+            shortest = shortest_trial_epochs(self.trial_epochs)
             raise ValueError(
                 f"budget {self.name!r}: epochs {self.epochs} cannot fit one trial "
                 f"of trial_epochs {self.trial_epochs} (the last trial may be cut "
                 f"to half of trial_epochs, {shortest} epochs, but no shorter); "
                 f"raise epochs to at least {shortest} or lower trial_epochs"
             ) from err
-        two_trials = self.trial_epochs + max(1, self.trial_epochs // 2)
+        two_trials = self.trial_epochs + shortest_trial_epochs(self.trial_epochs)
         if self.epochs < two_trials:
             # One trial would make random search and Bayesian optimisation
             # return their first random configuration, with nothing compared.

@@ -61,11 +61,22 @@ class Dimension:
             return False
         return self.low <= value <= self.high
 
-    def to_skopt(self):
-        """Return the equivalent ``skopt.space`` dimension."""
+    def to_skopt(self, surrogate: bool = False):
+        """Return the equivalent ``skopt.space`` dimension.
+
+        With ``surrogate`` (the space of ``skopt.Optimizer``), an integer
+        dimension without a log scale becomes the real interval [low - 0.5,
+        high + 0.5], which :meth:`SearchSpace.to_config` rounds to the
+        nearest integer. The optimiser rescales its dimensions to [0, 1], and
+        its ``Integer`` then rounds uniform draws on [low, high], which gives
+        the two end values half the probability of the others; the interval
+        gives every integer the same share, as random search draws them.
+        """
         from skopt.space import Integer, Real
 
         prior = "log-uniform" if self.log else "uniform"
+        if surrogate and self.kind == "integer" and not self.log:
+            return Real(self.low - 0.5, self.high + 0.5, prior=prior, name=self.name)
         if self.kind == "integer":
             return Integer(
                 int(self.low), int(self.high), prior=prior, base=2, name=self.name
@@ -90,9 +101,13 @@ class SearchSpace:
                 return dim
         raise KeyError(name)
 
-    def to_skopt(self) -> list:
-        """Return the space as a list of ``skopt.space`` dimensions."""
-        return [d.to_skopt() for d in self.dimensions]
+    def to_skopt(self, surrogate: bool = False) -> list:
+        """Return the space as a list of ``skopt.space`` dimensions.
+
+        ``surrogate`` selects the form for ``skopt.Optimizer`` (see
+        :meth:`Dimension.to_skopt`).
+        """
+        return [d.to_skopt(surrogate) for d in self.dimensions]
 
     def to_config(self, values: Sequence[Any]) -> dict[str, Any]:
         """Turn a point (one value per dimension, in order) into a configuration.
@@ -100,6 +115,8 @@ class SearchSpace:
         Integer dimensions become Python ``int`` and real ones Python
         ``float``, whatever numpy type the sampler produced, so that the
         configuration is JSON-serialisable and the trainer gets plain ints.
+        A real value of an integer dimension (from the optimiser's interval
+        [low - 0.5, high + 0.5]) rounds half up and stays within [low, high].
         """
         if len(values) != len(self.dimensions):
             raise ValueError(
@@ -108,7 +125,11 @@ class SearchSpace:
             )
         config: dict[str, Any] = {}
         for dim, value in zip(self.dimensions, values, strict=True):
-            config[dim.name] = int(value) if dim.kind == "integer" else float(value)
+            if dim.kind == "integer":
+                nearest = math.floor(float(value) + 0.5)
+                config[dim.name] = int(min(max(nearest, dim.low), dim.high))
+            else:
+                config[dim.name] = float(value)
         return config
 
     def to_point(self, config: dict[str, Any]) -> list[Any]:
@@ -152,6 +173,11 @@ SEARCH_SPACE = SearchSpace(
 )
 
 
+def shortest_trial_epochs(trial_epochs: int) -> int:
+    """Return the epochs of the shortest last trial: half of a full one, rounded up."""
+    return max(1, -(-trial_epochs // 2))
+
+
 @dataclass
 class EpochBudget:
     """Budget of one search, in training epochs.
@@ -163,7 +189,8 @@ class EpochBudget:
     Attributes:
         total: epochs available to the search.
         trial_epochs: epochs of one full trial.
-        min_trial_epochs: shortest trial worth running.
+        min_trial_epochs: shortest trial worth running; default: half of
+            ``trial_epochs``, rounded up.
         spent: epochs used so far (every pass over the training pool counts).
         seconds: wall seconds used so far, including surrogate fits.
     """
@@ -176,7 +203,7 @@ class EpochBudget:
 
     def __post_init__(self) -> None:
         if self.min_trial_epochs is None:
-            self.min_trial_epochs = max(1, self.trial_epochs // 2)
+            self.min_trial_epochs = shortest_trial_epochs(self.trial_epochs)
         if self.trial_epochs < 1:
             raise ValueError(f"trial_epochs must be >= 1, got {self.trial_epochs}")
         if not 1 <= self.min_trial_epochs <= self.trial_epochs:
@@ -305,7 +332,7 @@ class BayesianProposer:
             raise ValueError(f"n_initial_points must be >= 1, got {n_initial_points}")
         self.space = space
         self.optimizer = Optimizer(
-            space.to_skopt(),
+            space.to_skopt(surrogate=True),
             base_estimator="GP",
             n_initial_points=int(n_initial_points),
             acq_func="gp_hedge",
