@@ -11,6 +11,8 @@ import torch
 
 import tiny_run
 from dvmrl import env as env_module
+from dvmrl import plotting
+from dvmrl import report as report_module
 from dvmrl.experiment import (
     ONLINE_LEARNING_STARTS,
     PRESETS,
@@ -126,6 +128,46 @@ def test_report_files_written(finished_run):
     for path in report["figures"].values():
         assert (out / path).stat().st_size > 0
     assert len(report["figures"]) == 4
+
+
+def test_parity_plot_chosen_on_validation(finished_run, monkeypatch):
+    out, report = finished_run
+    titles = []
+    # write_figures imports the plotting functions when it runs.
+    monkeypatch.setattr(
+        plotting, "parity_plot", lambda *args, title, **kw: titles.append(title)
+    )
+    figures = report_module.write_figures(out, report)
+    rows = [r for r in report["results"] if r["complete"]]
+    chosen = min(rows, key=lambda r: r["val_rmse"])
+    label = METHOD_LABELS[chosen["method"]]
+    assert titles == [f"{label}, seed {chosen['seed']}: lowest validation RMSE"]
+    key = "parity plot of the model with the lowest validation RMSE"
+    assert figures[key] == "figures/parity_best.png"
+
+
+def test_markdown_states_radius_bounds(finished_run):
+    out, report = finished_run
+    text = (out / "report.md").read_text()
+    assert "upper bound of the true one" in text
+    assert "lower bounds" not in text
+    # Radius changes are signed with fixed decimals, never in e-notation.
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if "radius change |" in line)
+    changes = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("| "):
+            break
+        changes.append(line.split("|")[-2].strip())
+    assert changes
+    assert all(re.fullmatch(r"[+-]\d\.\d{4}|n/a", c) for c in changes), changes
+
+
+def test_odd_trial_leftover_below_half_rejected():
+    # 7 = 3 + 3 + 1, and 1 epoch is less than half of a 3-epoch trial.
+    preset = Preset(**{**TINY.to_dict(), "epochs": 7, "trial_epochs": 3})
+    with pytest.raises(ValueError, match="leave 1 epochs after the full trials"):
+        preset.check()
 
 
 def test_markdown_names_winners(finished_run):

@@ -432,6 +432,11 @@ def _format(value, digits: int = 4) -> str:
     return f"{value:.{digits}f}"
 
 
+def _signed(value, digits: int = 4) -> str:
+    """Format a difference with its sign and fixed decimals, so a column lines up."""
+    return "n/a" if value is None else f"{value:+.{digits}f}"
+
+
 def _cell(summary: dict[str, Any], digits: int = 4) -> str:
     mean, std = summary["mean"], summary["std"]
     if mean is None:
@@ -565,8 +570,10 @@ def _capped_text(report: dict[str, Any]) -> str:
     if not parts:
         return ""
     return (
-        " A composition that no change within r_max moves by tau counts as "
-        f"r_max in the mean radius, so the means are lower bounds; such "
+        " Each radius that the search found is an upper bound of the true one "
+        "(a change of that size moved the prediction by tau). A composition "
+        "that no change within r_max moved by tau counts as r_max, which cuts "
+        "off larger radii, so a mean is no bound either way; such "
         f"compositions: {', '.join(parts)}."
     )
 
@@ -815,7 +822,7 @@ def _ratio_lines(report: dict[str, Any]) -> list[str]:
             f"| {_format(values['rmse_ratio'], 3)} "
             f"| {_format(values['gcv_ratio'], 3)} "
             f"| {_format(values['chemsys_rmse_ratio'], 3)} | "
-            f"{_format(values['robustness_radius_change'], 4)} |"
+            f"{_signed(values['robustness_radius_change'])} |"
         )
     lines.append("")
     return lines
@@ -1096,12 +1103,15 @@ def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
     save_figure(figure, folder / "robustness_radii.png")
     written["robustness radii"] = "figures/robustness_radii.png"
 
-    # Parity plot of the model with the lowest test RMSE.
+    # Parity plot of the model with the lowest validation RMSE: choosing it
+    # by its test RMSE would select on the test part.
     complete = [
-        r for r in report["results"] if r["complete"] and r["test_rmse"] is not None
+        r
+        for r in report["results"]
+        if r["complete"] and r["test_rmse"] is not None and r.get("val_rmse") is not None
     ]
     if complete:
-        best = min(complete, key=lambda r: r["test_rmse"])
+        best = min(complete, key=lambda r: r["val_rmse"])
         path = unit_files(out_dir, best["method"], best["seed"]).predictions
         if path.is_file():
             with np.load(path) as arrays:
@@ -1114,7 +1124,7 @@ def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
                 n_elements,
                 title=(
                     f"{METHOD_LABELS.get(best['method'], best['method'])}, seed "
-                    f"{best['seed']}: lowest test RMSE"
+                    f"{best['seed']}: lowest validation RMSE"
                 ),
                 metrics={
                     "rmse": best["test_rmse"],
@@ -1128,5 +1138,7 @@ def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
                     }
                 ),
             )
-            written["parity plot of the best model"] = "figures/parity_best.png"
+            written["parity plot of the model with the lowest validation RMSE"] = (
+                "figures/parity_best.png"
+            )
     return written
