@@ -716,6 +716,22 @@ def test_double_backward_raises(loss):
         (total + grad_frac.pow(2).sum()).backward()
 
 
+def test_torch_func_transforms_point_to_reference():
+    args = make_batch(3, 3, SMALL, torch.float64, seed=14)
+
+    def total(frac, fused):
+        forward = ops.model_forward if fused else reference.model_forward
+        return forward(args[0], args[1], args[2], frac, args[4], SMALL).sum()
+
+    with pytest.raises(RuntimeError, match="use_fused=False"):
+        torch.func.grad(lambda frac: total(frac, True))(args[3])
+    # The reference path runs under the transform and gives the fused gradient.
+    from_func = torch.func.grad(lambda frac: total(frac, False))(args[3])
+    frac = args[3].clone().requires_grad_()
+    (from_fused,) = torch.autograd.grad(total(frac, True), frac)
+    torch.testing.assert_close(from_func, from_fused, rtol=1e-10, atol=1e-12)
+
+
 # -- gradient for frac alone ---------------------------------------------------
 
 

@@ -29,7 +29,6 @@ logger = logging.getLogger(__name__)
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
 MAX_SLOTS = 8
-MAX_HEAD_LAYERS = 16
 
 _warned_devices: set[str] = set()
 # parameter_layout builds Python lists; cache the count per ModelDims.
@@ -147,10 +146,6 @@ def validate_inputs(
         )
     _check_shape("node_table", node_table, (node_table.shape[0], dims.hidden))
     _check_shape("flat", flat, (_parameter_count(dims),))
-    if dims.head_layers > MAX_HEAD_LAYERS:
-        raise ValueError(
-            f"dims.head_layers: expected at most {MAX_HEAD_LAYERS}, got {dims.head_layers}"
-        )
     if element_index.dim() != 2 or not 1 <= element_index.shape[1] <= MAX_SLOTS:
         raise ValueError(
             f"element_index: expected shape [B, K] with 1 <= K <= {MAX_SLOTS}, "
@@ -565,16 +560,20 @@ def _fused_backward_create_graph(ctx, grad_out):
 # and unwraps dead functorch wrappers in Python before it calls the C++
 # apply of torch._C._FunctionBase. Doing the same steps here directly took
 # the forward call at B = 1, H = 64 from 69 to 62 us (median, each call
-# right after a PyTorch step; 2-core AMD EPYC VM). Under a functorch
-# transform the full apply runs.
+# right after a PyTorch step; 2-core AMD EPYC VM).
 _base_apply = super(torch.autograd.Function, _FusedModel).apply
 _functorch_active = torch._C._are_functorch_transforms_active
 
 
 def _apply_fused(node_table, flat, element_index, frac, mask, plan, dropout_mask):
     if _functorch_active():
-        return _FusedModel.apply(
-            node_table, flat, element_index, frac, mask, plan, dropout_mask
+        # torch.func needs setup_context and vmap rules that the kernels'
+        # raw-pointer calls cannot follow; say how to get the function anyway.
+        raise RuntimeError(
+            "dvmrl's fused kernels do not run under torch.func transforms (grad, "
+            "vmap, jacrev, jacfwd); run the plain PyTorch reference with "
+            "use_fused=False (model.use_fused = False) for them, or use "
+            "torch.autograd.grad / torch.autograd.functional.jacobian"
         )
     if dropout_mask is not None:
         dropout_mask = unwrap_if_dead(dropout_mask)
