@@ -70,6 +70,14 @@ def test_config_bad_size():
         ModelConfig(hidden=0)
 
 
+def test_config_head_depth_limit():
+    # The compiled core takes at most 16 head layers; the config says so
+    # when it is built, not at the first forward.
+    assert ModelConfig(head_layers=16).head_layers == 16
+    with pytest.raises(ValueError, match="head_layers must be at most 16"):
+        ModelConfig(head_layers=17)
+
+
 def test_config_n_out():
     assert ModelConfig(heteroscedastic=False).dims.n_out == 1
     assert ModelConfig(heteroscedastic=True).dims.n_out == 2

@@ -14,6 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
+# Deepest head the compiled core takes (kMaxHeadDepth in
+# csrc/include/dvmrl/mp_math.h).
+MAX_HEAD_LAYERS = 16
+
 
 @dataclass(frozen=True)
 class ModelDims:
@@ -56,6 +60,11 @@ class ModelDims:
             # Sizes read from JSON may be integral floats (16.0), but tensor
             # constructors and slices need Python ints.
             object.__setattr__(self, name, int(value))
+        if self.head_layers > MAX_HEAD_LAYERS:
+            raise ValueError(
+                f"ModelDims.head_layers must be at most {MAX_HEAD_LAYERS} (the "
+                f"fused kernels' limit), got {self.head_layers}"
+            )
 
 
 def is_integral(value) -> bool:
