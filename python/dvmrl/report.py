@@ -612,9 +612,14 @@ def _base_model_text(shipped_agent: bool) -> str:
         "of `dvmrl train`: gate and message MLPs "
         f"{BASE_MODEL['gate_hidden']} and {BASE_MODEL['msg_hidden']} wide, a "
         f"{BASE_MODEL['head_layers']} x {BASE_MODEL['head_hidden']} head and no "
-        "fraction encoder. Every method trains it the same way: a constant "
-        "learning rate without warm-up, no weight average, the squared error, "
-        "and selection on the validation RMSE."
+        "fraction encoder. Every method trains it with a constant learning "
+        "rate without warm-up, no weight average and the squared error, and "
+        "keeps the state with the lowest validation RMSE. They score different "
+        "states on different sets, though: random search and Bayesian "
+        "optimisation score every epoch of a trial on the whole validation "
+        "pool, while the agent scores the state at the end of each step on the "
+        "validation set that its last validate action drew from that pool, and "
+        "up-weights the training compositions near that set's largest errors."
     )
     if not shipped_agent:
         return text
