@@ -390,10 +390,44 @@ def test_validate_search_options_reach_strategy(checkpoint, tmp_path, monkeypatc
     argv = ["validate", str(checkpoint), "--out", str(tmp_path), *FAST]
     code = main([*argv, "--strategy", "adversarial", "--steps", "3", "--lambda", "0.5"])
     assert code == 0
-    # The vulnerability, the robustness bisection and the adversarial
-    # validation strategy all search with the command's settings.
+    # The vulnerability and the adversarial validation strategy search with
+    # the command's settings. The robustness bisection drops the penalty,
+    # which would keep compositions from reaching tau and inflate the radius.
     assert len(seen) > 2
-    assert set(seen) == {(3, 1, 0.5)}
+    assert set(seen) == {(3, 1, 0.5), (3, 1, 0.0)}
+
+
+def test_validate_radius_ignores_the_penalty(checkpoint, tmp_path):
+    radii = []
+    for lam in ("0", "4"):
+        out = tmp_path / f"lambda{lam}"
+        argv = ["validate", str(checkpoint), "--out", str(out), *FAST]
+        assert main([*argv, "--lambda", lam, "--strategy", "random"]) == 0
+        radii.append(json.loads((out / "report.json").read_text())["robustness_radius"])
+    assert radii[0] == radii[1]
+
+
+def test_attackable_rows_skip_single_elements_and_repeats():
+    import pandas as pd
+
+    from dvmrl.cli.validate import _attackable_rows
+
+    formulas = ["Ni3Al", "Al", "NiAl", "Ni6Al2", "FeNi", "Ti", "Al1Ni1"]
+    df = pd.DataFrame({"formula": formulas, "target": np.zeros(len(formulas))})
+    rows = _attackable_rows(df, featurize(formulas), np.arange(len(formulas)))
+    # Ni6Al2 repeats Ni3Al and Al1Ni1 repeats NiAl; Al and Ti cannot move.
+    assert rows.tolist() == [0, 2, 4]
+
+
+def test_validate_report_states_its_settings(report):
+    data = json.loads((report[1] / "report.json").read_text())
+    # FAST passes --starts 1, which the search reads as 2.
+    assert data["starts"] == 2
+    assert data["bisection_steps"] == 3
+    assert data["validation_size"] == 20
+    assert (data["shift_samples"], data["shift_folds"]) == (60, 2)
+    pool = "the validation part of the random split with seed 0"
+    assert data["validation_pool"] == pool
 
 
 @pytest.mark.parametrize("reached", [[True, True, False], [True] * 3, [False] * 3])

@@ -114,6 +114,21 @@ def test_random_split_is_not_shifted(data):
     assert (table["auc"] < 0.7).all()
 
 
+def test_split_table_takes_a_split_seed(data):
+    # The split kinds can be cut with a checkpoint's division while the
+    # classifier folds keep their own seed.
+    df, features = data
+    table = split_shift_table(
+        df, features, kinds=("random",), seed=1, split_seed=0, importance=False, **FAST
+    )
+    split = make_split(df, "random", seed=0)
+    expected = shift_auc(
+        features[split.train], features[split.val], seed=1, importance=False, **FAST
+    )
+    row = table[table["comparison"] == "train vs validation pool"].iloc[0]
+    assert row["auc"] == expected.auc
+
+
 def test_strategy_table_rows(data):
     df, features = data
     split = make_split(df, "random", seed=0)

@@ -268,6 +268,7 @@ def split_shift_table(
     seed: int = 0,
     kinds: tuple[str, ...] | None = None,
     holdout_element: str | None = None,
+    split_seed: int | None = None,
     **options,
 ) -> pd.DataFrame:
     """Measure the shift from training to validation pool and to test, per split kind.
@@ -276,11 +277,14 @@ def split_shift_table(
         df (DataFrame): a data set (columns formula, chemsys, n_elements,
             target).
         features (ndarray): ``composition_features`` of every row [N, F].
-        seed (int): split and classifier seed.
+        seed (int): classifier seed, and split seed unless ``split_seed``
+            is given.
         kinds (tuple, optional): split kinds; default every kind in
             ``dvmrl.splits.KINDS``.
         holdout_element (str, optional): element of the ``element`` split;
             default :func:`default_holdout_element`.
+        split_seed (int, optional): seed of the train/validation divisions,
+            such as a checkpoint's; default ``seed``.
         **options: keyword arguments of :func:`shift_auc`.
 
     Returns:
@@ -297,7 +301,12 @@ def split_shift_table(
         if kind == "element":
             holdout = holdout_element or default_holdout_element(df)
         try:
-            split = make_split(df, kind, seed, holdout_element=holdout)
+            split = make_split(
+                df,
+                kind,
+                seed if split_seed is None else split_seed,
+                holdout_element=holdout,
+            )
         except ValueError as err:
             logger.warning("shift detection skips the %s split: %s", kind, err)
             continue

@@ -149,7 +149,10 @@ def add_parser(subparsers) -> None:
         "and delta in fraction units, so it keeps only perturbations whose "
         "change exceeds sqrt(LAMBDA) ||delta||; the larger LAMBDA, the more "
         "compositions keep delta = 0 and a change of 0 (how many depends on "
-        "the model's gradients); default 0",
+        "the model's gradients). It applies to the vulnerability and the "
+        "adversarial validation set; the robustness radius, the smallest "
+        "change that moves the prediction by --tau, searches without it; "
+        "default 0",
     )
     parser.add_argument(
         "--r-max",
@@ -495,6 +498,24 @@ def _select_sets(args, strategies, model, split, batch, features, targets):
     return selections, seconds
 
 
+def _attackable_rows(df, batch, rows: np.ndarray) -> np.ndarray:
+    """Return the rows whose compositions the search can perturb, each once.
+
+    A single element has no fraction to move, and a composition that several
+    rows repeat counts once (its first row), as in the robustness probes of
+    dvmrl run.
+    """
+    from dvmrl.splits import repeated_compositions
+
+    keep = batch.n_elements.numpy()[rows] >= 2
+    keys = repeated_compositions(df)
+    if keys is not None:
+        first = np.zeros(len(rows), dtype=bool)
+        first[np.unique(keys[rows], return_index=True)[1]] = True
+        keep &= first
+    return rows[keep]
+
+
 def _format_delta(symbols: list[str], delta: np.ndarray) -> str:
     return ", ".join(
         f"{symbol} {value:+.3f}"
@@ -659,7 +680,19 @@ def run(args: argparse.Namespace) -> int:
     features = composition_features(batch)
     targets = df["target"].to_numpy(dtype=np.float64)
     rng = np.random.default_rng(args.seed)
-    rows = split.test
+    rows = _attackable_rows(df, batch, split.test)
+    if len(rows) == 0:
+        raise ValueError(
+            f"the test part of the {kind} split of {data} has no composition of "
+            "two or more elements, and only those can be perturbed"
+        )
+    if len(rows) < len(split.test):
+        logger.info(
+            "attacking %s of the %d test rows: single elements cannot be "
+            "perturbed, and a repeated composition counts once",
+            plural(len(rows), "distinct composition"),
+            len(split.test),
+        )
     if len(rows) > args.max_compositions:
         rows = np.sort(rng.choice(rows, size=args.max_compositions, replace=False))
     attacked = batch[rows].trimmed()
@@ -668,6 +701,20 @@ def run(args: argparse.Namespace) -> int:
 
     _check_floor(args.floor, attacked.mask, formulas, option="--floor")
 
+    split_seed = int(metadata.get("seed", 0))
+    pool_note = f"the validation part of the {kind} split with seed {split_seed}"
+    if metadata.get("member_divisions") == "own":
+        # Members i > 0 trained on the divisions of seed + i, which take most
+        # of this pool into their training parts.
+        pool_note += (
+            ", member 0's; the other ensemble members trained on their own "
+            "divisions, which put most of this pool in their training parts"
+        )
+        logger.warning(
+            "the checkpoint is an ensemble whose members trained on their own "
+            "divisions: the validation pool that the strategies draw from is "
+            "member 0's, and the other members trained on most of it"
+        )
     search = {
         "floor": args.floor,
         "lam": args.lam,
@@ -681,13 +728,15 @@ def run(args: argparse.Namespace) -> int:
     vuln = vulnerability(model, on_device, epsilon=args.epsilon, **search)
     timings["vulnerability"] = time.perf_counter() - start
     start = time.perf_counter()
+    # A penalised search stops short of tau where an unpenalised one reaches
+    # it, which would overstate the radius, so the radius searches without it.
     robust = robustness_radius(
         model,
         on_device,
         tau=args.tau,
         r_max=args.r_max,
         bisection_steps=args.bisection_steps,
-        **search,
+        **{**search, "lam": 0.0},
     )
     timings["robustness_radius"] = time.perf_counter() - start
 
@@ -697,8 +746,14 @@ def run(args: argparse.Namespace) -> int:
         "folds": args.shift_folds,
         "seed": args.seed,
     }
+    # The split kinds use the checkpoint's division, as the strategies' pool
+    # does, and --seed draws the classifier folds.
     split_table = split_shift_table(
-        df, features, holdout_element=shift_holdout, **shift_options
+        df,
+        features,
+        holdout_element=shift_holdout,
+        split_seed=split_seed,
+        **shift_options,
     )
     selections, selection_seconds = _select_sets(
         args, strategies, model, split, batch, features, targets
@@ -767,8 +822,15 @@ def run(args: argparse.Namespace) -> int:
         "lambda": args.lam,
         "r_max": args.r_max,
         "steps": args.steps,
-        "starts": args.starts,
+        # The search reads 1 as 2 (one run on each sign of the change).
+        "starts": max(args.starts, 2),
         "seed": args.seed,
+        "bisection_steps": args.bisection_steps,
+        "max_compositions": args.max_compositions,
+        "validation_size": args.validation_size,
+        "shift_samples": args.shift_samples,
+        "shift_folds": args.shift_folds,
+        "validation_pool": pool_note,
         "n_compositions": len(rows),
         "n_not_reached": robust.n_not_reached,
         "units": {
