@@ -1,5 +1,6 @@
 import itertools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -150,6 +151,27 @@ def test_search_formulas_parse_back():
             max(abs(parsed[s] - v) for s, v in zip(parsed, values, strict=True)) < 1e-9
         )
         assert "e" not in formula.replace("Fe", "").replace("Ce", "")
+
+
+class _Float32Linear(torch.nn.Module):
+    def __init__(self, seed):
+        super().__init__()
+        self.weights = torch.nn.Parameter(_linear_model(seed)[1].float())
+
+    def forward(self, element_index, frac, mask):
+        return (self.weights[element_index] * frac * mask).sum(dim=1)
+
+
+def test_search_formulas_of_a_float32_model_have_float32_digits():
+    # A float32 model's search rounds its delta to float32; the perturbed
+    # formulas carry 7 significant digits, not that rounding's noise.
+    batch = featurize(_compositions(20, seed=8))
+    model = _Float32Linear(7)
+    result = adversarial_search(model, batch, 0.05, steps=10, starts=2)
+    radii = robustness_radius(model, batch, tau=0.05, steps=10, bisection_steps=2)
+    for formula in [*result.perturbed_formulas, *radii.table["perturbed_formula"]]:
+        for amount in re.findall(r"[0-9.]+", formula):
+            assert len(amount.replace(".", "").lstrip("0")) <= 7, formula
 
 
 def test_feasible_bounds_keep_low_fraction():

@@ -790,7 +790,11 @@ def adversarial_search(
         objective=torch.cat(objectives) if objectives else none,
         radius=r,
         formulas=compositions_to_formulas(element_index, frac_cpu, mask),
-        perturbed_formulas=compositions_to_formulas(element_index, perturbed, mask),
+        # In the model's dtype: a float32 model's delta carries float32
+        # rounding, whose noise digits a float64 formula would print.
+        perturbed_formulas=compositions_to_formulas(
+            element_index, perturbed.to(model_dtype), mask
+        ),
     )
 
 
@@ -921,8 +925,9 @@ def robustness_radius(
             "delta_l2": delta_l2.numpy(),
             "change": best_change.numpy(),
             "reached": reached.numpy().astype(bool),
+            # In the model's dtype, as in adversarial_search.
             "perturbed_formula": compositions_to_formulas(
-                element_index, perturbed, mask
+                element_index, perturbed.to(_predictor_dtype(predictor)), mask
             ),
         }
     )
