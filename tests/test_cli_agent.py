@@ -482,7 +482,7 @@ def test_train_interrupt_names_checkpoint(tmp_path, monkeypatch, caplog, capsys)
 @pytest.mark.parametrize(
     "moment", ["before the progress file", "after the progress file"]
 )
-def test_train_interrupt_inside_checkpoint(tmp_path, monkeypatch, moment):
+def test_train_interrupt_inside_checkpoint(tmp_path, monkeypatch, caplog, moment):
     """A checkpoint cut short leaves agent, buffer and progress of one episode."""
     import os
 
@@ -502,18 +502,26 @@ def test_train_interrupt_inside_checkpoint(tmp_path, monkeypatch, moment):
         monkeypatch.setattr(dvmrl.meta, "write_text_atomic", write)
     else:
         real_replace = os.replace
+        interrupted = []
 
         def replace(source, target):
-            if str(source).endswith(".staged-2"):
+            # One Ctrl-C: the handler's own replace of the file goes through.
+            if str(source).endswith(".staged-2") and not interrupted:
+                interrupted.append(source)
                 raise KeyboardInterrupt
             real_replace(source, target)
 
         monkeypatch.setattr(dvmrl.meta.os, "replace", replace)
-    assert main(args) == 130
+    with caplog.at_level(logging.WARNING):
+        assert main(args) == 130
     monkeypatch.undo()
     committed = 1 if moment == "before the progress file" else 2
+    # The interrupt settles the staged files, so the agent file holds the
+    # episode that the progress file and the message name.
     assert len(json.loads(paths["progress"].read_text())["history"]) == committed
-    assert DQNAgent.load(out).episodes == 1
+    assert DQNAgent.load(out).episodes == committed
+    assert f"checkpoint after episode {committed} of 3" in caplog.text
+    assert not list(tmp_path.glob("*.staged-*"))
     assert main([*args, "--resume"]) == 0
     history = json.loads(paths["progress"].read_text())["history"]
     agent = DQNAgent.load(out, buffer_path=paths["buffer"])
