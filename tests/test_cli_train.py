@@ -212,11 +212,14 @@ def _interrupt_before_first_state(out, data_csv, monkeypatch):
         assert main([*argv, "--out", str(out)]) == 130
 
 
-def test_resume_interrupted_before_first_state(tmp_path, data_csv, monkeypatch):
+def test_resume_interrupted_before_first_state(
+    tmp_path, data_csv, monkeypatch, capsys
+):
     # Ctrl-C after run.json is written but before the first state is saved
     # (while the model is built) leaves run.json without last.pt.
     out = tmp_path / "run"
     _interrupt_before_first_state(out, data_csv, monkeypatch)
+    assert f"continue with: dvmrl train --resume --out {out}" in capsys.readouterr().err
     assert (out / "run.json").exists()
     assert not (out / "last.pt").exists()
     assert main(["train", "--resume", "--out", str(out)]) == 0

@@ -1104,11 +1104,25 @@ class _MembersProgress:
 
 def run_train(args: argparse.Namespace) -> int:
     """Train a model (or an ensemble) and write the run folder; return the exit code."""
+    resumable: list[Path] = []
     with contextlib.ExitStack() as locks:
-        return _run_train(args, locks)
+        try:
+            return _run_train(args, locks, resumable)
+        except KeyboardInterrupt:
+            # Interrupted while a member was set up or the members' results
+            # were combined: the run folder resumes as after an epoch.
+            if resumable:
+                print(
+                    f"continue with: dvmrl train --resume --out {resumable[0]}",
+                    file=sys.stderr,
+                )
+            raise
 
 
-def _run_train(args: argparse.Namespace, locks: contextlib.ExitStack) -> int:
+def _run_train(
+    args: argparse.Namespace, locks: contextlib.ExitStack, resumable: list[Path]
+) -> int:
+    """Run ``dvmrl train``; append the run folder to ``resumable`` once it has run.json."""
     import torch
 
     from dvmrl import __version__, build_info
@@ -1248,6 +1262,7 @@ def _run_train(args: argparse.Namespace, locks: contextlib.ExitStack) -> int:
         # Another run may have started in the folder since the first check.
         _check_fresh_out(out)
         _write_json_atomic(out / RUN_FILE, run_config)
+    resumable.append(out)
 
     started = time.perf_counter()
     jobs = []
