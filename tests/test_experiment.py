@@ -694,6 +694,21 @@ def test_episode_snapshot_round_trip(prepared, tmp_path):
     assert np.array_equal(copy.trainer.model.flat.detach().numpy(), weights.numpy())
 
 
+def test_interrupted_step_snapshot_leaves_no_folder(tmp_path, monkeypatch):
+    from dvmrl import experiment_agent
+
+    def interrupted_save(env, constructor, folder, extra):
+        folder.mkdir()
+        (folder / "env.pt").write_bytes(b"half written")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment_agent, "save_episode", interrupted_save)
+    loop = {"obs": [0.0], "info": {}, "done": False}
+    with pytest.raises(KeyboardInterrupt):
+        experiment_agent._persist_step(None, None, None, tmp_path, 3, loop, None)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_episode_snapshot_rejects_foreign_class(prepared, tmp_path):
     env = make_env(prepared, 0)
     constructor = constructor_snapshot(env)

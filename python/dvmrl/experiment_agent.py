@@ -500,9 +500,15 @@ def _persist_step(experiment, env, constructor, root, step, loop, agent) -> None
         "action_mask": [bool(v) for v in loop["info"].get("action_mask", [])],
         "done": bool(loop["done"]),
     }
-    save_episode(env, constructor, tmp, extra)
-    if agent is not None:
-        agent.save(tmp / "agent.pt", buffer_path=tmp / "buffer.npz")
+    try:
+        save_episode(env, constructor, tmp, extra)
+        if agent is not None:
+            agent.save(tmp / "agent.pt", buffer_path=tmp / "buffer.npz")
+    except BaseException:
+        # A write cut short (Ctrl-C, SIGTERM, a full disk) leaves no
+        # half-written folder behind.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     tmp.rename(folder)
 
 
