@@ -476,6 +476,24 @@ def test_agent_of_other_size_rejected_first(tmp_path, budget_file, capsys):
     assert not (out / "state.json").exists()
 
 
+def test_sigterm_during_start_up_exits_130(monkeypatch, capsys):
+    # SIGTERM while the parser imports the subcommands gets the Ctrl-C exit
+    # too, instead of ending the process with the signal.
+    import dvmrl.cli
+
+    real_build = dvmrl.cli.build_parser
+
+    def build_and_terminate():
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_build()
+
+    monkeypatch.setattr(dvmrl.cli, "build_parser", build_and_terminate)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["info"]) == 130
+    assert "dvmrl: interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_sigterm_ends_command_like_ctrl_c(tmp_path):
     # Every command, not only train and run, turns SIGTERM into the Ctrl-C
     # exit: code 130 and one line on stderr. The signal goes out once the

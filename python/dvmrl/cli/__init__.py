@@ -137,13 +137,24 @@ def _silence_stdout() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``dvmrl`` command and return its exit code."""
+    # SIGTERM (a batch system's time limit, kill) ends every command as
+    # Ctrl-C does, so that commands save their state and exit 130. The
+    # handler is set before the parser imports the subcommands and PyTorch.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_term = None
+    if in_main_thread:
+        previous_term = signal.signal(signal.SIGTERM, _terminate)
     try:
         return _main(argv)
     except KeyboardInterrupt:
-        # Ctrl-C before a subcommand starts, such as while the parser imports
-        # PyTorch (about a second): the same exit as an interrupted command.
+        # Ctrl-C or SIGTERM before a subcommand starts, such as while the
+        # parser imports PyTorch (about a second): the same exit as an
+        # interrupted command.
         print("dvmrl: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_term)
 
 
 def _terminate(signum, frame) -> None:  # noqa: ARG001 - the signal module's signature
@@ -169,12 +180,6 @@ def _main(argv: list[str] | None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # SIGTERM (a batch system's time limit, kill) ends every command as
-    # Ctrl-C does, so that commands save their state and exit 130.
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous_term = None
-    if in_main_thread:
-        previous_term = signal.signal(signal.SIGTERM, _terminate)
     try:
         code = int(args.func(args) or EXIT_OK)
         # Output to a pipe is block-buffered: flush here, so that a reader
@@ -235,6 +240,3 @@ def _main(argv: list[str] | None) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILURE
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous_term)
