@@ -567,8 +567,8 @@ _functorch_active = torch._C._are_functorch_transforms_active
 
 def _apply_fused(node_table, flat, element_index, frac, mask, plan, dropout_mask):
     if _functorch_active():
-        # torch.func needs setup_context and vmap rules that the kernels'
-        # raw-pointer calls cannot follow; say how to get the function anyway.
+        # torch.func needs setup_context and vmap rules, which the kernels'
+        # raw-pointer calls cannot follow, so the error names the alternatives.
         raise RuntimeError(
             "dvmrl's fused kernels do not run under torch.func transforms (grad, "
             "vmap, jacrev, jacfwd); run the plain PyTorch reference with "

@@ -69,7 +69,7 @@ class Dimension:
         high + 0.5], which :meth:`SearchSpace.to_config` rounds to the
         nearest integer. The optimiser rescales its dimensions to [0, 1], and
         its ``Integer`` then rounds uniform draws on [low, high], which gives
-        the two end values half the probability of the others; the interval
+        the two end values half the probability of the others. The interval
         gives every integer the same share, as random search draws them.
         """
         from skopt.space import Integer, Real

@@ -108,11 +108,11 @@ def _open_text(path: Path, stack: contextlib.ExitStack):
 
 
 def separator_hint(header: list[str]) -> str | None:
-    """Explain a one-cell header that holds another separator, or return None.
+    """Explain a one-cell header that contains another separator, or return None.
 
     A file saved with semicolons, tabs or vertical bars between its fields
     (such as a spreadsheet export with decimal commas) reads as one column
-    whose name holds that separator.
+    whose name contains that separator.
     """
     if len(header) != 1:
         return None
