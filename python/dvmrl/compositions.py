@@ -180,6 +180,18 @@ def _case_reason(text: str) -> str:
     return reason
 
 
+def element_symbol_problem(symbol: str) -> str | None:
+    """Return why ``symbol`` is not an element of the table H .. Lr, or None."""
+    if symbol in ELEMENT_INDEX:
+        return None
+    if symbol.capitalize() in ELEMENT_INDEX:
+        return (
+            f"unknown element symbol {symbol!r}: symbols are case-sensitive, "
+            f"did you mean {symbol.capitalize()!r}?"
+        )
+    return _symbol_reason(symbol)
+
+
 def _symbol_reason(symbol: str) -> str:
     """Explain why a capitalised token is not an accepted element symbol."""
     if symbol in _ISOTOPES:

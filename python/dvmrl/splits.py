@@ -278,14 +278,14 @@ def _check_holdout_element(df: pd.DataFrame, element: str | None) -> str:
         raise ValueError(
             "the element split needs holdout_element (--holdout-element), e.g. 'Ni'"
         )
-    from pymatgen.core import Element
+    from dvmrl.compositions import element_symbol_problem
 
     element = str(element).strip()
-    if not Element.is_valid_symbol(element):
-        raise ValueError(
-            f"unknown element symbol {element!r} for holdout_element "
-            "(--holdout-element): use a symbol such as 'Ni' (case matters)"
-        )
+    # dvmrl's element table, not pymatgen's, which also reads D, T and
+    # elements beyond Lr that no composition here can contain.
+    problem = element_symbol_problem(element)
+    if problem is not None:
+        raise ValueError(f"holdout_element (--holdout-element): {problem}")
     return element
 
 
