@@ -401,6 +401,38 @@ def test_train_hull_csv_target_kind(tmp_path, capsys, caplog):
     assert "--target-kind 'formation_energy'" in capsys.readouterr().err
 
 
+def test_evaluate_target_kind_sets_threshold(tmp_path, capsys, caplog):
+    from dvmrl.datasets import load
+
+    hull = load("mp-energy-above-hull").sample(n=200, random_state=3)
+    csv = tmp_path / "hull.csv"
+    hull[["formula", "target"]].to_csv(csv, index=False)
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(csv), "--epochs", "1", *TINY, "--out", str(out)]
+    # Trained without --target-kind, the run reads the file as formation energies.
+    assert main(argv) == 0
+    assert json.loads((out / "metrics.json").read_text())["stability_threshold"] == 0.0
+    evaluate = ["evaluate", str(out / "model.pt"), "--target-kind", "energy_above_hull"]
+    assert main([*evaluate, "--out", str(tmp_path / "e")]) == 0
+    evaluation = json.loads((tmp_path / "e" / "evaluation.json").read_text())
+    assert evaluation["stability_threshold"] == 0.025
+    assert "0.025 eV/atom above the convex hull" in capsys.readouterr().out
+
+
+def test_negative_hull_targets_warn(tmp_path, caplog):
+    from dvmrl.datasets import resolve_data
+
+    csv = tmp_path / "formation.csv"
+    csv.write_text("formula,target\nNi3Al,-0.4\nFeNi,0.02\nCuZn,0.0\n")
+    with caplog.at_level(logging.WARNING, logger="dvmrl"):
+        resolve_data(csv, target_kind="energy_above_hull")
+    assert "1 of 3 targets are below 0 eV/atom" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dvmrl"):
+        resolve_data(csv, target_kind="formation_energy")
+    assert "below 0 eV/atom" not in caplog.text
+
+
 def test_target_kind_rejected_for_vendored_data(tmp_path, capsys):
     argv = ["train", "--target-kind", "energy_above_hull", *TINY]
     assert main([*argv, "--out", str(tmp_path / "run")]) == 2

@@ -2167,7 +2167,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
     predictions, _ = _predict(model, batch, device, with_variance=False)
     y_true = df["target"].to_numpy(dtype=np.float64)[rows]
     threshold = args.stability_threshold
-    if threshold is None and same_data:
+    # The training run's threshold holds for its own data unless
+    # --target-kind names another kind, whose threshold then applies with
+    # its labels.
+    requested_kind = getattr(args, "target_kind", None)
+    if (
+        threshold is None
+        and same_data
+        and requested_kind in (None, metadata.get("target_kind"))
+    ):
         threshold = metadata.get("stability_threshold")
     if threshold is None:
         threshold = float(info.get("stability_threshold", 0.0))

@@ -217,6 +217,16 @@ def resolve_data(
         info = _user_file_info(path, frame, target_kind)
         if fetched is not None:
             info.update(fetched)
+        elif target_kind == "energy_above_hull" and (frame["target"] < 0).any():
+            logger.warning(
+                "%s: %d of %d targets are below 0 eV/atom, but energies above the "
+                "convex hull are never negative; if the file holds formation "
+                "energies, drop --target-kind energy_above_hull (in Python, "
+                "target_kind='formation_energy')",
+                path,
+                int((frame["target"] < 0).sum()),
+                len(frame),
+            )
         elif target_kind == "formation_energy" and _looks_like_hull_energies(frame):
             logger.warning(
                 "%s: every target is >= 0 and %d of %d are exactly 0, as energies "
