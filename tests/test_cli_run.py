@@ -476,6 +476,32 @@ def test_agent_of_other_size_rejected_first(tmp_path, budget_file, capsys):
     assert not (out / "state.json").exists()
 
 
+def test_run_records_stated_target_kind(tmp_path):
+    import hashlib
+
+    from dvmrl.cli import build_parser
+    from dvmrl.cli._common import UsageError
+
+    csv = tmp_path / "fetched.csv"
+    csv.write_text("formula,target\nNi3Al,0.0\nFeNi,0.05\n")
+    sidecar = {
+        "csv_sha256": hashlib.sha256(csv.read_bytes()).hexdigest(),
+        "target_kind": "energy_above_hull",
+    }
+    (tmp_path / "fetched.json").write_text(json.dumps(sidecar))
+    parser = build_parser()
+    base = ["run", "--data", str(csv), "--out", str(tmp_path / "out")]
+    args = parser.parse_args(base)
+    run_cli._fill_defaults(args)
+    assert args.target_kind == "energy_above_hull"
+    args = parser.parse_args([*base, "--target-kind", "formation_energy"])
+    with pytest.raises(UsageError, match="states that its targets are energy_above"):
+        run_cli._fill_defaults(args)
+    args = parser.parse_args(["run", "--data", "mp-energy-above-hull", "--out", "x"])
+    run_cli._fill_defaults(args)
+    assert args.target_kind == "energy_above_hull"
+
+
 def test_sigterm_during_start_up_exits_130(monkeypatch, capsys):
     # SIGTERM while the parser imports the subcommands gets the Ctrl-C exit
     # too, instead of ending the process with the signal.

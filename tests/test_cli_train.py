@@ -419,6 +419,30 @@ def test_evaluate_target_kind_sets_threshold(tmp_path, capsys, caplog):
     assert "0.025 eV/atom above the convex hull" in capsys.readouterr().out
 
 
+def test_run_config_records_stated_target_kind(tmp_path):
+    import hashlib
+
+    from dvmrl.cli._common import UsageError
+    from dvmrl.cli.train import _build_run_config
+
+    vendored = _build_run_config({"data": "mp-energy-above-hull"})
+    assert vendored["target_kind"] == "energy_above_hull"
+    # A file of dvmrl data fetch states its kind in the .json file beside it.
+    csv = tmp_path / "fetched.csv"
+    csv.write_text("formula,target\nNi3Al,0.0\nFeNi,0.05\n")
+    sidecar = {
+        "csv_sha256": hashlib.sha256(csv.read_bytes()).hexdigest(),
+        "target_kind": "energy_above_hull",
+    }
+    (tmp_path / "fetched.json").write_text(json.dumps(sidecar))
+    assert _build_run_config({"data": str(csv)})["target_kind"] == "energy_above_hull"
+    with pytest.raises(UsageError, match="states that its targets are energy_above_hull"):
+        _build_run_config({"data": str(csv), "target_kind": "formation_energy"})
+    plain = tmp_path / "plain.csv"
+    plain.write_text("formula,target\nNi3Al,-0.4\n")
+    assert _build_run_config({"data": str(plain)})["target_kind"] == "formation_energy"
+
+
 def test_negative_hull_targets_warn(tmp_path, caplog):
     from dvmrl.datasets import resolve_data
 

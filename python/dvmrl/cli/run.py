@@ -198,9 +198,11 @@ def _recorded_run(out_dir: Path) -> dict | None:
 
 def _fill_defaults(args: argparse.Namespace) -> None:
     """Set the options not given: the recorded run's with --resume, else the defaults."""
+    from dvmrl.datasets import stated_target_kind
     from dvmrl.experiment import DEFAULT_DATA, METHODS, Preset
 
     recorded = _recorded_run(Path(args.out)) if args.resume else None
+    given_kind = args.target_kind
     data = args.data
     if data is None and recorded is not None:
         data = recorded.get("data")
@@ -228,7 +230,17 @@ def _fill_defaults(args: argparse.Namespace) -> None:
     args.data = data_reference(DEFAULT_DATA if args.data is None else args.data)
     args.formula_column = args.formula_column or "formula"
     args.target_column = args.target_column or "target"
-    args.target_kind = args.target_kind or "formation_energy"
+    # A vendored set or a fetched file states its own target kind, which the
+    # run records instead of the default for other CSV files.
+    stated = stated_target_kind(args.data)
+    if args.target_kind is None:
+        args.target_kind = stated or "formation_energy"
+    elif given_kind is not None and stated not in (None, given_kind):
+        raise UsageError(
+            f"--target-kind {args.target_kind}: {args.data} is a file of dvmrl "
+            f"data fetch, whose .json file beside it states that its targets are "
+            f"{stated}; drop --target-kind"
+        )
     args.budget = "small" if args.budget is None else args.budget
     args.methods = list(METHODS) if args.methods is None else args.methods
     args.agent_learn = bool(args.agent_learn)

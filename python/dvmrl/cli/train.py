@@ -786,6 +786,7 @@ def _requested_settings(args: argparse.Namespace) -> dict[str, Any]:
 def _build_run_config(requested: dict[str, Any]) -> dict[str, Any]:
     """Fill the requested settings with the defaults into a run configuration."""
     from dvmrl import defaults
+    from dvmrl.datasets import DATASETS, stated_target_kind
     from dvmrl.model import ModelConfig
     from dvmrl.training import TrainConfig
 
@@ -829,14 +830,32 @@ def _build_run_config(requested: dict[str, Any]) -> dict[str, Any]:
         objective = f"huber (delta {train_config.huber_delta:g} eV/atom)"
     else:
         objective = train_config.loss
+    data = data_reference(requested.get("data", DEFAULT_DATA))
+    columns = csv_columns(requested)
+    # A vendored set or a fetched file states its own target kind, which
+    # run.json records instead of the default for other CSV files.
+    # reject_csv_options rejects the option for a vendored set.
+    stated = stated_target_kind(data)
+    if stated is not None and "target_kind" not in requested:
+        columns["target_kind"] = stated
+    elif (
+        stated is not None
+        and data not in DATASETS
+        and requested["target_kind"] != stated
+    ):
+        raise UsageError(
+            f"--target-kind {requested['target_kind']}: {data} is a file of dvmrl "
+            f"data fetch, whose .json file beside it states that its targets are "
+            f"{stated}; drop --target-kind"
+        )
     return {
-        "data": data_reference(requested.get("data", DEFAULT_DATA)),
+        "data": data,
         "split": requested.get("split", "random"),
         "holdout_element": requested.get("holdout_element"),
         "seed": int(train_config.seed),
         "stability_threshold": requested.get("stability_threshold"),
         "alloy_notation": bool(requested.get("alloy_notation", False)),
-        **csv_columns(requested),
+        **columns,
         "model": model_config.to_dict(),
         "train": train_config.to_dict(),
         "objective": objective,

@@ -53,6 +53,7 @@ __all__ = [
     "load",
     "load_csv",
     "resolve_data",
+    "stated_target_kind",
 ]
 
 
@@ -117,6 +118,23 @@ def _looks_like_hull_energies(frame: pd.DataFrame) -> bool:
     """
     target = frame["target"]
     return len(target) > 0 and bool((target >= 0).all()) and (target == 0).mean() >= 0.2
+
+
+def stated_target_kind(name_or_path: str | os.PathLike) -> str | None:
+    """Return the target kind that a data source states itself, or None.
+
+    A vendored data set and a CSV file of ``dvmrl data fetch`` (through the
+    ``<stem>.json`` file beside it) state their kind; another CSV file does
+    not, so the caller's ``target_kind`` describes it.
+    """
+    text = str(name_or_path)
+    if text in DATASETS:
+        return dataset_info(text)["target_kind"]
+    path = Path(text).expanduser()
+    if not path.is_file():
+        return None
+    fetched = _fetch_metadata(path)
+    return None if fetched is None else fetched["target_kind"]
 
 
 def _user_file_info(path: Path, frame: pd.DataFrame, target_kind: str) -> dict:
