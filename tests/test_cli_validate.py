@@ -376,6 +376,25 @@ def test_validate_rejects_changed_data(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
 
 
+def test_validate_warns_other_target_kind(tmp_path, caplog):
+    hull = load("mp-energy-above-hull").sample(n=200, random_state=5)
+    csv = tmp_path / "hull.csv"
+    hull[["formula", "target"]].to_csv(csv, index=False)
+    out = tmp_path / "hull_run"
+    tiny = ["--hidden", "8", "--layers", "1", "--members", "1", "--threads", "1"]
+    train = ["train", "--data", str(csv), "--epochs", "1", *tiny, "--out", str(out)]
+    assert main([*train, "--target-kind", "energy_above_hull"]) == 0
+    # A plain CSV file is read with the checkpoint's kind, a vendored set
+    # with its own.
+    argv = ["validate", str(out / "model.pt"), "--data", "mp-formation-energy", *FAST]
+    with caplog.at_level(logging.WARNING, logger="dvmrl"):
+        assert main([*argv, "--out", str(tmp_path / "report")]) == 0
+    assert "the checkpoint predicts energy_above_hull" in caplog.text
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["target_kind"] == "formation_energy"
+    assert report["model_target_kind"] == "energy_above_hull"
+
+
 def test_validate_search_options_reach_strategy(checkpoint, tmp_path, monkeypatch):
     import dvmrl.adversarial
 

@@ -2042,14 +2042,25 @@ def _target_kind_text(kind: str | None) -> str:
     return "unknown target kind" if kind is None else kind.replace("_", " ")
 
 
-def _warn_other_data(metadata: dict, trained_on: str, data: str, info: dict) -> None:
-    """Warn on stderr that ``data`` is not the data the checkpoint trained on."""
-    trained_kind = metadata.get("target_kind") or (metadata.get("data_info") or {}).get(
+def trained_target_kind(metadata: dict) -> str | None:
+    """Return the target kind of the data a checkpoint trained on, if it records one."""
+    return metadata.get("target_kind") or (metadata.get("data_info") or {}).get(
         "target_kind"
     )
+
+
+def other_target_kind(metadata: dict, info: dict) -> bool:
+    """Tell whether the data of ``info`` has another target kind than the training data."""
+    trained_kind, kind = trained_target_kind(metadata), info.get("target_kind")
+    return trained_kind is not None and kind is not None and trained_kind != kind
+
+
+def _warn_other_data(metadata: dict, trained_on: str, data: str, info: dict) -> None:
+    """Warn on stderr that ``data`` is not the data the checkpoint trained on."""
+    trained_kind = trained_target_kind(metadata)
     kind = info.get("target_kind")
     trained = f"{trained_on} ({_target_kind_text(trained_kind)})"
-    if trained_kind is not None and kind is not None and trained_kind != kind:
+    if other_target_kind(metadata, info):
         message = (
             f"the checkpoint was trained on {trained}, but --data {data} has "
             f"{_target_kind_text(kind)} targets, so the metrics compare "

@@ -638,7 +638,9 @@ def run(args: argparse.Namespace) -> int:
         check_scored_data,
         contains_training_rows,
         load_model,
+        other_target_kind,
         scored_csv_columns,
+        trained_target_kind,
     )
 
     model, metadata = load_model(args.checkpoint, device)
@@ -653,6 +655,14 @@ def run(args: argparse.Namespace) -> int:
     )
     if not own_data and contains_training_rows(df, metadata, data):
         own_data = True
+    if other_target_kind(metadata, info):
+        logger.warning(
+            "the checkpoint predicts %s, but --data %s has %s targets, so the "
+            "table sets predictions of one property beside targets of another",
+            trained_target_kind(metadata),
+            data,
+            info.get("target_kind"),
+        )
     if own_data and args.split is None:
         # The same check as dvmrl evaluate: after the rows changed, the test
         # part cut again may hold compositions that the model trained on.
@@ -813,6 +823,8 @@ def run(args: argparse.Namespace) -> int:
         # What the targets are: DFT values for the vendored data sets, other
         # reference values for a user's file.
         "target_label": axis_labels(info)["reference"],
+        "target_kind": info.get("target_kind"),
+        "model_target_kind": trained_target_kind(metadata),
         "robustness_radius": robust.score,
         "robustness_radius_l2": robust.score_l2,
         "vulnerability": vuln.score,
