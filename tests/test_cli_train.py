@@ -1220,11 +1220,24 @@ def test_train_diverged_is_usage_error(tmp_path, data_csv, capsys):
     assert f"lower --lr (default 0.001) in another --out, or delete {out}" in err
 
 
-def test_evaluate_warns_other_target_kind(trained, tmp_path, capsys):
+def test_evaluate_warns_other_target_kind(trained, tmp_path, capsys, monkeypatch):
+    import dvmrl.plotting
+
+    labels = []
+    real_plot = dvmrl.plotting.parity_plot
+
+    def recording_plot(*args, **kwargs):
+        labels.append((kwargs["quantity"], kwargs["predicted_quantity"]))
+        return real_plot(*args, **kwargs)
+
+    # evaluate imports the plotting functions when it runs.
+    monkeypatch.setattr(dvmrl.plotting, "parity_plot", recording_plot)
     model = str(trained / "model.pt")
     data = ["--data", "mp-energy-above-hull", "--threads", "1"]
     code = main(["evaluate", model, *data, "--out", str(tmp_path)])
     captured = capsys.readouterr()
+    # The vertical axis names the model's property, the horizontal the data's.
+    assert labels == [("energy above hull", "formation energy")]
     evaluation = json.loads((tmp_path / "evaluation.json").read_text())
     assert code == 0
     assert "(formation energy), but --data mp-energy-above-hull" in captured.err

@@ -35,6 +35,11 @@ _QUANTITIES = {
 }
 
 
+def quantity_name(target_kind: str | None) -> str:
+    """Return the axis name of a target kind ("formation energy"), else "target"."""
+    return _QUANTITIES.get(str(target_kind), "target")
+
+
 def axis_labels(data_info: Mapping) -> dict[str, str]:
     """Return the ``quantity`` and ``reference`` of a parity plot of a data set.
 
@@ -45,7 +50,7 @@ def axis_labels(data_info: Mapping) -> dict[str, str]:
     from dvmrl.datasets import DATASETS
 
     return {
-        "quantity": _QUANTITIES.get(str(data_info.get("target_kind")), "target"),
+        "quantity": quantity_name(data_info.get("target_kind")),
         "reference": "DFT" if data_info.get("name") in DATASETS else "reference",
     }
 
@@ -76,6 +81,7 @@ def parity_figure(
     unit: str = "eV/atom",
     quantity: str = "formation energy",
     reference: str = "DFT",
+    predicted_quantity: str | None = None,
 ):
     """Draw a parity plot and return the matplotlib Figure (Agg canvas).
 
@@ -91,6 +97,10 @@ def parity_figure(
         quantity: name of the target on the axis labels.
         reference: the source of ``y_true`` on the horizontal axis label
             (see :func:`axis_labels`).
+        predicted_quantity: name of the predicted property on the vertical
+            axis label, where the model predicts another property than
+            ``quantity`` (a model of hull energies scored on formation
+            energies); default ``quantity``.
 
     Returns:
         matplotlib.figure.Figure: the figure, attached to an Agg canvas.
@@ -145,7 +155,7 @@ def parity_figure(
     axes.set_ylim(limits)
     axes.set_aspect("equal")
     axes.set_xlabel(f"{reference} {quantity} ({unit})")
-    axes.set_ylabel(f"predicted {quantity} ({unit})")
+    axes.set_ylabel(f"predicted {predicted_quantity or quantity} ({unit})")
     if title:
         axes.set_title(title)
     axes.legend(loc="lower right", frameon=False, markerscale=2.5)

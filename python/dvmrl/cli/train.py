@@ -2132,7 +2132,7 @@ def check_data_unchanged(
 def run_evaluate(args: argparse.Namespace) -> int:
     """Score a checkpoint, print the table and write the parity plot."""
     from dvmrl.metrics import regression_metrics
-    from dvmrl.plotting import axis_labels, parity_plot
+    from dvmrl.plotting import axis_labels, parity_plot, quantity_name
 
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent
     check_output_folder(out, "--out")
@@ -2216,6 +2216,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     name = info.get("name", data)
     title = f"{name}, {part} ({len(rows)} compositions)"
     print(_format_metrics(metrics, title, threshold, info.get("target_kind")))
+    # The vertical axis names what the model predicts, which is another
+    # property than the data's when the target kinds differ.
+    predicted = None
+    if other_target_kind(metadata, info):
+        predicted = quantity_name(trained_target_kind(metadata))
     plot = parity_plot(
         out / "parity.png",
         y_true,
@@ -2223,6 +2228,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         df["n_elements"].to_numpy()[rows],
         title=f"{name}: {part}",
         metrics=metrics,
+        predicted_quantity=predicted,
         **axis_labels(info),
     )
     _write_json_atomic(
