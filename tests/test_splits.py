@@ -461,6 +461,10 @@ def test_cli_split_negative_threshold(tmp_path, capsys):
         ),
         (
             ["--split", "element", "--holdout-element", "Og"],
+            "'Og' is beyond the element table",
+        ),
+        (
+            ["--split", "element", "--holdout-element", "He"],
             "no composition in the data",
         ),
         (
