@@ -464,6 +464,21 @@ def test_load_csv_field_over_limit(tmp_path):
         datasets.load_csv(path)
 
 
+def test_composition_keys_agree_with_evaluate(tmp_path):
+    # A file that rounds fractions to 6 decimals repeats Al5Mn7; the loader,
+    # the splits and evaluate's training-row check key both rows alike.
+    from dvmrl.cli.train import _composition_keys
+    from dvmrl.splits import repeated_compositions
+
+    path = _write(tmp_path, "formula,target\nAl5Mn7,-0.1\nAl0.416667Mn0.583333,-0.2\n")
+    frame = datasets.load_csv(path)
+    assert frame["composition"].nunique() == 1
+    formulas = frame["formula"].tolist()
+    assert len(set(_composition_keys(formulas))) == 1
+    built = frame[["formula", "chemsys", "n_elements", "target"]]
+    assert len(set(repeated_compositions(built))) == 1
+
+
 def test_load_csv_column_message_names_real_options(tmp_path):
     path = _write(tmp_path, "comp,energy\nAlNi,0.1\n")
     with pytest.raises(ValueError) as caught:
@@ -526,7 +541,7 @@ def test_load_csv_repeats_warn(tmp_path, caplog):
     frame = datasets.load_csv(path)
     assert len(frame) == 2
     assert "1 row(s) repeat the composition" in caplog.text
-    assert frame["composition"].tolist() == ["Al0.25Ni0.75", "Al0.25Ni0.75"]
+    assert frame["composition"].tolist() == ["Al0.250000Ni0.750000"] * 2
 
 
 def test_load_csv_skips_rows_of_empty_cells(tmp_path):

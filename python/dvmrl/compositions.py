@@ -589,6 +589,18 @@ def _as_fractions(composition: Mapping | str) -> dict[str, float]:
     return validate(composition)
 
 
+def composition_key(fractions: Mapping[str, float]) -> str:
+    """Return the key that identifies a composition among rows of data.
+
+    The symbols are sorted and each atomic fraction is written to 6
+    decimals, so one composition written several ways (Ni3Al, Al0.25Ni0.75,
+    or Al5Mn7 and a file's rounded Al0.416667Mn0.583333) gets one key.
+    Compositions whose fractions all agree to within rounding at 6 decimals
+    share a key. Checkpoints store these keys for their training rows.
+    """
+    return "".join(f"{symbol}{fractions[symbol]:.6f}" for symbol in sorted(fractions))
+
+
 def format_formula(fractions: Mapping | str, digits: int | None = None) -> str:
     """Write a composition as a formula with plain decimal amounts.
 

@@ -258,11 +258,10 @@ def _composition_key(formula: str) -> str:
     Cached, because the splits of one data set parse the same formulas again
     (about 0.4 s for the 18,400 of mp-formation-energy).
     """
-    from dvmrl.compositions import CompositionError, format_formula, parse
-    from dvmrl.datasets._csv import COMPOSITION_KEY_DIGITS
+    from dvmrl.compositions import CompositionError, composition_key, parse
 
     try:
-        return format_formula(parse(formula), digits=COMPOSITION_KEY_DIGITS)
+        return composition_key(parse(formula))
     except CompositionError:
         # The split needs no parsed formula; featurising reports bad ones.
         return formula.strip()

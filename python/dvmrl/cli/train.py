@@ -594,16 +594,14 @@ def _featurize_rows(df, rows: np.ndarray):
 
 
 def _composition_keys(formulas) -> list[str]:
-    """Key each formula by its atomic fractions rounded to 1e-6, symbols sorted.
+    """Key each formula with :func:`dvmrl.compositions.composition_key`.
 
-    Two formulas of one composition (Al3Ni, Ni0.25Al0.75) get the same key.
+    The keys are those of the splits, so the rows that evaluate counts as
+    training compositions are those that the split kept out of the test part.
     """
-    keys = []
-    for fractions in _parse_formulas(formulas, False, "data"):
-        keys.append(
-            "".join(f"{symbol}{fractions[symbol]:.6f}" for symbol in sorted(fractions))
-        )
-    return keys
+    from dvmrl.compositions import composition_key
+
+    return [composition_key(f) for f in _parse_formulas(formulas, False, "data")]
 
 
 def _pool_compositions(df, split, keys=None) -> dict[str, list[str]]:

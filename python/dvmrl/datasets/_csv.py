@@ -25,8 +25,6 @@ from dvmrl.datasets._vendored import COLUMNS, COMPOSITION_COLUMN
 logger = logging.getLogger(__name__)
 
 # How many bad rows one error message lists before it summarises the rest.
-# Significant digits of the fractions that identify a composition among rows.
-COMPOSITION_KEY_DIGITS = 12
 MAX_LISTED_ERRORS = 5
 # Largest |target| accepted, in eV/atom. An all-electron total energy of
 # uranium is about -8e5 eV (estimate), so no per-atom energy comes near it.
@@ -343,7 +341,7 @@ def load_csv(
             where each bad row starts, counting blank lines (line 1 is the
             file's first line).
     """
-    from dvmrl.compositions import format_formula
+    from dvmrl.compositions import composition_key, format_formula
 
     path = Path(path)
     if not path.is_file():
@@ -379,10 +377,9 @@ def load_csv(
             errors.append(f"line {line}: {'; '.join(reasons)}")
             continue
         symbols = sorted(fractions)
-        # Fractions rounded to 12 significant digits, so that one composition
-        # written two ways (Ni3Al, Ni0.3Al0.1) gives one key although the two
-        # normalise to floats 1 ulp apart.
-        keys.append(format_formula(fractions, digits=COMPOSITION_KEY_DIGITS))
+        # Fractions rounded to 6 decimals, so that one composition written two
+        # ways (Ni3Al, Ni0.3Al0.1, or rounded by the file) gives one key.
+        keys.append(composition_key(fractions))
         key_lines.append(line)
         text = format_formula(fractions) if alloy_notation else formula
         rows.append((text, "-".join(symbols), len(symbols), target))
