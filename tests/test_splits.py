@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import numpy as np
@@ -75,6 +76,41 @@ def test_test_part_ignores_seed(frame, kind, holdout):
         np.testing.assert_array_equal(base.test, other.test)
         assert not np.array_equal(base.val, other.val)
         assert base.fingerprint() != other.fingerprint()
+
+
+@pytest.mark.parametrize(("kind", "holdout"), CASES)
+def test_vendored_splits_are_not_lopsided(frame, kind, holdout, caplog):
+    with caplog.at_level(logging.WARNING, logger="dvmrl.splits"):
+        _split(frame, kind, holdout)
+    assert caplog.text == ""
+
+
+def _systems_frame(counts: dict[str, int]) -> pd.DataFrame:
+    """Return a frame with ``counts[system]`` distinct binaries of each system."""
+    rows = []
+    for system, count in counts.items():
+        first, second = system.split("-")
+        rows += [f"{first}{i + 1}{second}{i + 2}" for i in range(count)]
+    table = pd.DataFrame({"formula": rows, "target": np.zeros(len(rows))})
+    table["chemsys"] = ["-".join(sorted(parse(f))) for f in rows]
+    table["n_elements"] = 2
+    return table
+
+
+def test_lopsided_splits_warn(caplog):
+    # One chemical system with most rows overshoots the chemsys test part.
+    others = ("Co", "Cu", "Ti", "V", "Cr", "Mn", "Zn", "Mo", "W", "Nb")
+    dominant = _systems_frame({"Al-Ni": 39, **{f"{a}-Fe": 1 for a in others}})
+    with caplog.at_level(logging.WARNING, logger="dvmrl.splits"):
+        split = splits.make_split(dominant, "chemsys", seed=0)
+    # The fixed test seed draws Al-Ni into the test part of these 49 rows.
+    assert len(split.test) == 40
+    assert "puts 40 of 49 rows (82 %) in the test part" in caplog.text
+    caplog.clear()
+    # Holding out an element of most rows leaves few training rows.
+    with caplog.at_level(logging.WARNING, logger="dvmrl.splits"):
+        splits.make_split(dominant, "element", seed=0, holdout_element="Ni")
+    assert "rows for training against 39 for testing" in caplog.text
 
 
 def test_random_sizes(frame):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -36,6 +37,8 @@ import pandas as pd
 from dvmrl._files import write_atomic, write_text_atomic
 from dvmrl.datasets._vendored import COMPOSITION_COLUMN
 from dvmrl.layout import is_integral
+
+logger = logging.getLogger(__name__)
 
 KINDS = ("random", "chemsys", "element", "binary-to-ternary")
 
@@ -206,6 +209,42 @@ def _check_fractions(kind: str, test_fraction: float, val_fraction: float) -> No
         raise ValueError(
             f"test_fraction + val_fraction must be below 1 to leave training rows, "
             f"got {test_fraction} + {val_fraction}"
+        )
+
+
+def _warn_lopsided(
+    kind: str, n_rows: int, n_train: int, n_test: int, test_fraction: float
+) -> None:
+    """Warn when whole groups made the test part far larger than asked for.
+
+    The chemsys and element splits and data with repeated compositions take
+    whole groups, so one large chemical system or held-out element can leave
+    the model few training rows and test it on most of the data.
+    """
+    asked = test_fraction * n_rows if kind in FRACTION_KINDS else None
+    if asked is not None and n_test > 2 * asked and n_test - asked >= 2:
+        logger.warning(
+            "the %s split puts %d of %d rows (%.0f %%) in the test part, more "
+            "than the %.0f %% of test_fraction, because it takes whole groups "
+            "of rows and a large one overshoots; the metrics then score a model "
+            "trained on %d rows",
+            kind,
+            n_test,
+            n_rows,
+            100.0 * n_test / n_rows,
+            100.0 * test_fraction,
+            n_train,
+        )
+    elif n_train < n_test and kind != "binary-to-ternary":
+        # binary-to-ternary tests on every ternary by design.
+        logger.warning(
+            "the %s split leaves %d of %d rows for training against %d for "
+            "testing; the metrics then score a model trained on few rows, so use "
+            "more data or another split",
+            kind,
+            n_train,
+            n_rows,
+            n_test,
         )
 
 
@@ -439,6 +478,7 @@ def make_split(
             f"the {kind} split of {len(df)} rows leaves no training rows: {reason}; "
             f"use more data, or lower {shares}"
         )
+    _warn_lopsided(kind, len(df), len(train), len(test), test_fraction)
     params = {"test_fraction": test_fraction, "val_fraction": val_fraction}
     return Split(
         train=train.astype(np.int64),
