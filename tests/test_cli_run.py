@@ -476,6 +476,20 @@ def test_agent_of_other_size_rejected_first(tmp_path, budget_file, capsys):
     assert not (out / "state.json").exists()
 
 
+def test_run_one_chemical_system_rejected(tmp_path, capsys):
+    # Enough compositions for the random split, but one chemical system,
+    # which the chemsys retraining cannot split.
+    csv = tmp_path / "one_system.csv"
+    rows = [f"Ni{i}Al{i + 1},{-0.01 * i}" for i in range(1, 31)]
+    csv.write_text("formula,target\n" + "\n".join(rows) + "\n")
+    argv = ["run", "--data", str(csv), "--budget", "quick", "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "the chemsys split (it retrains the chosen models on it)" in err
+    assert "more chemical systems" in err
+    assert "test_fraction" not in err
+
+
 def test_run_records_stated_target_kind(tmp_path):
     import hashlib
 

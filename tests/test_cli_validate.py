@@ -395,6 +395,17 @@ def test_validate_warns_other_target_kind(tmp_path, caplog):
     assert report["model_target_kind"] == "energy_above_hull"
 
 
+def test_validate_one_composition_names_its_options(checkpoint, tmp_path, capsys):
+    csv = tmp_path / "same.csv"
+    rows = [f"Ni{3 * i}Al{i},{-0.4 + 0.001 * i}" for i in range(1, 21)]
+    csv.write_text("formula,target\n" + "\n".join(rows) + "\n")
+    argv = ["validate", str(checkpoint), "--data", str(csv), *FAST]
+    assert main([*argv, "--out", str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err
+    assert "only 1 distinct compositions; pass another --split or more data" in err
+    assert "val_fraction" not in err
+
+
 def test_validate_search_options_reach_strategy(checkpoint, tmp_path, monkeypatch):
     import dvmrl.adversarial
 

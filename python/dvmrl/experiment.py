@@ -652,8 +652,13 @@ def check_split_sizes(split, kind: str, rows: int) -> None:
         )
 
 
-def make_pools(df, kind: str, seed: int, preset: Preset) -> Pools:
-    """Split ``df``, subsample the training and validation pools, featurise them."""
+def split_for_run(df, kind: str, seed: int):
+    """Return the ``kind`` split of ``df`` that dvmrl run uses, checked for size.
+
+    Raises:
+        ValueError: when a part has fewer than 2 rows, with advice that fits
+            dvmrl run, whose splits have fixed shares.
+    """
     from dvmrl.splits import EmptyTrainingPartError, make_split
 
     try:
@@ -661,12 +666,19 @@ def make_pools(df, kind: str, seed: int, preset: Preset) -> Pools:
     except EmptyTrainingPartError as err:
         # dvmrl run splits with fixed shares, so only more data can help.
         groups = "chemical systems" if kind == "chemsys" else "compositions"
+        use = " (it retrains the chosen models on it)" if kind == "chemsys" else ""
         raise ValueError(
-            f"the {kind} split of {len(df)} rows leaves no training rows; its test "
-            f"and validation parts keep {groups} whole, so pass a data set with "
-            f"more {groups}"
+            f"the {kind} split{use} of {len(df)} rows leaves no training rows; its "
+            f"test and validation parts keep {groups} whole, so pass a data set "
+            f"with more {groups}"
         ) from err
     check_split_sizes(split, kind, len(df))
+    return split
+
+
+def make_pools(df, kind: str, seed: int, preset: Preset) -> Pools:
+    """Split ``df``, subsample the training and validation pools, featurise them."""
+    split = split_for_run(df, kind, seed)
     train = subsample(split.train, preset.max_train, derive_seed(seed, 1))
     val = subsample(split.val, preset.max_val, derive_seed(seed, 2))
     test = np.asarray(split.test, dtype=np.int64)
@@ -1275,12 +1287,9 @@ class Experiment:
 
     def _check_data_size(self) -> None:
         """Raise ValueError, before anything is written, when a split is too small."""
-        from dvmrl.splits import make_split
-
         for seed in self.spec.seeds:
             for kind in ("random", "chemsys"):
-                split = make_split(self.df, kind, seed)
-                check_split_sizes(split, kind, len(self.df))
+                split_for_run(self.df, kind, seed)
 
     def _lock_folder(self) -> None:
         """Take the output folder's lock (see FolderLock) until close() or exit."""

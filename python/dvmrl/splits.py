@@ -47,7 +47,14 @@ TEST_SEED = 20_240_601
 
 
 class EmptyTrainingPartError(ValueError):
-    """A split left no training row, because the data have too few rows or groups."""
+    """A split left no training row, because the data have too few rows or groups.
+
+    ``cause`` says why without the advice, which depends on the caller's options.
+    """
+
+    def __init__(self, message: str, cause: str = "") -> None:
+        super().__init__(message)
+        self.cause = cause or message
 
 
 @dataclass(frozen=True)
@@ -474,9 +481,9 @@ def make_split(
             )
         else:
             reason = "its test and validation parts took every row"
+        cause = f"the {kind} split of {len(df)} rows leaves no training rows: {reason}"
         raise EmptyTrainingPartError(
-            f"the {kind} split of {len(df)} rows leaves no training rows: {reason}; "
-            f"use more data, or lower {shares}"
+            f"{cause}; use more data, or lower {shares}", cause=cause
         )
     _warn_lopsided(kind, len(df), len(train), len(test), test_fraction)
     params = {"test_fraction": test_fraction, "val_fraction": val_fraction}

@@ -298,7 +298,7 @@ def _resolve_split(args, df, metadata, own_data: bool = False):
     ``own_data`` is True when ``df`` contains the rows the model trained on,
     even when --data names another path.
     """
-    from dvmrl.splits import make_split
+    from dvmrl.splits import EmptyTrainingPartError, make_split
 
     trained_on = metadata.get("data")
     kind = args.split or metadata.get("split") or "random"
@@ -309,9 +309,15 @@ def _resolve_split(args, df, metadata, own_data: bool = False):
     if kind == "element" and holdout is None:
         raise UsageError("--split element needs --holdout-element X (such as Ni)")
     # Other splits leave --holdout-element to the shift table's element split.
-    split = make_split(
-        df, kind, seed, holdout_element=holdout if kind == "element" else None
-    )
+    try:
+        split = make_split(
+            df, kind, seed, holdout_element=holdout if kind == "element" else None
+        )
+    except EmptyTrainingPartError as err:
+        # validate has no share options, so its advice names what it has.
+        raise ValueError(
+            f"{err.cause}; pass another --split or more data"
+        ) from err
     same = (
         own_data
         or trained_on is None
