@@ -482,8 +482,8 @@ def test_run_one_chemical_system_rejected(tmp_path, capsys):
     csv = tmp_path / "one_system.csv"
     rows = [f"Ni{i}Al{i + 1},{-0.01 * i}" for i in range(1, 31)]
     csv.write_text("formula,target\n" + "\n".join(rows) + "\n")
-    argv = ["run", "--data", str(csv), "--budget", "quick", "--out", str(tmp_path / "o")]
-    assert main(argv) == 2
+    out = str(tmp_path / "out")
+    assert main(["run", "--data", str(csv), "--budget", "quick", "--out", out]) == 2
     err = capsys.readouterr().err
     assert "the chemsys split (it retrains the chosen models on it)" in err
     assert "more chemical systems" in err
