@@ -436,7 +436,7 @@ def test_run_config_records_stated_target_kind(tmp_path):
     }
     (tmp_path / "fetched.json").write_text(json.dumps(sidecar))
     assert _build_run_config({"data": str(csv)})["target_kind"] == "energy_above_hull"
-    with pytest.raises(UsageError, match="states that its targets are energy_above_hull"):
+    with pytest.raises(UsageError, match="its targets are energy_above_hull"):
         _build_run_config({"data": str(csv), "target_kind": "formation_energy"})
     plain = tmp_path / "plain.csv"
     plain.write_text("formula,target\nNi3Al,-0.4\n")

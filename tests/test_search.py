@@ -88,7 +88,8 @@ def test_short_remainder_skipped():
 
 
 def test_shortest_trial_is_half_rounded_up():
-    assert [shortest_trial_epochs(n) for n in (1, 2, 3, 4, 5, 50)] == [1, 1, 2, 2, 3, 25]
+    shortest = [shortest_trial_epochs(n) for n in (1, 2, 3, 4, 5, 50)]
+    assert shortest == [1, 1, 2, 2, 3, 25]
     # 4 = 3 + 1, and 1 epoch is less than half of a 3-epoch trial.
     records, _, budget = search("random", total=4, trial=3)
     assert [record.epochs for record in records] == [3]

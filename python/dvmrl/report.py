@@ -1113,7 +1113,9 @@ def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
     complete = [
         r
         for r in report["results"]
-        if r["complete"] and r["test_rmse"] is not None and r.get("val_rmse") is not None
+        if r["complete"]
+        and r["test_rmse"] is not None
+        and r.get("val_rmse") is not None
     ]
     if complete:
         best = min(complete, key=lambda r: r["val_rmse"])

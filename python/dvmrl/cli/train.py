@@ -1139,7 +1139,7 @@ def run_train(args: argparse.Namespace) -> int:
 def _run_train(
     args: argparse.Namespace, locks: contextlib.ExitStack, resumable: list[Path]
 ) -> int:
-    """Run ``dvmrl train``; append the run folder to ``resumable`` once it has run.json."""
+    """Run ``dvmrl train``; add the run folder to ``resumable`` once run.json exists."""
     import torch
 
     from dvmrl import __version__, build_info
@@ -2048,7 +2048,7 @@ def trained_target_kind(metadata: dict) -> str | None:
 
 
 def other_target_kind(metadata: dict, info: dict) -> bool:
-    """Tell whether the data of ``info`` has another target kind than the training data."""
+    """Tell whether ``info``'s data has another target kind than the training data."""
     trained_kind, kind = trained_target_kind(metadata), info.get("target_kind")
     return trained_kind is not None and kind is not None and trained_kind != kind
 
