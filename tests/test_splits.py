@@ -450,6 +450,19 @@ def test_cli_split_too_few_rows(tmp_path, capsys):
     assert sizes == {"train": 1, "val": 1, "test": 1}
 
 
+def test_cli_split_no_room_for_validation(tmp_path, capsys):
+    # The one row outside the held-out Zn cannot make a training and a
+    # validation part, so no --val-fraction is suggested.
+    path = tmp_path / "n3.csv"
+    path.write_text("formula,target\nFeNi,0.1\nZnCo,0.2\nZnNi,0.3\n")
+    argv = ["data", "split", str(path), "--split", "element", "--holdout-element"]
+    assert main([*argv, "Zn", "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert "leaves 1 training row and no validation row" in err
+    assert "pass --val-fraction 0 for no validation part" in err
+    assert "or more" not in err
+
+
 def test_cli_split_too_few_for_validation(tmp_path, capsys):
     path = tmp_path / "n3.csv"
     path.write_text("formula,target\nFeNi,0.1\nCoNi,0.2\nAlNi,0.3\n")

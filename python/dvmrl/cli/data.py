@@ -21,6 +21,7 @@ from dvmrl.cli._common import (
     fraction,
     non_negative_float,
     path_text,
+    plural,
     reject_csv_options,
     seed_int,
 )
@@ -468,10 +469,21 @@ def _check_parts(args, split, df, rows, test_fraction: float) -> None:
             "(nothing was written); pass --val-fraction 0 for no validation part, "
             "or choose another split or data set"
         )
+    share = _smallest_share(base)
+    if round(share * base) >= sizes["train"]:
+        # The smallest share that gives a validation row would take every
+        # training row, so suggesting it would only move the error.
+        raise UsageError(
+            f"the {args.split} split of {args.data} leaves "
+            f"{plural(sizes['train'], 'training row')} and no validation row, too "
+            "few for both parts: pass "
+            "--val-fraction 0 for no validation part, or use more data (nothing "
+            "was written)"
+        )
     raise UsageError(
         f"the {of_rows} are too few for a validation part at --val-fraction "
         f"{args.val_fraction:g}, which takes round({args.val_fraction:g} x {base}) "
-        f"= 0 rows: pass --val-fraction {_smallest_share(base):g} or more, or 0 for "
+        f"= 0 rows: pass --val-fraction {share:g} or more, or 0 for "
         "no validation part (nothing was written)"
     )
 
