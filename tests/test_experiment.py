@@ -251,6 +251,18 @@ def test_one_method_wins_nothing():
     assert _winner_text(winner) == "n/a"
 
 
+def test_robust_count_of_a_test_part_without_alloys():
+    from dvmrl.report import _robust_count
+
+    finished = {
+        "budget": {"robust_n": 4},
+        "results": [{"complete": True, "robust_n": 0}, {"complete": True, "robust_n": 0}],
+    }
+    assert _robust_count(finished).startswith("no test composition")
+    running = {"budget": {"robust_n": 4}, "results": [{"complete": False}]}
+    assert _robust_count(running).endswith("(none measured yet)")
+
+
 def test_caveat_for_shipped_agent_data():
     from dvmrl.report import _seen_data_lines
 

@@ -676,6 +676,12 @@ def _robust_count(report: dict[str, Any]) -> str:
     requested = report["budget"]["robust_n"]
     used = sorted({r["robust_n"] for r in report["results"] if r.get("robust_n")})
     if not used:
+        complete = [r for r in report["results"] if r.get("complete")]
+        if complete and all(r.get("robust_n") == 0 for r in complete):
+            return (
+                f"no test composition (the budget asks for {requested}; the test "
+                "part has no composition of two or more elements)"
+            )
         return f"at most {requested} fixed test compositions (none measured yet)"
     text = f"{' or '.join(str(n) for n in used)} fixed test compositions"
     if used != [requested]:
