@@ -406,6 +406,19 @@ def test_validate_one_composition_names_its_options(checkpoint, tmp_path, capsys
     assert "val_fraction" not in err
 
 
+def test_validate_skipped_element_split_not_described(checkpoint, tmp_path, capsys):
+    # One chemical system: every element is in every row, so the shift
+    # table skips the element split and names no held-out element.
+    csv = tmp_path / "one_system.csv"
+    rows = [f"Ni{i}Al{i + 1},{-0.01 * i}" for i in range(1, 41)]
+    csv.write_text("formula,target\n" + "\n".join(rows) + "\n")
+    argv = ["validate", str(checkpoint), "--data", str(csv), *FAST]
+    assert main([*argv, "--out", str(tmp_path / "report")]) == 0
+    out = capsys.readouterr().out
+    assert "random: train vs test" in out
+    assert "The element split holds out" not in out
+
+
 def test_validate_search_options_reach_strategy(checkpoint, tmp_path, monkeypatch):
     import dvmrl.adversarial
 

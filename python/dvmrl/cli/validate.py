@@ -941,7 +941,10 @@ def _print_report(report: dict, ranked: list[dict]) -> None:
         "Values a little below 0.5 arise by chance on small or similar sets; they "
         "mean no shift."
     )
-    if report.get("shift_holdout_source") == "closest to 10 % of the rows":
+    element_rows = [r for r in report["shift_splits"] if r["split"] == "element"]
+    if report.get("shift_holdout_source") == "closest to 10 % of the rows" and (
+        element_rows
+    ):
         print(
             f"The element split holds out {report['shift_holdout_element']}, the "
             "element whose compositions make up closest to 10 % of the rows; "
