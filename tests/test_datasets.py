@@ -818,6 +818,20 @@ def test_cli_info_screen(capsys):
     assert "Hume-Rothery screen on: delta <= 0.15" in capsys.readouterr().out
 
 
+def test_cli_screen_names_unknown_properties(tmp_path, capsys):
+    # Francium and nobelium have no metallic radius in the element table, so
+    # the screen drops their rows, and the messages say why.
+    path = _write(tmp_path, "formula,target\nFrNi,0.1\nNoNi,0.2\nFrCo,0.3\nNoCo,0.1\n")
+    assert main(["data", "info", str(path), "--hume-rothery"]) == 0
+    out = capsys.readouterr().out
+    assert "kept 0 of 4 rows (4 rows failed because an element has no known" in out
+    split = ["data", "split", str(path), "--hume-rothery", "--split", "random"]
+    assert main([*split, "--out", str(tmp_path / "s.json")]) == 2
+    err = capsys.readouterr().err
+    assert "the Hume-Rothery screen kept 0 of 4 rows" in err
+    assert "drop --hume-rothery" in err
+
+
 def test_cli_info_csv(tmp_path, capsys):
     path = _write(tmp_path, "f,y\nAlNi,-0.6\nAlNi2Ti,-0.5\n")
     argv = ["data", "info", str(path), "--formula-column", "f", "--target-column", "y"]

@@ -379,6 +379,7 @@ def run_info(args: argparse.Namespace) -> int:
             f"Hume-Rothery screen on: delta <= {screen['max_size_mismatch']:g}, "
             f"electronegativity spread <= {screen['max_electronegativity_spread']:g}, "
             f"kept {screen['rows_after']} of {screen['rows_before']} rows"
+            + _unknown_property_note(screen)
         )
     else:
         print("Hume-Rothery screen off")
@@ -386,6 +387,17 @@ def run_info(args: argparse.Namespace) -> int:
         print(f"licence: {summary['licence']}")
     print(f"attribution: {summary['attribution']}")
     return 0
+
+
+def _unknown_property_note(screen: dict) -> str:
+    """Say how many rows the screen dropped for an unknown property of an element."""
+    unknown = int(screen.get("rows_unknown_property") or 0)
+    if unknown == 0:
+        return ""
+    return (
+        f" ({plural(unknown, 'row')} failed because an element has no known "
+        "metallic radius or electronegativity)"
+    )
 
 
 def _element_counts(df) -> dict[str, int]:
@@ -515,6 +527,14 @@ def run_split(args: argparse.Namespace) -> int:
     rows, screen = None, None
     if args.hume_rothery:
         rows, screen = hume_rothery_passing_rows(df, *_screen_thresholds(args))
+        if len(rows) < 3:
+            raise UsageError(
+                f"the Hume-Rothery screen kept {screen['rows_after']} of "
+                f"{screen['rows_before']} rows of {args.data}"
+                f"{_unknown_property_note(screen)}, too few to split (3 or more "
+                "needed); raise --max-size-mismatch or "
+                "--max-electronegativity-spread, or drop --hume-rothery"
+            )
     split = make_split(
         df,
         args.split,
@@ -534,7 +554,8 @@ def run_split(args: argparse.Namespace) -> int:
     if screen is not None:
         screen_note = (
             f" (Hume-Rothery screen on: kept {screen['rows_after']} of "
-            f"{screen['rows_before']} rows; the indices are positions among all "
+            f"{screen['rows_before']} rows{_unknown_property_note(screen)}; the "
+            "indices are positions among all "
             f"{screen['rows_before']} rows)"
         )
     print(
