@@ -443,6 +443,21 @@ def test_run_config_records_stated_target_kind(tmp_path):
     assert _build_run_config({"data": str(plain)})["target_kind"] == "formation_energy"
 
 
+def test_train_warns_one_test_composition(tmp_path, caplog):
+    # Ten compositions, three polymorph rows each: the 10 % test part is the
+    # three rows of one composition.
+    rows = []
+    for i in range(1, 11):
+        rows += [f"Ni{i}Al{i + 1},{-0.1 * i + 0.01 * k}" for k in range(3)]
+    csv = tmp_path / "polymorphs.csv"
+    csv.write_text("formula,target\n" + "\n".join(rows) + "\n")
+    argv = ["train", "--data", str(csv), "--epochs", "1", *TINY]
+    with caplog.at_level(logging.INFO, logger="dvmrl"):
+        assert main([*argv, "--out", str(tmp_path / "run")]) == 0
+    assert "24 train, 3 validation, 3 test rows" in caplog.text
+    assert "the 3 test rows all hold one composition" in caplog.text
+
+
 def test_negative_hull_targets_warn(tmp_path, caplog):
     from dvmrl.datasets import resolve_data
 

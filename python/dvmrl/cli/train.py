@@ -1227,14 +1227,24 @@ def _run_train(
             _featurize_rows(df, split.val),
             targets[split.val],
         )
+    # Rows that repeat a composition stay in one part, so parts count rows.
     logger.info(
-        "data %s: %d train, %d validation, %d test compositions (%s split)",
+        "data %s: %d train, %d validation, %d test rows (%s split)",
         info.get("name", run_config["data"]),
         len(split.train),
         len(split.val),
         len(split.test),
         run_config["split"],
     )
+    from dvmrl.splits import repeated_compositions
+
+    keys = repeated_compositions(df)
+    if keys is not None and len(set(keys[split.test])) < MIN_TEST_ROWS:
+        logger.warning(
+            "the %d test rows all hold one composition, so the test metrics "
+            "score the model on one composition; use more data or another split",
+            len(split.test),
+        )
 
     threshold = run_config["stability_threshold"]
     if threshold is None:
