@@ -81,3 +81,22 @@ def alloys_csv(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "alloys.csv"
     df[["formula", "target"]].to_csv(path, index=False)
     return path
+
+
+def write_fetched_csv(folder, target_kind: str):
+    """Write a CSV file with the .json file beside it that dvmrl data fetch writes.
+
+    The .json file states the target kind and the CSV text's SHA-256, which
+    is what dvmrl checks before it trusts the kind.
+    """
+    import hashlib
+    import json
+
+    csv = folder / "fetched.csv"
+    csv.write_text("formula,target\nNi3Al,0.0\nFeNi,0.05\n")
+    sidecar = {
+        "csv_sha256": hashlib.sha256(csv.read_bytes()).hexdigest(),
+        "target_kind": target_kind,
+    }
+    (folder / "fetched.json").write_text(json.dumps(sidecar))
+    return csv

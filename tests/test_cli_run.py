@@ -491,18 +491,11 @@ def test_run_one_chemical_system_rejected(tmp_path, capsys):
 
 
 def test_run_records_stated_target_kind(tmp_path):
-    import hashlib
-
+    from conftest import write_fetched_csv
     from dvmrl.cli import build_parser
     from dvmrl.cli._common import UsageError
 
-    csv = tmp_path / "fetched.csv"
-    csv.write_text("formula,target\nNi3Al,0.0\nFeNi,0.05\n")
-    sidecar = {
-        "csv_sha256": hashlib.sha256(csv.read_bytes()).hexdigest(),
-        "target_kind": "energy_above_hull",
-    }
-    (tmp_path / "fetched.json").write_text(json.dumps(sidecar))
+    csv = write_fetched_csv(tmp_path, "energy_above_hull")
     parser = build_parser()
     base = ["run", "--data", str(csv), "--out", str(tmp_path / "out")]
     args = parser.parse_args(base)

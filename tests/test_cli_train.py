@@ -420,21 +420,14 @@ def test_evaluate_target_kind_sets_threshold(tmp_path, capsys, caplog):
 
 
 def test_run_config_records_stated_target_kind(tmp_path):
-    import hashlib
-
+    from conftest import write_fetched_csv
     from dvmrl.cli._common import UsageError
     from dvmrl.cli.train import _build_run_config
 
     vendored = _build_run_config({"data": "mp-energy-above-hull"})
     assert vendored["target_kind"] == "energy_above_hull"
     # A file of dvmrl data fetch states its kind in the .json file beside it.
-    csv = tmp_path / "fetched.csv"
-    csv.write_text("formula,target\nNi3Al,0.0\nFeNi,0.05\n")
-    sidecar = {
-        "csv_sha256": hashlib.sha256(csv.read_bytes()).hexdigest(),
-        "target_kind": "energy_above_hull",
-    }
-    (tmp_path / "fetched.json").write_text(json.dumps(sidecar))
+    csv = write_fetched_csv(tmp_path, "energy_above_hull")
     assert _build_run_config({"data": str(csv)})["target_kind"] == "energy_above_hull"
     with pytest.raises(UsageError, match="its targets are energy_above_hull"):
         _build_run_config({"data": str(csv), "target_kind": "formation_energy"})

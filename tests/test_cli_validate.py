@@ -395,12 +395,17 @@ def test_validate_warns_other_target_kind(tmp_path, caplog):
     assert report["model_target_kind"] == "energy_above_hull"
 
 
-def test_validate_one_composition_names_its_options(checkpoint, tmp_path, capsys):
-    csv = tmp_path / "same.csv"
-    rows = [f"Ni{3 * i}Al{i},{-0.4 + 0.001 * i}" for i in range(1, 21)]
+def _validate_rows(checkpoint, tmp_path, rows: list[str]) -> int:
+    """Run validate on a CSV file of ``rows`` ("formula,target"); return the code."""
+    csv = tmp_path / "rows.csv"
     csv.write_text("formula,target\n" + "\n".join(rows) + "\n")
     argv = ["validate", str(checkpoint), "--data", str(csv), *FAST]
-    assert main([*argv, "--out", str(tmp_path / "report")]) == 2
+    return main([*argv, "--out", str(tmp_path / "report")])
+
+
+def test_validate_one_composition_names_its_options(checkpoint, tmp_path, capsys):
+    rows = [f"Ni{3 * i}Al{i},{-0.4 + 0.001 * i}" for i in range(1, 21)]
+    assert _validate_rows(checkpoint, tmp_path, rows) == 2
     err = capsys.readouterr().err
     assert "only 1 distinct compositions; pass another --split or more data" in err
     assert "val_fraction" not in err
@@ -409,11 +414,8 @@ def test_validate_one_composition_names_its_options(checkpoint, tmp_path, capsys
 def test_validate_skipped_element_split_not_described(checkpoint, tmp_path, capsys):
     # One chemical system: every element is in every row, so the shift
     # table skips the element split and names no held-out element.
-    csv = tmp_path / "one_system.csv"
     rows = [f"Ni{i}Al{i + 1},{-0.01 * i}" for i in range(1, 41)]
-    csv.write_text("formula,target\n" + "\n".join(rows) + "\n")
-    argv = ["validate", str(checkpoint), "--data", str(csv), *FAST]
-    assert main([*argv, "--out", str(tmp_path / "report")]) == 0
+    assert _validate_rows(checkpoint, tmp_path, rows) == 0
     out = capsys.readouterr().out
     assert "random: train vs test" in out
     assert "The element split holds out" not in out
