@@ -49,7 +49,8 @@ TEST_SEED = 20_240_601
 class EmptyTrainingPartError(ValueError):
     """A split left no training row, because the data have too few rows or groups.
 
-    ``cause`` says why without the advice, which depends on the caller's options.
+    ``cause`` gives the reason without the advice, which depends on the
+    caller's options.
     """
 
     def __init__(self, message: str, cause: str = "") -> None:
@@ -222,14 +223,14 @@ def _check_fractions(kind: str, test_fraction: float, val_fraction: float) -> No
 def _warn_lopsided(
     kind: str, n_rows: int, n_train: int, n_test: int, test_fraction: float
 ) -> None:
-    """Warn when whole groups made the test part far larger than asked for.
+    """Warn when a test part outgrows test_fraction or the training part.
 
     The chemsys and element splits and data with repeated compositions take
     whole groups, so one large chemical system or held-out element can leave
     the model few training rows and test it on most of the data.
     """
-    asked = test_fraction * n_rows if kind in FRACTION_KINDS else None
-    if asked is not None and n_test > 2 * asked and n_test - asked >= 2:
+    expected = test_fraction * n_rows if kind in FRACTION_KINDS else None
+    if expected is not None and n_test > 2 * expected and n_test - expected >= 2:
         logger.warning(
             "the %s split puts %d of %d rows (%.0f %%) in the test part, more "
             "than the %.0f %% of test_fraction, because it takes whole groups "

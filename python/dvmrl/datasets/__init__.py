@@ -123,9 +123,9 @@ def _looks_like_hull_energies(frame: pd.DataFrame) -> bool:
 def stated_target_kind(name_or_path: str | os.PathLike) -> str | None:
     """Return the target kind that a data source states itself, or None.
 
-    A vendored data set and a CSV file of ``dvmrl data fetch`` (through the
-    ``<stem>.json`` file beside it) state their kind; another CSV file does
-    not, so the caller's ``target_kind`` describes it.
+    A vendored data set states its kind, and so does a CSV file of ``dvmrl
+    data fetch`` through the ``<stem>.json`` file beside it. Another CSV file
+    states none, so the caller's ``target_kind`` describes it.
     """
     text = str(name_or_path)
     if text in DATASETS:
