@@ -384,6 +384,7 @@ def test_train_hull_csv_target_kind(tmp_path, capsys, caplog):
     assert "as energies above the convex hull are" not in caplog.text
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["stability_threshold"] == 0.025
+    assert metrics["target_kind"] == "energy_above_hull"
     assert "0.025 eV/atom above the convex hull" in capsys.readouterr().out
     # evaluate reads the checkpoint's kind for its own data, and for a copy.
     assert main(["evaluate", str(out / "model.pt"), "--out", str(tmp_path / "e")]) == 0
@@ -1252,6 +1253,8 @@ def test_evaluate_warns_other_target_kind(trained, tmp_path, capsys, monkeypatch
     assert "has energy above hull targets" in captured.err
     assert "stable means target <= 0.025 eV/atom" in captured.out
     assert evaluation["stability_threshold"] == 0.025
+    assert evaluation["target_kind"] == "energy_above_hull"
+    assert evaluation["model_target_kind"] == "formation_energy"
 
 
 def test_evaluate_warns_other_data(trained, data_csv, tmp_path, capsys):

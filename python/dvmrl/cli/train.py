@@ -1407,6 +1407,7 @@ def _run_train(
         "threads": torch.get_num_threads(),
         "member_processes": processes,
         **_metric_settings(threshold),
+        "target_kind": info.get("target_kind"),
         "model": run_config["model"],
         "train": run_config["train"],
         "provenance": provenance,
@@ -2248,6 +2249,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
             "part": part,
             "split": kind,
             **_metric_settings(threshold),
+            # The data's property, and the one the model predicts, which
+            # differ when a model is scored on data of another kind.
+            "target_kind": info.get("target_kind"),
+            "model_target_kind": trained_target_kind(metadata),
             **overlap,
             "checkpoint": str(Path(args.checkpoint).resolve()),
         },
