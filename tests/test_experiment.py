@@ -173,6 +173,7 @@ def test_odd_trial_leftover_below_half_rejected():
 def test_markdown_names_winners(finished_run):
     out, report = finished_run
     text = (out / "report.md").read_text()
+    assert "F1 score of the stability call (stable at or below 0 eV/atom)" in text
     assert "## Verdict" in text
     assert "Against Bayesian optimisation" in text
     assert "inverse square" in text
@@ -481,6 +482,15 @@ def test_run_csv_target_kind(tmp_path):
     assert info["stability_threshold"] == 0.025
     _, info = load_data(str(path))
     assert info["stability_threshold"] == 0.0
+
+
+def test_markdown_states_hull_threshold(finished_run):
+    from dvmrl.report import render_markdown
+
+    _, report = finished_run
+    provenance = {**report["provenance"], "data_stability_threshold": 0.025}
+    text = render_markdown({**report, "provenance": provenance})
+    assert "(stable at or below 0.025 eV/atom)" in text
 
 
 def test_foreign_folder_rejected(tmp_path):

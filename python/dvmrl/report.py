@@ -315,6 +315,9 @@ def provenance(run: dict[str, Any]) -> dict[str, Any]:
         # The parity plot names its axes from these (dvmrl.plotting.axis_labels).
         "data_name": info.get("name"),
         "data_target_kind": info.get("target_kind"),
+        # The stability call of precision, recall and F1 (eV/atom); None
+        # scores at 0 eV/atom (dvmrl.experiment.score).
+        "data_stability_threshold": info.get("stability_threshold"),
         "command_line": run.get("command_line"),
         "started": run.get("started"),
         "reported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -692,6 +695,14 @@ def _robust_count(report: dict[str, Any]) -> str:
     return text
 
 
+def _stability_threshold(report: dict[str, Any]) -> float:
+    """Return the threshold (eV/atom) of the run's stability call."""
+    from dvmrl.metrics import FORMATION_ENERGY_THRESHOLD
+
+    value = report["provenance"].get("data_stability_threshold")
+    return FORMATION_ENERGY_THRESHOLD if value is None else float(value)
+
+
 def _results_lines(report: dict[str, Any]) -> list[str]:
     methods = report["methods"]
     summary = report["summary"]
@@ -703,8 +714,9 @@ def _results_lines(report: dict[str, Any]) -> list[str]:
         + " The results in report.json also give, for each method and seed, the "
         "largest test error (eV/atom), the test accuracy (fraction of "
         f"predictions within {DEFAULT_TOLERANCE:g} eV/atom of the target), the "
-        "F1 score of the stability call and the robustness radius in the L2 "
-        "norm.",
+        "F1 score of the stability call (stable at or below "
+        f"{_stability_threshold(report):g} eV/atom) and the robustness radius in "
+        "the L2 norm.",
         "",
         *_reading_lines(report),
         "| metric | "
