@@ -288,7 +288,7 @@ class _Rows:
 # -- predictor handling ----------------------------------------------------
 
 
-def _predictor_dtype(predictor: Predictor) -> torch.dtype:
+def predictor_dtype(predictor: Predictor) -> torch.dtype:
     """Return the floating dtype the predictor expects for ``frac``."""
     if isinstance(predictor, torch.nn.Module):
         for parameter in predictor.parameters():
@@ -298,8 +298,8 @@ def _predictor_dtype(predictor: Predictor) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def _deterministic(predictor: Predictor):
-    """Set a module up for the search, then restore it.
+def deterministic(predictor: Predictor):
+    """Set a module up for a search or a deterministic pass, then restore it.
 
     The module runs in evaluation mode without MC dropout, and its
     parameters stop requiring gradients, so the passes build no autograd
@@ -749,10 +749,10 @@ def adversarial_search(
     if not (math.isfinite(float(step_size)) and step_size > 0):
         raise ValueError(f"step_size must be > 0, got {step_size!r}")
 
-    model_dtype = _predictor_dtype(predictor)
+    model_dtype = predictor_dtype(predictor)
     generator = torch.Generator().manual_seed(int(seed))
     deltas, bases, changes, objectives = [], [], [], []
-    with _deterministic(predictor):
+    with deterministic(predictor):
         for begin in range(0, b, int(chunk_size)):
             end = min(begin + int(chunk_size), b)
             out = _search_chunk(
@@ -927,7 +927,7 @@ def robustness_radius(
             "reached": reached.numpy().astype(bool),
             # In the model's dtype, as in adversarial_search.
             "perturbed_formula": compositions_to_formulas(
-                element_index, perturbed.to(_predictor_dtype(predictor)), mask
+                element_index, perturbed.to(predictor_dtype(predictor)), mask
             ),
         }
     )

@@ -315,27 +315,19 @@ def _module_device(predictor) -> torch.device | None:
 
 
 def _ensemble_predictions(predictors: Sequence[Callable], batch) -> np.ndarray:
+    from dvmrl.adversarial import deterministic, predictor_dtype
+
     rows = []
     with torch.no_grad():
         for predictor in predictors:
-            dtype = torch.float64
-            if isinstance(predictor, torch.nn.Module):
-                dtype = next(
-                    p.dtype for p in predictor.parameters() if p.is_floating_point()
-                )
-            on_device = batch.to(_module_device(predictor), dtype)
-            # The spread is that of the members: a module left in training
-            # mode would add dropout noise, and the draw would not repeat.
-            was_training = getattr(predictor, "training", False)
-            if was_training:
-                predictor.eval()
-            try:
+            on_device = batch.to(_module_device(predictor), predictor_dtype(predictor))
+            # The spread is that of the members: a module in training mode or
+            # with MC dropout would add dropout noise, and the draw would not
+            # repeat.
+            with deterministic(predictor):
                 out = predictor(
                     on_device.element_index, on_device.frac, on_device.mask
                 )
-            finally:
-                if was_training:
-                    predictor.train()
             rows.append(out.detach().cpu().double().numpy())
     return np.stack(rows)
 
