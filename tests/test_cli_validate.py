@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dvmrl.cli import main
+from dvmrl.compositions import parse
 from dvmrl.datasets import load
 from dvmrl.featurize import featurize
 from dvmrl.model import ModelConfig
@@ -452,16 +453,22 @@ def test_validate_radius_ignores_the_penalty(checkpoint, tmp_path):
     assert radii[0] == radii[1]
 
 
-def test_attackable_rows_skip_single_elements_and_repeats():
+def test_distinct_alloy_rows_skip_singles_and_repeats():
     import pandas as pd
 
-    from dvmrl.cli.validate import _attackable_rows
+    from dvmrl.splits import distinct_alloy_rows
 
     formulas = ["Ni3Al", "Al", "NiAl", "Ni6Al2", "FeNi", "Ti", "Al1Ni1"]
-    df = pd.DataFrame({"formula": formulas, "target": np.zeros(len(formulas))})
-    rows = _attackable_rows(df, featurize(formulas), np.arange(len(formulas)))
+    df = pd.DataFrame(
+        {
+            "formula": formulas,
+            "n_elements": [len(parse(f)) for f in formulas],
+            "target": np.zeros(len(formulas)),
+        }
+    )
+    keep = distinct_alloy_rows(df, np.arange(len(formulas)))
     # Ni6Al2 repeats Ni3Al and Al1Ni1 repeats NiAl; Al and Ti cannot move.
-    assert rows.tolist() == [0, 2, 4]
+    assert np.flatnonzero(keep).tolist() == [0, 2, 4]
 
 
 def test_validate_report_states_its_settings(report):

@@ -593,7 +593,8 @@ def test_robustness_probes_distinct_compositions():
     from dvmrl.featurize import featurize
 
     formulas = ["Fe", "FeNi", "NiFe", "Al2Cu", "Cu", "CuZn", "FeNi", "AlNiTi"]
-    df = pd.DataFrame({"formula": formulas})
+    # A loaded data frame's columns: the probes read n_elements from it.
+    df = pd.DataFrame({"formula": formulas, "n_elements": [1, 2, 2, 2, 1, 2, 2, 3]})
     df[COMPOSITION_COLUMN] = [
         "Fe", "FeNi", "FeNi", "Al2Cu", "Cu", "CuZn", "FeNi", "AlNiTi"
     ]

@@ -1686,15 +1686,9 @@ class Experiment:
         part of the random split does not depend on the seed, so a fixed
         generator picks the same compositions for every method and seed.
         """
-        from dvmrl.datasets._vendored import COMPOSITION_COLUMN
+        from dvmrl.splits import distinct_alloy_rows
 
-        eligible = pools.x_test.n_elements.numpy() >= 2
-        if COMPOSITION_COLUMN in self.df.columns:
-            keys = self.df[COMPOSITION_COLUMN].to_numpy()[pools.test_index]
-            first = np.zeros(len(keys), dtype=bool)
-            first[np.unique(keys, return_index=True)[1]] = True
-            eligible &= first
-        candidates = np.flatnonzero(eligible)
+        candidates = np.flatnonzero(distinct_alloy_rows(self.df, pools.test_index))
         rng = np.random.default_rng(20260101)
         count = min(self.spec.preset.robust_n, len(candidates))
         picked = rng.choice(len(candidates), size=count, replace=False)

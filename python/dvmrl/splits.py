@@ -298,6 +298,24 @@ def repeated_compositions(df: pd.DataFrame) -> np.ndarray | None:
     return keys
 
 
+def distinct_alloy_rows(df: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
+    """Mark each of ``rows`` whose composition a search can perturb, once.
+
+    A single element has no fraction to move, and a composition that several
+    rows repeat counts at its first row among ``rows``.
+
+    Returns:
+        bool [len(rows)], true for the rows kept.
+    """
+    keep = df["n_elements"].to_numpy()[rows] >= 2
+    keys = repeated_compositions(df)
+    if keys is not None:
+        first = np.zeros(len(rows), dtype=bool)
+        first[np.unique(keys[rows], return_index=True)[1]] = True
+        keep &= first
+    return keep
+
+
 @functools.lru_cache(maxsize=1 << 17)
 def _composition_key(formula: str) -> str:
     """Return the key that dvmrl.datasets.load_csv gives a formula's composition.

@@ -504,24 +504,6 @@ def _select_sets(args, strategies, model, split, batch, features, targets):
     return selections, seconds
 
 
-def _attackable_rows(df, batch, rows: np.ndarray) -> np.ndarray:
-    """Return the rows whose compositions the search can perturb, each once.
-
-    A single element has no fraction to move, and a composition that several
-    rows repeat counts once (its first row), as in the robustness probes of
-    dvmrl run.
-    """
-    from dvmrl.splits import repeated_compositions
-
-    keep = batch.n_elements.numpy()[rows] >= 2
-    keys = repeated_compositions(df)
-    if keys is not None:
-        first = np.zeros(len(rows), dtype=bool)
-        first[np.unique(keys[rows], return_index=True)[1]] = True
-        keep &= first
-    return rows[keep]
-
-
 def _format_delta(symbols: list[str], delta: np.ndarray) -> str:
     return ", ".join(
         f"{symbol} {value:+.3f}"
@@ -636,6 +618,7 @@ def run(args: argparse.Namespace) -> int:
         split_shift_table,
         strategy_shift_table,
     )
+    from dvmrl.splits import distinct_alloy_rows
 
     strategies = _check_arguments(args)
     device = setup_compute(args)
@@ -696,7 +679,8 @@ def run(args: argparse.Namespace) -> int:
     features = composition_features(batch)
     targets = df["target"].to_numpy(dtype=np.float64)
     rng = np.random.default_rng(args.seed)
-    rows = _attackable_rows(df, batch, split.test)
+    # The same compositions as the robustness probes of dvmrl run.
+    rows = split.test[distinct_alloy_rows(df, split.test)]
     if len(rows) == 0:
         raise ValueError(
             f"the test part of the {kind} split of {data} has no composition of "
