@@ -19,6 +19,7 @@ from dvmrl.cli._common import (
     positive_int,
     reject_csv_options,
     setup_compute,
+    stated_or_given_kind,
 )
 from dvmrl.experiment import ONLINE_LEARNING_STARTS
 
@@ -198,7 +199,6 @@ def _recorded_run(out_dir: Path) -> dict | None:
 
 def _fill_defaults(args: argparse.Namespace) -> None:
     """Set the options not given: the recorded run's with --resume, else the defaults."""
-    from dvmrl.datasets import stated_target_kind
     from dvmrl.experiment import DEFAULT_DATA, METHODS, Preset
 
     recorded = _recorded_run(Path(args.out)) if args.resume else None
@@ -231,16 +231,11 @@ def _fill_defaults(args: argparse.Namespace) -> None:
     args.formula_column = args.formula_column or "formula"
     args.target_column = args.target_column or "target"
     # A vendored set or a fetched file states its own target kind, which the
-    # run records instead of the default for other CSV files.
-    stated = stated_target_kind(args.data)
+    # run records instead of the default for other CSV files. A resumed run
+    # keeps the kind it recorded.
+    kind = stated_or_given_kind(args.data, given_kind)
     if args.target_kind is None:
-        args.target_kind = stated or "formation_energy"
-    elif given_kind is not None and stated not in (None, given_kind):
-        raise UsageError(
-            f"--target-kind {args.target_kind}: {args.data} is a file of dvmrl "
-            f"data fetch, whose .json file beside it states that its targets are "
-            f"{stated}; drop --target-kind"
-        )
+        args.target_kind = kind or "formation_energy"
     args.budget = "small" if args.budget is None else args.budget
     args.methods = list(METHODS) if args.methods is None else args.methods
     args.agent_learn = bool(args.agent_learn)

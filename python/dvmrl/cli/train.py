@@ -52,6 +52,7 @@ from dvmrl.cli._common import (
     reject_csv_options,
     seed_int,
     setup_compute,
+    stated_or_given_kind,
 )
 
 logger = logging.getLogger("dvmrl")
@@ -784,7 +785,6 @@ def _requested_settings(args: argparse.Namespace) -> dict[str, Any]:
 def _build_run_config(requested: dict[str, Any]) -> dict[str, Any]:
     """Fill the requested settings with the defaults into a run configuration."""
     from dvmrl import defaults
-    from dvmrl.datasets import DATASETS, stated_target_kind
     from dvmrl.model import ModelConfig
     from dvmrl.training import TrainConfig
 
@@ -832,20 +832,9 @@ def _build_run_config(requested: dict[str, Any]) -> dict[str, Any]:
     columns = csv_columns(requested)
     # A vendored set or a fetched file states its own target kind, which
     # run.json records instead of the default for other CSV files.
-    # reject_csv_options rejects the option for a vendored set.
-    stated = stated_target_kind(data)
-    if stated is not None and "target_kind" not in requested:
-        columns["target_kind"] = stated
-    elif (
-        stated is not None
-        and data not in DATASETS
-        and requested["target_kind"] != stated
-    ):
-        raise UsageError(
-            f"--target-kind {requested['target_kind']}: {data} is a file of dvmrl "
-            f"data fetch, whose .json file beside it states that its targets are "
-            f"{stated}; drop --target-kind"
-        )
+    kind = stated_or_given_kind(data, requested.get("target_kind"))
+    if kind is not None:
+        columns["target_kind"] = kind
     return {
         "data": data,
         "split": requested.get("split", "random"),
