@@ -292,7 +292,7 @@ def repeated_compositions(df: pd.DataFrame) -> np.ndarray | None:
     """
     if COMPOSITION_COLUMN in df.columns:
         return df[COMPOSITION_COLUMN].to_numpy(dtype=str)
-    keys = np.array([_composition_key(str(f)) for f in df["formula"]], dtype=str)
+    keys = np.array([formula_key(str(f)) for f in df["formula"]], dtype=str)
     if len(np.unique(keys)) == len(keys):
         return None
     return keys
@@ -317,7 +317,7 @@ def distinct_alloy_rows(df: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=1 << 17)
-def _composition_key(formula: str) -> str:
+def formula_key(formula: str) -> str:
     """Return the key that dvmrl.datasets.load_csv gives a formula's composition.
 
     Cached, because the splits of one data set parse the same formulas again

@@ -595,14 +595,15 @@ def _featurize_rows(df, rows: np.ndarray):
 
 
 def _composition_keys(formulas) -> list[str]:
-    """Key each formula with :func:`dvmrl.compositions.composition_key`.
+    """Key each formula of loaded data with :func:`dvmrl.splits.formula_key`.
 
     The keys are those of the splits, so the rows that evaluate counts as
-    training compositions are those that the split kept out of the test part.
+    training compositions are those that the split kept out of the test part,
+    and the splits' cache spares parsing the formulas again.
     """
-    from dvmrl.compositions import composition_key
+    from dvmrl.splits import formula_key
 
-    return [composition_key(f) for f in _parse_formulas(formulas, False, "data")]
+    return [formula_key(str(f)) for f in formulas]
 
 
 def _pool_compositions(df, split, keys=None) -> dict[str, list[str]]:
