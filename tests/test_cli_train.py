@@ -420,7 +420,7 @@ def test_evaluate_target_kind_sets_threshold(tmp_path, capsys, caplog):
     assert "0.025 eV/atom above the convex hull" in capsys.readouterr().out
 
 
-def test_run_config_records_stated_target_kind(tmp_path):
+def test_run_config_records_stated_target_kind(tmp_path, caplog):
     from conftest import write_fetched_csv
     from dvmrl.cli._common import UsageError
     from dvmrl.cli.train import _build_run_config
@@ -435,6 +435,13 @@ def test_run_config_records_stated_target_kind(tmp_path):
     plain = tmp_path / "plain.csv"
     plain.write_text("formula,target\nNi3Al,-0.4\n")
     assert _build_run_config({"data": str(plain)})["target_kind"] == "formation_energy"
+    # An edited fetched file: the loader warns about its .json file, this
+    # look does not, so the warning appears once.
+    csv.write_text("formula,target\nNi3Al,0.1\n")
+    with caplog.at_level(logging.WARNING, logger="dvmrl"):
+        edited = _build_run_config({"data": str(csv)})
+    assert edited["target_kind"] == "formation_energy"
+    assert "describes another version" not in caplog.text
 
 
 def test_train_warns_one_test_composition(tmp_path, caplog):

@@ -73,11 +73,12 @@ _FETCH_FIELDS = (
 )
 
 
-def _fetch_metadata(path: Path) -> dict | None:
+def _fetch_metadata(path: Path, warn: bool = True) -> dict | None:
     """Return the metadata that ``dvmrl data fetch`` wrote beside ``path``, if any.
 
     The file ``<stem>.json`` counts only when its ``csv_sha256`` matches the
     CSV text, so an edited CSV file or an unrelated JSON file is ignored.
+    ``warn`` logs a mismatch; the loader does, so an earlier look need not.
     """
     name = path.name
     stem = name[: -len(".csv.gz")] if name.endswith(".csv.gz") else path.stem
@@ -97,12 +98,13 @@ def _fetch_metadata(path: Path) -> dict | None:
         except (OSError, EOFError):
             return None
     if hashlib.sha256(raw).hexdigest() != metadata["csv_sha256"]:
-        logger.warning(
-            "%s describes another version of %s (its csv_sha256 differs), so its "
-            "target kind and attribution are not used",
-            sidecar,
-            path.name,
-        )
+        if warn:
+            logger.warning(
+                "%s describes another version of %s (its csv_sha256 differs), so "
+                "its target kind and attribution are not used",
+                sidecar,
+                path.name,
+            )
         return None
     if metadata.get("target_kind") not in STABILITY_THRESHOLDS:
         return None
@@ -133,7 +135,7 @@ def stated_target_kind(name_or_path: str | os.PathLike) -> str | None:
     path = Path(text).expanduser()
     if not path.is_file():
         return None
-    fetched = _fetch_metadata(path)
+    fetched = _fetch_metadata(path, warn=False)
     return None if fetched is None else fetched["target_kind"]
 
 
