@@ -162,7 +162,7 @@ class _Float32Linear(torch.nn.Module):
         return (self.weights[element_index] * frac * mask).sum(dim=1)
 
 
-def test_search_formulas_of_a_float32_model_have_float32_digits():
+def test_float32_model_formula_digits():
     # A float32 model's search rounds its delta to float32; the perturbed
     # formulas carry 7 significant digits, not that rounding's noise.
     batch = featurize(_compositions(20, seed=8))

@@ -516,7 +516,7 @@ def test_train_interrupt_inside_checkpoint(tmp_path, monkeypatch, caplog, moment
         assert main(args) == 130
     monkeypatch.undo()
     committed = 1 if moment == "before the progress file" else 2
-    # The interrupt settles the staged files, so the agent file holds the
+    # The interrupt settles the staged files, so the agent file contains the
     # episode that the progress file and the message name.
     assert len(json.loads(paths["progress"].read_text())["history"]) == committed
     assert DQNAgent.load(out).episodes == committed

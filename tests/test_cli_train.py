@@ -851,14 +851,15 @@ def test_predict_input_other_separator(trained, tmp_path, capsys):
         assert main(["predict", model, "--input", str(source)]) == 2
         err = capsys.readouterr().err
         assert f"seems to separate its fields with {separator}" in err
-        # The column name that holds the separator is no fix to offer.
+        # The column name that contains the separator is no fix to offer.
         assert "--formula-column" not in err
 
 
 def test_predict_end_of_options_marker(trained, capsys):
     assert main(["predict", str(trained / "model.pt"), "--", "Ni3Al", "FeNi"]) == 0
     out = capsys.readouterr().out
-    assert "Ni3Al" in out and "FeNi" in out
+    assert "Ni3Al" in out
+    assert "FeNi" in out
 
 
 def test_empty_formula_column_option(trained, tmp_path, capsys):

@@ -820,7 +820,7 @@ def test_cli_info_screen(capsys):
 
 def test_cli_screen_names_unknown_properties(tmp_path, capsys):
     # Francium and nobelium have no metallic radius in the element table, so
-    # the screen drops their rows, and the messages say why.
+    # the screen drops their rows, and the messages give the reason.
     path = _write(tmp_path, "formula,target\nFrNi,0.1\nNoNi,0.2\nFrCo,0.3\nNoCo,0.1\n")
     assert main(["data", "info", str(path), "--hume-rothery"]) == 0
     out = capsys.readouterr().out

@@ -71,8 +71,8 @@ def test_config_bad_size():
 
 
 def test_config_head_depth_limit():
-    # The compiled core takes at most 16 head layers; the config says so
-    # when it is built, not at the first forward.
+    # The compiled core takes at most 16 head layers, and the config rejects
+    # more when it is built, not at the first forward.
     assert ModelConfig(head_layers=16).head_layers == 16
     with pytest.raises(ValueError, match="head_layers must be at most 16"):
         ModelConfig(head_layers=17)

@@ -98,14 +98,15 @@ def test_shortest_trial_is_half_rounded_up():
 
 def test_bayesian_draws_integers_uniformly():
     # skopt's optimiser rescales an Integer dimension to [0, 1] and rounds,
-    # which halves the chance of both end values; its real interval
+    # which halves the chance of both end values. The real interval
     # [low - 0.5, high + 0.5] gives each value the same share.
     proposer = BayesianProposer(SEARCH_SPACE, seed=0)
     points = proposer.optimizer.space.rvs(n_samples=30_000, random_state=1)
     layers = [SEARCH_SPACE.to_config(point)["layers"] for point in points]
     counts = np.bincount(layers, minlength=7)[1:]
     # Each of the six values expects 5,000 draws with a spread of about 65.
-    assert counts.min() > 4_700 and counts.max() < 5_300, counts
+    assert counts.min() > 4_700, counts
+    assert counts.max() < 5_300, counts
 
 
 def test_to_config_rounds_integers_into_range():

@@ -328,8 +328,9 @@ def load_csv(
         A DataFrame with the columns formula, chemsys (symbols joined by '-'
         in alphabetical order), n_elements (int64) and target (float64,
         eV/atom), in file order, with a RangeIndex. When a composition
-        repeats, a fifth column, composition, contains each row's canonical
-        formula, on which the splits keep repeated rows together.
+        repeats, a fifth column, composition, contains each row's key
+        (:func:`dvmrl.compositions.composition_key`), on which the splits keep
+        repeated rows together.
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
