@@ -11,7 +11,7 @@ import torch
 from dvmrl import datasets
 from dvmrl.featurize import featurize
 from dvmrl.layout import parameter_count, unflatten
-from dvmrl.model import ModelConfig
+from dvmrl.model import CompositionMPNN, ModelConfig
 from dvmrl.training import TrainConfig, Trainer, moves
 
 SMALL = {
@@ -304,6 +304,21 @@ def test_load_state_other_sizes(data):
     trainer.load_state(saved)
     assert trainer.model.config.hidden == 16
     np.testing.assert_allclose(trainer.predict(data[2]), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("hidden, wider", [(16, 18), (16, 24), (24, 32)])
+def test_rebuild_keeps_constructor_layout(data, hidden, wider):
+    # The descriptor table has 19 features: the constructor's emb_w is
+    # row-major below 19 and column-major from 19, and a matrix product over
+    # the other layout may round differently in the last bit.
+    trainer = _trainer(data, hidden=hidden, epochs=1)
+    saved = trainer.current_state()
+    trainer.widen(wider)
+    built = CompositionMPNN(ModelConfig(**{**SMALL, "hidden": wider}))
+    assert trainer.model.emb_w.stride() == built.emb_w.stride()
+    trainer.load_state(saved)
+    built = CompositionMPNN(ModelConfig(**{**SMALL, "hidden": hidden}))
+    assert trainer.model.emb_w.stride() == built.emb_w.stride()
 
 
 def test_load_state_other_dropout_keeps_optimizer(data):

@@ -670,11 +670,15 @@ class CompositionMPNN(nn.Module):
         dims = config.dims
         n_elements, n_features = self.descriptors.shape
         self.config = config
-        # Column-major, as the QR factor of the constructor is, so a rebuilt
-        # model and a model built from its config run the same kernels.
-        self.emb_w = nn.Parameter(
-            torch.empty(n_features, dims.hidden, device=device, dtype=dtype).T
-        )
+        # The same memory layout as orthogonal_embedding returns, so a rebuilt
+        # model and a model built from its config run the same matrix-product
+        # kernels and agree bit for bit: column-major (the QR factor) when
+        # H >= F0, row-major (a matrix product) when H < F0.
+        if dims.hidden >= n_features:
+            emb_w = torch.empty(n_features, dims.hidden, device=device, dtype=dtype).T
+        else:
+            emb_w = torch.empty(dims.hidden, n_features, device=device, dtype=dtype)
+        self.emb_w = nn.Parameter(emb_w)
         self.emb_b = nn.Parameter(torch.empty(dims.hidden, device=device, dtype=dtype))
         self.emb_offset = nn.Parameter(
             torch.empty(n_elements, dims.hidden, device=device, dtype=dtype)
