@@ -479,6 +479,18 @@ def test_composition_keys_agree_with_evaluate(tmp_path):
     assert len(set(repeated_compositions(built))) == 1
 
 
+def test_composition_key_tie_fraction(tmp_path):
+    # Ni's fraction is 1/128 = 0.0078125, a tie at the sixth decimal, and
+    # Ni0.1Al12.7 parses to it plus one unit in the last place.
+    from dvmrl.splits import repeated_compositions
+
+    path = _write(tmp_path, "formula,target\nNiAl127,-0.1\nNi0.1Al12.7,-0.2\n")
+    frame = datasets.load_csv(path)
+    assert frame["composition"].nunique() == 1
+    built = frame[["formula", "chemsys", "n_elements", "target"]]
+    assert len(set(repeated_compositions(built))) == 1
+
+
 def test_load_csv_column_message_names_real_options(tmp_path):
     path = _write(tmp_path, "comp,energy\nAlNi,0.1\n")
     with pytest.raises(ValueError) as caught:

@@ -598,7 +598,13 @@ def composition_key(fractions: Mapping[str, float]) -> str:
     Compositions whose fractions all agree to within rounding at 6 decimals
     share a key. Checkpoints store these keys for their training rows.
     """
-    return "".join(f"{symbol}{fractions[symbol]:.6f}" for symbol in sorted(fractions))
+    # Rounding to 12 significant digits first removes float64 noise, so a
+    # fraction at a tie of the sixth decimal (1/128 = 0.0078125 from NiAl127,
+    # 0.007812500000000002 from Ni0.1Al12.7) rounds the same way every time.
+    return "".join(
+        f"{symbol}{float(f'{fractions[symbol]:.12g}'):.6f}"
+        for symbol in sorted(fractions)
+    )
 
 
 def format_formula(fractions: Mapping | str, digits: int | None = None) -> str:
