@@ -467,6 +467,8 @@ def test_negative_hull_targets_warn(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="dvmrl"):
         resolve_data(csv, target_kind="energy_above_hull")
     assert "1 of 3 targets are below 0 eV/atom" in caplog.text
+    # The advice applies wherever the kind came from: the option or a checkpoint.
+    assert "pass --target-kind formation_energy" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="dvmrl"):
         resolve_data(csv, target_kind="formation_energy")

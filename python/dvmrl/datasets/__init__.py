@@ -241,7 +241,7 @@ def resolve_data(
             logger.warning(
                 "%s: %d of %d targets are below 0 eV/atom, but energies above the "
                 "convex hull are never negative; if the file holds formation "
-                "energies, drop --target-kind energy_above_hull (in Python, "
+                "energies, pass --target-kind formation_energy (in Python, "
                 "target_kind='formation_energy')",
                 path,
                 int((frame["target"] < 0).sum()),
