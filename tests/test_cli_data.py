@@ -213,6 +213,15 @@ def test_info_hull_csv_target_kind(tmp_path, capsys, caplog):
     assert "within 25 meV/atom of the hull" in capsys.readouterr().out
 
 
+def test_info_rejects_contradicting_fetched_kind(tmp_path, capsys):
+    from conftest import write_fetched_csv
+
+    csv = str(write_fetched_csv(tmp_path, "energy_above_hull"))
+    assert main(["data", "info", csv, "--target-kind", "formation_energy"]) == 2
+    assert "states that its targets are energy_above_hull" in capsys.readouterr().err
+    assert main(["data", "info", csv, "--target-kind", "energy_above_hull"]) == 0
+
+
 def test_info_rejects_vendored_target_kind(capsys):
     argv = ["data", "info", "mp-formation-energy", "--target-kind", "energy_above_hull"]
     assert main(argv) == 2

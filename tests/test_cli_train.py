@@ -1267,6 +1267,16 @@ def test_evaluate_warns_other_target_kind(trained, tmp_path, capsys, monkeypatch
     assert evaluation["model_target_kind"] == "formation_energy"
 
 
+def test_evaluate_rejects_contradicting_fetched_kind(trained, tmp_path, capsys):
+    from conftest import write_fetched_csv
+
+    csv = str(write_fetched_csv(tmp_path, "energy_above_hull"))
+    argv = ["evaluate", str(trained / "model.pt"), "--data", csv]
+    code = main([*argv, "--target-kind", "formation_energy", "--out", str(tmp_path)])
+    assert code == 2
+    assert "states that its targets are energy_above_hull" in capsys.readouterr().err
+
+
 def test_evaluate_warns_other_data(trained, data_csv, tmp_path, capsys):
     copy = _copy_csv(data_csv, tmp_path)
     code = main(["evaluate", str(trained / "model.pt"), "--data", str(copy)])

@@ -24,6 +24,7 @@ from dvmrl.cli._common import (
     plural,
     reject_csv_options,
     seed_int,
+    stated_or_given_kind,
 )
 from dvmrl.datasets.filters import (
     DEFAULT_MAX_ELECTRONEGATIVITY_SPREAD,
@@ -239,12 +240,15 @@ def _resolve(args: argparse.Namespace, hume_rothery: bool | None = None):
     from dvmrl.datasets import resolve_data
 
     reject_csv_options(args, args.data)
+    # Rejects a --target-kind that contradicts a fetched file's stated kind,
+    # which resolve_data would otherwise replace without a word.
+    target_kind = stated_or_given_kind(args.data, args.target_kind)
     max_size_mismatch, max_electronegativity_spread = _screen_thresholds(args)
     return resolve_data(
         args.data,
         formula_column=args.formula_column or "formula",
         target_column=args.target_column or "target",
-        target_kind=args.target_kind or "formation_energy",
+        target_kind=target_kind or "formation_energy",
         alloy_notation=args.alloy_notation,
         hume_rothery=args.hume_rothery if hume_rothery is None else hume_rothery,
         max_size_mismatch=max_size_mismatch,

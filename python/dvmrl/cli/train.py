@@ -1871,7 +1871,8 @@ def check_scored_data(
     ``data`` is --data, or the checkpoint's data when ``from_checkpoint``.
 
     Raises:
-        UsageError: when neither names a data set.
+        UsageError: when neither names a data set, or when --target-kind
+            contradicts the kind that a fetched file states.
         FileNotFoundError: when the checkpoint's data file is gone.
         ValueError: for CSV-only options given with a vendored data set.
     """
@@ -1882,6 +1883,9 @@ def check_scored_data(
     if from_checkpoint:
         check_recorded_data(data)
     reject_csv_options(args, data)
+    # Rejects a --target-kind that contradicts a fetched file's stated kind,
+    # which the loader would otherwise replace without a word.
+    stated_or_given_kind(data, args.target_kind)
     return data
 
 
