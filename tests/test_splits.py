@@ -110,7 +110,24 @@ def test_lopsided_splits_warn(caplog):
     # Holding out an element of most rows leaves few training rows.
     with caplog.at_level(logging.WARNING, logger="dvmrl.splits"):
         splits.make_split(dominant, "element", seed=0, holdout_element="Ni")
-    assert "rows for training against 39 for testing" in caplog.text
+    assert "rows for training against 39 in the test part" in caplog.text
+
+
+def test_lopsided_validation_part_warns(caplog):
+    # The validation part takes whole systems too: seed 1 draws Al-Ni into it.
+    others = ("Co", "Cu", "Ti", "V", "Cr", "Mn", "Zn", "Mo", "W", "Nb")
+    others += ("Ta", "Hf", "Zr", "Sc", "Y", "Ag", "Au", "Pd", "Pt", "Rh")
+    frame = _systems_frame({"Al-Ni": 30, **{f"{a}-Fe": 1 for a in others}})
+    with caplog.at_level(logging.WARNING, logger="dvmrl.splits"):
+        split = splits.make_split(frame, "chemsys", seed=1)
+    assert len(split.val) == 30
+    assert "puts 30 of 50 rows (60 %) in the validation part" in caplog.text
+    assert "val_fraction asks for about 5" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dvmrl.splits"):
+        split = splits.make_split(frame, "chemsys", seed=0)
+    assert len(split.val) == 5
+    assert caplog.text == ""
 
 
 def test_random_sizes(frame):

@@ -221,38 +221,52 @@ def _check_fractions(kind: str, test_fraction: float, val_fraction: float) -> No
 
 
 def _warn_lopsided(
-    kind: str, n_rows: int, n_train: int, n_test: int, test_fraction: float
+    kind: str,
+    part: str,
+    n_rows: int,
+    n_train: int,
+    n_part: int,
+    share: tuple[str, float] | None,
 ) -> None:
-    """Warn when a test part outgrows test_fraction or the training part.
+    """Warn when the test or validation part outgrows its share or the training part.
 
     The chemsys and element splits and data with repeated compositions take
     whole groups, so one large chemical system or held-out element can leave
-    the model few training rows and test it on most of the data.
+    the model few training rows and test or select it on most of the data.
+
+    Args:
+        part: "test" or "validation".
+        share: (option name, expected rows) where the part has a set share.
     """
-    expected = test_fraction * n_rows if kind in FRACTION_KINDS else None
-    if expected is not None and n_test > 2 * expected and n_test - expected >= 2:
+    if share is not None:
+        name, expected = share
+        if n_part > 2 * expected and n_part - expected >= 2:
+            logger.warning(
+                "the %s split puts %d of %d rows (%.0f %%) in the %s part, where "
+                "%s asks for about %.0f, because it takes whole groups of rows "
+                "and a large one overshoots; the metrics then score a model "
+                "trained on %d rows",
+                kind,
+                n_part,
+                n_rows,
+                100.0 * n_part / n_rows,
+                part,
+                name,
+                expected,
+                n_train,
+            )
+            return
+    # binary-to-ternary tests on every ternary by design.
+    if n_train < n_part and not (kind == "binary-to-ternary" and part == "test"):
         logger.warning(
-            "the %s split puts %d of %d rows (%.0f %%) in the test part, more "
-            "than the %.0f %% of test_fraction, because it takes whole groups "
-            "of rows and a large one overshoots; the metrics then score a model "
-            "trained on %d rows",
-            kind,
-            n_test,
-            n_rows,
-            100.0 * n_test / n_rows,
-            100.0 * test_fraction,
-            n_train,
-        )
-    elif n_train < n_test and kind != "binary-to-ternary":
-        # binary-to-ternary tests on every ternary by design.
-        logger.warning(
-            "the %s split leaves %d of %d rows for training against %d for "
-            "testing; the metrics then score a model trained on few rows, so use "
+            "the %s split leaves %d of %d rows for training against %d in the %s "
+            "part; the metrics then score a model trained on few rows, so use "
             "more data or another split",
             kind,
             n_train,
             n_rows,
-            n_test,
+            n_part,
+            part,
         )
 
 
@@ -504,7 +518,12 @@ def make_split(
         raise EmptyTrainingPartError(
             f"{cause}; use more data, or lower {shares}", cause=cause
         )
-    _warn_lopsided(kind, len(df), len(train), len(test), test_fraction)
+    test_share = None
+    if kind in FRACTION_KINDS:
+        test_share = ("test_fraction", test_fraction * len(df))
+    _warn_lopsided(kind, "test", len(df), len(train), len(test), test_share)
+    val_share = ("val_fraction", val_fraction * base)
+    _warn_lopsided(kind, "validation", len(df), len(train), len(val), val_share)
     params = {"test_fraction": test_fraction, "val_fraction": val_fraction}
     return Split(
         train=train.astype(np.int64),
