@@ -530,6 +530,35 @@ def test_train_interrupt_inside_checkpoint(tmp_path, monkeypatch, caplog, moment
     assert not list(tmp_path.glob("*.staged-*"))
 
 
+def test_train_interrupt_inside_final_checkpoint(tmp_path, monkeypatch, caplog):
+    # With --checkpoint-every above --episodes only the final checkpoint runs.
+    import os
+
+    import dvmrl.meta
+
+    out = tmp_path / "agent.pt"
+    paths = state_paths(out)
+    args = [*TRAIN, "--checkpoint-every", "5", "--episodes", "2", "--out", str(out)]
+    real_replace = os.replace
+    interrupted = []
+
+    def replace(source, target):
+        if str(source).endswith(".staged-2") and not interrupted:
+            interrupted.append(source)
+            raise KeyboardInterrupt
+        real_replace(source, target)
+
+    monkeypatch.setattr(dvmrl.meta.os, "replace", replace)
+    with caplog.at_level(logging.WARNING):
+        assert main(args) == 130
+    monkeypatch.undo()
+    assert interrupted
+    assert DQNAgent.load(out).episodes == 2
+    assert "checkpoint after episode 2 of 2" in caplog.text
+    assert not list(tmp_path.glob("*.staged-*"))
+    assert len(json.loads(paths["progress"].read_text())["history"]) == 2
+
+
 def test_train_interrupt_before_checkpoint(tmp_path, monkeypatch, caplog):
     out = tmp_path / "agent.pt"
     interrupt_at_episode(monkeypatch, 1)

@@ -479,6 +479,7 @@ def meta_train(
             bar.set_postfix(ret=f"{row['return']:.3f}", eps=f"{row['epsilon']:.2f}")
             if len(history) % checkpoint_every == 0:
                 checkpoint()
+        checkpoint()
     except KeyboardInterrupt:
         # A checkpoint cut short leaves staged files: commit them when the
         # progress file already records them, else remove them, so the
@@ -488,7 +489,6 @@ def meta_train(
         raise
     finally:
         bar.close()
-    checkpoint()
     wall = elapsed_before + time.perf_counter() - start
     return MetaTrainResult(agent=agent, history=history, wall_time_s=wall, metadata=metadata())
 
