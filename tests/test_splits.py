@@ -478,6 +478,18 @@ def test_cli_split_no_room_for_validation(tmp_path, capsys):
     assert "leaves 1 training row and no validation row" in err
     assert "pass --val-fraction 0 for no validation part" in err
     assert "or more" not in err
+    assert "--test-fraction" not in err
+
+
+def test_cli_split_random_no_room_names_test_fraction(tmp_path, capsys):
+    # Two of three rows go to the test part, so a lower --test-fraction helps.
+    path = tmp_path / "n3.csv"
+    path.write_text("formula,target\nFeNi,0.1\nZnCo,0.2\nZnNi,0.3\n")
+    argv = ["data", "split", str(path), "--split", "random", "--test-fraction", "0.67"]
+    assert main([*argv, "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert "leaves 1 training row and no validation row" in err
+    assert "no validation part, lower --test-fraction, or use more data" in err
 
 
 def test_cli_split_too_few_for_validation(tmp_path, capsys):

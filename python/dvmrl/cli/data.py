@@ -489,12 +489,13 @@ def _check_parts(args, split, df, rows, test_fraction: float) -> None:
     if round(share * base) >= sizes["train"]:
         # The smallest share that gives a validation row would take every
         # training row, so suggesting it would only move the error.
+        lower_test = ", lower --test-fraction" if args.split == "random" else ""
         raise UsageError(
             f"the {args.split} split of {args.data} leaves "
             f"{plural(sizes['train'], 'training row')} and no validation row, too "
             "few for both parts: pass "
-            "--val-fraction 0 for no validation part, or use more data (nothing "
-            "was written)"
+            f"--val-fraction 0 for no validation part{lower_test}, or use more "
+            "data (nothing was written)"
         )
     raise UsageError(
         f"the {of_rows} are too few for a validation part at --val-fraction "
