@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import logging
 import math
 import re
 import shutil
@@ -21,6 +22,7 @@ from dvmrl.experiment import (
     Preset,
     RunDirectoryError,
     RunSpec,
+    make_pools,
     resolve_preset,
     run_experiment,
 )
@@ -367,6 +369,28 @@ def test_non_finite_robustness_recorded(tmp_path, agent_file, monkeypatch):
     assert row["test_rmse"] is not None
     text = (tmp_path / "out" / "report.md").read_text()
     assert re.search(r"\| robustness radius[^\n]*\| n/a \|", text)
+
+
+def test_size_check_defers_split_warnings(tmp_path, caplog):
+    # 30 Al-Ni rows and 30 one-row systems: the chemsys validation part of
+    # seed 3 takes Al-Ni whole, which the splits warn about.
+    firsts = ("Co", "Cu", "Ti", "V", "Cr", "Mn")
+    seconds = ("Fe", "Zn", "Mo", "W", "Nb")
+    rows = [f"Ni{i}Al{31 - i},{-0.01 * i}" for i in range(1, 31)]
+    rows += [f"{a}{b},-0.05" for a in firsts for b in seconds]
+    csv = tmp_path / "lopsided.csv"
+    csv.write_text("formula,target\n" + "\n".join(rows) + "\n")
+    spec = RunSpec(data=str(csv), preset=TINY, seeds=[2, 3], methods=["random"])
+    experiment = Experiment(spec, tmp_path / "out")
+    with caplog.at_level(logging.WARNING, logger="dvmrl.splits"):
+        experiment.prepare()
+        assert "dvmrl.splits" not in [record.name for record in caplog.records]
+        pools = make_pools(experiment.df, "chemsys", 3, TINY)
+    experiment.close()
+    warnings = [r for r in caplog.records if r.name == "dvmrl.splits"]
+    assert len(pools.split.val) > 20
+    assert len(warnings) == 1
+    assert "in the validation part" in warnings[0].getMessage()
 
 
 def test_occupied_folder_rejected(finished_run, tmp_path):

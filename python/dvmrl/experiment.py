@@ -1287,9 +1287,17 @@ class Experiment:
 
     def _check_data_size(self) -> None:
         """Raise ValueError, before anything is written, when a split is too small."""
-        for seed in self.spec.seeds:
-            for kind in ("random", "chemsys"):
-                split_for_run(self.df, kind, seed)
+        # make_pools makes these splits again and logs their lopsided-split
+        # warnings then, so this check keeps them from printing twice.
+        splits_logger = logging.getLogger("dvmrl.splits")
+        disabled = splits_logger.disabled
+        splits_logger.disabled = True
+        try:
+            for seed in self.spec.seeds:
+                for kind in ("random", "chemsys"):
+                    split_for_run(self.df, kind, seed)
+        finally:
+            splits_logger.disabled = disabled
 
     def _lock_folder(self) -> None:
         """Take the output folder's lock (see FolderLock) until close() or exit."""
