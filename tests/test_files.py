@@ -112,6 +112,36 @@ def test_read_only_folder_named(tmp_path):
     assert caught.value.filename == str(folder)
 
 
+def test_text_with_surrogates_escaped(tmp_path):
+    # A command line with the bytes of a Latin-1 file name reaches Python as
+    # lone surrogates, which strict UTF-8 cannot encode.
+    path = tmp_path / "report.md"
+    write_text_atomic(path, "--out run-lat\udce9n\n")
+    assert path.read_text(encoding="utf-8") == "--out run-lat\\udce9n\n"
+
+
+def test_long_name_written(tmp_path):
+    # A 250-byte name fits the file system, but not with a temporary file's
+    # random part and suffix added to it.
+    path = tmp_path / ("a" * 246 + ".txt")
+    write_text_atomic(path, "x")
+    assert path.read_text() == "x"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_failed_rename_names_path(tmp_path, monkeypatch):
+    # The temporary file is removed after a failed rename, so the message
+    # names the target instead.
+    def fail(source, target):
+        raise OSError(errno.ENOSPC, "No space left on device", source)
+
+    monkeypatch.setattr(_files.os, "replace", fail)
+    with pytest.raises(OSError) as caught:
+        write_text_atomic(tmp_path / "run.json", "{}")
+    assert caught.value.filename == str(tmp_path / "run.json")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_json_ready_converts_for_strict_json(tmp_path):
     import json
     import math

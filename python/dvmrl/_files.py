@@ -18,6 +18,11 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
+# Maximum name prefix, in bytes, of a temporary file beside its target.
+# mkstemp adds 8 random characters and the suffix, and most file systems
+# allow 255 bytes per name.
+MAX_TEMPORARY_PREFIX_BYTES = 200
+
 
 def json_ready(value: Any) -> Any:
     """Return ``value`` converted for strict JSON.
@@ -77,21 +82,31 @@ def write_atomic(
     target = Path(os.path.realpath(path))
     open_mode = "wb" if binary else "w"
     encoding = None if binary else "utf-8"
+    # A path from the command line may carry bytes that are not UTF-8, as
+    # lone surrogates. Text such as a report writes them as \udcXX.
+    errors = None if binary else "backslashreplace"
+    temporary = None
     try:
         if target.exists() and not target.is_file():
-            with open(target, open_mode, encoding=encoding) as stream:
+            with open(target, open_mode, encoding=encoding, errors=errors) as stream:
                 write(stream)
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
+        # Most file systems allow 255 bytes per name, so a long name gets a
+        # short prefix that leaves room for the random part and the suffix.
+        stem = target.name
+        if len(os.fsencode(stem)) > MAX_TEMPORARY_PREFIX_BYTES:
+            stem = stem[: MAX_TEMPORARY_PREFIX_BYTES // 4]
         try:
             handle, temporary = tempfile.mkstemp(
-                dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
+                dir=target.parent, prefix=f".{stem}.", suffix=".tmp"
             )
         except OSError as err:
             # Name the folder that rejects new files, not the temporary name.
             raise OSError(err.errno, err.strerror, os.fspath(target.parent)) from err
         try:
-            with os.fdopen(handle, open_mode, encoding=encoding) as stream:
+            opened = os.fdopen(handle, open_mode, encoding=encoding, errors=errors)
+            with opened as stream:
                 write(stream)
                 if fsync:
                     stream.flush()
@@ -102,9 +117,10 @@ def write_atomic(
             Path(temporary).unlink(missing_ok=True)
             raise
     except OSError as err:
-        if err.filename is not None:
+        if err.filename is not None and err.filename != temporary:
             raise
-        # A failed write or flush (a full device) names no file.
+        # A failed write or flush (a full device) names no file, and the
+        # temporary file is gone by now, so the message names the path.
         raise OSError(err.errno, err.strerror, os.fspath(path)) from err
     return target
 

@@ -161,7 +161,10 @@ def _progress_factory(enabled: bool):
 
 def _attach_log_file(out_dir: Path) -> logging.Handler:
     out_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out_dir / LOG_FILE, encoding="utf-8")
+    # A path that is not UTF-8 reaches the log as \udcXX escapes.
+    handler = logging.FileHandler(
+        out_dir / LOG_FILE, encoding="utf-8", errors="backslashreplace"
+    )
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
