@@ -1,5 +1,7 @@
 """Tests of reading damaged, foreign and pickled agent and replay-buffer files."""
 
+import errno
+import io
 import json
 import logging
 import os
@@ -153,6 +155,32 @@ def test_agent_finite_file_loads(saved):
     agent_path, _ = saved
     agent = DQNAgent.load(agent_path)
     assert agent.gradient_steps == 1
+
+
+def test_agent_full_disk_names_path(tmp_path, monkeypatch):
+    # A stand-in for the temporary file's stream that fails as a full disk
+    # does after 4 KB: torch.save's zip writer turns the OSError into a
+    # RuntimeError that names no file.
+    from dvmrl import _files
+
+    class FullStream(io.BytesIO):
+        def write(self, data):
+            if self.tell() + len(data) > 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    def open_full(handle, *args, **kwargs):
+        os.close(handle)
+        return FullStream()
+
+    monkeypatch.setattr(_files.os, "fdopen", open_full)
+    agent = DQNAgent(3, 4, AgentConfig(**{**SMALL, "hidden": (256, 256)}))
+    path = tmp_path / "agent.pt"
+    with pytest.raises(OSError) as caught:
+        agent.save(path)
+    assert caught.value.strerror == "No space left on device"
+    assert caught.value.filename == str(path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_agent_folder_named(tmp_path):

@@ -924,9 +924,11 @@ class DQNAgent:
                 instance the meta-training command and wall time).
             buffer_path: where to write the replay buffer as npz; None skips it.
         """
+        from dvmrl.training.checkpoint import save_torch_atomic
+
         state = self.state_dict()
         state["metadata_json"] = json.dumps(metadata or {})
-        write_atomic(path, lambda f: torch.save(state, f), binary=True)
+        save_torch_atomic(path, state)
         if buffer_path is not None:
             self.buffer.save(buffer_path)
 

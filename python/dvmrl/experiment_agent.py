@@ -176,6 +176,8 @@ def save_episode(env, constructor: dict[str, Any], folder: Path, extra: dict) ->
     Raises:
         EpisodeStateError: for an attribute of a type the snapshot cannot store.
     """
+    from dvmrl.training.checkpoint import save_torch_atomic
+
     folder.mkdir(parents=True)
     manifest: dict[str, Any] = {"format": EPISODE_FORMAT, "entries": {}, "extra": extra}
     arrays: dict[str, np.ndarray] = {}
@@ -225,7 +227,9 @@ def save_episode(env, constructor: dict[str, Any], folder: Path, extra: dict) ->
         manifest["entries"][name] = entry
     with open(folder / "arrays.npz", "wb") as handle:
         np.savez(handle, **arrays)
-    torch.save(tensors, folder / "tensors.pt")
+    # Through a Python stream, so a full disk raises an OSError that names
+    # the file (torch.save to a path raises a RuntimeError without one).
+    save_torch_atomic(folder / "tensors.pt", tensors)
     (folder / "episode.json").write_text(json.dumps(manifest), encoding="utf-8")
 
 

@@ -145,9 +145,23 @@ def write_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
             "tensors_sha256": tensors_digest(document),
         }
     )
+    save_torch_atomic(path, document, fsync=True)
+    return path
+
+
+def save_torch_atomic(
+    path: str | os.PathLike, obj: Any, *, fsync: bool = False
+) -> Path:
+    """Write ``obj`` with ``torch.save`` to ``path`` through :func:`write_atomic`.
+
+    Raises:
+        KeyboardInterrupt: for a Ctrl-C during the write.
+        OSError: naming ``path``, for a failed write (a full disk, the file
+            size limit).
+    """
     try:
-        write_atomic(
-            path, lambda stream: torch.save(document, stream), binary=True, fsync=True
+        return write_atomic(
+            path, lambda stream: torch.save(obj, stream), binary=True, fsync=fsync
         )
     except BaseException as err:
         # Ctrl-C inside torch.save makes its zip writer fail on exit with a
@@ -160,9 +174,8 @@ def write_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
         # RuntimeError that names no file. Raise the OSError for this path.
         system = _cause_of_type(err, OSError)
         if system is not None and not isinstance(err, OSError):
-            raise OSError(system.errno, system.strerror, str(path)) from err
+            raise OSError(system.errno, system.strerror, os.fspath(path)) from err
         raise
-    return path
 
 
 def tensors_digest(document: dict[str, Any]) -> str:
