@@ -212,6 +212,14 @@ def _interrupt_before_first_state(out, data_csv, monkeypatch):
         assert main([*argv, "--out", str(out)]) == 130
 
 
+def test_resume_hint_quotes_path(tmp_path, data_csv, monkeypatch, capsys):
+    # The hint is a command to paste, so a folder name with a space is quoted.
+    out = tmp_path / "my run"
+    _interrupt_before_first_state(out, data_csv, monkeypatch)
+    err = capsys.readouterr().err
+    assert f"continue with: dvmrl train --resume --out '{out}'" in err
+
+
 def test_resume_interrupted_before_first_state(
     tmp_path, data_csv, monkeypatch, capsys
 ):

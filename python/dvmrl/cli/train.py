@@ -875,7 +875,7 @@ def _resumed_run_config(out: Path, requested: dict[str, Any]) -> dict[str, Any]:
     if isinstance(stored, dict) and stored.get("format") == "dvmrl-run":
         raise UsageError(
             f"--resume: {out} contains a dvmrl run (the main job), not a dvmrl train "
-            f"run; continue it with dvmrl run --resume --out {out}"
+            f"run; continue it with dvmrl run --resume --out {shlex.quote(str(out))}"
         )
     if not isinstance(stored, dict) or not isinstance(stored.get("train", {}), dict):
         raise ValueError(
@@ -1119,10 +1119,9 @@ def run_train(args: argparse.Namespace) -> int:
             # Interrupted while a member was set up or the members' results
             # were combined: the run folder resumes as after an epoch.
             if resumable:
-                print(
-                    f"continue with: dvmrl train --resume --out {resumable[0]}",
-                    file=sys.stderr,
-                )
+                out = shlex.quote(str(resumable[0]))
+                hint = f"continue with: dvmrl train --resume --out {out}"
+                print(hint, file=sys.stderr)
             raise
 
 
@@ -1315,7 +1314,10 @@ def _run_train(
         try:
             _train_in_processes(args, jobs, processes, run_config, out)
         except KeyboardInterrupt:
-            print(f"continue with: dvmrl train --resume --out {out}", file=sys.stderr)
+            print(
+                f"continue with: dvmrl train --resume --out {shlex.quote(str(out))}",
+                file=sys.stderr,
+            )
             return 130
     for job in jobs if processes == 1 else []:
         folder, label = Path(job["folder"]), job["label"]
@@ -1333,7 +1335,10 @@ def _run_train(
             # An --lr that is too large is a bad setting, not a failure of dvmrl.
             raise UsageError(_diverged_message(err, out, label)) from err
         if trainer is None:
-            print(f"continue with: dvmrl train --resume --out {out}", file=sys.stderr)
+            print(
+                f"continue with: dvmrl train --resume --out {shlex.quote(str(out))}",
+                file=sys.stderr,
+            )
             return 130
         trainer.save(folder / MODEL_FILE, metadata=job["metadata"])
         trainer.save(folder / STATE_FILE, metadata=job["metadata"])
@@ -1503,7 +1508,7 @@ def _train_in_processes(
     except _member_processes.MemberFailed as err:
         raise _member_processes.MemberFailed(
             f"{err}; the other members stopped after their last finished epoch; "
-            f"continue with: dvmrl train --resume --out {out}"
+            f"continue with: dvmrl train --resume --out {shlex.quote(str(out))}"
         ) from err
     except TrainingDivergedError as err:
         member = getattr(err, "member", None)
