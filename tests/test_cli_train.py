@@ -212,6 +212,34 @@ def _interrupt_before_first_state(out, data_csv, monkeypatch):
         assert main([*argv, "--out", str(out)]) == 130
 
 
+def test_disk_error_advises_resume(tmp_path, data_csv, monkeypatch, capsys):
+    import errno
+
+    import dvmrl.cli.train as train_cli
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "member-0/last.pt")
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(train_cli, "_fit_member", full_disk)
+    argv = ["train", "--data", str(data_csv), "--epochs", "1", *TINY]
+    assert main([*argv, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device: member-0/last.pt" in err
+    assert "continue the run with the same command and --resume" in err
+
+
+def test_long_out_path_not_resumable(tmp_path, data_csv, capsys):
+    # Rejected before anything is written, so there is nothing to resume.
+    out = tmp_path / ("x" * 300)
+    argv = ["train", "--data", str(data_csv), "--epochs", "1", *TINY]
+    assert main([*argv, "--out", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert "File name too long" in err
+    assert "choose a shorter path" in err
+    assert "--resume" not in err
+
+
 def test_resume_hint_quotes_path(tmp_path, data_csv, monkeypatch, capsys):
     # The hint is a command to paste, so a folder name with a space is quoted.
     out = tmp_path / "my run"

@@ -18,12 +18,14 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import errno
 import importlib
 import logging
 import signal
 import sys
 import threading
 import traceback
+from pathlib import Path
 
 from dvmrl.cli._common import (
     EXIT_FAILURE,
@@ -129,6 +131,24 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     return args
 
 
+def _has_saved_state(out: str) -> bool:
+    """Return whether ``out`` contains something that --resume can continue.
+
+    ``out`` is the run folder of train and run, or the agent file of agent
+    train, whose progress file lies beside it. A path that the system
+    rejected before anything was written contains nothing to resume.
+    """
+    from dvmrl.meta import state_paths
+
+    path = Path(out)
+    try:
+        if path.is_dir():
+            return any(path.iterdir())
+        return state_paths(path)["progress"].is_file()
+    except OSError:
+        return False
+
+
 def _silence_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
@@ -223,7 +243,10 @@ def _main(argv: list[str] | None) -> int:
         message = err.strerror or str(err)
         if err.filename is not None:
             message = f"{message}: {err.filename}"
-        if hasattr(args, "resume") and getattr(args, "out", None):
+        if err.errno == errno.ENAMETOOLONG:
+            message += "; choose a shorter path"
+        out = getattr(args, "out", None)
+        if hasattr(args, "resume") and out and _has_saved_state(out):
             # Commands with --resume keep what they finished before the error.
             message += (
                 "; after fixing that, continue the run with the same command and "
