@@ -490,6 +490,15 @@ def test_run_one_chemical_system_rejected(tmp_path, capsys):
     assert "test_fraction" not in err
 
 
+def test_run_out_broken_link_named(tmp_path, capsys):
+    link = tmp_path / "dang"
+    link.symlink_to(tmp_path / "nowhere" / "deep")
+    assert main(["run", "--budget", "quick", "--out", str(link)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {link} is a symbolic link to" in err
+    assert "which does not exist or loops" in err
+
+
 def test_run_records_stated_target_kind(tmp_path):
     from conftest import write_fetched_csv
     from dvmrl.cli import build_parser

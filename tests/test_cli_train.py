@@ -229,6 +229,16 @@ def test_disk_error_advises_resume(tmp_path, data_csv, monkeypatch, capsys):
     assert "continue the run with the same command and --resume" in err
 
 
+def test_train_out_broken_link_named(tmp_path, data_csv, capsys):
+    link = tmp_path / "dang"
+    link.symlink_to(tmp_path / "nowhere" / "deep")
+    argv = ["train", "--data", str(data_csv), "--epochs", "1", *TINY]
+    assert main([*argv, "--out", str(link)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot use path '{link}': it is a symbolic link to" in err
+    assert "which does not exist or loops" in err
+
+
 def test_long_out_path_not_resumable(tmp_path, data_csv, capsys):
     # Rejected before anything is written, so there is nothing to resume.
     out = tmp_path / ("x" * 300)

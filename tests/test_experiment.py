@@ -393,6 +393,25 @@ def test_size_check_defers_split_warnings(tmp_path, caplog):
     assert "in the validation part" in warnings[0].getMessage()
 
 
+def test_unwritable_parent_named(tmp_path, monkeypatch):
+    # Root ignores folder permissions, so a stand-in for mkdir fails as it
+    # does below a read-only folder.
+    import errno
+
+    out = tmp_path / "ro" / "new"
+    (tmp_path / "ro").mkdir()
+
+    def reject(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", reject)
+    spec = RunSpec(preset=TINY, seeds=[0], methods=["random"])
+    with pytest.raises(RunDirectoryError) as caught:
+        Experiment(spec, out).prepare()
+    message = str(caught.value)
+    assert f"cannot create output folder {out}: {tmp_path / 'ro'} is not" in message
+
+
 def test_occupied_folder_rejected(finished_run, tmp_path):
     out, _ = finished_run
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}

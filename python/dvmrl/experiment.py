@@ -1321,9 +1321,27 @@ class Experiment:
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             probe_folder(self.out_dir)
+        except FileExistsError as err:
+            # mkdir reports a symbolic link to nowhere as an existing file.
+            if not self.out_dir.is_symlink():
+                raise
+            raise RunDirectoryError(
+                f"--out {self.out_dir} is a symbolic link to "
+                f"{os.readlink(self.out_dir)!r}, which does not exist or loops; "
+                "create its target as a folder or choose another --out"
+            ) from err
         except OSError as err:
             if not isinstance(err, PermissionError) and err.errno != errno.EROFS:
                 raise
+            if not self.out_dir.is_dir():
+                # The folder could not be created: its nearest existing
+                # ancestor rejects new entries.
+                parent = next(p for p in self.out_dir.parents if p.is_dir())
+                raise RunDirectoryError(
+                    f"cannot create output folder {self.out_dir}: {parent} is not "
+                    f"writable ({err.strerror}); make it writable or choose "
+                    "another --out"
+                ) from err
             raise RunDirectoryError(
                 f"output folder {self.out_dir} is not writable ({err.strerror}); "
                 "make it writable or choose another --out"

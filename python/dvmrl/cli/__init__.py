@@ -131,6 +131,14 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     return args
 
 
+def _is_broken_link(path: str) -> bool:
+    """Return whether ``path`` is a symbolic link whose target does not resolve."""
+    try:
+        return os.path.islink(path) and not os.path.exists(path)
+    except (OSError, ValueError):
+        return False
+
+
 def _has_saved_state(out: str) -> bool:
     """Return whether ``out`` contains something that --resume can continue.
 
@@ -219,6 +227,13 @@ def _main(argv: list[str] | None) -> int:
             traceback.print_exc()
         if err.filename is None:
             message = str(err)  # raised by dvmrl with its own message
+        elif _is_broken_link(err.filename):
+            # mkdir reports a link to nowhere as an existing file.
+            message = (
+                f"cannot use path {err.filename!r}: it is a symbolic link to "
+                f"{os.readlink(err.filename)!r}, which does not exist or loops; "
+                "create its target as a folder or choose another path"
+            )
         else:
             message = (
                 f"cannot use path {err.filename!r}: {err.strerror}; "
