@@ -212,23 +212,6 @@ def _interrupt_before_first_state(out, data_csv, monkeypatch):
         assert main([*argv, "--out", str(out)]) == 130
 
 
-def test_disk_error_advises_resume(tmp_path, data_csv, monkeypatch, capsys):
-    import errno
-
-    import dvmrl.cli.train as train_cli
-
-    def full_disk(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", "member-0/last.pt")
-
-    out = tmp_path / "run"
-    monkeypatch.setattr(train_cli, "_fit_member", full_disk)
-    argv = ["train", "--data", str(data_csv), "--epochs", "1", *TINY]
-    assert main([*argv, "--out", str(out)]) == 1
-    err = capsys.readouterr().err
-    assert "No space left on device: member-0/last.pt" in err
-    assert "continue the run with the same command and --resume" in err
-
-
 def test_train_out_broken_link_named(tmp_path, data_csv, capsys):
     link = tmp_path / "dang"
     link.symlink_to(tmp_path / "nowhere" / "deep")
@@ -1665,11 +1648,17 @@ def test_write_failure_names_resume(tmp_path, monkeypatch, capsys):
         raise OSError(28, "No space left on device", str(tmp_path / "out" / "last.pt"))
 
     monkeypatch.setattr(train_cli, "run_train", disk_full)
+    # The advice needs a run to continue: the folder contains run.json.
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "run.json").write_text("{}")
     code = main(["train", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 1
     assert "No space left on device" in err
     assert "continue the run with the same command and --resume" in err
+    # An output folder that was never created contains nothing to continue.
+    assert main(["train", "--out", str(tmp_path / "new")]) == 1
+    assert "--resume" not in capsys.readouterr().err
     # predict has no --resume, so its message has no such hint.
     monkeypatch.setattr(train_cli, "run_predict", disk_full)
     assert main(["predict", "model.pt", "NiAl"]) == 1
