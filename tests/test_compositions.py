@@ -231,6 +231,10 @@ def test_parse_metals_only():
         parse("Fe2O3", metals_only=True)
     with pytest.raises(CompositionError, match="B, C are not metals"):
         parse("FeBC", metals_only=True)
+    # Metallurgists count Si among alloying elements, so the message says
+    # which metalloids pymatgen calls non-metals.
+    with pytest.raises(CompositionError, match="metalloids B, Si, Ge, As, Sb, Te"):
+        parse("Fe3Si", metals_only=True)
 
 
 def test_parse_metals_only_case_hint():

@@ -423,8 +423,9 @@ def _check_metals(formula: str, symbols, case_hint: str | None) -> None:
         return
     verb = "is not a metal" if len(non_metals) == 1 else "are not metals"
     reason = (
-        f"{', '.join(non_metals)} {verb} (pymatgen Element.is_metal) and this "
-        "input takes metals only"
+        f"{', '.join(non_metals)} {verb} (pymatgen Element.is_metal, which also "
+        "counts the metalloids B, Si, Ge, As, Sb, Te and Po as non-metals) and "
+        "this input takes metals only"
     )
     if case_hint is not None:
         reason += f"; if the letter case is wrong, did you mean {case_hint!r}?"
