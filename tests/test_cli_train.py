@@ -1467,7 +1467,12 @@ def test_predict_output_keeps_input_columns(trained, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("column", "written_as"), [("alloy", "alloy"), ("composition", "composition_input")]
+    ("column", "written_as"),
+    [
+        ("alloy", "alloy"),
+        ("composition", "composition_input"),
+        ("Composition", "Composition_input"),
+    ],
 )
 def test_predict_keeps_formula_column_name(trained, tmp_path, column, written_as):
     source = tmp_path / "in.csv"

@@ -501,8 +501,8 @@ def _add_predict_parser(subparsers) -> None:
         metavar="FILE.csv",
         help="write the predictions as CSV instead of a table on stdout; with "
         "--input, the formulas keep the name of their column and the CSV also "
-        "keeps the input's other columns (a name that the predictions use "
-        "gets the suffix _input)",
+        "keeps the input's other columns (a name that the predictions use, in "
+        "any letter case, gets the suffix _input)",
     )
     parser.add_argument(
         "--alloy-notation",
@@ -2329,8 +2329,13 @@ def _read_formula_csv(
 
 
 def _free_name(name: str, used_names) -> str:
-    """Return ``name`` with "_input" appended until it is not in ``used_names``."""
-    while name in used_names:
+    """Return ``name`` with "_input" appended until it is not in ``used_names``.
+
+    Names are compared without letter case, because spreadsheets and
+    case-blind tools read Composition and composition as one column.
+    """
+    used = {str(used_name).casefold() for used_name in used_names}
+    while name.casefold() in used:
         name = f"{name}_input"
     return name
 
