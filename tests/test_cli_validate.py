@@ -198,6 +198,9 @@ def test_validate_prints_table(checkpoint, tmp_path, capsys):
     # The checkpoint's random split names no element, so the default is explained.
     element = report["shift_holdout_element"]
     assert f"The element split holds out {element}, the element whose" in printed
+    # Those two splits separate the sets by their elements by construction.
+    assert f"element ({element} held out) and binary-to-ternary: the parts" in printed
+    assert "an AUC near 1 is expected there and is no warning" in printed
 
 
 def test_validate_warns_whole_pool(checkpoint, tmp_path, caplog):
