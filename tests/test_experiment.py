@@ -412,6 +412,14 @@ def test_unwritable_parent_named(tmp_path, monkeypatch):
     assert f"cannot create output folder {out}: {tmp_path / 'ro'} is not" in message
 
 
+def test_report_explains_chosen_configurations(finished_run):
+    out, _ = finished_run
+    text = (out / "report.md").read_text()
+    section = text.split("## Chosen configurations", 1)[1]
+    assert "the configuration of the model that the method kept" in section
+    assert "can come before its last architecture moves" in section
+
+
 def test_occupied_folder_rejected(finished_run, tmp_path):
     out, _ = finished_run
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}

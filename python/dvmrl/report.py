@@ -985,6 +985,10 @@ def _config_lines(report: dict[str, Any]) -> list[str]:
     lines = [
         "## Chosen configurations",
         "",
+        "Each row is the configuration of the model that the method kept. The "
+        "agent keeps its best-validation state, which can come before its last "
+        "architecture moves in run.log.",
+        "",
         "| method | seed | lr | batch size | weight decay | dropout | layers | hidden "
         "| epochs used by the method | seconds |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
