@@ -479,13 +479,34 @@ def test_train_interrupt_names_checkpoint(tmp_path, monkeypatch, caplog, capsys)
     assert len(progress["history"]) == 5
 
 
+def interrupt_staged_replace(monkeypatch, episodes: int) -> list:
+    """Raise one Ctrl-C as the checkpoint after ``episodes`` commits its staged files.
+
+    Returns the list that receives the interrupted source path.
+    """
+    import os
+
+    import dvmrl.meta
+
+    real_replace = os.replace
+    interrupted = []
+
+    def replace(source, target):
+        # One Ctrl-C: the handler's own replace of the file goes through.
+        if str(source).endswith(f".staged-{episodes}") and not interrupted:
+            interrupted.append(source)
+            raise KeyboardInterrupt
+        real_replace(source, target)
+
+    monkeypatch.setattr(dvmrl.meta.os, "replace", replace)
+    return interrupted
+
+
 @pytest.mark.parametrize(
     "moment", ["before the progress file", "after the progress file"]
 )
 def test_train_interrupt_inside_checkpoint(tmp_path, monkeypatch, caplog, moment):
     """A checkpoint cut short leaves agent, buffer and progress of one episode."""
-    import os
-
     import dvmrl.meta
 
     out = tmp_path / "agent.pt"
@@ -501,17 +522,7 @@ def test_train_interrupt_inside_checkpoint(tmp_path, monkeypatch, caplog, moment
 
         monkeypatch.setattr(dvmrl.meta, "write_text_atomic", write)
     else:
-        real_replace = os.replace
-        interrupted = []
-
-        def replace(source, target):
-            # One Ctrl-C: the handler's own replace of the file goes through.
-            if str(source).endswith(".staged-2") and not interrupted:
-                interrupted.append(source)
-                raise KeyboardInterrupt
-            real_replace(source, target)
-
-        monkeypatch.setattr(dvmrl.meta.os, "replace", replace)
+        interrupt_staged_replace(monkeypatch, episodes=2)
     with caplog.at_level(logging.WARNING):
         assert main(args) == 130
     monkeypatch.undo()
@@ -532,23 +543,10 @@ def test_train_interrupt_inside_checkpoint(tmp_path, monkeypatch, caplog, moment
 
 def test_train_interrupt_inside_final_checkpoint(tmp_path, monkeypatch, caplog):
     # With --checkpoint-every above --episodes only the final checkpoint runs.
-    import os
-
-    import dvmrl.meta
-
     out = tmp_path / "agent.pt"
     paths = state_paths(out)
     args = [*TRAIN, "--checkpoint-every", "5", "--episodes", "2", "--out", str(out)]
-    real_replace = os.replace
-    interrupted = []
-
-    def replace(source, target):
-        if str(source).endswith(".staged-2") and not interrupted:
-            interrupted.append(source)
-            raise KeyboardInterrupt
-        real_replace(source, target)
-
-    monkeypatch.setattr(dvmrl.meta.os, "replace", replace)
+    interrupted = interrupt_staged_replace(monkeypatch, episodes=2)
     with caplog.at_level(logging.WARNING):
         assert main(args) == 130
     monkeypatch.undo()
