@@ -274,6 +274,29 @@ def test_validate_checks_out_first(checkpoint, tmp_path, capsys, monkeypatch):
     assert "is a file" in err
 
 
+def test_validate_folder_in_use_rejected(checkpoint, tmp_path, capsys):
+    # Another validate has the folder locked: this one stops before any attack.
+    from dvmrl._files import FolderLock
+
+    out = tmp_path / "v"
+    out.mkdir()
+    with FolderLock(out):
+        code = main(["validate", str(checkpoint), "--out", str(out), *FAST])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"--out {out} is in use by another dvmrl process" in err
+    assert "--resume" not in err
+    assert not any(out.iterdir())
+
+
+def test_validate_failure_removes_new_folder(checkpoint, tmp_path, capsys):
+    out = tmp_path / "new"
+    missing = str(tmp_path / "missing.csv")
+    code = main(["validate", str(checkpoint), "--data", missing, "--out", str(out)])
+    assert code == 2
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     ("name", "content"),
     [("run.json", "{}"), ("report.json", '{"format": "dvmrl-report"}')],

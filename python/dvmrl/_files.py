@@ -213,6 +213,7 @@ class FolderLock:
         option: the command-line option that named the output.
         reported_path: the path that messages name (default: ``folder``).
         lock_file: lock the file ``folder`` instead of a folder.
+        resumable: the command has --resume, which the message then names.
     """
 
     def __init__(
@@ -221,11 +222,13 @@ class FolderLock:
         option: str = "--out",
         reported_path: str | os.PathLike | None = None,
         lock_file: bool = False,
+        resumable: bool = True,
     ) -> None:
         self.folder = Path(folder)
         self.option = option
         self.reported_path = Path(folder if reported_path is None else reported_path)
         self.lock_file = lock_file
+        self.resumable = resumable
         self._fd: int | None = None
 
     def acquire(self) -> FolderLock:
@@ -238,11 +241,12 @@ class FolderLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
+            then = ""
+            if self.resumable:
+                then = " (then pass --resume to continue its work)"
             raise FolderInUseError(
                 f"{self.option} {self.reported_path} is in use by another dvmrl "
-                "process; "
-                "wait for it to end (then pass --resume to continue its work) or "
-                f"choose another {self.option}"
+                f"process; wait for it to end{then} or choose another {self.option}"
             ) from None
         except OSError as err:
             os.close(fd)

@@ -607,7 +607,29 @@ def _records(frame) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Attack the checkpoint's test compositions and write the report."""
+    """Attack the checkpoint's test compositions and write the report.
+
+    The output folder is locked from the start, so a second validate into
+    it stops at once instead of replacing this one's files at the end.
+    """
+    from dvmrl._files import FolderLock
+
+    strategies = _check_arguments(args)
+    out = Path(args.out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with FolderLock(out, resumable=False):
+            return _validate(args, strategies)
+    except BaseException:
+        # A folder made for a run that failed stays behind only if it has files.
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _validate(args: argparse.Namespace, strategies: list[str]) -> int:
+    """Run validate after its arguments are checked and its folder is locked."""
     from dvmrl.adversarial import robustness_radius, vulnerability
     from dvmrl.datasets import resolve_data
     from dvmrl.elements import ELEMENTS
@@ -620,7 +642,6 @@ def run(args: argparse.Namespace) -> int:
     )
     from dvmrl.splits import distinct_alloy_rows
 
-    strategies = _check_arguments(args)
     device = setup_compute(args)
     started = time.perf_counter()
     from dvmrl.cli.train import (
