@@ -22,7 +22,6 @@ from dvmrl.experiment import (
     Preset,
     RunDirectoryError,
     RunSpec,
-    make_pools,
     resolve_preset,
     run_experiment,
 )
@@ -371,9 +370,10 @@ def test_non_finite_robustness_recorded(tmp_path, agent_file, monkeypatch):
     assert re.search(r"\| robustness radius[^\n]*\| n/a \|", text)
 
 
-def test_size_check_defers_split_warnings(tmp_path, caplog):
+def test_run_split_warnings_logged_once(tmp_path, caplog):
     # 30 Al-Ni rows and 30 one-row systems: the chemsys validation part of
-    # seed 3 takes Al-Ni whole, which the splits warn about.
+    # seed 3 takes Al-Ni whole, which the splits warn about. The size check
+    # makes the split, and the pools reuse it.
     firsts = ("Co", "Cu", "Ti", "V", "Cr", "Mn")
     seconds = ("Fe", "Zn", "Mo", "W", "Nb")
     rows = [f"Ni{i}Al{31 - i},{-0.01 * i}" for i in range(1, 31)]
@@ -384,8 +384,7 @@ def test_size_check_defers_split_warnings(tmp_path, caplog):
     experiment = Experiment(spec, tmp_path / "out")
     with caplog.at_level(logging.WARNING, logger="dvmrl.splits"):
         experiment.prepare()
-        assert "dvmrl.splits" not in [record.name for record in caplog.records]
-        pools = make_pools(experiment.df, "chemsys", 3, TINY)
+        pools = experiment.pools("chemsys", 3)
     experiment.close()
     warnings = [r for r in caplog.records if r.name == "dvmrl.splits"]
     assert len(pools.split.val) > 20

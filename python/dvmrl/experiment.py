@@ -676,9 +676,14 @@ def split_for_run(df, kind: str, seed: int):
     return split
 
 
-def make_pools(df, kind: str, seed: int, preset: Preset) -> Pools:
-    """Split ``df``, subsample the training and validation pools, featurise them."""
-    split = split_for_run(df, kind, seed)
+def make_pools(df, kind: str, seed: int, preset: Preset, split=None) -> Pools:
+    """Split ``df``, subsample the training and validation pools, featurise them.
+
+    ``split`` is the ``kind`` split of ``df`` for ``seed`` when the caller
+    made it already (default: made here with :func:`split_for_run`).
+    """
+    if split is None:
+        split = split_for_run(df, kind, seed)
     train = subsample(split.train, preset.max_train, derive_seed(seed, 1))
     val = subsample(split.val, preset.max_val, derive_seed(seed, 2))
     test = np.asarray(split.test, dtype=np.int64)
@@ -1176,6 +1181,8 @@ class Experiment:
         self.df = None
         self.data_info: dict[str, Any] = {}
         self._pools: dict[tuple[str, int], Pools] = {}
+        # Splits by (kind, seed), made once by the size check before any work.
+        self._splits: dict[tuple[str, int], Any] = {}
         self._lock: FolderLock | None = None
 
     # -- setup --------------------------------------------------------------
@@ -1286,18 +1293,14 @@ class Experiment:
         self._write_state()
 
     def _check_data_size(self) -> None:
-        """Raise ValueError, before anything is written, when a split is too small."""
-        # make_pools makes these splits again and logs their lopsided-split
-        # warnings then, so this check keeps them from printing twice.
-        splits_logger = logging.getLogger("dvmrl.splits")
-        disabled = splits_logger.disabled
-        splits_logger.disabled = True
-        try:
-            for seed in self.spec.seeds:
-                for kind in ("random", "chemsys"):
-                    split_for_run(self.df, kind, seed)
-        finally:
-            splits_logger.disabled = disabled
+        """Raise ValueError, before anything is written, when a split is too small.
+
+        The splits are kept for :meth:`pools`, so each is made, and each of
+        its lopsided-split warnings logged, once.
+        """
+        for seed in self.spec.seeds:
+            for kind in ("random", "chemsys"):
+                self._splits[(kind, seed)] = split_for_run(self.df, kind, seed)
 
     def _lock_folder(self) -> None:
         """Take the output folder's lock (see FolderLock) until close() or exit."""
@@ -1464,7 +1467,9 @@ class Experiment:
         """Return the featurised pools of one split kind and seed (cached)."""
         key = (kind, seed)
         if key not in self._pools:
-            self._pools[key] = make_pools(self.df, kind, seed, self.spec.preset)
+            self._pools[key] = make_pools(
+                self.df, kind, seed, self.spec.preset, split=self._splits.get(key)
+            )
         return self._pools[key]
 
     # -- the job ------------------------------------------------------------
@@ -1478,9 +1483,11 @@ class Experiment:
         for seed in self.spec.seeds:
             for method in self.spec.methods:
                 self.run_unit(method, seed)
-            # Pools of finished seeds are not needed again.
+            # Pools and splits of finished seeds are not needed again.
             for key in [k for k in self._pools if k[1] == seed]:
                 del self._pools[key]
+            for key in [k for k in self._splits if k[1] == seed]:
+                del self._splits[key]
         return write_report(self.out_dir)
 
     def run_unit(self, method: str, seed: int) -> dict[str, Any]:
