@@ -1119,10 +1119,13 @@ def run_train(args: argparse.Namespace) -> int:
             # Interrupted while a member was set up or the members' results
             # were combined: the run folder resumes as after an epoch.
             if resumable:
-                out = shlex.quote(str(resumable[0]))
-                hint = f"continue with: dvmrl train --resume --out {out}"
-                print(hint, file=sys.stderr)
+                print(_resume_hint(resumable[0]), file=sys.stderr)
             raise
+
+
+def _resume_hint(out: Path) -> str:
+    """Return the command that continues the train run in ``out``, ready to paste."""
+    return f"continue with: dvmrl train --resume --out {shlex.quote(str(out))}"
 
 
 def _run_train(
@@ -1314,10 +1317,7 @@ def _run_train(
         try:
             _train_in_processes(args, jobs, processes, run_config, out)
         except KeyboardInterrupt:
-            print(
-                f"continue with: dvmrl train --resume --out {shlex.quote(str(out))}",
-                file=sys.stderr,
-            )
+            print(_resume_hint(out), file=sys.stderr)
             return 130
     for job in jobs if processes == 1 else []:
         folder, label = Path(job["folder"]), job["label"]
@@ -1335,10 +1335,7 @@ def _run_train(
             # An --lr that is too large is a bad setting, not a failure of dvmrl.
             raise UsageError(_diverged_message(err, out, label)) from err
         if trainer is None:
-            print(
-                f"continue with: dvmrl train --resume --out {shlex.quote(str(out))}",
-                file=sys.stderr,
-            )
+            print(_resume_hint(out), file=sys.stderr)
             return 130
         trainer.save(folder / MODEL_FILE, metadata=job["metadata"])
         trainer.save(folder / STATE_FILE, metadata=job["metadata"])
@@ -1508,7 +1505,7 @@ def _train_in_processes(
     except _member_processes.MemberFailed as err:
         raise _member_processes.MemberFailed(
             f"{err}; the other members stopped after their last finished epoch; "
-            f"continue with: dvmrl train --resume --out {shlex.quote(str(out))}"
+            f"{_resume_hint(out)}"
         ) from err
     except TrainingDivergedError as err:
         member = getattr(err, "member", None)
@@ -2205,7 +2202,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     predictions, _ = _predict(model, batch, device, with_variance=False)
     y_true = df["target"].to_numpy(dtype=np.float64)[rows]
     threshold = args.stability_threshold
-    # The training run's threshold holds for its own data unless
+    # The training run's threshold applies to its own data unless
     # --target-kind names another kind, whose threshold then applies with
     # its labels.
     requested_kind = getattr(args, "target_kind", None)
