@@ -467,14 +467,22 @@ def test_cli_split_too_few_rows(tmp_path, capsys):
     assert sizes == {"train": 1, "val": 1, "test": 1}
 
 
+def _split_error(tmp_path, capsys, formulas: str, *options: str) -> str:
+    """Run data split on three rows of ``formulas``; check exit 2, return stderr."""
+    path = tmp_path / "n3.csv"
+    targets = (0.1, 0.2, 0.3)
+    rows = [f"{f},{t}" for f, t in zip(formulas.split(), targets, strict=True)]
+    path.write_text("formula,target\n" + "\n".join(rows) + "\n")
+    argv = ["data", "split", str(path), *options, "--out", str(tmp_path / "x.json")]
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
 def test_cli_split_no_room_for_validation(tmp_path, capsys):
     # The one row outside the held-out Zn cannot make a training and a
     # validation part, so no --val-fraction is suggested.
-    path = tmp_path / "n3.csv"
-    path.write_text("formula,target\nFeNi,0.1\nZnCo,0.2\nZnNi,0.3\n")
-    argv = ["data", "split", str(path), "--split", "element", "--holdout-element"]
-    assert main([*argv, "Zn", "--out", str(tmp_path / "x.json")]) == 2
-    err = capsys.readouterr().err
+    options = ["--split", "element", "--holdout-element", "Zn"]
+    err = _split_error(tmp_path, capsys, "FeNi ZnCo ZnNi", *options)
     assert "leaves 1 training row and no validation row" in err
     assert "pass --val-fraction 0 for no validation part" in err
     assert "or more" not in err
@@ -483,21 +491,15 @@ def test_cli_split_no_room_for_validation(tmp_path, capsys):
 
 def test_cli_split_random_no_room_names_test_fraction(tmp_path, capsys):
     # Two of three rows go to the test part, so a lower --test-fraction helps.
-    path = tmp_path / "n3.csv"
-    path.write_text("formula,target\nFeNi,0.1\nZnCo,0.2\nZnNi,0.3\n")
-    argv = ["data", "split", str(path), "--split", "random", "--test-fraction", "0.67"]
-    assert main([*argv, "--out", str(tmp_path / "x.json")]) == 2
-    err = capsys.readouterr().err
+    options = ["--split", "random", "--test-fraction", "0.67"]
+    err = _split_error(tmp_path, capsys, "FeNi ZnCo ZnNi", *options)
     assert "leaves 1 training row and no validation row" in err
     assert "no validation part, lower --test-fraction, or use more data" in err
 
 
 def test_cli_split_too_few_for_validation(tmp_path, capsys):
-    path = tmp_path / "n3.csv"
-    path.write_text("formula,target\nFeNi,0.1\nCoNi,0.2\nAlNi,0.3\n")
-    argv = ["data", "split", str(path), "--split", "random", "--test-fraction", "0.3"]
-    assert main([*argv, "--out", str(tmp_path / "x.json")]) == 2
-    err = capsys.readouterr().err
+    options = ["--split", "random", "--test-fraction", "0.3"]
+    err = _split_error(tmp_path, capsys, "FeNi CoNi AlNi", *options)
     assert "too few for a validation part at --val-fraction 0.1" in err
     assert "pass --val-fraction 0.17 or more, or 0 for no validation part" in err
 
