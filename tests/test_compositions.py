@@ -231,8 +231,8 @@ def test_parse_metals_only():
         parse("Fe2O3", metals_only=True)
     with pytest.raises(CompositionError, match="B, C are not metals"):
         parse("FeBC", metals_only=True)
-    # Metallurgists count Si among alloying elements, so the message says
-    # which metalloids pymatgen calls non-metals.
+    # Metallurgists count Si among alloying elements, so the message names
+    # the metalloids that pymatgen counts as non-metals.
     with pytest.raises(CompositionError, match="metalloids B, Si, Ge, As, Sb, Te"):
         parse("Fe3Si", metals_only=True)
 

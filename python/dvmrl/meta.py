@@ -483,7 +483,7 @@ def meta_train(
     except KeyboardInterrupt:
         # A checkpoint cut short leaves staged files: commit them when the
         # progress file already records them, else remove them, so the
-        # agent and buffer files hold the episode the message names.
+        # agent and buffer files contain the episode the message names.
         _settle_checkpoint(paths)
         _log_interrupt(paths, saved_episodes, episodes)
         raise

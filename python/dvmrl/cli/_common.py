@@ -293,28 +293,28 @@ def add_csv_column_options(
     add_target_kind_option(parser, default_note if kind_note is None else kind_note)
 
 
-def stated_or_given_kind(data: str, given: str | None) -> str | None:
-    """Return the target kind of ``data``: ``given``, else the one it states.
+def stated_or_given_kind(data: str, requested: str | None) -> str | None:
+    """Return the target kind of ``data``: the ``requested`` one, else its stated one.
 
     A vendored set or a fetched file states its own kind (None for other
     CSV files). reject_csv_options rejects --target-kind for a vendored set.
 
     Raises:
-        UsageError: when ``given`` contradicts the kind that a fetched file
+        UsageError: when ``requested`` contradicts the kind that a fetched file
             states.
     """
     from dvmrl.datasets import DATASETS, stated_target_kind
 
     stated = stated_target_kind(data)
-    if given is None:
+    if requested is None:
         return stated
-    if stated is not None and given != stated and data not in DATASETS:
+    if stated is not None and requested != stated and data not in DATASETS:
         raise UsageError(
-            f"--target-kind {given}: {data} is a file of dvmrl data fetch, whose "
+            f"--target-kind {requested}: {data} is a file of dvmrl data fetch, whose "
             f".json file beside it states that its targets are {stated}; drop "
             "--target-kind"
         )
-    return given
+    return requested
 
 
 def column_name(text: str) -> str:

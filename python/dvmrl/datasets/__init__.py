@@ -240,7 +240,7 @@ def resolve_data(
         elif target_kind == "energy_above_hull" and (frame["target"] < 0).any():
             logger.warning(
                 "%s: %d of %d targets are below 0 eV/atom, but energies above the "
-                "convex hull are never negative; if the file holds formation "
+                "convex hull are never negative; if the file contains formation "
                 "energies, pass --target-kind formation_energy (in Python, "
                 "target_kind='formation_energy')",
                 path,
