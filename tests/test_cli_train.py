@@ -1668,3 +1668,21 @@ def test_write_failure_names_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train_cli, "run_predict", disk_full)
     assert main(["predict", "model.pt", "NiAl"]) == 1
     assert "--resume" not in capsys.readouterr().err
+
+
+def test_scored_columns_take_kind_from_data_info():
+    # A checkpoint whose metadata states its kind only in data_info scores
+    # other files as that kind, as one with the top-level key does.
+    import argparse
+
+    from dvmrl.cli.train import scored_csv_columns
+
+    args = argparse.Namespace(target_kind=None)
+    only_info = {"data_info": {"target_kind": "energy_above_hull"}}
+    columns = scored_csv_columns(only_info, own_data=False, args=args)
+    assert columns["target_kind"] == "energy_above_hull"
+    top_level = {"target_kind": "energy_above_hull"}
+    assert scored_csv_columns(top_level, own_data=False, args=args) == columns
+    args = argparse.Namespace(target_kind="formation_energy")
+    columns = scored_csv_columns(only_info, own_data=False, args=args)
+    assert columns["target_kind"] == "formation_energy"

@@ -1860,8 +1860,9 @@ def scored_csv_columns(metadata: dict, own_data: bool, args) -> dict[str, str]:
     hull energies.
     """
     columns = csv_columns(metadata if own_data else {}, args)
-    if args.target_kind is None and metadata.get("target_kind"):
-        columns["target_kind"] = metadata["target_kind"]
+    trained_kind = trained_target_kind(metadata)
+    if args.target_kind is None and trained_kind:
+        columns["target_kind"] = trained_kind
     return columns
 
 
@@ -2209,7 +2210,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if (
         threshold is None
         and same_data
-        and requested_kind in (None, metadata.get("target_kind"))
+        and requested_kind in (None, trained_target_kind(metadata))
     ):
         threshold = metadata.get("stability_threshold")
     if threshold is None:
@@ -2370,7 +2371,7 @@ def _domain_warnings(
     # Checkpoints that store no minimum element count skip the lower-bound check.
     min_elements = domain.get("min_elements", metadata.get("training_min_elements"))
     min_fraction = domain.get("min_fraction")
-    formation = metadata.get("target_kind") == "formation_energy"
+    formation = trained_target_kind(metadata) == "formation_energy"
     known = set(elements)
     extrapolation = "the prediction is an extrapolation outside the training domain"
     warnings = []
@@ -2521,7 +2522,7 @@ def run_predict(args: argparse.Namespace) -> int:
             "likely in kJ/mol or meV/atom, so check them and retrain",
             file=sys.stderr,
         )
-    if metadata.get("target_kind") == "energy_above_hull":
+    if trained_target_kind(metadata) == "energy_above_hull":
         negative = int((np.asarray(mean) < 0).sum())
         if negative:
             # Printed as they are: clipping would hide how far off the model is.
