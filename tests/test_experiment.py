@@ -551,6 +551,20 @@ def test_foreign_folder_rejected(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_train_folder_names_quoted_resume(tmp_path):
+    # A dvmrl train folder whose name holds a space: the advice must be a
+    # command that a shell runs as printed.
+    folder = tmp_path / "my train"
+    folder.mkdir()
+    (folder / "run.json").write_text(json.dumps({"train": {"epochs": 3}}))
+    spec = RunSpec(preset=TINY, seeds=[0], methods=["random"])
+    with pytest.raises(RunDirectoryError) as caught:
+        Experiment(spec, folder, resume=True).prepare()
+    message = str(caught.value)
+    assert "contains a dvmrl train run" in message
+    assert f"dvmrl train --resume --out '{folder}'" in message
+
+
 def test_budget_without_trial_rejected():
     preset = Preset(**{**TINY.to_dict(), "epochs": 1, "trial_epochs": 4})
     with pytest.raises(ValueError, match="cannot fit one trial"):

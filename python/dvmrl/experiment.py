@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import sys
 import time
 import zipfile
@@ -918,7 +919,8 @@ def _check_run_file(recorded: Any, path: Path) -> None:
         folder = path.parent
         raise RunDirectoryError(
             f"{folder} contains a dvmrl train run, not a dvmrl run; continue it with "
-            f"dvmrl train --resume --out {folder}, or choose another --out"
+            f"dvmrl train --resume --out {shlex.quote(str(folder))}, or choose "
+            "another --out"
         )
     problem = None
     if not isinstance(recorded, dict):
