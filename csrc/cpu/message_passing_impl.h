@@ -139,9 +139,10 @@ template <class T, int VV>
 static inline void rows_nn(int64_t rows, int64_t kd, const T* a, int64_t sa_n,
                            int64_t sa_k, const T* b, int64_t ldb, T* c, int64_t ldc,
                            bool accumulate) {
-  // Each pass over B serves R rows of A: 6 x 4 accumulators fit the 32
-  // AVX-512 registers, so B streams once for a one-composition batch.
-  constexpr int R = sizeof(Vec<T>) >= 64 && VV == 4 ? 6 : 4;
+  // Each pass over B serves R rows of A. 6 x 4 accumulators fit the 32
+  // AVX-512 registers, and 6 x 2 the 16 of AVX2 with room for the two B
+  // vectors and the broadcast; 4 x 4 there would spill to the stack.
+  constexpr int R = VV == 2 || (VV == 4 && sizeof(Vec<T>) >= 64) ? 6 : 4;
   int64_t n = 0;
   for (; n + R <= rows; n += R)
     micro_nn<T, R, VV>(kd, a + n * sa_n, sa_n, sa_k, b, ldb, c + n * ldc, ldc, accumulate);
@@ -168,8 +169,14 @@ static inline void rows_nn(int64_t rows, int64_t kd, const T* a, int64_t sa_n,
   }
 }
 
-// Rows of B in one packed panel of gemm_nn: 128 rows of 4 vectors, 32 KB.
-constexpr int64_t kPanelRows = 128;
+// Vectors per row tile of gemm_nn: 4 on AVX-512, 2 where only 16 vector
+// registers hold the accumulators (see rows_nn).
+template <class T>
+constexpr int kPanelVectors = sizeof(Vec<T>) >= 64 ? 4 : 2;
+
+// Bytes of one packed panel of B in gemm_nn: 32 KB, as much as L1 holds
+// on most x86 cores.
+constexpr int64_t kPanelBytes = 32768;
 
 // C [N, M] (+)= A [N, Kd] B [Kd, M]; A is read through strides, so A^T
 // costs nothing; B and C are row-major with leading dimensions ldb, ldc.
@@ -179,9 +186,11 @@ static void gemm_nn(int64_t n_rows, int64_t m_cols, int64_t kd, const T* a, int6
                     bool accumulate) {
   if (n_rows <= 0 || m_cols <= 0) return;
   constexpr int W = Simd<T>::W;
-  constexpr int64_t panel_width = 4 * W;
+  constexpr int VV = kPanelVectors<T>;
+  constexpr int64_t panel_width = VV * W;
+  constexpr int64_t panel_rows = kPanelBytes / int64_t(sizeof(T) * panel_width);
   // B's column blocks are copied into a contiguous panel of at most
-  // kPanelRows rows (32 KB) when more than 6 rows of A read them. Read in
+  // kPanelBytes when more than 6 rows of A read them. Read in
   // place, a block's rows lie ldb apart, and at the usual power-of-two
   // widths (2 KB for 512 floats) they map onto a few L1 sets, so every row
   // tile streamed B again from L2. Splitting the reduction into panels
@@ -191,15 +200,15 @@ static void gemm_nn(int64_t n_rows, int64_t m_cols, int64_t kd, const T* a, int6
   int64_t m = 0;
   for (; m + panel_width <= m_cols; m += panel_width) {
     if (!pack) {
-      rows_nn<T, 4>(n_rows, kd, a, sa_n, sa_k, b + m, ldb, c + m, ldc, accumulate);
+      rows_nn<T, VV>(n_rows, kd, a, sa_n, sa_k, b + m, ldb, c + m, ldc, accumulate);
       continue;
     }
-    alignas(64) T panel[kPanelRows * panel_width];
-    for (int64_t k0 = 0; k0 < kd; k0 += kPanelRows) {
-      const int64_t kc = kd - k0 < kPanelRows ? kd - k0 : kPanelRows;
+    alignas(64) T panel[panel_rows * panel_width];
+    for (int64_t k0 = 0; k0 < kd; k0 += panel_rows) {
+      const int64_t kc = kd - k0 < panel_rows ? kd - k0 : panel_rows;
       for (int64_t k = 0; k < kc; ++k)
         std::memcpy(panel + k * panel_width, b + (k0 + k) * ldb + m, sizeof(T) * panel_width);
-      rows_nn<T, 4>(n_rows, kc, a + k0 * sa_k, sa_n, sa_k, panel, panel_width, c + m, ldc,
+      rows_nn<T, VV>(n_rows, kc, a + k0 * sa_k, sa_n, sa_k, panel, panel_width, c + m, ldc,
                     accumulate || k0 > 0);
     }
   }
