@@ -1686,3 +1686,27 @@ def test_scored_columns_take_kind_from_data_info():
     args = argparse.Namespace(target_kind="formation_energy")
     columns = scored_csv_columns(only_info, own_data=False, args=args)
     assert columns["target_kind"] == "formation_energy"
+
+
+def test_removed_out_stops_train(tmp_path, data_csv, monkeypatch, capsys):
+    # The output folder is deleted while the model trains: the run stops
+    # before it writes a model into a recreated, unlocked folder.
+    import shutil
+
+    import dvmrl.cli.train as train_cli
+
+    out = tmp_path / "out"
+    fit_member = train_cli._fit_member
+
+    def fit_then_remove(*args, **kwargs):
+        trainer = fit_member(*args, **kwargs)
+        shutil.rmtree(out)
+        return trainer
+
+    monkeypatch.setattr(train_cli, "_fit_member", fit_then_remove)
+    argv = ["train", "--data", str(data_csv), "--epochs", "1", *TINY]
+    assert main([*argv, "--no-progress", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"--out {out} was removed or replaced while this command ran" in err
+    assert "--resume" not in err
+    assert not (out / "model.pt").exists()

@@ -565,6 +565,24 @@ def test_train_folder_names_quoted_resume(tmp_path):
     assert f"dvmrl train --resume --out '{folder}'" in message
 
 
+def test_removed_folder_stops_state_writes(tmp_path):
+    import shutil
+
+    from dvmrl._files import FolderReplacedError
+
+    out = tmp_path / "run"
+    spec = RunSpec(preset=TINY, seeds=[0], methods=["random"])
+    experiment = Experiment(spec, out)
+    experiment.prepare()
+    try:
+        shutil.rmtree(out)
+        with pytest.raises(FolderReplacedError, match="removed or replaced"):
+            experiment._write_state()
+        assert not out.exists()
+    finally:
+        experiment.close()
+
+
 def test_budget_without_trial_rejected():
     preset = Preset(**{**TINY.to_dict(), "epochs": 1, "trial_epochs": 4})
     with pytest.raises(ValueError, match="cannot fit one trial"):

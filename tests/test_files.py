@@ -163,3 +163,36 @@ def test_json_ready_converts_for_strict_json(tmp_path):
     }
     assert type(ready["scalars"][0]) is int
     json.dumps(ready, allow_nan=False)
+
+
+def test_lock_detects_removed_folder(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    with _files.FolderLock(folder) as lock:
+        lock.check_in_place()
+        folder.rmdir()
+        with pytest.raises(_files.FolderReplacedError, match="removed or replaced"):
+            lock.check_in_place()
+
+
+def test_lock_detects_replaced_folder(tmp_path):
+    # A write after the removal recreates the path: a new folder, not the
+    # locked one, so the check still fails.
+    folder = tmp_path / "run"
+    folder.mkdir()
+    with _files.FolderLock(folder) as lock:
+        folder.rmdir()
+        write_text_atomic(folder / "member0" / "state.json", "{}")
+        with pytest.raises(_files.FolderReplacedError) as caught:
+            lock.check_in_place()
+        assert f"--out {folder} was removed or replaced" in str(caught.value)
+
+
+def test_lock_check_ignores_folder_contents(tmp_path):
+    # Files added or removed inside the folder leave it the locked folder.
+    folder = tmp_path / "run"
+    folder.mkdir()
+    with _files.FolderLock(folder) as lock:
+        write_text_atomic(folder / "a.json", "{}")
+        (folder / "a.json").unlink()
+        lock.check_in_place()

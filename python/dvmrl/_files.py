@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import io
 import logging
@@ -198,6 +199,10 @@ class FolderInUseError(ValueError):
     """Another process holds the lock of an output folder."""
 
 
+class FolderReplacedError(OSError):
+    """A locked output folder was removed or replaced while its command ran."""
+
+
 class FolderLock:
     """Exclusive flock() on a folder, held from ``acquire`` (or ``with``) to release.
 
@@ -258,6 +263,33 @@ class FolderLock:
             return self
         self._fd = fd
         return self
+
+    def check_in_place(self) -> None:
+        """Raise FolderReplacedError if the locked folder is no longer at its path.
+
+        A folder deleted (or moved away and replaced) while a command runs
+        takes its files and the lock with it. The writes that follow would
+        recreate the path piecemeal, unlocked and without the run's earlier
+        files, so commands call this before they write results. Nothing is
+        checked when the lock was not taken.
+        """
+        if self._fd is None:
+            return
+        locked = os.fstat(self._fd)
+        try:
+            current = os.stat(self.folder)
+        except FileNotFoundError:
+            current = None
+        if current is not None and (current.st_dev, current.st_ino) == (
+            locked.st_dev,
+            locked.st_ino,
+        ):
+            return
+        raise FolderReplacedError(
+            errno.ENOENT,
+            f"{self.option} {self.reported_path} was removed or replaced while "
+            "this command ran, so its earlier files are gone; start the run again",
+        )
 
     def release(self) -> None:
         """Release the lock; the end of the process also releases it."""

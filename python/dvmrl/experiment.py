@@ -1449,6 +1449,8 @@ class Experiment:
                 ) from err
 
     def _write_state(self) -> None:
+        if self._lock is not None:
+            self._lock.check_in_place()
         write_json_atomic(self.out_dir / STATE_FILE, finite_or_none(self.state))
 
     def unit(self, method: str, seed: int) -> dict[str, Any]:

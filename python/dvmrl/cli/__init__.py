@@ -253,6 +253,7 @@ def _main(argv: list[str] | None) -> int:
     except OSError as err:
         # The system refused a read or write (a full disk, no permission):
         # the environment failed, not dvmrl, so no traceback hint.
+        from dvmrl._files import FolderReplacedError
         if verbose:
             traceback.print_exc()
         message = err.strerror or str(err)
@@ -261,7 +262,12 @@ def _main(argv: list[str] | None) -> int:
         if err.errno == errno.ENAMETOOLONG:
             message += "; choose a shorter path"
         out = getattr(args, "out", None)
-        if hasattr(args, "resume") and out and _has_saved_state(out):
+        if (
+            hasattr(args, "resume")
+            and out
+            and _has_saved_state(out)
+            and not isinstance(err, FolderReplacedError)
+        ):
             # Commands with --resume keep what they finished before the error.
             message += (
                 "; after fixing that, continue the run with the same command and "

@@ -1274,7 +1274,7 @@ def _run_train(
     # One process per run folder: a second train or resume in it would mix
     # the two runs' files. The lock lasts until run_train returns.
     out.mkdir(parents=True, exist_ok=True)
-    locks.enter_context(FolderLock(out))
+    lock = locks.enter_context(FolderLock(out))
     if args.resume:
         remove_stale_temporaries(out)
     else:
@@ -1319,6 +1319,7 @@ def _run_train(
         except KeyboardInterrupt:
             print(_resume_hint(out), file=sys.stderr)
             return 130
+        lock.check_in_place()
     for job in jobs if processes == 1 else []:
         folder, label = Path(job["folder"]), job["label"]
         try:
@@ -1337,6 +1338,7 @@ def _run_train(
         if trainer is None:
             print(_resume_hint(out), file=sys.stderr)
             return 130
+        lock.check_in_place()
         trainer.save(folder / MODEL_FILE, metadata=job["metadata"])
         trainer.save(folder / STATE_FILE, metadata=job["metadata"])
     seconds = time.perf_counter() - started
@@ -1404,6 +1406,7 @@ def _run_train(
         "train": run_config["train"],
         "provenance": provenance,
     }
+    lock.check_in_place()
     _write_json_atomic(out / METRICS_FILE, report)
     recorded = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
     if recorded.get("data") != run_config["data"]:
