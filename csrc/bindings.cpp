@@ -50,7 +50,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_num_threads", [](int n) { dvmrl::ThreadPool::instance().set_num_threads(n); },
         py::arg("n"), "Set the threads the CPU kernels use (n >= 1).");
   m.def("default_num_threads", &dvmrl::default_num_threads,
-        "Cores this process may run on.");
+        "OMP_NUM_THREADS when it is a positive integer, else the cores this "
+        "process may run on.");
   dvmrl::register_message_passing(m);
   dvmrl::register_projection(m);
 }

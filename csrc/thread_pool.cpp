@@ -3,6 +3,7 @@
 #include <pthread.h>
 #include <sched.h>
 
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -12,9 +13,22 @@ namespace {
 // True on pool workers and on a caller while it runs a job, so nested
 // parallel calls run serially instead of deadlocking.
 thread_local bool in_parallel_region = false;
+
+// Most threads a default from OMP_NUM_THREADS gives, the Python side's
+// MAX_THREADS: far above any CPU's cores.
+constexpr long kMaxThreads = 1024;
 }  // namespace
 
 int default_num_threads() {
+  // OMP_NUM_THREADS, as batch-system scripts set it for every threaded
+  // library; OpenMP reads a list ("4,2") for nested levels, so the first
+  // number counts. A value that is not a positive integer is ignored.
+  if (const char* env = std::getenv("OMP_NUM_THREADS")) {
+    char* end = nullptr;
+    const long n = std::strtol(env, &end, 10);
+    if (end != env && (*end == '\0' || *end == ',') && n > 0)
+      return static_cast<int>(n < kMaxThreads ? n : kMaxThreads);
+  }
   cpu_set_t set;
   CPU_ZERO(&set);
   if (sched_getaffinity(0, sizeof(set), &set) == 0) {

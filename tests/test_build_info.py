@@ -203,3 +203,28 @@ def test_internal_error_hint(monkeypatch, capsys, verbose):
     assert "internal error: RuntimeError: stand-in fault" in err
     assert ("rerun with --verbose" in err) is not verbose
     assert ("Traceback" in err) is verbose
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("1", 1), ("3", 3), ("3,1", 3), ("abc", None), ("0", None), ("", None)],
+)
+def test_default_threads_follow_omp_num_threads(value, expected):
+    # The pool is made once per process, so each value needs a fresh one.
+    # None stands for the cores this process may run on.
+    import os
+
+    from child_env import child_environment
+
+    env = {**child_environment(), "OMP_NUM_THREADS": value}
+    code = (
+        "import dvmrl, dvmrl._runtime as r; "
+        "print(r.default_threads(), dvmrl.get_num_threads())"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    cores = len(os.sched_getaffinity(0))
+    count = cores if expected is None else expected
+    assert result.stdout.split() == [str(count), str(count)]

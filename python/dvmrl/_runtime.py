@@ -78,6 +78,17 @@ def torch_threads(count: int):
         torch.set_num_threads(before)
 
 
+def default_threads() -> int:
+    """Return the default thread count: OMP_NUM_THREADS, else the cores.
+
+    OMP_NUM_THREADS counts when it is a positive integer (or a
+    comma-separated list that starts with one), as batch systems and job
+    scripts set it for every threaded library; otherwise the cores this
+    process may run on count.
+    """
+    return int(_core.default_num_threads())
+
+
 def get_num_threads() -> int:
     """Return the thread count of dvmrl's CPU kernels."""
     return int(_core.get_num_threads())
@@ -101,8 +112,8 @@ def set_num_threads(n: int | None = None) -> int:
     ops on one thread for that reason.
 
     Args:
-        n (int, optional): threads, at least 1. Default: the cores this
-            process may run on.
+        n (int, optional): threads, at least 1. Default:
+            :func:`default_threads`.
 
     Returns:
         int: the thread count now in force.
@@ -113,7 +124,7 @@ def set_num_threads(n: int | None = None) -> int:
     import torch
 
     if n is None:
-        n = _available_cores()
+        n = default_threads()
     if int(n) != n or not 1 <= n <= MAX_THREADS:
         raise ValueError(
             f"threads must be an integer in 1 .. {MAX_THREADS}, got {n!r}; pass at "

@@ -73,7 +73,8 @@ class ThreadPool {
   std::exception_ptr error_;
 };
 
-// Cores this process may run on (sched_getaffinity), at least 1.
+// OMP_NUM_THREADS when it holds a positive integer (at most 1024), else the
+// cores this process may run on (sched_getaffinity); at least 1.
 int default_num_threads();
 
 // Convenience: split [0, n) into blocks of `block_size` items (the last may

@@ -168,7 +168,10 @@ def add_compute_options(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=positive_int,
         default=None,
-        help="CPU threads for dvmrl's kernels and PyTorch; default: the cores available",
+        help=(
+            "CPU threads for dvmrl's kernels and PyTorch; default: OMP_NUM_THREADS "
+            "when set, else the cores available"
+        ),
     )
 
 
