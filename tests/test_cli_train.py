@@ -1710,3 +1710,27 @@ def test_removed_out_stops_train(tmp_path, data_csv, monkeypatch, capsys):
     assert f"--out {out} was removed or replaced while this command ran" in err
     assert "--resume" not in err
     assert not (out / "model.pt").exists()
+
+
+@pytest.mark.parametrize("name", ["out.csv.gz", "out.csv.bz2", "out.csv.xz", "out.zip"])
+def test_predict_output_compressed_by_suffix(trained, tmp_path, name):
+    # The file is compressed as its suffix says, so --input reads it back.
+    target = tmp_path / name
+    assert _predict_to(trained, target) == 0
+    assert not target.read_bytes().startswith(b"formula,")
+    assert pd.read_csv(target)["formula"].tolist() == ["Al3Ni"]
+    again = tmp_path / "again.csv"
+    argv = ["predict", str(trained / "model.pt"), "--input", str(target)]
+    assert main([*argv, "--output", str(again)]) == 0
+    assert pd.read_csv(again)["formula"].tolist() == ["Al3Ni"]
+
+
+def test_predict_output_over_input_refused(trained, tmp_path, capsys):
+    source = tmp_path / "in.csv"
+    source.write_text("formula\nAl3Ni\n")
+    argv = ["predict", str(trained / "model.pt"), "--input", str(source)]
+    code = main([*argv, "--output", str(tmp_path / "." / "in.csv")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "is the --input file, which the predictions would replace" in err
+    assert source.read_text() == "formula\nAl3Ni\n"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ from dvmrl._files import (
     FolderLock,
     json_ready,
     remove_stale_temporaries,
+    write_bytes_atomic,
     write_text_atomic,
 )
 from dvmrl.cli._common import (
@@ -499,7 +501,8 @@ def _add_predict_parser(subparsers) -> None:
         "--output",
         default=None,
         metavar="FILE.csv",
-        help="write the predictions as CSV instead of a table on stdout; with "
+        help="write the predictions as CSV instead of a table on stdout, "
+        "compressed when the name ends in .gz, .bz2, .xz or .zip; with "
         "--input, the formulas keep the name of their column and the CSV also "
         "keeps the input's other columns (a name that the predictions use, in "
         "any letter case, gets the suffix _input)",
@@ -2467,6 +2470,51 @@ def _alloy_notation_hints(formulas: list[str]) -> list[str]:
     return hints
 
 
+# Compression of a predict --output file by its suffix, as --data reads them.
+_OUTPUT_COMPRESSION = {
+    ".gz": {"method": "gzip", "mtime": 0},
+    ".bz2": {"method": "bz2"},
+    ".xz": {"method": "xz"},
+}
+
+
+def _check_output_not_input(args: argparse.Namespace) -> None:
+    """Raise ValueError when --output names the --input file itself."""
+    if not args.input:
+        return
+    output, source = Path(args.output), Path(args.input)
+    try:
+        same = output.exists() and source.exists() and output.samefile(source)
+    except OSError:
+        same = False
+    if same:
+        raise ValueError(
+            f"--output {args.output} is the --input file, which the predictions "
+            "would replace; choose another --output"
+        )
+
+
+def _write_table(path: Path, table) -> None:
+    """Write the predictions as CSV, compressed when the suffix asks for it.
+
+    .gz, .bz2 and .xz files are compressed whole; a .zip file holds one CSV
+    file named like the archive (preds.zip holds preds.csv), which is what
+    --input and --data read back.
+    """
+    suffix = path.suffix.lower()
+    if suffix == ".zip":
+        inner = path.stem if path.stem.lower().endswith(".csv") else f"{path.stem}.csv"
+        compression = {"method": "zip", "archive_name": inner}
+    else:
+        compression = _OUTPUT_COMPRESSION.get(suffix)
+    if compression is None:
+        write_text_atomic(path, table.to_csv(index=False, float_format="%.6f"))
+        return
+    buffer = io.BytesIO()
+    table.to_csv(buffer, index=False, float_format="%.6f", compression=compression)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
 def run_predict(args: argparse.Namespace) -> int:
     """Predict compositions given on the command line or in a CSV."""
     import pandas as pd
@@ -2477,6 +2525,7 @@ def run_predict(args: argparse.Namespace) -> int:
     _check_predict_arguments(args)
     if args.output:
         check_output_file(Path(args.output), "--output")
+        _check_output_not_input(args)
     # The model learned from data sets of metals only, which the data loader
     # enforces, so a composition with a non-metal is rejected here too.
     if args.input:
@@ -2556,9 +2605,7 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.output and args.input:
         table = _with_input_columns(table, input_frame, args.formula_column)
     if args.output:
-        write_text_atomic(
-            Path(args.output), table.to_csv(index=False, float_format="%.6f")
-        )
+        _write_table(Path(args.output), table)
         print(f"wrote {plural(len(table), 'prediction')} to {args.output}")
     else:
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
