@@ -486,6 +486,8 @@ def test_resume_other_settings_rejected(finished_run):
     assert "agent: stored " in message
     assert "requested the pretrained agent" in message
     assert "differ)" not in message
+    # Only one of the two runs uses an agent, so no agent file changed.
+    assert "changed since the run started" not in message
 
 
 def test_resume_rejects_a_replaced_agent_file(finished_run, tmp_path, agent_file):

@@ -1376,6 +1376,10 @@ class Experiment:
                     )
                 continue
             old = stored.get(key)
+            if key == "agent_checksum" and (old is None) != (requested is None):
+                # The agent runs in one of the two runs only: the methods
+                # differ, and that difference is the one to name.
+                continue
             if key == "methods" and isinstance(old, list):
                 # The units do not depend on the order of the methods (each
                 # seeds its own generators), so only the set must match.
