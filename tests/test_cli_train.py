@@ -1142,12 +1142,21 @@ def test_train_huber_loss_option(tmp_path, data_csv):
     assert metrics["train"]["loss"] == "huber"
 
 
-@pytest.mark.parametrize("other", [["--loss", "mse"], ["--heteroscedastic"]])
-def test_train_huber_delta_needs_huber(tmp_path, data_csv, capsys, other):
+@pytest.mark.parametrize(
+    ("other", "fix"),
+    [
+        (["--loss", "mse"], "drop --huber-delta or pass --loss huber"),
+        # --loss huber would be refused next to --heteroscedastic.
+        (["--heteroscedastic"], "or drop --heteroscedastic for a Huber loss"),
+    ],
+)
+def test_train_huber_delta_needs_huber(tmp_path, data_csv, capsys, other, fix):
     argv = ["train", "--data", str(data_csv), "--huber-delta", "0.3", *other]
     code = main([*argv, *TINY, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
     assert code == 2
-    assert "--huber-delta applies to --loss huber" in capsys.readouterr().err
+    assert "--huber-delta applies to --loss huber" in err
+    assert fix in err
 
 
 def test_train_robust_loss_needs_single_output(tmp_path, data_csv, capsys):

@@ -802,7 +802,11 @@ def _build_run_config(requested: dict[str, Any]) -> dict[str, Any]:
         raise UsageError(
             f"--huber-delta applies to --loss huber, but this run trains with "
             f"{'the Gaussian negative log-likelihood' if heteroscedastic else loss}; "
-            "drop --huber-delta or pass --loss huber"
+            + (
+                "drop --huber-delta, or drop --heteroscedastic for a Huber loss"
+                if heteroscedastic
+                else "drop --huber-delta or pass --loss huber"
+            )
         )
     if heteroscedastic and "train.loss" in requested:
         raise UsageError(
