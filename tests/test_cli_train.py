@@ -1461,6 +1461,20 @@ def test_threads_above_cores_warned(trained, caplog):
     assert f"--threads {too_many} exceeds the {too_many - 1} CPU cores" in messages
 
 
+def test_omp_threads_above_cores_warned(trained, caplog, monkeypatch):
+    # The default thread count comes from OMP_NUM_THREADS, which is checked
+    # against the cores as --threads is.
+    from dvmrl._runtime import _available_cores
+
+    too_many = _available_cores() + 1
+    monkeypatch.setenv("OMP_NUM_THREADS", str(too_many))
+    with caplog.at_level(logging.WARNING, logger="dvmrl"):
+        code = main(["predict", str(trained / "model.pt"), "Al3Ni"])
+    messages = " ".join(record.getMessage() for record in caplog.records)
+    assert code == 0
+    assert f"OMP_NUM_THREADS={too_many} exceeds the {too_many - 1} CPU cores" in messages
+
+
 def test_predict_output_keeps_input_columns(trained, tmp_path):
     source = tmp_path / "in.csv"
     source.write_text("sample,formula,composition\nS1,Al3Ni,cast\nS2,Fe2Ti,milled\n")

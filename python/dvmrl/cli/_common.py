@@ -188,13 +188,17 @@ def setup_compute(args: argparse.Namespace):
     except ValueError as err:
         raise UsageError(f"--threads: {err}") from None
     cores = _available_cores()
-    if args.threads is not None and args.threads > cores:
+    if threads > cores:
         # More threads than cores only wait for each other.
+        source = (
+            f"--threads {threads}"
+            if args.threads is not None
+            else f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', threads)}"
+        )
         logger.warning(
-            "--threads %d exceeds the %d CPU cores this process may use, so the "
-            "extra threads share cores and slow each other; pass --threads %d or "
-            "fewer",
-            args.threads,
+            "%s exceeds the %d CPU cores this process may use, so the extra "
+            "threads share cores and slow each other; pass --threads %d or fewer",
+            source,
             cores,
             cores,
         )
