@@ -1053,7 +1053,7 @@ def test_predict_needs_one_source(trained, capsys):
     assert "exactly one" in capsys.readouterr().err
 
 
-def test_heteroscedastic_uncertainty(tmp_path, data_csv, capsys):
+def test_heteroscedastic_uncertainty(tmp_path, data_csv, capsys, caplog):
     out = tmp_path / "run"
     code = main(
         [
@@ -1072,10 +1072,15 @@ def test_heteroscedastic_uncertainty(tmp_path, data_csv, capsys):
     # The stored train.loss does not apply to this head, so "objective" differs.
     assert json.loads((out / "run.json").read_text())["objective"] == "gaussian_nll"
     capsys.readouterr()
-    main(["predict", str(out / "model.pt"), "Al3Ni"])
+    with caplog.at_level(logging.INFO, logger="dvmrl"):
+        main(["predict", str(out / "model.pt"), "Al3Ni"])
     lines = capsys.readouterr().out.splitlines()
     assert "uncertainty_ev_per_atom" in lines[0]
     assert float(lines[1].split()[4]) > 0.0
+    # One model: the column is its head's predicted spread, not a members' one.
+    notes = " ".join(r.getMessage() for r in caplog.records)
+    assert "that the model's heteroscedastic head predicts" in notes
+    assert "members" not in notes
 
 
 @pytest.mark.parametrize(
@@ -1757,3 +1762,15 @@ def test_predict_output_over_input_refused(trained, tmp_path, capsys):
     assert code == 2
     assert "is the --input file, which the predictions would replace" in err
     assert source.read_text() == "formula\nAl3Ni\n"
+
+
+def test_uncertainty_note_names_members():
+    from dvmrl.cli.train import _uncertainty_note
+    from dvmrl.model import CompositionMPNN, ModelConfig
+    from dvmrl.training import EnsembleModel
+
+    config = ModelConfig(hidden=8, layers=1, heteroscedastic=False)
+    members = [CompositionMPNN(config, seed=seed) for seed in range(2)]
+    note = _uncertainty_note(EnsembleModel(members))
+    assert "spread (a standard deviation) of the ensemble members' predictions" in note
+    assert "heteroscedastic" not in note

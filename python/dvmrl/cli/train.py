@@ -2614,10 +2614,29 @@ def run_predict(args: argparse.Namespace) -> int:
     else:
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if std is not None:
-        logger.info(
-            "uncertainty_ev_per_atom is the spread of the model's predictions "
-            "(a standard deviation), not a calibrated error bar: ensemble members "
-            "draw their training rows from one data set and share one "
+        logger.info("%s", _uncertainty_note(model))
+    return 0
+
+
+def _uncertainty_note(model) -> str:
+    """Explain what predict's uncertainty_ev_per_atom column measures for ``model``."""
+    members = len(getattr(model, "members", [model]))
+    heteroscedastic = _is_heteroscedastic(model)
+    if members == 1:
+        what = (
+            "the standard deviation that the model's heteroscedastic head "
+            "predicts for the targets, learned from the training data's scatter"
+        )
+        caveat = (
+            "it estimates the scatter of the targets, not how far a composition "
+            "lies from the training data"
+        )
+    else:
+        what = "the spread (a standard deviation) of the ensemble members' predictions"
+        if heteroscedastic:
+            what += ", with the mean variance their heteroscedastic heads predict"
+        caveat = (
+            "the members draw their training rows from one data set and share one "
             "architecture, so they can all be wrong the same way"
         )
-    return 0
+    return f"uncertainty_ev_per_atom is {what}, not a calibrated error bar: {caveat}"
