@@ -109,7 +109,10 @@ def add_parser(subparsers) -> None:
         "--holdout-element",
         default=None,
         metavar="X",
-        help="element left out by --split element (symbol, such as Ni)",
+        help="element left out by --split element, and by the element row of "
+        "the shift report with any --split (symbol, such as Ni); default for that "
+        "row: the split's held-out element, else the element in closest to 10 %% "
+        "of the rows",
     )
     parser.add_argument(
         "--strategy",
@@ -172,8 +175,9 @@ def add_parser(subparsers) -> None:
         type=positive_int,
         default=DEFAULT_STARTS,
         help=(
-            "search runs per composition, half on each sign of the change "
-            f"(1 is read as 2); default {DEFAULT_STARTS}"
+            "search runs per composition, split between the two signs of the "
+            "change (an odd count gives the + sign one run more; 1 is read as 2); "
+            f"default {DEFAULT_STARTS}"
         ),
     )
     parser.add_argument(
@@ -245,7 +249,7 @@ def _check_arguments(args: argparse.Namespace) -> list[str]:
             f"the search remove an element (default {DEFAULT_FLOOR})"
         )
     if not (math.isfinite(args.lam) and args.lam >= 0.0):
-        raise UsageError(f"--lambda must be a number >= 0, got {args.lam}")
+        raise UsageError(f"--lambda must be a finite number >= 0, got {args.lam}")
     if not (math.isfinite(args.r_max) and 0.0 < args.r_max < 1.0):
         raise UsageError(f"--r-max must lie in (0, 1), got {args.r_max}")
     if args.r_max < args.epsilon:
