@@ -334,20 +334,23 @@ def column_name(text: str) -> str:
 
 
 def add_target_kind_option(
-    parser: argparse.ArgumentParser, default_note: str = ""
+    parser: argparse.ArgumentParser,
+    default_note: str = "",
+    effect: str = "it sets the stability threshold and the plot labels",
 ) -> None:
     """Add --target-kind, what the targets of a CSV file are (default None).
 
-    ``default_note`` goes before the default kind in the help.
+    ``default_note`` goes before the default kind in the help, and
+    ``effect`` says what the kind changes in the command's output.
     """
     parser.add_argument(
         "--target-kind",
         choices=TARGET_KINDS,
         default=None,
         help="what the targets of a CSV file are: formation_energy (stable when "
-        "<= 0 eV/atom) or energy_above_hull (stable when <= 0.025 eV/atom); it "
-        "sets the stability threshold and the plot labels. A file from dvmrl "
-        f"data fetch states its own; default: {default_note}formation_energy",
+        f"<= 0 eV/atom) or energy_above_hull (stable when <= 0.025 eV/atom); "
+        f"{effect}. A file from dvmrl data fetch states its own; default: "
+        f"{default_note}formation_energy",
     )
 
 

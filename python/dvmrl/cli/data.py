@@ -63,7 +63,9 @@ def add_parser(subparsers) -> None:
             "source and attribution of a data set or CSV file."
         ),
     )
-    _add_data_arguments(info)
+    _add_data_arguments(
+        info, kind_effect="it sets the stability threshold that the summary reports"
+    )
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(func=run_info)
 
@@ -80,7 +82,11 @@ def add_parser(subparsers) -> None:
             "params. The test part does not depend on --seed."
         ),
     )
-    _add_data_arguments(split)
+    _add_data_arguments(
+        split,
+        kind_effect="the split does not depend on it; the targets are only "
+        "checked against it (negative hull energies are flagged)",
+    )
     from dvmrl.splits import KINDS
 
     split.add_argument("--split", required=True, choices=KINDS, help="split kind")
@@ -154,7 +160,11 @@ def add_parser(subparsers) -> None:
     fetch.set_defaults(func=run_fetch)
 
 
-def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_data_arguments(parser: argparse.ArgumentParser, kind_effect: str) -> None:
+    """Add the data argument and the options that read a CSV file.
+
+    ``kind_effect`` says in --target-kind's help what the kind changes.
+    """
     parser.add_argument(
         "data", metavar="NAME", help="vendored data set name or CSV path"
     )
@@ -180,7 +190,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
             "(CoCrFeNi)90Al10 has 10%% Al; " + ALLOY_NOTATION_RULES
         ),
     )
-    add_target_kind_option(parser)
+    add_target_kind_option(parser, effect=kind_effect)
     parser.add_argument(
         "--hume-rothery",
         action="store_true",
