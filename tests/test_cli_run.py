@@ -200,6 +200,17 @@ def test_budget_file_named_in_run_check(tmp_path, capsys):
     assert f"budget file {path}: budget" in capsys.readouterr().err
 
 
+def test_budget_file_not_blamed_for_methods(tmp_path, capsys):
+    path = tmp_path / "budget.json"
+    path.write_text(json.dumps(TINY_BUDGET))
+    argv = ["run", "--budget", str(path), "--methods", "foo"]
+    code = main([*argv, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "unknown method(s) ['foo']" in err
+    assert "budget file" not in err
+
+
 def test_unknown_budget_exit_2(tmp_path, capsys):
     code = main(["run", "--budget", "huge", "--out", str(tmp_path / "o")])
     assert code == 2

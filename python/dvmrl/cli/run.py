@@ -279,8 +279,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         spec.check()
     except ValueError as err:
-        if isinstance(args.budget, str) and args.budget not in PRESETS:
-            # As for the file's own checks, the message names the file.
+        from_file = isinstance(args.budget, str) and args.budget not in PRESETS
+        if from_file and str(err).startswith("budget "):
+            # A check of the budget's own fields: as for the file's other
+            # checks, the message names the file. Errors in --methods or
+            # --seeds are not the file's.
             raise ValueError(f"budget file {args.budget}: {err}") from err
         raise
     device = setup_compute(args)
