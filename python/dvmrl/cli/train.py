@@ -378,7 +378,9 @@ def _add_train_parser(subparsers) -> None:
             "THREADS / N threads (at least one); the results do not depend on "
             "it; default: "
             "as many as --threads on a CPU (members on one core each train "
-            "faster together than one after another on all cores), 1 on CUDA"
+            "faster together than one after another on all cores, except in "
+            "runs of a few epochs, where starting the processes, several "
+            "seconds, costs more), 1 on CUDA"
         ),
     )
     parser.add_argument(
