@@ -228,3 +228,28 @@ def test_default_threads_follow_omp_num_threads(value, expected):
     cores = len(os.sched_getaffinity(0))
     count = cores if expected is None else expected
     assert result.stdout.split() == [str(count), str(count)]
+
+
+def test_finished_command_ignores_late_signals():
+    # A finished command ignores SIGINT and SIGTERM while the interpreter
+    # shuts down: sent then, neither changes the exit status from 0.
+    from child_env import child_environment
+
+    code = (
+        "import os, signal, sys\n"
+        "from dvmrl.cli import main\n"
+        "sys.argv = ['dvmrl', 'info', '--json']\n"
+        "status = main()\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "sys.exit(status)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=child_environment(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["version"] == dvmrl.__version__

@@ -172,8 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     previous_term = None
     if in_main_thread:
         previous_term = signal.signal(signal.SIGTERM, _terminate)
+    finished = False
     try:
-        return _main(argv)
+        code = _main(argv)
+        finished = True
+        return code
     except KeyboardInterrupt:
         # Ctrl-C or SIGTERM before a subcommand starts, such as while the
         # parser imports PyTorch (about a second): the same exit as an
@@ -181,7 +184,15 @@ def main(argv: list[str] | None = None) -> int:
         print("dvmrl: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        if in_main_thread:
+        if in_main_thread and finished and argv is None:
+            # The command has ended and written its results; only the
+            # interpreter's shutdown (up to a second, PyTorch's teardown)
+            # remains. A signal then would turn a finished command's exit
+            # status into 130 or 143, so the process ignores it. Calls with
+            # an argv list (from Python) keep their handlers.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        elif in_main_thread:
             signal.signal(signal.SIGTERM, previous_term)
 
 
