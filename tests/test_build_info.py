@@ -124,6 +124,19 @@ def test_verbose_accepted_after_command():
     assert json.loads(result.stdout)["version"] == dvmrl.__version__
 
 
+def test_main_keeps_caller_signal_handlers(monkeypatch, capsys):
+    # Called from Python, main leaves the caller's Ctrl-C handler in place.
+    import signal
+
+    from dvmrl.cli import main
+
+    before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(sys, "argv", ["dvmrl", "info", "--json"])
+    assert main() == 0
+    assert signal.getsignal(signal.SIGINT) is before
+    assert json.loads(capsys.readouterr().out)["version"] == dvmrl.__version__
+
+
 def test_version_option():
     result = _run_cli("--version")
     assert result.returncode == 0
@@ -237,9 +250,9 @@ def test_finished_command_ignores_late_signals():
 
     code = (
         "import os, signal, sys\n"
-        "from dvmrl.cli import main\n"
+        "from dvmrl.cli import console_main\n"
         "sys.argv = ['dvmrl', 'info', '--json']\n"
-        "status = main()\n"
+        "status = console_main()\n"
         "os.kill(os.getpid(), signal.SIGTERM)\n"
         "os.kill(os.getpid(), signal.SIGINT)\n"
         "sys.exit(status)\n"

@@ -2,6 +2,6 @@
 
 import sys
 
-from dvmrl.cli import main
+from dvmrl.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())

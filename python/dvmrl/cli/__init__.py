@@ -172,11 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     previous_term = None
     if in_main_thread:
         previous_term = signal.signal(signal.SIGTERM, _terminate)
-    finished = False
     try:
-        code = _main(argv)
-        finished = True
-        return code
+        return _main(argv)
     except KeyboardInterrupt:
         # Ctrl-C or SIGTERM before a subcommand starts, such as while the
         # parser imports PyTorch (about a second): the same exit as an
@@ -184,16 +181,24 @@ def main(argv: list[str] | None = None) -> int:
         print("dvmrl: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        if in_main_thread and finished and argv is None:
-            # The command has ended and written its results; only the
-            # interpreter's shutdown (up to a second, PyTorch's teardown)
-            # remains. A signal then would turn a finished command's exit
-            # status into 130 or 143, so the process ignores it. Calls with
-            # an argv list (from Python) keep their handlers.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        elif in_main_thread:
+        if in_main_thread:
             signal.signal(signal.SIGTERM, previous_term)
+
+
+def console_main() -> int:
+    """Run the ``dvmrl`` command as a program (the console script, ``python -m``).
+
+    Once the command has returned, only the interpreter's shutdown remains
+    (PyTorch's teardown took about 0.7 s). A signal then would turn a
+    finished command's exit status into 130 or 143, so the process ignores
+    SIGINT and SIGTERM from that point. ``main`` itself leaves the handlers
+    of a Python caller as they were.
+    """
+    code = main()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return code
 
 
 def _terminate(signum, frame) -> None:  # noqa: ARG001 - the signal module's signature
