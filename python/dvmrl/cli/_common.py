@@ -190,17 +190,17 @@ def setup_compute(args: argparse.Namespace):
     cores = _available_cores()
     if threads > cores:
         # More threads than cores only wait for each other.
-        source = (
-            f"--threads {threads}"
-            if args.threads is not None
-            else f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', threads)}"
-        )
+        if args.threads is not None:
+            source, fix = f"--threads {threads}", f"pass --threads {cores} or fewer"
+        else:
+            source = f"OMP_NUM_THREADS={threads}"
+            fix = f"set OMP_NUM_THREADS or pass --threads to {cores} or fewer"
         logger.warning(
             "%s exceeds the %d CPU cores this process may use, so the extra "
-            "threads share cores and slow each other; pass --threads %d or fewer",
+            "threads share cores and slow each other; %s",
             source,
             cores,
-            cores,
+            fix,
         )
     try:
         device = resolve_device(args.device)
