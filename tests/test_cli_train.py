@@ -1477,7 +1477,8 @@ def test_omp_threads_above_cores_warned(trained, caplog, monkeypatch):
         code = main(["predict", str(trained / "model.pt"), "Al3Ni"])
     messages = " ".join(record.getMessage() for record in caplog.records)
     assert code == 0
-    assert f"OMP_NUM_THREADS={too_many} exceeds the {too_many - 1} CPU cores" in messages
+    expected = f"OMP_NUM_THREADS={too_many} exceeds the {too_many - 1} CPU cores"
+    assert expected in messages
 
 
 def test_predict_output_keeps_input_columns(trained, tmp_path):
@@ -1714,6 +1715,31 @@ def test_scored_columns_take_kind_from_data_info():
     args = argparse.Namespace(target_kind="formation_energy")
     columns = scored_csv_columns(only_info, own_data=False, args=args)
     assert columns["target_kind"] == "formation_energy"
+
+
+def test_removed_out_stops_before_next_state(tmp_path, data_csv, monkeypatch, capsys):
+    # The folder goes during the second epoch: the fit stops before that
+    # epoch's state file would recreate it.
+    import shutil
+
+    from dvmrl.training import trainer as trainer_module
+
+    out = tmp_path / "out"
+    run_epoch = trainer_module.Trainer._run_epoch
+
+    def run_then_remove(self):
+        record = run_epoch(self)
+        if self.epochs_done == 2:
+            shutil.rmtree(out)
+        return record
+
+    monkeypatch.setattr(trainer_module.Trainer, "_run_epoch", run_then_remove)
+    argv = ["train", "--data", str(data_csv), "--epochs", "3", *TINY]
+    assert main([*argv, "--no-progress", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"--out {out} was removed or replaced while this command ran" in err
+    assert "start it again in a new or empty --out" in err
+    assert not out.exists()
 
 
 def test_removed_out_stops_train(tmp_path, data_csv, monkeypatch, capsys):

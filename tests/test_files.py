@@ -196,3 +196,20 @@ def test_lock_check_ignores_folder_contents(tmp_path):
         write_text_atomic(folder / "a.json", "{}")
         (folder / "a.json").unlink()
         lock.check_in_place()
+
+
+def test_same_folder_check_by_identity(tmp_path):
+    # What a member process checks while its parent holds the lock. The
+    # lock's open descriptor keeps the removed folder's inode allocated, so
+    # a new folder at the path cannot reuse its number.
+    folder = tmp_path / "run"
+    folder.mkdir()
+    with _files.FolderLock(folder):
+        identity = _files.folder_identity(folder)
+        _files.check_same_folder(folder, identity)
+        folder.rmdir()
+        with pytest.raises(_files.FolderReplacedError, match="--out .* was removed"):
+            _files.check_same_folder(folder, identity)
+        folder.mkdir()
+        with pytest.raises(_files.FolderReplacedError):
+            _files.check_same_folder(folder, identity)

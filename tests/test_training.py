@@ -615,3 +615,24 @@ def test_model_eval_mode_after_fit():
     second = trainer.model(test.element_index, test.frac, test.mask).detach()
     assert torch.equal(first, second)
     assert np.allclose(first.double().numpy(), trainer.predict(x[100:]), atol=1e-6)
+
+
+def test_before_checkpoint_stops_fit_before_write(data, tmp_path):
+    trainer = _trainer(data, epochs=4)
+    path = tmp_path / "last.pt"
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def guard():
+        calls.append(trainer.epochs_done)
+        if trainer.epochs_done == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        trainer.fit(checkpoint=path, before_checkpoint=guard)
+    assert calls == [1, 2]
+    # The state of epoch 1 is on disk; epoch 2's write never happened.
+    restored = Trainer.from_checkpoint(path, *data)
+    assert restored.epochs_done == 1

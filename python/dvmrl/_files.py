@@ -203,6 +203,42 @@ class FolderReplacedError(OSError):
     """A locked output folder was removed or replaced while its command ran."""
 
 
+def folder_identity(folder: str | os.PathLike) -> tuple[int, int]:
+    """Return the (device, inode) pair of a folder, for :func:`check_same_folder`."""
+    info = os.stat(folder)
+    return info.st_dev, info.st_ino
+
+
+def check_same_folder(
+    folder: str | os.PathLike,
+    identity: tuple[int, int],
+    option: str = "--out",
+    reported_path: str | os.PathLike | None = None,
+) -> None:
+    """Raise FolderReplacedError unless ``folder`` is still the folder of ``identity``.
+
+    A folder deleted (or moved away and replaced) while a command runs takes
+    the run's files, and the lock on it, with it. Writes that followed would
+    recreate the path piecemeal, unlocked and without the run's earlier
+    files, so commands check before they write. A new folder could reuse a
+    deleted folder's inode number, but not while a FolderLock keeps the old
+    one open, as the command that writes the folder does.
+    """
+    try:
+        current = folder_identity(folder)
+    except FileNotFoundError:
+        current = None
+    if current == tuple(identity):
+        return
+    named = folder if reported_path is None else reported_path
+    raise FolderReplacedError(
+        errno.ENOENT,
+        f"{option} {named} was removed or replaced while this command ran, so "
+        "the run's earlier files are no longer there and it cannot continue; "
+        f"start it again in a new or empty {option}",
+    )
+
+
 class FolderLock:
     """Exclusive flock() on a folder, held from ``acquire`` (or ``with``) to release.
 
@@ -267,28 +303,14 @@ class FolderLock:
     def check_in_place(self) -> None:
         """Raise FolderReplacedError if the locked folder is no longer at its path.
 
-        A folder deleted (or moved away and replaced) while a command runs
-        takes its files and the lock with it. The writes that follow would
-        recreate the path piecemeal, unlocked and without the run's earlier
-        files, so commands call this before they write results. Nothing is
-        checked when the lock was not taken.
+        See :func:`check_same_folder`. Nothing is checked when the lock was
+        not taken.
         """
         if self._fd is None:
             return
         locked = os.fstat(self._fd)
-        try:
-            current = os.stat(self.folder)
-        except FileNotFoundError:
-            current = None
-        if current is not None and (current.st_dev, current.st_ino) == (
-            locked.st_dev,
-            locked.st_ino,
-        ):
-            return
-        raise FolderReplacedError(
-            errno.ENOENT,
-            f"{self.option} {self.reported_path} was removed or replaced while "
-            "this command ran, so its earlier files are gone; start the run again",
+        check_same_folder(
+            self.folder, (locked.st_dev, locked.st_ino), self.option, self.reported_path
         )
 
     def release(self) -> None:

@@ -1452,9 +1452,17 @@ class Experiment:
                     f"{FRESH_RUN}"
                 ) from err
 
-    def _write_state(self) -> None:
+    def check_folder(self) -> None:
+        """Raise FolderReplacedError when the locked output folder is gone.
+
+        Called before each write into the folder, so that a folder deleted
+        during the run is not recreated piecemeal (see FolderLock).
+        """
         if self._lock is not None:
             self._lock.check_in_place()
+
+    def _write_state(self) -> None:
+        self.check_folder()
         write_json_atomic(self.out_dir / STATE_FILE, finite_or_none(self.state))
 
     def unit(self, method: str, seed: int) -> dict[str, Any]:
@@ -1496,6 +1504,7 @@ class Experiment:
                 del self._pools[key]
             for key in [k for k in self._splits if k[1] == seed]:
                 del self._splits[key]
+        self.check_folder()
         return write_report(self.out_dir)
 
     def run_unit(self, method: str, seed: int) -> dict[str, Any]:
@@ -1637,6 +1646,7 @@ class Experiment:
     def _save_checkpoint(
         self, trainer, path: Path, method, seed, trial, config
     ) -> None:
+        self.check_folder()
         tmp = path.with_name(f".{path.name}.tmp")
         trainer.save(
             tmp,

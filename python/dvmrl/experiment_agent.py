@@ -494,6 +494,8 @@ def run_agent_unit(experiment, unit: dict[str, Any], seed: int) -> None:
 
 def _persist_step(experiment, env, constructor, root, step, loop, agent) -> None:
     """Write the episode after ``step`` into its folder, through a temporary name."""
+    if experiment is not None:
+        experiment.check_folder()
     folder = _step_folder(root, step)
     tmp = folder.with_name(folder.name + ".tmp")
     for path in (folder, tmp):

@@ -172,10 +172,18 @@ def _member_process(job: dict[str, Any], messages) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         _follow_parent(job["parent"])
         from dvmrl import set_num_threads
+        from dvmrl._files import check_same_folder
         from dvmrl.cli.train import MODEL_FILE, STATE_FILE, _fit_member
 
         set_num_threads(job["threads"])
         folder = Path(job["folder"])
+
+        def guard() -> None:
+            # The main process holds the output folder's lock; this process
+            # checks that the folder it locked is still in place. Jobs built
+            # without an output folder (the Python API) check nothing.
+            if job.get("out") is not None:
+                check_same_folder(job["out"], job["out_identity"])
 
         def report(record: dict) -> None:
             if os.getppid() != job["parent"]:
@@ -192,11 +200,13 @@ def _member_process(job: dict[str, Any], messages) -> None:
             job["label"],
             show_bar=False,
             report=report,
+            guard=guard,
         )
         if trainer is None:
             messages.put(("interrupted", member, None))
             code = EXIT_INTERRUPTED
         else:
+            guard()
             trainer.save(folder / MODEL_FILE, metadata=job["metadata"])
             trainer.save(folder / STATE_FILE, metadata=job["metadata"])
             summary = {

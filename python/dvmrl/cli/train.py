@@ -29,6 +29,7 @@ import numpy as np
 
 from dvmrl._files import (
     FolderLock,
+    folder_identity,
     json_ready,
     remove_stale_temporaries,
     write_bytes_atomic,
@@ -1319,6 +1320,9 @@ def _run_train(
                 "metadata": member_metadata,
                 "device": device,
                 "label": None if members == 1 else f"member {member}",
+                # A member process checks the folder by this (device, inode).
+                "out": str(out),
+                "out_identity": folder_identity(out),
             }
         )
     processes = _processes_at_once(args, len(jobs), device)
@@ -1340,6 +1344,7 @@ def _run_train(
                 device,
                 label,
                 show_bar=not args.no_progress,
+                guard=lock.check_in_place,
             )
         except TrainingDivergedError as err:
             # An --lr that is too large is a bad setting, not a failure of dvmrl.
@@ -1670,13 +1675,16 @@ def _fit_member(
     label: str | None,
     show_bar: bool = True,
     report=None,
+    guard=None,
 ):
     """Train one model in ``folder`` (resuming from its state file when present).
 
     ``label`` names the ensemble member on the progress bar (None for a
     single model). ``report``, when given, receives every epoch's record
     instead of the progress bar (a member process sends them to the main
-    process).
+    process). ``guard``, when given, runs before ``folder`` is created and
+    before every state file is written, and raises to stop (it checks that
+    the run's output folder is still in place).
 
     Returns:
         Trainer or None: the trainer on its best-validation weights, or None
@@ -1709,6 +1717,8 @@ def _fit_member(
         )
         logger.info("resuming %s after %s", folder, plural(trainer.epochs_done, "epoch"))
     else:
+        if guard is not None:
+            guard()
         folder.mkdir(parents=True, exist_ok=True)
         trainer = Trainer(
             ModelConfig.from_dict(run_config["model"]),
@@ -1747,6 +1757,7 @@ def _fit_member(
                 progress=report_saved,
                 checkpoint=folder / STATE_FILE,
                 metadata=metadata,
+                before_checkpoint=guard,
             )
     except KeyboardInterrupt:
         close()

@@ -477,6 +477,7 @@ class Trainer:
         progress: Callable[[dict[str, Any]], Any] | None,
         checkpoint: str | os.PathLike | None,
         metadata: dict[str, Any] | None,
+        before_checkpoint: Callable[[], Any] | None = None,
     ) -> list[dict[str, Any]]:
         records = []
         # A checkpoint written during a fit stores its target, so that a
@@ -496,6 +497,8 @@ class Trainer:
                 self._fit_target = None
                 self._fit_finished = early_stopping
             if checkpoint is not None:
+                if before_checkpoint is not None:
+                    before_checkpoint()
                 self.save(checkpoint, metadata=metadata)
             if progress is not None:
                 progress(record)
@@ -521,6 +524,7 @@ class Trainer:
         progress: Callable[[dict[str, Any]], Any] | None = None,
         checkpoint: str | os.PathLike | None = None,
         metadata: dict[str, Any] | None = None,
+        before_checkpoint: Callable[[], Any] | None = None,
     ) -> list[dict[str, Any]]:
         """Train with early stopping and end on the best-validation weights.
 
@@ -536,6 +540,10 @@ class Trainer:
             checkpoint (path, optional): file to rewrite with the full resume
                 state after every epoch.
             metadata (dict, optional): metadata for those checkpoints.
+            before_checkpoint (callable, optional): called before each
+                checkpoint is written; an exception it raises stops the fit
+                before the write (the CLI checks there that its output
+                folder still exists).
 
         Returns:
             list[dict]: the records of the epochs run (``epoch``,
@@ -560,7 +568,9 @@ class Trainer:
         else:
             target = self.train_config.epochs
             self._bad_epochs = 0
-        records = self._run(target, True, progress, checkpoint, metadata)
+        records = self._run(
+            target, True, progress, checkpoint, metadata, before_checkpoint
+        )
         if self._best_state is not None:
             self.model.load_state_dict(self._best_state)
         return records
