@@ -1768,7 +1768,7 @@ def test_removed_out_stops_train(tmp_path, data_csv, monkeypatch, capsys):
 
 @pytest.mark.parametrize("name", ["out.csv.gz", "out.csv.bz2", "out.csv.xz", "out.zip"])
 def test_predict_output_compressed_by_suffix(trained, tmp_path, name):
-    # The file is compressed as its suffix says, so --input reads it back.
+    # The file is compressed as its suffix names, so --input reads it back.
     target = tmp_path / name
     assert _predict_to(trained, target) == 0
     assert not target.read_bytes().startswith(b"formula,")

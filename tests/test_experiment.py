@@ -554,7 +554,7 @@ def test_foreign_folder_rejected(tmp_path):
 
 
 def test_train_folder_names_quoted_resume(tmp_path):
-    # A dvmrl train folder whose name holds a space: the advice must be a
+    # A dvmrl train folder whose name contains a space: the advice must be a
     # command that a shell runs as printed.
     folder = tmp_path / "my train"
     folder.mkdir()

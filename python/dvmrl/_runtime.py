@@ -81,9 +81,9 @@ def torch_threads(count: int):
 def default_threads() -> int:
     """Return the default thread count: OMP_NUM_THREADS, else the cores.
 
-    OMP_NUM_THREADS counts when it is a positive integer (or a
-    comma-separated list that starts with one), as batch systems and job
-    scripts set it for every threaded library; otherwise the cores this
+    Batch systems and job scripts set OMP_NUM_THREADS for every threaded
+    library, so it counts when it is a positive integer (or a
+    comma-separated list that starts with one). Otherwise the cores this
     process may run on count.
     """
     return int(_core.default_num_threads())

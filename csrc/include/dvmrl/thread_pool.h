@@ -73,7 +73,7 @@ class ThreadPool {
   std::exception_ptr error_;
 };
 
-// OMP_NUM_THREADS when it holds a positive integer (at most 1024), else the
+// OMP_NUM_THREADS when it is a positive integer (at most 1024), else the
 // cores this process may run on (sched_getaffinity); at least 1.
 int default_num_threads();
 

@@ -163,7 +163,8 @@ def add_parser(subparsers) -> None:
 def _add_data_arguments(parser: argparse.ArgumentParser, kind_effect: str) -> None:
     """Add the data argument and the options that read a CSV file.
 
-    ``kind_effect`` says in --target-kind's help what the kind changes.
+    ``kind_effect`` is the part of --target-kind's help that names what the
+    kind changes.
     """
     parser.add_argument(
         "data", metavar="NAME", help="vendored data set name or CSV path"

@@ -2512,11 +2512,11 @@ def _check_output_not_input(args: argparse.Namespace) -> None:
 
 
 def _write_table(path: Path, table) -> None:
-    """Write the predictions as CSV, compressed when the suffix asks for it.
+    """Write the predictions as CSV, compressed as the file's suffix names.
 
-    .gz, .bz2 and .xz files are compressed whole; a .zip file holds one CSV
-    file named like the archive (preds.zip holds preds.csv), which is what
-    --input and --data read back.
+    .gz, .bz2 and .xz files are compressed whole. A .zip file contains one
+    CSV file named like the archive (preds.zip contains preds.csv), which
+    is what --input and --data read back.
     """
     suffix = path.suffix.lower()
     if suffix == ".zip":
@@ -2636,7 +2636,7 @@ def _uncertainty_note(model) -> str:
     members = len(getattr(model, "members", [model]))
     heteroscedastic = _is_heteroscedastic(model)
     if members == 1:
-        what = (
+        measure = (
             "the standard deviation that the model's heteroscedastic head "
             "predicts for the targets, learned from the training data's scatter"
         )
@@ -2645,11 +2645,13 @@ def _uncertainty_note(model) -> str:
             "lies from the training data"
         )
     else:
-        what = "the spread (a standard deviation) of the ensemble members' predictions"
+        measure = (
+            "the spread (a standard deviation) of the ensemble members' predictions"
+        )
         if heteroscedastic:
-            what += ", with the mean variance their heteroscedastic heads predict"
+            measure += ", with the mean variance their heteroscedastic heads predict"
         caveat = (
             "the members draw their training rows from one data set and share one "
             "architecture, so they can all be wrong the same way"
         )
-    return f"uncertainty_ev_per_atom is {what}, not a calibrated error bar: {caveat}"
+    return f"uncertainty_ev_per_atom is {measure}, not a calibrated error bar: {caveat}"
