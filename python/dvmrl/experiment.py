@@ -117,6 +117,10 @@ START_CONFIG = {
 }
 
 
+class BudgetError(ValueError):
+    """A budget (preset or budget file) whose fields cannot make a fair run."""
+
+
 @dataclass(frozen=True)
 class Preset:
     """A budget preset: what each method gets per seed.
@@ -187,12 +191,12 @@ class Preset:
         return cls(**data)
 
     def check(self) -> None:
-        """Raise ValueError when a field has the wrong type or the preset cannot run.
+        """Raise BudgetError when a field has the wrong type or the preset cannot run.
 
         Counts must be JSON integers (not floats, strings or booleans).
         """
         if not isinstance(self.name, str) or not self.name:
-            raise ValueError(
+            raise BudgetError(
                 f"budget name must be a non-empty string, got {_shown(self.name)}"
             )
         for name in (
@@ -208,14 +212,14 @@ class Preset:
         ):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
-                raise ValueError(
+                raise BudgetError(
                     f"budget {self.name!r}: {name} must be an integer >= 1, "
                     f"got {_shown(value)}"
                 )
         for name in ("max_train", "max_val"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 2):
-                raise ValueError(
+                raise BudgetError(
                     f"budget {self.name!r}: {name} must be an integer >= 2 or null "
                     f"(the whole pool), got {_shown(value)}"
                 )
@@ -223,7 +227,7 @@ class Preset:
             EpochBudget(self.epochs, self.trial_epochs)
         except ValueError as err:
             shortest = shortest_trial_epochs(self.trial_epochs)
-            raise ValueError(
+            raise BudgetError(
                 f"budget {self.name!r}: epochs {self.epochs} cannot fit one trial "
                 f"of trial_epochs {self.trial_epochs} (the last trial may be cut "
                 f"to half of trial_epochs, {shortest} epochs, but no shorter); "
@@ -233,7 +237,7 @@ class Preset:
         if self.epochs < two_trials:
             # One trial would make random search and Bayesian optimisation
             # return their first random configuration, with nothing compared.
-            raise ValueError(
+            raise BudgetError(
                 f"budget {self.name!r}: epochs {self.epochs} fit only one trial of "
                 f"trial_epochs {self.trial_epochs}, so the baselines would compare "
                 f"no configurations; raise epochs to at least {two_trials} (one "
@@ -242,7 +246,7 @@ class Preset:
         leftover = self.epochs % self.trial_epochs
         shortest_trial = EpochBudget(self.epochs, self.trial_epochs).min_trial_epochs
         if 0 < leftover < shortest_trial:
-            raise ValueError(
+            raise BudgetError(
                 f"budget {self.name!r}: epochs {self.epochs} leave {leftover} epochs "
                 f"after the full trials of trial_epochs {self.trial_epochs}, too few "
                 "for a last trial (at least half of trial_epochs), so the baselines "
@@ -251,20 +255,20 @@ class Preset:
             )
 
     def check_agent_steps(self) -> None:
-        """Raise ValueError when the agent could not spend exactly ``epochs``.
+        """Raise BudgetError when the agent could not spend exactly ``epochs``.
 
         Only runs with the agent need this: it trains whole steps of
         ``agent_slice`` epochs, and every method must spend the same epochs.
         """
         if self.epochs < self.agent_slice:
-            raise ValueError(
+            raise BudgetError(
                 f"budget {self.name!r}: {self.epochs} epochs cannot fit one agent "
                 "step of "
                 f"{self.agent_slice} epochs; raise epochs or lower agent_slice"
             )
         if self.epochs % self.agent_slice:
             used = self.epochs - self.epochs % self.agent_slice
-            raise ValueError(
+            raise BudgetError(
                 f"budget {self.name!r}: epochs {self.epochs} is not a multiple of "
                 f"agent_slice {self.agent_slice}, so the agent would train {used} "
                 f"epochs and the baselines {self.epochs}; make epochs a multiple of "
@@ -474,7 +478,7 @@ class RunSpec:
             preset.check_agent_steps()
         trials = -(-preset.epochs // preset.trial_epochs)
         if "bayesian" in self.methods and preset.n_initial_points >= trials:
-            raise ValueError(
+            raise BudgetError(
                 f"budget {preset.name!r}: n_initial_points {preset.n_initial_points} "
                 f"is not below the {trials} trials that epochs {preset.epochs} and "
                 f"trial_epochs {preset.trial_epochs} give, so Bayesian optimisation "

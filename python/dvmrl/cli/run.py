@@ -246,7 +246,13 @@ def _fill_defaults(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the comparison and print where the report went."""
-    from dvmrl.experiment import PRESETS, Experiment, RunSpec, resolve_preset
+    from dvmrl.experiment import (
+        PRESETS,
+        BudgetError,
+        Experiment,
+        RunSpec,
+        resolve_preset,
+    )
 
     _fill_defaults(args)
     if "agent" not in args.methods:
@@ -280,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
         spec.check()
     except ValueError as err:
         from_file = isinstance(args.budget, str) and args.budget not in PRESETS
-        if from_file and str(err).startswith("budget "):
+        if from_file and isinstance(err, BudgetError):
             # A check of the budget's own fields: as for the file's other
             # checks, the message names the file. Errors in --methods or
             # --seeds are not the file's.
