@@ -14,8 +14,8 @@ namespace {
 // parallel calls run serially instead of deadlocking.
 thread_local bool in_parallel_region = false;
 
-// Most threads a default from OMP_NUM_THREADS gives, the Python side's
-// MAX_THREADS: far above any CPU's cores.
+// Largest default thread count taken from OMP_NUM_THREADS. It equals the
+// Python side's MAX_THREADS, far above the core count of any CPU.
 constexpr long kMaxThreads = 1024;
 }  // namespace
 

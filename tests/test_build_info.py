@@ -224,7 +224,7 @@ def test_internal_error_hint(monkeypatch, capsys, verbose):
 )
 def test_default_threads_follow_omp_num_threads(value, expected):
     # The pool is made once per process, so each value needs a fresh one.
-    # None stands for the cores this process may run on.
+    # None means the cores this process may run on.
     import os
 
     from child_env import child_environment
@@ -235,7 +235,11 @@ def test_default_threads_follow_omp_num_threads(value, expected):
         "print(r.default_threads(), dvmrl.get_num_threads())"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     cores = len(os.sched_getaffinity(0))

@@ -140,8 +140,8 @@ static inline void rows_nn(int64_t rows, int64_t kd, const T* a, int64_t sa_n,
                            int64_t sa_k, const T* b, int64_t ldb, T* c, int64_t ldc,
                            bool accumulate) {
   // Each pass over B serves R rows of A. 6 x 4 accumulators fit the 32
-  // AVX-512 registers, and 6 x 2 the 16 of AVX2 with room for the two B
-  // vectors and the broadcast; 4 x 4 there would spill to the stack.
+  // AVX-512 registers, and 6 x 2 fit the 16 of AVX2 with room for the two B
+  // vectors and the broadcast. A 4 x 4 tile would spill to the stack there.
   constexpr int R = VV == 2 || (VV == 4 && sizeof(Vec<T>) >= 64) ? 6 : 4;
   int64_t n = 0;
   for (; n + R <= rows; n += R)
@@ -170,12 +170,12 @@ static inline void rows_nn(int64_t rows, int64_t kd, const T* a, int64_t sa_n,
 }
 
 // Vectors per row tile of gemm_nn: 4 on AVX-512, 2 where only 16 vector
-// registers hold the accumulators (see rows_nn).
+// registers are available (see rows_nn).
 template <class T>
 constexpr int kPanelVectors = sizeof(Vec<T>) >= 64 ? 4 : 2;
 
-// Bytes of one packed panel of B in gemm_nn: 32 KB, as much as L1 holds
-// on most x86 cores.
+// Bytes of one packed panel of B in gemm_nn: 32 KB, the size of the L1 data
+// cache of many x86 cores.
 constexpr int64_t kPanelBytes = 32768;
 
 // C [N, M] (+)= A [N, Kd] B [Kd, M]; A is read through strides, so A^T

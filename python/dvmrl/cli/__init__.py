@@ -189,10 +189,10 @@ def console_main() -> int:
     """Run the ``dvmrl`` command as a program (the console script, ``python -m``).
 
     Once the command has returned, only the interpreter's shutdown remains
-    (PyTorch's teardown took about 0.7 s). A signal then would turn a
-    finished command's exit status into 130 or 143, so the process ignores
-    SIGINT and SIGTERM from that point. ``main`` itself leaves the handlers
-    of a Python caller as they were.
+    (about 0.7 s after dvmrl train in one measurement). A signal then would
+    turn a finished command's exit status into 130 or 143, so the process
+    ignores SIGINT and SIGTERM from that point. ``main`` itself leaves the
+    handlers of a Python caller as they were.
     """
     code = main()
     if threading.current_thread() is threading.main_thread():
