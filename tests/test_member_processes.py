@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -344,3 +345,102 @@ def test_jobs_must_be_positive(alloys_csv, tmp_path, capsys):
         main(argv)
     assert raised.value.code == 2
     assert "--jobs" in capsys.readouterr().err
+
+
+# Run in a child process: a broken queue hangs its next put, and the child's
+# timeout turns that into a failure. The child reads its own queue in a
+# thread, as the main process reads a member's.
+_PUT_FLOOD = """
+import multiprocessing, os, signal, sys, threading
+from dvmrl.cli import _member_processes as mp
+
+messages = multiprocessing.get_context("spawn").Queue()
+for trial in range(30):
+    seen = threading.Event()
+
+    def read():
+        while messages.get(timeout=20) != "last":
+            pass
+        seen.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    mp._interrupt_once()
+    timer = threading.Timer(0.002 + 0.001 * (trial % 9), os.kill,
+                            (os.getpid(), signal.SIGINT))
+    try:
+        timer.start()  # inside: the signal may come before start() returns
+        while True:
+            mp._put(messages, "x" * 100)
+    except KeyboardInterrupt:
+        pass
+    timer.join()
+    mp._put(messages, "last")
+    if not seen.wait(20):
+        sys.exit(f"trial {trial}: the message after Ctrl-C was lost")
+print("delivered")
+"""
+
+
+def test_put_survives_interrupt():
+    # In a member process, Ctrl-C lands wherever the training is. It must not
+    # break the queue to the main process, whose next message names the file
+    # with the saved state. Raised inside Queue.put, the interrupt can leave
+    # the queue so that the next put hangs, so the member defers it until the
+    # put returns.
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _PUT_FLOOD],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env=child_environment(),
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("a put after Ctrl-C hung: the interrupt broke the queue")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "delivered"
+
+
+def test_interrupt_deferred_during_put():
+    interrupt = _member_processes._Interrupt()
+    interrupt.depth = 1  # as inside a put
+    interrupt.handler(signal.SIGINT, None)
+    assert interrupt.deferred
+    interrupt.depth = 0
+    with pytest.raises(KeyboardInterrupt):
+        interrupt.put(queue.Queue(), "item")
+    # Later signals are ignored, so they cannot break the saving of the state.
+    interrupt.handler(signal.SIGINT, None)
+    interrupt.put(queue.Queue(), "item")
+
+
+def test_main_signal_stops_members(alloys_csv, tmp_path):
+    # The main process records SIGINT while it reads its members' messages
+    # and stops them between messages, then restores the handler.
+    class Interrupting(_Progress):
+        def __init__(self) -> None:
+            super().__init__()
+            self.reported: set[int] = set()
+
+        def epoch(self, member: int, record: dict) -> None:
+            self.reported.add(member)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    jobs = _jobs(alloys_csv, tmp_path, 2)
+    for job in jobs:
+        train = {"epochs": 50, "batch_size": 32}
+        job["run_config"] = {**job["run_config"], "train": train}
+    before = signal.getsignal(signal.SIGINT)
+    progress = Interrupting()
+    with pytest.raises(KeyboardInterrupt):
+        _member_processes.train_members(jobs, 2, progress)
+    assert signal.getsignal(signal.SIGINT) is before
+    assert progress.closed
+    # A member still starting then stops before it writes anything; one that
+    # reported an epoch has its state saved.
+    assert progress.reported
+    for member in progress.reported:
+        assert (tmp_path / f"member{member}" / "last.pt").is_file()
+    for member in (0, 1):
+        assert not (tmp_path / f"member{member}" / "model.pt").exists()
+    assert not _member_processes.multiprocessing.active_children()

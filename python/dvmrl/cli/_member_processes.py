@@ -32,6 +32,7 @@ import pickle
 import queue as queue_module
 import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -74,7 +75,7 @@ class _QueueLogHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             payload = (record.levelno, record.name, record.getMessage())
-            self.messages.put(("log", self.member, payload))
+            _put(self.messages, ("log", self.member, payload))
         except Exception:  # noqa: BLE001 - logging must not stop the training
             self.handleError(record)
 
@@ -99,12 +100,12 @@ class _QueueStream(io.TextIOBase):
         self.pending += text
         while "\n" in self.pending:
             line, self.pending = self.pending.split("\n", 1)
-            self.messages.put(("text", self.member, line))
+            _put(self.messages, ("text", self.member, line))
         return len(text)
 
     def flush(self) -> None:
         if self.pending:
-            self.messages.put(("text", self.member, self.pending))
+            _put(self.messages, ("text", self.member, self.pending))
             self.pending = ""
 
 
@@ -128,22 +129,60 @@ def _follow_parent(parent: int) -> None:
         raise KeyboardInterrupt  # the parent ended before the line above
 
 
-def _interrupt_once() -> None:
-    """Install a SIGINT handler that raises KeyboardInterrupt once.
+class _Interrupt:
+    """SIGINT handling of a member process: one KeyboardInterrupt, never mid-put.
 
     The terminal and the main process may both send the signal. Later
     signals are ignored, because they must not interrupt the saving of the
-    state that the first one started.
+    state that the first one started. A KeyboardInterrupt raised inside
+    ``multiprocessing.Queue.put`` can break the queue: in 6 of 40 trials, a
+    child that put in a loop never delivered its next message (for a
+    member, the "interrupted after" line). So a signal that arrives while a
+    message is being put is raised once the put has returned.
     """
-    received = []
 
-    def handler(signum, frame):  # noqa: ARG001 - the signal module's signature
-        if received:
+    def __init__(self) -> None:
+        self.received = False
+        self.deferred = False
+        self.depth = 0
+
+    def handler(self, signum, frame) -> None:  # noqa: ARG002 - signal's signature
+        if self.received:
             return
-        received.append(signum)
+        self.received = True
+        if self.depth:
+            self.deferred = True
+            return
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, handler)
+    def put(self, messages, item) -> None:
+        """Put ``item`` on ``messages``; an interrupt meanwhile is raised after."""
+        self.depth += 1
+        try:
+            messages.put(item)
+        finally:
+            self.depth -= 1
+        if self.deferred and not self.depth:
+            self.deferred = False
+            raise KeyboardInterrupt
+
+
+# The handler of this process, installed by _interrupt_once. Until then
+# (and in the main process, which puts nothing) puts are not shielded.
+_interrupt = _Interrupt()
+
+
+def _interrupt_once() -> _Interrupt:
+    """Install a SIGINT handler that raises KeyboardInterrupt once, and return it."""
+    global _interrupt
+    _interrupt = _Interrupt()
+    signal.signal(signal.SIGINT, _interrupt.handler)
+    return _interrupt
+
+
+def _put(messages, item) -> None:
+    """Put a message for the main process, outside the reach of Ctrl-C."""
+    _interrupt.put(messages, item)
 
 
 def _portable_error(err: BaseException) -> BaseException:
@@ -189,7 +228,7 @@ def _member_process(job: dict[str, Any], messages) -> None:
             if os.getppid() != job["parent"]:
                 # The main process ended: stop after this saved epoch.
                 raise KeyboardInterrupt
-            messages.put(("epoch", member, record))
+            _put(messages, ("epoch", member, record))
 
         trainer = _fit_member(
             folder,
@@ -203,7 +242,7 @@ def _member_process(job: dict[str, Any], messages) -> None:
             guard=guard,
         )
         if trainer is None:
-            messages.put(("interrupted", member, None))
+            _put(messages, ("interrupted", member, None))
             code = EXIT_INTERRUPTED
         else:
             guard()
@@ -215,18 +254,20 @@ def _member_process(job: dict[str, Any], messages) -> None:
                 "best_score": trainer.best_score,
                 "monitor": trainer.train_config.monitor,
             }
-            messages.put(("done", member, summary))
+            _put(messages, ("done", member, summary))
             code = EXIT_DONE
     except KeyboardInterrupt:
         # Ctrl-C outside the epochs, such as while PyTorch loads or a file is
         # written. The state file contains the last finished epoch.
-        messages.put(("interrupted", member, None))
+        _put(messages, ("interrupted", member, None))
         code = EXIT_INTERRUPTED
     except BaseException as err:  # noqa: BLE001 - reported to the main process
+        code = EXIT_FAILED
         if job["log_level"] <= logging.DEBUG:
             traceback.print_exc()
-        messages.put(("error", member, _portable_error(err)))
-        code = EXIT_FAILED
+        # A Ctrl-C now would only hide the error; its message is on its way.
+        with contextlib.suppress(KeyboardInterrupt):
+            _put(messages, ("error", member, _portable_error(err)))
     finally:
         # Flush the messages before the exit code becomes visible. An
         # interrupt from now on would only break the exit.
@@ -245,6 +286,26 @@ def _describe_exit(code: int | None) -> str:
         except ValueError:
             return f"signal {-code}"
     return f"exit code {code}"
+
+
+def _record_signals(signals: list[int]) -> dict[int, Any] | None:
+    """Make SIGINT and SIGTERM append to ``signals``; return the old handlers.
+
+    Returns None, and changes nothing, off the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def record(signum, frame) -> None:  # noqa: ARG001 - the signal module's signature
+        signals.append(signum)
+
+    signums = (signal.SIGINT, signal.SIGTERM)
+    return {signum: signal.signal(signum, record) for signum in signums}
+
+
+def _restore_signals(previous: dict[int, Any] | None) -> None:
+    for signum, handler in (previous or {}).items():
+        signal.signal(signum, handler)
 
 
 def train_members(
@@ -371,15 +432,11 @@ def train_members(
             args=({**job, "log_level": log_level, "parent": os.getpid()}, messages),
             name=f"dvmrl-member-{member}",
         )
-        # A Ctrl-C while the child starts is recorded and raised once the
-        # child is registered, so that stop_all stops it too. start() can
-        # take seconds, because it waits until the child has read its job.
-        # The handler records it in whichever thread the signal lands, and
-        # the blocked mask, which the child inherits across exec, keeps the
-        # child's copy pending until its own handler is installed, so
-        # Ctrl-C during its imports prints no traceback.
-        received = []
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+        # The blocked mask, which the child inherits across exec, keeps a
+        # Ctrl-C that arrives while the child starts pending in the child
+        # until its own handler is installed, so Ctrl-C during its imports
+        # prints no traceback. start() can take seconds, because it waits
+        # until the child has read its job.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             process.start()
@@ -387,10 +444,16 @@ def train_members(
             progress.start(member)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-            signal.signal(signal.SIGINT, previous)
-        if received:
-            raise KeyboardInterrupt
 
+    # Ctrl-C and SIGTERM are recorded and acted on between messages,
+    # because a KeyboardInterrupt raised inside Queue.get can stop it halfway
+    # through a message. Every later get then failed with EOFError (6 of 40
+    # trials against a child that put in a loop), so the members' last lines
+    # were lost and exit 130 became a failure. Off the main thread, where
+    # handlers cannot be set, a KeyboardInterrupt still stops the members,
+    # and a second one during the stop is not held back.
+    signals: list[int] = []
+    previous = _record_signals(signals)
     try:
         while running or (pending and failure is None and not interrupted):
             while (
@@ -398,21 +461,25 @@ def train_members(
                 and len(running) < processes
                 and failure is None
                 and not interrupted
+                and not signals
             ):
                 start(pending.pop(0))
+            if signals:
+                raise KeyboardInterrupt
             drain(POLL_SECONDS)
             reap()
+            if signals:
+                raise KeyboardInterrupt
             if (failure is not None or interrupted) and running:
                 stop_all()
     except KeyboardInterrupt:
+        # Signals during the stop are recorded, and so ignored: they must
+        # not interrupt the members' saving of their states.
         interrupted = True
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            stop_all()
-        finally:
-            signal.signal(signal.SIGINT, previous)
+        stop_all()
     finally:
         messages.close()
+        _restore_signals(previous)
     if failure is not None:
         raise failure
     if interrupted:
