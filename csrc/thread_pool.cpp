@@ -22,11 +22,14 @@ constexpr long kMaxThreads = 1024;
 int default_num_threads() {
   // OMP_NUM_THREADS, as batch-system scripts set it for every threaded
   // library; OpenMP reads a list ("4,2") for nested levels, so the first
-  // number counts. A value that is not a positive integer is ignored.
+  // number counts. Blanks around it are accepted, as GNU OpenMP (libgomp)
+  // accepts " 3 , 1". A value that is not a positive integer is ignored.
   if (const char* env = std::getenv("OMP_NUM_THREADS")) {
     char* end = nullptr;
     const long n = std::strtol(env, &end, 10);
-    if (end != env && (*end == '\0' || *end == ',') && n > 0)
+    const char* rest = end;
+    while (*rest == ' ' || *rest == '\t') ++rest;
+    if (end != env && (*rest == '\0' || *rest == ',') && n > 0)
       return static_cast<int>(n < kMaxThreads ? n : kMaxThreads);
   }
   cpu_set_t set;

@@ -220,7 +220,10 @@ def test_internal_error_hint(monkeypatch, capsys, verbose):
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("1", 1), ("3", 3), ("3,1", 3), ("abc", None), ("0", None), ("", None)],
+    [
+        ("1", 1), ("3", 3), ("3,1", 3), (" 3 ", 3), ("3\t,1", 3), (" 3 , 1", 3),
+        ("abc", None), ("0", None), ("", None), ("3 x", None), ("-2", None),
+    ],  # fmt: skip
 )
 def test_default_threads_follow_omp_num_threads(value, expected):
     # The pool is made once per process, so each value needs a fresh one.
