@@ -416,8 +416,10 @@ def test_summary_line_names_methods():
     tie = {"winner": "random", "tie": True, "tied_with": ["bayesian", "agent"]}
     expected = "tie: random search, Bayesian optimisation and DQN agent"
     assert run_cli._describe(tie) == expected
-    win = {"winner": "agent", "tie": False, "tied_with": []}
+    win = {"winner": "agent", "tie": False, "tied_with": [], "spread_assessed": True}
     assert run_cli._describe(win) == "DQN agent wins"
+    lead = {**win, "spread_assessed": False}
+    assert run_cli._describe(lead) == "DQN agent leads"
     none = {"winner": None, "tie": False, "tied_with": []}
     assert run_cli._describe(none) == "n/a"
 

@@ -545,6 +545,17 @@ def test_markdown_states_hull_threshold(finished_run):
     assert "(stable at or below 0.025 eV/atom)" in text
 
 
+def test_one_seed_verdict_names_leaders(finished_run):
+    from dvmrl.report import render_markdown
+
+    _, report = finished_run
+    assert report["seeds"] == [0]
+    verdict = render_markdown(report).split("## Verdict")[1].split("## ")[0]
+    assert "Metrics led, with one seed" in verdict
+    assert "won outright" not in verdict
+    assert " wins." not in verdict
+
+
 def test_foreign_folder_rejected(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     spec = RunSpec(preset=TINY, seeds=[0], methods=["random"])
@@ -847,6 +858,24 @@ def test_winner_clear_when_apart():
     winner = find_winner(summaries, higher_is_better=False)
     assert winner["winner"] == "random"
     assert not winner["tie"]
+
+
+def test_winner_must_lead_every_seed():
+    # The means are 0.05 apart with spreads of 0.03 and 0.02, but the second
+    # method is ahead in seed 2, where both trained on the same pools.
+    per_seed = {
+        "random": {0: 0.30, 1: 0.31, 2: 0.36},
+        "agent": {0: 0.38, 1: 0.39, 2: 0.35},
+    }
+    summaries = {m: summarise(list(v.values())) for m, v in per_seed.items()}
+    assert find_winner(summaries, False)["tie"] is False
+    winner = find_winner(summaries, False, per_seed)
+    assert winner["winner"] == "random"
+    assert winner["tied_with"] == ["agent"]
+    # Ahead in every seed: a win.
+    per_seed["random"][2] = 0.33
+    summaries = {m: summarise(list(v.values())) for m, v in per_seed.items()}
+    assert find_winner(summaries, False, per_seed)["tie"] is False
 
 
 def test_winner_higher_is_better():

@@ -6,12 +6,15 @@ report of a resumed run equals that of an uninterrupted one, timings aside.
 
 Summaries are the mean and the sample standard deviation (ddof=1) over
 seeds. A method wins a metric when its mean is the best. Any other method
-ties with it in three cases. Its mean differs from the best by less than
+ties with it in four cases. Its mean differs from the best by less than
 the larger of the two standard deviations, or by less than the resolution
 (:data:`RELATIVE_RESOLUTION`, 0.5 % of the best mean's magnitude). Or the
 two means print the same (4 decimals, 3 significant digits below 0.01).
-With a single seed there is no spread, so only the resolution and the
-printed precision decide ties, and the report states this.
+Or, with two or more seeds, the best method is not ahead of it in every
+seed that both finished. Every method of a seed trains on the same
+training and validation pools, so the seeds pair the methods. With a single seed
+there is no spread, so only the resolution and the printed precision
+decide ties, and the report calls the best method a leader, not a winner.
 """
 
 from __future__ import annotations
@@ -125,7 +128,9 @@ def summarise(values: list[float | None]) -> dict[str, Any]:
 
 
 def find_winner(
-    summaries: dict[str, dict[str, Any]], higher_is_better: bool
+    summaries: dict[str, dict[str, Any]],
+    higher_is_better: bool,
+    per_seed: dict[str, dict[int, float]] | None = None,
 ) -> dict[str, Any]:
     """Name the best method of one metric and the methods tied with it.
 
@@ -133,11 +138,14 @@ def find_winner(
     A method ties with the best when the difference of their means is below
     ``RELATIVE_RESOLUTION`` times the best mean's magnitude or invisible at
     the report's printed precision. When every method has two or more
-    seeds, a difference below the larger standard deviation is a tie too.
+    seeds, a difference below the larger standard deviation is a tie too,
+    and so is one where the best method is not ahead in every seed that
+    both methods have in ``per_seed``.
 
     Args:
         summaries: per method, the output of ``summarise``.
         higher_is_better: direction of the metric.
+        per_seed: per method, the value of each seed (optional).
 
     Returns:
         dict with ``winner`` (method name or None), ``tied_with`` (methods
@@ -167,7 +175,11 @@ def find_winner(
             threshold = max(threshold, best["std"], summary["std"])
         difference = abs(summary["mean"] - best["mean"])
         same_print = _format(summary["mean"]) == _format(best["mean"])
-        if difference < threshold or difference == 0.0 or same_print:
+        behind_in_a_seed = spread_assessed and not _ahead_in_every_seed(
+            per_seed, best_method, method, sign
+        )
+        close = difference < threshold or difference == 0.0 or same_print
+        if close or behind_in_a_seed:
             tied.append(method)
     return {
         "winner": best_method,
@@ -176,6 +188,20 @@ def find_winner(
         "spread_assessed": spread_assessed,
         "resolution": RELATIVE_RESOLUTION,
     }
+
+
+def _ahead_in_every_seed(
+    per_seed: dict[str, dict[int, float]] | None, best: str, other: str, sign: float
+) -> bool:
+    """Return whether ``best`` beats ``other`` in each seed that both have.
+
+    ``sign`` is -1 when higher values are better. Without values per seed,
+    or without a seed in common, there is nothing to pair, so True.
+    """
+    if per_seed is None:
+        return True
+    mine, theirs = per_seed.get(best, {}), per_seed.get(other, {})
+    return all(sign * mine[seed] < sign * theirs[seed] for seed in mine.keys() & theirs)
 
 
 def ratios_against(
@@ -357,8 +383,19 @@ def build_report(out_dir: str | os.PathLike) -> dict[str, Any]:
             m: summarise([r[key] for r in complete_rows if r["method"] == m])
             for m in methods
         }
+    per_seed = {
+        key: {
+            m: {
+                r["seed"]: float(r[key])
+                for r in complete_rows
+                if r["method"] == m and r[key] is not None and math.isfinite(r[key])
+            }
+            for m in methods
+        }
+        for key, *_ in METRICS
+    }
     winners = {
-        key: find_winner(summaries[key], higher)
+        key: find_winner(summaries[key], higher, per_seed[key])
         for key, _label, _unit, higher in METRICS
     }
     for key in FOLLOWS_TEST_RMSE:
@@ -775,7 +812,9 @@ def _notes_lines(report: dict[str, Any]) -> list[str]:
         "- A difference is called a tie when it is smaller than the spread over "
         "seeds (the larger of the two standard deviations, only with two or more "
         f"seeds), smaller than {_percent(RELATIVE_RESOLUTION)} of the best mean's "
-        "magnitude, or invisible at the printed precision.",
+        "magnitude, or invisible at the printed precision, and, with two or more "
+        "seeds, when the best method is not ahead in every seed (the methods of a "
+        "seed share its training and validation pools).",
         "- Best validation RMSE is measured on the whole validation pool for every "
         "method."
         + (
@@ -934,8 +973,20 @@ def _verdict_lines(report: dict[str, Any]) -> list[str]:
         if undecided
         else ""
     )
+    # One seed shows no spread, so a lead there is not called a win.
+    one_seed = any(
+        not report["winners"][key]["spread_assessed"]
+        for key, *_ in counted
+        if report["winners"][key]["winner"] is not None
+    )
+    headline = (
+        "Metrics led, with one seed and so without a test against the spread "
+        "over seeds"
+        if one_seed
+        else "Metrics won outright"
+    )
     lines += [
-        f"Metrics won outright: {tally}; ties: {ties} (of {decided}).{missing} "
+        f"{headline}: {tally}; ties: {ties} (of {decided}).{missing} "
         "Test R^2 and the GCV score rank the methods as test RMSE does on the "
         "same test set, and the best validation RMSE is the score the methods "
         "select on, so these three are not counted.",
@@ -954,29 +1005,34 @@ def _verdict_lines(report: dict[str, Any]) -> list[str]:
             rule = f"{_percent(_resolution(winner))} of the best mean"
             if winner["spread_assessed"]:
                 rule = f"the spread over seeds or {rule}"
+            paired = (
+                ", or the best one not ahead in every seed"
+                if winner["spread_assessed"]
+                else ""
+            )
             lines.append(
                 f"- {label}: a tie between {join_method_names(group)} (differences smaller "
-                f"than {rule}, or invisible at the printed precision). The best "
+                f"than {rule}, invisible at the printed precision{paired}). The best "
                 f"mean is {name}'s."
                 + outside
             )
             continue
+        assessed = winner["spread_assessed"]
         baseline = winner["winner"] in ("random", "bayesian") and "agent" in methods
         suffix = ""
         if baseline and report["summary"][key]["agent"]["mean"] is None:
             suffix = " The agent has no result for this metric."
         elif baseline:
-            suffix = " A baseline beats the agent here."
-        caveat = (
-            ""
-            if winner["spread_assessed"]
-            else (
-                " (one seed, so ties were judged only by the "
-                f"{_percent(_resolution(winner))} resolution and the printed "
-                "precision, not by spread)"
-            )
+            verb = "beats" if assessed else "is ahead of"
+            suffix = f" A baseline {verb} the agent here."
+        if assessed:
+            lines.append(f"- {label}: {name} wins.{suffix}")
+            continue
+        lines.append(
+            f"- {label}: {name} leads (one seed, so ties were judged only by the "
+            f"{_percent(_resolution(winner))} resolution and the printed "
+            f"precision, not by spread).{suffix}"
         )
-        lines.append(f"- {label}: {name} wins{caveat}.{suffix}")
     lines.append("")
     return lines
 

@@ -394,4 +394,5 @@ def _describe(winner: dict) -> str:
     label = winner_label(winner)
     if winner["winner"] is None or winner["tie"]:
         return label
-    return f"{label} wins"
+    # One seed shows no spread, so its best method leads but does not win.
+    return f"{label} {'wins' if winner.get('spread_assessed', True) else 'leads'}"
