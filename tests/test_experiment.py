@@ -556,6 +556,20 @@ def test_one_seed_verdict_names_leaders(finished_run):
     assert " wins." not in verdict
 
 
+def test_markdown_names_machine_and_agent(finished_run):
+    import dvmrl
+    from dvmrl.report import render_markdown
+
+    out, report = finished_run
+    text = render_markdown(report)
+    info = dvmrl.build_info()
+    assert f"dvmrl kernels {info['cpu_isa']} on " in text
+    assert f"Run started {report['provenance']['started']}" in text
+    checksum = json.loads((out / "run.json").read_text())["signature"]["agent_checksum"]
+    assert report["agent"]["checksum"] == checksum
+    assert f"SHA-256 {checksum[:16]}..." in text
+
+
 def test_foreign_folder_rejected(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     spec = RunSpec(preset=TINY, seeds=[0], methods=["random"])

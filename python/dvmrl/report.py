@@ -272,7 +272,7 @@ def _difference(a, b) -> float | None:
 
 
 def search_curve(unit: dict[str, Any]) -> list[tuple[int, float]]:
-    """Return the validation RMSE (eV/atom) of the chosen model against epochs spent.
+    """Return the validation RMSE (eV/atom) of the model kept so far against epochs.
 
     Baseline trials contribute one point per epoch (from their per-epoch
     validation curve), and a baseline chooses the best of them, so its
@@ -414,6 +414,7 @@ def build_report(out_dir: str | os.PathLike) -> dict[str, Any]:
         "agent": {
             "path": signature.get("agent_path"),
             "learn": signature.get("agent_learn"),
+            "checksum": signature.get("agent_checksum"),
         },
         "results": rows,
         "summary": summaries,
@@ -539,10 +540,11 @@ def _budget_lines(report: dict[str, Any]) -> list[str]:
         else "the whole validation part"
     )
     agent = report.get("agent") or {}
+    checksum = f", SHA-256 {agent['checksum'][:16]}..." if agent.get("checksum") else ""
     agent_text = (
-        f"agent file `{agent['path']}`"
+        f"agent file `{agent['path']}`{checksum}"
         if agent.get("path")
-        else "the pretrained agent shipped with dvmrl"
+        else f"the pretrained agent shipped with dvmrl{checksum}"
     ) + (
         ", exploring and learning online (its Q-network updates once an "
         f"episode has given it {_count(ONLINE_LEARNING_STARTS, 'transition')})"
@@ -569,6 +571,7 @@ def _budget_lines(report: dict[str, Any]) -> list[str]:
         "",
         f"Command: `{' '.join(prov['command_line'] or [])}`",
         "",
+        *_machine_lines(prov),
         "## Budget",
         "",
         f"Preset `{budget['name']}`: {budget['epochs']} training epochs per method and "
@@ -593,6 +596,25 @@ def _budget_lines(report: dict[str, Any]) -> list[str]:
         "",
         *_seen_data_lines(report, prov["data"]),
         *_test_size_lines(report),
+    ]
+
+
+def _machine_lines(prov: dict[str, Any]) -> list[str]:
+    """Describe the machine that wrote the report, and when the run ran."""
+    info = prov.get("build_info") or {}
+    if not info:
+        return []
+    threads = _count(int(info.get("num_threads", 0)), "thread")
+    torch_threads = _count(int(info.get("torch_num_threads", 0)), "thread")
+    return [
+        f"Machine that wrote this report: {info.get('platform')}, dvmrl kernels "
+        f"{info.get('cpu_isa')} on {threads}, PyTorch {info.get('torch_version')} "
+        f"on {torch_threads}. Run started "
+        f"{prov.get('started')}, report written {prov.get('reported')}. Bayesian "
+        "optimisation and the agent choose from earlier scores, so on another "
+        "kind of CPU, whose PyTorch kernels round differently, their columns can "
+        "differ.",
+        "",
     ]
 
 
@@ -1084,10 +1106,16 @@ def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
     colours = {m: f"C{i}" for i, m in enumerate(methods)}
     written: dict[str, str] = {}
 
-    # Validation RMSE of each method's chosen model against epochs.
+    # Validation RMSE of the model that each method keeps so far, against
+    # epochs: colour by method, line style by seed.
     figure, axes = new_figure((6, 4))
+    styles = ("-", "--", ":", "-.")
+    seed_style = {
+        seed: styles[i % len(styles)] for i, seed in enumerate(report["seeds"])
+    }
     for key, points in report["curves"].items():
-        method = key.split("/")[0]
+        method, seed_text = key.split("/")
+        seed = int(seed_text.removeprefix("seed"))
         if not points or method not in colours:
             continue
         x, y = zip(*points, strict=True)
@@ -1096,19 +1124,29 @@ def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
             y,
             where="post",
             color=colours[method],
+            linestyle=seed_style.get(seed, "-"),
             alpha=0.8,
-            label=METHOD_LABELS.get(method, method),
         )
-    handles, labels = axes.get_legend_handles_labels()
-    unique = dict(zip(labels, handles, strict=True))
-    if unique:
-        axes.legend(unique.values(), unique.keys())
+    from matplotlib.lines import Line2D
+
+    handles = [
+        Line2D([], [], color=colours[m], label=METHOD_LABELS.get(m, m))
+        for m in report["methods"]
+        if m in colours
+    ]
+    if len(seed_style) > 1:
+        handles += [
+            Line2D([], [], color="grey", linestyle=style, label=f"seed {seed}")
+            for seed, style in seed_style.items()
+        ]
+    if handles:
+        axes.legend(handles=handles, fontsize="small")
     axes.set_xlabel("training epochs spent")
-    axes.set_ylabel("validation RMSE of the chosen model (eV/atom)")
-    axes.set_title("Search progress (one line per seed)")
+    axes.set_ylabel("validation RMSE of the model kept so far (eV/atom)")
+    axes.set_title("Search progress")
     figure.tight_layout()
     save_figure(figure, folder / "search_progress.png")
-    written["validation RMSE of the chosen model against epochs"] = (
+    written["validation RMSE of the model kept so far against epochs"] = (
         "figures/search_progress.png"
     )
 
