@@ -416,7 +416,8 @@ def test_report_explains_chosen_configurations(finished_run):
     text = (out / "report.md").read_text()
     section = text.split("## Chosen configurations", 1)[1]
     assert "the configuration of the model that the method kept" in section
-    assert "can come before its last architecture moves" in section
+    assert "before any later moves in run.log" in section
+    assert "| kept at epoch |" in section
 
 
 def test_occupied_folder_rejected(finished_run, tmp_path):
@@ -568,6 +569,33 @@ def test_markdown_names_machine_and_agent(finished_run):
     checksum = json.loads((out / "run.json").read_text())["signature"]["agent_checksum"]
     assert report["agent"]["checksum"] == checksum
     assert f"SHA-256 {checksum[:16]}..." in text
+
+
+def test_kept_at_epoch_of_trial_and_steps():
+    from dvmrl.report import kept_at_epoch
+
+    trials = [
+        {"index": 0, "epochs_before": 0, "extra": {"val_curve": [0.5, 0.4, 0.45]}},
+        {"index": 1, "epochs_before": 3, "extra": {"val_curve": [0.6, 0.38, 0.39]}},
+    ]
+    assert kept_at_epoch({"chosen": {"trial": 1}, "trials": trials}) == 5
+    assert kept_at_epoch({"chosen": {"trial": 0}, "trials": trials}) == 2
+    steps = [
+        {"epochs_spent": 5, "kept_val_rmse": 0.5},
+        {"epochs_spent": 10, "kept_val_rmse": 0.4},
+        {"epochs_spent": 15, "kept_val_rmse": 0.4},
+    ]
+    assert kept_at_epoch({"chosen": {"trial": "agent"}, "steps": steps}) == 10
+    # No kept model, or steps recorded without the kept RMSE: unknown.
+    assert kept_at_epoch({"chosen": None, "trials": trials}) is None
+    old_steps = [{"epochs_spent": 5, "val_rmse": 0.5}]
+    assert kept_at_epoch({"chosen": {"trial": "agent"}, "steps": old_steps}) is None
+
+
+def test_report_rows_name_kept_epoch(finished_run):
+    _, report = finished_run
+    for row in report["results"]:
+        assert 1 <= row["kept_at_epoch"] <= row["epochs"]
 
 
 def test_foreign_folder_rejected(tmp_path):
@@ -966,7 +994,8 @@ def test_agent_learning_online(tmp_path, agent_file):
     last = unit["steps"][-1]
     assert last["terminated"] or last["truncated"]
     assert unit["epochs_used"] <= TINY.epochs
-    assert report["agent"] == {"path": agent_file, "learn": True}
+    assert report["agent"]["path"] == agent_file
+    assert report["agent"]["learn"] is True
     # The agent updates from the first transition of the episode on.
     assert ONLINE_LEARNING_STARTS == 1
     assert unit["steps"][0]["agent_gradient_steps"] > 0

@@ -113,9 +113,41 @@ def unit_row(unit: dict[str, Any]) -> dict[str, Any]:
         "seconds": seconds,
         "seconds_total": float(sum(seconds.values())) if seconds else None,
         "config": chosen.get("config"),
+        "kept_at_epoch": kept_at_epoch(unit),
         "trials": len(unit.get("trials", [])),
         "steps": len(unit.get("steps", [])),
     }
+
+
+def kept_at_epoch(unit: dict[str, Any]) -> int | None:
+    """Return the epoch, counted over the unit's budget, of the state it kept.
+
+    For a baseline this is the best epoch of the chosen trial. For the agent
+    it is the epochs spent by the step after which its kept state last
+    changed. None when the unit kept no model or its record predates the
+    fields used.
+    """
+    chosen = unit.get("chosen")
+    if not chosen:
+        return None
+    if unit.get("steps"):
+        kept_rmse, epoch = None, None
+        for step in unit["steps"]:
+            value = step.get("kept_val_rmse")
+            if value is None:
+                return None
+            if value != kept_rmse:
+                kept_rmse, epoch = value, int(step["epochs_spent"])
+        return epoch
+    trials = {t.get("index"): t for t in unit.get("trials", [])}
+    trial = trials.get(chosen.get("trial"))
+    curve = (trial or {}).get("extra", {}).get("val_curve")
+    if not curve:
+        return None
+    finite = [(v, i) for i, v in enumerate(curve) if v is not None and math.isfinite(v)]
+    if not finite:
+        return None
+    return int(trial["epochs_before"]) + min(finite)[1] + 1
 
 
 def summarise(values: list[float | None]) -> dict[str, Any]:
@@ -1063,30 +1095,33 @@ def _config_lines(report: dict[str, Any]) -> list[str]:
     lines = [
         "## Chosen configurations",
         "",
-        "Each row is the configuration of the model that the method kept. The "
-        "agent keeps its best-validation state, which can come before its last "
-        "architecture moves in run.log.",
+        "Each row is the configuration of the model that the method kept. "
+        "\"Kept at epoch\" counts the epochs the method had used when that state "
+        "was saved; no later epoch improved on it. The agent keeps its "
+        "best-validation state, so its configuration is the one at that step, "
+        "before any later moves in run.log.",
         "",
         "| method | seed | lr | batch size | weight decay | dropout | layers | hidden "
-        "| epochs used by the method | seconds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| kept at epoch | epochs used by the method | seconds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in report["results"]:
         config = row["config"]
         if config is None:
             label = METHOD_LABELS.get(row["method"], row["method"])
             lines.append(
-                f"| {label} | {row['seed']} |" + " n/a |" * 6
+                f"| {label} | {row['seed']} |" + " n/a |" * 7
                 + f" {row['epochs']} | {_format(row['seconds_total'], 1)} |"
             )
             continue
+        kept = row.get("kept_at_epoch")
         lines.append(
             f"| {METHOD_LABELS.get(row['method'], row['method'])} | {row['seed']} | "
             f"{config.get('lr', float('nan')):.2e} | {config.get('batch_size', '')} | "
             f"{config.get('weight_decay', float('nan')):.1e} | "
             f"{config.get('dropout', float('nan')):.2f} | {config.get('layers', '')} | "
-            f"{config.get('hidden', '')} | {row['epochs']} | "
-            f"{_format(row['seconds_total'], 1)} |"
+            f"{config.get('hidden', '')} | {'n/a' if kept is None else kept} | "
+            f"{row['epochs']} | {_format(row['seconds_total'], 1)} |"
         )
     lines.append("")
     return lines
