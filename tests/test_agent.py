@@ -275,7 +275,10 @@ def test_divergence_raises():
 def test_divergence_nonfinite():
     agent = DQNAgent(2, 2, AgentConfig(hidden=(4,), stream_hidden=4, batch_size=4))
     for _ in range(4):
-        agent.observe(np.ones(2), 0, float("nan"), np.ones(2), False, False, learn=False)
+        agent.observe(np.ones(2), 0, 1.0, np.ones(2), False, False, learn=False)
+    # A target network gone NaN makes the loss non-finite.
+    with torch.no_grad():
+        next(agent.target.parameters()).fill_(float("nan"))
     before = [p.clone() for p in agent.online.parameters()]
     with pytest.raises(DivergenceError, match="non-finite"):
         agent.update()
@@ -404,3 +407,42 @@ def test_agent_config_accepts_numpy_integers():
     assert json.loads(json.dumps(config.to_dict()))["batch_size"] == 16
     with pytest.raises(ValueError, match="batch_size must be an integer, got 2.5"):
         AgentConfig(batch_size=2.5)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"action": 3}, "action 3 is outside"),
+        ({"action": -1}, "action -1 is outside"),
+        ({"action": 1.5}, "action must be an integer"),
+        ({"reward": float("nan")}, "reward must be finite"),
+        ({"reward": 1e39}, "reward must be finite"),
+        ({"obs": np.array([0.0, np.inf])}, "obs contains NaN"),
+        ({"next_obs": np.zeros(3)}, "next_obs must have shape"),
+        ({"next_mask": np.zeros(3, dtype=bool)}, "masks every action"),
+        ({"next_mask": np.ones(3)}, "next_mask must be a bool array"),
+    ],
+)
+def test_buffer_rejects_bad_transition(change, message):
+    # Stored, such a transition broke a later update at random or the saved
+    # buffer's loading.
+    buffer = ReplayBuffer(8, 2, 3)
+    fields = {
+        "obs": np.zeros(2),
+        "action": 1,
+        "reward": 0.5,
+        "next_obs": np.ones(2),
+        "terminated": False,
+        "next_mask": None,
+        **change,
+    }
+    with pytest.raises(ValueError, match=message):
+        buffer.add(**fields)
+    assert len(buffer) == 0
+
+
+def test_buffer_accepts_terminal_with_empty_mask():
+    buffer = ReplayBuffer(8, 2, 3)
+    buffer.add(np.zeros(2), 2, -1.0, np.ones(2), True, np.zeros(3, dtype=bool))
+    assert len(buffer) == 1
+    assert buffer.action[0] == 2

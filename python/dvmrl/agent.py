@@ -335,14 +335,61 @@ class ReplayBuffer:
         terminated: bool,
         next_mask: np.ndarray | None = None,
     ) -> None:
-        """Store one transition, overwriting the oldest one when full."""
+        """Store one transition, overwriting the oldest one when full.
+
+        Raises:
+            ValueError: for an action outside [0, n_actions), a NaN or
+                infinite reward or observation, observations or a mask of
+                the wrong shape, or a non-terminal transition whose next
+                state has every action masked. Stored, any of these would
+                break a later update or the saved buffer's loading.
+        """
+        if isinstance(action, bool) or int(action) != action:
+            raise ValueError(f"action must be an integer, got {action!r}")
+        if not 0 <= int(action) < self.n_actions:
+            raise ValueError(
+                f"action {action} is outside [0, {self.n_actions}) for "
+                f"{self.n_actions} actions"
+            )
+        if not math.isfinite(float(reward)) or not math.isfinite(np.float32(reward)):
+            raise ValueError(
+                f"reward must be finite in float32, got {reward!r}; check the "
+                "environment's reward"
+            )
+        rows = {}
+        for name, value in (("obs", obs), ("next_obs", next_obs)):
+            row = np.asarray(value, dtype=np.float64)
+            if row.shape != (self.obs_dim,):
+                raise ValueError(
+                    f"{name} must have shape ({self.obs_dim},), got {row.shape}"
+                )
+            with np.errstate(over="ignore"):
+                if not np.isfinite(row.astype(np.float32)).all():
+                    raise ValueError(
+                        f"{name} contains NaN or infinite values (in float32): "
+                        f"{row.tolist()}"
+                    )
+            rows[name] = row
+        mask = np.ones(self.n_actions, dtype=bool)
+        if next_mask is not None:
+            mask = np.asarray(next_mask)
+            if mask.shape != (self.n_actions,) or mask.dtype != bool:
+                raise ValueError(
+                    f"next_mask must be a bool array of shape ({self.n_actions},), "
+                    f"got {mask.dtype} of shape {mask.shape}"
+                )
+            if not mask.any() and not terminated:
+                raise ValueError(
+                    "next_mask masks every action of a non-terminal next state; "
+                    "leave at least one valid action until the episode ends"
+                )
         i = self.position
-        self.obs[i] = obs
-        self.next_obs[i] = next_obs
+        self.obs[i] = rows["obs"]
+        self.next_obs[i] = rows["next_obs"]
         self.action[i] = int(action)
         self.reward[i] = float(reward)
         self.terminated[i] = bool(terminated)
-        self.next_mask[i] = True if next_mask is None else next_mask
+        self.next_mask[i] = mask
         self.position = (i + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
