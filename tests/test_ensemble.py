@@ -158,6 +158,24 @@ def test_combine_rejects_reserved_metadata(data, tmp_path):
     assert not (tmp_path / "ensemble.pt").exists()
 
 
+def test_combine_rejects_nested_repeated_or_overwritten(data, tmp_path):
+    first = _trained(data, 0).save(tmp_path / "a.pt")
+    second = _trained(data, 1).save(tmp_path / "b.pt")
+    ensemble = combine_checkpoints([first, second], tmp_path / "ensemble.pt")
+    # An ensemble as a member would keep only its first member.
+    with pytest.raises(CheckpointError, match="ensemble checkpoint of 2 members"):
+        combine_checkpoints([ensemble, first], tmp_path / "nested.pt")
+    # A repeated member adds nothing and shrinks the spread to zero.
+    with pytest.raises(CheckpointError, match="listed twice"):
+        combine_checkpoints([first, tmp_path / "." / "a.pt"], tmp_path / "twice.pt")
+    before = first.read_bytes()
+    with pytest.raises(CheckpointError, match="is also a member checkpoint"):
+        combine_checkpoints([first, second], first)
+    assert first.read_bytes() == before
+    for name in ("nested.pt", "twice.pt"):
+        assert not (tmp_path / name).exists()
+
+
 TINY = ["--hidden", "8", "--layers", "1", "--batch-size", "64", "--threads", "1"]
 
 

@@ -176,13 +176,36 @@ def combine_checkpoints(
         Path: the file written.
 
     Raises:
-        CheckpointError: when a member cannot be read or does not match
-            member 0.
+        CheckpointError: when a member cannot be read, does not match
+            member 0, is itself an ensemble or is listed twice, or when
+            ``path`` is one of the members.
         ValueError: when ``metadata`` uses a key reserved for the checkpoint.
     """
     if not member_paths:
         raise ckpt.CheckpointError("an ensemble checkpoint needs member checkpoints")
+    resolved = [Path(member).resolve() for member in member_paths]
+    for position, member in enumerate(resolved):
+        if member in resolved[:position]:
+            # A repeated member adds no information and shrinks the spread.
+            raise ckpt.CheckpointError(
+                f"member checkpoint {member_paths[position]} is listed twice; pass "
+                "each member once"
+            )
+    if Path(path).resolve() in resolved:
+        raise ckpt.CheckpointError(
+            f"the ensemble checkpoint {path} is also a member checkpoint, which "
+            "writing it would replace; write the ensemble to another file"
+        )
     documents = [ckpt.read_checkpoint(member) for member in member_paths]
+    for member, document in zip(member_paths, documents, strict=True):
+        extra = document.get(MEMBER_STATES_KEY)
+        if extra:
+            raise ckpt.CheckpointError(
+                f"{member} is an ensemble checkpoint of {len(extra) + 1} members, "
+                "and only its first member would be kept; pass the checkpoints "
+                "of its members instead (dvmrl train writes them to "
+                "memberK/model.pt beside the ensemble)"
+            )
     first = documents[0]
     shared_keys = ("model_config", "data_fingerprint", "target_scaling")
     if not same_division:
