@@ -103,6 +103,24 @@ def test_metadata_user_keys(saved):
     assert metadata["split_fingerprint"] == "abc123"
 
 
+def test_metadata_arrays_become_lists(data, tmp_path):
+    trainer = _trainer(data, epochs=1)
+    metadata = {
+        "rows": np.array([3, 1, 2]),
+        "grid": torch.tensor([[0.5, 1.0]]),
+        "count": np.int64(7),
+        "scalar": torch.tensor(0.25),
+        "empty": np.array([]),
+    }
+    path = trainer.save(tmp_path / "model.pt", metadata=metadata)
+    _, loaded = load_checkpoint(path)
+    assert loaded["rows"] == [3, 1, 2]
+    assert loaded["grid"] == [[0.5, 1.0]]
+    assert loaded["count"] == 7
+    assert loaded["scalar"] == 0.25
+    assert loaded["empty"] == []
+
+
 def test_metadata_contents(data, saved):
     trainer, path = saved
     _, metadata = load_checkpoint(path)

@@ -224,9 +224,11 @@ def _cause_of_type(err: BaseException, kind: type) -> BaseException | None:
 
 
 def _json_default(value: Any) -> Any:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    if hasattr(value, "item"):  # numpy scalars
+    # Arrays and tensors of any size become (nested) lists, numpy scalars
+    # numbers. .item() comes second because it fails on more than one value.
+    if hasattr(value, "tolist") and getattr(value, "ndim", 0) > 0:
+        return value.tolist()
+    if hasattr(value, "item"):  # numpy scalars, 0-d arrays and tensors
         return value.item()
     if hasattr(value, "tolist"):
         return value.tolist()
