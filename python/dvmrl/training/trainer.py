@@ -2,9 +2,9 @@
 
 The trainer keeps the featurised training and validation tensors on the
 compute device and draws batches by index, so an epoch costs one shuffle
-and one optimiser step per batch. The loss is the mean squared error of
-the standardised targets (or the Huber or absolute error, by
-``TrainConfig.loss``), or with the heteroscedastic head the Gaussian
+and one optimiser step per batch. The loss on the standardised targets
+is set by ``TrainConfig.loss``: the Huber loss by default, or the squared
+or absolute error. With the heteroscedastic head it is the Gaussian
 negative log-likelihood (up to the constant 0.5 log 2 pi). Per-sample
 weights multiply the per-composition loss.
 
@@ -535,7 +535,11 @@ class Trainer:
         Args:
             epochs (int, optional): epochs to run at most in this call.
                 Default: up to ``train_config.epochs`` in total, or the target
-                of a fit that a checkpoint interrupted.
+                of a fit that a checkpoint interrupted. The first call of a
+                trainer restored from a checkpoint continues the fit that
+                wrote it, so after a finished fit it trains nothing and
+                returns ``[]`` (as the uninterrupted run stopped there); pass
+                ``epochs`` to train further.
             progress (callable, optional): called with each epoch's record.
             checkpoint (path, optional): file to rewrite with the full resume
                 state after every epoch.
