@@ -643,3 +643,24 @@ def test_checkpoint_through_symlink_keeps_link(data, tmp_path):
     assert target.read_bytes()[:2] == b"PK"
     model, _ = load_checkpoint(link)
     assert model.config == trainer.model.config
+
+
+def test_load_device_names_and_dtype(saved):
+    # "auto" resolves as everywhere else; a GPU asked for on a machine
+    # without one, or a dtype the kernels lack, gets a message with the fix.
+    _, path = saved
+    model, _ = load_checkpoint(path, device="auto")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert next(model.parameters()).device.type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="cuda"):
+            load_checkpoint(path, device="cuda")
+    with pytest.raises(ValueError, match="unknown device"):
+        load_checkpoint(path, device="gpu0")
+    with pytest.raises(TypeError, match="torch.float32 or torch.float64"):
+        load_checkpoint(path, dtype=torch.float16)
+
+
+def test_trainer_accepts_auto_device(data):
+    trainer = Trainer(SMALL, TrainConfig(epochs=1), *data, device="auto")
+    assert trainer.device.type == ("cuda" if torch.cuda.is_available() else "cpu")

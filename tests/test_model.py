@@ -566,3 +566,20 @@ def test_fused_second_derivative_raises(fraction_hidden):
     (grad,) = torch.autograd.grad(out, frac, create_graph=True)
     (second,) = torch.autograd.grad(grad.square().sum(), frac)
     assert torch.isfinite(second).all()
+
+
+TINY_CONFIG = ModelConfig(hidden=8, layers=1, gate_hidden=8, msg_hidden=8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.int64])
+def test_model_rejects_other_dtypes(dtype):
+    with pytest.raises(TypeError, match="torch.float32 or torch.float64"):
+        CompositionMPNN(TINY_CONFIG, dtype=dtype)
+
+
+def test_fraction_error_shows_digits():
+    # A sum of 1.01 (1.0099999... in float32) must not print as 1.
+    model = CompositionMPNN(TINY_CONFIG)
+    batch = featurize(["NiAl"])
+    with pytest.raises(ValueError, match=r"sums in \[1\.0099999\d*, 1\.0099999"):
+        model(batch.element_index, batch.frac.float() * 1.01, batch.mask)

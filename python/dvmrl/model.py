@@ -295,9 +295,13 @@ class CompositionMPNN(nn.Module):
         descriptors (array, optional): [E, F0] standardised descriptors;
             default ``dvmrl.elements.descriptor_matrix()``.
         seed (int): seed of the initialisation. Default: 0.
-        dtype (torch.dtype, optional): float dtype of parameters and
-            buffers; default ``torch.get_default_dtype()``. The initial values
-            are drawn in float64 and rounded once to it.
+        dtype (torch.dtype, optional): torch.float32 or torch.float64, the
+            dtype of parameters and buffers; default
+            ``torch.get_default_dtype()``. The initial values are drawn in
+            float64 and rounded once to it.
+
+    Raises:
+        TypeError: for another dtype.
     """
 
     def __init__(
@@ -322,6 +326,12 @@ class CompositionMPNN(nn.Module):
         dims = self.config.dims
         generator = torch.Generator().manual_seed(int(seed))
         dtype = torch.get_default_dtype() if dtype is None else dtype
+        if dtype not in (torch.float32, torch.float64):
+            # The fused kernels and the fraction checks exist for these two.
+            raise TypeError(
+                f"dtype must be torch.float32 or torch.float64, got {dtype}; use "
+                "torch.float32 (float64 for gradient checks)"
+            )
 
         self.register_buffer("descriptors", table.to(dtype))
         self.register_buffer("target_mean", torch.zeros((), dtype=dtype))
@@ -528,10 +538,10 @@ class CompositionMPNN(nn.Module):
         if not (valid and sum_low > 1 - SUM_TOLERANCE and sum_high < 1 + SUM_TOLERANCE):
             raise ValueError(
                 "frac must contain atomic fractions of the real slots, each in [0, 1] "
-                "and summing to 1 per composition; got values in "
-                f"[{float(frac_low):g}, {float(frac_high):g}] and sums in "
-                f"[{float(sum_low):g}, {float(sum_high):g}]; build batches with "
-                "dvmrl.featurize, which normalises the amounts"
+                f"and summing to 1 within {SUM_TOLERANCE:g} per composition; got "
+                f"values in [{float(frac_low):.10g}, {float(frac_high):.10g}] and "
+                f"sums in [{float(sum_low):.10g}, {float(sum_high):.10g}]; build "
+                "batches with dvmrl.featurize, which normalises the amounts"
             )
 
     def forward_standardised(

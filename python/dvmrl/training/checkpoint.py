@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from dvmrl._files import builds_objects, file_kind, write_atomic
+from dvmrl._runtime import resolve_device
 
 FORMAT_NAME = "dvmrl-checkpoint"
 FORMAT_VERSION = 1
@@ -395,8 +396,9 @@ def load_checkpoint(
 
     Args:
         path: a file written by ``Trainer.save``.
-        device: where to put the model. Default: CPU.
-        dtype: float dtype of the model; default: the stored one.
+        device: where to put the model: ``"cpu"``, ``"cuda"``, ``"cuda:N"``
+            or ``"auto"`` (CUDA when usable). Default: CPU.
+        dtype: torch.float32 or torch.float64; default: the stored one.
 
     Returns:
         (CompositionMPNN or EnsembleModel, dict): the model in evaluation
@@ -411,12 +413,20 @@ def load_checkpoint(
     Raises:
         CheckpointError: as :func:`read_checkpoint`, or when the weights do not
             fit the stored config.
+        TypeError: for another dtype.
+        ValueError, RuntimeError: for an unknown device, or CUDA without a
+            usable GPU (as :func:`dvmrl.resolve_device`).
     """
+    if dtype is not None and dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    # resolve_device accepts "auto" and names the fix when CUDA is unusable,
+    # where .to("cuda") fails with a bare AssertionError.
+    target = resolve_device(device if isinstance(device, str) else str(device))
     document = read_checkpoint(path)
     model = model_from_document(document, path)
     if dtype is not None:
         model = model.to(dtype=dtype)
-    model = model.to(device)
+    model = model.to(target)
     model.eval()
     return model, metadata_from_document(document, path)
 

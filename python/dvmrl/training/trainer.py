@@ -101,7 +101,8 @@ class Trainer:
         x_val (CompositionBatch, optional): validation compositions for early
             stopping and best-weight selection; None trains without them.
         y_val (array, optional): validation targets in eV/atom.
-        device (str or torch.device): compute device. Default: ``"cpu"``.
+        device (str or torch.device): compute device: ``"cpu"``, ``"cuda"``,
+            ``"cuda:N"`` or ``"auto"`` (CUDA when usable). Default: ``"cpu"``.
         dtype (torch.dtype): float dtype of the model. Default: float32.
         use_fused (bool): run the fused kernels of ``dvmrl.ops`` (default) or
             the plain PyTorch reference path.
@@ -137,7 +138,8 @@ class Trainer:
             )
         # resolve_device names the fix when CUDA is asked for but unusable,
         # where moving a tensor would fail with a bare AssertionError.
-        self.device = resolve_device(str(torch.device(device)))
+        # A name goes to resolve_device as given, so "auto" works here too.
+        self.device = resolve_device(device if isinstance(device, str) else str(device))
         self.dtype = dtype
         self._train = DeviceSet(x_train, y_train, "x_train", self.device, dtype)
         self._val: DeviceSet | None = None
