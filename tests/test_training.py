@@ -67,6 +67,22 @@ def test_config_rejects_non_finite_values(field, value):
         TrainConfig(**{field: value})
 
 
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"lr": "1e-3"}, "TrainConfig.lr must be a number, got '1e-3'"),
+        ({"batch_size": "64"}, "TrainConfig.batch_size must be a number"),
+        ({"grad_clip": "5"}, "TrainConfig.grad_clip must be None or a number"),
+        ({"adam_betas": 0.9}, r"TrainConfig.adam_betas must be two numbers"),
+        ({"adam_betas": (0.9, "0.99")}, r"TrainConfig.adam_betas must be two numbers"),
+    ],
+)
+def test_config_rejects_wrong_types(settings, message):
+    # A string used to fail in a comparison that named no field.
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**settings)
+
+
 def test_config_accepts_numpy_integers():
     config = TrainConfig(batch_size=np.int64(32), epochs=np.int32(3), seed=np.uint8(7))
     assert config.batch_size == 32

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,7 +96,33 @@ class TrainConfig:
     huber_delta: float = defaults.TRAIN["huber_delta"]
 
     def __post_init__(self) -> None:
-        self.adam_betas = (float(self.adam_betas[0]), float(self.adam_betas[1]))
+        # Comparisons below would fail on a string ("1e-3") with a TypeError
+        # that names no field, so the types are checked first.
+        numeric = [
+            f.name for f in dataclasses.fields(self) if f.type in ("float", "int")
+        ]
+        for name in numeric:
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real):
+                raise ValueError(
+                    f"TrainConfig.{name} must be a number, got {value!r}"
+                )
+        clip = self.grad_clip
+        if clip is not None and not isinstance(clip, numbers.Real):
+            raise ValueError(
+                f"TrainConfig.grad_clip must be None or a number, got {clip!r}"
+            )
+        betas = self.adam_betas
+        if (
+            isinstance(betas, str)
+            or not hasattr(betas, "__len__")
+            or len(betas) != 2
+            or not all(isinstance(b, numbers.Real) for b in betas)
+        ):
+            raise ValueError(
+                f"TrainConfig.adam_betas must be two numbers in [0, 1), got {betas!r}"
+            )
+        self.adam_betas = (float(betas[0]), float(betas[1]))
         checks = [
             ("lr", self.lr > 0 and math.isfinite(self.lr), "a positive finite number"),
             (
