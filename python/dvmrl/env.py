@@ -24,6 +24,8 @@ import torch
 from gymnasium import spaces
 
 from dvmrl import metrics
+from dvmrl._runtime import resolve_device
+from dvmrl.layout import is_integral
 
 logger = logging.getLogger(__name__)
 
@@ -295,8 +297,8 @@ class ModelTuningEnv(gym.Env):
             ("budget_epochs", budget_epochs),
             ("epochs_per_step", epochs_per_step),
         ):
-            if value < 1:
-                raise ValueError(f"{label} must be >= 1, got {value}")
+            if not is_integral(value) or value < 1:
+                raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
         if epochs_per_step > budget_epochs:
             raise ValueError(
                 f"epochs_per_step ({epochs_per_step}) exceeds budget_epochs "
@@ -323,13 +325,31 @@ class ModelTuningEnv(gym.Env):
         self.epochs_per_step = int(epochs_per_step)
         self.model_defaults = {**DEFAULT_MODEL, **(model_config or {})}
         self.train_defaults = {**DEFAULT_TRAIN, **(train_config or {})}
+        # Checked now, not at the first reset(): a misspelt key or a bad
+        # value then names itself where the environment is built.
+        from dvmrl.model import ModelConfig
+
+        TrainConfig, _ = _trainer_classes()
+        for label, given, build in (
+            ("model_config", model_config, ModelConfig),
+            ("train_config", train_config, TrainConfig),
+        ):
+            known = {f.name for f in dataclasses.fields(build)}
+            unknown = sorted(set(given or {}) - known)
+            if unknown:
+                raise ValueError(
+                    f"{label} has unknown keys {unknown}; known keys: {sorted(known)}"
+                )
+        ModelConfig(**self.model_defaults)
+        TrainConfig(**self.train_defaults)
         self.w_accuracy = float(w_accuracy)
         self.w_vulnerability = float(w_vulnerability)
         self.tolerance = float(tolerance)
         self.epsilon = float(epsilon)
         self.stability_threshold = float(stability_threshold)
         self.k_correlations = int(k_correlations)
-        self.device = torch.device(device)
+        name = device if isinstance(device, str) else str(device)
+        self.device = resolve_device(name)
 
         rng = np.random.default_rng(seed)
         train_rows, pool_rows = _training_and_validation_rows(df, split, split_kind, seed)
