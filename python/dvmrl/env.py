@@ -330,12 +330,12 @@ class ModelTuningEnv(gym.Env):
         from dvmrl.model import ModelConfig
 
         TrainConfig, _ = _trainer_classes()
-        for label, given, build in (
+        for label, overrides, build in (
             ("model_config", model_config, ModelConfig),
             ("train_config", train_config, TrainConfig),
         ):
             known = {f.name for f in dataclasses.fields(build)}
-            unknown = sorted(set(given or {}) - known)
+            unknown = sorted(set(overrides or {}) - known)
             if unknown:
                 raise ValueError(
                     f"{label} has unknown keys {unknown}; known keys: {sorted(known)}"
