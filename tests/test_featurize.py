@@ -114,6 +114,26 @@ def test_batch_select_zero_dim_index():
         batch[np.array(1.5)]
 
 
+def test_batch_rejects_float_index_arrays():
+    # A cast would cut 1.7 to 1 and select another composition.
+    batch = featurize(["Ni3Al", "Fe", "AlCoNi"])
+    with pytest.raises(TypeError, match="integers or bools, got torch.float64"):
+        batch[np.array([0.0, 1.7])]
+    picked = batch[np.array([0, 2])].element_index.tolist()
+    assert picked == batch[[0, 2]].element_index.tolist()
+
+
+def test_features_reject_unnormalised_fractions():
+    batch = featurize(["Ni3Al", "FeCo"])
+    scaled = CompositionBatch(batch.element_index, batch.frac * 100, batch.mask)
+    with pytest.raises(ValueError, match="composition 0 sum to 100, not 1"):
+        composition_features(scaled)
+    nan = batch.frac.clone()
+    nan[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="composition 1 sum to nan"):
+        composition_features(CompositionBatch(batch.element_index, nan, batch.mask))
+
+
 def test_batch_to_dtype():
     batch = featurize(["Ni3Al"]).to(dtype=torch.float32)
     assert batch.frac.dtype == torch.float32

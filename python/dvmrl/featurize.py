@@ -95,6 +95,12 @@ class CompositionBatch:
         elif not isinstance(index, slice):
             if not isinstance(index, torch.Tensor):
                 index = torch.as_tensor(np.asarray(index))
+            if index.is_floating_point() or index.is_complex():
+                # Casting would cut 1.7 to 1 and select another composition.
+                raise TypeError(
+                    f"an index array must hold integers or bools, got {index.dtype}; "
+                    "round and cast it to int first"
+                )
             if index.dtype != torch.bool:
                 index = index.to(torch.int64)
             index = index.to(self.element_index.device)
@@ -298,6 +304,16 @@ def composition_features(
     weights = np.where(mask, weights, 0.0)
     if len(batch) and not np.all(mask[:, 0]):
         raise ValueError("every composition in the batch needs at least one element")
+    sums = weights.sum(axis=1)
+    normalised = np.abs(sums - 1.0) < 1e-3  # False for NaN sums too
+    bad = np.flatnonzero(~normalised)
+    if bad.size:
+        # Unnormalised amounts would scale every statistic silently.
+        raise ValueError(
+            f"the fractions of composition {int(bad[0])} sum to {sums[bad[0]]:.10g}, "
+            "not 1; build the batch with dvmrl.featurize, which normalises the "
+            "amounts, or pass formulas"
+        )
 
     values = _descriptor_matrix()[index]  # [B, K, F0]
     w = weights[:, :, None]
