@@ -384,7 +384,7 @@ def test_search_one_start_runs_both_signs():
 def test_search_rejects_zero_starts():
     batch = featurize(_compositions(3, seed=23))
     predict, _ = _linear_model(0)
-    with pytest.raises(ValueError, match="starts must be an integer >= 2"):
+    with pytest.raises(ValueError, match="starts must be an integer >= 1"):
         adversarial_search(predict, batch, 0.05, starts=0)
 
 

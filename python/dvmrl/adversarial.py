@@ -83,7 +83,8 @@ class SearchResult:
         formulas (list[str]): original compositions as formulas.
         perturbed_formulas (list[str]): perturbed compositions as formulas
             with plain decimal amounts; they parse back to ``perturbed``
-            within float64 rounding.
+            within the rounding of its dtype (about 1e-16 in float64, 1e-7
+            in float32).
     """
 
     frac: torch.Tensor
@@ -738,8 +739,9 @@ def adversarial_search(
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if int(starts) != starts or starts < 1:
         raise ValueError(
-            f"starts must be an integer >= 2 (runs per composition, split between "
-            f"the two signs of the change), got {starts!r}"
+            f"starts must be an integer >= 1 (runs per composition, split between "
+            f"the two signs of the change; 1 runs one per sign, as 2 does), got "
+            f"{starts!r}"
         )
     if starts == 1:
         # NOTE: starts used to count runs per sign. Callers that still pass 1

@@ -197,9 +197,12 @@ def regression_metrics(
 
     Returns:
         {"rmse", "mae", "r2", "max_error", "gcv_score", "accuracy",
-        "precision", "recall", "f1", "n", "gcv_score_infinite"}. Errors are in
-        eV/atom, gcv_score in (eV/atom)^-2 and None when infinite (perfect
-        fit), in which case gcv_score_infinite is True.
+        "precision", "recall", "f1", "n_predicted_stable", "n_stable", "n",
+        "gcv_score_infinite"}. Errors are in eV/atom, gcv_score in
+        (eV/atom)^-2 and None when infinite (perfect fit), in which case
+        gcv_score_infinite is True. The two counts tell a precision or
+        recall of 0 by convention (nothing predicted or truly stable) from a
+        real 0.
     """
     truth, prediction = _pair(y_true, y_pred, min_n=2)
     gcv = gcv_score(truth, prediction)
