@@ -174,7 +174,11 @@ def test_odd_trial_leftover_below_half_rejected():
 def test_markdown_names_winners(finished_run):
     out, report = finished_run
     text = (out / "report.md").read_text()
-    assert "F1 score of the stability call (stable at or below 0 eV/atom)" in text
+    assert (
+        "F1 score of the stability call (stable at or below 0 eV/atom, against the "
+        "elements, not the convex hull; calling every test composition stable "
+        "scores F1 = "
+    ) in text
     assert "## Verdict" in text
     assert "Against Bayesian optimisation" in text
     assert "inverse square" in text
@@ -188,6 +192,16 @@ def test_report_reads_robustness_with_accuracy(finished_run):
     text = (out / "report.md").read_text()
     assert "read them together with the test RMSE" in text
     assert f"test RMSE of {expected:.4f} eV/atom (their standard deviation)" in text
+
+
+def test_report_gives_all_stable_f1(finished_run):
+    # The F1 that a model must beat to show its stability call means something.
+    out, report = finished_run
+    with np.load(out / "units" / "random-seed0" / "predictions.npz") as arrays:
+        stable = float(np.mean(arrays["y_true"] <= 0.0))
+    expected = 2 * stable / (1 + stable)
+    assert report["all_stable_test_f1"] == pytest.approx(expected)
+    assert f"scores F1 = {expected:.3f}" in (out / "report.md").read_text()
 
 
 def test_r2_and_gcv_follow_rmse_verdict(finished_run):
@@ -541,9 +555,14 @@ def test_markdown_states_hull_threshold(finished_run):
     from dvmrl.report import render_markdown
 
     _, report = finished_run
-    provenance = {**report["provenance"], "data_stability_threshold": 0.025}
+    provenance = {
+        **report["provenance"],
+        "data_stability_threshold": 0.025,
+        "data_target_kind": "energy_above_hull",
+    }
     text = render_markdown({**report, "provenance": provenance})
-    assert "(stable at or below 0.025 eV/atom)" in text
+    assert "(stable at or below 0.025 eV/atom; calling every" in text
+    assert "against the elements" not in text
 
 
 def test_one_seed_verdict_names_leaders(finished_run):

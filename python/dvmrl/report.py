@@ -452,6 +452,9 @@ def build_report(out_dir: str | os.PathLike) -> dict[str, Any]:
         "summary": summaries,
         "ratios_vs_bayesian": ratios_against(rows, methods),
         "constant_test_rmse": _constant_test_rmse(out_dir, state),
+        "all_stable_test_f1": _all_stable_test_f1(
+            out_dir, state, run.get("data_info", {}).get("stability_threshold")
+        ),
         "winners": winners,
         "curves": {
             f"{u['method']}/seed{u['seed']}": search_curve(u)
@@ -465,9 +468,33 @@ def _constant_test_rmse(out_dir: Path, state: dict[str, Any]) -> float | None:
     """Return the test RMSE of the best constant prediction (eV/atom), or None.
 
     That is the standard deviation of the test targets, which every unit
-    shares (the test part does not depend on the seed). It is read from the
-    first unit with stored test predictions.
+    shares (the test part does not depend on the seed).
     """
+    y_true = _test_targets(out_dir, state)
+    return None if y_true is None else float(np.std(y_true))
+
+
+def _all_stable_test_f1(
+    out_dir: Path, state: dict[str, Any], threshold: float | None
+) -> float | None:
+    """Return the test F1 of calling every composition stable, or None.
+
+    Its precision is the stable fraction p of the test part and its recall
+    1, so F1 = 2p / (1 + p): the score a model must beat to show that its
+    stability call carries information.
+    """
+    from dvmrl.metrics import FORMATION_ENERGY_THRESHOLD
+
+    y_true = _test_targets(out_dir, state)
+    if y_true is None:
+        return None
+    cut = FORMATION_ENERGY_THRESHOLD if threshold is None else float(threshold)
+    stable = float(np.mean(y_true <= cut))
+    return 2.0 * stable / (1.0 + stable)
+
+
+def _test_targets(out_dir: Path, state: dict[str, Any]) -> np.ndarray | None:
+    """Return the test targets (eV/atom) of the first unit that stored them."""
     for unit in state["units"].values():
         path = unit_files(out_dir, unit["method"], unit["seed"]).predictions
         if not path.is_file():
@@ -478,7 +505,7 @@ def _constant_test_rmse(out_dir: Path, state: dict[str, Any]) -> float | None:
         except (OSError, ValueError, KeyError):
             continue
         if y_true.size:
-            return float(np.std(y_true))
+            return y_true
     return None
 
 
@@ -794,6 +821,20 @@ def _stability_threshold(report: dict[str, Any]) -> float:
     return FORMATION_ENERGY_THRESHOLD if value is None else float(value)
 
 
+def _stability_reference(report: dict[str, Any]) -> str:
+    """Say what a formation-energy stability call is measured against."""
+    if report["provenance"].get("data_target_kind") == "formation_energy":
+        return ", against the elements, not the convex hull"
+    return ""
+
+
+def _all_stable_text(report: dict[str, Any]) -> str:
+    f1 = report.get("all_stable_test_f1")
+    if f1 is None:
+        return ""
+    return f"; calling every test composition stable scores F1 = {f1:.3f}"
+
+
 def _results_lines(report: dict[str, Any]) -> list[str]:
     methods = report["methods"]
     summary = report["summary"]
@@ -806,8 +847,8 @@ def _results_lines(report: dict[str, Any]) -> list[str]:
         "largest test error (eV/atom), the test accuracy (fraction of "
         f"predictions within {DEFAULT_TOLERANCE:g} eV/atom of the target), the "
         "F1 score of the stability call (stable at or below "
-        f"{_stability_threshold(report):g} eV/atom) and the robustness radius in "
-        "the L2 norm.",
+        f"{_stability_threshold(report):g} eV/atom{_stability_reference(report)}"
+        f"{_all_stable_text(report)}) and the robustness radius in the L2 norm.",
         "",
         *_reading_lines(report),
         "| metric | "
@@ -1186,11 +1227,12 @@ def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
     )
 
     # Test metrics per method.
+    retrain = report["budget"]["retrain_epochs"]
     panels = (
         ("test_rmse", "test RMSE"),
         ("test_mae", "test MAE"),
-        ("chemsys_rmse", "chemsys RMSE"),
-        ("chemsys_mae", "chemsys MAE"),
+        ("chemsys_rmse", f"chemsys RMSE\n(retrained {retrain} epochs)"),
+        ("chemsys_mae", f"chemsys MAE\n(retrained {retrain} epochs)"),
     )
     figure, axes = new_figure((3 * len(panels), 3.5), ncols=len(panels))
     for ax, (key, label) in zip(axes, panels, strict=True):
@@ -1221,8 +1263,14 @@ def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
             ha="right",
         )
         ax.set_xlim(-0.6, len(methods) - 0.4)
-        ax.set_ylabel(f"{label} (eV/atom)")
+        ax.set_ylabel(f"{label.split(chr(10))[0]} (eV/atom)")
         ax.set_title(label)
+    if len(report["seeds"]) > 1:
+        figure.suptitle(
+            f"Means over {len(report['seeds'])} seeds; error bars: sample "
+            "standard deviation",
+            fontsize="medium",
+        )
     figure.tight_layout()
     save_figure(figure, folder / "test_metrics.png")
     written["test metrics per method"] = "figures/test_metrics.png"
@@ -1240,6 +1288,14 @@ def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
     boxes = axes.boxplot(data, showmeans=True)
     # Radii at the cap are compositions that no change within r_max moved.
     cap = axes.axhline(ROBUST_R_MAX, color="0.5", linestyle="--", linewidth=1)
+    at_cap = [sum(v >= ROBUST_R_MAX for v in radii[m]) for m in methods]
+    axes.set_xticks(
+        range(1, len(methods) + 1),
+        [
+            f"{METHOD_LABELS.get(m, m)}\n{n} of {len(radii[m])} at the cap"
+            for m, n in zip(methods, at_cap, strict=True)
+        ],
+    )
     axes.legend(
         [boxes["medians"][0], boxes["means"][0], cap],
         ["median", "mean", f"cap r_max = {ROBUST_R_MAX:g}"],
@@ -1248,13 +1304,10 @@ def write_figures(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
         bbox_to_anchor=(1.0, 1.0),
         frameon=False,
     )
-    axes.set_xticks(
-        range(1, len(methods) + 1), [METHOD_LABELS.get(m, m) for m in methods]
-    )
     axes.set_ylabel("robustness radius (fraction)")
-    axes.set_title(
-        f"Robustness radii of the chosen models (tau {ROBUST_TAU:g} eV/atom)"
-    )
+    seeds = len(report["seeds"])
+    pooled = f", {seeds} seeds pooled" if seeds > 1 else ""
+    axes.set_title(f"Robustness radii (tau {ROBUST_TAU:g} eV/atom{pooled})")
     figure.tight_layout()
     save_figure(figure, folder / "robustness_radii.png")
     written["robustness radii"] = "figures/robustness_radii.png"
