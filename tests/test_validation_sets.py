@@ -128,6 +128,22 @@ def test_pool_indices_out_of_range_raise(strategy, data):
         select_validation_set(strategy, pool, 1, 0, **options)
 
 
+def test_mismatched_row_counts_raise(data):
+    # Targets of other rows than the batch used to fail deep in the GP with
+    # an IndexError.
+    split = data[1]
+    options = {**_options("gp-uncertainty", data), "targets": data[4][:10]}
+    with pytest.raises(ValueError, match=r"targets 10 rows"):
+        select_validation_set("gp-uncertainty", split.val, 3, 0, **options)
+
+
+@pytest.mark.parametrize("seed", [None, -1, 1.5])
+def test_bad_seed_raises(data, seed):
+    split = data[1]
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        select_validation_set("random", split.val, 3, seed, **_options("random", data))
+
+
 def test_pool_with_train_rows_raises(data):
     split = data[1]
     pool = np.concatenate([split.val, split.train[:2]])

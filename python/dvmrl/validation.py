@@ -32,6 +32,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from dvmrl.layout import is_integral
+
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("random", "gp-uncertainty", "ensemble-variance", "adversarial")
@@ -101,11 +103,25 @@ def check_pool(
 
 
 def _row_count(batch, features, targets) -> int | None:
-    """Return the length of the first array that is not None, or None if all are."""
-    for values in (batch, features, targets):
-        if values is not None:
-            return len(values)
-    return None
+    """Return the row count of the arrays given, or None if all are None.
+
+    Raises:
+        ValueError: when the given arrays differ in length.
+    """
+    lengths = {
+        name: len(values)
+        for name, values in zip(
+            ("batch", "features", "targets"), (batch, features, targets), strict=True
+        )
+        if values is not None
+    }
+    if len(set(lengths.values())) > 1:
+        listed = ", ".join(f"{name} {count}" for name, count in lengths.items())
+        raise ValueError(
+            f"batch, features and targets must have one row per composition, got "
+            f"{listed} rows; pass arrays of the same data"
+        )
+    return next(iter(lengths.values()), None)
 
 
 def _features(rows: np.ndarray, features, batch, feature_fn=None) -> np.ndarray:
@@ -511,6 +527,8 @@ def select_validation_set(
             f"unknown validation strategy {strategy!r}: expected one of "
             f"{', '.join(STRATEGIES)}"
         )
+    if not is_integral(seed) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     pool, train = check_pool(pool_indices, test_indices, train_indices)
     rows = _row_count(batch, features, targets)
     if rows is not None:
