@@ -178,6 +178,18 @@ def test_cross_validate_rejects_kind(small_frame):
         cross_validate(small_frame, kind="loo")
 
 
+def test_cross_validate_rejects_bad_metric_options(small_frame, monkeypatch):
+    # A misspelt option failed only when the first trained fold was scored.
+    from dvmrl.training import Trainer
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a fold trained")
+
+    monkeypatch.setattr(Trainer, "fit", fail)
+    with pytest.raises(ValueError, match=r"unknown keys \['threshold'\]"):
+        cross_validate(small_frame, metric_options={"threshold": 0.1})
+
+
 def test_cross_validate_rejects_missing_column(small_frame):
     with pytest.raises(ValueError, match="missing \\['chemsys'\\]"):
         cross_validate(small_frame.drop(columns=["chemsys"]), kind="chemsys")

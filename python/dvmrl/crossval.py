@@ -264,8 +264,9 @@ def cross_validate(
         CrossValResult: per-fold test metrics with their mean and spread.
 
     Raises:
-        ValueError: for an unknown ``kind``, a bad fold count or fraction, or
-            a frame without the required columns.
+        ValueError: for an unknown ``kind``, a bad fold count or fraction, a
+            frame without the required columns, or ``metric_options`` keys
+            that ``regression_metrics`` does not take.
     """
     if kind not in KINDS:
         raise ValueError(
@@ -281,10 +282,23 @@ def cross_validate(
         )
 
     import dataclasses
+    import inspect
 
     from dvmrl.metrics import regression_metrics
     from dvmrl.model import ModelConfig
     from dvmrl.training import TrainConfig, Trainer
+
+    # Checked before the first fold trains, not when it is scored.
+    accepted = set(inspect.signature(regression_metrics).parameters) - {
+        "y_true",
+        "y_pred",
+    }
+    unknown = sorted(set(metric_options or {}) - accepted)
+    if unknown:
+        raise ValueError(
+            f"metric_options has unknown keys {unknown}; regression_metrics takes "
+            f"{sorted(accepted)}"
+        )
 
     model_config = model_config if model_config is not None else ModelConfig()
     train_config = train_config if train_config is not None else TrainConfig()
