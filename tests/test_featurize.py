@@ -58,13 +58,6 @@ def test_featurize_k_max_errors():
     assert featurize(["Ni3Al"], k_max=3.0).k_max == 3
 
 
-def test_featurize_missing_formula_names_position():
-    # pandas reads an empty formula cell as NaN, a float.
-    with pytest.raises(TypeError) as caught:
-        featurize(["NiAl", "Fe", float("nan")])
-    assert "composition at position 2" in caught.value.__notes__
-
-
 def test_featurize_empty():
     batch = featurize([])
     assert len(batch) == 0
@@ -82,6 +75,13 @@ def test_featurize_reports_position():
     with pytest.raises(CompositionError, match="unknown element symbol") as caught:
         featurize(["Ni3Al", "Xx"])
     assert "composition at position 1" in caught.value.__notes__
+
+
+@pytest.mark.parametrize("missing", [None, float("nan")])
+def test_featurize_names_missing_position(missing):
+    # pandas reads an empty formula cell as NaN, a float.
+    with pytest.raises(TypeError, match=f"composition at position 1 is {missing!r}"):
+        featurize(["Ni3Al", missing])
 
 
 def test_featurize_metals_only():

@@ -173,3 +173,11 @@ def test_strategy_table_skips_small_sets(data, caplog):
         )
     assert len(table) == 0
     assert "skips train vs the validation set of random: 2 rows" in caplog.text
+
+
+@pytest.mark.parametrize("n_top", [0, -1, 1.5])
+def test_shift_rejects_bad_n_top(n_top):
+    rng = np.random.default_rng(0)
+    reference, other = rng.normal(size=(60, 3)), rng.normal(size=(60, 3))
+    with pytest.raises(ValueError, match="n_top must be an integer >= 1"):
+        shift_auc(reference, other, n_top=n_top)

@@ -187,7 +187,7 @@ def featurize(
         k_max = widest
     elif int(k_max) != k_max or not 1 <= k_max <= MAX_ELEMENTS:
         raise ValueError(
-            f"k_max must be an integer in 1 .. {MAX_ELEMENTS}, got {k_max}"
+            f"k_max must be an integer in 1 .. {MAX_ELEMENTS}, got {k_max!r}"
         )
     elif k_max < widest:
         raise ValueError(
@@ -213,6 +213,12 @@ def featurize(
 def _as_fractions(
     item: Mapping | str, position: int, alloy_notation: bool, metals_only: bool
 ) -> dict[str, float]:
+    if item is None or isinstance(item, float):
+        # None or NaN (an empty CSV cell): the message names its position.
+        raise TypeError(
+            f"composition at position {position} is {item!r}; pass a formula "
+            "string or a mapping of element symbol to amount"
+        )
     try:
         if isinstance(item, str):
             return parse(item, alloy_notation=alloy_notation, metals_only=metals_only)

@@ -125,6 +125,9 @@ def shift_auc(
         )
     if int(folds) != folds or folds < 2:
         raise ValueError(f"folds must be an integer >= 2, got {folds!r}")
+    if int(n_top) != n_top or n_top < 1:
+        # A negative count would slice off features from the end instead.
+        raise ValueError(f"n_top must be an integer >= 1, got {n_top!r}")
     if int(max_samples) != max_samples or max_samples < MIN_SAMPLES:
         raise ValueError(
             f"max_samples must be an integer >= {MIN_SAMPLES}, got {max_samples!r}"
