@@ -386,3 +386,25 @@ def test_cli_members_named_in_trainer_log(tmp_path, alloys_csv, monkeypatch, cap
     epochs = [r.getMessage() for r in caplog.records if r.name == "dvmrl"]
     assert any(line.startswith("member 0: epoch 1: ") for line in epochs)
     assert any(line.startswith("member 1: epoch 1: ") for line in epochs)
+
+
+def test_interrupt_after_state_write_counts_saved_epochs(
+    tmp_path, alloys_csv, monkeypatch, capsys
+):
+    # Ctrl-C right after the third epoch's state was written, before that
+    # epoch was reported: the message must count the epochs in the file,
+    # which a resume continues from.
+    original_save = Trainer.save
+
+    def save_then_interrupt(self, path, *args, **kwargs):
+        written = original_save(self, path, *args, **kwargs)
+        if self.epochs_done == 3:
+            raise KeyboardInterrupt
+        return written
+
+    monkeypatch.setattr(Trainer, "save", save_then_interrupt)
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(alloys_csv), "--epochs", "6", "--members", "1"]
+    assert main([*argv, *TINY, "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted after 3 epochs; the state is in {out / 'last.pt'}" in err

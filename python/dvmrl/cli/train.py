@@ -1696,6 +1696,7 @@ def _fit_member(
     from dvmrl.training.checkpoint import (
         MODEL_ADVICE,
         CheckpointError,
+        metadata_from_document,
         read_checkpoint,
     )
 
@@ -1762,6 +1763,12 @@ def _fit_member(
     except KeyboardInterrupt:
         close()
         done = saved[0]
+        # Ctrl-C between an epoch's state write and its report leaves one
+        # epoch more in the state file than reported, so the file counts.
+        state_path = folder / STATE_FILE
+        with contextlib.suppress(Exception):
+            document = read_checkpoint(state_path)
+            done = int(metadata_from_document(document, state_path)["epochs_done"])
         prefix = "" if label is None else f"{label}: "
         print(
             f"{prefix}interrupted after {done} epoch{'' if done == 1 else 's'}; "
