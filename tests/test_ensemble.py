@@ -408,3 +408,32 @@ def test_interrupt_after_state_write_counts_saved_epochs(
     assert main([*argv, *TINY, "--out", str(out)]) == 130
     err = capsys.readouterr().err
     assert f"interrupted after 3 epochs; the state is in {out / 'last.pt'}" in err
+
+
+def test_interrupt_after_out_removed_names_no_state(
+    tmp_path, alloys_csv, monkeypatch, capsys
+):
+    # The output folder is deleted, then Ctrl-C stops the second member: no
+    # state file is left to point to or to resume from.
+    import shutil
+
+    out = tmp_path / "run"
+    original_fit = Trainer.fit
+    calls = []
+
+    def remove_then_interrupt(self, *args, **kwargs):
+        calls.append(self.train_config.seed)
+        if len(calls) == 2:
+            shutil.rmtree(out)
+            raise KeyboardInterrupt
+        return original_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "fit", remove_then_interrupt)
+    argv = ["train", "--data", str(alloys_csv), "--epochs", "1", "--members", "2"]
+    code = main([*argv, *TINY, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert "member 1: interrupted after 0 epochs; the output folder was removed" in err
+    assert "the state is in" not in err
+    assert "--resume" not in err, err
+    assert f"--out {out} was removed or replaced while this command ran" in err
+    assert code == 1

@@ -1128,9 +1128,21 @@ def run_train(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             # Interrupted while a member was set up or the members' results
             # were combined: the run folder resumes as after an epoch.
-            if resumable:
+            if resumable and resumable[0].is_dir():
                 print(_resume_hint(resumable[0]), file=sys.stderr)
             raise
+
+
+def _interrupted(lock, out: Path) -> int:
+    """Print how to continue an interrupted run in ``out`` and return 130.
+
+    Raises:
+        FolderReplacedError: when ``out`` was removed or replaced meanwhile,
+            so that nothing is left to resume.
+    """
+    lock.check_in_place()
+    print(_resume_hint(out), file=sys.stderr)
+    return 130
 
 
 def _resume_hint(out: Path) -> str:
@@ -1330,8 +1342,7 @@ def _run_train(
         try:
             _train_in_processes(args, jobs, processes, run_config, out)
         except KeyboardInterrupt:
-            print(_resume_hint(out), file=sys.stderr)
-            return 130
+            return _interrupted(lock, out)
         lock.check_in_place()
     for job in jobs if processes == 1 else []:
         folder, label = Path(job["folder"]), job["label"]
@@ -1350,8 +1361,7 @@ def _run_train(
             # An --lr that is too large is a bad setting, not a failure of dvmrl.
             raise UsageError(_diverged_message(err, out, label)) from err
         if trainer is None:
-            print(_resume_hint(out), file=sys.stderr)
-            return 130
+            return _interrupted(lock, out)
         lock.check_in_place()
         trainer.save(folder / MODEL_FILE, metadata=job["metadata"])
         trainer.save(folder / STATE_FILE, metadata=job["metadata"])
@@ -1770,11 +1780,16 @@ def _fit_member(
             document = read_checkpoint(state_path)
             done = int(metadata_from_document(document, state_path)["epochs_done"])
         prefix = "" if label is None else f"{label}: "
-        print(
-            f"{prefix}interrupted after {done} epoch{'' if done == 1 else 's'}; "
-            f"the state is in {folder / STATE_FILE}",
-            file=sys.stderr,
-        )
+        where = f"the state is in {state_path}"
+        if guard is not None:
+            # Another member may have stopped the run because the output
+            # folder is gone, and then no state file is left to point to.
+            try:
+                guard()
+            except OSError:
+                where = "the output folder was removed or replaced, so no state is kept"
+        epochs = plural(done, "epoch")
+        print(f"{prefix}interrupted after {epochs}; {where}", file=sys.stderr)
         return None
     finally:
         close()
