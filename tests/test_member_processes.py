@@ -167,6 +167,37 @@ def test_interrupt_and_resume_match_serial(serial_run, alloys_csv, tmp_path, sig
     _same_members(serial_run, out)
 
 
+def test_sigterm_to_process_group_saves_members(alloys_csv, tmp_path):
+    # A batch system's time limit sends SIGTERM to every process of the job:
+    # the members save their states as after Ctrl-C, and the run exits 130,
+    # not as if a member had been killed.
+    out = tmp_path / "run"
+    argv = [*_parallel_args(alloys_csv), "--out", str(out)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dvmrl", *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_environment(),
+        start_new_session=True,
+    )
+    try:
+        lines = _read_until(process, "member 0: epoch 3: ", "member 1: epoch 3: ")
+        os.killpg(process.pid, signal.SIGTERM)
+        rest = process.stderr.read()
+        code = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    err = "".join(lines) + rest
+    assert code == 130, err
+    assert "before it finished" not in err
+    for member in (0, 1):
+        assert f"member {member}: interrupted after " in err
+        assert (out / f"member{member}" / "last.pt").is_file()
+    assert f"continue with: dvmrl train --resume --out {out}" in err
+
+
 def test_members_stop_when_main_is_killed(alloys_csv, tmp_path):
     out = tmp_path / "run"
     process = _start_training([*_parallel_args(alloys_csv), "--out", str(out)])

@@ -157,6 +157,11 @@ class _Interrupt:
 
     def put(self, messages, item) -> None:
         """Put ``item`` on ``messages``; an interrupt meanwhile is raised after."""
+        if threading.current_thread() is not threading.main_thread():
+            # Signal handlers run in the main thread only, so only its puts
+            # defer them.
+            messages.put(item)
+            return
         self.depth += 1
         try:
             messages.put(item)
@@ -173,10 +178,15 @@ _interrupt = _Interrupt()
 
 
 def _interrupt_once() -> _Interrupt:
-    """Install a SIGINT handler that raises KeyboardInterrupt once, and return it."""
+    """Make SIGINT and SIGTERM raise KeyboardInterrupt once; return the handler.
+
+    A batch system's time limit sends SIGTERM to every process of the job, so
+    a member saves its state for it as for Ctrl-C.
+    """
     global _interrupt
     _interrupt = _Interrupt()
     signal.signal(signal.SIGINT, _interrupt.handler)
+    signal.signal(signal.SIGTERM, _interrupt.handler)
     return _interrupt
 
 
@@ -206,9 +216,9 @@ def _member_process(job: dict[str, Any], messages) -> None:
     root.setLevel(job["log_level"])
     code = EXIT_FAILED
     try:
-        # The main process started this one with SIGINT blocked; a Ctrl-C
-        # that arrived meanwhile is delivered here, to the handler above.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        # The main process started this one with SIGINT and SIGTERM blocked;
+        # one that arrived meanwhile is delivered here, to the handler above.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         _follow_parent(job["parent"])
         from dvmrl import set_num_threads
         from dvmrl._files import check_same_folder
@@ -263,10 +273,10 @@ def _member_process(job: dict[str, Any], messages) -> None:
         code = EXIT_INTERRUPTED
     except BaseException as err:  # noqa: BLE001 - reported to the main process
         code = EXIT_FAILED
-        if job["log_level"] <= logging.DEBUG:
-            traceback.print_exc()
-        # A Ctrl-C now would only hide the error; its message is on its way.
+        # A Ctrl-C now would only hide the error, so it is ignored here.
         with contextlib.suppress(KeyboardInterrupt):
+            if job["log_level"] <= logging.DEBUG:
+                traceback.print_exc()
             _put(messages, ("error", member, _portable_error(err)))
     finally:
         # Flush the messages before the exit code becomes visible. An
@@ -352,6 +362,7 @@ def train_members(
     finished: list[int] = []
     failure: BaseException | None = None
     interrupted = False
+    signals: list[int] = []
     log_level = logging.getLogger().getEffectiveLevel()
 
     def handle(kind: str, member: int, payload) -> None:
@@ -396,7 +407,9 @@ def train_members(
             process.join()
             drain(None)
             del running[member]
-            if member not in reported and failure is None:
+            if member not in reported and failure is None and not signals:
+                # After a recorded signal, a member that died of it is part
+                # of the interrupt, not a failure.
                 failure = MemberFailed(
                     f"the process of member {member} ended with "
                     f"{_describe_exit(process.exitcode)} before it finished (out "
@@ -433,11 +446,12 @@ def train_members(
             name=f"dvmrl-member-{member}",
         )
         # The blocked mask, which the child inherits across exec, keeps a
-        # Ctrl-C that arrives while the child starts pending in the child
-        # until its own handler is installed, so Ctrl-C during its imports
-        # prints no traceback. start() can take seconds, because it waits
-        # until the child has read its job.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        # Ctrl-C or SIGTERM that arrives while the child starts pending in
+        # the child until its own handler is installed, so the child neither
+        # prints a traceback nor dies unsaved during its imports. start() can
+        # take seconds, because it waits until the child has read its job.
+        stopping = {signal.SIGINT, signal.SIGTERM}
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
         try:
             process.start()
             running[member] = process
@@ -449,10 +463,9 @@ def train_members(
     # because a KeyboardInterrupt raised inside Queue.get can stop it halfway
     # through a message. Every later get then failed with EOFError (6 of 40
     # trials against a child that put in a loop), so the members' last lines
-    # were lost and exit 130 became a failure. Off the main thread, where
-    # handlers cannot be set, a KeyboardInterrupt still stops the members,
-    # and a second one during the stop is not held back.
-    signals: list[int] = []
+    # were lost and exit 130 became a failure. Called off the main thread,
+    # where handlers cannot be set, this leaves the process's handlers as
+    # they are.
     previous = _record_signals(signals)
     try:
         while running or (pending and failure is None and not interrupted):
@@ -480,6 +493,9 @@ def train_members(
     finally:
         messages.close()
         _restore_signals(previous)
+    if signals and failure is None:
+        # A signal recorded after the loop's last check still stops the run.
+        interrupted = True
     if failure is not None:
         raise failure
     if interrupted:
