@@ -3,6 +3,7 @@
 #include <pthread.h>
 #include <sched.h>
 
+#include <cctype>
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
@@ -28,7 +29,7 @@ int default_num_threads() {
     char* end = nullptr;
     const long n = std::strtol(env, &end, 10);
     const char* rest = end;
-    while (*rest == ' ' || *rest == '\t') ++rest;
+    while (std::isspace(static_cast<unsigned char>(*rest))) ++rest;
     if (end != env && (*rest == '\0' || *rest == ',') && n > 0)
       return static_cast<int>(n < kMaxThreads ? n : kMaxThreads);
   }

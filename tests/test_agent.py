@@ -420,7 +420,10 @@ def test_agent_config_accepts_numpy_integers():
         ({"obs": np.array([0.0, np.inf])}, "obs contains NaN"),
         ({"next_obs": np.zeros(3)}, "next_obs must have shape"),
         ({"next_mask": np.zeros(3, dtype=bool)}, "masks every action"),
-        ({"next_mask": np.ones(3)}, "next_mask must be a bool array"),
+        ({"next_mask": np.ones(3)}, "next_mask must be a bool or 0/1 array"),
+        ({"next_mask": np.array([0, 2, 1])}, "next_mask must be a bool or 0/1 array"),
+        ({"action": None}, "action must be an integer, got None"),
+        ({"action": float("nan")}, "action must be an integer, got nan"),
     ],
 )
 def test_buffer_rejects_bad_transition(change, message):
@@ -439,6 +442,12 @@ def test_buffer_rejects_bad_transition(change, message):
     with pytest.raises(ValueError, match=message):
         buffer.add(**fields)
     assert len(buffer) == 0
+
+
+def test_buffer_accepts_integer_mask():
+    buffer = ReplayBuffer(8, 2, 3)
+    buffer.add(np.zeros(2), 0, 0.5, np.ones(2), False, np.array([1, 0, 1], np.int8))
+    assert buffer.next_mask[0].tolist() == [True, False, True]
 
 
 def test_buffer_accepts_terminal_with_empty_mask():

@@ -221,7 +221,7 @@ def test_internal_error_hint(monkeypatch, capsys, verbose):
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        ("1", 1), ("3", 3), ("3,1", 3), (" 3 ", 3), ("3\t,1", 3), (" 3 , 1", 3),
+        ("1", 1), ("3", 3), ("3,1", 3), (" 3 ", 3), ("3\t,1", 3), (" 3 , 1", 3), ("3\n", 3),
         ("abc", None), ("0", None), ("", None), ("3 x", None), ("-2", None),
     ],  # fmt: skip
 )

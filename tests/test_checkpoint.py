@@ -657,6 +657,9 @@ def test_load_device_names_and_dtype(saved):
             load_checkpoint(path, device="cuda")
     with pytest.raises(ValueError, match="unknown device"):
         load_checkpoint(path, device="gpu0")
+    # None keeps the CPU default, as before device names were checked.
+    model, _ = load_checkpoint(path, device=None)
+    assert next(model.parameters()).device.type == "cpu"
     with pytest.raises(TypeError, match="torch.float32 or torch.float64"):
         load_checkpoint(path, dtype=torch.float16)
 

@@ -433,6 +433,7 @@ def test_interrupt_after_out_removed_names_no_state(
     code = main([*argv, *TINY, "--out", str(out)])
     err = capsys.readouterr().err
     assert "member 1: interrupted after 0 epochs; the output folder was removed" in err
+    assert "so its state is not at" in err
     assert "the state is in" not in err
     assert "--resume" not in err, err
     assert f"--out {out} was removed or replaced while this command ran" in err

@@ -93,6 +93,7 @@ def test_split_leak_rejected(frame, split):
         ("model_config", {"hiden": 8}, r"model_config has unknown keys \['hiden'\]"),
         ("train_config", {"lrr": 1.0}, r"train_config has unknown keys \['lrr'\]"),
         ("train_config", {"lr": -1.0}, "TrainConfig.lr must be"),
+        ("train_config", {"epochs": 5}, r"train_config must not set \['epochs'\]"),
         ("w_accuracy", math.nan, "w_accuracy must be a finite number"),
         ("stability_threshold", math.inf, "stability_threshold must be a finite"),
     ],

@@ -605,6 +605,10 @@ def test_kept_at_epoch_of_trial_and_steps():
         {"epochs_spent": 15, "kept_val_rmse": 0.4},
     ]
     assert kept_at_epoch({"chosen": {"trial": "agent"}, "steps": steps}) == 10
+    # The kept state's own epoch count decides when it is recorded: an agent
+    # that never beat its untrained model kept epoch 0.
+    kept_untrained = {"trial": "agent", "epochs_trained": 0}
+    assert kept_at_epoch({"chosen": kept_untrained, "steps": steps}) == 0
     # No kept model, or steps recorded without the kept RMSE: unknown.
     assert kept_at_epoch({"chosen": None, "trials": trials}) is None
     old_steps = [{"epochs_spent": 5, "val_rmse": 0.5}]
@@ -614,7 +618,7 @@ def test_kept_at_epoch_of_trial_and_steps():
 def test_report_rows_name_kept_epoch(finished_run):
     _, report = finished_run
     for row in report["results"]:
-        assert 1 <= row["kept_at_epoch"] <= row["epochs"]
+        assert 0 <= row["kept_at_epoch"] <= row["epochs"]
 
 
 def test_foreign_folder_rejected(tmp_path):

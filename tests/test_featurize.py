@@ -121,6 +121,9 @@ def test_batch_rejects_float_index_arrays():
         batch[np.array([0.0, 1.7])]
     picked = batch[np.array([0, 2])].element_index.tolist()
     assert picked == batch[[0, 2]].element_index.tolist()
+    # An empty list is a float array to numpy, and selects nothing.
+    assert len(batch[[]]) == 0
+    assert len(batch[np.array([])]) == 0
 
 
 def test_features_reject_unnormalised_fractions():

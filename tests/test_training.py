@@ -83,6 +83,14 @@ def test_config_rejects_wrong_types(settings, message):
         TrainConfig(**settings)
 
 
+def test_config_accepts_zero_dim_arrays():
+    config = TrainConfig(lr=np.array(2e-3), batch_size=torch.tensor(32))
+    assert config.lr == 2e-3
+    assert type(config.lr) is float
+    assert config.batch_size == 32
+    assert json.loads(json.dumps(config.to_dict()))["batch_size"] == 32
+
+
 def test_config_accepts_numpy_integers():
     config = TrainConfig(batch_size=np.int64(32), epochs=np.int32(3), seed=np.uint8(7))
     assert config.batch_size == 32

@@ -136,6 +136,18 @@ def set_num_threads(n: int | None = None) -> int:
     return n
 
 
+def device_name(device, default: str = "cpu") -> str:
+    """Return a device argument as a name for :func:`resolve_device`.
+
+    A ``torch.device`` becomes its name ("cuda:0") and None becomes
+    ``default``, so an API whose device defaults to the CPU keeps doing so
+    when a caller passes None.
+    """
+    if device is None:
+        return default
+    return device if isinstance(device, str) else str(device)
+
+
 def resolve_device(device: str | None = "auto"):
     """Turn a device name into a ``torch.device``, checking it is usable.
 

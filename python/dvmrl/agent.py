@@ -344,14 +344,20 @@ class ReplayBuffer:
                 state has every action masked. Stored, any of these would
                 break a later update or the saved buffer's loading.
         """
-        if isinstance(action, bool) or int(action) != action:
+        try:
+            integral = not isinstance(action, bool) and int(action) == action
+        except (TypeError, ValueError, OverflowError):
+            integral = False  # None, NaN, infinity or a non-number
+        if not integral:
             raise ValueError(f"action must be an integer, got {action!r}")
         if not 0 <= int(action) < self.n_actions:
             raise ValueError(
                 f"action {action} is outside [0, {self.n_actions}) for "
                 f"{self.n_actions} actions"
             )
-        if not math.isfinite(float(reward)) or not math.isfinite(np.float32(reward)):
+        with np.errstate(over="ignore"):
+            reward_32 = np.float32(reward)
+        if not math.isfinite(float(reward)) or not math.isfinite(reward_32):
             raise ValueError(
                 f"reward must be finite in float32, got {reward!r}; check the "
                 "environment's reward"
@@ -372,12 +378,18 @@ class ReplayBuffer:
             rows[name] = row
         mask = np.ones(self.n_actions, dtype=bool)
         if next_mask is not None:
-            mask = np.asarray(next_mask)
-            if mask.shape != (self.n_actions,) or mask.dtype != bool:
+            raw_mask = np.asarray(next_mask)
+            # Gymnasium environments often give 0/1 integer masks.
+            zero_one = raw_mask.dtype == bool or (
+                raw_mask.dtype.kind in "iu" and np.isin(raw_mask, (0, 1)).all()
+            )
+            if raw_mask.shape != (self.n_actions,) or not zero_one:
                 raise ValueError(
-                    f"next_mask must be a bool array of shape ({self.n_actions},), "
-                    f"got {mask.dtype} of shape {mask.shape}"
+                    f"next_mask must be a bool or 0/1 array of shape "
+                    f"({self.n_actions},), got {raw_mask.dtype} of shape "
+                    f"{raw_mask.shape}"
                 )
+            mask = raw_mask.astype(bool)
             if not mask.any() and not terminated:
                 raise ValueError(
                     "next_mask masks every action of a non-terminal next state; "

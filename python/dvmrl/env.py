@@ -24,7 +24,7 @@ import torch
 from gymnasium import spaces
 
 from dvmrl import metrics
-from dvmrl._runtime import resolve_device
+from dvmrl._runtime import device_name, resolve_device
 from dvmrl.layout import is_integral
 
 logger = logging.getLogger(__name__)
@@ -340,6 +340,13 @@ class ModelTuningEnv(gym.Env):
                 raise ValueError(
                     f"{label} has unknown keys {unknown}; known keys: {sorted(known)}"
                 )
+        # reset() sets these two itself, from budget_epochs and the episode.
+        owned = sorted({"epochs", "seed"} & set(train_config or {}))
+        if owned:
+            raise ValueError(
+                f"train_config must not set {owned}: the environment sets the epochs "
+                "from budget_epochs and draws each episode's seed from seed="
+            )
         ModelConfig(**self.model_defaults)
         TrainConfig(**self.train_defaults)
         self.w_accuracy = float(w_accuracy)
@@ -348,8 +355,7 @@ class ModelTuningEnv(gym.Env):
         self.epsilon = float(epsilon)
         self.stability_threshold = float(stability_threshold)
         self.k_correlations = int(k_correlations)
-        name = device if isinstance(device, str) else str(device)
-        self.device = resolve_device(name)
+        self.device = resolve_device(device_name(device))
 
         rng = np.random.default_rng(seed)
         train_rows, pool_rows = _training_and_validation_rows(df, split, split_kind, seed)

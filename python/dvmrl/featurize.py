@@ -95,7 +95,8 @@ class CompositionBatch:
         elif not isinstance(index, slice):
             if not isinstance(index, torch.Tensor):
                 index = torch.as_tensor(np.asarray(index))
-            if index.is_floating_point() or index.is_complex():
+            # An empty list becomes a float array, which selects nothing.
+            if (index.is_floating_point() or index.is_complex()) and index.numel():
                 # Casting would cut 1.7 to 1 and select another composition.
                 raise TypeError(
                     f"an index array must hold integers or bools, got {index.dtype}; "

@@ -123,13 +123,17 @@ def kept_at_epoch(unit: dict[str, Any]) -> int | None:
     """Return the epoch, counted over the unit's budget, of the state it kept.
 
     For a baseline this is the best epoch of the chosen trial. For the agent
-    it is the epochs spent by the step after which its kept state last
-    changed. None when the unit kept no model or its record predates the
-    fields used.
+    it is the training epochs of its kept state, or in older records the
+    epochs spent by the step after which its kept state last changed. None
+    when the unit kept no model or its record predates the fields used.
     """
     chosen = unit.get("chosen")
     if not chosen:
         return None
+    if unit.get("steps") and chosen.get("epochs_trained") is not None:
+        # The agent keeps the untrained model (epoch 0) until a step beats
+        # it, which no step records, so the kept state's own count decides.
+        return int(chosen["epochs_trained"])
     if unit.get("steps"):
         kept_rmse, epoch = None, None
         for step in unit["steps"]:
@@ -1069,17 +1073,22 @@ def _verdict_lines(report: dict[str, Any]) -> list[str]:
         else ""
     )
     # One seed shows no spread, so a lead there is not called a win.
-    one_seed = any(
+    unassessed = any(
         not report["winners"][key]["spread_assessed"]
         for key, *_ in counted
         if report["winners"][key]["winner"] is not None
     )
-    headline = (
-        "Metrics led, with one seed and so without a test against the spread "
-        "over seeds"
-        if one_seed
-        else "Metrics won outright"
-    )
+    if len(report["seeds"]) == 1:
+        headline = (
+            "Metrics led, with one seed and so without a test against the spread "
+            "over seeds"
+        )
+    elif unassessed:
+        headline = (
+            "Metrics won outright or, where a method finished one seed only, led"
+        )
+    else:
+        headline = "Metrics won outright"
     lines += [
         f"{headline}: {tally}; ties: {ties} (of {decided}).{missing} "
         "Test R^2 and the GCV score rank the methods as test RMSE does on the "
@@ -1124,9 +1133,9 @@ def _verdict_lines(report: dict[str, Any]) -> list[str]:
             lines.append(f"- {label}: {name} wins.{suffix}")
             continue
         lines.append(
-            f"- {label}: {name} leads (one seed, so ties were judged only by the "
-            f"{_percent(_resolution(winner))} resolution and the printed "
-            f"precision, not by spread).{suffix}"
+            f"- {label}: {name} leads (a method with one seed shows no spread, so "
+            f"ties were judged only by the {_percent(_resolution(winner))} "
+            f"resolution and the printed precision).{suffix}"
         )
     lines.append("")
     return lines

@@ -1787,7 +1787,10 @@ def _fit_member(
             try:
                 guard()
             except OSError:
-                where = "the output folder was removed or replaced, so no state is kept"
+                where = (
+                    "the output folder was removed or moved away, so its state is "
+                    f"not at {state_path}"
+                )
         epochs = plural(done, "epoch")
         print(f"{prefix}interrupted after {epochs}; {where}", file=sys.stderr)
         return None

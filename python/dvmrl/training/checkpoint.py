@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from dvmrl._files import builds_objects, file_kind, write_atomic
-from dvmrl._runtime import resolve_device
+from dvmrl._runtime import device_name, resolve_device
 
 FORMAT_NAME = "dvmrl-checkpoint"
 FORMAT_VERSION = 1
@@ -421,7 +421,7 @@ def load_checkpoint(
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     # resolve_device accepts "auto" and names the fix when CUDA is unusable,
     # where .to("cuda") fails with a bare AssertionError.
-    target = resolve_device(device if isinstance(device, str) else str(device))
+    target = resolve_device(device_name(device))
     document = read_checkpoint(path)
     model = model_from_document(document, path)
     if dtype is not None:

@@ -16,6 +16,32 @@ MONITORS = ("val_rmse", "val_mae")
 LOSSES = ("mse", "huber", "l1")
 
 
+# Fields that must be real numbers (the others are names, None or pairs).
+_NUMERIC_FIELDS = (
+    "lr",
+    "batch_size",
+    "weight_decay",
+    "epochs",
+    "patience",
+    "seed",
+    "warmup_epochs",
+    "min_lr_ratio",
+    "plateau_factor",
+    "plateau_patience",
+    "eval_batch_size",
+    "adam_eps",
+    "ema_decay",
+    "huber_delta",
+)
+
+
+def _scalar(value: Any) -> Any:
+    """Return the Python number of a 0-d array or tensor, else ``value``."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return value.item()
+    return value
+
+
 @dataclass
 class TrainConfig:
     """Optimiser, schedule and stopping settings of a ``Trainer``.
@@ -97,16 +123,16 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # Comparisons below would fail on a string ("1e-3") with a TypeError
-        # that names no field, so the types are checked first.
-        numeric = [
-            f.name for f in dataclasses.fields(self) if f.type in ("float", "int")
-        ]
-        for name in numeric:
-            value = getattr(self, name)
+        # that names no field, so the types are checked first. 0-d arrays
+        # and tensors become Python numbers.
+        for name in _NUMERIC_FIELDS:
+            value = _scalar(getattr(self, name))
             if not isinstance(value, numbers.Real):
                 raise ValueError(
                     f"TrainConfig.{name} must be a number, got {value!r}"
                 )
+            setattr(self, name, value)
+        self.grad_clip = _scalar(self.grad_clip)
         clip = self.grad_clip
         if clip is not None and not isinstance(clip, numbers.Real):
             raise ValueError(

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dvmrl._runtime import resolve_device, torch_threads
+from dvmrl._runtime import device_name, resolve_device, torch_threads
 from dvmrl.layout import parameter_layout, unflatten
 from dvmrl.model import LOG_VARIANCE_MAX, LOG_VARIANCE_MIN, CompositionMPNN, ModelConfig
 from dvmrl.training import checkpoint as ckpt
@@ -139,7 +139,7 @@ class Trainer:
         # resolve_device names the fix when CUDA is asked for but unusable,
         # where moving a tensor would fail with a bare AssertionError.
         # A name goes to resolve_device as given, so "auto" works here too.
-        self.device = resolve_device(device if isinstance(device, str) else str(device))
+        self.device = resolve_device(device_name(device))
         self.dtype = dtype
         self._train = DeviceSet(x_train, y_train, "x_train", self.device, dtype)
         self._val: DeviceSet | None = None
