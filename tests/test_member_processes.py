@@ -112,7 +112,7 @@ def _running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _start_training(argv: list[str]) -> subprocess.Popen:
+def _start_training(argv: list[str], new_session: bool = False) -> subprocess.Popen:
     command = [sys.executable, "-m", "dvmrl", *argv]
     return subprocess.Popen(
         command,
@@ -121,12 +121,26 @@ def _start_training(argv: list[str]) -> subprocess.Popen:
         text=True,
         env=child_environment(),
         preexec_fn=_default_sigint,
+        start_new_session=new_session,
     )
 
 
 def _parallel_args(alloys_csv) -> list[str]:
     """Return a 200-epoch run of two member processes that logs every epoch."""
     return [*_train_args(alloys_csv, 200), "--threads", "2", "--jobs", "2", "--verbose"]
+
+
+def _stop_when(process: subprocess.Popen, texts: list[str], stop) -> tuple[int, str]:
+    """Call ``stop()`` once ``texts`` were logged; return the exit code and stderr."""
+    try:
+        lines = _read_until(process, *texts)
+        stop()
+        rest = process.stderr.read()
+        code = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return code, "".join(lines) + rest
 
 
 def _read_until(process: subprocess.Popen, *texts: str) -> list[str]:
@@ -146,17 +160,11 @@ def _read_until(process: subprocess.Popen, *texts: str) -> list[str]:
 def test_interrupt_and_resume_match_serial(serial_run, alloys_csv, tmp_path, signum):
     out = tmp_path / "run"
     process = _start_training([*_parallel_args(alloys_csv), "--out", str(out)])
-    try:
-        # --verbose logs every epoch record that a member process reports.
-        lines = _read_until(process, "member 1: epoch 3: ")
-        # The signal goes to the main process alone: it must stop its members.
-        process.send_signal(signum)
-        rest = process.stderr.read()
-        code = process.wait(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    err = "".join(lines) + rest
+    # --verbose logs every epoch record that a member process reports. The
+    # signal goes to the main process alone: it must stop its members.
+    code, err = _stop_when(
+        process, ["member 1: epoch 3: "], lambda: process.send_signal(signum)
+    )
     assert code == 130, err
     assert f"continue with: dvmrl train --resume --out {out}" in err
     assert "member 1: interrupted after " in err
@@ -173,23 +181,12 @@ def test_sigterm_to_process_group_saves_members(alloys_csv, tmp_path):
     # not as if a member had been killed.
     out = tmp_path / "run"
     argv = [*_parallel_args(alloys_csv), "--out", str(out)]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dvmrl", *argv],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=child_environment(),
-        start_new_session=True,
+    process = _start_training(argv, new_session=True)
+    code, err = _stop_when(
+        process,
+        ["member 0: epoch 3: ", "member 1: epoch 3: "],
+        lambda: os.killpg(process.pid, signal.SIGTERM),
     )
-    try:
-        lines = _read_until(process, "member 0: epoch 3: ", "member 1: epoch 3: ")
-        os.killpg(process.pid, signal.SIGTERM)
-        rest = process.stderr.read()
-        code = process.wait(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    err = "".join(lines) + rest
     assert code == 130, err
     assert "before it finished" not in err
     for member in (0, 1):
