@@ -130,7 +130,7 @@ def _follow_parent(parent: int) -> None:
 
 
 class _Interrupt:
-    """SIGINT handling of a member process: one KeyboardInterrupt, never mid-put.
+    """Ctrl-C and SIGTERM in a member process: one KeyboardInterrupt, never mid-put.
 
     The terminal and the main process may both send the signal. Later
     signals are ignored, because they must not interrupt the saving of the
@@ -282,6 +282,7 @@ def _member_process(job: dict[str, Any], messages) -> None:
         # Flush the messages before the exit code becomes visible. An
         # interrupt from now on would only break the exit.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         sys.stderr.flush()
         messages.close()
         messages.join_thread()
