@@ -646,7 +646,7 @@ def test_checkpoint_through_symlink_keeps_link(data, tmp_path):
 
 
 def test_load_device_names_and_dtype(saved):
-    # "auto" resolves as everywhere else; a GPU asked for on a machine
+    # "auto" resolves as everywhere else. A GPU requested on a machine
     # without one, or a dtype the kernels lack, gets a message with the fix.
     _, path = saved
     model, _ = load_checkpoint(path, device="auto")

@@ -1164,13 +1164,14 @@ def _config_lines(report: dict[str, Any]) -> list[str]:
                 + f" {row['epochs']} | {_format(row['seconds_total'], 1)} |"
             )
             continue
-        kept = row.get("kept_at_epoch")
+        kept_epoch = row.get("kept_at_epoch")
         lines.append(
             f"| {METHOD_LABELS.get(row['method'], row['method'])} | {row['seed']} | "
             f"{config.get('lr', float('nan')):.2e} | {config.get('batch_size', '')} | "
             f"{config.get('weight_decay', float('nan')):.1e} | "
             f"{config.get('dropout', float('nan')):.2f} | {config.get('layers', '')} | "
-            f"{config.get('hidden', '')} | {'n/a' if kept is None else kept} | "
+            f"{config.get('hidden', '')} | "
+            f"{'n/a' if kept_epoch is None else kept_epoch} | "
             f"{row['epochs']} | {_format(row['seconds_total'], 1)} |"
         )
     lines.append("")

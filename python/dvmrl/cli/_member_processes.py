@@ -446,11 +446,11 @@ def train_members(
             args=({**job, "log_level": log_level, "parent": os.getpid()}, messages),
             name=f"dvmrl-member-{member}",
         )
-        # The blocked mask, which the child inherits across exec, keeps a
-        # Ctrl-C or SIGTERM that arrives while the child starts pending in
-        # the child until its own handler is installed, so the child neither
-        # prints a traceback nor dies unsaved during its imports. start() can
-        # take seconds, because it waits until the child has read its job.
+        # The child inherits this blocked mask across exec. A Ctrl-C or
+        # SIGTERM that arrives while it starts stays pending there until its
+        # own handler is installed, so it neither prints a traceback nor dies
+        # unsaved during its imports. start() can take seconds, because it
+        # waits until the child has read its job.
         stopping = {signal.SIGINT, signal.SIGTERM}
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
         try:
