@@ -6,7 +6,10 @@ import contextlib
 import logging
 import os
 import platform
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch is imported lazily, where it is used
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -136,25 +139,13 @@ def set_num_threads(n: int | None = None) -> int:
     return n
 
 
-def device_name(device, default: str = "cpu") -> str:
-    """Return a device argument as a name for :func:`resolve_device`.
-
-    A ``torch.device`` becomes its name ("cuda:0") and None becomes
-    ``default``, so an API whose device defaults to the CPU keeps doing so
-    when a caller passes None.
-    """
-    if device is None:
-        return default
-    return device if isinstance(device, str) else str(device)
-
-
-def resolve_device(device: str | None = "auto"):
+def resolve_device(device: str | torch.device | None = "auto"):
     """Turn a device name into a ``torch.device``, checking it is usable.
 
     Args:
-        device (str, optional): ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or
-            ``"auto"`` (CUDA when a GPU is usable, else CPU). Default:
-            ``"auto"``.
+        device (str or torch.device, optional): ``"cpu"``, ``"cuda"``,
+            ``"cuda:N"`` or ``"auto"`` (CUDA when a GPU is usable, else CPU);
+            None means ``"auto"``. Default: ``"auto"``.
 
     Returns:
         torch.device: the device to compute on.

@@ -24,7 +24,7 @@ import torch
 from gymnasium import spaces
 
 from dvmrl import metrics
-from dvmrl._runtime import device_name, resolve_device
+from dvmrl._runtime import resolve_device
 from dvmrl.layout import is_integral
 
 logger = logging.getLogger(__name__)
@@ -355,7 +355,8 @@ class ModelTuningEnv(gym.Env):
         self.epsilon = float(epsilon)
         self.stability_threshold = float(stability_threshold)
         self.k_correlations = int(k_correlations)
-        self.device = resolve_device(device_name(device))
+        # None keeps the CPU default, whereas resolve_device reads it as "auto".
+        self.device = resolve_device("cpu" if device is None else device)
 
         rng = np.random.default_rng(seed)
         train_rows, pool_rows = _training_and_validation_rows(df, split, split_kind, seed)

@@ -274,6 +274,18 @@ def _default_descriptors() -> np.ndarray:
 SUM_TOLERANCE = 1e-3
 
 
+def check_dtype(dtype: torch.dtype) -> None:
+    """Raise TypeError unless ``dtype`` is float32 or float64.
+
+    The fused kernels and the fraction checks exist for these two only.
+    """
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(
+            f"dtype must be torch.float32 or torch.float64, got {dtype}; use "
+            "torch.float32 (float64 for gradient checks)"
+        )
+
+
 class CompositionMPNN(nn.Module):
     """Weighted soft-attention message passing over alloy compositions.
 
@@ -326,12 +338,7 @@ class CompositionMPNN(nn.Module):
         dims = self.config.dims
         generator = torch.Generator().manual_seed(int(seed))
         dtype = torch.get_default_dtype() if dtype is None else dtype
-        if dtype not in (torch.float32, torch.float64):
-            # The fused kernels and the fraction checks exist for these two.
-            raise TypeError(
-                f"dtype must be torch.float32 or torch.float64, got {dtype}; use "
-                "torch.float32 (float64 for gradient checks)"
-            )
+        check_dtype(dtype)
 
         self.register_buffer("descriptors", table.to(dtype))
         self.register_buffer("target_mean", torch.zeros((), dtype=dtype))

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from dvmrl._files import builds_objects, file_kind, write_atomic
-from dvmrl._runtime import device_name, resolve_device
+from dvmrl._runtime import resolve_device
 
 FORMAT_NAME = "dvmrl-checkpoint"
 FORMAT_VERSION = 1
@@ -417,11 +417,14 @@ def load_checkpoint(
         ValueError, RuntimeError: for an unknown device, or CUDA without a
             usable GPU (as :func:`dvmrl.resolve_device`).
     """
-    if dtype is not None and dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    from dvmrl.model import check_dtype
+
+    if dtype is not None:
+        check_dtype(dtype)
     # resolve_device accepts "auto" and names the fix when CUDA is unusable,
-    # where .to("cuda") fails with a bare AssertionError.
-    target = resolve_device(device_name(device))
+    # where .to("cuda") fails with a bare AssertionError. None keeps the CPU
+    # default, whereas resolve_device reads it as "auto".
+    target = resolve_device("cpu" if device is None else device)
     document = read_checkpoint(path)
     model = model_from_document(document, path)
     if dtype is not None:

@@ -36,9 +36,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from dvmrl._runtime import device_name, resolve_device, torch_threads
+from dvmrl._runtime import resolve_device, torch_threads
 from dvmrl.layout import parameter_layout, unflatten
-from dvmrl.model import LOG_VARIANCE_MAX, LOG_VARIANCE_MIN, CompositionMPNN, ModelConfig
+from dvmrl.model import (
+    LOG_VARIANCE_MAX,
+    LOG_VARIANCE_MIN,
+    CompositionMPNN,
+    ModelConfig,
+    check_dtype,
+)
 from dvmrl.training import checkpoint as ckpt
 from dvmrl.training import moves
 from dvmrl.training.config import LearningRateSchedule, TrainConfig
@@ -132,14 +138,11 @@ class Trainer:
     ) -> None:
         self.train_config = TrainConfig() if train_config is None else train_config
         model_config = ModelConfig() if model_config is None else model_config
-        if dtype not in (torch.float32, torch.float64):
-            raise TypeError(
-                f"dtype must be torch.float32 or torch.float64, got {dtype}"
-            )
+        check_dtype(dtype)
         # resolve_device names the fix when CUDA is asked for but unusable,
-        # where moving a tensor would fail with a bare AssertionError.
-        # A name goes to resolve_device as given, so "auto" works here too.
-        self.device = resolve_device(device_name(device))
+        # where moving a tensor would fail with a bare AssertionError. None
+        # keeps the CPU default here, whereas resolve_device reads it as "auto".
+        self.device = resolve_device("cpu" if device is None else device)
         self.dtype = dtype
         self._train = DeviceSet(x_train, y_train, "x_train", self.device, dtype)
         self._val: DeviceSet | None = None
