@@ -604,15 +604,15 @@ def test_kept_at_epoch_of_trial_and_steps():
         {"epochs_spent": 10, "kept_val_rmse": 0.4},
         {"epochs_spent": 15, "kept_val_rmse": 0.4},
     ]
-    assert kept_at_epoch({"chosen": {"trial": "agent"}, "steps": steps}) == 10
-    # The kept state's own epoch count decides when it is recorded: an agent
-    # that never beat its untrained model kept epoch 0.
+    kept_trained = {"trial": "agent", "epochs_trained": 10}
+    assert kept_at_epoch({"chosen": kept_trained, "steps": steps}) == 10
+    # The kept state's own epoch count decides: an agent that never beat its
+    # untrained model kept epoch 0, which no step records.
     kept_untrained = {"trial": "agent", "epochs_trained": 0}
     assert kept_at_epoch({"chosen": kept_untrained, "steps": steps}) == 0
-    # No kept model, or steps recorded without the kept RMSE: unknown.
+    # No kept model, or a kept state without its epoch count: unknown.
     assert kept_at_epoch({"chosen": None, "trials": trials}) is None
-    old_steps = [{"epochs_spent": 5, "val_rmse": 0.5}]
-    assert kept_at_epoch({"chosen": {"trial": "agent"}, "steps": old_steps}) is None
+    assert kept_at_epoch({"chosen": {"trial": "agent"}, "steps": steps}) is None
 
 
 def test_report_rows_name_kept_epoch(finished_run):

@@ -123,26 +123,15 @@ def kept_at_epoch(unit: dict[str, Any]) -> int | None:
     """Return the epoch, counted over the unit's budget, of the state it kept.
 
     For a baseline this is the best epoch of the chosen trial. For the agent
-    it is the training epochs of its kept state, or in older records the
-    epochs spent by the step after which its kept state last changed. None
-    when the unit kept no model or its record predates the fields used.
+    it is the training epochs of its kept state, which include the untrained
+    model's epoch 0 that no step records. None when the unit kept no model.
     """
     chosen = unit.get("chosen")
     if not chosen:
         return None
-    if unit.get("steps") and chosen.get("epochs_trained") is not None:
-        # The agent keeps the untrained model (epoch 0) until a step beats
-        # it, which no step records, so the kept state's own count decides.
-        return int(chosen["epochs_trained"])
     if unit.get("steps"):
-        kept_rmse, epoch = None, None
-        for step in unit["steps"]:
-            value = step.get("kept_val_rmse")
-            if value is None:
-                return None
-            if value != kept_rmse:
-                kept_rmse, epoch = value, int(step["epochs_spent"])
-        return epoch
+        trained = chosen.get("epochs_trained")
+        return None if trained is None else int(trained)
     trials = {t.get("index"): t for t in unit.get("trials", [])}
     trial = trials.get(chosen.get("trial"))
     curve = (trial or {}).get("extra", {}).get("val_curve")
@@ -439,6 +428,7 @@ def build_report(out_dir: str | os.PathLike) -> dict[str, Any]:
     for key in SELECTION_METRICS:
         winners[key]["selection_score"] = True
     preset = signature["preset"]
+    test_targets = _test_targets(out_dir, state)
 
     return {
         "format": REPORT_FORMAT,
@@ -455,9 +445,9 @@ def build_report(out_dir: str | os.PathLike) -> dict[str, Any]:
         "results": rows,
         "summary": summaries,
         "ratios_vs_bayesian": ratios_against(rows, methods),
-        "constant_test_rmse": _constant_test_rmse(out_dir, state),
+        "constant_test_rmse": _constant_test_rmse(test_targets),
         "all_stable_test_f1": _all_stable_test_f1(
-            out_dir, state, run.get("data_info", {}).get("stability_threshold")
+            test_targets, run.get("data_info", {}).get("stability_threshold")
         ),
         "winners": winners,
         "curves": {
@@ -468,18 +458,17 @@ def build_report(out_dir: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def _constant_test_rmse(out_dir: Path, state: dict[str, Any]) -> float | None:
+def _constant_test_rmse(y_true: np.ndarray | None) -> float | None:
     """Return the test RMSE of the best constant prediction (eV/atom), or None.
 
-    That is the standard deviation of the test targets, which every unit
-    shares (the test part does not depend on the seed).
+    That is the standard deviation of the test targets ``y_true``, which
+    every unit shares (the test part does not depend on the seed).
     """
-    y_true = _test_targets(out_dir, state)
     return None if y_true is None else float(np.std(y_true))
 
 
 def _all_stable_test_f1(
-    out_dir: Path, state: dict[str, Any], threshold: float | None
+    y_true: np.ndarray | None, threshold: float | None
 ) -> float | None:
     """Return the test F1 of calling every composition stable, or None.
 
@@ -489,7 +478,6 @@ def _all_stable_test_f1(
     """
     from dvmrl.metrics import FORMATION_ENERGY_THRESHOLD
 
-    y_true = _test_targets(out_dir, state)
     if y_true is None:
         return None
     cut = FORMATION_ENERGY_THRESHOLD if threshold is None else float(threshold)
@@ -1107,13 +1095,10 @@ def _verdict_lines(report: dict[str, Any]) -> list[str]:
             if "agent" in methods and "agent" not in group:
                 outside = _agent_outside_text(report, key, group, _higher)
             rule = f"{_percent(_resolution(winner))} of the best mean"
+            paired = ""
             if winner["spread_assessed"]:
                 rule = f"the spread over seeds or {rule}"
-            paired = (
-                ", or the best one not ahead in every seed"
-                if winner["spread_assessed"]
-                else ""
-            )
+                paired = ", or the best one not ahead in every seed"
             lines.append(
                 f"- {label}: a tie between {join_method_names(group)} (differences smaller "
                 f"than {rule}, invisible at the printed precision{paired}). The best "
