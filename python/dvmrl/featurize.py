@@ -95,9 +95,9 @@ class CompositionBatch:
         elif not isinstance(index, slice):
             if not isinstance(index, torch.Tensor):
                 index = torch.as_tensor(np.asarray(index))
-            # An empty list becomes a float array, which selects nothing.
+            # Casting a float index would cut 1.7 to 1 and select another
+            # composition. An empty list is a float array too, and selects nothing.
             if (index.is_floating_point() or index.is_complex()) and index.numel():
-                # Casting would cut 1.7 to 1 and select another composition.
                 raise TypeError(
                     f"an index array must hold integers or bools, got {index.dtype}; "
                     "round and cast it to int first"
@@ -311,8 +311,10 @@ def composition_features(
     weights = np.where(mask, weights, 0.0)
     if len(batch) and not np.all(mask[:, 0]):
         raise ValueError("every composition in the batch needs at least one element")
+    from dvmrl.model import SUM_TOLERANCE
+
     sums = weights.sum(axis=1)
-    normalised = np.abs(sums - 1.0) < 1e-3  # False for NaN sums too
+    normalised = np.abs(sums - 1.0) < SUM_TOLERANCE  # False for NaN sums too
     bad = np.flatnonzero(~normalised)
     if bad.size:
         # Unnormalised amounts would scale every statistic silently.
