@@ -574,15 +574,19 @@ def test_rejects_mixed_devices():
         ops.model_forward(*args, SMALL)
 
 
-def test_rejects_index_outside_table():
+@pytest.mark.parametrize("use_fused", [True, False])
+@pytest.mark.parametrize("value", [ROWS + 5, ROWS, -1])
+def test_rejects_index_outside_table(value, use_fused):
+    # On the reference path -1 would otherwise read the table's last row.
     args = valid_args()
     args[2] = args[2].clone()
-    args[2][1, 0] = ROWS + 5
+    args[2][1, 0] = value
     with pytest.raises(
         ValueError,
-        match=r"element_index\[1, 0\] = 108 is outside the node table with 103 rows",
+        match=rf"element_index\[1, 0\] = {value} is outside the node table with "
+        rf"{ROWS} rows",
     ):
-        ops.model_forward(*args, SMALL)
+        ops.model_forward(*args, SMALL, use_fused=use_fused)
 
 
 def test_core_rechecks_sizes():

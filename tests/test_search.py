@@ -10,6 +10,7 @@ from dvmrl.search import (
     TrialRecord,
     TrialResult,
     best_trial,
+    make_proposer,
     replay,
     run_search,
     shortest_trial_epochs,
@@ -167,6 +168,23 @@ def test_seeds_change_random_proposals():
     first, _, _ = search("random", total=8, seed=0)
     second, _, _ = search("random", total=8, seed=1)
     assert first[0].config != second[0].config
+
+
+@pytest.mark.parametrize("method", ["random", "bayesian"])
+@pytest.mark.parametrize("seed", [None, -1, 1.5, 2**32, True, "0"])
+def test_proposers_reject_bad_seeds(method, seed):
+    with pytest.raises(ValueError, match=rf"seed must be an integer .*got {seed!r}"):
+        make_proposer(method, SEARCH_SPACE, seed)
+
+
+@pytest.mark.parametrize("method", ["random", "bayesian"])
+def test_proposers_take_integral_seeds(method):
+    # 3.0 (a seed read back from JSON) and a NumPy integer name seed 3.
+    proposals = [
+        make_proposer(method, SEARCH_SPACE, seed).ask()
+        for seed in (3, 3.0, np.int64(3))
+    ]
+    assert proposals[0] == proposals[1] == proposals[2]
 
 
 def test_diverged_trial_not_chosen():

@@ -212,6 +212,9 @@ def model_forward(
         _warn_fallback(node_table.device)
         use_fused = False
     if not use_fused:
+        # The reference path gathers with plain indexing, where -1 would
+        # silently read the table's last row.
+        _check_index_range(element_index, mask, node_table.shape[0])
         return reference.model_forward(
             node_table, flat, element_index, frac, mask, dims, dropout_mask
         )
@@ -282,9 +285,11 @@ class _Plan:
 def _check_index_range(element_index: torch.Tensor, mask: torch.Tensor, rows: int) -> None:
     """Raise ValueError for a real slot whose element_index lies outside the table.
 
-    The CPU core checks this itself. The CUDA kernels do not, and an index
-    outside the table would read outside it and add gradients outside
-    grad_node_table, so CUDA calls pay this check (one device synchronisation).
+    The CPU core checks this itself. The CUDA kernels and the reference path
+    do not: an index outside the table would make the kernels read outside it
+    and add gradients outside grad_node_table, and the reference path would
+    read row -1 as the last row. So those calls pay this check (one device
+    synchronisation on CUDA).
     """
     outside = mask & ((element_index < 0) | (element_index >= rows))
     if not bool(outside.any()):

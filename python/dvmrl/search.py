@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from .layout import is_integral
+
 logger = logging.getLogger(__name__)
 
 # Validation RMSE (eV/atom) passed to the surrogate for a trial whose training
@@ -294,12 +296,23 @@ Objective = Callable[[dict[str, Any], int, int], TrialResult]
 """``objective(config, trial_index, epochs) -> TrialResult``."""
 
 
+def _check_seed(seed) -> int:
+    # Both proposers hand the seed to NumPy's legacy RandomState (through
+    # scikit-optimize for Bayesian optimisation), which takes 0 to 2**32 - 1.
+    if not is_integral(seed) or not 0 <= seed < 2**32:
+        raise ValueError(
+            f"seed must be an integer from 0 to 2**32 - 1, got {seed!r}; pass a "
+            "whole number such as 0"
+        )
+    return int(seed)
+
+
 class RandomProposer:
     """Random search: trial ``i`` is drawn from a generator seeded by (seed, i)."""
 
     def __init__(self, space: SearchSpace, seed: int) -> None:
         self.space = space
-        self.seed = int(seed)
+        self.seed = _check_seed(seed)
         self._dims = space.to_skopt()
         self._count = 0
 
@@ -328,6 +341,7 @@ class BayesianProposer:
     ) -> None:
         from skopt import Optimizer
 
+        seed = _check_seed(seed)
         if n_initial_points < 1:
             raise ValueError(f"n_initial_points must be >= 1, got {n_initial_points}")
         self.space = space
