@@ -14,7 +14,7 @@ from dvmrl.adversarial import (
     vulnerability,
 )
 from dvmrl.compositions import parse
-from dvmrl.featurize import featurize
+from dvmrl.featurize import CompositionBatch, featurize
 
 SYMBOLS = ["Al", "Co", "Cr", "Fe", "Ni", "Cu", "Ti", "V"]
 
@@ -241,6 +241,33 @@ def test_search_rejects_zero_floor():
     # A floor of 0 would let the search remove an element.
     with pytest.raises(ValueError, match=r"floor must lie in \(0, 1\), got 0.0"):
         adversarial_search(predict, batch, 0.05, floor=0.0)
+
+
+@pytest.mark.parametrize(
+    "fractions, total",
+    [([50.0, 50.0], "100"), ([0.5, 0.6], "1.1"), ([1.2, -0.2], "1"), ([math.nan, 1.0], "nan")],
+)
+@pytest.mark.parametrize("score", ["search", "vulnerability", "radius"])
+def test_scores_reject_unnormalised_fractions(fractions, total, score):
+    # At.% or atom counts would be projected onto the simplex by the first
+    # step, and that jump would be reported as the perturbation.
+    good = featurize(["AlNi", "CoFeNi"])
+    frac = good.frac.clone()
+    frac[1, :2] = torch.tensor(fractions, dtype=frac.dtype)
+    frac[1, 2] = 0.0
+    mask = good.mask.clone()
+    mask[1, 2] = False
+    batch = CompositionBatch(good.element_index, frac, mask)
+    predict, _ = _linear_model(0)
+    call = {
+        "search": lambda: adversarial_search(predict, batch, 0.05),
+        "vulnerability": lambda: vulnerability(predict, batch, 0.05),
+        "radius": lambda: robustness_radius(predict, batch, tau=0.1),
+    }[score]
+    with pytest.raises(
+        ValueError, match=rf"composition 1 has fractions .* summing to {total};"
+    ):
+        call()
 
 
 def test_search_rejects_bad_predictor_shape():

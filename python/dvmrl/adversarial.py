@@ -250,7 +250,35 @@ def _batch_tensors(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             "element_index, frac and mask must share one [B, K] shape, got "
             f"{tuple(element_index.shape)}, {tuple(frac.shape)}, {tuple(mask.shape)}"
         )
-    return element_index, frac.double(), mask
+    frac = frac.double()
+    _check_fractions(frac, mask)
+    return element_index, frac, mask
+
+
+def _check_fractions(frac: torch.Tensor, mask: torch.Tensor) -> None:
+    """Raise ValueError unless every composition's fractions are >= 0 and sum to 1.
+
+    The feasible set keeps the sum at 1, so amounts in atomic per cent or
+    counts of atoms would be moved onto the simplex by the first projection,
+    and the search would report that jump as the perturbation.
+    """
+    from dvmrl.model import SUM_TOLERANCE
+
+    real = torch.where(mask, frac, 0.0)
+    sums = real.sum(dim=1)
+    # NaN compares false, so a NaN fraction fails both checks.
+    negative = ~(torch.where(mask, frac, 1.0) >= 0).all(dim=1)
+    unnormalised = ~((sums - 1.0).abs() < SUM_TOLERANCE)
+    bad = torch.nonzero(negative | unnormalised).flatten()
+    if bad.numel():
+        row = int(bad[0])
+        values = ", ".join(f"{float(v):.6g}" for v in frac[row][mask[row]])
+        raise ValueError(
+            f"composition {row} has fractions [{values}] summing to "
+            f"{float(sums[row]):.10g}; fractions must be >= 0 and sum to 1 (within "
+            f"{SUM_TOLERANCE:g}): divide atomic per cent or atom counts by their "
+            "sum, or build the batch with dvmrl.featurize"
+        )
 
 
 def compositions_to_formulas(
