@@ -16,7 +16,7 @@ import torch
 
 import dvmrl
 from dvmrl import datasets
-from dvmrl.featurize import featurize
+from dvmrl.featurize import CompositionBatch, featurize
 from dvmrl.model import ModelConfig
 from dvmrl.training import (
     FORMAT_VERSION,
@@ -570,6 +570,20 @@ def test_resume_other_data(data, tmp_path):
     x_train, y_train, x_val, y_val = data
     with pytest.raises(CheckpointError, match="train data differ"):
         Trainer.from_checkpoint(path, x_train, y_train + 1.0, x_val, y_val)
+
+
+def test_resume_with_float32_fractions_names_the_dtype(data, tmp_path):
+    # The fingerprint hashes the fractions' bits, so a float32 copy of the
+    # float64 fractions is other data, and the message says why.
+    trainer = _trainer(data)
+    path = trainer.save(tmp_path / "model.pt")
+    x_train, y_train, x_val, y_val = data
+    assert x_train.frac.dtype == torch.float64
+    single = CompositionBatch(
+        x_train.element_index, x_train.frac.float(), x_train.mask
+    )
+    with pytest.raises(CheckpointError, match="train data differ.*float32 copy"):
+        Trainer.from_checkpoint(path, single, y_train, x_val, y_val)
 
 
 def test_resume_without_state(data, tmp_path):

@@ -1233,7 +1233,8 @@ class Trainer:
                     f"the {part} data differ from those checkpoint {path} was "
                     f"trained on (fingerprint {str(current[part])[:12]} vs stored "
                     f"{str(stored.get(part))[:12]}); resume with the original data "
-                    "and split, or start a new training on these data (in Python, "
+                    "and split (a float32 copy of float64 fractions counts as other "
+                    "data, since the fingerprint hashes the fractions' bits), or start a new training on these data (in Python, "
                     "Trainer.from_checkpoint(..., check_data=False) continues on them)"
                 )
 
