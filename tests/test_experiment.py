@@ -18,6 +18,7 @@ from dvmrl.experiment import (
     ONLINE_LEARNING_STARTS,
     PRESETS,
     SHARED_TRAIN_KEYS,
+    BudgetError,
     Experiment,
     Preset,
     RunDirectoryError,
@@ -1097,24 +1098,6 @@ def write_budget(tmp_path, text):
         ({"epochs": 8.0}, "epochs must be an integer >= 1, got 8.0"),
         ({"robust_n": 0}, "robust_n must be an integer >= 1, got 0"),
         ({"max_val": "all"}, r'max_val must be an integer >= 2 or null .*"all"'),
-        (
-            {"epochs": 8, "trial_epochs": 20},
-            "epochs 8 cannot fit one trial of trial_epochs 20 .*half of "
-            "trial_epochs, 10 epochs",
-        ),
-        (
-            {"epochs": 16, "trial_epochs": 32},
-            "epochs 16 fit only one trial of trial_epochs 32",
-        ),
-        (
-            {"epochs": 16, "trial_epochs": 12},
-            "epochs 16 fit only one trial of trial_epochs 12, so the baselines "
-            "would compare no configurations; raise epochs to at least 18",
-        ),
-        (
-            {"epochs": 9, "trial_epochs": 4, "agent_slice": 1},
-            "epochs 9 leave 1 epochs after the full trials of trial_epochs 4",
-        ),
     ],
 )
 def test_budget_file_bad_field(tmp_path, change, message):
@@ -1126,6 +1109,48 @@ def test_budget_file_bad_field(tmp_path, change, message):
     with pytest.raises(ValueError, match=message) as caught:
         resolve_preset(str(path))
     assert str(path) in str(caught.value)
+
+
+BASELINE_TRIAL_CASES = [
+    (
+        {"epochs": 8, "trial_epochs": 20, "agent_slice": 2},
+        "epochs 8 cannot fit one trial of trial_epochs 20 .*half of "
+        "trial_epochs, 10 epochs",
+    ),
+    (
+        {"epochs": 16, "trial_epochs": 32, "agent_slice": 2},
+        "epochs 16 fit only one trial of trial_epochs 32",
+    ),
+    (
+        {"epochs": 16, "trial_epochs": 12, "agent_slice": 2},
+        "epochs 16 fit only one trial of trial_epochs 12, so the baselines "
+        "would compare no configurations; raise epochs to at least 18",
+    ),
+    (
+        {"epochs": 9, "trial_epochs": 4, "agent_slice": 1},
+        "epochs 9 leave 1 epochs after the full trials of trial_epochs 4",
+    ),
+]
+
+
+@pytest.mark.parametrize("methods", [["random"], ["bayesian", "agent"]])
+@pytest.mark.parametrize(("change", "message"), BASELINE_TRIAL_CASES)
+def test_baseline_trial_rules_apply_with_baselines(tmp_path, change, message, methods):
+    path = write_budget(tmp_path, json.dumps({**TINY.to_dict(), **change}))
+    preset = resolve_preset(str(path))
+    spec = RunSpec(preset=preset, seeds=[0], methods=methods)
+    with pytest.raises(BudgetError, match=message):
+        spec.check()
+
+
+@pytest.mark.parametrize(("change", "message"), BASELINE_TRIAL_CASES)
+def test_agent_only_run_ignores_trial_epochs(tmp_path, change, message):
+    # The agent trains whole steps of agent_slice epochs; trial_epochs is a
+    # setting of the baselines alone.
+    path = write_budget(tmp_path, json.dumps({**TINY.to_dict(), **change}))
+    spec = RunSpec(preset=resolve_preset(str(path)), seeds=[0], methods=["agent"])
+    spec.check()
+    assert spec.preset.epochs == change["epochs"]
 
 
 def test_budget_file_nan_rejected(tmp_path):

@@ -190,10 +190,15 @@ class Preset:
             )
         return cls(**data)
 
-    def check(self) -> None:
+    def check(self, baselines: bool = True) -> None:
         """Raise BudgetError when a field has the wrong type or the preset cannot run.
 
         Counts must be JSON integers (not floats, strings or booleans).
+
+        Args:
+            baselines: also check that ``epochs`` splits into baseline trials
+                (:meth:`check_baseline_trials`); runs without random search
+                and Bayesian optimisation pass False.
         """
         if not isinstance(self.name, str) or not self.name:
             raise BudgetError(
@@ -223,6 +228,16 @@ class Preset:
                     f"budget {self.name!r}: {name} must be an integer >= 2 or null "
                     f"(the whole pool), got {_shown(value)}"
                 )
+        if baselines:
+            self.check_baseline_trials()
+
+    def check_baseline_trials(self) -> None:
+        """Raise BudgetError when ``epochs`` do not split into baseline trials.
+
+        Random search and Bayesian optimisation need at least two trials of
+        ``trial_epochs`` (the last one may be cut to half) and no leftover
+        too short for a last trial. The agent does not use ``trial_epochs``.
+        """
         try:
             EpochBudget(self.epochs, self.trial_epochs)
         except ValueError as err:
@@ -371,7 +386,7 @@ def resolve_preset(name_or_path: str | Preset) -> Preset:
             f"unknown budget {name_or_path!r}; expected one of {', '.join(PRESETS)} "
             "or a JSON file with the fields of dvmrl.experiment.Preset"
         )
-    preset.check()
+    preset.check(baselines=False)
     return preset
 
 
@@ -395,7 +410,9 @@ def _read_budget_file(path: Path) -> Preset:
         if isinstance(data, dict):
             data.setdefault("name", path.stem)
         preset = Preset.from_dict(data)
-        preset.check()
+        # The baseline trial rules depend on the methods, which RunSpec.check
+        # knows.
+        preset.check(baselines=False)
     except ValueError as err:
         raise ValueError(f"budget file {path}: {err}") from err
     return preset
@@ -472,7 +489,8 @@ class RunSpec:
                 f"preset must be a Preset or the name of one ({', '.join(PRESETS)}) "
                 f"or a budget JSON file, got {_shown(self.preset)}"
             )
-        self.preset.check()
+        baselines = any(m in self.methods for m in ("random", "bayesian"))
+        self.preset.check(baselines=baselines)
         preset = self.preset
         if "agent" in self.methods:
             preset.check_agent_steps()
