@@ -179,6 +179,24 @@ def test_diverged_slice_ends_episode(frame, split, monkeypatch):
     assert env.best_val_rmse == best
 
 
+def test_weights_diverged_in_last_step_end_episode(frame, split):
+    # The last update of the slice makes the weights NaN while the epoch's
+    # mean loss, taken before each update, stays finite.
+    env = ModelTuningEnv(frame, split, w_accuracy=2.0, **SMALL)
+    _, info0 = env.reset(seed=4)
+    optimizer = env.trainer._optimizer
+
+    def poison(opt, args, kwargs):
+        with torch.no_grad():
+            env.trainer.model.flat.fill_(float("nan"))
+
+    optimizer.register_step_post_hook(poison)
+    _, reward, terminated, _, info = env.step(ACTION_INDEX["continue"])
+    assert terminated
+    assert info["diverged"]
+    assert reward == pytest.approx(-2.0 * info0["reward_accuracy"])
+
+
 def test_mask_blocks_range_edges(frame, split):
     env = ModelTuningEnv(
         frame, split, model_config={"layers": 1, "dropout": 0.0}, **SMALL

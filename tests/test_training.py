@@ -601,6 +601,28 @@ def test_divergence_error_advice(data, grad_clip):
         assert "set grad_clip" in str(error)
 
 
+def test_weights_diverged_with_finite_loss(data):
+    # Each step's loss is taken before its update, so an update that makes
+    # the weights NaN in the epoch's last step leaves the mean loss finite.
+    from dvmrl.training import TrainingDivergedError
+
+    trainer = _trainer(data, epochs=2)
+    steps = math.ceil(len(data[1]) / trainer.train_config.batch_size)
+    count = [0]
+
+    def poison_last_step(opt, args, kwargs):
+        count[0] += 1
+        if count[0] == steps:
+            with torch.no_grad():
+                trainer.model.flat[0] = float("inf")
+
+    trainer._optimizer.register_step_post_hook(poison_last_step)
+    with pytest.raises(TrainingDivergedError, match="weights are NaN or inf") as caught:
+        trainer.fit()
+    assert math.isfinite(caught.value.loss)
+    assert caught.value.epoch == 1
+
+
 def test_text_targets_named():
     from dvmrl.featurize import featurize
 

@@ -61,10 +61,12 @@ MC_SAMPLES = 30
 
 
 class TrainingDivergedError(RuntimeError):
-    """The training loss became NaN or infinite.
+    """The training loss or the weights became NaN or infinite.
 
     Attributes:
-        loss (float or None): the epoch's training loss (NaN or infinite).
+        loss (float or None): the epoch's mean training loss: NaN or
+            infinite, or finite when an update late in the epoch made the
+            weights non-finite.
         epoch (int or None): the epoch, counted from 1.
         lr (float or None): the peak learning rate of the run.
         grad_clip (float or None): the gradient-norm clipping threshold;
@@ -425,23 +427,17 @@ class Trainer:
         train_loss, lr = self._optimise_epoch()
         self.epochs_done += 1
         if not math.isfinite(train_loss):
-            lr, clip = self.train_config.lr, self.train_config.grad_clip
-            if clip:
-                advice = (
-                    f"lower the learning rate (now {lr:g}); gradient clipping is "
-                    f"already on at norm {clip:g}"
-                )
-            else:
-                advice = (
-                    f"lower the learning rate (now {lr:g}) or set grad_clip, such "
-                    "as 5.0"
-                )
-            raise TrainingDivergedError(
-                f"training loss is {train_loss} in epoch {self.epochs_done}; {advice}",
-                loss=train_loss,
-                epoch=self.epochs_done,
-                lr=lr,
-                grad_clip=clip,
+            self._diverged(
+                f"training loss is {train_loss} in epoch {self.epochs_done}", train_loss
+            )
+        # Each step's loss is taken before its update, so an update that
+        # overflows in the epoch's last step leaves the mean loss finite.
+        if not all(bool(torch.isfinite(p).all()) for p in self._parameters()):
+            self._diverged(
+                f"the weights are NaN or infinite after epoch {self.epochs_done}, "
+                f"whose mean training loss {train_loss:.6g} was finite (an update "
+                "late in the epoch overflowed)",
+                train_loss,
             )
 
         val_rmse, val_mae = self._validation_errors()
@@ -465,6 +461,26 @@ class Trainer:
             self._bad_epochs += 1
         self.history.append(record)
         return record
+
+    def _diverged(self, what: str, loss: float) -> None:
+        """Raise TrainingDivergedError with advice on the learning rate and clipping."""
+        lr, clip = self.train_config.lr, self.train_config.grad_clip
+        if clip:
+            advice = (
+                f"lower the learning rate (now {lr:g}); gradient clipping is "
+                f"already on at norm {clip:g}"
+            )
+        else:
+            advice = (
+                f"lower the learning rate (now {lr:g}) or set grad_clip, such as 5.0"
+            )
+        raise TrainingDivergedError(
+            f"{what}; {advice}",
+            loss=loss,
+            epoch=self.epochs_done,
+            lr=lr,
+            grad_clip=clip,
+        )
 
     def _validation_errors(self) -> tuple[float | None, float | None]:
         if self._val is None:
@@ -1234,7 +1250,8 @@ class Trainer:
                     f"trained on (fingerprint {str(current[part])[:12]} vs stored "
                     f"{str(stored.get(part))[:12]}); resume with the original data "
                     "and split (a float32 copy of float64 fractions counts as other "
-                    "data, since the fingerprint hashes the fractions' bits), or start a new training on these data (in Python, "
+                    "data, since the fingerprint hashes the fractions' bits), or "
+                    "start a new training on these data (in Python, "
                     "Trainer.from_checkpoint(..., check_data=False) continues on them)"
                 )
 
