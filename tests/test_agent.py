@@ -321,6 +321,33 @@ def test_save_load_round_trip(tmp_path):
     assert loaded.rng.random() == agent.rng.random()
 
 
+def test_saved_mid_episode_keeps_running_return(tmp_path):
+    # An agent saved after each step and loaded on resume must close the
+    # episode in progress with its whole return, not the part after resuming.
+    config = AgentConfig(hidden=(4,), stream_hidden=4, batch_size=2)
+    agent = DQNAgent(2, 2, config)
+    for reward in (0.25, 0.5):
+        agent.observe(np.zeros(2), 0, reward, np.ones(2), False, False, learn=False)
+    agent.save(tmp_path / "a.pt")
+    loaded = DQNAgent.load(tmp_path / "a.pt")
+    for each in (agent, loaded):
+        each.observe(np.zeros(2), 1, 1.0, np.ones(2), True, False, learn=False)
+    assert loaded.episode_returns == agent.episode_returns == [1.75]
+
+
+def test_file_without_running_return_loads(tmp_path):
+    # Agent files written before the running return was stored lack the key.
+    agent = DQNAgent(2, 2, AgentConfig(hidden=(4,), stream_hidden=4, batch_size=2))
+    state = agent.state_dict()
+    header = json.loads(state["header_json"])
+    del header["episode_return"]
+    state["header_json"] = json.dumps(header)
+    torch.save(state, tmp_path / "old.pt")
+    loaded = DQNAgent.load(tmp_path / "old.pt")
+    loaded.observe(np.zeros(2), 1, 0.5, np.ones(2), True, False, learn=False)
+    assert loaded.episode_returns == [0.5]
+
+
 class Payload:
     """An arbitrary Python object, which a data-only agent file never holds."""
 

@@ -957,6 +957,10 @@ class DQNAgent:
             "n_actions": self.n_actions,
             "config": self.config.to_dict(),
             "rng_state": self.rng.bit_generator.state,
+            # Return of the episode in progress, so that an agent saved after
+            # a step and loaded on resume closes that episode with its whole
+            # return. Rewards are finite (the replay buffer checks them).
+            "episode_return": self._episode_return,
         }
         return {
             "format": AGENT_FORMAT,
@@ -1044,6 +1048,10 @@ class DQNAgent:
             if min(agent.env_steps, agent.gradient_steps, agent.episodes) < 0:
                 raise ValueError(f"negative step counters {state['counters'].tolist()}")
             agent.episode_returns = [float(v) for v in state["episode_returns"]]
+            # Files written before the running return was stored lack it.
+            agent._episode_return = float(header.get("episode_return", 0.0))
+            if not math.isfinite(agent._episode_return):
+                raise ValueError(f"episode_return is {agent._episode_return}")
             agent.metadata = json.loads(state.get("metadata_json", "{}"))
             if not isinstance(agent.metadata, dict):
                 raise TypeError(f"metadata_json contains {type(agent.metadata).__name__}")
