@@ -403,6 +403,12 @@ def test_config_rejects_bad_gamma():
         AgentConfig(gamma=1.5)
 
 
+@pytest.mark.parametrize("seed", [-1, 2**63])
+def test_config_rejects_seed_outside_range(seed):
+    with pytest.raises(ValueError, match=rf"seed must be an integer .*got {seed}"):
+        AgentConfig(seed=seed)
+
+
 def test_agent_leaves_global_random_state():
     # The networks draw from their own seeded stream, so building or loading
     # an agent does not reseed the caller's PyTorch generator.
