@@ -39,6 +39,7 @@ from dvmrl.report import (
     find_winner,
     search_curve,
     summarise,
+    tail_share,
 )
 from dvmrl.search import SEARCH_SPACE
 
@@ -193,6 +194,36 @@ def test_report_reads_robustness_with_accuracy(finished_run):
     text = (out / "report.md").read_text()
     assert "read them together with the test RMSE" in text
     assert f"test RMSE of {expected:.4f} eV/atom (their standard deviation)" in text
+
+
+def test_tail_share_of_hand_errors():
+    # Errors 3, 1, 1, 1 of 4 predictions: the largest quarter (one error)
+    # carries 9 of the 12 squared units; a 0.3 share rounds up to two errors.
+    y_true = np.zeros(4)
+    y_pred = np.array([1.0, -3.0, 1.0, -1.0])
+    assert tail_share(y_true, y_pred, 0.25) == pytest.approx(9 / 12)
+    assert tail_share(y_true, y_pred, 0.3) == pytest.approx(10 / 12)
+    assert tail_share(y_true, y_true, 0.05) is None
+    assert tail_share(y_true[:0], y_true[:0], 0.05) is None
+
+
+def test_report_gives_tail_share_of_squared_error(finished_run):
+    out, report = finished_run
+    tail = report["test_error_tail"]
+    assert tail["fraction"] == 0.05
+    shares = tail["share_of_squared_error"]
+    assert set(shares) == {f"{m}/seed0" for m in ("random", "bayesian", "agent")}
+    for key, share in shares.items():
+        method = key.split("/")[0]
+        with np.load(out / "units" / f"{method}-seed0" / "predictions.npz") as arrays:
+            squared = np.sort((arrays["y_pred"] - arrays["y_true"]) ** 2)
+        top = math.ceil(0.05 * squared.size)
+        assert share == pytest.approx(squared[-top:].sum() / squared.sum())
+        assert 0.05 <= share <= 1.0
+    text = (out / "report.md").read_text()
+    low, high = round(100 * min(shares.values())), round(100 * max(shares.values()))
+    span = f"{low} %" if low == high else f"{low} to {high} %"
+    assert f"The largest 5 % of the absolute test errors carry {span}" in text
 
 
 def test_report_gives_all_stable_f1(finished_run):

@@ -449,6 +449,10 @@ def build_report(out_dir: str | os.PathLike) -> dict[str, Any]:
         "all_stable_test_f1": _all_stable_test_f1(
             test_targets, run.get("data_info", {}).get("stability_threshold")
         ),
+        "test_error_tail": {
+            "fraction": TAIL_FRACTION,
+            "share_of_squared_error": _tail_shares(out_dir, state),
+        },
         "winners": winners,
         "curves": {
             f"{u['method']}/seed{u['seed']}": search_curve(u)
@@ -483,6 +487,44 @@ def _all_stable_test_f1(
     cut = FORMATION_ENERGY_THRESHOLD if threshold is None else float(threshold)
     stable = float(np.mean(y_true <= cut))
     return 2.0 * stable / (1.0 + stable)
+
+
+# Fraction of the test compositions, those with the largest absolute errors,
+# whose share of the squared error the report gives.
+TAIL_FRACTION = 0.05
+
+
+def tail_share(y_true: np.ndarray, y_pred: np.ndarray, fraction: float) -> float | None:
+    """Return the share of the squared error carried by the largest errors.
+
+    The largest ceil(fraction * n) absolute errors of n predictions are
+    counted. A share far above ``fraction`` means that the RMSE mostly
+    measures those few compositions. None when there are no predictions or
+    the squared error is 0 or not finite.
+    """
+    squared = np.square(np.asarray(y_pred, np.float64) - np.asarray(y_true, np.float64))
+    total = float(squared.sum())
+    if squared.size == 0 or not (math.isfinite(total) and total > 0):
+        return None
+    count = math.ceil(fraction * squared.size)
+    return float(np.sort(squared)[-count:].sum() / total)
+
+
+def _tail_shares(out_dir: Path, state: dict[str, Any]) -> dict[str, float]:
+    """Return tail_share of each finished unit's test predictions, by "method/seedN"."""
+    shares = {}
+    for unit in state["units"].values():
+        path = unit_files(out_dir, unit["method"], unit["seed"]).predictions
+        if not path.is_file():
+            continue
+        try:
+            with np.load(path) as arrays:
+                share = tail_share(arrays["y_true"], arrays["y_pred"], TAIL_FRACTION)
+        except (OSError, ValueError, KeyError):
+            continue
+        if share is not None:
+            shares[f"{unit['method']}/seed{unit['seed']}"] = share
+    return shares
 
 
 def _test_targets(out_dir: Path, state: dict[str, Any]) -> np.ndarray | None:
@@ -1018,6 +1060,16 @@ def _reading_lines(report: dict[str, Any]) -> list[str]:
         text += (
             " A constant prediction at the mean of the test targets would score "
             f"a test RMSE of {constant:.4f} eV/atom (their standard deviation)."
+        )
+    tail = report.get("test_error_tail") or {}
+    shares = list((tail.get("share_of_squared_error") or {}).values())
+    if shares:
+        low, high = round(100 * min(shares)), round(100 * max(shares))
+        span = f"{low} %" if low == high else f"{low} to {high} %"
+        text += (
+            f" The largest {100 * TAIL_FRACTION:g} % of the absolute test errors carry "
+            f"{span} of the squared error of each chosen model, so the test RMSE "
+            "mostly measures those few compositions and the MAE the rest."
         )
     return [text, ""]
 
