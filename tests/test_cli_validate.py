@@ -3,6 +3,7 @@ import logging
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from dvmrl.cli import main
@@ -255,6 +256,29 @@ def test_validate_bad_input(checkpoint, tmp_path, capsys, option, message):
     code = main(["validate", str(checkpoint), "--out", str(tmp_path), *FAST, *option])
     assert code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_floor_checked_against_adversarial_anchors(checkpoint, tmp_path, capsys):
+    # With Ni held out, the attacked test compositions are Ni binaries, for
+    # which --floor 0.4 is fine, but the adversarial strategy perturbs
+    # training compositions, ternaries among them: rejected before any work.
+    df = load("mp-formation-energy")
+    has_ni = df["chemsys"].str.split("-").apply(lambda systems: "Ni" in systems)
+    parts = [
+        df[(df["n_elements"] == 2) & has_ni].head(40),
+        df[(df["n_elements"] == 2) & ~has_ni].head(150),
+        df[(df["n_elements"] == 3) & ~has_ni].head(60),
+    ]
+    data = tmp_path / "ni.csv"
+    pd.concat(parts)[["formula", "target"]].to_csv(data, index=False)
+    argv = ["validate", str(checkpoint), "--data", str(data), "--split", "element"]
+    argv += ["--holdout-element", "Ni", "--floor", "0.4", *FAST]
+    code = main([*argv, "--strategy", "adversarial", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert re.search(r"--floor 0.4 exceeds 1/K for \w+ with 3 elements", err)
+    assert "pass --floor <= 0.333333" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_validate_checks_out_first(checkpoint, tmp_path, capsys, monkeypatch):

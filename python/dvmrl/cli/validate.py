@@ -10,8 +10,9 @@ the command finds adversarial composition perturbations and reports:
 - shift detection: the cross-validated ROC AUC of a classifier telling the
   training compositions from the validation pool and the test part of
   every split kind, and from the validation set each strategy chooses.
-  The ``element`` split of that table holds out the checkpoint's element
-  when its split is ``element``, else ``--holdout-element`` or the element
+  The ``element`` split of that table holds out the element of the split
+  being validated when that split is ``element`` (the checkpoint's element
+  when ``--split`` is left out), else ``--holdout-element`` or the element
   whose compositions are closest to 10 % of the rows. Its label and
   report.json name it.
 
@@ -725,6 +726,17 @@ def _validate(args: argparse.Namespace, strategies: list[str]) -> int:
     from dvmrl.adversarial import _check_floor
 
     _check_floor(args.floor, attacked.mask, formulas, option="--floor")
+    if "adversarial" in strategies:
+        # The adversarial strategy perturbs training compositions drawn at
+        # random, so the floor must suit every one of them, checked now
+        # rather than after the scores have been computed.
+        train_rows = np.asarray(split.train)
+        _check_floor(
+            args.floor,
+            batch[train_rows].mask,
+            df["formula"].to_numpy()[train_rows].tolist(),
+            option="--floor",
+        )
 
     split_seed = int(metadata.get("seed", 0))
     pool_note = f"the validation part of the {kind} split with seed {split_seed}"
