@@ -144,6 +144,57 @@ def test_bad_seed_raises(data, seed):
         select_validation_set("random", split.val, 3, seed, **_options("random", data))
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("gp_max_train", 0, "gp_max_train must be an integer >= 1, got 0"),
+        ("adversarial_anchors", -3, "adversarial_anchors must be an integer >= 1"),
+        ("n_samples", 2.5, "n_samples must be an integer >= 1, got 2.5"),
+        ("epsilon", 0.0, r"epsilon must lie in \(0, 1\) .*got 0.0"),
+        ("epsilon", "0.05", r"epsilon must lie in \(0, 1\) .*got '0.05'"),
+    ],
+)
+def test_bad_numeric_options_named(data, option, value, message):
+    # Checked up front, for every strategy, instead of failing inside
+    # scikit-learn or NumPy with a message that names no argument.
+    split = data[1]
+    options = {**_options("random", data), option: value}
+    with pytest.raises(ValueError, match=message):
+        select_validation_set("random", split.val, 3, 0, **options)
+
+
+def test_ensemble_variance_with_trainer_without_dropout(data):
+    from dvmrl.model import ModelConfig
+    from dvmrl.training import TrainConfig, Trainer
+
+    _, split, batch, _, targets = data
+    config = ModelConfig(hidden=8, layers=1, gate_hidden=8, msg_hidden=8, dropout=0.0)
+    trainer = Trainer(
+        config, TrainConfig(epochs=1), batch[split.train], targets[split.train]
+    )
+    with pytest.raises(ValueError, match="MC-dropout sampling needs head dropout"):
+        select_validation_set(
+            "ensemble-variance",
+            split.val,
+            3,
+            0,
+            test_indices=split.test,
+            batch=batch,
+            trainer=trainer,
+        )
+    with pytest.raises(ValueError, match="n_samples must be >= 2 for a variance"):
+        select_validation_set(
+            "ensemble-variance",
+            split.val,
+            3,
+            0,
+            test_indices=split.test,
+            batch=batch,
+            trainer=trainer,
+            n_samples=1,
+        )
+
+
 def test_pool_with_train_rows_raises(data):
     split = data[1]
     pool = np.concatenate([split.val, split.train[:2]])

@@ -373,9 +373,12 @@ class CompositionMPNN(nn.Module):
         True with the heteroscedastic head or with head dropout (sampled by
         MC dropout).
         """
-        return self.config.heteroscedastic or (
-            self.config.dropout > 0.0 and self.config.head_layers > 0
-        )
+        return self.config.heteroscedastic or self.has_mc_dropout
+
+    @property
+    def has_mc_dropout(self) -> bool:
+        """Whether the head has dropout, so that MC-dropout samples differ."""
+        return self.config.dropout > 0.0 and self.config.head_layers > 0
 
     def set_dropout(self, p: float) -> None:
         """Set the head's dropout probability, in [0, 1)."""

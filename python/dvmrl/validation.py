@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -285,6 +286,13 @@ def _select_ensemble(
         if trainer is not None:
             if batch is None:
                 raise ValueError("ensemble-variance with a trainer needs batch")
+            if not trainer.model.has_mc_dropout:
+                from dvmrl.training.trainer import MC_DROPOUT_NEEDED
+
+                raise ValueError(
+                    f"ensemble-variance with a trainer: {MC_DROPOUT_NEEDED}; or pass "
+                    "samples or predictors"
+                )
             samples = trainer.predict_samples(
                 batch[pool], n_samples=n_samples, seed=seed
             )
@@ -518,9 +526,13 @@ def select_validation_set(
         ndarray: the chosen rows, int64, sorted, a subset of the pool.
 
     Raises:
-        ValueError: for an unknown strategy, a bad size, a pool that meets
-            the test or training rows, missing inputs of the strategy, or
-            ``features`` whose width ``feature_fn`` does not give.
+        ValueError: for an unknown strategy, a bad size or seed, counts
+            below 1 (``n_samples``, ``gp_max_train``,
+            ``adversarial_anchors``), an ``epsilon`` outside (0, 1), a pool
+            that meets the test or training rows, missing inputs of the
+            strategy (such as a trainer without head dropout for
+            ``ensemble-variance``), or ``features`` whose width
+            ``feature_fn`` does not give.
     """
     if strategy not in _SELECTORS:
         raise ValueError(
@@ -551,6 +563,25 @@ def select_validation_set(
             f"size must be an integer in 1 .. {len(pool)} (the pool size), got {size!r}"
         )
     size = int(size)
+    for name, value in (
+        ("n_samples", n_samples),
+        ("gp_max_train", gp_max_train),
+        ("adversarial_anchors", adversarial_anchors),
+    ):
+        if not is_integral(value) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if strategy == "ensemble-variance" and samples is None and trainer is not None and (
+        n_samples < 2
+    ):
+        raise ValueError(
+            f"n_samples must be >= 2 for a variance over MC-dropout samples, got "
+            f"{n_samples!r}"
+        )
+    if not (isinstance(epsilon, numbers.Real) and 0 < epsilon < 1):
+        raise ValueError(
+            f"epsilon must lie in (0, 1) (box radius of the adversarial search, "
+            f"fraction units), got {epsilon!r}; the default is 0.05"
+        )
     rng = np.random.default_rng(int(seed))
     positions = _SELECTORS[strategy](
         pool,

@@ -60,6 +60,12 @@ logger = logging.getLogger(__name__)
 MC_SAMPLES = 30
 
 
+MC_DROPOUT_NEEDED = (
+    "MC-dropout sampling needs head dropout; set a dropout > 0 with "
+    "set_hyperparameters(dropout=...) and head_layers >= 1"
+)
+
+
 class TrainingDivergedError(RuntimeError):
     """The training loss or the weights became NaN or infinite.
 
@@ -681,11 +687,8 @@ class Trainer:
         Raises:
             RuntimeError: if the model has no head dropout.
         """
-        if self.model.config.dropout <= 0 or self.model.config.head_layers == 0:
-            raise RuntimeError(
-                "MC-dropout sampling needs head dropout; set a dropout > 0 with "
-                "set_hyperparameters(dropout=...) and head_layers >= 1"
-            )
+        if not self.model.has_mc_dropout:
+            raise RuntimeError(MC_DROPOUT_NEEDED)
         samples, _ = self._mc_samples(x, n_samples, seed, with_variance=False)
         return samples.cpu().to(torch.float64).numpy()
 
@@ -732,7 +735,7 @@ class Trainer:
                 head dropout.
         """
         config = self.model.config
-        dropout = config.dropout > 0 and config.head_layers > 0
+        dropout = self.model.has_mc_dropout
         if not config.heteroscedastic and not dropout:
             raise RuntimeError(
                 "the model has no uncertainty: build it with "
