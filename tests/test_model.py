@@ -199,6 +199,19 @@ def test_init_seed_reproducible():
     assert not torch.equal(first.flat, other.flat)
 
 
+@pytest.mark.parametrize("use_fused", [True, False])
+def test_more_than_eight_slots_rejected_on_both_paths(use_fused):
+    # The kernels' limit K <= 8 holds for the reference path too, so a
+    # model gives the same answer whichever path it runs.
+    model = _model()
+    model.use_fused = use_fused
+    element_index = torch.arange(9).reshape(1, 9)
+    frac = torch.full((1, 9), 1 / 9, dtype=torch.float64)
+    mask = torch.ones(1, 9, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"1 <= K <= 8, got \[1, 9\]"):
+        model(element_index, frac, mask)
+
+
 def test_forward_matches_reference():
     model = _model()
     model.use_fused = False
@@ -228,22 +241,31 @@ def test_forward_fused_matches_reference():
 
 
 def test_fused_switch_calls_ops(monkeypatch):
-    calls = []
-    original = ops.model_forward
+    # Both paths enter ops.model_forward (which checks the inputs); only the
+    # reference path reaches reference.model_forward.
+    calls, reference_calls = [], []
+    original, original_reference = ops.model_forward, reference.model_forward
 
     def spy(*args, **kwargs):
-        calls.append(True)
+        calls.append(kwargs["use_fused"])
         return original(*args, **kwargs)
 
+    def reference_spy(*args, **kwargs):
+        reference_calls.append(True)
+        return original_reference(*args, **kwargs)
+
     monkeypatch.setattr(ops, "model_forward", spy)
+    monkeypatch.setattr(reference, "model_forward", reference_spy)
     model = _model()
     batch = _batch()
     model.use_fused = True
     model(batch.element_index, batch.frac, batch.mask)
-    assert len(calls) == 1
+    assert calls == [True]
+    assert reference_calls == []
     model.use_fused = False
     model(batch.element_index, batch.frac, batch.mask)
-    assert len(calls) == 1
+    assert calls == [True, False]
+    assert reference_calls == [True]
 
 
 def test_slot_permutation_invariance():

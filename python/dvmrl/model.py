@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dvmrl import defaults, reference
+from dvmrl import defaults
 from dvmrl.layout import ModelDims, is_integral, parameter_count, parameter_layout
 
 # Standard deviation of the residual branch's last weight (msg_w2) relative
@@ -73,8 +73,8 @@ class ModelConfig:
         heteroscedastic (bool): predict a mean and a log-variance and train
             with the Gaussian negative log-likelihood.
         fraction_hidden (int): width F of the fraction encoder, an MLP on
-            [w_i, ln w_i] whose output is added to element i's initial node
-            state; 0 turns it off, and node states then start from the
+            [v_i, ln(v_i) / 5] with v_i = max(w_i, 1e-6), whose output is
+            added to element i's initial node state; 0 turns it off, and node states then start from the
             element alone.
     """
 
@@ -575,16 +575,14 @@ class CompositionMPNN(nn.Module):
             # replaces them itself.
             frac = torch.where(mask, frac, 0)
             element_index = torch.where(mask, element_index, 0)
-        dropout_mask = self.draw_dropout_mask(element_index.shape[0])
-        if self.use_fused:
-            from dvmrl import ops
+        from dvmrl import ops
 
-            forward = ops.model_forward
-        else:
-            forward = reference.model_forward
+        dropout_mask = self.draw_dropout_mask(element_index.shape[0])
         table, element_index = self.node_inputs(element_index, frac)
         # The fused kernels read raw buffers, so slices must be made contiguous.
-        return forward(
+        # Both paths go through ops.model_forward, whose checks (K <= 8, index
+        # range) then hold for the reference path too.
+        return ops.model_forward(
             table,
             self.flat,
             element_index.contiguous(),
@@ -592,6 +590,7 @@ class CompositionMPNN(nn.Module):
             mask.contiguous(),
             self.dims,
             dropout_mask,
+            use_fused=self.use_fused,
         )
 
     def forward(
