@@ -114,7 +114,15 @@ def test_empty_output_path_rejected(command, capsys):
 
 
 @pytest.mark.parametrize(
-    "command", [["train"], ["evaluate"], ["predict"], ["data", "info"], ["data", "split"]]
+    "command",
+    [
+        ["train"],
+        ["evaluate"],
+        ["validate"],
+        ["predict"],
+        ["data", "info"],
+        ["data", "split"],
+    ],
 )
 def test_alloy_notation_help_states_rules(command, capsys):
     with pytest.raises(SystemExit):

@@ -1005,6 +1005,28 @@ def test_evaluate_one_row_part(trained, data_csv, tmp_path, capsys):
     assert "pass a larger --data file or another --split" in err
 
 
+@pytest.mark.parametrize(
+    ("trained_alloy", "own_data", "option", "expected"),
+    [
+        (True, True, None, True),  # own data: read as in training
+        (True, False, None, False),  # another file: standard unless asked
+        (True, False, True, True),
+        (False, False, True, True),
+        (False, True, None, False),
+    ],
+)
+def test_scored_alloy_notation(trained_alloy, own_data, option, expected):
+    # The checkpoint's notation belongs to its own data file, as its column
+    # names do; another file used to be read in it silently.
+    from types import SimpleNamespace
+
+    from dvmrl.cli.train import scored_alloy_notation
+
+    args = SimpleNamespace(alloy_notation=option)
+    metadata = {"alloy_notation": trained_alloy}
+    assert scored_alloy_notation(args, metadata, own_data, "x.csv") is expected
+
+
 def test_evaluate_alloy_notation_mismatch(trained, capsys):
     code = main(["evaluate", str(trained / "model.pt"), "--alloy-notation"])
     err = capsys.readouterr().err

@@ -258,6 +258,15 @@ def test_validate_bad_input(checkpoint, tmp_path, capsys, option, message):
     assert re.search(message, capsys.readouterr().err)
 
 
+def test_validate_alloy_notation_on_own_standard_data(checkpoint, tmp_path, capsys):
+    # The model read its data in standard notation; alloy notation would read
+    # those formulas as other compositions.
+    argv = ["validate", str(checkpoint), "--alloy-notation", *FAST]
+    code = main([*argv, "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "leave --alloy-notation out" in capsys.readouterr().err
+
+
 def test_floor_checked_against_adversarial_anchors(checkpoint, tmp_path, capsys):
     # With Ni held out, the attacked test compositions are Ni binaries, for
     # which --floor 0.4 is fine, but the adversarial strategy perturbs

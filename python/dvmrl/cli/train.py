@@ -149,6 +149,7 @@ def _non_negative_int(text: str) -> int:
 
 def _add_data_options(parser: argparse.ArgumentParser, with_defaults: bool) -> None:
     note = "" if with_defaults else "; default: the checkpoint's"
+    own_notation = ". The checkpoint's own data is read as in training"
     parser.add_argument(
         "--data",
         default=None,
@@ -206,6 +207,7 @@ def _add_data_options(parser: argparse.ArgumentParser, with_defaults: bool) -> N
             "read the formulas of a CSV in alloy notation, where a group's amount is "
             "its at.%% share: (CoCrFeNi)90Al10 is 90 at.%% CoCrFeNi and 10 at.%% Al; "
             + ALLOY_NOTATION_RULES
+            + ("" if with_defaults else own_notation)
         ),
     )
 
@@ -1914,6 +1916,26 @@ def scored_csv_columns(metadata: dict, own_data: bool, args) -> dict[str, str]:
     return columns
 
 
+def scored_alloy_notation(args, metadata: dict, own_data: bool, data: str) -> bool:
+    """Return whether evaluate and validate read ``data`` in alloy notation.
+
+    The checkpoint's notation belongs to its own data file, as its column
+    names do; another file is read as --alloy-notation says.
+
+    Raises:
+        UsageError: for --alloy-notation on the checkpoint's own data, read
+            in standard notation when the model trained on it.
+    """
+    trained_alloy = bool(metadata.get("alloy_notation", False))
+    if own_data and args.alloy_notation and not trained_alloy:
+        raise UsageError(
+            f"--alloy-notation: the model trained on {data} read in standard "
+            "notation, and alloy notation would read its formulas as other "
+            "compositions; leave --alloy-notation out"
+        )
+    return bool(args.alloy_notation or (own_data and trained_alloy))
+
+
 def check_scored_data(
     args: argparse.Namespace, data: str | None, from_checkpoint: bool
 ) -> str:
@@ -2199,14 +2221,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         args.data if args.data is not None else trained_on,
         from_checkpoint=args.data is None,
     )
-    alloy = bool(args.alloy_notation or metadata.get("alloy_notation", False))
     same_data = trained_on is not None and data_reference(data) == trained_on
-    if same_data and args.alloy_notation and not metadata.get("alloy_notation"):
-        raise UsageError(
-            f"--alloy-notation: the model trained on {data} read in standard "
-            "notation, and alloy notation would read its formulas as other "
-            "compositions; leave --alloy-notation out"
-        )
+    alloy = scored_alloy_notation(args, metadata, same_data, data)
     df, info = _load_data(data, alloy, scored_csv_columns(metadata, same_data, args))
     other_path = trained_on is not None and not same_data
     if other_path and contains_training_rows(df, metadata, data):

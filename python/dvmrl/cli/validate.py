@@ -35,6 +35,7 @@ import numpy as np
 
 from dvmrl._files import json_ready, write_text_atomic
 from dvmrl.cli._common import (
+    ALLOY_NOTATION_RULES,
     UsageError,
     add_compute_options,
     add_csv_column_options,
@@ -98,6 +99,17 @@ def add_parser(subparsers) -> None:
     )
     add_csv_column_options(
         parser, "the checkpoint's for its own data, else ", "the checkpoint's, else "
+    )
+    parser.add_argument(
+        "--alloy-notation",
+        action="store_true",
+        help=(
+            "read the formulas of another CSV than the checkpoint's data in alloy "
+            "notation, where a group's amount is its at.%% share: (CoCrFeNi)90Al10 "
+            "is 90 at.%% CoCrFeNi and 10 at.%% Al; "
+            + ALLOY_NOTATION_RULES
+            + ". The checkpoint's own data is read as in training"
+        ),
     )
     parser.add_argument(
         "--split",
@@ -654,6 +666,7 @@ def _validate(args: argparse.Namespace, strategies: list[str]) -> int:
         contains_training_rows,
         load_model,
         other_target_kind,
+        scored_alloy_notation,
         scored_csv_columns,
         trained_target_kind,
     )
@@ -665,7 +678,7 @@ def _validate(args: argparse.Namespace, strategies: list[str]) -> int:
     own_data = data_reference(data) == metadata.get("data")
     df, info = resolve_data(
         data,
-        alloy_notation=bool(metadata.get("alloy_notation", False)),
+        alloy_notation=scored_alloy_notation(args, metadata, own_data, data),
         **scored_csv_columns(metadata, own_data, args),
     )
     if not own_data and contains_training_rows(df, metadata, data):
