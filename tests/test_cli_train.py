@@ -1822,3 +1822,21 @@ def test_uncertainty_note_names_members():
     note = _uncertainty_note(EnsembleModel(members))
     assert "spread (a standard deviation) of the ensemble members' predictions" in note
     assert "heteroscedastic" not in note
+
+
+@pytest.mark.parametrize("name", ["mp-formation-energy", "oqmd-formation-energy"])
+def test_data_reference_keeps_vendored_name_beside_same_named_file(
+    name, tmp_path, monkeypatch
+):
+    # resolve_data loads the vendored set for its name even when a file of
+    # that name lies in the working folder, so the recorded reference (and
+    # what a run loads through it) must be the name, not that file's path.
+    from dvmrl.cli._common import data_reference
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / name).write_text("formula,target\nNi3Al,-0.4\n")
+    assert data_reference(name) == name
+    assert data_reference("") == ""
+    assert data_reference("alloys.csv") == str(tmp_path / "alloys.csv")
+    (tmp_path / "mine").write_text("formula,target\n")
+    assert data_reference("mine") == str(tmp_path / "mine")

@@ -412,8 +412,15 @@ def csv_columns(
 def data_reference(source: str) -> str:
     """Return a CSV path as an absolute path, so that a checkpoint finds its data.
 
-    A vendored data set name is returned as given.
+    A vendored data set name is returned as given, also when a file of that
+    name lies in the working folder: ``resolve_data`` loads the vendored set
+    then, so the reference must name it. An empty string is returned as
+    given too, rather than as the working folder.
     """
+    from dvmrl.datasets import DATASETS
+
+    if source in DATASETS or source == "":
+        return source
     path = Path(source)
     if path.suffix.lower() in (".csv", ".gz") or path.exists():
         return str(path.resolve())
