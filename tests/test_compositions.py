@@ -447,3 +447,17 @@ def test_parse_long_formulas_in_linear_time(formula):
     except CompositionError:
         pass
     assert time.perf_counter() - started < 2.0
+
+
+@pytest.mark.parametrize("alloy_notation", [False, True])
+def test_deep_nesting_named_not_recursion_error(alloy_notation):
+    # The amounts are summed by recursion over the groups; 1,000 levels used
+    # to end in a RecursionError (an internal error, exit 1, in the CLI).
+    deep = "(" * 1000 + "Ag" + ")" * 1000 + "Ni"
+    with pytest.raises(CompositionError, match="brackets nest more than 16 deep"):
+        parse(deep, alloy_notation=alloy_notation)
+    # Sixteen levels still read (alloy notation needs the shares).
+    sixteen = "(" * 16 + "Ag" + ")50" * 16 + "Ni50"
+    assert parse(sixteen, alloy_notation=alloy_notation)["Ni"] == pytest.approx(
+        0.5 if alloy_notation else 50 / (50 + 50**16)
+    )

@@ -281,6 +281,14 @@ class _FormulaReader:
         return self.items
 
     def _read_opening(self, char: str) -> None:
+        if len(self.stack) >= MAX_NESTING:
+            # The amounts are summed by recursion over the groups, and no
+            # chemical formula nests this deep.
+            raise self.error(
+                f"brackets nest more than {MAX_NESTING} deep; multiply the amounts "
+                "out to fewer brackets",
+                self.text[self.stack[0][2] : self.position + 1],
+            )
         self.stack.append((self.items, char, self.position))
         self.items = []
         self.last = None
@@ -346,6 +354,11 @@ class _FormulaReader:
         self.last.text += token
         self.last = None
         self.position = number_match.end()
+
+
+# Deepest bracket nesting a formula may have; hydrates and alloy notation
+# need two or three levels.
+MAX_NESTING = 16
 
 
 def _sum(values) -> float:
