@@ -320,6 +320,13 @@ def test_load_csv_metals_only_off(tmp_path):
         ("formula,energy\nAlNi,0.1\n", r"has no column\(s\) 'target'"),
         ("formula,target\nAlNi,0.1\nCuZn,nan\n", r"line 3: target 'nan' is NaN"),
         ("formula,target\nAlNi,abc\n", r"line 2: non-numeric target 'abc'"),
+        # A decimal comma or a thousands separator, in a quoted cell.
+        (
+            'formula,target\nAlNi,"-0,0875"\n',
+            r"line 2: non-numeric target '-0,0875': write numbers with a decimal "
+            r"point and no thousands separators",
+        ),
+        ('formula,target\nAlNi,"1,000.5"\n', r"'1,000.5': write numbers with a"),
         ("formula,target\nAlNi,\n", r"line 2: missing target"),
         ("formula,target\nAlNi,inf\n", r"line 2: target 'inf' is not finite"),
         (

@@ -53,6 +53,11 @@ def _check_target(text: str) -> tuple[float | None, str | None]:
     try:
         value = float(text)
     except ValueError:
+        if re.fullmatch(r"[+-]?[0-9.,]*[0-9][0-9.,]*", text) and "," in text:
+            return None, (
+                f"non-numeric target {text!r}: write numbers with a decimal point "
+                "and no thousands separators, such as -0.0875 or 1000.5"
+            )
         return None, f"non-numeric target {text!r}"
     if math.isnan(value):
         return None, f"target {text!r} is NaN"
