@@ -444,9 +444,9 @@ def load_csv(
         frame[COMPOSITION_COLUMN] = keys
         logger.warning(
             "%s: %d row(s) repeat the composition of an earlier row (%s); the "
-            "splits keep such rows in one part, and training sees each of "
-            "their targets, so consider keeping one row per composition, such "
-            "as the lowest-energy polymorph",
+            "splits keep such rows in one part, and a model trained or scored on "
+            "them counts each of their targets, so consider keeping one row per "
+            "composition, such as the lowest-energy polymorph",
             path,
             repeats,
             _repeat_examples(
