@@ -36,12 +36,12 @@ import os
 import platform
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from dvmrl import build_info, defaults, set_num_threads
+from dvmrl.cli._common import bench_threads_problem, output_file_problem
 from dvmrl.datasets import dataset_info, load
 from dvmrl.featurize import FEATURE_STATS, composition_features, featurize
 from dvmrl.metrics import regression_metrics
@@ -313,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads: expected an integer >= 1, got {args.threads}")
+    problem = bench_threads_problem(args.threads)
+    if problem:
+        parser.error(problem)
     if args.seed < 0:
         parser.error(f"--seed: expected an integer >= 0, got {args.seed}")
     if args.members < 1:
@@ -355,11 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.json:
         # Checked now, so that a bad path does not lose hours of training.
-        folder = Path(args.json).resolve().parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            parser.error(
-                f"--json {args.json}: folder {folder} is missing or not writable"
-            )
+        problem = output_file_problem(args.json)
+        if problem:
+            parser.error(f"--json {problem}")
     df = load(DATA)
     info = build_info()
     print(
@@ -389,13 +390,15 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
         label = "" if args.members == 1 else f" ensemble of {args.members}"
         member = "" if args.members == 1 else "member 0: "
+        # The seconds of an ensemble add up the training of every member.
+        seconds_label = "" if args.members == 1 else "all members: "
         print(
             f"{kind:>8}{label}: {part} RMSE {result['rmse']:.4f}  MAE "
             f"{result['mae']:.4f} eV/atom  R2 {result['r2']:.4f}  "
             f"({member}{result['epochs']} epochs, best {result['best_epoch']}, "
             f"val RMSE "
-            f"{result['best_val_rmse']:.4f} MAE {result['best_val_mae']:.4f}, "
-            f"{result['seconds']:.0f} s, tail share of squared error "
+            f"{result['best_val_rmse']:.4f} MAE {result['best_val_mae']:.4f}; "
+            f"{seconds_label}{result['seconds']:.0f} s, tail share of squared error "
             f"{result['tail_share_of_squared_error']:.2f})",
             flush=True,
         )

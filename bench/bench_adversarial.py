@@ -28,7 +28,11 @@ import torch
 
 import dvmrl
 from dvmrl.adversarial import adversarial_search
-from dvmrl.cli._common import non_negative_int, positive_int
+from dvmrl.cli._common import (
+    bench_threads_problem,
+    non_negative_int,
+    positive_int,
+)
 from dvmrl.datasets import load
 from dvmrl.featurize import featurize
 from dvmrl.model import CompositionMPNN, ModelConfig
@@ -138,7 +142,8 @@ def main() -> None:
         "--k",
         type=positive_int,
         default=3,
-        help="slots K of the projection problem; default: 3",
+        help="slots K of the projection problem, 2 to 100 (the bounds 0.01 and 0.9 "
+        "per slot admit a sum of 1 only then); default: 3",
     )
     parser.add_argument(
         "--repeats",
@@ -188,8 +193,18 @@ def main() -> None:
         parser.error(
             f"--paths: unknown path(s) {unknown}; use fused, reference or both"
         )
-    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
-        parser.error(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}")
+    if not 2 <= args.k <= 100:
+        parser.error(
+            f"--k: expected 2 to 100 slots, got {args.k}; with bounds 0.01 to 0.9 per "
+            "slot no other count admits fractions summing to 1"
+        )
+    try:
+        args.device = str(dvmrl.resolve_device(args.device))
+    except (ValueError, RuntimeError) as err:
+        parser.error(f"--device: {err}")
+    problem = bench_threads_problem(args.threads)
+    if problem:
+        parser.error(problem)
 
     dvmrl.set_num_threads(args.threads)
     info = dvmrl.build_info()

@@ -22,8 +22,8 @@ import statistics
 import numpy as np
 
 from dvmrl import set_num_threads
-from dvmrl.agent import DQNAgent, load_pretrained, run_episode
-from dvmrl.cli._common import positive_int
+from dvmrl.agent import AgentFileError, DQNAgent, load_pretrained, run_episode
+from dvmrl.cli._common import bench_threads_problem, positive_int
 from dvmrl.env import ACTION_INDEX, ModelTuningEnv
 
 
@@ -55,9 +55,15 @@ def main() -> None:
         "--threads", type=positive_int, default=2, help="dvmrl CPU threads; default: 2"
     )
     args = parser.parse_args()
+    problem = bench_threads_problem(args.threads)
+    if problem:
+        parser.error(problem)
     set_num_threads(args.threads)
 
-    agent = load_pretrained() if args.agent is None else DQNAgent.load(args.agent)
+    try:
+        agent = load_pretrained() if args.agent is None else DQNAgent.load(args.agent)
+    except (OSError, AgentFileError) as err:
+        parser.error(f"--agent: {err}")
     env = ModelTuningEnv("mp-formation-energy")
     policies = {
         "agent": agent,

@@ -22,7 +22,11 @@ import time
 import torch
 
 from dvmrl import set_num_threads
-from dvmrl.cli._common import positive_int
+from dvmrl.cli._common import (
+    bench_threads_problem,
+    output_file_problem,
+    positive_int,
+)
 from dvmrl.env import ACTION_INDEX, ModelTuningEnv
 
 # One representative per kind; "stop" trains nothing and is not timed.
@@ -44,10 +48,26 @@ TIMED = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=positive_int, default=2)
-    parser.add_argument("--repeats", type=positive_int, default=3)
-    parser.add_argument("--json", default=None, help="write the timings to this JSON file")
+    parser.add_argument(
+        "--threads", type=positive_int, default=2, help="dvmrl CPU threads; default: 2"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=3,
+        help="episodes timed (one reset and one step of each action); default: 3",
+    )
+    parser.add_argument(
+        "--json", default=None, help="write the timings to this JSON file"
+    )
     args = parser.parse_args()
+    problem = bench_threads_problem(args.threads)
+    if problem:
+        parser.error(problem)
+    if args.json:
+        problem = output_file_problem(args.json)
+        if problem:
+            parser.error(f"--json {problem}")
     set_num_threads(args.threads)
 
     start = time.perf_counter()

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dvmrl.cli._common import non_negative_int
 from dvmrl.datasets import load
 from dvmrl.splits import make_split
 
@@ -66,10 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         "--splits",
         nargs="*",
         default=["random", "chemsys"],
+        choices=["random", "chemsys", "binary-to-ternary"],
         help="dvmrl splits to score; default: random chemsys",
     )
     parser.add_argument(
-        "--cuts", type=int, default=0, help="other random test cuts to score"
+        "--cuts",
+        type=non_negative_int,
+        default=0,
+        help="other random test cuts to score; default: 0",
     )
     parser.add_argument(
         "--features",
@@ -78,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         help=".npy file that caches the Magpie features (written when missing)",
     )
     args = parser.parse_args(argv)
+    if args.features is not None and args.features.suffix != ".npy":
+        # numpy.save would append .npy, and the next run would miss the cache.
+        parser.error(
+            f"--features: expected a .npy file name, got {str(args.features)!r}"
+        )
 
     df = load(DATA)
     x = np.nan_to_num(magpie_features(list(df["formula"]), args.features))

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 import dvmrl
 from dvmrl import ops, reference
 from dvmrl._runtime import _available_cores as available_cores
+from dvmrl.cli._common import bench_threads_problem, output_file_problem
 from dvmrl.layout import ModelDims, parameter_count, unflatten
 
 ROWS = 103
@@ -227,6 +228,42 @@ def matmul_gflops(device, size=2048, repeats=7) -> float:
     return 2.0 * size**3 / statistics.median(times) / 1e9
 
 
+def check_variants_agree(inputs, dims, graph, batch, hidden) -> None:
+    """Raise RuntimeError unless fused and edge match dense, output and gradients.
+
+    The timed step is forward + backward, so the gradients of node_table
+    and flat are compared too. An explicit check, not an assert, so that
+    python -O does not skip it.
+    """
+    results = {}
+    for variant in ("dense", "edge", "fused"):
+        step(variant, inputs, dims, graph)
+        table, flat, index, frac, mask, _ = inputs
+        with torch.no_grad():
+            if variant == "dense":
+                out = reference.model_forward(table, flat, index, frac, mask, dims)
+            elif variant == "edge":
+                out = edge_model_forward(table, flat, index, frac, mask, dims, graph)
+            else:
+                out = ops.model_forward(table, flat, index, frac, mask, dims)
+        results[variant] = (out, table.grad.clone(), flat.grad.clone())
+    for variant in ("edge", "fused"):
+        for name, got, want in zip(
+            ("output", "node_table gradient", "flat gradient"),
+            results[variant],
+            results["dense"],
+            strict=True,
+        ):
+            scale = max(want.abs().max().item(), 1e-30)
+            error = (got - want).abs().max().item()
+            if not error <= 1e-4 * scale:
+                raise RuntimeError(
+                    f"B = {batch}, H = {hidden}: the {variant} model's {name} differs "
+                    f"from the dense reference by {error:.3g} (largest value "
+                    f"{scale:.3g}), so the variants compute different functions"
+                )
+
+
 def step(variant, inputs, dims, graph):
     table, flat, index, frac, mask, _ = inputs
     table.grad = None
@@ -290,14 +327,7 @@ def run(args) -> list[dict]:
         for batch in args.batches:
             inputs = make_inputs(batch, dims, device, dtype, seed=batch + hidden)
             graph = edge_graph(inputs[4])
-            # The edge model must compute the same function as the reference.
-            with torch.no_grad():
-                a = edge_model_forward(*inputs[:5], dims, graph)
-                b = reference.model_forward(*inputs[:5], dims)
-                c = ops.model_forward(*inputs[:5], dims)
-            scale = b.abs().max().item()
-            assert (a - b).abs().max().item() <= 1e-4 * scale, "edge model differs"
-            assert (c - b).abs().max().item() <= 1e-4 * scale, "fused model differs"
+            check_variants_agree(inputs, dims, graph, batch, hidden)
             runs = timed_runs(args.variants, torch_threads, threads)
             block = block_for(batch, args.block)
             times = {r: [] for r in runs}
@@ -452,13 +482,23 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--json", default=None, help="write the measurements to this file")
     args = parser.parse_args(argv)
-    requested = (("threads", [args.threads]), ("torch-threads", args.torch_threads))
-    for name, values in requested:
-        if values is not None and values[0] is not None and max(values) > cores:
-            parser.error(
-                f"--{name}: {max(values)} threads exceed the {cores} cores available; "
-                f"pass at most {cores}, or the timings measure oversubscription"
-            )
+    # Repeated names would time a variant twice and pool its samples.
+    args.variants = list(dict.fromkeys(args.variants))
+    # Without --threads the count comes from OMP_NUM_THREADS when set, which
+    # must not exceed the cores either.
+    problem = bench_threads_problem(args.threads)
+    if problem:
+        parser.error(problem)
+    if args.torch_threads is not None and max(args.torch_threads) > cores:
+        parser.error(
+            f"--torch-threads: {max(args.torch_threads)} threads exceed the {cores} "
+            f"cores available; pass at most {cores}, or the timings measure "
+            "oversubscription"
+        )
+    if args.json:
+        problem = output_file_problem(args.json)
+        if problem:
+            parser.error(f"--json {problem}")
     try:
         device = torch.device(args.device)
     except RuntimeError:

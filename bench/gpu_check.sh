@@ -17,6 +17,8 @@ fi
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="${1:-${OUT:-$root/build/gpu_check}}"
 mkdir -p "$out"
+# Absolute, because the commands below run from the repository root.
+out="$(cd "$out" && pwd)"
 py="${PYTHON:-$root/.venv/bin/python}"
 cd "$root"
 

@@ -273,3 +273,33 @@ def test_finished_command_ignores_late_signals():
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["version"] == dvmrl.__version__
+
+
+def test_bench_threads_problem_names_the_source(monkeypatch):
+    # Benchmarks refuse more threads than cores, whether --threads or
+    # OMP_NUM_THREADS asked for them: the timings would measure
+    # oversubscription.
+    from dvmrl._runtime import _available_cores
+    from dvmrl.cli._common import bench_threads_problem
+
+    cores = _available_cores()
+    before = dvmrl.get_num_threads()
+    try:
+        assert bench_threads_problem(1) is None
+        message = bench_threads_problem(cores + 1)
+        assert f"--threads {cores + 1} exceeds the {cores} cores" in message
+        monkeypatch.setenv("OMP_NUM_THREADS", str(cores + 2))
+        message = bench_threads_problem(None)
+        assert f"OMP_NUM_THREADS={cores + 2} exceeds the {cores} cores" in message
+        assert "threads must be an integer in 1 .. 1024" in bench_threads_problem(10**5)
+    finally:
+        dvmrl.set_num_threads(before)
+
+
+def test_output_file_problem(tmp_path):
+    from dvmrl.cli._common import output_file_problem
+
+    assert output_file_problem(str(tmp_path / "out.json")) is None
+    assert "is a folder; pass a file name" in output_file_problem(str(tmp_path))
+    missing = tmp_path / "nope" / "out.json"
+    assert "is missing or not writable" in output_file_problem(str(missing))

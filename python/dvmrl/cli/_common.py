@@ -63,6 +63,46 @@ def path_text(text: str) -> str:
     return text
 
 
+def output_file_problem(path: str) -> str | None:
+    """Return why an output file cannot be written at ``path``, or None.
+
+    Benchmarks and long jobs check their output paths before the work, so
+    that a typo does not lose a run's results at its end.
+    """
+    target = Path(path)
+    if target.is_dir():
+        return f"{path} is a folder; pass a file name"
+    folder = target.resolve().parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        return f"folder {folder} of {path} is missing or not writable"
+    return None
+
+
+def bench_threads_problem(requested: int | None) -> str | None:
+    """Return why a benchmark's thread count would distort its timings, or None.
+
+    ``requested`` is --threads (None: OMP_NUM_THREADS when set, else the cores
+    available, as dvmrl.set_num_threads resolves it). More threads than
+    cores measure oversubscription.
+    """
+    from dvmrl._runtime import _available_cores, set_num_threads
+
+    cores = _available_cores()
+    try:
+        threads = set_num_threads(requested)
+    except ValueError as err:
+        return str(err)
+    if threads <= cores:
+        return None
+    source = f"--threads {threads}" if requested is not None else (
+        f"OMP_NUM_THREADS={threads}"
+    )
+    return (
+        f"{source} exceeds the {cores} cores available, so the timings would measure "
+        f"oversubscription; pass --threads {cores} or fewer"
+    )
+
+
 def plural(count: int, noun: str) -> str:
     """Return the count with its noun, such as "1 element" or "3 elements"."""
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
