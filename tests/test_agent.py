@@ -330,8 +330,8 @@ def test_saved_mid_episode_keeps_running_return(tmp_path):
         agent.observe(np.zeros(2), 0, reward, np.ones(2), False, False, learn=False)
     agent.save(tmp_path / "a.pt")
     loaded = DQNAgent.load(tmp_path / "a.pt")
-    for each in (agent, loaded):
-        each.observe(np.zeros(2), 1, 1.0, np.ones(2), True, False, learn=False)
+    for candidate in (agent, loaded):
+        candidate.observe(np.zeros(2), 1, 1.0, np.ones(2), True, False, learn=False)
     assert loaded.episode_returns == agent.episode_returns == [1.75]
 
 

@@ -276,8 +276,8 @@ def test_finished_command_ignores_late_signals():
 
 
 def test_bench_threads_problem_names_the_source(monkeypatch):
-    # Benchmarks refuse more threads than cores, whether --threads or
-    # OMP_NUM_THREADS asked for them: the timings would measure
+    # Benchmarks reject more threads than cores, whether --threads or
+    # OMP_NUM_THREADS requested them, because the timings would measure
     # oversubscription.
     from dvmrl._runtime import _available_cores
     from dvmrl.cli._common import bench_threads_problem

@@ -574,7 +574,7 @@ def test_resume_other_data(data, tmp_path):
 
 def test_resume_with_float32_fractions_names_the_dtype(data, tmp_path):
     # The fingerprint hashes the fractions' bits, so a float32 copy of the
-    # float64 fractions is other data, and the message says why.
+    # float64 fractions is other data, and the message names that cause.
     trainer = _trainer(data)
     path = trainer.save(tmp_path / "model.pt")
     x_train, y_train, x_val, y_val = data

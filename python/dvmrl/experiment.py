@@ -411,7 +411,7 @@ def _read_budget_file(path: Path) -> Preset:
             data.setdefault("name", path.stem)
         preset = Preset.from_dict(data)
         # The baseline trial rules depend on the methods, which RunSpec.check
-        # knows.
+        # receives.
         preset.check(baselines=False)
     except ValueError as err:
         raise ValueError(f"budget file {path}: {err}") from err

@@ -1920,7 +1920,8 @@ def scored_alloy_notation(args, metadata: dict, own_data: bool, data: str) -> bo
     """Return whether evaluate and validate read ``data`` in alloy notation.
 
     The checkpoint's notation belongs to its own data file, as its column
-    names do; another file is read as --alloy-notation says.
+    names do; another file is read in alloy notation only with
+    --alloy-notation.
 
     Raises:
         UsageError: for --alloy-notation on the checkpoint's own data, read

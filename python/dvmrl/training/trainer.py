@@ -468,7 +468,7 @@ class Trainer:
         self.history.append(record)
         return record
 
-    def _diverged(self, what: str, loss: float) -> None:
+    def _diverged(self, reason: str, loss: float) -> None:
         """Raise TrainingDivergedError with advice on the learning rate and clipping."""
         lr, clip = self.train_config.lr, self.train_config.grad_clip
         if clip:
@@ -481,7 +481,7 @@ class Trainer:
                 f"lower the learning rate (now {lr:g}) or set grad_clip, such as 5.0"
             )
         raise TrainingDivergedError(
-            f"{what}; {advice}",
+            f"{reason}; {advice}",
             loss=loss,
             epoch=self.epochs_done,
             lr=lr,
