@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from dvmrl import build_info, defaults, set_num_threads
-from dvmrl.cli._common import bench_threads_problem, output_file_problem
+from dvmrl.cli._common import check_bench_compute, output_file_problem
 from dvmrl.datasets import dataset_info, load
 from dvmrl.featurize import FEATURE_STATS, composition_features, featurize
 from dvmrl.metrics import regression_metrics
@@ -313,9 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads: expected an integer >= 1, got {args.threads}")
-    problem = bench_threads_problem(args.threads)
-    if problem:
-        parser.error(problem)
+    check_bench_compute(parser, args)
     if args.seed < 0:
         parser.error(f"--seed: expected an integer >= 0, got {args.seed}")
     if args.members < 1:

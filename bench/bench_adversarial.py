@@ -29,7 +29,7 @@ import torch
 import dvmrl
 from dvmrl.adversarial import adversarial_search
 from dvmrl.cli._common import (
-    bench_threads_problem,
+    check_bench_compute,
     non_negative_int,
     positive_int,
 )
@@ -198,13 +198,7 @@ def main() -> None:
             f"--k: expected 2 to 100 slots, got {args.k}; with bounds 0.01 to 0.9 per "
             "slot no other count admits fractions summing to 1"
         )
-    try:
-        args.device = str(dvmrl.resolve_device(args.device))
-    except (ValueError, RuntimeError) as err:
-        parser.error(f"--device: {err}")
-    problem = bench_threads_problem(args.threads)
-    if problem:
-        parser.error(problem)
+    check_bench_compute(parser, args)
 
     dvmrl.set_num_threads(args.threads)
     info = dvmrl.build_info()

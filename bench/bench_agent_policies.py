@@ -23,7 +23,7 @@ import numpy as np
 
 from dvmrl import set_num_threads
 from dvmrl.agent import AgentFileError, DQNAgent, load_pretrained, run_episode
-from dvmrl.cli._common import bench_threads_problem, positive_int
+from dvmrl.cli._common import check_bench_compute, positive_int
 from dvmrl.env import ACTION_INDEX, ModelTuningEnv
 
 
@@ -55,9 +55,7 @@ def main() -> None:
         "--threads", type=positive_int, default=2, help="dvmrl CPU threads; default: 2"
     )
     args = parser.parse_args()
-    problem = bench_threads_problem(args.threads)
-    if problem:
-        parser.error(problem)
+    check_bench_compute(parser, args)
     set_num_threads(args.threads)
 
     try:

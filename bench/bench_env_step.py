@@ -23,7 +23,7 @@ import torch
 
 from dvmrl import set_num_threads
 from dvmrl.cli._common import (
-    bench_threads_problem,
+    check_bench_compute,
     output_file_problem,
     positive_int,
 )
@@ -61,9 +61,7 @@ def main() -> None:
         "--json", default=None, help="write the timings to this JSON file"
     )
     args = parser.parse_args()
-    problem = bench_threads_problem(args.threads)
-    if problem:
-        parser.error(problem)
+    check_bench_compute(parser, args)
     if args.json:
         problem = output_file_problem(args.json)
         if problem:

@@ -26,7 +26,7 @@ import torch
 
 import dvmrl
 from dvmrl import datasets, splits
-from dvmrl.cli._common import bench_threads_problem, positive_int
+from dvmrl.cli._common import check_bench_compute, positive_int
 from dvmrl.featurize import featurize
 from dvmrl.model import ModelConfig
 from dvmrl.training import TrainConfig, Trainer
@@ -68,13 +68,7 @@ def main() -> None:
         help="compare fused with default AdamW, both on the fused kernels",
     )
     args = parser.parse_args()
-    try:
-        args.device = str(dvmrl.resolve_device(args.device))
-    except (ValueError, RuntimeError) as err:
-        parser.error(f"--device: {err}")
-    problem = bench_threads_problem(args.threads)
-    if problem:
-        parser.error(problem)
+    check_bench_compute(parser, args)
 
     dvmrl.set_num_threads(args.threads)
     frame = datasets.load("mp-formation-energy")

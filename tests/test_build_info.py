@@ -303,3 +303,21 @@ def test_output_file_problem(tmp_path):
     assert "is a folder; pass a file name" in output_file_problem(str(tmp_path))
     missing = tmp_path / "nope" / "out.json"
     assert "is missing or not writable" in output_file_problem(str(missing))
+
+
+def test_check_bench_compute_rejects_device_and_threads(capsys):
+    import argparse
+
+    from dvmrl.cli._common import check_bench_compute
+
+    parser = argparse.ArgumentParser(prog="bench")
+    with pytest.raises(SystemExit) as caught:
+        check_bench_compute(parser, argparse.Namespace(threads=1, device="tpu"))
+    assert caught.value.code == 2
+    assert "--device: unknown device 'tpu'" in capsys.readouterr().err
+    args = argparse.Namespace(threads=1, device="cpu")
+    check_bench_compute(parser, args)
+    assert args.device == "cpu"
+    with pytest.raises(SystemExit):
+        check_bench_compute(parser, argparse.Namespace(threads=10**5))
+    assert "threads must be an integer in 1 .. 1024" in capsys.readouterr().err

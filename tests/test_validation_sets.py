@@ -172,26 +172,12 @@ def test_ensemble_variance_with_trainer_without_dropout(data):
     trainer = Trainer(
         config, TrainConfig(epochs=1), batch[split.train], targets[split.train]
     )
+    options = {"test_indices": split.test, "batch": batch, "trainer": trainer}
     with pytest.raises(ValueError, match="MC-dropout sampling needs head dropout"):
-        select_validation_set(
-            "ensemble-variance",
-            split.val,
-            3,
-            0,
-            test_indices=split.test,
-            batch=batch,
-            trainer=trainer,
-        )
+        select_validation_set("ensemble-variance", split.val, 3, 0, **options)
     with pytest.raises(ValueError, match="n_samples must be >= 2 for a variance"):
         select_validation_set(
-            "ensemble-variance",
-            split.val,
-            3,
-            0,
-            test_indices=split.test,
-            batch=batch,
-            trainer=trainer,
-            n_samples=1,
+            "ensemble-variance", split.val, 3, 0, n_samples=1, **options
         )
 
 

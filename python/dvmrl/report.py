@@ -510,25 +510,12 @@ def tail_share(y_true: np.ndarray, y_pred: np.ndarray, fraction: float) -> float
     return float(np.sort(squared)[-count:].sum() / total)
 
 
-def _tail_shares(out_dir: Path, state: dict[str, Any]) -> dict[str, float]:
-    """Return tail_share of each finished unit's test predictions, by "method/seedN"."""
-    shares = {}
-    for unit in state["units"].values():
-        path = unit_files(out_dir, unit["method"], unit["seed"]).predictions
-        if not path.is_file():
-            continue
-        try:
-            with np.load(path) as arrays:
-                share = tail_share(arrays["y_true"], arrays["y_pred"], TAIL_FRACTION)
-        except (OSError, ValueError, KeyError):
-            continue
-        if share is not None:
-            shares[f"{unit['method']}/seed{unit['seed']}"] = share
-    return shares
+def _unit_predictions(out_dir: Path, state: dict[str, Any]):
+    """Yield (unit, y_true, y_pred) of every unit whose test predictions are readable.
 
-
-def _test_targets(out_dir: Path, state: dict[str, Any]) -> np.ndarray | None:
-    """Return the test targets (eV/atom) of the first unit that stored them."""
+    Both arrays are float64, in eV/atom. Units without a predictions file
+    (unfinished) or with a damaged one are skipped.
+    """
     for unit in state["units"].values():
         path = unit_files(out_dir, unit["method"], unit["seed"]).predictions
         if not path.is_file():
@@ -536,8 +523,25 @@ def _test_targets(out_dir: Path, state: dict[str, Any]) -> np.ndarray | None:
         try:
             with np.load(path) as arrays:
                 y_true = np.asarray(arrays["y_true"], dtype=np.float64)
+                y_pred = np.asarray(arrays["y_pred"], dtype=np.float64)
         except (OSError, ValueError, KeyError):
             continue
+        yield unit, y_true, y_pred
+
+
+def _tail_shares(out_dir: Path, state: dict[str, Any]) -> dict[str, float]:
+    """Return tail_share of each finished unit's test predictions, by "method/seedN"."""
+    shares = {}
+    for unit, y_true, y_pred in _unit_predictions(out_dir, state):
+        share = tail_share(y_true, y_pred, TAIL_FRACTION)
+        if share is not None:
+            shares[f"{unit['method']}/seed{unit['seed']}"] = share
+    return shares
+
+
+def _test_targets(out_dir: Path, state: dict[str, Any]) -> np.ndarray | None:
+    """Return the test targets (eV/atom) of the first unit that stored them."""
+    for _, y_true, _ in _unit_predictions(out_dir, state):
         if y_true.size:
             return y_true
     return None

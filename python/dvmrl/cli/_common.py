@@ -103,6 +103,24 @@ def bench_threads_problem(requested: int | None) -> str | None:
     )
 
 
+def check_bench_compute(parser: argparse.ArgumentParser, args) -> None:
+    """Check a benchmark's --threads and, when it has one, --device.
+
+    Calls ``parser.error`` (exit 2) with bench_threads_problem's message or
+    the device error, and leaves ``args.device`` resolved ("cpu", "cuda:0").
+    """
+    from dvmrl._runtime import resolve_device
+
+    if getattr(args, "device", None) is not None:
+        try:
+            args.device = str(resolve_device(args.device))
+        except (ValueError, RuntimeError) as err:
+            parser.error(f"--device: {err}")
+    problem = bench_threads_problem(args.threads)
+    if problem:
+        parser.error(problem)
+
+
 def plural(count: int, noun: str) -> str:
     """Return the count with its noun, such as "1 element" or "3 elements"."""
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
