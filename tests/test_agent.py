@@ -403,7 +403,7 @@ def test_config_rejects_bad_gamma():
         AgentConfig(gamma=1.5)
 
 
-@pytest.mark.parametrize("seed", [-1, 2**63])
+@pytest.mark.parametrize("seed", [-1, 2**64])
 def test_config_rejects_seed_outside_range(seed):
     with pytest.raises(ValueError, match=rf"seed must be an integer .*got {seed}"):
         AgentConfig(seed=seed)

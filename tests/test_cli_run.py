@@ -186,7 +186,11 @@ def test_budget_too_small_exit_2(tmp_path, capsys):
     path.write_text(json.dumps({**TINY_BUDGET, "epochs": 1, "trial_epochs": 4}))
     code = main(["run", "--budget", str(path), "--out", str(tmp_path / "o")])
     assert code == 2
-    assert "cannot fit one trial" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot fit one trial" in err
+    # The trial rules are checked with the methods, after the file was read,
+    # and the message still names the file.
+    assert f"budget file {path}: budget" in err
     assert not (tmp_path / "o").exists()
 
 

@@ -207,6 +207,20 @@ def test_tail_share_of_hand_errors():
     assert tail_share(y_true[:0], y_true[:0], 0.05) is None
 
 
+@pytest.mark.parametrize(("shares", "verdict"), [([0.62, 0.71], True), ([0.3], False)])
+def test_tail_share_sentence_claims_only_a_large_share(shares, verdict):
+    # Normally distributed errors give about 28 %; only more than half says
+    # that a few compositions set the RMSE.
+    from dvmrl.report import _reading_lines
+
+    tail = {"share_of_squared_error": {f"m/seed{i}": v for i, v in enumerate(shares)}}
+    text = _reading_lines({"test_error_tail": tail})[0]
+    low, high = round(100 * min(shares)), round(100 * max(shares))
+    span = f"{low} %" if low == high else f"{low} to {high} %"
+    assert f"carry {span} of the squared error of each chosen model" in text
+    assert ("mostly measures those few compositions" in text) is verdict
+
+
 def test_report_gives_tail_share_of_squared_error(finished_run):
     out, report = finished_run
     tail = report["test_error_tail"]
@@ -224,6 +238,8 @@ def test_report_gives_tail_share_of_squared_error(finished_run):
     low, high = round(100 * min(shares.values())), round(100 * max(shares.values()))
     span = f"{low} %" if low == high else f"{low} to {high} %"
     assert f"The largest 5 % of the absolute test errors carry {span}" in text
+    verdict = "so the test RMSE mostly measures those few compositions"
+    assert (verdict in text) == (min(shares.values()) > 0.5)
 
 
 def test_report_gives_all_stable_f1(finished_run):
@@ -1172,6 +1188,13 @@ def test_baseline_trial_rules_apply_with_baselines(tmp_path, change, message, me
     spec = RunSpec(preset=preset, seeds=[0], methods=methods)
     with pytest.raises(BudgetError, match=message):
         spec.check()
+
+
+def test_large_seed_rejected_only_with_bayesian():
+    # scikit-optimize takes seeds below 2**32; random search takes any.
+    with pytest.raises(ValueError, match=r"seed 4294967296 is too large for Bayesian"):
+        RunSpec(preset=TINY, seeds=[0, 2**32], methods=["bayesian"]).check()
+    RunSpec(preset=TINY, seeds=[2**32], methods=["random"]).check()
 
 
 @pytest.mark.parametrize(("change", "message"), BASELINE_TRIAL_CASES)

@@ -171,10 +171,18 @@ def test_seeds_change_random_proposals():
 
 
 @pytest.mark.parametrize("method", ["random", "bayesian"])
-@pytest.mark.parametrize("seed", [None, -1, 1.5, 2**32, True, "0"])
+@pytest.mark.parametrize("seed", [None, -1, 1.5, True, "0"])
 def test_proposers_reject_bad_seeds(method, seed):
     with pytest.raises(ValueError, match=rf"seed must be an integer .*got {seed!r}"):
         make_proposer(method, SEARCH_SPACE, seed)
+
+
+def test_seed_limits_of_the_proposers():
+    # Random search seeds a SeedSequence, which takes any size; scikit-optimize
+    # seeds NumPy's legacy RandomState, which takes seeds below 2**32.
+    assert make_proposer("random", SEARCH_SPACE, 2**40).ask()
+    with pytest.raises(ValueError, match=r"seed must be an integer >= 0 below 4294967296"):
+        make_proposer("bayesian", SEARCH_SPACE, 2**32)
 
 
 @pytest.mark.parametrize("method", ["random", "bayesian"])

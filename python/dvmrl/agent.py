@@ -168,10 +168,11 @@ class AgentConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.learning_starts < 0:
             raise ValueError(f"learning_starts must be >= 0, got {self.learning_starts}")
-        # NumPy generators take seeds >= 0; exploration draws from seed + 1.
-        if not 0 <= self.seed < 2**63 - 1:
+        # torch.manual_seed takes 0 to 2**64 - 1 and NumPy generators any
+        # integer >= 0.
+        if not 0 <= self.seed < 2**64:
             raise ValueError(
-                f"seed must be an integer from 0 to 2**63 - 2, got {self.seed}; pass a "
+                f"seed must be an integer from 0 to 2**64 - 1, got {self.seed}; pass a "
                 "whole number such as 0"
             )
         if self.target_update not in ("hard", "polyak"):

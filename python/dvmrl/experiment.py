@@ -48,6 +48,7 @@ from dvmrl._files import (
     write_text_atomic,
 )
 from dvmrl.search import (
+    BAYESIAN_SEED_LIMIT,
     SEARCH_SPACE,
     EpochBudget,
     SearchSpace,
@@ -477,6 +478,12 @@ class RunSpec:
             )
         # NumPy integers become ints, which run.json can store.
         self.seeds = [int(s) for s in self.seeds]
+        if "bayesian" in self.methods and max(self.seeds) >= BAYESIAN_SEED_LIMIT:
+            raise ValueError(
+                f"seed {max(self.seeds)} is too large for Bayesian optimisation, "
+                f"whose scikit-optimize generator takes seeds below "
+                f"{BAYESIAN_SEED_LIMIT}; pass smaller seeds such as [0, 1, 2]"
+            )
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(
                 f"seeds listed twice: {self.seeds}; list each seed once (a repeat "

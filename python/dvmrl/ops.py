@@ -149,7 +149,9 @@ def validate_inputs(
     if element_index.dim() != 2 or not 1 <= element_index.shape[1] <= MAX_SLOTS:
         raise ValueError(
             f"element_index: expected shape [B, K] with 1 <= K <= {MAX_SLOTS}, "
-            f"got {list(element_index.shape)}"
+            f"got {list(element_index.shape)}; a composition has at most "
+            f"{MAX_SLOTS} elements, and a batch padded wider drops its empty slots "
+            "with CompositionBatch.trimmed()"
         )
     batch, slots = element_index.shape
     _check_shape("frac", frac, (batch, slots))
@@ -213,8 +215,11 @@ def model_forward(
         use_fused = False
     if not use_fused:
         # The reference path gathers with plain indexing, where -1 would
-        # silently read the table's last row.
-        _check_index_range(element_index, mask, node_table.shape[0])
+        # silently read the table's last row. On a GPU the check would wait
+        # for the device at every forward, so there, as in the model's own
+        # value checks, only the CPU is checked.
+        if element_index.device.type == "cpu":
+            _check_index_range(element_index, mask, node_table.shape[0])
         return reference.model_forward(
             node_table, flat, element_index, frac, mask, dims, dropout_mask
         )
@@ -285,14 +290,12 @@ class _Plan:
 def _check_index_range(element_index: torch.Tensor, mask: torch.Tensor, rows: int) -> None:
     """Raise ValueError for a real slot whose element_index lies outside the table.
 
-    The CPU core checks this itself. The CUDA kernels and the reference path
-    do not: an index outside the table would make the kernels read outside it
-    and add gradients outside grad_node_table, and the reference path would
-    read row -1 as the last row. So those calls pay this check (one device
-    synchronisation on CUDA).
+    The CPU core checks this itself. The CUDA kernels do not, and an index
+    outside the table would make them read outside it and add gradients
+    outside grad_node_table, so CUDA calls of the kernels pay this check (one
+    device synchronisation). The reference path runs it on CPU tensors,
+    where row -1 would otherwise read the table's last row.
     """
-    if element_index.device.type == "meta":
-        return  # meta tensors carry shapes but no values to check
     outside = mask & ((element_index < 0) | (element_index >= rows))
     if not bool(outside.any()):
         return

@@ -296,15 +296,19 @@ Objective = Callable[[dict[str, Any], int, int], TrialResult]
 """``objective(config, trial_index, epochs) -> TrialResult``."""
 
 
-def _check_seed(seed) -> int:
-    # Both proposers hand the seed to NumPy's legacy RandomState (through
-    # scikit-optimize for Bayesian optimisation), which takes 0 to 2**32 - 1.
-    if not is_integral(seed) or not 0 <= seed < 2**32:
+def _check_seed(seed, limit: int | None = None) -> int:
+    """Return the seed as an int; raise ValueError unless 0 <= seed < limit."""
+    if not is_integral(seed) or seed < 0 or (limit is not None and seed >= limit):
+        bound = "" if limit is None else f" below {limit}"
         raise ValueError(
-            f"seed must be an integer from 0 to 2**32 - 1, got {seed!r}; pass a "
-            "whole number such as 0"
+            f"seed must be an integer >= 0{bound}, got {seed!r}; pass a whole "
+            "number such as 0"
         )
     return int(seed)
+
+
+# scikit-optimize seeds NumPy's legacy RandomState, which takes 0 to 2**32 - 1.
+BAYESIAN_SEED_LIMIT = 2**32
 
 
 class RandomProposer:
@@ -341,7 +345,7 @@ class BayesianProposer:
     ) -> None:
         from skopt import Optimizer
 
-        seed = _check_seed(seed)
+        seed = _check_seed(seed, BAYESIAN_SEED_LIMIT)
         if n_initial_points < 1:
             raise ValueError(f"n_initial_points must be >= 1, got {n_initial_points}")
         self.space = space
