@@ -10,8 +10,9 @@ namespace dvmrl {
 namespace mp {
 
 // Run on CUDA device `device` in stream `stream` (a cudaStream_t as an
-// integer; 0 is the legacy default stream). Every launch is checked, and a
-// failure raises std::runtime_error naming the op.
+// integer; 0 is the legacy default stream). A launch that fails to start (bad
+// configuration, no kernel image) raises std::runtime_error naming the op. A
+// fault inside a running kernel surfaces later, at the next synchronisation.
 void forward_cuda(int dtype, const Dims& d, const Buffers& buf, int device,
                   uintptr_t stream);
 void backward_cuda(int dtype, const Dims& d, const Buffers& buf, int device,
