@@ -73,20 +73,21 @@ void register_projection(py::module_& m) {
       "project_simplex_box_cuda",
       [](std::uintptr_t x, std::uintptr_t lo, std::uintptr_t hi, std::uintptr_t mask,
          std::uintptr_t out, std::uintptr_t status, int64_t rows, int cols, bool is_double,
-         double tolerance, std::uintptr_t stream) {
+         double tolerance, int device, std::uintptr_t stream) {
         project_simplex_box_cuda(reinterpret_cast<const void*>(x),
                                  reinterpret_cast<const void*>(lo),
                                  reinterpret_cast<const void*>(hi),
                                  reinterpret_cast<const bool*>(mask),
                                  reinterpret_cast<void*>(out),
                                  reinterpret_cast<int32_t*>(status), rows, cols, is_double,
-                                 tolerance, stream);
+                                 tolerance, device, stream);
       },
       py::arg("x"), py::arg("lo"), py::arg("hi"), py::arg("mask"), py::arg("out"),
       py::arg("status"), py::arg("rows"), py::arg("cols"), py::arg("is_double"),
-      py::arg("tolerance"), py::arg("stream"),
-      "Launch the projection on device pointers (contiguous [rows, cols]) on a\n"
-      "CUDA stream; status[row] (int32) receives 0 or the failure code.");
+      py::arg("tolerance"), py::arg("device"), py::arg("stream"),
+      "Launch the projection on device pointers (contiguous [rows, cols]) of CUDA\n"
+      "device `device`, on one of its streams; status[row] (int32) receives 0 or\n"
+      "the failure code.");
 #endif
 }
 

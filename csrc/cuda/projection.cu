@@ -5,6 +5,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cuda_util.h"
 #include "dvmrl/projection.h"
 #include "dvmrl/projection_math.h"
 
@@ -31,8 +32,11 @@ __global__ void project_rows_kernel(const T* __restrict__ x, const T* __restrict
 void project_simplex_box_cuda(const void* x, const void* lo, const void* hi,
                               const bool* mask, void* out, int32_t* status,
                               int64_t rows, int cols, bool is_double,
-                              double tolerance, std::uintptr_t stream) {
+                              double tolerance, int device, std::uintptr_t stream) {
   if (rows <= 0) return;
+  // The launch goes to the current device, which must be the one that holds
+  // the tensors and the stream.
+  cuda_util::DeviceGuard guard(device, "project_simplex_box_cuda");
   constexpr int kThreads = 128;
   int64_t blocks64 = (rows + kThreads - 1) / kThreads;
   const int blocks = static_cast<int>(blocks64 < 65535 ? blocks64 : 65535);

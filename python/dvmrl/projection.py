@@ -178,6 +178,7 @@ def project_simplex_box(
             k,
             x.dtype == torch.float64,
             tolerance,
+            x.device.index,  # a CUDA tensor's device always has its index
             stream,
         )
     if bool((status == _TOO_MANY_ENTRIES).any()):

@@ -23,14 +23,15 @@ ProjectionFailure project_simplex_box_cpu(const T* x, const T* lo, const T* hi,
                                           int cols, double tolerance);
 
 #if defined(DVMRL_WITH_CUDA)
-// Launches one thread per row on `stream` (a cudaStream_t as an integer;
-// 0 is the legacy default stream) and returns without synchronising.
+// Launches one thread per row on CUDA device `device`, in `stream` (a
+// cudaStream_t of that device as an integer; 0 is the legacy default
+// stream), and returns without synchronising.
 // status[row] receives the row's projection::Status. Pointers are device
 // pointers; `is_double` selects float64, otherwise float32.
 void project_simplex_box_cuda(const void* x, const void* lo, const void* hi,
                               const bool* mask, void* out, int32_t* status,
                               int64_t rows, int cols, bool is_double,
-                              double tolerance, std::uintptr_t stream);
+                              double tolerance, int device, std::uintptr_t stream);
 #endif
 
 }  // namespace dvmrl
