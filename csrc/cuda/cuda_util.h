@@ -11,10 +11,10 @@ namespace cuda_util {
 
 // Throws std::runtime_error naming the op and the CUDA call when `status`
 // is an error, after clearing it so that the next call does not report it.
-inline void check_cuda(cudaError_t status, const char* op, const char* what) {
+inline void check_cuda(cudaError_t status, const char* op, const char* call) {
   if (status != cudaSuccess) {
     cudaGetLastError();
-    throw std::runtime_error(std::string(op) + ": " + what + " failed: " +
+    throw std::runtime_error(std::string(op) + ": " + call + " failed: " +
                              cudaGetErrorString(status));
   }
 }

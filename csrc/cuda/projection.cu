@@ -34,7 +34,7 @@ void project_simplex_box_cuda(const void* x, const void* lo, const void* hi,
                               int64_t rows, int cols, bool is_double,
                               double tolerance, int device, std::uintptr_t stream) {
   if (rows <= 0) return;
-  // The launch goes to the current device, which must be the one that holds
+  // The launch goes to the current device, which must be the one that contains
   // the tensors and the stream.
   cuda_util::DeviceGuard guard(device, "project_simplex_box_cuda");
   constexpr int kThreads = 128;
