@@ -248,3 +248,37 @@ def test_cuda_scratch_counts_in_torch_memory():
     peak = torch.cuda.max_memory_allocated() - before
     assert plan.scratch_size > 0
     assert peak >= 4 * (plan.scratch_size + plan.workspace_size)
+
+
+def test_cuda_negative_fractions_match_reference():
+    # Zero-sum and negative weights take the softmax branch whose denominator
+    # is replaced by 1 and whose max gradient is shared among ties.
+    dims = make_dims(16)
+    node_table, flat, index, _, mask, _ = make_batch(
+        5, 3, dims, torch.float64, seed=14, sizes=[3, 3, 3, 2, 3]
+    )
+    frac = torch.tensor(
+        [
+            [0.5, 0.3, -0.9],
+            [0.5, 0.6, -0.1],
+            [-0.2, -0.3, -0.5],
+            [0.4, -0.4, 0.0],
+            [0.0, 0.0, 0.0],
+        ],
+        dtype=torch.float64,
+    )
+    args = [node_table, flat, index, frac, mask]
+    ref = forward_and_grads(reference.model_forward, *args, dims, None)
+    cuda = forward_and_grads(ops.model_forward, *to_cuda(args), dims, None)
+    for name, a, b in zip(("out", "node_table", "flat", "frac"), cuda, ref):
+        assert rel_error(a.cpu(), b) < 1e-11, name
+
+
+@pytest.mark.parametrize("overrides", [{"layers": 0}, {"head_layers": 0}])
+def test_cuda_without_layers_or_head_matches_reference(overrides):
+    dims = make_dims(16, **overrides)
+    args = list(make_batch(9, 4, dims, torch.float64, seed=15)[:5])
+    ref = forward_and_grads(reference.model_forward, *args, dims, None)
+    cuda = forward_and_grads(ops.model_forward, *to_cuda(args), dims, None)
+    for name, a, b in zip(("out", "node_table", "flat", "frac"), cuda, ref):
+        assert rel_error(a.cpu(), b) < 1e-11, name
