@@ -245,7 +245,12 @@ def test_search_rejects_zero_floor():
 
 @pytest.mark.parametrize(
     "fractions, total",
-    [([50.0, 50.0], "100"), ([0.5, 0.6], "1.1"), ([1.2, -0.2], "1"), ([math.nan, 1.0], "nan")],
+    [
+        ([50.0, 50.0], "100"),
+        ([0.5, 0.6], "1.1"),
+        ([1.2, -0.2], "1"),
+        ([math.nan, 1.0], "nan"),
+    ],
 )
 @pytest.mark.parametrize("score", ["search", "vulnerability", "radius"])
 def test_scores_reject_unnormalised_fractions(fractions, total, score):

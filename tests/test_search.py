@@ -181,7 +181,8 @@ def test_seed_limits_of_the_proposers():
     # Random search seeds a SeedSequence, which takes any size; scikit-optimize
     # seeds NumPy's legacy RandomState, which takes seeds below 2**32.
     assert make_proposer("random", SEARCH_SPACE, 2**40).ask()
-    with pytest.raises(ValueError, match=r"seed must be an integer >= 0 below 4294967296"):
+    message = r"seed must be an integer >= 0 below 4294967296"
+    with pytest.raises(ValueError, match=message):
         make_proposer("bayesian", SEARCH_SPACE, 2**32)
 
 

@@ -74,8 +74,8 @@ class ModelConfig:
             with the Gaussian negative log-likelihood.
         fraction_hidden (int): width F of the fraction encoder, an MLP on
             [v_i, ln(v_i) / 5] with v_i = max(w_i, 1e-6), whose output is
-            added to element i's initial node state; 0 turns it off, and node states then start from the
-            element alone.
+            added to element i's initial node state; 0 turns it off, and
+            node states then start from the element alone.
     """
 
     hidden: int = defaults.MODEL["hidden"]
