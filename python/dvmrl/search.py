@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .layout import is_integral
+from dvmrl.layout import is_integral
 
 logger = logging.getLogger(__name__)
 
