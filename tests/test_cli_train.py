@@ -1825,9 +1825,7 @@ def test_uncertainty_note_names_members():
 
 
 @pytest.mark.parametrize("name", ["mp-formation-energy", "oqmd-formation-energy"])
-def test_data_reference_keeps_vendored_name_beside_same_named_file(
-    name, tmp_path, monkeypatch
-):
+def test_data_reference_keeps_vendored_name(name, tmp_path, monkeypatch):
     # resolve_data loads the vendored set for its name even when a file of
     # that name lies in the working folder, so the recorded reference (and
     # what a run loads through it) must be the name, not that file's path.

@@ -198,7 +198,7 @@ def test_report_reads_robustness_with_accuracy(finished_run):
 
 def test_tail_share_of_hand_errors():
     # Errors 3, 1, 1, 1 of 4 predictions: the largest quarter (one error)
-    # carries 9 of the 12 squared units; a 0.3 share rounds up to two errors.
+    # carries 9 of the 12 squared units. A 0.3 share rounds up to two errors.
     y_true = np.zeros(4)
     y_pred = np.array([1.0, -3.0, 1.0, -1.0])
     assert tail_share(y_true, y_pred, 0.25) == pytest.approx(9 / 12)
@@ -209,8 +209,8 @@ def test_tail_share_of_hand_errors():
 
 @pytest.mark.parametrize(("shares", "verdict"), [([0.62, 0.71], True), ([0.3], False)])
 def test_tail_share_sentence_claims_only_a_large_share(shares, verdict):
-    # Normally distributed errors give about 28 %; only more than half says
-    # that a few compositions set the RMSE.
+    # Normally distributed errors give about 28 %, so only a share above one
+    # half shows that a few compositions set the RMSE.
     from dvmrl.report import _reading_lines
 
     tail = {"share_of_squared_error": {f"m/seed{i}": v for i, v in enumerate(shares)}}

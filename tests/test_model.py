@@ -201,8 +201,8 @@ def test_init_seed_reproducible():
 
 @pytest.mark.parametrize("use_fused", [True, False])
 def test_more_than_eight_slots_rejected_on_both_paths(use_fused):
-    # The kernels' limit K <= 8 holds for the reference path too, so a
-    # model gives the same answer whichever path it runs.
+    # The kernels' limit K <= 8 applies to the reference path too, so a
+    # model behaves the same whichever path it runs.
     model = _model()
     model.use_fused = use_fused
     element_index = torch.arange(9).reshape(1, 9)

@@ -1075,7 +1075,7 @@ def _reading_lines(report: dict[str, Any]) -> list[str]:
             f"{span} of the squared error of each chosen model"
         )
         # Normally distributed errors give about 28 %, so only a share above
-        # one half says that a few compositions set the RMSE.
+        # one half shows that a few compositions set the RMSE.
         if min(shares) > 0.5:
             text += (
                 ", so the test RMSE mostly measures those few compositions, while "
