@@ -15,6 +15,7 @@ from test_ops_message_passing import (
     fractions_at_floor,
     make_batch,
     make_dims,
+    negative_fraction_batch,
     rel_error,
     table_and_frac_grads,
     table_frac_case,
@@ -251,23 +252,7 @@ def test_cuda_scratch_counts_in_torch_memory():
 
 
 def test_cuda_negative_fractions_match_reference():
-    # Zero-sum and negative weights take the softmax branch whose denominator
-    # is replaced by 1 and whose max gradient is shared among ties.
-    dims = make_dims(16)
-    node_table, flat, index, _, mask, _ = make_batch(
-        5, 3, dims, torch.float64, seed=14, sizes=[3, 3, 3, 2, 3]
-    )
-    frac = torch.tensor(
-        [
-            [0.5, 0.3, -0.9],
-            [0.5, 0.6, -0.1],
-            [-0.2, -0.3, -0.5],
-            [0.4, -0.4, 0.0],
-            [0.0, 0.0, 0.0],
-        ],
-        dtype=torch.float64,
-    )
-    args = [node_table, flat, index, frac, mask]
+    dims, *args = negative_fraction_batch()
     ref = forward_and_grads(reference.model_forward, *args, dims, None)
     cuda = forward_and_grads(ops.model_forward, *to_cuda(args), dims, None)
     for name, a, b in zip(("out", "node_table", "flat", "frac"), cuda, ref):

@@ -250,9 +250,15 @@ def test_fractions_at_floor(floor):
 # Negative fractions (outside the model's domain, but accepted by the op)
 # can make a weighted-softmax denominator zero or negative. The reference
 # then divides by 1, and the fused backward must differentiate that branch.
-def test_negative_fractions_match_reference():
+def negative_fraction_batch():
+    """Five compositions whose weights are negative or sum to 0 or less.
+
+    They take the softmax branch whose denominator is replaced by 1 and whose
+    max gradient is shared among ties. Returns (dims, node_table, flat,
+    element_index, frac, mask).
+    """
     dims = make_dims(16)
-    node_table, flat, index, frac, mask, _ = make_batch(
+    node_table, flat, index, _, mask, _ = make_batch(
         5, 3, dims, torch.float64, seed=14, sizes=[3, 3, 3, 2, 3]
     )
     frac = torch.tensor(
@@ -265,6 +271,11 @@ def test_negative_fractions_match_reference():
         ],
         dtype=torch.float64,
     )
+    return dims, node_table, flat, index, frac, mask
+
+
+def test_negative_fractions_match_reference():
+    dims, node_table, flat, index, frac, mask = negative_fraction_batch()
     fused = forward_and_grads(ops.model_forward, node_table, flat, index, frac, mask, dims, None)
     ref = forward_and_grads(
         reference.model_forward, node_table, flat, index, frac, mask, dims, None
