@@ -235,18 +235,11 @@ def check_variants_agree(inputs, dims, graph, batch, hidden) -> None:
     and flat are compared too. An explicit check, not an assert, so that
     python -O does not skip it.
     """
+    table, flat = inputs[:2]
     results = {}
     for variant in ("dense", "edge", "fused"):
-        step(variant, inputs, dims, graph)
-        table, flat, index, frac, mask, _ = inputs
-        with torch.no_grad():
-            if variant == "dense":
-                out = reference.model_forward(table, flat, index, frac, mask, dims)
-            elif variant == "edge":
-                out = edge_model_forward(table, flat, index, frac, mask, dims, graph)
-            else:
-                out = ops.model_forward(table, flat, index, frac, mask, dims)
-        results[variant] = (out, table.grad.clone(), flat.grad.clone())
+        out = step(variant, inputs, dims, graph)
+        results[variant] = (out.detach(), table.grad.clone(), flat.grad.clone())
     for variant in ("edge", "fused"):
         for name, got, want in zip(
             ("output", "node_table gradient", "flat gradient"),
@@ -264,7 +257,8 @@ def check_variants_agree(inputs, dims, graph, batch, hidden) -> None:
                 )
 
 
-def step(variant, inputs, dims, graph):
+def step(variant, inputs, dims, graph) -> torch.Tensor:
+    """Run one forward + backward of ``variant`` and return its output [B, n_out]."""
     table, flat, index, frac, mask, _ = inputs
     table.grad = None
     flat.grad = None
@@ -277,6 +271,7 @@ def step(variant, inputs, dims, graph):
     else:
         out = edge_model_forward(table, flat, index, frac, mask, dims, graph)
     out.sum().backward()
+    return out
 
 
 def repeats_for(batch: int, requested: int | None) -> int:
